@@ -1,0 +1,1 @@
+"""Code the pipeline scripts share: configuration, devices and precision, files, distributed runs, plots."""

@@ -1,0 +1,43 @@
+"""Loading checkpoints safely: tensors and plain containers only, never pickled code."""
+from __future__ import annotations
+
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, damaged, or would need to run code to load."""
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """torch.load with weights_only=True, turning every failure into a CheckpointError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint file does not exist")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path}: checkpoint file is empty")
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(
+            f"{path}: refused, the file holds pickled Python objects beyond tensors and plain containers, "
+            f"which could run code when loaded ({str(err).splitlines()[0]})"
+        ) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as err:
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): {err}") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: expected a dict checkpoint, found {type(obj).__name__}")
+    return obj
+
+
+def require_keys(ckpt: dict[str, Any], keys: list[str], path: str | Path) -> None:
+    """Fail clearly when a checkpoint lacks what this project writes (e.g. a foreign file)."""
+    missing = [k for k in keys if k not in ckpt]
+    if missing:
+        raise CheckpointError(
+            f"{path}: not a checkpoint of this project: missing {', '.join(missing)} (has {', '.join(sorted(ckpt)) or 'nothing'})"
+        )

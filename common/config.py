@@ -1,0 +1,167 @@
+"""The configuration convention shared by every script.
+
+Each script declares its constants in one dataclass at its top, with a trailing comment per field:
+
+    @dataclass
+    class Config:
+        out_dir: str = "runs/vqvae"  # where checkpoints and plots go
+        epochs: int = 20             # passes over the training set
+
+    cfg = parse_config(Config)
+
+The command line overrides them as `--name=value`; `--config=FILE.json` loads a preset first (command-line
+values win over it); `--help` prints every constant with its default and comment. `save_config` writes the
+resolved values as JSON beside the script's artifacts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+import re
+import sys
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+from common.io import atomic_write_json
+
+C = TypeVar("C")
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+class ConfigError(ValueError):
+    """A command-line override or preset file that does not fit the script's Config."""
+
+
+def _field_comments(cls: type) -> dict[str, str]:
+    """Trailing `# comment` of each field line in the dataclass source: the help text."""
+    try:
+        source = inspect.getsource(cls)
+    except (OSError, TypeError):
+        return {}
+    comments = {}
+    for line in source.splitlines():
+        match = re.match(r"\s*(\w+)\s*:[^#]*#\s*(.*)$", line)
+        if match:
+            comments[match.group(1)] = match.group(2).strip()
+    return comments
+
+
+def _resolved_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _convert(name: str, text: Any, tp: Any) -> Any:
+    """Turn a command-line string (or a JSON value from a preset) into a value of the field's type."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if text is None or (isinstance(text, str) and text.lower() in ("none", "null", "")):
+            if type(None) in args:
+                return None
+        inner = [a for a in args if a is not type(None)]
+        return _convert(name, text, inner[0])
+    if tp is bool:
+        if isinstance(text, bool):
+            return text
+        lowered = str(text).lower()
+        if lowered in _TRUE:
+            return True
+        if lowered in _FALSE:
+            return False
+        raise ConfigError(f"--{name}: expected a boolean (true/false), got {text!r}")
+    if tp in (int, float, str):
+        if tp is int and isinstance(text, float) or (tp is int and isinstance(text, bool)):
+            raise ConfigError(f"--{name}: expected int, got {text!r}")
+        try:
+            return tp(text)
+        except (TypeError, ValueError):
+            raise ConfigError(f"--{name}: expected {tp.__name__}, got {text!r}") from None
+    if origin in (tuple, list):
+        items = text
+        if isinstance(text, str):
+            stripped = text.strip().strip("[]()")
+            items = [s.strip() for s in stripped.split(",") if s.strip()] if stripped else []
+        if not isinstance(items, (list, tuple)):
+            raise ConfigError(f"--{name}: expected a comma-separated list, got {text!r}")
+        item_type = args[0] if args else str
+        values = [_convert(name, item, item_type) for item in items]
+        return tuple(values) if origin is tuple else values
+    raise ConfigError(f"--{name}: unsupported field type {tp!r}")
+
+
+def config_help(cls: type, prog: str = "") -> str:
+    """Every constant of the Config with its type, default and comment."""
+    comments = _field_comments(cls)
+    hints = _resolved_types(cls)
+    lines = [f"usage: python {prog} [--config=FILE.json] [--name=value ...]", "", "constants:"]
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        type_name = getattr(hints[f.name], "__name__", str(hints[f.name]))
+        lines.append(f"  --{f.name}={default!r}  ({type_name})  {comments.get(f.name, '')}".rstrip())
+    return "\n".join(lines)
+
+
+def _apply(cls: type, values: dict[str, Any], overrides: dict[str, Any], source: str) -> None:
+    hints = _resolved_types(cls)
+    valid = [f.name for f in dataclasses.fields(cls)]
+    for name, raw in overrides.items():
+        if name not in hints or name not in valid:
+            raise ConfigError(f"{source}: unknown constant {name!r}; valid names: {', '.join(valid)}")
+        values[name] = _convert(name, raw, hints[name])
+
+
+def parse_config(cls: type[C], argv: list[str] | None = None) -> C:
+    """Build a Config from its defaults, an optional `--config=FILE.json` preset and `--name=value` overrides.
+
+    `--help` prints the constants and exits. Unknown names and wrong types raise ConfigError, which
+    names the valid constants; reading sys.argv (argv=None) they end the process with that message instead.
+    """
+    if argv is None:
+        try:
+            return parse_config(cls, sys.argv[1:])
+        except ConfigError as err:
+            raise SystemExit(f"error: {err}") from None
+    prog = Path(sys.argv[0]).name if sys.argv else ""
+    if any(a in ("-h", "--help") for a in argv):
+        print(config_help(cls, prog))
+        raise SystemExit(0)
+    cli: dict[str, str] = {}
+    preset_path = None
+    for arg in argv:
+        if not arg.startswith("--") or "=" not in arg:
+            raise ConfigError(f"argument {arg!r} is not of the form --name=value (see --help)")
+        name, value = arg[2:].split("=", 1)
+        if name == "config":
+            preset_path = value
+        else:
+            cli[name.replace("-", "_")] = value
+    values: dict[str, Any] = {}
+    if preset_path is not None:
+        try:
+            preset = json.loads(Path(preset_path).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"--config: preset file {preset_path} does not exist") from None
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"--config: {preset_path} is not valid JSON: {err}") from None
+        if not isinstance(preset, dict):
+            raise ConfigError(f"--config: {preset_path} must hold a JSON object of constants")
+        _apply(cls, values, preset, preset_path)
+    _apply(cls, values, cli, "command line")
+    return cls(**values)
+
+
+def config_dict(cfg: Any) -> dict[str, Any]:
+    """The resolved constants as a JSON-ready dict (tuples become lists)."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def save_config(cfg: Any, out_dir: str | Path, name: str = "config.json") -> Path:
+    """Write the resolved configuration as JSON beside the script's artifacts (atomically)."""
+    path = Path(out_dir) / name
+    atomic_write_json(path, config_dict(cfg))
+    return path

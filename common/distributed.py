@@ -1,0 +1,64 @@
+"""torchrun-aware helpers: rank, world size, main-process-only printing; a no-op without torchrun."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as torch_dist
+
+from common.runtime import pick_device
+
+
+@dataclass
+class DistContext:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def print(self, *args: Any, **kwargs: Any) -> None:
+        if self.is_main:
+            print(*args, **kwargs, flush=True)
+
+    def barrier(self) -> None:
+        if self.enabled:
+            torch_dist.barrier()
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum a tensor over all processes in place (returned for chaining); identity when not distributed."""
+        if self.enabled:
+            torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.SUM)
+        return tensor
+
+    def cleanup(self) -> None:
+        if self.enabled and torch_dist.is_initialized():
+            torch_dist.destroy_process_group()
+
+
+def setup_distributed(device: torch.device | None = None) -> DistContext:
+    """Join the process group that torchrun describes in the environment (nccl on CUDA, gloo otherwise).
+
+    `device` is the device picked for a single-process run; under torchrun on CUDA each process takes
+    cuda:LOCAL_RANK instead.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    rank = int(os.environ.get("RANK", 0))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = device if device is not None else pick_device()
+    if world_size > 1:
+        if device.type == "cuda":
+            device = torch.device("cuda", local_rank)
+            torch.cuda.set_device(device)
+        if not torch_dist.is_initialized():
+            torch_dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return DistContext(rank=rank, world_size=world_size, local_rank=local_rank, device=device)

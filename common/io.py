@@ -1,0 +1,87 @@
+"""Atomic file writes and content checksums.
+
+Every artifact is written to a temporary file in its destination folder, flushed to disk and renamed
+over the destination, so a crash mid-write leaves either the previous file or the new one, never half.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, BinaryIO, Iterator
+
+import numpy as np
+import torch
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | Path) -> Iterator[BinaryIO]:
+    """Yield a binary file that replaces `path` only once the block finishes without error."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp_name)
+        raise
+    _fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    with atomic_write(path) as handle:
+        handle.write(data)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> None:
+    """torch.save through a temp file: an interrupted save never corrupts the previous checkpoint."""
+    with atomic_write(path) as handle:
+        torch.save(obj, handle)
+
+
+def atomic_save_npz(path: str | Path, compressed: bool = False, **arrays: np.ndarray) -> None:
+    """np.savez without pickles (object arrays are refused) through a temp file."""
+    for name, array in arrays.items():
+        if np.asarray(array).dtype == object:
+            raise TypeError(f"{path}: array {name!r} has dtype object, which would need pickling")
+    buffer = io.BytesIO()
+    (np.savez_compressed if compressed else np.savez)(buffer, **arrays)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def file_sha256(path: str | Path, chunk_size: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(chunk_size):
+            digest.update(chunk)
+    return digest.hexdigest()

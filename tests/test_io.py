@@ -1,0 +1,89 @@
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from common.checkpoint import CheckpointError, load_checkpoint, require_keys
+from common.io import atomic_save_npz, atomic_torch_save, atomic_write, file_sha256
+
+
+def test_atomic_write_replaces_only_on_success(tmp_path):
+    path = tmp_path / "a.bin"
+    with atomic_write(path) as handle:
+        handle.write(b"first")
+    with pytest.raises(RuntimeError):
+        with atomic_write(path) as handle:
+            handle.write(b"half of the second")
+            raise RuntimeError("crash mid-write")
+    assert path.read_bytes() == b"first"
+    assert [p.name for p in tmp_path.iterdir()] == ["a.bin"]  # the temp file is cleaned up
+
+
+def test_killed_process_mid_save_leaves_previous_checkpoint(tmp_path, repo_root):
+    path = tmp_path / "last.pth"
+    atomic_torch_save({"step": 1, "w": torch.ones(3)}, path)
+    # The child dies abruptly (no exception handling, no cleanup) after writing part of a large checkpoint.
+    child = (
+        "import os, torch\n"
+        "from common import io\n"
+        "real_save = torch.save\n"
+        "def dying_save(obj, f):\n"
+        "    f.write(b'x' * 1000)\n"
+        "    os._exit(9)\n"
+        "torch.save = dying_save\n"
+        f"io.atomic_torch_save({{'step': 2, 'w': torch.zeros(10**6)}}, {str(path)!r})\n"
+    )
+    result = subprocess.run([sys.executable, "-c", child], env={"PYTHONPATH": str(repo_root)})
+    assert result.returncode == 9
+    ckpt = load_checkpoint(path)
+    assert ckpt["step"] == 1 and torch.equal(ckpt["w"], torch.ones(3))
+
+
+def test_npz_refuses_object_arrays_and_round_trips(tmp_path):
+    path = tmp_path / "t.npz"
+    atomic_save_npz(path, idx=np.arange(6, dtype=np.int16).reshape(2, 3), names=np.array(["a", "bb"]))
+    with np.load(path, allow_pickle=False) as data:
+        assert data["idx"].tolist() == [[0, 1, 2], [3, 4, 5]] and data["names"].tolist() == ["a", "bb"]
+    with pytest.raises(TypeError, match="dtype object"):
+        atomic_save_npz(path, bad=np.array([{"a": 1}], dtype=object))
+
+
+class Payload:
+    """Any class instance inside a checkpoint needs pickle to rebuild it, so it could run code."""
+
+    def __reduce__(self):
+        return (print, ("this must never run",))
+
+
+def test_safe_loader_refuses_pickled_objects(tmp_path):
+    path = tmp_path / "evil.pth"
+    torch.save({"model": {"w": torch.ones(1)}, "extra": Payload()}, path)
+    with pytest.raises(CheckpointError, match="refused, the file holds pickled Python objects"):
+        load_checkpoint(path)
+
+
+def test_safe_loader_clear_errors(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(tmp_path / "missing.pth")
+    (tmp_path / "empty.pth").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="empty"):
+        load_checkpoint(tmp_path / "empty.pth")
+    good = tmp_path / "good.pth"
+    torch.save({"model": {"w": torch.ones(100)}}, good)
+    truncated = tmp_path / "truncated.pth"
+    truncated.write_bytes(good.read_bytes()[:200])
+    with pytest.raises(CheckpointError, match="truncated.pth: not a readable PyTorch checkpoint"):
+        load_checkpoint(truncated)
+    torch.save([1, 2], tmp_path / "list.pth")
+    with pytest.raises(CheckpointError, match="expected a dict"):
+        load_checkpoint(tmp_path / "list.pth")
+    with pytest.raises(CheckpointError, match="not a checkpoint of this project: missing model_config"):
+        require_keys(load_checkpoint(good), ["model", "model_config"], good)
+
+
+def test_file_sha256(tmp_path):
+    path = tmp_path / "f"
+    path.write_bytes(b"abc")
+    assert file_sha256(path) == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
