@@ -1,0 +1,57 @@
+import pytest
+import torch
+from torch import nn
+
+from common.checkpoint import CheckpointError
+from common.training import (NonFiniteLossError, check_finite, lr_at, param_groups, resume_training_checkpoint,
+                             save_training_checkpoint)
+
+
+def test_lr_schedule_warms_up_then_decays():
+    lrs = [lr_at(s, total_steps=100, warmup_steps=10, peak_lr=1.0, final_ratio=0.1) for s in range(101)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    assert lrs[100] == pytest.approx(0.1)
+
+
+class Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(5, 4)
+        self.lin = nn.Linear(4, 4)
+        self.norm = nn.LayerNorm(4)
+
+
+def test_param_groups_skip_decay_on_norms_biases_embeddings():
+    model = Tiny()
+    decay, no_decay = param_groups(model, 0.05)
+    assert decay["weight_decay"] == 0.05 and [p.shape for p in decay["params"]] == [model.lin.weight.shape]
+    assert len(no_decay["params"]) == 4 and no_decay["weight_decay"] == 0.0
+
+
+def test_non_finite_loss_stops_with_message():
+    check_finite(torch.tensor(1.0), 3)
+    with pytest.raises(NonFiniteLossError, match="loss became nan at step 7"):
+        check_finite(torch.tensor(float("nan")), 7)
+
+
+def test_training_checkpoint_resumes_state_and_refuses_other_network(tmp_path):
+    torch.manual_seed(0)
+    model = Tiny()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model.lin(torch.randn(2, 4)).sum().backward()
+    optimizer.step()
+    path = tmp_path / "last.pth"
+    save_training_checkpoint(path, model=model, model_config={"width": 4}, config={"lr": 0.1}, optimizer=optimizer,
+                             epoch=2, step=20, history=[{"epoch": 1, "loss": 3.0}], best_val_loss=2.5)
+    expected_next = torch.rand(3)
+
+    fresh = Tiny()
+    fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=0.1)
+    ckpt = resume_training_checkpoint(path, fresh, fresh_opt, None, {"width": 4})
+    assert (ckpt["epoch"], ckpt["step"], ckpt["history"], ckpt["best_val_loss"]) == (2, 20, [{"epoch": 1, "loss": 3.0}], 2.5)
+    assert torch.equal(fresh.lin.weight, model.lin.weight)
+    assert torch.equal(fresh_opt.state[fresh.lin.weight]["exp_avg"], optimizer.state[model.lin.weight]["exp_avg"])
+    assert torch.equal(torch.rand(3), expected_next)  # the random stream continues where it was saved
+    with pytest.raises(CheckpointError, match="different network"):
+        resume_training_checkpoint(path, Tiny(), torch.optim.AdamW(Tiny().parameters()), None, {"width": 8})
