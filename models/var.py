@@ -1,0 +1,342 @@
+"""The VAR transformer: class-conditional next-scale prediction over the VQ-VAE's multi-scale token maps.
+
+The sequence is the concatenation of the K token maps (L = sum pn^2 tokens). The first pn_0^2 positions hold
+the start token (class embedding + pos_start); position block k >= 1 holds the word embedding of the
+cumulative f_hat after scale k-1, area-downsampled to pn_k. Attention is block-causal over scales, every
+block is modulated by the class (AdaLN), and sampling runs scale by scale with a KV cache.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from common.checkpoint import CheckpointError, load_checkpoint, require_keys
+from models.vqvae import VQVAE
+
+
+class KVCache:
+    """Keys and values of the scales seen so far, for one attention layer during sampling."""
+
+    def __init__(self) -> None:
+        self.k: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
+
+    def extend(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.k = k if self.k is None else torch.cat((self.k, k), dim=2)
+        self.v = v if self.v is None else torch.cat((self.v, v), dim=2)
+        return self.k, self.v
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drop a sample's whole residual branch with probability p (rescaled by 1/(1-p))."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        keep = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(1 - self.p)
+        return x * keep / (1 - self.p)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, attn_drop: float, proj_drop: float, l2_norm: bool) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.l2_norm = l2_norm
+        if l2_norm:
+            # Cosine attention with a learned per-head temperature (log-space, starts at 4, capped at 100).
+            self.scale = 1.0
+            self.scale_mul = nn.Parameter(torch.full((1, num_heads, 1, 1), math.log(4.0)))
+            self.max_scale_mul = math.log(100.0)
+        else:
+            self.scale = 0.25 / math.sqrt(self.head_dim)
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        # Biases on q and v only (k's bias would cancel in the softmax).
+        self.q_bias = nn.Parameter(torch.zeros(dim))
+        self.v_bias = nn.Parameter(torch.zeros(dim))
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop) if proj_drop > 0 else nn.Identity()
+        self.attn_drop = attn_drop
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, cache: KVCache | None) -> torch.Tensor:
+        b, n, c = x.shape
+        bias = torch.cat((self.q_bias, torch.zeros_like(self.q_bias), self.v_bias))
+        q, k, v = F.linear(x, self.qkv.weight, bias).view(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        if self.l2_norm:
+            # The float32 temperature would promote q under autocast; SDPA needs q, k, v on one dtype.
+            q = (F.normalize(q, dim=-1) * self.scale_mul.clamp(max=self.max_scale_mul).exp()).to(v.dtype)
+            k = F.normalize(k, dim=-1)
+        if cache is not None:
+            k, v = cache.extend(k, v)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.attn_drop if self.training else 0.0,
+                                             scale=self.scale)
+        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(b, n, c)))
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int, hidden: int, drop: float) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+        self.drop = nn.Dropout(drop) if drop > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.fc2(F.gelu(self.fc1(x), approximate="tanh")))
+
+
+class AdaLNBlock(nn.Module):
+    """Pre-norm transformer block whose LayerNorm scale/shift and residual gains come from the class.
+
+    The 6 modulation vectors are, in order: gain_attn, gain_mlp, scale_attn, scale_mlp, shift_attn, shift_mlp.
+    """
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, drop: float, attn_drop: float, drop_path: float,
+                 norm_eps: float, shared_aln: bool, l2_norm: bool) -> None:
+        super().__init__()
+        self.dim = dim
+        self.norm = nn.LayerNorm(dim, eps=norm_eps, elementwise_affine=False)
+        self.attn = SelfAttention(dim, num_heads, attn_drop, drop, l2_norm)
+        self.mlp = MLP(dim, round(dim * mlp_ratio), drop)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.shared_aln = shared_aln
+        if shared_aln:
+            # Per-block offsets added to the modulation that one shared linear layer computes from the class.
+            self.ada_gss = nn.Parameter(torch.randn(1, 1, 6, dim) / math.sqrt(dim))
+        else:
+            self.ada_lin = nn.Linear(dim, 6 * dim)
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor, mask: torch.Tensor | None = None,
+                cache: KVCache | None = None) -> torch.Tensor:
+        mod = self.ada_gss + cond if self.shared_aln else self.ada_lin(F.silu(cond)).view(-1, 1, 6, self.dim)
+        gain1, gain2, scale1, scale2, shift1, shift2 = mod.unbind(2)
+        x = x + self.drop_path(self.attn(self.norm(x) * (scale1 + 1) + shift1, mask, cache) * gain1)
+        return x + self.drop_path(self.mlp(self.norm(x) * (scale2 + 1) + shift2) * gain2)
+
+
+class AdaLNHead(nn.Module):
+    """Class-modulated LayerNorm applied before the output projection."""
+
+    def __init__(self, dim: int, norm_eps: float) -> None:
+        super().__init__()
+        self.dim = dim
+        self.norm = nn.LayerNorm(dim, eps=norm_eps, elementwise_affine=False)
+        self.ada_lin = nn.Linear(dim, 2 * dim)
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        scale, shift = self.ada_lin(F.silu(cond)).view(-1, 1, 2, self.dim).unbind(2)
+        return self.norm(x) * (scale + 1) + shift
+
+
+def sample_tokens(logits: torch.Tensor, top_k: int = 0, top_p: float = 0.0, temperature: float = 1.0,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+    """(B, l, V) logits -> (B, l) tokens drawn after temperature, top-k and nucleus (top-p) filtering.
+
+    top_k=1 keeps only the maximum, so the draw is the argmax (the reference's greedy mode).
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    b, n, vocab = logits.shape
+    logits = logits.float() / temperature
+    if top_k > 0:
+        kth = logits.topk(min(top_k, vocab), dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, -torch.inf)
+    if top_p > 0:
+        sorted_logits, sorted_idx = logits.sort(dim=-1)
+        drop = sorted_logits.softmax(dim=-1).cumsum(dim=-1) <= 1 - top_p
+        drop[..., -1] = False  # always keep the most likely token
+        logits = logits.masked_fill(drop.scatter(-1, sorted_idx, drop), -torch.inf)
+    probs = logits.softmax(dim=-1).view(-1, vocab)
+    return torch.multinomial(probs, 1, replacement=True, generator=generator).view(b, n)
+
+
+class VAR(nn.Module):
+    def __init__(self, vocab_size: int = 2048, z_channels: int = 32,
+                 scales: Sequence[int] = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16), num_classes: int = 6, depth: int = 16,
+                 embed_dim: int = 1024, num_heads: int = 16, mlp_ratio: float = 4.0, drop_rate: float = 0.0,
+                 attn_drop_rate: float = 0.0, drop_path_rate: float = 0.0, norm_eps: float = 1e-6,
+                 shared_aln: bool = False, cond_drop_rate: float = 0.1, attn_l2_norm: bool = True) -> None:
+        super().__init__()
+        if embed_dim % num_heads:
+            raise ValueError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
+        scales = [int(s) for s in scales]
+        if len(scales) < 2:
+            raise ValueError(f"VAR needs at least two scales, got {scales}")
+        self.config = dict(vocab_size=vocab_size, z_channels=z_channels, scales=scales, num_classes=num_classes,
+                           depth=depth, embed_dim=embed_dim, num_heads=num_heads, mlp_ratio=mlp_ratio,
+                           drop_rate=drop_rate, attn_drop_rate=attn_drop_rate, drop_path_rate=drop_path_rate,
+                           norm_eps=norm_eps, shared_aln=shared_aln, cond_drop_rate=cond_drop_rate,
+                           attn_l2_norm=attn_l2_norm)
+        self.vocab_size, self.z_channels, self.scales = vocab_size, z_channels, tuple(scales)
+        self.num_classes, self.embed_dim, self.cond_drop_rate = num_classes, embed_dim, cond_drop_rate
+        self.first_l = scales[0] ** 2
+        self.L = sum(pn * pn for pn in scales)
+        ends = torch.tensor([pn * pn for pn in scales]).cumsum(0).tolist()
+        self.begin_ends = list(zip([0] + ends[:-1], ends))
+
+        std = math.sqrt(1 / embed_dim / 3)
+        self.word_embed = nn.Linear(z_channels, embed_dim)
+        self.class_emb = nn.Embedding(num_classes + 1, embed_dim)  # last row: the null class for guidance
+        self.pos_start = nn.Parameter(torch.empty(1, self.first_l, embed_dim))
+        self.pos_embed = nn.Parameter(torch.empty(1, self.L, embed_dim))
+        self.lvl_embed = nn.Embedding(len(scales), embed_dim)
+        for w in (self.class_emb.weight, self.pos_start, self.pos_embed, self.lvl_embed.weight):
+            nn.init.trunc_normal_(w, std=std)
+
+        self.shared_ada_lin = nn.Linear(embed_dim, 6 * embed_dim) if shared_aln else None
+        rates = torch.linspace(0, drop_path_rate, depth).tolist()  # stochastic depth grows with depth
+        self.blocks = nn.ModuleList([
+            AdaLNBlock(embed_dim, num_heads, mlp_ratio, drop_rate, attn_drop_rate, rates[i], norm_eps, shared_aln,
+                       attn_l2_norm) for i in range(depth)])
+        self.head_norm = AdaLNHead(embed_dim, norm_eps)
+        self.head = nn.Linear(embed_dim, vocab_size)
+
+        level = torch.cat([torch.full((pn * pn,), k) for k, pn in enumerate(scales)])
+        self.register_buffer("level", level, persistent=False)
+        # Block-causal: a token sees every token of its own and of coarser scales.
+        self.register_buffer("attn_mask", level[None, :] <= level[:, None], persistent=False)
+        self.init_weights()
+
+    def init_weights(self, init_adaln: float = 0.5, init_adaln_gamma: float = 1e-5, init_head: float = 0.02,
+                     init_std: float = -1.0) -> None:
+        """The reference init: truncated normal linears/embeddings (std sqrt(1/(3C)) when init_std < 0), output
+        projections scaled by 1/sqrt(2 depth), small head, AdaLN gains near zero so every block starts near identity."""
+        if init_std < 0:
+            init_std = math.sqrt(1 / self.embed_dim / 3)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=init_std)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Embedding):
+                nn.init.trunc_normal_(m.weight, std=init_std)
+        with torch.no_grad():
+            self.head.weight.mul_(init_head)
+            self.head_norm.ada_lin.weight.mul_(init_adaln)
+            depth, c = len(self.blocks), self.embed_dim
+            for block in self.blocks:
+                block.attn.proj.weight.div_(math.sqrt(2 * depth))
+                block.mlp.fc2.weight.div_(math.sqrt(2 * depth))
+                if block.shared_aln:
+                    block.ada_gss[:, :, 2:].mul_(init_adaln)
+                    block.ada_gss[:, :, :2].mul_(init_adaln_gamma)
+                else:
+                    block.ada_lin.weight[2 * c:].mul_(init_adaln)
+                    block.ada_lin.weight[:2 * c].mul_(init_adaln_gamma)
+
+    def _block_cond(self, cond: torch.Tensor) -> torch.Tensor:
+        """Class embedding (B, C) -> what the blocks take: itself, or the shared AdaLN output (B, 1, 6, C)."""
+        if self.shared_ada_lin is None:
+            return cond
+        return self.shared_ada_lin(F.silu(cond)).view(-1, 1, 6, self.embed_dim)
+
+    def get_logits(self, h: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        return self.head(self.head_norm(h.float(), cond)).float()
+
+    def forward(self, labels: torch.Tensor, x_teacher: torch.Tensor) -> torch.Tensor:
+        """labels (B,), teacher-forcing input (B, L - pn_0^2, z) -> logits (B, L, vocab) in float32."""
+        x, cond = self.embed_inputs(labels, x_teacher)
+        block_cond = self._block_cond(cond)
+        for block in self.blocks:
+            x = block(x, block_cond, self.attn_mask)
+        return self.get_logits(x, cond)
+
+    def embed_inputs(self, labels: torch.Tensor, x_teacher: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The transformer's input sequence (B, L, C) and the class embedding (B, C), after class dropout."""
+        b = x_teacher.shape[0]
+        if x_teacher.shape[1:] != (self.L - self.first_l, self.z_channels) or labels.shape != (b,):
+            raise ValueError(f"expected labels ({b},) and x_teacher ({b}, {self.L - self.first_l}, {self.z_channels}), "
+                             f"got {tuple(labels.shape)} and {tuple(x_teacher.shape)}")
+        if self.training and self.cond_drop_rate > 0:
+            drop = torch.rand(b, device=labels.device) < self.cond_drop_rate
+            labels = torch.where(drop, self.num_classes, labels)
+        with torch.autocast(device_type=x_teacher.device.type, enabled=False):
+            cond = self.class_emb(labels)
+            sos = cond[:, None].expand(b, self.first_l, -1) + self.pos_start
+            x = torch.cat((sos, self.word_embed(x_teacher.float())), dim=1)
+            x = x + self.lvl_embed(self.level) + self.pos_embed
+        return x, cond
+
+    @torch.no_grad()
+    def generate(self, vqvae: VQVAE, labels: torch.Tensor, cfg: float = 1.5, top_k: int = 0, top_p: float = 0.0,
+                 temperature: float = 1.0, generator: torch.Generator | None = None,
+                 coarse_idx: Sequence[torch.Tensor] | None = None, coarse_k: int = 0,
+                 use_cache: bool = True) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Sample images of the given classes scale by scale -> (images in [0, 1] (B, 3, H, W), token maps).
+
+        Guidance grows linearly over scales: at scale k, t = cfg * k / (K - 1) and logits = (1 + t) cond - t uncond
+        (cfg = 0 skips the unconditional half). The first coarse_k scales are taken from coarse_idx instead of
+        sampled (coarse_k = K reproduces the VQ-VAE reconstruction of those tokens). use_cache=False recomputes
+        the whole prefix with the block-causal mask at every scale (same result, slower). generator must live on the
+        model's device (None draws from the global RNG).
+        """
+        num_scales = len(self.scales)
+        if tuple(vqvae.scales) != self.scales or vqvae.quantizer.vocab_size != self.vocab_size \
+                or vqvae.quantizer.z_channels != self.z_channels:
+            raise ValueError("the VQ-VAE's scales / vocabulary / z_channels differ from the VAR's")
+        if not 0 <= coarse_k <= num_scales or (coarse_k > 0 and (coarse_idx is None or len(coarse_idx) < coarse_k)):
+            raise ValueError(f"coarse_k must be in [0, {num_scales}] with at least coarse_k token maps in coarse_idx")
+        b = labels.shape[0]
+        guided = cfg != 0
+        rows = torch.cat((labels, torch.full_like(labels, self.num_classes))) if guided else labels
+        cond = self.class_emb(rows)
+        block_cond = self._block_cond(cond)
+        lvl_pos = self.lvl_embed(self.level) + self.pos_embed
+        x = cond[:, None].expand(-1, self.first_l, -1) + self.pos_start + lvl_pos[:, :self.first_l]
+        side = self.scales[-1]
+        f_hat = torch.zeros(b, self.z_channels, side, side, device=labels.device)
+        caches = [KVCache() for _ in self.blocks]
+        inputs: list[torch.Tensor] = []
+        idx_list: list[torch.Tensor] = []
+        for k, pn in enumerate(self.scales):
+            begin, end = self.begin_ends[k]
+            teacher = k < coarse_k
+            inputs.append(x)
+            h = None
+            if use_cache and coarse_k < num_scales:  # teacher scales still fill the cache for later ones
+                h = x
+                for block, cache in zip(self.blocks, caches):
+                    h = block(h, block_cond, None, cache)
+            elif not teacher:
+                h = torch.cat(inputs, dim=1)
+                for block in self.blocks:
+                    h = block(h, block_cond, self.attn_mask[:end, :end])
+                h = h[:, begin:end]
+            if teacher:
+                idx = coarse_idx[k].reshape(b, pn * pn).to(labels.device)
+            else:
+                logits = self.get_logits(h, cond)
+                if guided:
+                    t = cfg * k / (num_scales - 1)
+                    logits = (1 + t) * logits[:b] - t * logits[b:]
+                idx = sample_tokens(logits, top_k, top_p, temperature, generator)
+            idx_list.append(idx.view(b, pn, pn))
+            f_hat, next_in = vqvae.quantizer.next_scale_input(k, f_hat, vqvae.quantizer.embed(idx, k))
+            if next_in is not None:
+                nb, ne = self.begin_ends[k + 1]
+                x = self.word_embed(next_in.flatten(2).transpose(1, 2)) + lvl_pos[:, nb:ne]
+                if guided:
+                    x = torch.cat((x, x))
+        return vqvae.fhat_to_img(f_hat).add(1).mul(0.5), idx_list
+
+
+def load_var(path: str | Path, map_location: str | torch.device = "cpu") -> VAR:
+    """A VAR from this project's checkpoint format {"model": state_dict, "model_config": dict, ...}, in eval mode."""
+    ckpt = load_checkpoint(path, map_location=map_location)
+    require_keys(ckpt, ["model", "model_config"], path)
+    try:
+        model = VAR(**ckpt["model_config"])
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{path}: model_config does not describe a VAR: {err}") from None
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as err:
+        raise CheckpointError(f"{path}: weights do not fit its model_config: {err}") from None
+    return model.to(map_location).eval()

@@ -1,0 +1,91 @@
+"""The multi-scale VQ-VAE of VAR: encoder -> quant_conv -> multi-scale quantizer -> post_quant_conv -> decoder."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import NamedTuple, Sequence
+
+import torch
+import torch.nn as nn
+
+from common.checkpoint import CheckpointError, load_checkpoint, require_keys
+from models.basic_vae import Decoder, Encoder
+from models.quantizer import MultiScaleQuantizer
+
+
+class VQOutput(NamedTuple):
+    rec: torch.Tensor        # (B, C, H, W) decoder output, not clamped
+    vq_loss: torch.Tensor    # scalar
+    code_hits: torch.Tensor  # (num_scales, vocab_size) int64
+
+
+class VQVAE(nn.Module):
+    def __init__(self, vocab_size: int = 2048, z_channels: int = 32, ch: int = 128,
+                 ch_mult: Sequence[int] = (1, 1, 2, 2, 4), num_res_blocks: int = 2, dropout: float = 0.0,
+                 beta: float = 0.25, using_znorm: bool = False, phi_ratio: float = 0.5, phi_share: int = 4,
+                 scales: Sequence[int] = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16), in_channels: int = 3) -> None:
+        super().__init__()
+        self.config = dict(vocab_size=vocab_size, z_channels=z_channels, ch=ch, ch_mult=[int(m) for m in ch_mult],
+                           num_res_blocks=num_res_blocks, dropout=dropout, beta=beta, using_znorm=using_znorm,
+                           phi_ratio=phi_ratio, phi_share=phi_share, scales=[int(s) for s in scales],
+                           in_channels=in_channels)
+        self.downsample = 2 ** (len(ch_mult) - 1)
+        self.encoder = Encoder(ch, tuple(ch_mult), num_res_blocks, z_channels, in_channels, dropout)
+        self.decoder = Decoder(ch, tuple(ch_mult), num_res_blocks, z_channels, in_channels, dropout)
+        self.quant_conv = nn.Conv2d(z_channels, z_channels, 3, padding=1)
+        self.post_quant_conv = nn.Conv2d(z_channels, z_channels, 3, padding=1)
+        self.quantizer = MultiScaleQuantizer(vocab_size, z_channels, scales, beta, using_znorm, phi_ratio, phi_share)
+
+    @property
+    def scales(self) -> tuple[int, ...]:
+        return self.quantizer.scales
+
+    @property
+    def image_size(self) -> int:
+        return self.quantizer.full_size * self.downsample
+
+    def encode(self, img: torch.Tensor) -> torch.Tensor:
+        """Image in [-1, 1] -> continuous features f (B, z, h, w) before quantization."""
+        return self.quant_conv(self.encoder(img))
+
+    def fhat_to_img(self, f_hat: torch.Tensor) -> torch.Tensor:
+        """Quantized features -> image in [-1, 1], float32 even under autocast."""
+        return self.decoder(self.post_quant_conv(f_hat)).float().clamp(-1, 1)
+
+    def forward(self, img: torch.Tensor) -> VQOutput:
+        f_hat, vq_loss, code_hits = self.quantizer(self.encode(img))
+        return VQOutput(self.decoder(self.post_quant_conv(f_hat)), vq_loss, code_hits)
+
+    @torch.no_grad()
+    def img_to_idx(self, img: torch.Tensor) -> list[torch.Tensor]:
+        return self.quantizer.f_to_idx(self.encode(img))
+
+    @torch.no_grad()
+    def reconstruct(self, img: torch.Tensor) -> torch.Tensor:
+        return self.fhat_to_img(self.quantizer.f_to_fhats(self.encode(img))[-1])
+
+    def idx_to_fhats(self, idx_list: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        return self.quantizer.idx_to_fhats(idx_list)
+
+    @torch.no_grad()
+    def idx_to_img(self, idx_list: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Token maps of the first len(idx_list) scales -> image in [-1, 1] (partial lists give coarse images)."""
+        return self.fhat_to_img(self.quantizer.idx_to_fhats(idx_list)[-1])
+
+    @torch.no_grad()
+    def idx_to_var_input(self, idx_list: Sequence[torch.Tensor]) -> torch.Tensor:
+        return self.quantizer.idx_to_var_input(idx_list)
+
+
+def load_vqvae(path: str | Path, map_location: str | torch.device = "cpu") -> VQVAE:
+    """A VQVAE from this project's checkpoint format {"model": state_dict, "model_config": dict, ...}, in eval mode."""
+    ckpt = load_checkpoint(path, map_location=map_location)
+    require_keys(ckpt, ["model", "model_config"], path)
+    try:
+        model = VQVAE(**ckpt["model_config"])
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{path}: model_config does not describe a VQVAE: {err}") from None
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as err:
+        raise CheckpointError(f"{path}: weights do not fit its model_config: {err}") from None
+    return model.to(map_location).eval()

@@ -1,0 +1,217 @@
+"""The VAR transformer on small random models: masking, KV cache, guidance, teacher prefix, precision, checkpoints."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from common.checkpoint import CheckpointError
+from common.io import atomic_torch_save
+from models.var import VAR, KVCache, load_var, sample_tokens
+from models.vqvae import VQVAE
+
+SCALES = (1, 2, 3, 4)
+L = sum(pn * pn for pn in SCALES)
+VOCAB, Z, CLASSES = 64, 8, 3
+
+
+def small_var(**kwargs) -> VAR:
+    torch.manual_seed(0)
+    config = dict(vocab_size=VOCAB, z_channels=Z, scales=SCALES, num_classes=CLASSES, depth=2, embed_dim=64,
+                  num_heads=2, cond_drop_rate=0.1) | kwargs
+    model = VAR(**config)
+    # Larger AdaLN gains than the reference init (1e-5) so that every block really changes the output.
+    model.init_weights(init_adaln_gamma=0.5, init_head=1.0)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def vqvae() -> VQVAE:
+    torch.manual_seed(0)
+    # A shallow VQ-VAE (downsampling 2, 8 px images): the transformer's tests only need its quantizer and a decoder.
+    model = VQVAE(vocab_size=VOCAB, z_channels=Z, ch=32, ch_mult=(1, 1), num_res_blocks=1, scales=SCALES).eval()
+    torch.nn.init.normal_(model.quantizer.embedding.weight, std=0.5)
+    return model
+
+
+@pytest.fixture(scope="module")
+def model() -> VAR:
+    return small_var()
+
+
+def teacher_batch(vqvae: VQVAE, b: int = 3) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
+    g = torch.Generator().manual_seed(2)
+    idx = [torch.randint(0, VOCAB, (b, pn, pn), generator=g) for pn in SCALES]
+    labels = torch.arange(b) % CLASSES
+    return labels, idx, vqvae.idx_to_var_input(idx)
+
+
+def test_forward_shape_and_config(model: VAR, vqvae: VQVAE) -> None:
+    labels, _, x = teacher_batch(vqvae)
+    logits = model(labels, x)
+    assert logits.shape == (3, L, VOCAB) and logits.dtype == torch.float32
+    assert VAR(**model.config).config == model.config
+    assert model.class_emb.weight.shape[0] == CLASSES + 1
+
+
+def test_mask_hides_later_scales(model: VAR, vqvae: VQVAE) -> None:
+    labels, _, x = teacher_batch(vqvae)
+    changed = x.clone()
+    start = SCALES[0] ** 2 + SCALES[1] ** 2 - 1  # teacher input of the third scale onward
+    changed[:, start:] += torch.randn_like(changed[:, start:])
+    with torch.no_grad():
+        a, b = model(labels, x), model(labels, changed)
+    cut = start + 1  # logits positions are shifted by the start token
+    assert torch.allclose(a[:, :cut], b[:, :cut], atol=1e-6)
+    assert not torch.allclose(a[:, cut:], b[:, cut:], atol=1e-3)
+
+
+@pytest.mark.parametrize("variant", [{}, {"shared_aln": True}, {"attn_l2_norm": False}])
+def test_cached_incremental_logits_match_forward(vqvae: VQVAE, variant: dict) -> None:
+    model = small_var(**variant)
+    labels, _, x_teacher = teacher_batch(vqvae)
+    with torch.no_grad():
+        full = model(labels, x_teacher)
+        x, cond = model.embed_inputs(labels, x_teacher)
+        block_cond = model._block_cond(cond)
+        caches = [KVCache() for _ in model.blocks]
+        for begin, end in model.begin_ends:
+            h = x[:, begin:end]
+            for block, cache in zip(model.blocks, caches):
+                h = block(h, block_cond, None, cache)
+            assert torch.allclose(model.get_logits(h, cond), full[:, begin:end], atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", [{}, {"shared_aln": True, "attn_l2_norm": False}])
+def test_generate_with_and_without_cache_agree(vqvae: VQVAE, variant: dict) -> None:
+    model = small_var(**variant)
+    labels = torch.tensor([0, 1, 2, 1])
+    outs = [model.generate(vqvae, labels, cfg=2.0, top_k=20, top_p=0.9, temperature=1.2,
+                           generator=torch.Generator().manual_seed(7), use_cache=cache) for cache in (True, False)]
+    (img_a, idx_a), (img_b, idx_b) = outs
+    assert all(torch.equal(a, b) for a, b in zip(idx_a, idx_b))
+    assert torch.allclose(img_a, img_b, atol=1e-5)
+    assert img_a.shape == (4, 3, 8, 8) and img_a.min() >= 0 and img_a.max() <= 1
+    assert [t.shape for t in idx_a] == [(4, pn, pn) for pn in SCALES]
+    # Sampled tokens, fed back as teacher input, are what the images decode from.
+    assert torch.allclose(vqvae.idx_to_img(idx_a).add(1).mul(0.5), img_a, atol=1e-5)
+    again, _ = model.generate(vqvae, labels, cfg=2.0, top_k=20, top_p=0.9, temperature=1.2,
+                              generator=torch.Generator().manual_seed(7))
+    assert torch.equal(again, img_a)
+
+
+def test_greedy_is_argmax_of_guided_logits(model: VAR, vqvae: VQVAE) -> None:
+    labels = torch.tensor([2, 0])
+    _, idx = model.generate(vqvae, labels, cfg=1.5, top_k=1, generator=torch.Generator().manual_seed(0))
+    x = vqvae.idx_to_var_input(idx)
+    with torch.no_grad():
+        cond, uncond = model(labels, x), model(torch.full_like(labels, CLASSES), x)
+    for k, (begin, end) in enumerate(model.begin_ends):
+        t = 1.5 * k / (len(SCALES) - 1)
+        guided = (1 + t) * cond[:, begin:end] - t * uncond[:, begin:end]
+        assert torch.equal(guided.argmax(-1), idx[k].flatten(1))
+
+
+def test_sample_tokens_filters() -> None:
+    logits = torch.randn(2, 5, 30, generator=torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(0)
+    assert torch.equal(sample_tokens(logits, top_k=1, generator=g), logits.argmax(-1))
+    assert torch.equal(sample_tokens(logits, top_p=1e-6, generator=g), logits.argmax(-1))
+    top3 = logits.topk(3, dim=-1).indices
+    draws = sample_tokens(logits.repeat(50, 1, 1), top_k=3, generator=g)
+    assert (draws[..., None] == top3.repeat(50, 1, 1)).any(-1).all()
+    with pytest.raises(ValueError, match="temperature"):
+        sample_tokens(logits, temperature=0)
+
+
+def test_guidance_zero_ignores_null_class(vqvae: VQVAE) -> None:
+    model = small_var()
+    labels = torch.tensor([0, 2])
+    kwargs = dict(top_k=10, generator=None)
+
+    def run(cfg: float) -> torch.Tensor:
+        return model.generate(vqvae, labels, cfg=cfg, **(kwargs | {"generator": torch.Generator().manual_seed(3)}))[0]
+
+    before = {cfg: run(cfg) for cfg in (0.0, 3.0)}
+    with torch.no_grad():
+        model.class_emb.weight[-1].normal_(std=5.0)
+    assert torch.equal(run(0.0), before[0.0])
+    assert not torch.equal(run(3.0), before[3.0])
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_teacher_prefix(model: VAR, vqvae: VQVAE, use_cache: bool) -> None:
+    labels, idx, _ = teacher_batch(vqvae)
+    full, full_idx = model.generate(vqvae, labels, coarse_idx=idx, coarse_k=len(SCALES), use_cache=use_cache)
+    assert all(torch.equal(a, b) for a, b in zip(full_idx, idx))
+    assert torch.allclose(full, vqvae.idx_to_img(idx).add(1).mul(0.5), atol=1e-6)
+    flat = [t.flatten(1) for t in idx]
+    part, part_idx = model.generate(vqvae, labels, coarse_idx=flat, coarse_k=2, top_k=5, use_cache=use_cache,
+                                    generator=torch.Generator().manual_seed(0))
+    assert all(torch.equal(a, b) for a, b in zip(part_idx[:2], idx[:2]))
+    with pytest.raises(ValueError, match="coarse_k"):
+        model.generate(vqvae, labels, coarse_idx=idx[:1], coarse_k=2)
+
+
+def test_class_dropout_only_in_training(vqvae: VQVAE) -> None:
+    model = small_var(cond_drop_rate=1.0)
+    labels, _, x = teacher_batch(vqvae)
+    null = torch.full_like(labels, CLASSES)
+    with torch.no_grad():
+        assert not torch.allclose(model(labels, x), model(null, x))
+        model.train()
+        assert torch.equal(model(labels, x), model(null, x))
+    model.eval()
+
+
+def test_drop_path_and_dropout_only_in_training(vqvae: VQVAE) -> None:
+    model = small_var(drop_path_rate=0.5, drop_rate=0.1, attn_drop_rate=0.1, cond_drop_rate=0.0)
+    labels, _, x = teacher_batch(vqvae)
+    with torch.no_grad():
+        assert torch.equal(model(labels, x), model(labels, x))
+        model.train()
+        torch.manual_seed(0)
+        assert not torch.equal(model(labels, x), model(labels, x))
+    model.eval()
+
+
+def test_bf16_autocast(model: VAR, vqvae: VQVAE) -> None:
+    labels, _, x = teacher_batch(vqvae)
+    train_model = small_var()
+    train_model.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = train_model(labels, x)
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), torch.randint(0, VOCAB, (3 * L,)))
+        images, idx = model.generate(vqvae, labels, cfg=1.5, top_k=5, generator=torch.Generator().manual_seed(0))
+    loss.backward()
+    assert logits.shape == (3, L, VOCAB) and logits.dtype == torch.float32
+    assert train_model.blocks[0].attn.qkv.weight.grad is not None
+    assert images.shape == (3, 3, 8, 8) and images.dtype == torch.float32 and 0 <= images.min() <= images.max() <= 1
+    assert [t.shape for t in idx] == [(3, pn, pn) for pn in SCALES]
+
+
+def test_reference_init() -> None:
+    model = VAR(vocab_size=VOCAB, z_channels=Z, scales=SCALES, num_classes=CLASSES, depth=4, embed_dim=96, num_heads=3)
+    c = 96
+    std = (1 / c / 3) ** 0.5
+    assert torch.equal(model.blocks[0].attn.q_bias, torch.zeros(c))
+    assert torch.allclose(model.blocks[0].attn.scale_mul, torch.full((1, 3, 1, 1), 4.0).log())
+    assert model.head.weight.std().item() == pytest.approx(0.02 * std, rel=0.15)
+    assert model.blocks[0].ada_lin.weight[:2 * c].std().item() == pytest.approx(1e-5 * std, rel=0.15)
+    assert model.blocks[0].ada_lin.weight[2 * c:].std().item() == pytest.approx(0.5 * std, rel=0.15)
+    assert model.blocks[0].mlp.fc2.weight.std().item() == pytest.approx(std / 8 ** 0.5, rel=0.15)
+
+
+def test_load_var_round_trip(model: VAR, vqvae: VQVAE, tmp_path: Path) -> None:
+    path = tmp_path / "var.pth"
+    atomic_torch_save({"model": model.state_dict(), "model_config": model.config}, path)
+    loaded = load_var(path)
+    assert not loaded.training and loaded.config == model.config
+    labels, _, x = teacher_batch(vqvae)
+    with torch.no_grad():
+        assert torch.equal(loaded(labels, x), model(labels, x))
+    assert "attn_mask" not in model.state_dict() and "level" not in model.state_dict()
+    atomic_torch_save({"model": model.state_dict(), "model_config": model.config | {"depth": 3}}, tmp_path / "bad.pth")
+    with pytest.raises(CheckpointError, match="do not fit"):
+        load_var(tmp_path / "bad.pth")
