@@ -1,0 +1,1 @@
+"""Data preparation: synthetic phantoms, scan-area detection, readers and the dataset builder."""

@@ -1,0 +1,170 @@
+"""Dataset adapters: turn a public dataset's folder layout into a list of source images with subjects.
+
+Each adapter is `adapter(root, options) -> Listing`. It lists the image files (any format
+readers.py reads), gives each a subject id (the unit the train/val/test split keeps together) and,
+where the layout carries it, an organ class. Masks, segmentations and annotation overlays shipped beside
+the images are never listed as images: they go to `Listing.ignored` with the reason.
+
+Layouts known here (from each dataset's documentation):
+- busi: BUSI (Al-Dhabyani et al. 2020) `{benign,malignant,normal}/[images/]<class> (n).png`, masks
+  `<class> (n)_mask.png` / `_mask_1.png` interleaved. benign/malignant/normal is a finding, NOT an organ
+  class: the recipe maps the whole set to one organ class. BUSI has no patient ids, so subject = file stem:
+  two images of one patient may land in different splits (a known limitation of this dataset).
+- hc18: HC18 `training_set/NNN_HC.png`, `NNN_2HC.png`, `NNN_3HC.png` (same subject NNN), annotations
+  `NNN_HC_Annotation.png`; `test_set/` has its own numbering, so subject = folder + NNN.
+- camus: CAMUS NIfTI release `database_nifti/patientNNNN/patientNNNN_{2CH,4CH}_{ED,ES,half_sequence}.nii.gz`,
+  segmentations `*_gt.nii.gz`; subject = patientNNNN. (The original .mhd/.raw release is not readable here.)
+- echonet: EchoNet-Dynamic / EchoNet-Pediatric `Videos/<id>.avi`, one clip per study: subject = file stem.
+- folder: generic `root/<class>/**/<file>`: class = first folder name; subject = file stem, or with
+  options {"subject": "parent"} the file's own folder (for `<class>/<patient>/<file>` layouts).
+- csv: a labels table (path, class, subject columns; optional geometry) such as make_phantoms.py's
+  labels.csv; options {"file", "path_col", "class_col", "subject_col", "geometry_col"}.
+"""
+from __future__ import annotations
+
+import csv
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from data_preprocessing.readers import file_suffix, is_supported
+
+MASK_FOLDERS = {"mask", "masks", "annotation", "annotations", "segmentation", "segmentations", "gt", "ground_truth", "groundtruth"}
+# A file stem ending in one of these words (optionally numbered: "_mask_1") is a label image, not an image.
+MASK_STEM = re.compile(r"(?:^|[_\-\s.])(?:mask|masks|annotation|annotations|gt|seg|segmentation)(?:[_\-\s]?\d+)?$", re.IGNORECASE)
+
+
+class RecipeError(ValueError):
+    """A dataset entry whose root, options or label table cannot be used."""
+
+
+@dataclass(frozen=True)
+class Source:
+    path: Path
+    subject: str
+    cls: str | None = None  # organ class when the layout or labels carry one
+    geometry: str = ""  # expected scan geometry (fan|rect) when the labels carry it
+
+
+@dataclass
+class Listing:
+    sources: list[Source] = field(default_factory=list)
+    ignored: list[tuple[Path, str]] = field(default_factory=list)  # (path, why it is not an image)
+
+
+def stem(path: Path) -> str:
+    """File name without its format suffix (".nii.gz" removed whole)."""
+    return path.name[: len(path.name) - len(file_suffix(path))]
+
+
+def label_file_reason(path: Path, root: Path) -> str | None:
+    """Why `path` is a mask/annotation/hidden file rather than an image, or None for an image."""
+    if path.name.startswith("."):
+        return "hidden file (e.g. macOS '._' metadata), not an image"
+    rel_parts = path.relative_to(root).parts[:-1] if path.is_relative_to(root) else path.parts[:-1]
+    folder = next((p for p in rel_parts if p.lower() in MASK_FOLDERS), None)
+    if folder:
+        return f"inside a '{folder}' folder: mask/annotation, not an image"
+    if MASK_STEM.search(stem(path)):
+        return "mask/annotation file (name ends in _mask/_Annotation/_gt/_seg), not an image"
+    return None
+
+
+def walk_images(root: Path) -> Listing:
+    """Every readable-format file under root (sorted), label files set aside; the Source fields come later."""
+    if not root.is_dir():
+        raise RecipeError(f"dataset root {root} is not a folder")
+    listing = Listing()
+    for folder, dirs, files in os.walk(root, followlinks=True):
+        dirs.sort()
+        for name in sorted(files):
+            path = Path(folder) / name
+            if not is_supported(path):
+                continue
+            reason = label_file_reason(path, root)
+            if reason:
+                listing.ignored.append((path, reason))
+            else:
+                listing.sources.append(Source(path, subject=stem(path)))
+    return listing
+
+
+def busi(root: Path, options: dict) -> Listing:
+    return walk_images(root)  # subject = stem (no patient ids); class comes from the recipe
+
+
+HC18_NAME = re.compile(r"^(\d+)_\d*HC$", re.IGNORECASE)
+
+
+def hc18(root: Path, options: dict) -> Listing:
+    listing = walk_images(root)
+    sources = []
+    for s in listing.sources:
+        match = HC18_NAME.match(stem(s.path))
+        subject = f"{s.path.parent.name}/{match.group(1)}" if match else stem(s.path)
+        sources.append(Source(s.path, subject))
+    return Listing(sources, listing.ignored)
+
+
+def camus(root: Path, options: dict) -> Listing:
+    listing = walk_images(root)
+    sources = []
+    for s in listing.sources:
+        patient = next((p for p in reversed(s.path.parts[:-1]) if re.fullmatch(r"patient\d+", p, re.IGNORECASE)), None)
+        sources.append(Source(s.path, patient or stem(s.path).split("_")[0]))
+    return Listing(sources, listing.ignored)
+
+
+def echonet(root: Path, options: dict) -> Listing:
+    return walk_images(root)  # one clip per study, named by its id: subject = stem
+
+
+def folder(root: Path, options: dict) -> Listing:
+    by = options.get("subject", "stem")
+    if by not in ("stem", "parent"):
+        raise RecipeError(f"folder adapter: options.subject must be 'stem' or 'parent', got {by!r}")
+    listing = walk_images(root)
+    sources = []
+    for s in listing.sources:
+        rel = s.path.relative_to(root).parts
+        if len(rel) < 2:
+            listing.ignored.append((s.path, "directly in the dataset root: the folder adapter needs root/<class>/file"))
+            continue
+        subject = str(Path(*rel[:-1])) if by == "parent" else stem(s.path)
+        sources.append(Source(s.path, subject, cls=rel[0]))
+    return Listing(sources, listing.ignored)
+
+
+def csv_labels(root: Path, options: dict) -> Listing:
+    table = root if root.is_file() else root / options.get("file", "labels.csv")
+    if not table.is_file():
+        raise RecipeError(f"csv adapter: label table {table} does not exist")
+    cols = {k: options.get(f"{k}_col", k) for k in ("path", "class", "subject", "geometry")}
+    listing = Listing()
+    with open(table, newline="") as handle:
+        reader = csv.DictReader(handle)
+        header = reader.fieldnames or []
+        if cols["path"] not in header:
+            raise RecipeError(f"csv adapter: {table} has no {cols['path']!r} column (columns: {', '.join(header)})")
+        for row in reader:
+            path = (table.parent / row[cols["path"]]).absolute()
+            reason = label_file_reason(path, table.parent)
+            if reason:
+                listing.ignored.append((path, reason))
+                continue
+            cls = (row.get(cols["class"]) or "").strip() or None
+            subject = (row.get(cols["subject"]) or "").strip() or stem(path)
+            listing.sources.append(Source(path, subject, cls, (row.get(cols["geometry"]) or "").strip()))
+    return listing
+
+
+ADAPTERS: dict[str, Callable[[Path, dict], Listing]] = {
+    "busi": busi,
+    "hc18": hc18,
+    "camus": camus,
+    "echonet": echonet,
+    "folder": folder,
+    "csv": csv_labels,
+}

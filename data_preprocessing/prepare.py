@@ -1,0 +1,516 @@
+"""Build the processed training set from raw ultrasound datasets.
+
+A recipe (JSON) maps datasets to organ classes. For every source file: read its frames (readers.py), find
+the scan area (scan_area.py), blank what lies outside it, crop, square and resize to 256x256 grey-as-RGB,
+and write OUT/{train,val,test}/<class>/<dataset>__<stem>[_<frame>].png. Splits keep every subject in
+one split, stratified by class and seeded. OUT/manifest.csv has one row per source file (per frame for
+multi-frame sources): kept or skipped, and why. Re-running reuses every output whose source is unchanged
+(same sha256), so only new or changed files are processed; sources are only ever read.
+
+    python data_preprocessing/prepare.py                          # phantoms in data/raw_phantoms
+    python data_preprocessing/prepare.py --recipe=my_recipe.json --out=data/processed
+
+Recipe: {"datasets": [{"name": "busi", "adapter": "busi", "root": "../shared/us_data/BUSI",
+"class": "breast", "options": {}}, ...]}; relative roots are relative to the recipe file's folder,
+"class" may be left out when the adapter gives one (folder, csv). Adapters: see adapters.py.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import multiprocessing
+import os
+import re
+import sys
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repository root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from common.config import config_dict, parse_config, save_config  # noqa: E402
+from common.io import atomic_write_bytes, atomic_write_text, file_sha256  # noqa: E402
+from common.plotting import bar_counts, image_grid, save_figure, save_image  # noqa: E402
+from data_preprocessing.adapters import ADAPTERS, RecipeError, Source, stem  # noqa: E402
+from data_preprocessing.readers import UnreadableFileError, read_frames  # noqa: E402
+from data_preprocessing.scan_area import ScanArea, ScanAreaError, detect_scan_area, to_model_image  # noqa: E402
+
+
+@dataclass
+class Config:
+    recipe: str = ""  # JSON recipe mapping datasets to organ classes; empty = the phantoms in phantom_dir
+    phantom_dir: str = "data/raw_phantoms"  # default dataset (make_phantoms.py output, read through its labels.csv)
+    out: str = "data/processed"  # output folder: {train,val,test}/<class>/*.png, manifest.csv, plots
+    size: int = 256  # output side in pixels
+    square: str = "pad"  # make the cropped scan area square: "pad" (keep all of it) or "crop" (centre)
+    max_per_dataset: int = 1000  # at most this many images per dataset (seeded pick of its files)
+    max_frames_per_file: int = 20  # at most this many frames from one video / cine DICOM / volume
+    video_stride: int = 10  # keep every n-th frame of multi-frame sources: neighbours are near-duplicates
+    keep_annotated: bool = True  # keep frames with burned-in calipers/text/colour (flagged in the manifest either way)
+    val_frac: float = 0.1  # share of each class's images (by whole subjects) in val
+    test_frac: float = 0.1  # share in test; train gets the rest
+    seed: int = 0  # seeds the per-dataset pick, the split and the plotted samples
+    workers: int = 0  # worker processes; 0 = one per CPU core
+    contact_sheet_images: int = 48  # processed images shown per class in contact_sheets/<class>.png
+    scan_area_samples: int = 4  # originals per class drawn with their detected scan area
+
+
+SPLITS = ("train", "val", "test")
+# Constants that change what an output looks like: when any differs from the previous run, nothing is reused.
+PROCESSING_KEYS = ("size", "square", "max_per_dataset", "max_frames_per_file", "video_stride", "keep_annotated")
+MANIFEST_COLUMNS = (
+    "source", "sha256", "dataset", "class", "subject", "split", "frame", "status", "reason",
+    "geometry", "geometry_expected", "crop_box", "calipers", "text", "color", "output",
+)
+NAME_RE = re.compile(r"^[A-Za-z0-9_\-]+$")
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    name: str
+    adapter: str
+    root: Path
+    cls: str | None
+    options: dict = field(default_factory=dict)
+
+
+@dataclass
+class Task:
+    """One source file for a worker: where it goes and what the previous run made of it."""
+
+    source: Source
+    dataset: str
+    cls: str
+    split: str
+    base_name: str  # output file name without frame key and suffix
+    max_frames: int
+    prev_rows: list[dict]
+
+
+# ---------------------------------------------------------------- recipe
+
+def load_recipe(cfg: Config) -> list[DatasetSpec]:
+    if not cfg.recipe:
+        root = Path(cfg.phantom_dir)
+        if not (root / "labels.csv").is_file():
+            raise RecipeError(
+                f"no --recipe given and {root}/labels.csv does not exist: make the phantoms first "
+                f"(python data_preprocessing/make_phantoms.py --out={root}) or pass --recipe=FILE.json"
+            )
+        return [DatasetSpec("phantoms", "csv", root, None)]
+    recipe_path = Path(cfg.recipe)
+    try:
+        recipe = json.loads(recipe_path.read_text())
+    except FileNotFoundError:
+        raise RecipeError(f"recipe {recipe_path} does not exist") from None
+    except json.JSONDecodeError as err:
+        raise RecipeError(f"recipe {recipe_path} is not valid JSON: {err}") from None
+    entries = recipe.get("datasets") if isinstance(recipe, dict) else None
+    if not isinstance(entries, list) or not entries:
+        raise RecipeError(f"recipe {recipe_path}: expected {{\"datasets\": [{{name, adapter, root, class, options}}, ...]}}")
+    specs = []
+    for i, entry in enumerate(entries):
+        where = f"recipe {recipe_path}, dataset #{i}"
+        if not isinstance(entry, dict) or not {"name", "adapter", "root"} <= entry.keys():
+            raise RecipeError(f"{where}: needs at least name, adapter and root")
+        unknown = set(entry) - {"name", "adapter", "root", "class", "options"}
+        if unknown:
+            raise RecipeError(f"{where}: unknown keys {sorted(unknown)}")
+        if entry["adapter"] not in ADAPTERS:
+            raise RecipeError(f"{where}: unknown adapter {entry['adapter']!r}; known: {', '.join(ADAPTERS)}")
+        if not NAME_RE.match(str(entry["name"])):
+            raise RecipeError(f"{where}: name {entry['name']!r} must be letters, digits, _ or -")
+        root = Path(entry["root"]).expanduser()
+        root = root if root.is_absolute() else recipe_path.parent / root
+        if not root.exists():
+            raise RecipeError(f"{where} ({entry['name']}): root {root} does not exist")
+        specs.append(DatasetSpec(entry["name"], entry["adapter"], root, entry.get("class"), entry.get("options") or {}))
+    names = [s.name for s in specs]
+    if len(set(names)) != len(names):
+        raise RecipeError(f"recipe {recipe_path}: dataset names must be unique, got {names}")
+    return specs
+
+
+# ---------------------------------------------------------------- listing, capping, splitting
+
+def list_sources(specs: list[DatasetSpec], cfg: Config) -> tuple[list[tuple[DatasetSpec, Source, str, int]], list[dict]]:
+    """(spec, source, class, frame budget) per kept file, and manifest rows for the files set aside."""
+    chosen, ignored_rows, seen = [], [], {}
+    for spec in specs:
+        listing = ADAPTERS[spec.adapter](spec.root, spec.options)
+        for path, reason in listing.ignored:
+            ignored_rows.append(_row(source=str(path), dataset=spec.name, status="skipped", reason=reason))
+        sources = listing.sources
+        if len(sources) > cfg.max_per_dataset:
+            rng = np.random.default_rng([cfg.seed, _stable_int(spec.name)])
+            keep = sorted(rng.choice(len(sources), cfg.max_per_dataset, replace=False))
+            print(f"{spec.name}: {len(sources)} files, using a seeded pick of {cfg.max_per_dataset} (max_per_dataset)")
+            sources = [sources[i] for i in keep]
+        # Multi-frame files share the dataset's image budget so no dataset exceeds max_per_dataset images.
+        budget = max(1, min(cfg.max_frames_per_file, cfg.max_per_dataset // max(1, len(sources))))
+        for source in sources:
+            cls = spec.cls or source.cls
+            if not cls:
+                raise RecipeError(f"dataset {spec.name}: no class for {source.path}: give \"class\" in the recipe")
+            if not NAME_RE.match(cls):
+                raise RecipeError(f"dataset {spec.name}: class {cls!r} must be letters, digits, _ or -")
+            key = str(source.path.absolute())
+            if key in seen:
+                raise RecipeError(f"{key} is listed by datasets {seen[key]} and {spec.name}: each file may be used once")
+            seen[key] = spec.name
+            chosen.append((spec, source, cls, budget))
+        print(f"{spec.name}: {len(sources)} files ({spec.adapter} adapter, root {spec.root}), "
+              f"{len(listing.ignored)} masks/annotations set aside")
+    return chosen, ignored_rows
+
+
+def _stable_int(text: str) -> int:
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "little")
+
+
+Subject = tuple[str, str]  # (dataset, subject id): ids of different datasets never merge
+
+
+def assign_splits(weights: dict[Subject, int], classes: dict[Subject, str], fracs: dict[str, float], seed: int) -> dict[Subject, str]:
+    """Whole subjects to splits, per class: each subject (largest first) goes to the split furthest below
+    its target share, so each split gets a subject early and the shares approach the targets."""
+    split_of = {}
+    by_class: dict[str, list] = defaultdict(list)
+    for subject in sorted(weights):
+        by_class[classes[subject]].append(subject)
+    for cls, subjects in sorted(by_class.items()):
+        rng = np.random.default_rng([seed, _stable_int(cls)])
+        order = [subjects[i] for i in rng.permutation(len(subjects))]
+        order.sort(key=lambda s: -weights[s])  # stable: equal sizes keep the seeded order
+        filled = dict.fromkeys(SPLITS, 0)
+        for subject in order:
+            split = max((s for s in SPLITS if fracs[s] > 0), key=lambda s: -filled[s] / fracs[s])
+            filled[split] += weights[subject]
+            split_of[subject] = split
+    return split_of
+
+
+def output_names(chosen: list[tuple[DatasetSpec, Source, str, int]]) -> list[str]:
+    """<dataset>__<stem>, readable; a short hash of the path is added where two files would collide."""
+    names = [f"{spec.name}__{re.sub(r'[^A-Za-z0-9.-]+', '_', stem(src.path)).strip('_') or 'image'}" for spec, src, _, _ in chosen]
+    counts = Counter((name, cls) for name, (_, _, cls, _) in zip(names, chosen))
+    return [
+        f"{name}_{hashlib.sha1(str(src.path).encode()).hexdigest()[:8]}" if counts[(name, cls)] > 1 else name
+        for name, (_, src, cls, _) in zip(names, chosen)
+    ]
+
+
+# ---------------------------------------------------------------- per-file work (runs in the workers)
+
+def _row(**values) -> dict:
+    row = dict.fromkeys(MANIFEST_COLUMNS, "")
+    row.update(values)
+    return row
+
+
+def output_path(out: Path, split: str, cls: str, base_name: str, frame: str) -> Path:
+    return out / split / cls / (f"{base_name}_{frame}.png" if frame else f"{base_name}.png")
+
+
+def process_source(task: Task, out: Path, cfg: Config) -> tuple[list[dict], bool]:
+    """Manifest rows for one source file, and whether the previous run's outputs were reused.
+
+    Never raises for a bad file: every failure becomes a skipped row with its reason."""
+    src = task.source
+    base = dict(source=str(src.path.absolute()), dataset=task.dataset, **{"class": task.cls}, subject=src.subject,
+                split=task.split, geometry_expected=src.geometry)
+    try:
+        sha = file_sha256(src.path)
+    except OSError as err:
+        reason = "file not found" if isinstance(err, FileNotFoundError) else f"cannot read file: {err.strerror or err}"
+        return [_row(**base, status="skipped", reason=reason)], False
+    base["sha256"] = sha
+    reused = _reuse(task, out, base)
+    if reused is not None:
+        return reused, True
+    rows = []
+    try:
+        for frame_key, frame in read_frames(src.path, video_stride=cfg.video_stride, max_frames=task.max_frames):
+            rows.append(_process_frame(task, out, cfg, base, frame_key, frame))
+    except UnreadableFileError as err:
+        rows.append(_row(**base, status="skipped", reason=err.reason))
+    except Exception as err:  # a reader bug on one odd file must not stop the run
+        rows.append(_row(**base, status="skipped", reason=f"unexpected {type(err).__name__} while reading: {err}"))
+    return rows, False
+
+
+def _process_frame(task: Task, out: Path, cfg: Config, base: dict, frame_key: str, frame: np.ndarray) -> dict:
+    try:
+        area = detect_scan_area(frame)
+    except ScanAreaError as err:
+        return _row(**base, frame=frame_key, status="skipped", reason=f"no scan area found: {err}")
+    except Exception as err:
+        return _row(**base, frame=frame_key, status="skipped", reason=f"unexpected {type(err).__name__} in scan-area detection: {err}")
+    flags = {k: bool(area.annotations.get(k, False)) for k in ("calipers", "text", "color")}
+    info = dict(
+        frame=frame_key, geometry=area.geometry, crop_box=" ".join(str(int(v)) for v in area.box),
+        **{k: int(v) for k, v in flags.items()},
+    )
+    if any(flags.values()) and not cfg.keep_annotated:
+        found = ", ".join(k for k, v in flags.items() if v)
+        return _row(**base, **info, status="skipped", reason=f"burned-in annotations ({found}) excluded: keep_annotated=false")
+    image = to_model_image(frame, area, size=cfg.size, square=cfg.square)
+    path = output_path(out, task.split, task.cls, task.base_name, frame_key)
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="png", compress_level=1)  # 3x faster than the default, ~6% larger
+    atomic_write_bytes(path, buffer.getvalue())
+    return _row(**base, **info, status="ok", output=path.relative_to(out).as_posix())
+
+
+def _reuse(task: Task, out: Path, base: dict) -> list[dict] | None:
+    """The previous rows of an unchanged source, outputs moved if its split or class changed; None = redo."""
+    prev = task.prev_rows
+    if not prev or any(r["sha256"] != base["sha256"] for r in prev):
+        return None
+    rows = []
+    for r in prev:
+        row = {**r, **base}
+        if r["status"] == "ok":
+            new = output_path(out, task.split, task.cls, task.base_name, r["frame"])
+            old = out / r["output"]
+            if old != new:
+                if old.name != new.name or not old.is_file():
+                    return None
+                new.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(old, new)
+            elif not new.is_file():
+                return None
+            row["output"] = new.relative_to(out).as_posix()
+        rows.append(row)
+    return rows
+
+
+_WORKER_ARGS: tuple[Path, Config] | None = None
+
+
+def _init_worker(out: Path, cfg: Config) -> None:
+    global _WORKER_ARGS
+    _WORKER_ARGS = (out, cfg)
+    cv2.setNumThreads(1)  # one process per core already: OpenCV's own threads would only oversubscribe
+
+
+def _work(task: Task) -> tuple[list[dict], bool]:
+    return process_source(task, *_WORKER_ARGS)
+
+
+# ---------------------------------------------------------------- manifest and plots
+
+def read_manifest(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def write_manifest(path: Path, rows: list[dict]) -> None:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=MANIFEST_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(path, buffer.getvalue())
+
+
+def plot_counts(rows: list[dict], out: Path) -> dict[str, dict[str, int]]:
+    counts = {s: dict(Counter(r["class"] for r in rows if r["status"] == "ok" and r["split"] == s)) for s in SPLITS}
+    bar_counts(counts, out / "per_class_by_split.png", "processed images per class and split")
+    return counts
+
+
+def contact_sheets(rows: list[dict], out: Path, cfg: Config) -> None:
+    by_class = defaultdict(list)
+    for r in rows:
+        if r["status"] == "ok":
+            by_class[r["class"]].append(r["output"])
+    for cls, outputs in sorted(by_class.items()):
+        rng = np.random.default_rng([cfg.seed, _stable_int(cls)])
+        pick = sorted(rng.permutation(len(outputs))[: cfg.contact_sheet_images])
+        thumbs = np.stack([np.asarray(Image.open(out / outputs[i]).convert("RGB").resize((128, 128), Image.BILINEAR)) for i in pick])
+        save_image(image_grid(thumbs, ncols=8), out / "contact_sheets" / f"{cls}.png")
+
+
+def scan_area_picks(rows: list[dict], cfg: Config) -> list[dict]:
+    """A seeded few kept rows per class whose originals the scan-area figure shows."""
+    by_class = defaultdict(list)
+    for r in rows:
+        if r["status"] == "ok":
+            by_class[r["class"]].append(r)
+    picks = []
+    for cls, cls_rows in sorted(by_class.items()):
+        rng = np.random.default_rng([cfg.seed, _stable_int(cls), 1])
+        picks += [cls_rows[i] for i in sorted(rng.permutation(len(cls_rows))[: cfg.scan_area_samples])]
+    return picks
+
+
+def scan_panel(args: tuple[dict, int]) -> tuple[dict, np.ndarray, ScanArea] | None:
+    """Re-read one kept frame and detect its scan area again (runs in the workers)."""
+    row, video_stride = args
+    try:
+        for key, frame in read_frames(row["source"], video_stride=video_stride):
+            if key == row["frame"]:
+                return row, frame, detect_scan_area(frame)
+    except (UnreadableFileError, ScanAreaError):
+        return None
+    return None
+
+
+def scan_area_figure(panels: list[tuple[dict, np.ndarray, ScanArea]], out: Path, per_class: int) -> None:
+    """Originals: outside the detected scan area tinted red (what gets blanked), the crop box in yellow."""
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    classes = sorted({row["class"] for row, _, _ in panels})
+    fig, axes = plt.subplots(len(classes), per_class, figsize=(4.0 * per_class, 3.4 * len(classes)), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    column = Counter()
+    for row, frame, area in panels:
+        ax = axes[classes.index(row["class"]), column[row["class"]]]
+        column[row["class"]] += 1
+        ax.imshow(frame, cmap="gray", vmin=0, vmax=255)
+        outside = np.zeros(area.mask.shape + (4,), np.float32)
+        outside[~area.mask] = (1.0, 0.0, 0.0, 0.35)
+        ax.imshow(outside)
+        x0, y0, x1, y1 = area.box
+        ax.add_patch(Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, edgecolor="yellow", linewidth=1.0))
+        flags = ",".join(f for f in ("calipers", "text", "color") if area.annotations.get(f)) or "clean"
+        label = f"{Path(row['source']).name}{(' ' + row['frame']) if row['frame'] else ''}"
+        ax.set_title(f"{row['class']}: {label[-30:]}\n{area.geometry}, {flags}", fontsize=8)
+    fig.suptitle("originals: red tint = outside the detected scan area (blanked), yellow = crop box")
+    save_figure(fig, out / "scan_area_samples.png")
+
+
+# ---------------------------------------------------------------- main
+
+def run(cfg: Config) -> dict:
+    """The whole step; returns counts (files processed / reused, images kept / skipped) for callers and tests."""
+    start = time.time()
+    if cfg.square not in ("pad", "crop"):
+        raise RecipeError(f"--square must be 'pad' or 'crop', got {cfg.square!r}")
+    fracs = {"train": 1.0 - cfg.val_frac - cfg.test_frac, "val": cfg.val_frac, "test": cfg.test_frac}
+    if min(fracs.values()) < 0 or fracs["train"] <= 0:
+        raise RecipeError(f"split fractions must be >= 0 with train > 0, got {fracs}")
+    out = Path(cfg.out)
+    specs = load_recipe(cfg)
+    chosen, ignored_rows = list_sources(specs, cfg)
+    if not chosen:
+        raise RecipeError("the recipe lists no image files")
+
+    subject_key = [(spec.name, src.subject) for spec, src, _, _ in chosen]
+    weights = Counter(subject_key)
+    subject_class = {}
+    for key, (_, _, cls, _) in zip(subject_key, chosen):
+        if subject_class.setdefault(key, cls) != cls:
+            raise RecipeError(f"subject {key[1]} of dataset {key[0]} appears in classes {subject_class[key]} and {cls}")
+    split_of = assign_splits(weights, subject_class, fracs, cfg.seed)
+
+    previous = read_manifest(out / "manifest.csv")
+    prev_config = out / "config.json"
+    if previous and prev_config.is_file():
+        old = json.loads(prev_config.read_text())
+        changed = [k for k in PROCESSING_KEYS if old.get(k) != config_dict(cfg)[k]]
+        if changed:
+            print(f"processing constants changed since the last run ({', '.join(changed)}): reprocessing every file")
+            previous_by_source = {}
+        else:
+            previous_by_source = defaultdict(list)
+            for r in previous:
+                if r["sha256"]:
+                    previous_by_source[r["source"]].append(r)
+    else:
+        previous_by_source = {}
+
+    tasks = [
+        Task(src, spec.name, cls, split_of[key], name, budget, previous_by_source.get(str(src.path.absolute()), []))
+        for (spec, src, cls, budget), key, name in zip(chosen, subject_key, output_names(chosen))
+    ]
+    workers = cfg.workers or os.cpu_count() or 1
+    pool = multiprocessing.get_context("fork").Pool(workers, _init_worker, (out, cfg)) if workers > 1 else None
+    parallel_map = pool.imap_unordered if pool else map
+    rows, n_reused = [], 0
+    try:
+        _init_worker(out, cfg)
+        with tqdm(total=len(tasks), desc="prepare", unit="file") as bar:
+            for task_rows, reused in parallel_map(_work, tasks):
+                rows.extend(task_rows)
+                n_reused += reused
+                bar.update()
+        # The scan-area figure re-detects a few originals; skipped when nothing changed and it exists.
+        figure = out / "scan_area_samples.png"
+        panels = []
+        if cfg.scan_area_samples > 0 and (n_reused < len(tasks) or not figure.is_file()):
+            picks = scan_area_picks(rows, cfg)
+            panels = [p for p in parallel_map(scan_panel, [(r, cfg.video_stride) for r in picks]) if p is not None]
+    finally:
+        if pool is not None:
+            pool.close()
+            pool.join()
+
+    # Outputs of the previous run that no row points to any more (file removed, renamed or now skipped).
+    current = {r["output"] for r in rows if r["status"] == "ok"}
+    for r in previous:
+        if r["status"] == "ok" and r["output"] not in current:
+            (out / r["output"]).unlink(missing_ok=True)
+
+    rows.sort(key=lambda r: (r["dataset"], r["source"], r["frame"]))
+    ignored_rows.sort(key=lambda r: (r["dataset"], r["source"]))
+    write_manifest(out / "manifest.csv", rows + ignored_rows)
+    save_config(cfg, out)
+    counts = plot_counts(rows, out)
+    contact_sheets(rows, out, cfg)
+    if panels:
+        panels.sort(key=lambda p: (p[0]["class"], p[0]["source"], p[0]["frame"]))
+        scan_area_figure(panels, out, cfg.scan_area_samples)
+
+    stats = {
+        "files": len(tasks),
+        "processed": len(tasks) - n_reused,
+        "reused": n_reused,
+        "ok": sum(r["status"] == "ok" for r in rows),
+        "skipped": sum(r["status"] == "skipped" for r in rows),
+        "ignored": len(ignored_rows),
+        "seconds": time.time() - start,
+    }
+    _print_summary(rows, counts, stats, out)
+    return stats
+
+
+def _print_summary(rows: list[dict], counts: dict, stats: dict, out: Path) -> None:
+    print(f"{stats['files']} files: {stats['processed']} processed, {stats['reused']} unchanged since the last run; "
+          f"{stats['ok']} images kept, {stats['skipped']} skipped, {stats['ignored']} masks/annotations set aside "
+          f"({stats['seconds']:.1f} s)")
+    for split in SPLITS:
+        print(f"  {split:5s} " + "  ".join(f"{c}={n}" for c, n in sorted(counts[split].items())))
+    reasons = Counter(r["reason"] for r in rows if r["status"] == "skipped")
+    for reason, n in reasons.most_common(8):
+        print(f"  skipped {n}x: {reason}")
+    checked = [r for r in rows if r["status"] == "ok" and r["geometry_expected"]]
+    if checked:
+        agree = sum(r["geometry"] == r["geometry_expected"] for r in checked)
+        print(f"  detected geometry matches the labelled one for {agree}/{len(checked)} images")
+    print(f"manifest: {out / 'manifest.csv'}; plots: per_class_by_split.png, contact_sheets/, scan_area_samples.png")
+
+
+def main() -> None:
+    cfg = parse_config(Config)
+    try:
+        run(cfg)
+    except RecipeError as err:
+        raise SystemExit(f"error: {err}") from None
+
+
+if __name__ == "__main__":
+    main()
