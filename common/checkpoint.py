@@ -23,6 +23,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
+        if not zipfile.is_zipfile(path):
+            raise CheckpointError(f"{path}: not a PyTorch checkpoint (no zip archive inside; corrupt or another format)") from None
         raise CheckpointError(
             f"{path}: refused, the file holds pickled Python objects beyond tensors and plain containers, "
             f"which could run code when loaded ({str(err).splitlines()[0]})"

@@ -66,7 +66,8 @@ def bar_counts(counts: dict[str, dict[str, int]], path: str | Path, title: str, 
     ax.set_xticks(x, categories, rotation=30, ha="right")
     ax.set_ylabel(ylabel)
     ax.set_title(title)
-    ax.legend()
+    ax.margins(y=0.1)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the axes, never over the bars
     save_figure(fig, path)
 
 

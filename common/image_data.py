@@ -1,0 +1,156 @@
+"""The processed image set (DATA/{split}/<class>/*.png) as a torch Dataset, and the epoch sampler training uses.
+
+Images load as float tensors in [-1, 1], shape (3, S, S), resized (anti-aliased) to the model's side S.
+The sampler draws a seeded index list per epoch (class-balanced by default) and gives each torchrun
+process its own slice of every global batch, so N processes see exactly the batches one process would.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset, Sampler
+from tqdm import tqdm
+
+SPLITS = ("train", "val", "test")
+IMAGE_SUFFIX = ".png"
+
+
+class ImageDataError(RuntimeError):
+    """A processed set that is missing, empty, or holds an unreadable image."""
+
+
+def list_classes(data_dir: str | Path) -> list[str]:
+    """Class names = the sorted folder names under DATA/train; the label of a class is its index here."""
+    train_dir = Path(data_dir) / "train"
+    if not train_dir.is_dir():
+        raise ImageDataError(f"{train_dir}: no such folder; expected a processed set DATA/{{train,val,test}}/<class>/*.png")
+    classes = sorted(p.name for p in train_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not classes:
+        raise ImageDataError(f"{train_dir}: holds no class folders")
+    return classes
+
+
+def list_split(data_dir: str | Path, split: str, classes: list[str]) -> tuple[list[Path], np.ndarray]:
+    """Sorted PNG paths of one split and their labels (index into `classes`)."""
+    split_dir = Path(data_dir) / split
+    if not split_dir.is_dir():
+        raise ImageDataError(f"{split_dir}: no such folder (the processed set needs train, val and test)")
+    unknown = sorted(p.name for p in split_dir.iterdir() if p.is_dir() and p.name not in classes and not p.name.startswith("."))
+    if unknown:
+        raise ImageDataError(f"{split_dir}: class folders {unknown} are not among the training classes {classes}")
+    paths: list[Path] = []
+    labels: list[int] = []
+    for label, name in enumerate(classes):
+        found = sorted((split_dir / name).glob(f"*{IMAGE_SUFFIX}"))
+        paths += found
+        labels += [label] * len(found)
+    if not paths:
+        raise ImageDataError(f"{split_dir}: holds no {IMAGE_SUFFIX} images")
+    return paths, np.asarray(labels, dtype=np.int64)
+
+
+def read_image(path: str | Path, image_size: int) -> np.ndarray:
+    """A square PNG as uint8 (S, S, 3) RGB, resized to `image_size` when it has another side."""
+    try:
+        with Image.open(path) as img:
+            img = img.convert("RGB")
+    except (OSError, UnidentifiedImageError, ValueError) as err:
+        raise ImageDataError(f"{path}: cannot read the image: {err}") from None
+    if img.width != img.height:
+        raise ImageDataError(f"{path}: expected a square image, got {img.width}x{img.height}")
+    if img.width != image_size:
+        img = img.resize((image_size, image_size), Image.Resampling.LANCZOS)
+    return np.array(img)
+
+
+def to_tensor(image: np.ndarray) -> torch.Tensor:
+    """uint8 (S, S, 3) -> float (3, S, S) in [-1, 1]."""
+    return torch.from_numpy(image).permute(2, 0, 1).float().div(127.5).sub(1.0)
+
+
+class ImageSplit(Dataset):
+    """One split of the processed set; items are (image (3, S, S) in [-1, 1], label)."""
+
+    def __init__(self, data_dir: str | Path, split: str, image_size: int, classes: list[str] | None = None,
+                 preload: bool = False) -> None:
+        self.data_dir = Path(data_dir)
+        self.split = split
+        self.image_size = image_size
+        self.classes = classes if classes is not None else list_classes(data_dir)
+        self.paths, self.labels = list_split(data_dir, split, self.classes)
+        self.images: list[np.ndarray] | None = None
+        if preload:
+            self.images = [read_image(p, image_size) for p in tqdm(self.paths, desc=f"loading {split}", leave=False)]
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        image = self.images[i] if self.images is not None else read_image(self.paths[i], self.image_size)
+        return to_tensor(image), int(self.labels[i])
+
+    def relative_path(self, i: int) -> str:
+        return self.paths[i].relative_to(self.data_dir).as_posix()
+
+    def class_counts(self, indices: np.ndarray | None = None) -> dict[str, int]:
+        labels = self.labels if indices is None else self.labels[indices]
+        counts = np.bincount(labels, minlength=len(self.classes))
+        return {name: int(n) for name, n in zip(self.classes, counts)}
+
+
+def epoch_index_list(labels: np.ndarray, length: int, seed: int, epoch: int, balanced: bool) -> np.ndarray:
+    """The `length` dataset indices of one epoch, a pure function of (seed, epoch).
+
+    balanced: every class is drawn (almost) equally often, cycling through a fresh permutation of its
+    images, so small classes repeat and large ones are subsampled; otherwise a plain permutation.
+    """
+    rng = np.random.default_rng([seed, epoch])
+    if not balanced:
+        return rng.permutation(len(labels))[:length]
+    present = [np.flatnonzero(labels == c) for c in np.unique(labels)]
+    per_class = -(-length // len(present))
+    picks = []
+    for members in present:
+        cycles = -(-per_class // len(members))
+        picks.append(np.concatenate([rng.permutation(members) for _ in range(cycles)])[:per_class])
+    return rng.permutation(np.concatenate(picks))[:length]
+
+
+class EpochSampler(Sampler[int]):
+    """Seeded per-epoch index list cut into global batches; process `rank` takes its slice of each batch.
+
+    Global batch b is list[b*G:(b+1)*G] with G = batch_size * world_size, and rank r gets
+    list[b*G + r*batch_size : b*G + (r+1)*batch_size]: concatenating the ranks' batches in rank order
+    gives the batch a single process would see. Every epoch has the same number of full batches.
+    """
+
+    def __init__(self, labels: np.ndarray, batch_size: int, world_size: int = 1, rank: int = 0, seed: int = 0,
+                 balanced: bool = True, num_samples: int | None = None) -> None:
+        self.labels = np.asarray(labels)
+        self.batch_size, self.world_size, self.rank = batch_size, world_size, rank
+        self.seed, self.balanced = seed, balanced
+        global_batch = batch_size * world_size
+        wanted = len(self.labels) if num_samples is None else num_samples
+        self.num_batches = wanted // global_batch
+        if self.num_batches == 0:
+            raise ImageDataError(
+                f"{len(self.labels)} training images cannot fill one global batch of {global_batch}: lower batch_size")
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def global_indices(self, epoch: int) -> np.ndarray:
+        return epoch_index_list(self.labels, self.num_batches * self.batch_size * self.world_size, self.seed, epoch,
+                                self.balanced)
+
+    def __iter__(self) -> Iterator[int]:
+        batches = self.global_indices(self.epoch).reshape(self.num_batches, self.world_size, self.batch_size)
+        return iter(batches[:, self.rank].reshape(-1).tolist())
+
+    def __len__(self) -> int:
+        return self.num_batches * self.batch_size

@@ -1,0 +1,154 @@
+"""The multi-scale token file written by tokenize_multiscale_maps.py and read by VAR training.
+
+tokens_multiscale_maps.npz (no pickles) holds, for N images and scales pn_1..pn_K:
+`scales` int64 (K,), `map_<pn>` int16 (N, pn, pn) per scale, `idx` int16 (N, L) (the maps flattened and
+concatenated, L = sum pn^2), `labels` int64 (N,), `split` str (N,), `source` str (N,) (image path relative
+to the processed set), `vqvae_sha256` str (checksum of the VQ-VAE checkpoint that made the tokens) and
+`vqvae_config` str (JSON of its model_config). classes.json beside it lists the class names (index = label).
+"""
+from __future__ import annotations
+
+import json
+import zipfile
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from common.io import atomic_save_npz, atomic_write_json, file_sha256
+
+CLASSES_FILE = "classes.json"
+_KEYS = ("scales", "idx", "labels", "split", "source", "vqvae_sha256", "vqvae_config")
+
+
+class TokenFileError(RuntimeError):
+    """A token file that is missing, damaged, inconsistent, or made by another VQ-VAE."""
+
+
+@dataclass
+class TokenSet:
+    scales: tuple[int, ...]
+    idx: np.ndarray      # (N, L) int64
+    labels: np.ndarray   # (N,) int64
+    split: np.ndarray    # (N,) str
+    source: np.ndarray   # (N,) str
+    classes: list[str]
+    vqvae_sha256: str
+    vqvae_config: dict[str, Any]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def select(self, split: str) -> "TokenSet":
+        rows = self.split == split
+        return replace(self, idx=self.idx[rows], labels=self.labels[rows], split=self.split[rows], source=self.source[rows])
+
+    def _offset(self, i_scale: int) -> int:
+        return sum(pn * pn for pn in self.scales[:i_scale])
+
+    def maps(self, i_scale: int) -> np.ndarray:
+        """Token maps (N, pn, pn) of scale number i_scale."""
+        pn = self.scales[i_scale]
+        start = self._offset(i_scale)
+        return self.idx[:, start : start + pn * pn].reshape(-1, pn, pn)
+
+    def idx_list(self, rows: np.ndarray | list[int]) -> list[torch.Tensor]:
+        """The given rows as VQVAE.idx_to_img input: one LongTensor (B, pn, pn) per scale."""
+        chosen = torch.from_numpy(self.idx[np.asarray(rows)])
+        out = []
+        for k, pn in enumerate(self.scales):
+            start = self._offset(k)
+            out.append(chosen[:, start : start + pn * pn].reshape(-1, pn, pn).long())
+        return out
+
+
+def save_tokens(npz_path: str | Path, *, scales: tuple[int, ...] | list[int], maps: list[np.ndarray],
+                labels: np.ndarray, split: np.ndarray | list[str], source: np.ndarray | list[str],
+                vqvae_sha256: str, vqvae_config: dict[str, Any], classes: list[str]) -> None:
+    """Write the npz and classes.json beside it, each atomically."""
+    scales = [int(s) for s in scales]
+    if len(maps) != len(scales):
+        raise ValueError(f"{npz_path}: {len(maps)} token maps for {len(scales)} scales")
+    n = len(labels)
+    for pn, m in zip(scales, maps):
+        if m.shape != (n, pn, pn):
+            raise ValueError(f"{npz_path}: token map of scale {pn} has shape {m.shape}, expected {(n, pn, pn)}")
+        if m.size and (m.min() < 0 or m.max() > np.iinfo(np.int16).max):
+            raise ValueError(f"{npz_path}: token ids of scale {pn} do not fit int16")
+    maps16 = [np.asarray(m, dtype=np.int16) for m in maps]
+    arrays = {f"map_{pn}": m for pn, m in zip(scales, maps16)}
+    atomic_save_npz(
+        npz_path,
+        scales=np.asarray(scales, dtype=np.int64),
+        idx=np.concatenate([m.reshape(n, -1) for m in maps16], axis=1),
+        labels=np.asarray(labels, dtype=np.int64),
+        split=np.asarray(split, dtype=str),
+        source=np.asarray(source, dtype=str),
+        vqvae_sha256=np.asarray(vqvae_sha256),
+        vqvae_config=np.asarray(json.dumps(vqvae_config, sort_keys=True)),
+        **arrays,
+    )
+    atomic_write_json(Path(npz_path).parent / CLASSES_FILE, list(classes))
+
+
+def load_tokens(npz_path: str | Path, vqvae_path: str | Path | None = None) -> TokenSet:
+    """Read and check a token file; with vqvae_path, refuse tokens made by a different VQ-VAE checkpoint."""
+    npz_path = Path(npz_path)
+    if not npz_path.is_file():
+        raise TokenFileError(f"{npz_path}: token file does not exist; run tokenize_multiscale_maps.py first")
+    try:
+        loaded = np.load(npz_path, allow_pickle=False)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):
+            raise TokenFileError(f"{npz_path}: holds a single array, not an npz archive of token arrays")
+        with loaded as data:
+            missing = [k for k in _KEYS if k not in data.files]
+            if missing:
+                raise TokenFileError(f"{npz_path}: not a token file of this project: missing {', '.join(missing)}")
+            scales = tuple(int(s) for s in data["scales"])
+            map_keys = [f"map_{pn}" for pn in scales]
+            missing = [k for k in map_keys if k not in data.files]
+            if missing:
+                raise TokenFileError(f"{npz_path}: not a token file of this project: missing {', '.join(missing)}")
+            arrays = {k: data[k] for k in (*_KEYS, *map_keys)}
+    except TokenFileError:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as err:
+        raise TokenFileError(f"{npz_path}: not a readable npz token file (truncated or corrupt?): {err}") from None
+    try:
+        vqvae_config = json.loads(str(arrays["vqvae_config"]))
+    except json.JSONDecodeError as err:
+        raise TokenFileError(f"{npz_path}: vqvae_config is not valid JSON: {err}") from None
+    idx, labels = arrays["idx"], arrays["labels"]
+    n, length = len(labels), sum(pn * pn for pn in scales)
+    if idx.shape != (n, length) or arrays["split"].shape != (n,) or arrays["source"].shape != (n,):
+        raise TokenFileError(f"{npz_path}: inconsistent shapes: idx {idx.shape} (expected {(n, length)}), "
+                             f"labels {labels.shape}, split {arrays['split'].shape}, source {arrays['source'].shape}")
+    flat = np.concatenate([arrays[k].reshape(n, -1) for k in map_keys], axis=1) if n else idx
+    if not np.array_equal(flat, idx):
+        raise TokenFileError(f"{npz_path}: idx does not match the per-scale maps (damaged file)")
+    vocab = int(vqvae_config.get("vocab_size", np.iinfo(np.int16).max + 1))
+    if idx.size and (idx.min() < 0 or idx.max() >= vocab):
+        raise TokenFileError(f"{npz_path}: token ids outside [0, {vocab}) of the VQ-VAE's codebook")
+    sha = str(arrays["vqvae_sha256"])
+    if vqvae_path is not None:
+        if not Path(vqvae_path).is_file():
+            raise TokenFileError(f"{vqvae_path}: VQ-VAE checkpoint does not exist (needed to check {npz_path})")
+        actual = file_sha256(vqvae_path)
+        if actual != sha:
+            raise TokenFileError(f"tokens in {npz_path} came from VQ-VAE sha {sha[:12]}..., but {vqvae_path} has sha "
+                                 f"{actual[:12]}...; re-run tokenize_multiscale_maps.py")
+    classes_path = npz_path.parent / CLASSES_FILE
+    try:
+        classes = json.loads(classes_path.read_text())
+    except FileNotFoundError:
+        raise TokenFileError(f"{classes_path}: missing (written beside {npz_path.name} by tokenize_multiscale_maps.py)") from None
+    except json.JSONDecodeError as err:
+        raise TokenFileError(f"{classes_path}: not valid JSON: {err}") from None
+    if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
+        raise TokenFileError(f"{classes_path}: expected a JSON list of class names")
+    if n and labels.max() >= len(classes):
+        raise TokenFileError(f"{npz_path}: label {labels.max()} has no class in {classes_path} ({len(classes)} classes)")
+    return TokenSet(scales=scales, idx=idx.astype(np.int64), labels=labels.astype(np.int64), split=arrays["split"],
+                    source=arrays["source"], classes=classes, vqvae_sha256=sha, vqvae_config=vqvae_config)

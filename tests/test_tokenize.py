@@ -1,0 +1,162 @@
+"""tokenize_multiscale_maps.py and common/tokens.py: the exported tokens decode to exactly the VQ-VAE's own
+reconstruction; tokens from another VQ-VAE, corrupt files and checkpoints without a training config are refused."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import tokenize_multiscale_maps
+import train_vqvae
+from common.image_data import ImageSplit
+from common.io import file_sha256
+from common.tokens import TokenFileError, load_tokens, save_tokens
+from models.vqvae import load_vqvae
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread() -> Iterator[None]:
+    """One thread per process: on a busy 2-core machine, torch's thread pool otherwise slows these tests many-fold."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_image_set(root: Path, size: int = 64, seed: int = 0) -> Path:
+    """Two grey classes (disks, bands) at 64 px; training resizes them to 32 px."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    for ci, (name, per_split) in enumerate({"band": (8, 3, 2), "disk": (8, 2, 3)}.items()):
+        for split, n in zip(("train", "val", "test"), per_split):
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                cx, cy, r = *rng.uniform(0.3, 0.7, 2), rng.uniform(0.1, 0.3)
+                base = [0.5 + 0.4 * np.sin(12 * yy + 6 * cx), ((xx - cx) ** 2 + (yy - cy) ** 2 < r * r) * 0.8][ci]
+                grey = (np.clip(base + rng.normal(0, 0.05, (size, size)), 0, 1) * 255).astype(np.uint8)
+                Image.fromarray(np.repeat(grey[..., None], 3, axis=2)).save(folder / f"{name}_{i}.png")
+    return root
+
+
+def call(main: Callable[[list[str]], None], args: dict[str, object]) -> None:
+    main([f"--{k}={v}" for k, v in args.items()])
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A processed set and a VQ-VAE trained on it for two epochs (dead-code re-init spreads the codes)."""
+    data = make_image_set(tmp_path_factory.mktemp("data"))
+    out = tmp_path_factory.mktemp("vqvae")
+    call(train_vqvae.main, dict(data_dir=data, out_dir=out, image_size=32, ch=32, ch_mult="1,1,2", num_res_blocks=1,
+                                z_channels=8, vocab_size=64, scales="1,2,4,8", epochs=2, batch_size=8, lr=2e-3,
+                                warmup_steps=1, dead_code_steps=1, dead_code_every=1, num_workers=0, plot_every=2,
+                                num_recon=2, cpu_threads=1, device="cpu"))
+    return data, out
+
+
+@pytest.fixture(scope="module")
+def tokens(trained: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    data, vq = trained
+    npz = tmp_path_factory.mktemp("tokens") / "tokens_multiscale_maps.npz"
+    call(tokenize_multiscale_maps.main, dict(data_dir=data, vqvae=vq / "best.pth", out=npz, batch_size=64,
+                                             num_workers=0, cpu_threads=1, device="cpu"))
+    return npz
+
+
+def test_token_file_holds_every_image_with_its_label_split_and_source(trained: tuple[Path, Path], tokens: Path) -> None:
+    data, vq = trained
+    with np.load(tokens, allow_pickle=False) as raw:
+        assert raw["scales"].tolist() == [1, 2, 4, 8] and raw["scales"].dtype == np.int64
+        assert raw["map_8"].shape == (26, 8, 8) and raw["map_8"].dtype == np.int16
+        assert raw["idx"].shape == (26, 1 + 4 + 16 + 64) and raw["idx"].dtype == np.int16
+    ts = load_tokens(tokens, vq / "best.pth")
+    assert ts.classes == ["band", "disk"] == json.loads((tokens.parent / "classes.json").read_text())
+    assert ts.vqvae_sha256 == file_sha256(vq / "best.pth")
+    assert ts.vqvae_config == load_vqvae(vq / "best.pth").config
+    assert [len(ts.select(s)) for s in ("train", "val", "test")] == [16, 5, 5]
+    for source, label, split in zip(ts.source, ts.labels, ts.split):
+        assert (data / source).is_file() and source.split("/")[0] == split and source.split("/")[1] == ts.classes[label]
+    assert ts.maps(3).shape == (26, 8, 8) and np.array_equal(ts.maps(0).reshape(-1), ts.idx[:, 0])
+    assert len(np.unique(ts.maps(3))) > 8  # the codebook is actually used, so the exactness test below means something
+
+
+def test_decoding_the_tokens_reproduces_the_vqvae_reconstruction_exactly(trained: tuple[Path, Path], tokens: Path) -> None:
+    data, vq = trained
+    model = load_vqvae(vq / "best.pth")
+    ts = load_tokens(tokens, vq / "best.pth")
+    for split in ("train", "val", "test"):
+        part = ts.select(split)
+        dataset = ImageSplit(data, split, 32)  # the image_size the VQ-VAE was trained with
+        assert [dataset.relative_path(i) for i in range(len(dataset))] == part.source.tolist()
+        images = torch.stack([dataset[i][0] for i in range(len(dataset))])  # the same single batch as tokenization
+        idx_list = part.idx_list(np.arange(len(part)))
+        assert all(torch.equal(a, b) for a, b in zip(idx_list, model.img_to_idx(images)))
+        assert torch.equal(model.idx_to_img(idx_list), model.reconstruct(images))
+
+
+def test_tokens_from_another_vqvae_are_refused(trained: tuple[Path, Path], tokens: Path, tmp_path: Path) -> None:
+    _, vq = trained
+    with pytest.raises(TokenFileError, match=r"came from VQ-VAE sha .*last\.pth has sha .*re-run tokenize_multiscale_maps\.py"):
+        load_tokens(tokens, vq / "last.pth")
+    shutil.copy(vq / "best.pth", tmp_path / "same_bytes.pth")
+    assert len(load_tokens(tokens, tmp_path / "same_bytes.pth")) == 26  # the checksum is of the content, not the path
+
+
+def test_corrupt_or_foreign_token_files_are_refused(tokens: Path, tmp_path: Path) -> None:
+    shutil.copy(tokens.parent / "classes.json", tmp_path / "classes.json")
+    bad = tmp_path / "tokens_multiscale_maps.npz"
+    good = tokens.read_bytes()
+    bad.write_bytes(good[: len(good) // 2])
+    with pytest.raises(TokenFileError, match=r"tokens_multiscale_maps\.npz: not a readable npz token file"):
+        load_tokens(bad)
+    bad.write_bytes(b"garbage")
+    with pytest.raises(TokenFileError, match=r"tokens_multiscale_maps\.npz: not a readable npz token file"):
+        load_tokens(bad)
+    with open(bad, "wb") as handle:
+        np.save(handle, np.zeros(3))
+    with pytest.raises(TokenFileError, match="holds a single array, not an npz archive"):
+        load_tokens(bad)
+    np.savez(bad, idx=np.zeros((2, 5), dtype=np.int16))
+    with pytest.raises(TokenFileError, match="not a token file of this project: missing scales"):
+        load_tokens(bad)
+    with np.load(tokens, allow_pickle=False) as raw:
+        arrays = {k: raw[k] for k in raw.files}
+    arrays["map_4"] = (arrays["map_4"] + 1) % 64
+    np.savez(bad, **arrays)
+    with pytest.raises(TokenFileError, match="idx does not match the per-scale maps"):
+        load_tokens(bad)
+    with pytest.raises(TokenFileError, match="does not exist; run tokenize_multiscale_maps.py first"):
+        load_tokens(tmp_path / "missing.npz")
+
+
+def test_save_and_load_round_trip_and_shape_checks(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    maps = [rng.integers(0, 10, (3, pn, pn)) for pn in (1, 2, 3)]
+    path = tmp_path / "t.npz"
+    save_tokens(path, scales=(1, 2, 3), maps=maps, labels=np.array([0, 1, 0]), split=["train", "val", "train"],
+                source=["a.png", "b.png", "c.png"], vqvae_sha256="abc", vqvae_config={"vocab_size": 10}, classes=["x", "y"])
+    ts = load_tokens(path)
+    assert all(np.array_equal(ts.maps(k), m) for k, m in enumerate(maps))
+    assert ts.select("train").source.tolist() == ["a.png", "c.png"]
+    assert [t.shape for t in ts.idx_list([2])] == [(1, 1, 1), (1, 2, 2), (1, 3, 3)]
+    with pytest.raises(ValueError, match=r"token map of scale 3 has shape \(3, 2, 2\)"):
+        save_tokens(path, scales=(1, 2, 3), maps=[maps[0], maps[1], maps[1]], labels=np.zeros(3), split=["train"] * 3,
+                    source=["a"] * 3, vqvae_sha256="", vqvae_config={}, classes=["x"])
+
+
+def test_tokenize_needs_the_training_config_of_the_checkpoint(trained: tuple[Path, Path], tmp_path: Path) -> None:
+    data, vq = trained
+    bare = tmp_path / "bare.pth"
+    ckpt = torch.load(vq / "best.pth", weights_only=True)
+    torch.save({"model": ckpt["model"], "model_config": ckpt["model_config"]}, bare)
+    with pytest.raises(SystemExit, match=r"bare\.pth: not a checkpoint of this project: missing config"):
+        call(tokenize_multiscale_maps.main, dict(data_dir=data, vqvae=bare, out=tmp_path / "t.npz", num_workers=0))
+    with pytest.raises(SystemExit, match=r"nothing\.pth: checkpoint file does not exist"):
+        call(tokenize_multiscale_maps.main, dict(data_dir=data, vqvae=tmp_path / "nothing.pth", out=tmp_path / "t.npz"))

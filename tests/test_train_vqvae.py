@@ -1,0 +1,208 @@
+"""train_vqvae.py end to end on a tiny model: outputs and plots, resume after SIGKILL, clear errors for bad
+checkpoints and non-finite losses, and a two-process torchrun run matching one process with the same global batch."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import train_vqvae
+from common.checkpoint import load_checkpoint
+from models.vqvae import load_vqvae
+
+REPO = Path(__file__).resolve().parents[1]
+EPOCHS = 5
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread() -> Iterator[None]:
+    """One thread per process: on a busy 2-core machine, torch's thread pool otherwise slows these tests many-fold."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_image_set(root: Path, size: int = 64, seed: int = 0) -> Path:
+    """Three visibly different grey classes (disks, bands, noise ramps), imbalanced in train."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    for ci, (name, per_split) in enumerate({"disk": (12, 3, 3), "band": (6, 3, 3), "ramp": (4, 2, 2)}.items()):
+        for split, n in zip(("train", "val", "test"), per_split):
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                cx, cy, r = *rng.uniform(0.3, 0.7, 2), rng.uniform(0.1, 0.3)
+                base = [((xx - cx) ** 2 + (yy - cy) ** 2 < r * r) * 0.8, 0.5 + 0.4 * np.sin(12 * yy + 6 * cx),
+                        rng.random((size, size)) * 0.3 + 0.3 * xx][ci]
+                grey = (np.clip(base + rng.normal(0, 0.05, (size, size)), 0, 1) * 255).astype(np.uint8)
+                Image.fromarray(np.repeat(grey[..., None], 3, axis=2)).save(folder / f"{name}_{i}.png")
+    return root
+
+
+def tiny_args(data: Path, out: Path, **overrides: object) -> list[str]:
+    args = dict(data_dir=data, out_dir=out, image_size=32, ch=32, ch_mult="1,1,2", num_res_blocks=1, z_channels=8,
+                vocab_size=64, scales="1,2,4,8", epochs=EPOCHS, batch_size=8, lr=2e-3, warmup_steps=2,
+                dead_code_steps=2, dead_code_every=2, num_workers=0, eval_batch_size=16, plot_every=EPOCHS, num_recon=3,
+                cpu_threads=1, precision="fp32", device="cpu")
+    args.update(overrides)
+    return [f"--{k}={v}" for k, v in args.items()]
+
+
+def run_in_process(args: list[str]) -> None:
+    train_vqvae.main(args)
+
+
+def subprocess_env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_image_set(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="module")
+def reference_run(data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One uninterrupted single-process run that the other tests compare against."""
+    out = tmp_path_factory.mktemp("reference")
+    run_in_process(tiny_args(data, out))
+    return out
+
+
+def history(out: Path) -> list[dict]:
+    return json.loads((out / "history.json").read_text())
+
+
+def test_run_writes_checkpoints_metrics_and_plots(reference_run: Path) -> None:
+    for name in ("best.pth", "last.pth", "config.json", "history.json", "test_metrics.json", "loss.png",
+                 "psnr_ssim.png", "usage.png", "code_usage_hist.png", "code_usage_hist_test.png", "class_counts.png",
+                 "recon_val_epoch005.png", "recon_test.png"):
+        assert (reference_run / name).is_file(), name
+    records = history(reference_run)
+    assert [r["epoch"] for r in records] == list(range(1, EPOCHS + 1))
+    assert [r["step"] for r in records] == [2 * e for e in range(1, EPOCHS + 1)]  # 22 images // batch 8 = 2 steps
+    assert records[-1]["val_psnr"] > records[0]["val_psnr"]
+    assert sum(r["dead_codes_reinit"] for r in records) > 0
+    assert all(len(r["val_usage"]) == 4 and 0 < r["val_usage"][-1] <= 1 for r in records)
+    metrics = json.loads((reference_run / "test_metrics.json").read_text())
+    assert metrics["n_images"] == 8 and 0 < metrics["ssim"] <= 1 and metrics["psnr"] > 5 and len(metrics["usage"]) == 4
+    best = load_checkpoint(reference_run / "best.pth")
+    assert best["epoch"] == metrics["best_epoch"]
+    assert best["best_val_loss"] == min(r["val_loss"] for r in records)
+    assert best["config"]["image_size"] == 32
+    model = load_vqvae(reference_run / "best.pth")
+    assert model.scales == (1, 2, 4, 8) and model.config["vocab_size"] == 64
+    assert json.loads((reference_run / "config.json").read_text())["balanced"] is True
+
+
+def test_sigkill_then_restart_resumes_and_matches_an_uninterrupted_run(data: Path, reference_run: Path,
+                                                                       tmp_path: Path) -> None:
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "train_vqvae.py", *tiny_args(data, out)]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (out / "last.pth").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    saved = load_checkpoint(out / "last.pth")
+    assert 1 <= saved["epoch"] < EPOCHS, "the run was meant to be killed mid-way"
+
+    done = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"epoch {saved['epoch']}, step {saved['step']}" in done.stdout
+    resumed, reference = history(out), history(reference_run)
+    assert [r["epoch"] for r in resumed] == list(range(1, EPOCHS + 1))
+    assert [r["step"] for r in resumed] == [r["step"] for r in reference]
+    for key in ("train_loss", "val_loss", "val_psnr"):
+        np.testing.assert_allclose([r[key] for r in resumed], [r[key] for r in reference], rtol=1e-4, err_msg=key)
+    assert (out / "test_metrics.json").is_file()
+
+
+def test_corrupt_foreign_or_mismatched_checkpoints_are_refused(data: Path, reference_run: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    out.mkdir()
+    good = (reference_run / "last.pth").read_bytes()
+    (out / "last.pth").write_bytes(good[: len(good) // 2])  # what a crash mid-copy leaves
+    with pytest.raises(SystemExit, match=r"last\.pth: not a readable PyTorch checkpoint \(truncated or corrupt\?\)"):
+        run_in_process(tiny_args(data, out))
+    (out / "last.pth").write_bytes(b"garbage, not a checkpoint")
+    with pytest.raises(SystemExit, match=r"error: .*run/last\.pth: "):
+        run_in_process(tiny_args(data, out))
+    torch.save({"state_dict": {"w": torch.zeros(2)}}, out / "last.pth")
+    with pytest.raises(SystemExit, match=r"last\.pth: not a checkpoint of this project: missing model"):
+        run_in_process(tiny_args(data, out))
+    (out / "last.pth").write_bytes(good)
+    with pytest.raises(SystemExit, match=r"last\.pth: was written for a different network"):
+        run_in_process(tiny_args(data, out, z_channels=16))
+    with pytest.raises(SystemExit, match=r"missing\.pth: checkpoint file does not exist"):
+        run_in_process(tiny_args(data, tmp_path / "other", resume=tmp_path / "missing.pth"))
+
+
+def test_bad_constants_give_clear_errors(data: Path, tmp_path: Path) -> None:
+    with pytest.raises(SystemExit, match=r"image_size 64 does not fit the model: scales\[-1\]=8 times downsampling 4 = 32"):
+        run_in_process(tiny_args(data, tmp_path, image_size=64))
+    with pytest.raises(SystemExit, match="cannot fill one global batch of 64"):
+        run_in_process(tiny_args(data, tmp_path, batch_size=64))
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data: Path, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+    real = train_vqvae.recon_loss
+
+    def nan_from_the_second_epoch(rec: torch.Tensor, img: torch.Tensor) -> torch.Tensor:
+        calls.append(1)
+        loss = real(rec, img)
+        return loss * float("nan") if len(calls) > 2 else loss
+
+    monkeypatch.setattr(train_vqvae, "recon_loss", nan_from_the_second_epoch)
+    with pytest.raises(SystemExit, match=r"loss became nan at step 2; stopping\. The last good checkpoints are kept"):
+        run_in_process(tiny_args(data, tmp_path, epochs=3))
+    kept = load_checkpoint(tmp_path / "last.pth")
+    assert kept["epoch"] == 1 and kept["step"] == 2
+    assert all(torch.isfinite(v).all() for v in kept["model"].values())
+
+
+def test_two_process_torchrun_matches_one_process(data: Path, reference_run: Path, tmp_path: Path) -> None:
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train_vqvae.py",
+           *tiny_args(data, out)]
+    done = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert "2 process(es) x batch 4" in done.stdout
+    two, one = history(out), history(reference_run)
+    assert [r["step"] for r in two] == [r["step"] for r in one]
+    # Same global batches, loss averaged over processes, dead codes re-initialised identically on both ranks.
+    assert [r["dead_codes_reinit"] for r in two] == [r["dead_codes_reinit"] for r in one]
+    for key in ("train_loss", "val_loss", "val_psnr", "val_ssim"):
+        np.testing.assert_allclose([r[key] for r in two], [r[key] for r in one], rtol=5e-3, err_msg=key)
+    np.testing.assert_allclose([r["val_usage"] for r in two], [r["val_usage"] for r in one], atol=0.05)
+
+
+def test_init_from_the_reference_checkpoint(shared_dir: Path, data: Path, tmp_path: Path) -> None:
+    fixture = load_checkpoint(shared_dir / "fixtures" / "upstream_var" / "upstream_small.pt")
+    upstream = tmp_path / "reference_vqvae.pth"
+    torch.save(fixture["vqvae_state_dict"], upstream)
+    args = tiny_args(data, tmp_path / "run", init_from_upstream=upstream, image_size=64, vocab_size=512, z_channels=16,
+                     ch_mult="1,1,2,2,4", num_res_blocks=2, scales="1,2,3,4", epochs=1, lr=0.0, dead_code_steps=0)
+    with pytest.raises(SystemExit, match=r"architecture differs from this config \(vocab_size: 512 vs 64\); run with --vocab_size=512"):
+        run_in_process(tiny_args(data, tmp_path / "bad", init_from_upstream=upstream, image_size=64, z_channels=16,
+                                 ch_mult="1,1,2,2,4", num_res_blocks=2, scales="1,2,3,4"))
+    run_in_process(args)
+    # lr 0 and no dead-code re-init: the trained weights are still exactly the reference's.
+    model = load_vqvae(tmp_path / "run" / "best.pth")
+    assert torch.equal(model.quantizer.embedding.weight, fixture["vqvae_state_dict"]["quantize.embedding.weight"])
+    with torch.no_grad():
+        assert torch.allclose(model.reconstruct(fixture["images"]), fixture["rec_last_scale"], atol=1e-5)

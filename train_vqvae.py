@@ -1,0 +1,468 @@
+"""Train the multi-scale VQ-VAE of VAR on a processed ultrasound set (DATA/{train,val,test}/<class>/*.png).
+
+    python train_vqvae.py --config=configs/vqvae_cpu.json                                        # small CPU demo
+    torchrun --standalone --nproc_per_node=8 train_vqvae.py --config=configs/vqvae_gpu.json       # real run
+
+Loss = per-image sum of squared errors (over pixels, averaged over the batch) + the quantizer's VQ loss.
+Each epoch logs train/val loss, val PSNR/SSIM and codebook usage per scale, re-initialises dead codes,
+saves plots and writes OUT/best.pth (best val loss) and OUT/last.pth (full training state). A killed run
+continues from OUT/last.pth when restarted. At the end the best model is scored on the test split.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+from matplotlib.ticker import MaxNLocator
+import numpy as np
+import torch
+import torch.distributed as torch_dist
+import torch.nn.functional as F
+from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Subset
+from tqdm import tqdm
+
+from common.checkpoint import CheckpointError, load_checkpoint
+from common.config import config_dict, parse_config, save_config
+from common.distributed import DistContext, setup_distributed
+from common.history import History
+from common.image_data import EpochSampler, ImageDataError, ImageSplit, list_classes
+from common.io import atomic_write_json
+from common.plotting import bar_counts, image_grid, plot_curves, save_figure
+from common.runtime import Precision, pick_device, seed_everything, select_precision
+from common.training import (NonFiniteLossError, check_finite, lr_at, param_groups, resume_training_checkpoint,
+                             save_training_checkpoint, set_lr, unwrap)
+from models.vqvae import VQVAE
+
+
+@dataclass
+class Config:
+    data_dir: str = "data/processed"  # processed set: DATA/{train,val,test}/<class>/*.png
+    out_dir: str = "runs/vqvae"  # checkpoints, metrics and plots go here
+    image_size: int = 256  # inputs are resized to this side; must equal scales[-1] * 2^(len(ch_mult)-1)
+    vocab_size: int = 2048  # codebook entries, shared by all scales
+    z_channels: int = 32  # width of a code vector
+    ch: int = 160  # base width of encoder and decoder (a multiple of 32: GroupNorm with 32 groups)
+    ch_mult: tuple[int, ...] = (1, 1, 2, 2, 4)  # width multiplier per resolution; len-1 = number of 2x downsamplings
+    num_res_blocks: int = 2  # residual blocks per resolution in the encoder (decoder: one more)
+    dropout: float = 0.0  # dropout inside the residual blocks
+    beta: float = 0.25  # commitment weight of the VQ loss
+    phi_ratio: float = 0.5  # mix of the phi refinement conv after each scale's upsampled code map
+    phi_share: int = 4  # number of phi convs shared across scales (0 = one per scale)
+    scales: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)  # side of each scale's token map, coarse to fine
+    init_from_upstream: str = ""  # reference VQ-VAE checkpoint (e.g. vae_ch160v4096z32.pth) to start from; '' = random init
+    epochs: int = 60  # passes over the (class-balanced) training set
+    batch_size: int = 32  # global batch, split evenly over the torchrun processes
+    lr: float = 2e-4  # peak learning rate of AdamW
+    warmup_steps: int = 500  # linear warmup, then cosine decay to lr * final_lr_ratio
+    final_lr_ratio: float = 0.05  # learning rate at the end relative to the peak
+    weight_decay: float = 0.0  # AdamW weight decay (never on norms, biases, codebook)
+    adam_beta1: float = 0.9  # AdamW beta1
+    adam_beta2: float = 0.95  # AdamW beta2
+    grad_clip: float = 0.0  # clip the global gradient norm to this (0 = off; Adam is scale-free and the SSE loss is large)
+    balanced: bool = True  # class-balanced sampling: every class drawn equally often per epoch
+    dead_code_steps: int = 200  # a code unused at every scale for this many steps is re-initialised (0 = never)
+    dead_code_every: int = 50  # look for dead codes every this many steps
+    dead_code_pool: int = 64  # images of the latest global batch whose residuals are drawn from to re-initialise codes
+    num_recon: int = 6  # validation images in the reconstruction grids
+    plot_every: int = 1  # redraw the plots and save a val reconstruction grid every this many epochs (and after the last)
+    eval_batch_size: int = 32  # per-process batch for val/test scoring
+    num_workers: int = 4  # DataLoader worker processes per training process
+    preload: bool = False  # decode every image into memory once (small sets; S*S*3 bytes per image)
+    device: str = "auto"  # auto | cpu | cuda | mps (under torchrun: cuda:LOCAL_RANK)
+    cpu_threads: int = 0  # torch CPU threads per process (0 = torch's default; 1 is far faster on an oversubscribed CPU)
+    precision: str = "auto"  # auto | bf16 | fp16 | fp32 autocast for encoder/decoder; the quantizer always runs fp32
+    seed: int = 0  # seeds init, sampling and dead-code picks
+    resume: str = "auto"  # auto: continue from OUT/last.pth when it exists; none: start fresh; or a path to a last.pth
+
+
+def recon_loss(rec: torch.Tensor, img: torch.Tensor) -> torch.Tensor:
+    """Per-image sum of squared errors over all pixels and channels, averaged over the batch."""
+    return (rec.float() - img).square().flatten(1).sum(1).mean()
+
+
+def build_model(cfg: Config) -> VQVAE:
+    model_kwargs = dict(vocab_size=cfg.vocab_size, z_channels=cfg.z_channels, ch=cfg.ch, ch_mult=cfg.ch_mult,
+                        num_res_blocks=cfg.num_res_blocks, dropout=cfg.dropout, beta=cfg.beta, phi_ratio=cfg.phi_ratio,
+                        phi_share=cfg.phi_share, scales=cfg.scales)
+    if cfg.init_from_upstream:
+        from models.convert_upstream import vqvae_from_upstream  # only runs that start from the reference need it
+
+        # The weights fix the architecture; the quantizer settings the weights cannot tell come from this config.
+        model = vqvae_from_upstream(cfg.init_from_upstream, scales=list(cfg.scales), beta=cfg.beta,
+                                    phi_ratio=cfg.phi_ratio, dropout=cfg.dropout)
+        wanted = dict(vocab_size=cfg.vocab_size, z_channels=cfg.z_channels, ch=cfg.ch, ch_mult=list(cfg.ch_mult),
+                      num_res_blocks=cfg.num_res_blocks, phi_share=cfg.phi_share)
+        differ = {k: (model.config[k], v) for k, v in wanted.items() if model.config[k] != v}
+        if differ:
+            fixes = " ".join(f"--{k}={','.join(map(str, a)) if isinstance(a, list) else a}"
+                             for k, (a, _) in differ.items())
+            raise ValueError(f"{cfg.init_from_upstream}: its architecture differs from this config "
+                             f"({', '.join(f'{k}: {a} vs {b}' for k, (a, b) in differ.items())}); run with {fixes}")
+        model.train()
+    else:
+        model = VQVAE(**model_kwargs)
+    if model.image_size != cfg.image_size:
+        raise ValueError(f"image_size {cfg.image_size} does not fit the model: scales[-1]={cfg.scales[-1]} times "
+                         f"downsampling {model.downsample} = {model.image_size}")
+    return model
+
+
+def usage_stats(hits: torch.Tensor) -> tuple[list[float], list[float]]:
+    """Per scale: fraction of the codebook hit at least once, and perplexity exp(entropy of the code frequencies)."""
+    hits = hits.double().cpu()
+    usage = (hits > 0).double().mean(1)
+    p = hits / hits.sum(1, keepdim=True).clamp_min(1)
+    entropy = -(p * p.clamp_min(1e-12).log()).sum(1)
+    return usage.tolist(), entropy.exp().tolist()
+
+
+def spread_over_classes(labels: np.ndarray, n: int) -> list[int]:
+    """n indices taking each class's first image, then each class's second, ... (for grids that show every class)."""
+    rank_in_class = np.zeros(len(labels), dtype=np.int64)
+    for c in np.unique(labels):
+        members = np.flatnonzero(labels == c)
+        rank_in_class[members] = np.arange(len(members))
+    return np.lexsort((labels, rank_in_class))[:n].tolist()
+
+
+def to_grey_uint8(img: torch.Tensor) -> np.ndarray:
+    """(B, 3, H, W) in [-1, 1] -> (B, H, W) uint8 grey, the scale PSNR/SSIM are measured on."""
+    return ((img.float().clamp(-1, 1).mean(1) + 1) * 127.5).round().byte().cpu().numpy()
+
+
+def to_rgb_uint8(img: torch.Tensor) -> np.ndarray:
+    return ((img.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+
+
+@torch.no_grad()
+def evaluate(model: VQVAE, dataset: ImageSplit, cfg: Config, dist: DistContext, precision: Precision,
+             desc: str) -> dict:
+    """Loss, PSNR, SSIM (on [0,255] grey) and code usage over a split; each process scores every world_size-th image."""
+    model.eval()
+    shard = Subset(dataset, range(dist.rank, len(dataset), dist.world_size))
+    loader = DataLoader(shard, batch_size=cfg.eval_batch_size, shuffle=False, num_workers=cfg.num_workers)
+    sums = torch.zeros(5, dtype=torch.float64, device=dist.device)  # loss, rec, vq, psnr, ssim (summed over images)
+    hits = torch.zeros(len(model.scales), model.config["vocab_size"], dtype=torch.int64, device=dist.device)
+    for img, _ in tqdm(loader, desc=desc, leave=False, disable=not dist.is_main):
+        img = img.to(dist.device)
+        with precision.autocast():
+            out = model(img)
+        rec_per_image = (out.rec.float() - img).square().flatten(1).sum(1)
+        vq = out.vq_loss.float() * len(img)
+        ref, rec = to_grey_uint8(img), to_grey_uint8(out.rec)
+        # Identical images would give an infinite PSNR; 100 dB stands in for "exact".
+        psnr = sum(min(100.0, peak_signal_noise_ratio(a, b, data_range=255)) for a, b in zip(ref, rec))
+        ssim = sum(structural_similarity(a, b, data_range=255) for a, b in zip(ref, rec))
+        sums += torch.stack([rec_per_image.sum() + vq, rec_per_image.sum(), vq,
+                             torch.tensor(psnr, device=dist.device), torch.tensor(ssim, device=dist.device)]).double()
+        hits += out.code_hits
+    dist.all_reduce_sum(sums)
+    dist.all_reduce_sum(hits)
+    n = len(dataset)
+    usage, perplexity = usage_stats(hits)
+    loss, rec, vq, psnr, ssim = (sums / n).tolist()
+    return dict(loss=loss, rec_loss=rec, vq_loss=vq, psnr=psnr, ssim=ssim, usage=usage, perplexity=perplexity,
+                hits=hits.cpu())
+
+
+class DeadCodes:
+    """Tracks, per code, the steps since it was last picked at any scale (from hits summed over all processes),
+    and re-initialises codes unused for `after` steps with residual vectors of the latest batch."""
+
+    def __init__(self, vocab_size: int, after: int) -> None:
+        self.after = after
+        self.since_hit = torch.zeros(vocab_size, dtype=torch.int64)
+
+    def update(self, hits: torch.Tensor) -> None:
+        self.since_hit += 1
+        self.since_hit[hits.sum(0).cpu() > 0] = 0
+
+    def dead(self) -> torch.Tensor:
+        return torch.nonzero(self.since_hit >= self.after).flatten()
+
+    @torch.no_grad()
+    def reinit(self, model: VQVAE, optimizer: torch.optim.Optimizer, feats: torch.Tensor, dead: torch.Tensor,
+               dist: DistContext, seed: int, step: int, pool_images: int) -> None:
+        """Rank 0 draws new code vectors from the residuals the quantizer sees at every scale (what remains of
+        the encoder output after the coarser scales) and broadcasts them, so every process applies the same codes."""
+        quantizer = model.quantizer
+        if dist.enabled:
+            parts = [torch.empty_like(feats) for _ in range(dist.world_size)]
+            torch_dist.all_gather(parts, feats.contiguous())
+            feats = torch.cat(parts)
+        new = torch.empty(len(dead), quantizer.embedding.weight.shape[1], device=feats.device)
+        if dist.is_main:
+            feats = feats[:pool_images].float()
+            f_hats = quantizer.f_to_fhats(feats)
+            pool = []
+            for k, pn in enumerate(quantizer.scales):
+                rest = feats if k == 0 else feats - f_hats[k - 1]
+                if pn != quantizer.full_size:
+                    rest = F.interpolate(rest, size=(pn, pn), mode="area")
+                pool.append(rest.permute(0, 2, 3, 1).reshape(-1, rest.shape[1]))
+            pool = torch.cat(pool)
+            gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
+            pick = (torch.randperm(len(pool), generator=gen)[: len(dead)] if len(pool) >= len(dead)
+                    else torch.randint(len(pool), (len(dead),), generator=gen))
+            new.copy_(pool[pick.to(pool.device)])
+        if dist.enabled:
+            torch_dist.broadcast(new, src=0)
+        weight = quantizer.embedding.weight
+        rows = dead.to(weight.device)
+        weight[rows] = new.to(weight.dtype)
+        # Old Adam moments would drag a fresh code back towards where the dead one sat.
+        for moment in optimizer.state.get(weight, {}).values():
+            if torch.is_tensor(moment) and moment.shape == weight.shape:
+                moment[rows] = 0
+        self.since_hit[dead] = 0
+
+
+def recon_grid(model: VQVAE, img: torch.Tensor, path: Path, title: str) -> None:
+    """Rows: original | reconstruction | decoded from scales 1..k for every k (cumulative)."""
+    model.eval()
+    img = img.to(next(model.parameters()).device)
+    with torch.no_grad():
+        idx = model.img_to_idx(img)
+        columns = [img, model.reconstruct(img)] + [model.idx_to_img(idx[: k + 1]) for k in range(len(idx))]
+    tiles = np.stack([to_rgb_uint8(c) for c in columns], axis=1)  # (B, columns, H, W, 3)
+    n_rows, n_cols, size = tiles.shape[0], tiles.shape[1], tiles.shape[2]
+    grid = image_grid(tiles.reshape(-1, *tiles.shape[2:]), ncols=n_cols)
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * n_cols), max(3.0, 1.1 * n_rows + 0.6)))
+    ax.imshow(grid)
+    pad = 2
+    labels = ["original", "recon"] + [f"1..{pn}" for pn in model.scales]
+    ax.set_xticks([pad + i * (size + pad) + size / 2 for i in range(n_cols)], labels, fontsize=7)
+    ax.set_yticks([])
+    ax.set_title(title, fontsize=9)
+    save_figure(fig, path)
+
+
+def plot_code_histogram(hits: torch.Tensor, scales: tuple[int, ...], path: Path, title: str) -> None:
+    """Left: picks per code index (all scales); right: codes sorted by picks, finest scale and all scales."""
+    total = hits.sum(0).numpy()
+    finest = hits[-1].numpy()
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4))
+    ax1.stairs(total, np.arange(len(total) + 1), fill=True)  # one artist, not one bar per code
+    ax1.set_xlabel("code index")
+    ax1.set_ylabel("picks")
+    ax1.set_title(f"picks per code, all scales ({int((total > 0).sum())}/{len(total)} used)")
+    for name, counts in ((f"finest scale {scales[-1]}x{scales[-1]}", finest), ("all scales", total)):
+        ordered = np.sort(counts)[::-1]
+        ax2.plot(np.arange(1, len(ordered) + 1), np.maximum(ordered, 0.5),
+                 label=f"{name}: {int((counts > 0).sum())} used")
+    ax2.set_yscale("log")
+    ax2.set_xlabel("code rank")
+    ax2.set_ylabel("picks (0 drawn at 0.5)")
+    ax2.legend(fontsize=8)
+    ax2.set_title("codes sorted by use")
+    fig.suptitle(title)
+    save_figure(fig, path)
+
+
+def save_plots(history: History, scales: tuple[int, ...], out: Path) -> None:
+    plot_curves({"train": history.series("train_loss"), "val": history.series("val_loss")}, out / "loss.png",
+                "VQ-VAE loss (per-image SSE + VQ loss)", "epoch", "loss", logy=True)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, key, label in ((ax1, "val_psnr", "PSNR (dB)"), (ax2, "val_ssim", "SSIM")):
+        xs, ys = history.series(key)
+        ax.plot(xs, ys, marker="o", markersize=3)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(label)
+        ax.set_title(f"validation {label}")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+    save_figure(fig, out / "psnr_ssim.png")
+    epochs = [r["epoch"] for r in history.records]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for k, pn in enumerate(scales):
+        ax1.plot(epochs, [100 * r["val_usage"][k] for r in history.records], label=f"{pn}x{pn}")
+        ax2.plot(epochs, [r["val_perplexity"][k] for r in history.records], label=f"{pn}x{pn}")
+    ax1.set_ylabel("codes hit on val (% of codebook)")
+    ax2.set_ylabel("perplexity on val")
+    ax2.set_yscale("log")
+    for ax in (ax1, ax2):
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+    ax1.legend(fontsize=7, title="scale", ncol=2)
+    fig.suptitle("codebook usage per scale")
+    save_figure(fig, out / "usage.png")
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg = parse_config(Config, argv)
+    if cfg.cpu_threads > 0:
+        torch.set_num_threads(cfg.cpu_threads)
+    dist = setup_distributed(pick_device(cfg.device))
+    try:
+        train(cfg, dist)
+    except (NonFiniteLossError, CheckpointError, ImageDataError, ValueError) as err:
+        raise SystemExit(f"error: {err}") from None
+    finally:
+        dist.cleanup()
+
+
+def train(cfg: Config, dist: DistContext) -> None:
+    out = Path(cfg.out_dir)
+    device = dist.device
+    precision = select_precision(device, cfg.precision)
+    if cfg.batch_size % dist.world_size:
+        raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the {dist.world_size} processes")
+    local_batch = cfg.batch_size // dist.world_size
+    seed_everything(cfg.seed)
+
+    # Data: the same image preprocessing (resize to image_size) is read back by tokenize_multiscale_maps.py.
+    classes = list_classes(cfg.data_dir)
+    splits = {s: ImageSplit(cfg.data_dir, s, cfg.image_size, classes, preload=cfg.preload)
+              for s in ("train", "val", "test")}
+    sampler = EpochSampler(splits["train"].labels, local_batch, dist.world_size, dist.rank, cfg.seed, cfg.balanced)
+    loader = DataLoader(splits["train"], batch_size=local_batch, sampler=sampler, num_workers=cfg.num_workers,
+                        pin_memory=device.type == "cuda", persistent_workers=cfg.num_workers > 0)
+    steps_per_epoch = sampler.num_batches
+    total_steps = cfg.epochs * steps_per_epoch
+
+    model = build_model(cfg).to(device)
+    model_config = model.config
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
+                                  betas=(cfg.adam_beta1, cfg.adam_beta2))
+    scaler = precision.make_scaler()
+    dead_codes = DeadCodes(cfg.vocab_size, cfg.dead_code_steps)
+    history = History()
+    start_epoch, step, best_val_loss = 0, 0, math.inf
+
+    resume_path = {"auto": out / "last.pth", "none": None}.get(cfg.resume, Path(cfg.resume))
+    if resume_path is not None and (cfg.resume != "auto" or resume_path.is_file()):
+        ckpt = resume_training_checkpoint(resume_path, model, optimizer, scaler, model_config)
+        start_epoch, step, best_val_loss = int(ckpt["epoch"]), int(ckpt["step"]), float(ckpt["best_val_loss"])
+        history = History(ckpt["history"])
+        if "dead_code_since_hit" in ckpt:
+            dead_codes.since_hit = ckpt["dead_code_since_hit"].clone()
+        dist.print(f"resumed from {resume_path}: epoch {start_epoch}, step {step}, best val loss {best_val_loss:.4g}")
+
+    ddp_model = model
+    if dist.enabled:
+        # DDP must be told when a configuration leaves parameters out of the loss (e.g. a phi conv no scale uses).
+        probe_img = splits["train"][0][0][None].to(device)
+        probe = model(probe_img)
+        (recon_loss(probe.rec, probe_img) + probe.vq_loss).backward()
+        unused = [name for name, p in model.named_parameters() if p.grad is None]
+        optimizer.zero_grad(set_to_none=True)
+        ddp_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                            find_unused_parameters=bool(unused))
+
+    # The encoder output of each batch, kept for dead-code re-initialisation.
+    latest_feats: list[torch.Tensor] = []
+    model.quant_conv.register_forward_hook(lambda _m, _i, o: latest_feats.__setitem__(slice(None), [o.detach()]))
+
+    if dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out)
+        bar_counts({"train (files)": splits["train"].class_counts(),
+                    f"train (one epoch, {'balanced' if cfg.balanced else 'as is'})":
+                        splits["train"].class_counts(sampler.global_indices(0)),
+                    "val": splits["val"].class_counts(), "test": splits["test"].class_counts()},
+                   out / "class_counts.png", "class counts per split as seen by training")
+        dist.print(f"{len(classes)} classes {classes}; train/val/test {len(splits['train'])}/{len(splits['val'])}/"
+                   f"{len(splits['test'])} images at {cfg.image_size}px; {dist.world_size} process(es) x batch "
+                   f"{local_batch}; {steps_per_epoch} steps/epoch; "
+                   f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params; {precision.name} on {device}")
+    recon_images = torch.stack([splits["val"][i][0] for i in spread_over_classes(splits["val"].labels, cfg.num_recon)])
+
+    # Training time counts across restarts: a resumed run continues the clock of the records it inherits.
+    t_start = time.time() - (history.records[-1]["seconds"] if history.records else 0.0)
+    for epoch in range(start_epoch, cfg.epochs):
+        ddp_model.train()
+        sampler.set_epoch(epoch)
+        sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, rec, vq summed over steps
+        epoch_hits = torch.zeros(len(model.scales), cfg.vocab_size, dtype=torch.int64, device=device)
+        n_reinit = 0
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not dist.is_main, leave=False)
+        for img, _ in bar:
+            img = img.to(device, non_blocking=True)
+            lr = lr_at(step, total_steps, cfg.warmup_steps, cfg.lr, cfg.final_lr_ratio)
+            set_lr(optimizer, lr)
+            with precision.autocast():
+                output = ddp_model(img)
+            rec = recon_loss(output.rec, img)
+            loss = rec + output.vq_loss.float()
+            # Averaged over processes (equal local batches) = the loss of the global batch.
+            step_stats = dist.all_reduce_sum(torch.stack([loss, rec, output.vq_loss.float()]).detach().double())
+            step_stats /= dist.world_size
+            check_finite(step_stats[0], step)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if cfg.grad_clip > 0:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            hits = dist.all_reduce_sum(output.code_hits.clone())
+            epoch_hits += hits
+            sums += step_stats
+            step += 1
+            if cfg.dead_code_steps > 0:
+                dead_codes.update(hits)
+                if step % cfg.dead_code_every == 0 and len(dead := dead_codes.dead()):
+                    dead_codes.reinit(model, optimizer, latest_feats[0], dead, dist, cfg.seed, step, cfg.dead_code_pool)
+                    n_reinit += len(dead)
+            bar.set_postfix(loss=f"{step_stats[0].item():.4g}", lr=f"{lr:.2e}")
+        bar.close()
+
+        val = evaluate(model, splits["val"], cfg, dist, precision, "val")
+        train_loss, train_rec, train_vq = (sums / steps_per_epoch).tolist()
+        train_usage, _ = usage_stats(epoch_hits)
+        history.append(epoch=epoch + 1, step=step, lr=lr, train_loss=train_loss, train_rec_loss=train_rec,
+                       train_vq_loss=train_vq, val_loss=val["loss"], val_rec_loss=val["rec_loss"],
+                       val_vq_loss=val["vq_loss"], val_psnr=val["psnr"], val_ssim=val["ssim"], val_usage=val["usage"],
+                       val_perplexity=val["perplexity"], train_usage=train_usage, dead_codes_reinit=n_reinit,
+                       seconds=time.time() - t_start)
+        dist.print(f"epoch {epoch + 1}/{cfg.epochs} step {step}: train {train_loss:.4g} val {val['loss']:.4g} "
+                   f"PSNR {val['psnr']:.2f} dB SSIM {val['ssim']:.3f} usage@{cfg.scales[-1]} "
+                   f"{100 * val['usage'][-1]:.1f}% perplexity@{cfg.scales[-1]} {val['perplexity'][-1]:.0f} "
+                   f"re-init {n_reinit} codes")
+        if dist.is_main:
+            common_state = dict(model=model, model_config=model_config, config=config_dict(cfg), epoch=epoch + 1,
+                                step=step, history=history.records)
+            # best.pth before last.pth: a kill in between never loses a best model that last.pth already counts.
+            if val["loss"] < best_val_loss:
+                best_val_loss = val["loss"]
+                save_training_checkpoint(out / "best.pth", **common_state, best_val_loss=best_val_loss)
+            save_training_checkpoint(out / "last.pth", **common_state, optimizer=optimizer, scaler=scaler,
+                                     best_val_loss=best_val_loss, extra={"dead_code_since_hit": dead_codes.since_hit})
+            history.save(out / "history.json")
+            if (epoch + 1) % cfg.plot_every == 0 or epoch + 1 == cfg.epochs:
+                save_plots(history, model.scales, out)
+                plot_code_histogram(val["hits"], model.scales, out / "code_usage_hist.png",
+                                    f"code usage on val after epoch {epoch + 1}")
+                recon_grid(model, recon_images, out / f"recon_val_epoch{epoch + 1:03d}.png",
+                           f"val after epoch {epoch + 1}: PSNR {val['psnr']:.2f} dB")
+        dist.barrier()
+
+    # Score the best model on the held-out test split.
+    best = load_checkpoint(out / "best.pth", map_location=device)
+    model.load_state_dict(best["model"])
+    test = evaluate(model, splits["test"], cfg, dist, precision, "test")
+    if dist.is_main:
+        metrics = {k: v for k, v in test.items() if k != "hits"}
+        metrics.update(n_images=len(splits["test"]), best_epoch=int(best["epoch"]), checkpoint=str(out / "best.pth"),
+                       train_seconds=history.records[-1]["seconds"] if history.records else 0.0)
+        atomic_write_json(out / "test_metrics.json", metrics)
+        plot_code_histogram(test["hits"], model.scales, out / "code_usage_hist_test.png",
+                            f"code usage on test (best.pth, epoch {best['epoch']})")
+        test_images = torch.stack([splits["test"][i][0]
+                                   for i in spread_over_classes(splits["test"].labels, cfg.num_recon)])
+        recon_grid(model, test_images, out / "recon_test.png",
+                   f"test, best.pth (epoch {best['epoch']}): PSNR {test['psnr']:.2f} dB")
+        dist.print(f"test (best.pth, epoch {best['epoch']}): PSNR {test['psnr']:.2f} dB SSIM {test['ssim']:.3f} "
+                   f"usage@{cfg.scales[-1]} {100 * test['usage'][-1]:.1f}% -> {out / 'test_metrics.json'}")
+        print(json.dumps({k: metrics[k] for k in ("psnr", "ssim", "loss")}))
+
+
+if __name__ == "__main__":
+    main()
