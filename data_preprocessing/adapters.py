@@ -11,7 +11,9 @@ Layouts known here (from each dataset's documentation):
   class: the recipe maps the whole set to one organ class. BUSI has no patient ids, so subject = file stem:
   two images of one patient may land in different splits (a known limitation of this dataset).
 - hc18: HC18 `training_set/NNN_HC.png`, `NNN_2HC.png`, `NNN_3HC.png` (same subject NNN), annotations
-  `NNN_HC_Annotation.png`; `test_set/` has its own numbering, so subject = folder + NNN.
+  `NNN_HC_Annotation.png`; `test_set/` has its own numbering, so subject = folder + NNN. Every frame
+  carries a black anonymisation box at the bottom right: its sources declare it (overlay_corners), so
+  scan-area detection cuts it off; options {"overlay_corners": [...]} overrides the corners.
 - camus: CAMUS NIfTI release `database_nifti/patientNNNN/patientNNNN_{2CH,4CH}_{ED,ES,half_sequence}.nii.gz`,
   segmentations `*_gt.nii.gz`; subject = patientNNNN. (The original .mhd/.raw release is not readable here.)
 - echonet: EchoNet-Dynamic / EchoNet-Pediatric `Videos/<id>.avi`, one clip per study: subject = file stem.
@@ -30,6 +32,7 @@ from pathlib import Path
 from typing import Callable
 
 from data_preprocessing.readers import file_suffix, is_supported
+from data_preprocessing.scan_area import CORNERS
 
 MASK_FOLDERS = {"mask", "masks", "annotation", "annotations", "segmentation", "segmentations", "gt", "ground_truth", "groundtruth"}
 # A file stem ending in one of these words (optionally numbered: "_mask_1") is a label image, not an image.
@@ -46,6 +49,7 @@ class Source:
     subject: str
     cls: str | None = None  # organ class when the layout or labels carry one
     geometry: str = ""  # expected scan geometry (fan|rect) when the labels carry it
+    overlay_corners: tuple[str, ...] = ()  # corners where the dataset draws a dark overlay box (scan_area.CORNERS)
 
 
 @dataclass
@@ -99,12 +103,15 @@ HC18_NAME = re.compile(r"^(\d+)_\d*HC$", re.IGNORECASE)
 
 
 def hc18(root: Path, options: dict) -> Listing:
+    corners = options.get("overlay_corners", ["bottom_right"])
+    if not isinstance(corners, list) or not set(corners) <= set(CORNERS):
+        raise RecipeError(f"hc18 adapter: options.overlay_corners must be a list of {', '.join(CORNERS)}, got {corners!r}")
     listing = walk_images(root)
     sources = []
     for s in listing.sources:
         match = HC18_NAME.match(stem(s.path))
         subject = f"{s.path.parent.name}/{match.group(1)}" if match else stem(s.path)
-        sources.append(Source(s.path, subject))
+        sources.append(Source(s.path, subject, overlay_corners=tuple(corners)))
     return Listing(sources, listing.ignored)
 
 

@@ -250,7 +250,7 @@ def process_source(task: Task, out: Path, cfg: Config) -> tuple[list[dict], bool
 
 def _process_frame(task: Task, out: Path, cfg: Config, base: dict, frame_key: str, frame: np.ndarray) -> dict:
     try:
-        area = detect_scan_area(frame)
+        area = detect_scan_area(frame, overlay_corners=task.source.overlay_corners)
     except ScanAreaError as err:
         return _row(**base, frame=frame_key, status="skipped", reason=f"no scan area found: {err}")
     except Exception as err:
@@ -355,13 +355,13 @@ def scan_area_picks(rows: list[dict], cfg: Config) -> list[dict]:
     return picks
 
 
-def scan_panel(args: tuple[dict, int]) -> tuple[dict, np.ndarray, ScanArea] | None:
+def scan_panel(args: tuple[dict, int, tuple[str, ...]]) -> tuple[dict, np.ndarray, ScanArea] | None:
     """Re-read one kept frame and detect its scan area again (runs in the workers)."""
-    row, video_stride = args
+    row, video_stride, overlay_corners = args
     try:
         for key, frame in read_frames(row["source"], video_stride=video_stride):
             if key == row["frame"]:
-                return row, frame, detect_scan_area(frame)
+                return row, frame, detect_scan_area(frame, overlay_corners=overlay_corners)
     except (UnreadableFileError, ScanAreaError):
         return None
     return None
@@ -453,7 +453,9 @@ def run(cfg: Config) -> dict:
         panels = []
         if cfg.scan_area_samples > 0 and (n_reused < len(tasks) or not figure.is_file()):
             picks = scan_area_picks(rows, cfg)
-            panels = [p for p in parallel_map(scan_panel, [(r, cfg.video_stride) for r in picks]) if p is not None]
+            corners = {str(t.source.path.absolute()): t.source.overlay_corners for t in tasks}
+            panels = [p for p in parallel_map(scan_panel, [(r, cfg.video_stride, corners.get(r["source"], ())) for r in picks])
+                      if p is not None]
     finally:
         if pool is not None:
             pool.close()

@@ -16,6 +16,7 @@ the box, so no artificial straight black edge reaches the model.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from collections.abc import Sequence
 from itertools import product
 
 import cv2
@@ -31,12 +32,21 @@ GRAPHIC_MIN_GREY = 24  # dark tissue may legitimately repeat values, so only bri
 TISSUE_ABOVE_BACKGROUND = 6  # grey levels above the background level that count as signal (after smoothing)
 SLOPE_MIN = 0.06  # |dx/dy| of a side edge below this is a straight vertical side (rect), above a fan edge
 FAN_GAIN_MIN = 0.01  # the fan model must explain the region better than its box by this IoU margin
+BLACK = 1  # grey levels up to this are exact black: frame margins and filled overlay boxes, never speckle
+MARGIN_LIT = 0.1  # a strip beside a rectangle with at least this share of non-black, non-graphic pixels is image
 OCCLUDER_MIN_SIDE = 8  # px; black filled boxes or flat bars at least this wide and this big (next) are overlays
 OCCLUDER_MIN_AREA = 400  # px
 ARC_MIN_SAG = 4  # px; a top edge curved by this much over its width is a convex probe's arc
 OCCLUDER_FILL = 0.97  # share of its box (within the area) a black region fills to count as a rectangle
 MIN_KEPT_AFTER_CUT = 0.6  # cut occluders off only if at least this share of the area remains
 MAX_CUT = 0.3  # an edge moves inward by at most this share of the box to cut an overlay off
+CORNERS = ("top_left", "top_right", "bottom_left", "bottom_right")  # where a dataset may declare an overlay box
+CORNER_DARK = 10  # grey levels up to this are dark: a declared overlay box (exact black) or fluid beside it
+CORNER_FILL = 0.97  # share of a declared overlay box's pixels that are dark or outside the area
+CORNER_MARGIN = 0.06  # a declared box may end this share of the area's short side short of its corner
+CORNER_REACH = 0.45  # a declared box spans at most this share of the area's width and height
+CORNER_STEP = 3  # px between the box corners tried near the area's corner
+CORNER_PASSES = 2  # cuts per declared corner
 
 
 class ScanAreaError(ValueError):
@@ -229,6 +239,37 @@ def _arc_only_fan(region: np.ndarray, box: np.ndarray, bounds: tuple[int, int, i
     return "fan", fan, (float(cx), float(cy))
 
 
+def _content_box(grey: np.ndarray) -> tuple[int, int, int, int]:
+    """Bounds of the rows and columns holding anything brighter than exact black (frame margins left out)."""
+    lit = grey > BLACK
+    rows = np.flatnonzero(lit.any(axis=1))
+    cols = np.flatnonzero(lit.any(axis=0))
+    return int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1
+
+
+def _widen_rect(lit: np.ndarray, mask: np.ndarray, content: tuple[int, int, int, int]) -> np.ndarray:
+    """A rectangle's box grown to the content's edge on each side where the strip between holds image.
+
+    Images already cropped to the scan area (BUSI) and zoomed frames (HC18) end in dark bands of fluid or
+    weak speckle that the tissue threshold drops; a real margin around a scan area is black but for thin
+    graphics and text."""
+    rows = np.flatnonzero(mask.any(axis=1))
+    cols = np.flatnonzero(mask.any(axis=0))
+    x0, y0, x1, y1 = int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1
+    cx0, cy0, cx1, cy1 = content
+    if cx0 < x0 and lit[y0:y1, cx0:x0].mean() >= MARGIN_LIT:
+        x0 = cx0
+    if x1 < cx1 and lit[y0:y1, x1:cx1].mean() >= MARGIN_LIT:
+        x1 = cx1
+    if cy0 < y0 and lit[cy0:y0, x0:x1].mean() >= MARGIN_LIT:
+        y0 = cy0
+    if y1 < cy1 and lit[y1:cy1, x0:x1].mean() >= MARGIN_LIT:
+        y1 = cy1
+    out = np.zeros_like(mask)
+    out[y0:y1, x0:x1] = True
+    return out
+
+
 def _occluders(grey: np.ndarray, flat: np.ndarray, mask: np.ndarray, geometry: str) -> list[tuple[int, int, int, int]]:
     """Filled black boxes (e.g. anonymised panels, text boxes) and drawn bars inside the area, as boxes."""
     found = []
@@ -237,7 +278,7 @@ def _occluders(grey: np.ndarray, flat: np.ndarray, mask: np.ndarray, geometry: s
     boxed = np.zeros_like(mask)
     boxed[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1] = True
     within = mask if geometry == "fan" else boxed  # a fan's black corners are outside it, a box's are not
-    for cand, side in (((grey <= 1) & within, 10), (flat, 5)):  # black boxes; drawn bars (whole, even if
+    for cand, side in (((grey <= BLACK) & within, 10), (flat, 5)):  # black boxes; drawn bars (whole, even if
         cand = cv2.morphologyEx(cand.astype(np.uint8), cv2.MORPH_OPEN, np.ones((side, side), np.uint8))
         n, _, stats, _ = cv2.connectedComponentsWithStats(cand, connectivity=4)  # only partly in the area)
         for x, y, bw, bh, area in stats[1:]:
@@ -292,6 +333,72 @@ def _cut_occluders(mask: np.ndarray, occluders: list[tuple[int, int, int, int]])
     return out
 
 
+def _trim_dark_corner_edges(g: np.ndarray, m: np.ndarray) -> np.ndarray:
+    """Peel rows off the top and columns off the left of `m` (the declared corner, flipped to the top-left)
+    while their pixels nearest the corner are dark: the box's first row or column can survive the earlier
+    steps by a pixel or two, which would leave a thin black line along the cut."""
+    m = m.copy()
+    for axis_m, axis_g in ((m, g), (m.T, g.T)):
+        lines = np.flatnonzero(axis_m.any(axis=1))
+        if not len(lines):
+            return m
+        limit = int(lines[0]) + int(CORNER_REACH * (lines[-1] + 1 - lines[0]))
+        for line in range(int(lines[0]), limit):
+            first = axis_g[line][axis_m[line]][:OCCLUDER_MIN_SIDE]  # the line's pixels nearest the corner
+            if len(first) < OCCLUDER_MIN_SIDE or (first > CORNER_DARK).any():
+                break
+            axis_m[line] = False
+    return m
+
+
+def _cut_corner_overlay(grey: np.ndarray, mask: np.ndarray, corner: str) -> np.ndarray:
+    """The mask with a dark overlay box declared at `corner` (e.g. "bottom_right") cut off by one edge.
+
+    The box is the largest rectangle, ending within a small margin of that corner of the mask's box (a
+    strip of image may lie beyond it), whose pixels are nearly all dark or outside the mask; the mask's
+    bottom/top edge moves past its top/bottom or its right/left edge past its left/right side, whichever
+    loses fewer non-dark pixels. Dark fluid cut with it is no loss to the model."""
+    if corner not in CORNERS:
+        raise ValueError(f"overlay corner must be one of {', '.join(CORNERS)}, got {corner!r}")
+    flip_y, flip_x = corner.startswith("bottom"), corner.endswith("right")
+    # work on a view flipped so the declared corner is the top-left one
+    unflip = (slice(None, None, -1 if flip_y else 1), slice(None, None, -1 if flip_x else 1))
+    g, m = grey[unflip], mask[unflip]
+    rows = np.flatnonzero(m.any(axis=1))
+    cols = np.flatnonzero(m.any(axis=0))
+    by0, bx0, by1, bx1 = int(rows[0]), int(cols[0]), int(rows[-1]) + 1, int(cols[-1]) + 1
+    lit = m & (g > CORNER_DARK)
+    integral = cv2.integral(lit.astype(np.uint8)).astype(np.int64)
+    margin = max(OCCLUDER_MIN_SIDE, int(CORNER_MARGIN * min(by1 - by0, bx1 - bx0)))
+    far_y = np.arange(by0 + OCCLUDER_MIN_SIDE, by0 + int(CORNER_REACH * (by1 - by0)) + 1)
+    far_x = np.arange(bx0 + OCCLUDER_MIN_SIDE, bx0 + int(CORNER_REACH * (bx1 - bx0)) + 1)
+    best, best_area = None, 0
+    for y0, x0 in product(range(by0, by0 + margin + 1, CORNER_STEP), range(bx0, bx0 + margin + 1, CORNER_STEP)):
+        ys, xs = far_y[far_y - y0 >= OCCLUDER_MIN_SIDE], far_x[far_x - x0 >= OCCLUDER_MIN_SIDE]
+        n_lit = (integral[ys][:, xs] - integral[ys, x0][:, None] - integral[y0, xs][None, :] + integral[y0, x0])
+        area = np.outer(ys - y0, xs - x0)
+        area = np.where(n_lit <= (1 - CORNER_FILL) * area, area, 0)
+        i, j = np.unravel_index(area.argmax(), area.shape)
+        if area[i, j] > best_area:
+            best, best_area = (x0, y0, int(xs[j]), int(ys[i])), int(area[i, j])
+    if best is None:
+        return _trim_dark_corner_edges(g, m)[unflip]
+    x0, y0, x1, y1 = best
+    if not (m[y0:y1, x0:x1] & (g[y0:y1, x0:x1] <= CORNER_DARK)).any():
+        return _trim_dark_corner_edges(g, m)[unflip]  # the box lies outside the area already
+    lose_rows = integral[y1, -1] - integral[0, -1]  # everything above the box's far edge
+    lose_cols = integral[-1, x1] - integral[-1, 0]
+    m = m.copy()
+    if lose_rows <= lose_cols:
+        m[:y1] = False
+    else:
+        m[:, :x1] = False
+    if m.sum() < MIN_KEPT_AFTER_CUT * mask.sum():
+        m = mask[unflip].copy()
+        m[y0:y1, x0:x1] = False  # cutting costs too much: only blank it
+    return _trim_dark_corner_edges(g, m)[unflip]
+
+
 def _annotations(grey: np.ndarray, colour: np.ndarray, mask: np.ndarray) -> dict[str, bool]:
     """Burned-in marks inside the area: colour blobs (Doppler), caliper crosses, rows of glyphs (text)."""
     inner = cv2.erode(mask.astype(np.uint8), _disk(3)).astype(bool)  # the edge itself is not a mark
@@ -321,8 +428,12 @@ def _annotations(grey: np.ndarray, colour: np.ndarray, mask: np.ndarray) -> dict
     return {"calipers": calipers, "text": text, "color": color}
 
 
-def detect_scan_area(img: np.ndarray) -> ScanArea:
-    """The scan area of a uint8 (H,W) grey or (H,W,3) RGB frame; raises ScanAreaError if there is none."""
+def detect_scan_area(img: np.ndarray, overlay_corners: Sequence[str] = ()) -> ScanArea:
+    """The scan area of a uint8 (H,W) grey or (H,W,3) RGB frame; raises ScanAreaError if there is none.
+
+    `overlay_corners` names corners ("bottom_right", ...) where the dataset is known to draw a dark
+    overlay box (e.g. HC18's anonymisation panel): it is found there and cut off, whatever its shape
+    against the fluid beside it, which the generic (conservative) box detection may leave."""
     grey, colour = _grey_and_colour(img)
     h, w = grey.shape
     if min(h, w) < MIN_SIDE:
@@ -334,9 +445,16 @@ def detect_scan_area(img: np.ndarray) -> ScanArea:
     if region.sum() < MIN_AREA_FRACTION * h * w:
         raise ScanAreaError(f"largest tissue-like region covers {region.mean():.1%} of the image: no scan area")
     geometry, mask, apex = _fit_geometry(region)
+    content = _content_box(grey)
+    if geometry == "rect":
+        mask = _widen_rect((grey > BLACK + 2) & ~(colour | flat), mask, content)
+    cx0, cy0, cx1, cy1 = content
+    mask[:, :cx0] = mask[:, cx1:] = mask[:cy0] = mask[cy1:] = False  # the fit may overshoot into black margins
     occluders = _occluders(grey, flat, mask, geometry)
     if occluders:
         mask = _cut_occluders(mask, occluders)
+    for corner, _ in product(overlay_corners, range(CORNER_PASSES)):  # a box merged with dark background
+        mask = _cut_corner_overlay(grey, mask, corner)  # may come off in pieces
     rows = np.flatnonzero(mask.any(axis=1))
     cols = np.flatnonzero(mask.any(axis=0))
     box = (int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1)
