@@ -40,7 +40,8 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
         module_name = name.rsplit(".", 1)[0] if "." in name else ""
         module = model.get_submodule(module_name) if module_name else model
         is_embedding = isinstance(module, nn.Embedding) or "pos_" in name or "emb" in name.lower()
-        (no_decay if param.ndim < 2 or is_embedding else decay).append(param)
+        # squeeze: per-channel tensors stored with singleton dims (e.g. a (1, heads, 1, 1) temperature) are gains too
+        (no_decay if param.squeeze().ndim < 2 or is_embedding else decay).append(param)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 

@@ -14,7 +14,7 @@ A subject is one random anatomy seen through one scanner set-up; its frames diff
 and fresh speckle. Every frame's random stream derives from (seed, class, subject, frame), so the output
 is byte-identical for the same seed whatever the number of workers, and an interrupted run resumes.
 
-    python data_preprocessing/make_phantoms.py --out=data/phantoms --n_subjects_per_class=20
+    python data_preprocessing/make_phantoms.py --out=data/raw_phantoms --n_subjects_per_class=20
 
 writes OUT/<class>/<subject>_f<k>.png (RGB canvas), OUT/<class>/<subject>_f<k>_mask.png (ground-truth scan
 area, 0/255), OUT/labels.csv (path,class,subject,geometry) and OUT/config.json.
@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 @dataclass
 class Config:
-    out: str = "data/phantoms"  # output folder (created); existing frames are kept and skipped (resume)
+    out: str = "data/raw_phantoms"  # output folder (created); existing frames are kept and skipped (resume)
     n_subjects_per_class: int = 20  # distinct random anatomies per organ class
     frames_per_subject: int = 5  # frames per subject: small probe motion and fresh speckle between them
     seed: int = 0  # master seed; each frame's stream derives from (seed, class, subject, frame)

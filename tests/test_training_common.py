@@ -20,13 +20,15 @@ class Tiny(nn.Module):
         self.emb = nn.Embedding(5, 4)
         self.lin = nn.Linear(4, 4)
         self.norm = nn.LayerNorm(4)
+        self.scale_mul = nn.Parameter(torch.ones(1, 2, 1, 1))
 
 
 def test_param_groups_skip_decay_on_norms_biases_embeddings():
     model = Tiny()
     decay, no_decay = param_groups(model, 0.05)
     assert decay["weight_decay"] == 0.05 and [p.shape for p in decay["params"]] == [model.lin.weight.shape]
-    assert len(no_decay["params"]) == 4 and no_decay["weight_decay"] == 0.0
+    assert len(no_decay["params"]) == 5 and no_decay["weight_decay"] == 0.0
+    assert any(p is model.scale_mul for p in no_decay["params"])
 
 
 def test_non_finite_loss_stops_with_message():

@@ -1,0 +1,256 @@
+"""train_var.py on tiny tokens made here: a random 8x8-pixel VQ-VAE with scales 1,2,3,4 tokenizes random images,
+and a 2-block VAR trains on them in seconds."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import train_var
+from common.checkpoint import load_checkpoint
+from common.distributed import DistContext
+from common.io import atomic_torch_save, file_sha256
+from common.tokens import TokenFileError, save_tokens
+from common.training import NonFiniteLossError
+from models.var import VAR, load_var
+from models.vqvae import VQVAE
+
+REPO = Path(__file__).resolve().parents[1]
+CLASSES = ["breast", "heart", "liver"]
+TINY = dict(depth=2, embed_dim=32, num_heads=2, batch_size=8, lr=2e-3, warmup_epochs=1.0, samples_per_class=2,
+            eval_batch_size=16, sample_every=0, plot_every=0)
+
+
+def make_vqvae(path: Path, seed: int) -> VQVAE:
+    torch.manual_seed(seed)
+    vqvae = VQVAE(vocab_size=32, z_channels=8, ch=32, ch_mult=(1, 1), num_res_blocks=1, scales=(1, 2, 3, 4))
+    atomic_torch_save({"model": vqvae.state_dict(), "model_config": vqvae.config}, path)
+    return vqvae.eval()
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread, and do not fight the subprocesses for the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> dict[str, Path]:
+    """vqvae.pth, another_vqvae.pth and tokens/tokens_multiscale_maps.npz (32 train + 16 val images, 3 classes)."""
+    root = tmp_path_factory.mktemp("var_data")
+    vqvae = make_vqvae(root / "vqvae.pth", seed=0)
+    make_vqvae(root / "another_vqvae.pth", seed=1)
+    n = 48
+    labels = np.arange(n) % len(CLASSES)
+    # Class-dependent brightness gives the coarse scales something to learn.
+    images = torch.rand(n, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 0.6 - 0.9
+    images += torch.from_numpy(labels).float()[:, None, None, None] * 0.6
+    maps = [m.numpy() for m in vqvae.img_to_idx(images)]
+    npz = root / "tokens" / "tokens_multiscale_maps.npz"
+    npz.parent.mkdir()
+    save_tokens(npz, scales=list(vqvae.scales), maps=maps, labels=labels,
+                split=np.array(["train"] * 32 + ["val"] * 16), source=np.array([f"img{i}.png" for i in range(n)]),
+                vqvae_sha256=file_sha256(root / "vqvae.pth"), vqvae_config=vqvae.config, classes=CLASSES)
+    return {"root": root, "vqvae": root / "vqvae.pth", "other": root / "another_vqvae.pth", "tokens": npz}
+
+
+def config(data: dict[str, Path], out: Path, **overrides) -> train_var.Config:
+    values = {"tokens": str(data["tokens"]), "vqvae": str(data["vqvae"]), "out_dir": str(out), **TINY, **overrides}
+    return train_var.Config(**values)
+
+
+def cli(data: dict[str, Path], out: Path, **overrides) -> list[str]:
+    values = {"tokens": data["tokens"], "vqvae": data["vqvae"], "out_dir": out, **TINY, **overrides}
+    return [f"--{k}={v}" for k, v in values.items()]
+
+
+SINGLE = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+
+
+def run_script(args: list[str], nproc: int = 1, **kwargs) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if nproc > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    else:
+        cmd = [sys.executable]
+    return subprocess.Popen(cmd + ["train_var.py", *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, **kwargs)
+
+
+def finish(proc: subprocess.Popen, timeout: float = 60) -> str:
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, out
+    return out
+
+
+def test_token_losses_per_scale_match_cross_entropy():
+    scales, vocab = (1, 2), 7
+    logits = torch.randn(3, 5, vocab)
+    target = torch.randint(0, vocab, (3, 5))
+    logits[:, 0].scatter_(1, target[:, :1], 100.0)  # the 1x1 scale is always right
+    ids = train_var.scale_of_position(scales, torch.device("cpu"))
+    loss, sums = train_var.token_losses(logits, target, ids, len(scales), 0.0)
+    assert loss.item() == pytest.approx(F.cross_entropy(logits.transpose(1, 2), target).item(), rel=1e-5)
+    m = train_var.summarise(sums)
+    assert m["acc_scales"][0] == 1.0 and sums[2].tolist() == [3, 12]
+    expected_fine = F.cross_entropy(logits[:, 1:].transpose(1, 2), target[:, 1:]).item()
+    assert m["loss_scales"][1] == pytest.approx(expected_fine, rel=1e-5) and m["loss_last"] == m["loss_scales"][1]
+    smooth, smooth_sums = train_var.token_losses(logits, target, ids, len(scales), 0.1)
+    ref = F.cross_entropy(logits.transpose(1, 2), target, label_smoothing=0.1).item()
+    assert smooth.item() == pytest.approx(ref, rel=1e-5)
+    assert torch.equal(smooth_sums, sums)  # metrics stay plain cross-entropy
+
+
+def test_class_dropout_does_not_depend_on_sharding():
+    labels = torch.zeros(64, dtype=torch.long)
+    whole = train_var.class_dropout(labels, slice(0, 64), 64, seed=3, step=5, rate=0.25, null_class=9)
+    parts = torch.cat([train_var.class_dropout(labels[i:i + 16], slice(i, i + 16), 64, 3, 5, 0.25, 9)
+                       for i in range(0, 64, 16)])
+    assert torch.equal(whole, parts) and 0 < (whole == 9).sum() < 64
+    other_step = train_var.class_dropout(labels, slice(0, 64), 64, seed=3, step=6, rate=0.25, null_class=9)
+    assert not torch.equal(whole, other_step)
+
+
+def test_training_learns_and_writes_outputs(data, tmp_path):
+    out = tmp_path / "run"
+    train_var.train(config(data, out, epochs=6), SINGLE)
+    history = json.loads((out / "history.json").read_text())
+    assert [r["epoch"] for r in history] == list(range(1, 7))
+    assert history[-1]["train_loss"] < history[0]["train_loss"] < math.log(32) + 0.5
+    assert len(history[-1]["val_acc_scales"]) == 4 and history[-1]["step"] == 6 * 4
+    for name in ("config.json", "loss.png", "accuracy.png", "lr.png", "samples/epoch_001.png", "samples/epoch_006.png"):
+        assert (out / name).is_file(), name
+    assert json.loads((out / "config.json").read_text())["depth"] == 2
+    best = load_checkpoint(out / "best.pth")
+    assert best["vqvae_sha256"] == file_sha256(data["vqvae"]) and Path(best["vqvae_path"]) == data["vqvae"].resolve()
+    assert best["classes"] == CLASSES and "optimizer" not in best
+    assert best["best_val_loss"] == min(r["val_loss"] for r in history)
+    model = load_var(out / "best.pth")
+    assert model.config["num_classes"] == 3 and model.config["embed_dim"] == 32
+    assert model.config["cond_drop_rate"] == 0.1  # the true training setting, though the script draws it itself
+    last = load_checkpoint(out / "last.pth")
+    assert {"optimizer", "rng", "history"} <= set(last) and last["epoch"] == 6
+
+
+# Our VAR key -> the reference's (the inverse of models/convert_upstream.py's renaming), to fake a public checkpoint.
+TO_REFERENCE = [(r"^pos_embed$", "pos_1LC"), (r"\.attn\.qkv\.", ".attn.mat_qkv."), (r"\.attn\.scale_mul$", ".attn.scale_mul_1H11"),
+                (r"\.mlp\.", ".ffn."), (r"^(blocks\.\d+)\.ada_lin\.", r"\1.ada_lin.1."), (r"^head_norm\.ada_lin\.", "head_nm.ada_lin.1.")]
+
+
+def test_fine_tuning_starts_from_the_reference_checkpoint_with_resized_classes(data, tmp_path):
+    torch.manual_seed(5)
+    upstream = VAR(vocab_size=32, z_channels=8, scales=(1, 2, 3, 4), num_classes=5, depth=2, embed_dim=64, num_heads=2)
+    state = {}
+    for key, value in upstream.state_dict().items():
+        for pattern, repl in TO_REFERENCE:
+            key = re.sub(pattern, repl, key, count=1)
+        state[key] = value
+    torch.save(state, tmp_path / "var_d2.pth")
+    out = tmp_path / "run"
+    # lr 0: the weights after one epoch are exactly the ones fine-tuning started from.
+    train_var.train(config(data, out, epochs=1, lr=0.0, init_upstream=str(tmp_path / "var_d2.pth")), SINGLE)
+    tuned = load_checkpoint(out / "last.pth")
+    assert tuned["model_config"]["num_classes"] == 3 and tuned["model_config"]["depth"] == 2
+    ours = tuned["model"]
+    assert torch.equal(ours["blocks.1.attn.qkv.weight"], upstream.blocks[1].attn.qkv.weight)
+    assert torch.equal(ours["class_emb.weight"][:3], upstream.class_emb.weight[:3])
+    assert torch.equal(ours["class_emb.weight"][-1], upstream.class_emb.weight[-1])  # the null class stays last
+
+
+def test_mismatched_vqvae_is_refused(data, tmp_path):
+    with pytest.raises(TokenFileError, match="came from VQ-VAE sha") as err:
+        train_var.train(config(data, tmp_path / "run", vqvae=str(data["other"])), SINGLE)
+    assert str(data["tokens"]) in str(err.value) and "tokenize_multiscale_maps" in str(err.value)
+    assert not (tmp_path / "run" / "last.pth").exists()
+
+
+def test_corrupt_npz_is_refused(data, tmp_path):
+    bad = tmp_path / "tokens_multiscale_maps.npz"
+    bad.write_bytes(data["tokens"].read_bytes()[:300])
+    (tmp_path / "classes.json").write_text(json.dumps(CLASSES))
+    with pytest.raises(TokenFileError, match="not a readable npz token file") as err:
+        train_var.train(config(data, tmp_path / "run", tokens=str(bad)), SINGLE)
+    assert str(bad) in str(err.value)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoints(data, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    calls = {"train": 0}
+    real = train_var.token_losses
+
+    def poisoned(logits, *args):
+        loss, sums = real(logits, *args)
+        if torch.is_grad_enabled():  # training micro-batches only; 4 per epoch here
+            calls["train"] += 1
+            if calls["train"] > 8:
+                loss = loss * float("nan")
+        return loss, sums
+
+    monkeypatch.setattr(train_var, "token_losses", poisoned)
+    with pytest.raises(NonFiniteLossError, match="at step 8"):
+        train_var.train(config(data, out, epochs=5), SINGLE)
+    last = load_checkpoint(out / "last.pth")
+    assert last["epoch"] == 2 and last["step"] == 8
+    assert all(torch.isfinite(v).all() for v in last["model"].values())
+    load_var(out / "best.pth")
+    calls["train"] = 0
+    monkeypatch.setattr(sys, "argv", ["train_var.py", *cli(data, tmp_path / "cli", epochs=5)])
+    with pytest.raises(SystemExit) as exit_info:
+        train_var.main()
+    assert exit_info.value.code == 1 and "loss became nan at step 8" in capsys.readouterr().err
+
+
+def test_resume_after_kill_continues_and_matches_an_uninterrupted_run(data, tmp_path, capsys):
+    epochs = 10
+    reference = run_script(cli(data, tmp_path / "reference", epochs=epochs))
+    out = tmp_path / "killed"
+    proc = run_script(cli(data, out, epochs=epochs))
+    deadline = time.time() + 60
+    while not (out / "last.pth").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = load_checkpoint(out / "last.pth")
+    assert killed_at["epoch"] < epochs
+    log = finish(run_script(cli(data, out, epochs=epochs)))
+    assert f"resuming from {out / 'last.pth'}: {killed_at['epoch']} epochs done, step {killed_at['step']}" in log
+    finish(reference)
+    resumed, uninterrupted = load_checkpoint(out / "last.pth"), load_checkpoint(tmp_path / "reference" / "last.pth")
+    assert resumed["epoch"] == epochs and resumed["step"] == epochs * 4
+    assert [r["epoch"] for r in resumed["history"]] == list(range(1, epochs + 1))
+    for key, value in uninterrupted["model"].items():
+        torch.testing.assert_close(resumed["model"][key], value, rtol=1e-5, atol=1e-6, msg=key)
+    train_var.train(config(data, out, epochs=epochs), SINGLE)
+    assert f"already trained for {epochs} epochs" in capsys.readouterr().out
+
+
+def test_torchrun_two_processes_match_one_process_with_the_same_global_batch(data, tmp_path):
+    # One process accumulating two micro-batches of 4 vs two processes with one micro-batch of 4 each.
+    one = run_script(cli(data, tmp_path / "one", epochs=3, grad_accum=2))
+    two = run_script(cli(data, tmp_path / "two", epochs=3), nproc=2)
+    finish(one)
+    log = finish(two, timeout=90)
+    assert "2 process(es)" in log
+    a, b = load_checkpoint(tmp_path / "one" / "last.pth"), load_checkpoint(tmp_path / "two" / "last.pth")
+    assert a["step"] == b["step"] == 12
+    for ra, rb in zip(a["history"], b["history"]):
+        assert ra["train_loss"] == pytest.approx(rb["train_loss"], rel=1e-4)
+        assert ra["val_acc_scales"] == pytest.approx(rb["val_acc_scales"], abs=1 / 64)
+        assert ra["val_loss"] == pytest.approx(rb["val_loss"], rel=1e-4)
+    for key, value in a["model"].items():
+        torch.testing.assert_close(b["model"][key], value, rtol=1e-3, atol=1e-4, msg=key)

@@ -1,0 +1,394 @@
+"""Train the VAR transformer (class-conditional next-scale prediction) on the token maps of a frozen VQ-VAE.
+
+    python train_var.py --config=configs/var_cpu.json                                   # CPU demo, phantoms
+    torchrun --standalone --nproc_per_node=8 train_var.py --config=configs/var_gpu.json  # GPU box
+
+Inputs: tokens_multiscale_maps.npz + classes.json (tokenize_multiscale_maps.py) and the VQ-VAE checkpoint those
+tokens came from (its checksum must match the one recorded in the npz). The frozen VQ-VAE's codebook and phi
+convolutions turn each batch's token maps into the teacher-forcing input on the device.
+Outputs in out_dir: best.pth (lowest val loss), last.pth (full training state; a rerun resumes from it),
+config.json, history.json, loss.png, accuracy.png, lr.png and samples/epoch_XXX.png (rows = classes).
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script from anywhere: find common/
+
+
+@dataclass
+class Config:
+    tokens: str = "runs/tokens/tokens_multiscale_maps.npz"  # token maps (classes.json beside it) from tokenize_multiscale_maps.py
+    vqvae: str = "runs/vqvae/best.pth"  # the VQ-VAE checkpoint the tokens came from (checked by checksum)
+    out_dir: str = "runs/var"  # where checkpoints, history, plots and sample grids go
+    resume: str = "auto"  # 'auto' = out_dir/last.pth when it exists, 'none' = start afresh, or a last.pth path
+    init_upstream: str = ""  # reference VAR checkpoint (var_d16.pth ...) to fine-tune from ('' = random init); sets the architecture
+    depth: int = 16  # transformer blocks
+    embed_dim: int = 0  # width (0 = 64 * depth, as the reference)
+    num_heads: int = 0  # attention heads (0 = depth, as the reference)
+    mlp_ratio: float = 4.0  # MLP hidden width / embed_dim
+    drop_rate: float = 0.0  # dropout after attention projection and MLP
+    attn_drop_rate: float = 0.0  # dropout on attention weights
+    drop_path_rate: float = 0.0  # stochastic depth of the last block (grows linearly from 0); the reference uses 0.1 * depth / 24
+    attn_l2_norm: bool = True  # cosine attention with a learned temperature (the reference's default)
+    shared_aln: bool = False  # one AdaLN linear shared by all blocks
+    cond_drop_rate: float = 0.1  # fraction of training samples whose class is replaced by the null class (for guidance)
+    label_smoothing: float = 0.0  # label smoothing of the training cross-entropy (metrics are always plain CE)
+    epochs: int = 200  # passes over the training split
+    batch_size: int = 256  # global batch per optimizer step (all processes and accumulation steps together)
+    grad_accum: int = 1  # micro-batches per optimizer step on each process
+    lr: float = 3e-4  # peak learning rate (AdamW)
+    adam_beta1: float = 0.9  # AdamW beta1 (the reference's)
+    adam_beta2: float = 0.95  # AdamW beta2 (the reference's)
+    weight_decay: float = 0.05  # AdamW weight decay (never on norms, biases, embeddings)
+    warmup_epochs: float = 4.0  # linear warmup length in epochs, then cosine decay
+    final_lr_ratio: float = 0.01  # learning rate at the end as a fraction of the peak
+    grad_clip: float = 2.0  # clip the global gradient norm to this (0 = off)
+    precision: str = "auto"  # autocast dtype: auto (bf16 on capable CUDA, fp16 on older CUDA / MPS, fp32 on CPU), bf16, fp16, fp32
+    device: str = "auto"  # auto, cpu, cuda, mps (under torchrun each process takes cuda:LOCAL_RANK)
+    cpu_threads: int = 0  # torch CPU threads per process (0 = torch's default)
+    eval_batch_size: int = 128  # validation batch per process
+    sample_every: int = 20  # epochs between sample grids (one is always drawn after the first and the last epoch; 0 = only those)
+    plot_every: int = 1  # epochs between refreshing the curve plots (also drawn with every sample grid)
+    samples_per_class: int = 6  # images per class (row) in each sample grid
+    cfg_scale: float = 1.5  # classifier-free guidance of the sample grids (grows linearly over scales up to this)
+    top_k: int = 900  # top-k filtering when sampling (0 = off)
+    top_p: float = 0.95  # nucleus filtering when sampling (0 = off)
+    seed: int = 0  # seed of the initialisation, the data order, class dropout and the sample grids
+
+
+import contextlib  # noqa: E402
+import math  # noqa: E402
+import time  # noqa: E402
+from typing import Any  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from common.checkpoint import CheckpointError  # noqa: E402
+from common.config import config_dict, parse_config, save_config  # noqa: E402
+from common.distributed import DistContext, setup_distributed  # noqa: E402
+from common.history import History  # noqa: E402
+from common.plotting import image_grid, plot_curves, save_figure  # noqa: E402  (picks the headless backend)
+import matplotlib.pyplot as plt  # noqa: E402
+from common.runtime import Precision, pick_device, seed_everything, select_precision  # noqa: E402
+from common.tokens import TokenFileError, TokenSet, load_tokens  # noqa: E402
+from common.training import (NonFiniteLossError, check_finite, lr_at, param_groups, resume_training_checkpoint,  # noqa: E402
+                             save_training_checkpoint, set_lr, unwrap)
+from models.convert_upstream import var_from_upstream  # noqa: E402
+from models.var import VAR  # noqa: E402
+from models.vqvae import VQVAE, load_vqvae  # noqa: E402
+
+
+class TrainVarError(RuntimeError):
+    """Inputs or settings this script cannot train with."""
+
+
+def build_var(cfg: Config, vq_config: dict[str, Any], num_classes: int) -> VAR:
+    """A VAR for the VQ-VAE's vocabulary, z channels and scales: fresh, or the reference weights to fine-tune."""
+    if cfg.init_upstream:
+        try:
+            model = var_from_upstream(cfg.init_upstream, num_classes=num_classes, drop_rate=cfg.drop_rate,
+                                      attn_drop_rate=cfg.attn_drop_rate, drop_path_rate=cfg.drop_path_rate,
+                                      cond_drop_rate=cfg.cond_drop_rate, scales=list(vq_config["scales"]))
+        except (CheckpointError, ValueError, KeyError) as err:
+            raise TrainVarError(f"{cfg.init_upstream}: cannot initialise from it: {err}") from None
+        for key in ("vocab_size", "z_channels"):
+            if model.config[key] != vq_config[key]:
+                raise TrainVarError(f"{cfg.init_upstream}: its {key} is {model.config[key]} but the VQ-VAE's is "
+                                    f"{vq_config[key]}; fine-tuning needs tokens from the matching (reference) VQ-VAE")
+        return model.train()
+    return VAR(vocab_size=vq_config["vocab_size"], z_channels=vq_config["z_channels"], scales=vq_config["scales"],
+               num_classes=num_classes, depth=cfg.depth, embed_dim=cfg.embed_dim or 64 * cfg.depth,
+               num_heads=cfg.num_heads or cfg.depth, mlp_ratio=cfg.mlp_ratio, drop_rate=cfg.drop_rate,
+               attn_drop_rate=cfg.attn_drop_rate, drop_path_rate=cfg.drop_path_rate, shared_aln=cfg.shared_aln,
+               cond_drop_rate=cfg.cond_drop_rate, attn_l2_norm=cfg.attn_l2_norm)
+
+
+def scale_of_position(scales: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """(L,) index of the scale each sequence position belongs to."""
+    return torch.cat([torch.full((pn * pn,), k, dtype=torch.long) for k, pn in enumerate(scales)]).to(device)
+
+
+def token_losses(logits: torch.Tensor, target: torch.Tensor, scale_ids: torch.Tensor, num_scales: int,
+                 label_smoothing: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Training loss (mean over every token of every scale) and per-scale sums (3, K): plain CE, correct, tokens."""
+    logp = logits.float().log_softmax(dim=-1)
+    nll = -logp.gather(-1, target[..., None]).squeeze(-1)  # (B, L)
+    per_token = nll if label_smoothing == 0 else (1 - label_smoothing) * nll - label_smoothing * logp.mean(-1)
+    correct = (logits.argmax(-1) == target).float()
+    sums = torch.zeros(3, num_scales, device=logits.device)
+    sums[0].index_add_(0, scale_ids, nll.detach().sum(0))
+    sums[1].index_add_(0, scale_ids, correct.sum(0))
+    sums[2].index_add_(0, scale_ids, torch.full_like(nll[0], nll.shape[0]))
+    return per_token.mean(), sums
+
+
+def teacher_batch(tokens: TokenSet, rows: np.ndarray, vqvae: VQVAE, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows -> (teacher-forcing input (B, L - pn_0^2, z), targets (B, L)), built on the device."""
+    idx_list = [m.to(device, non_blocking=True) for m in tokens.idx_list(rows)]
+    return vqvae.idx_to_var_input(idx_list), torch.cat([m.flatten(1) for m in idx_list], dim=1)
+
+
+def class_dropout(labels: torch.Tensor, positions: slice, batch_size: int, seed: int, step: int, rate: float,
+                  null_class: int) -> torch.Tensor:
+    """Replace a fraction `rate` of the labels by the null class. The draw for a sample depends only on the seed,
+    the optimizer step and the sample's position in the global batch, so it does not change with the process count."""
+    if rate <= 0:
+        return labels
+    g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    drop = torch.rand(batch_size, generator=g)[positions] < rate
+    return torch.where(drop.to(labels.device), null_class, labels)
+
+
+def summarise(sums: torch.Tensor) -> dict[str, Any]:
+    """Per-scale sums (3, K) -> mean loss over all tokens, last-scale loss, accuracy overall and per scale."""
+    nll, correct, count = sums.double().cpu()
+    return {"loss": float(nll.sum() / count.sum()), "loss_last": float(nll[-1] / count[-1]),
+            "acc": float(correct.sum() / count.sum()), "loss_scales": (nll / count).tolist(),
+            "acc_scales": (correct / count).tolist()}
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, vqvae: VQVAE, tokens: TokenSet, cfg: Config, dist: DistContext, precision: Precision,
+             scale_ids: torch.Tensor) -> dict[str, Any]:
+    """Plain cross-entropy and accuracy per scale over the whole split (rows sharded over processes), true labels."""
+    model.eval()
+    rows = np.arange(dist.rank, len(tokens.labels), dist.world_size)
+    sums = torch.zeros(3, len(tokens.scales), device=dist.device)
+    for start in range(0, len(rows), cfg.eval_batch_size):
+        batch = rows[start:start + cfg.eval_batch_size]
+        x_in, target = teacher_batch(tokens, batch, vqvae, dist.device)
+        labels = torch.from_numpy(tokens.labels[batch]).to(dist.device)
+        with precision.autocast():
+            logits = unwrap(model)(labels, x_in)
+        sums += token_losses(logits, target, scale_ids, len(tokens.scales), 0.0)[1]
+    model.train()
+    return summarise(dist.all_reduce_sum(sums))
+
+
+@torch.no_grad()
+def save_sample_grid(model: VAR, vqvae: VQVAE, classes: list[str], cfg: Config, precision: Precision,
+                     device: torch.device, path: Path, title: str) -> None:
+    """samples_per_class images of every class (one row each), with guidance and top-k/top-p, from a fixed seed."""
+    model.eval()
+    labels = torch.arange(len(classes), device=device).repeat_interleave(cfg.samples_per_class)
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    with precision.autocast():
+        images, _ = model.generate(vqvae, labels, cfg=cfg.cfg_scale, top_k=cfg.top_k, top_p=cfg.top_p,
+                                   generator=generator)
+    model.train()
+    images = (images.float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    grid = image_grid(images, ncols=cfg.samples_per_class)
+    side = images.shape[1]
+    inches = max(1.2, side / 120)  # at the default 120 dpi, large samples keep their full resolution
+    fig, ax = plt.subplots(figsize=(inches * cfg.samples_per_class + 1.2, inches * len(classes) + 0.5))
+    ax.imshow(grid, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+    ax.set_yticks([2 + (side + 2) * i + side / 2 for i in range(len(classes))], classes)
+    ax.set_xticks([])
+    ax.set_title(title, fontsize=9)
+    save_figure(fig, path)
+
+
+def save_plots(history: History, out_dir: Path, scales: tuple[int, ...], vocab: int, majority: list[float],
+               lr_curve: tuple[list[int], list[float]]) -> None:
+    """loss.png (mean and last-scale CE), accuracy.png (val accuracy per scale against baselines), lr.png."""
+    records = history.records
+    epochs = [r["epoch"] for r in records]
+    uniform = math.log(vocab)
+    plot_curves({"train (mean over all tokens)": history.series("train_loss"), "val (mean over all tokens)": history.series("val_loss"),
+                 f"train (last scale {scales[-1]}x{scales[-1]})": history.series("train_loss_last"),
+                 f"val (last scale {scales[-1]}x{scales[-1]})": history.series("val_loss_last"),
+                 f"uniform guess ln {vocab}": (epochs, [uniform] * len(epochs))},
+                out_dir / "loss.png", "VAR cross-entropy", "epoch", "cross-entropy (nats)")
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for k, pn in enumerate(scales):
+        line, = ax.plot(epochs, [r["val_acc_scales"][k] for r in records], marker="o", markersize=3, label=f"{pn}x{pn}")
+        ax.axhline(majority[k], color=line.get_color(), linestyle="--", linewidth=0.8)
+    ax.axhline(1 / vocab, color="grey", linestyle=":", label=f"chance 1/{vocab}")
+    ax.set_title("VAR val token accuracy per scale (dashed: always the most frequent training token of the scale)")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    save_figure(fig, out_dir / "accuracy.png")
+    plot_curves({"learning rate": lr_curve}, out_dir / "lr.png", "learning rate (warmup, cosine decay)", "optimizer step", "lr")
+
+
+def majority_baseline(train: TokenSet, val: TokenSet) -> list[float]:
+    """Per scale, the val accuracy of always guessing the scale's most frequent training token: a stronger chance level."""
+    out = []
+    for k in range(len(train.scales)):
+        top = np.bincount(train.maps(k).ravel()).argmax()
+        out.append(float((val.maps(k) == top).mean()))
+    return out
+
+
+def load_inputs(cfg: Config, device: torch.device) -> tuple[VQVAE, TokenSet]:
+    """The token set and the frozen VQ-VAE, refusing tokens that did not come from this VQ-VAE checkpoint."""
+    tokens = load_tokens(cfg.tokens, cfg.vqvae)
+    vqvae = load_vqvae(cfg.vqvae, map_location=device)
+    vqvae.eval().requires_grad_(False)
+    if tuple(tokens.scales) != tuple(vqvae.scales):
+        raise TrainVarError(f"{cfg.tokens}: scales {tuple(tokens.scales)} differ from the VQ-VAE's {tuple(vqvae.scales)}")
+    return vqvae, tokens
+
+
+def train(cfg: Config, dist: DistContext) -> None:
+    device = dist.device
+    out_dir = Path(cfg.out_dir)
+    per_process, rem = divmod(cfg.batch_size, dist.world_size * cfg.grad_accum)
+    if rem or per_process == 0:
+        raise TrainVarError(f"batch_size {cfg.batch_size} must be a positive multiple of processes ({dist.world_size}) "
+                            f"x grad_accum ({cfg.grad_accum})")
+    precision = select_precision(device, cfg.precision)
+
+    vqvae, tokens = load_inputs(cfg, device)
+    train_set, val_set = tokens.select("train"), tokens.select("val")
+    n_train = len(train_set.labels)
+    if n_train < cfg.batch_size or len(val_set.labels) == 0:
+        raise TrainVarError(f"{cfg.tokens}: {n_train} train / {len(val_set.labels)} val rows; need at least "
+                            f"batch_size={cfg.batch_size} train rows and one val row")
+    classes = tokens.classes
+    scales = tuple(tokens.scales)
+    vocab = vqvae.config["vocab_size"]
+
+    seed_everything(cfg.seed)  # the same initial weights in every process
+    model = build_var(cfg, vqvae.config, len(classes)).to(device)
+    if dist.rank:  # but distinct stochastic depth / dropout draws
+        seed_everything(cfg.seed + dist.rank)
+    # This script draws class dropout itself (see class_dropout), so the model's own draw is switched off.
+    model.cond_drop_rate = 0.0
+    model_config = model.config
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                  fused=device.type == "cuda")
+    scaler = precision.make_scaler()
+
+    start_epoch, step, best_val, history = 0, 0, math.inf, History()
+    resume_path = out_dir / "last.pth" if cfg.resume == "auto" else None if cfg.resume == "none" else Path(cfg.resume)
+    if resume_path is not None and (cfg.resume != "auto" or resume_path.is_file()):
+        ckpt = resume_training_checkpoint(resume_path, model, optimizer, scaler, model_config)
+        if ckpt.get("vqvae_sha256") != tokens.vqvae_sha256:
+            raise TrainVarError(f"{resume_path}: was trained on tokens of VQ-VAE sha {ckpt.get('vqvae_sha256')}, "
+                                f"but {cfg.tokens} holds tokens of sha {tokens.vqvae_sha256}; use another out_dir")
+        start_epoch, step = int(ckpt["epoch"]), int(ckpt["step"])
+        best_val, history = float(ckpt["best_val_loss"]), History(ckpt["history"])
+        if dist.rank:  # the checkpoint holds rank 0's random streams; keep the other processes' draws distinct
+            seed_everything(cfg.seed + dist.rank + 1000 * start_epoch)
+        dist.print(f"resuming from {resume_path}: {start_epoch} epochs done, step {step}, best val loss {best_val:.4f}")
+    if dist.enabled:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    steps_per_epoch = n_train // cfg.batch_size
+    total_steps = cfg.epochs * steps_per_epoch
+    warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
+    scale_ids = scale_of_position(scales, device)
+    extra = {"vqvae_sha256": tokens.vqvae_sha256, "vqvae_path": str(Path(cfg.vqvae).resolve()), "classes": classes,
+             "tokens_path": str(Path(cfg.tokens).resolve())}
+    n_params = sum(p.numel() for p in model.parameters())
+    if dist.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out_dir)
+    dist.print(f"VAR {n_params / 1e6:.2f}M parameters {dict((k, model_config[k]) for k in ('depth', 'embed_dim', 'num_heads'))}; "
+               f"{n_train} train / {len(val_set.labels)} val images of {len(classes)} classes, {scale_ids.numel()} tokens "
+               f"each over scales {scales}; vocab {vocab} (uniform guess: CE {math.log(vocab):.2f}, acc {1 / vocab:.4f}); "
+               f"{dist.world_size} process(es) on {device} ({precision.name}); {steps_per_epoch} steps/epoch, "
+               f"micro-batch {per_process}")
+    majority = majority_baseline(train_set, val_set)
+    dist.print("majority-token val accuracy per scale: " + " ".join(f"{a:.3f}" for a in majority))
+
+    lo = dist.rank * cfg.grad_accum * per_process
+    for epoch in range(start_epoch, cfg.epochs):
+        t0 = time.time()
+        order = np.random.default_rng([cfg.seed, epoch]).permutation(n_train)  # same order in every process
+        sums = torch.zeros(3, len(scales), device=device)
+        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not dist.is_main,
+                   leave=False, dynamic_ncols=True)
+        for it in bar:
+            lr = lr_at(step, total_steps, warmup_steps, cfg.lr, cfg.final_lr_ratio)
+            set_lr(optimizer, lr)
+            step_loss = torch.zeros((), device=device)
+            for micro in range(cfg.grad_accum):
+                positions = slice(lo + micro * per_process, lo + (micro + 1) * per_process)  # within the global batch
+                rows = order[it * cfg.batch_size:(it + 1) * cfg.batch_size][positions]
+                x_in, target = teacher_batch(train_set, rows, vqvae, device)
+                labels = class_dropout(torch.from_numpy(train_set.labels[rows]).to(device), positions, cfg.batch_size,
+                                       cfg.seed, step, cfg.cond_drop_rate, len(classes))
+                last_micro = micro == cfg.grad_accum - 1
+                sync = contextlib.nullcontext() if last_micro or not dist.enabled else model.no_sync()
+                with sync:
+                    with precision.autocast():
+                        logits = model(labels, x_in)
+                    loss, batch_sums = token_losses(logits, target, scale_ids, len(scales), cfg.label_smoothing)
+                    scaler.scale(loss / cfg.grad_accum).backward()
+                sums += batch_sums
+                step_loss += loss.detach() / cfg.grad_accum
+            # The global mean loss, so that every process stops together on a non-finite value.
+            step_loss = dist.all_reduce_sum(step_loss) / dist.world_size
+            check_finite(step_loss, step)
+            scaler.unscale_(optimizer)
+            if cfg.grad_clip > 0:
+                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            if dist.is_main:
+                bar.set_postfix(loss=f"{step_loss.item():.3f}", lr=f"{lr:.2e}")
+        bar.close()
+
+        train_m = summarise(dist.all_reduce_sum(sums))
+        val_m = evaluate(model, vqvae, val_set, cfg, dist, precision, scale_ids)
+        history.append(epoch=epoch + 1, step=step, lr=lr, seconds=round(time.time() - t0, 2),
+                       **{f"train_{k}": v for k, v in train_m.items()}, **{f"val_{k}": v for k, v in val_m.items()})
+        is_best = val_m["loss"] < best_val
+        best_val = min(best_val, val_m["loss"])
+        if dist.is_main:
+            common = dict(model=model, model_config=model_config, config=config_dict(cfg), epoch=epoch + 1, step=step,
+                          history=history.records, best_val_loss=best_val, extra=extra)
+            if is_best:
+                save_training_checkpoint(out_dir / "best.pth", **common)
+            save_training_checkpoint(out_dir / "last.pth", optimizer=optimizer, scaler=scaler, **common)
+            history.save(out_dir / "history.json")
+            print(f"epoch {epoch + 1}/{cfg.epochs} step {step}: train loss {train_m['loss']:.4f} "
+                  f"(last scale {train_m['loss_last']:.4f}), val loss {val_m['loss']:.4f} (last scale "
+                  f"{val_m['loss_last']:.4f}){' *best*' if is_best else ''}; val acc per scale "
+                  + " ".join(f"{a:.3f}" for a in val_m["acc_scales"]) + f"; lr {lr:.2e}; {time.time() - t0:.1f}s",
+                  flush=True)
+            sample_now = epoch in (0, cfg.epochs - 1) or (cfg.sample_every > 0 and (epoch + 1) % cfg.sample_every == 0)
+            if sample_now or (cfg.plot_every > 0 and (epoch + 1) % cfg.plot_every == 0):
+                lr_steps = np.unique(np.linspace(0, step - 1, 500).round().astype(int)).tolist()
+                save_plots(history, out_dir, scales, vocab, majority,
+                           (lr_steps, [lr_at(s, total_steps, warmup_steps, cfg.lr, cfg.final_lr_ratio) for s in lr_steps]))
+            if sample_now:
+                save_sample_grid(unwrap(model), vqvae, classes, cfg, precision, device,
+                                 out_dir / "samples" / f"epoch_{epoch + 1:03d}.png",
+                                 f"epoch {epoch + 1}, val loss {val_m['loss']:.3f}, cfg {cfg.cfg_scale}, "
+                                 f"top-k {cfg.top_k}, top-p {cfg.top_p}")
+        dist.barrier()
+    if start_epoch >= cfg.epochs:
+        dist.print(f"{out_dir}: already trained for {cfg.epochs} epochs; raise --epochs to continue")
+    else:
+        dist.print(f"done: best val loss {best_val:.4f}; checkpoints in {out_dir}")
+
+
+def main() -> None:
+    cfg = parse_config(Config)
+    if cfg.cpu_threads > 0:
+        torch.set_num_threads(cfg.cpu_threads)
+    dist = setup_distributed(pick_device(cfg.device))
+    try:
+        train(cfg, dist)
+    except (TrainVarError, TokenFileError, CheckpointError, NonFiniteLossError) as err:
+        print(f"error (rank {dist.rank}): {err}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
+    finally:
+        dist.cleanup()
+
+
+if __name__ == "__main__":
+    main()
