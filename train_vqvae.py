@@ -36,7 +36,7 @@ from common.io import atomic_write_json
 from common.plotting import bar_counts, image_grid, plot_curves, save_figure
 from common.runtime import Precision, pick_device, seed_everything, select_precision
 from common.training import (NonFiniteLossError, check_finite, lr_at, param_groups, resume_training_checkpoint,
-                             save_training_checkpoint, set_lr, unwrap)
+                             save_training_checkpoint, set_lr)
 from models.vqvae import VQVAE
 
 

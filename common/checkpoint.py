@@ -4,9 +4,12 @@ from __future__ import annotations
 import pickle
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
+from torch import nn
+
+M = TypeVar("M", bound=nn.Module)
 
 
 class CheckpointError(RuntimeError):
@@ -43,3 +46,18 @@ def require_keys(ckpt: dict[str, Any], keys: list[str], path: str | Path) -> Non
         raise CheckpointError(
             f"{path}: not a checkpoint of this project: missing {', '.join(missing)} (has {', '.join(sorted(ckpt)) or 'nothing'})"
         )
+
+
+def load_model(path: str | Path, cls: type[M], map_location: str | torch.device = "cpu") -> M:
+    """A network from this project's checkpoint format {"model": state_dict, "model_config": kwargs, ...}, in eval mode."""
+    ckpt = load_checkpoint(path, map_location=map_location)
+    require_keys(ckpt, ["model", "model_config"], path)
+    try:
+        model = cls(**ckpt["model_config"])
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{path}: model_config does not describe a {cls.__name__}: {err}") from None
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as err:
+        raise CheckpointError(f"{path}: weights do not fit its model_config: {err}") from None
+    return model.to(map_location).eval()

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common.checkpoint import CheckpointError, load_checkpoint, require_keys
+from common.checkpoint import load_model
 from models.vqvae import VQVAE
 
 
@@ -329,14 +329,4 @@ class VAR(nn.Module):
 
 def load_var(path: str | Path, map_location: str | torch.device = "cpu") -> VAR:
     """A VAR from this project's checkpoint format {"model": state_dict, "model_config": dict, ...}, in eval mode."""
-    ckpt = load_checkpoint(path, map_location=map_location)
-    require_keys(ckpt, ["model", "model_config"], path)
-    try:
-        model = VAR(**ckpt["model_config"])
-    except (TypeError, ValueError) as err:
-        raise CheckpointError(f"{path}: model_config does not describe a VAR: {err}") from None
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as err:
-        raise CheckpointError(f"{path}: weights do not fit its model_config: {err}") from None
-    return model.to(map_location).eval()
+    return load_model(path, VAR, map_location)

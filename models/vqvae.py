@@ -7,7 +7,7 @@ from typing import NamedTuple, Sequence
 import torch
 import torch.nn as nn
 
-from common.checkpoint import CheckpointError, load_checkpoint, require_keys
+from common.checkpoint import load_model
 from models.basic_vae import Decoder, Encoder
 from models.quantizer import MultiScaleQuantizer
 
@@ -78,14 +78,4 @@ class VQVAE(nn.Module):
 
 def load_vqvae(path: str | Path, map_location: str | torch.device = "cpu") -> VQVAE:
     """A VQVAE from this project's checkpoint format {"model": state_dict, "model_config": dict, ...}, in eval mode."""
-    ckpt = load_checkpoint(path, map_location=map_location)
-    require_keys(ckpt, ["model", "model_config"], path)
-    try:
-        model = VQVAE(**ckpt["model_config"])
-    except (TypeError, ValueError) as err:
-        raise CheckpointError(f"{path}: model_config does not describe a VQVAE: {err}") from None
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as err:
-        raise CheckpointError(f"{path}: weights do not fit its model_config: {err}") from None
-    return model.to(map_location).eval()
+    return load_model(path, VQVAE, map_location)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import numpy as np
 import pytest
@@ -20,13 +20,7 @@ from common.tokens import TokenFileError, load_tokens, save_tokens
 from models.vqvae import load_vqvae
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    """One thread per process: on a busy 2-core machine, torch's thread pool otherwise slows these tests many-fold."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_image_set(root: Path, size: int = 64, seed: int = 0) -> Path:

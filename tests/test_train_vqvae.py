@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Iterator
+
 
 import numpy as np
 import pytest
@@ -24,13 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 EPOCHS = 5
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    """One thread per process: on a busy 2-core machine, torch's thread pool otherwise slows these tests many-fold."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_image_set(root: Path, size: int = 64, seed: int = 0) -> Path:
