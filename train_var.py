@@ -11,11 +11,32 @@ config.json, history.json, loss.png, accuracy.png, lr.png and samples/epoch_XXX.
 """
 from __future__ import annotations
 
+import contextlib
+import math
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script from anywhere: find common/
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from common.checkpoint import CheckpointError
+from common.config import config_dict, parse_config, save_config
+from common.distributed import DistContext, setup_distributed
+from common.history import History
+from common.plotting import image_grid, plot_curves, save_figure
+from common.runtime import Precision, pick_device, seed_everything, select_precision
+from common.tokens import TokenFileError, TokenSet, load_tokens
+from common.training import (NonFiniteLossError, check_finite, lr_at, param_groups, resume_training_checkpoint,
+                             save_training_checkpoint, set_lr, unwrap)
+from models.convert_upstream import var_from_upstream
+from models.var import VAR
+from models.vqvae import VQVAE, load_vqvae
 
 
 @dataclass
@@ -57,31 +78,6 @@ class Config:
     top_k: int = 900  # top-k filtering when sampling (0 = off)
     top_p: float = 0.95  # nucleus filtering when sampling (0 = off)
     seed: int = 0  # seed of the initialisation, the data order, class dropout and the sample grids
-
-
-import contextlib  # noqa: E402
-import math  # noqa: E402
-import time  # noqa: E402
-from typing import Any  # noqa: E402
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
-from common.checkpoint import CheckpointError  # noqa: E402
-from common.config import config_dict, parse_config, save_config  # noqa: E402
-from common.distributed import DistContext, setup_distributed  # noqa: E402
-from common.history import History  # noqa: E402
-from common.plotting import image_grid, plot_curves, save_figure  # noqa: E402  (picks the headless backend)
-import matplotlib.pyplot as plt  # noqa: E402
-from common.runtime import Precision, pick_device, seed_everything, select_precision  # noqa: E402
-from common.tokens import TokenFileError, TokenSet, load_tokens  # noqa: E402
-from common.training import (NonFiniteLossError, check_finite, lr_at, param_groups, resume_training_checkpoint,  # noqa: E402
-                             save_training_checkpoint, set_lr, unwrap)
-from models.convert_upstream import var_from_upstream  # noqa: E402
-from models.var import VAR  # noqa: E402
-from models.vqvae import VQVAE, load_vqvae  # noqa: E402
 
 
 class TrainVarError(RuntimeError):
