@@ -76,7 +76,7 @@ def test_safe_loader_clear_errors(tmp_path):
     truncated.write_bytes(good.read_bytes()[:200])
     with pytest.raises(CheckpointError, match="truncated.pth: not a readable PyTorch checkpoint"):
         load_checkpoint(truncated)
-    (tmp_path / "garbage.pth").write_bytes(b"\x80not a checkpoint at all" * 10)
+    (tmp_path / "garbage.pth").write_bytes(b"not a checkpoint at all" * 10)
     with pytest.raises(CheckpointError, match="garbage.pth: not a PyTorch checkpoint"):
         load_checkpoint(tmp_path / "garbage.pth")
     torch.save([1, 2], tmp_path / "list.pth")
