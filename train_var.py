@@ -7,7 +7,7 @@ Inputs: tokens_multiscale_maps.npz + classes.json (tokenize_multiscale_maps.py) 
 tokens came from (its checksum must match the one recorded in the npz). The frozen VQ-VAE's codebook and phi
 convolutions turn each batch's token maps into the teacher-forcing input on the device.
 Outputs in out_dir: best.pth (lowest val loss), last.pth (full training state; a rerun resumes from it),
-config.json, history.json, loss.png, accuracy.png, lr.png and samples/epoch_XXX.png (rows = classes).
+config.json, history.json, loss.png, accuracy.png, lr.png and samples/epoch_NNN.png (rows = classes).
 """
 from __future__ import annotations
 
