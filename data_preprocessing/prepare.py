@@ -33,7 +33,9 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import cv2  # noqa: E402
+import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.patches import Rectangle  # noqa: E402
 from PIL import Image  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
@@ -369,9 +371,6 @@ def scan_panel(args: tuple[dict, int, tuple[str, ...]]) -> tuple[dict, np.ndarra
 
 def scan_area_figure(panels: list[tuple[dict, np.ndarray, ScanArea]], out: Path, per_class: int) -> None:
     """Originals: outside the detected scan area tinted red (what gets blanked), the crop box in yellow."""
-    import matplotlib.pyplot as plt
-    from matplotlib.patches import Rectangle
-
     classes = sorted({row["class"] for row, _, _ in panels})
     fig, axes = plt.subplots(len(classes), per_class, figsize=(4.0 * per_class, 3.4 * len(classes)), squeeze=False)
     for ax in axes.flat:
