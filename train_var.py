@@ -29,7 +29,7 @@ from common.checkpoint import CheckpointError
 from common.config import config_dict, parse_config, save_config
 from common.distributed import DistContext, setup_distributed
 from common.history import History
-from common.plotting import image_grid, plot_curves, save_figure
+from common.plotting import plot_curves, save_figure, save_labelled_grid
 from common.runtime import Precision, pick_device, seed_everything, select_precision
 from common.tokens import TokenFileError, TokenSet, load_tokens
 from common.training import (NonFiniteLossError, check_finite, lr_at, param_groups, resume_training_checkpoint,
@@ -173,21 +173,12 @@ def save_sample_grid(model: VAR, vqvae: VQVAE, classes: list[str], cfg: Config, 
     """samples_per_class images of every class (one row each), with guidance and top-k/top-p, from a fixed seed."""
     model.eval()
     labels = torch.arange(len(classes), device=device).repeat_interleave(cfg.samples_per_class)
-    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    seeds = np.random.SeedSequence(cfg.seed).generate_state(len(labels), np.uint64).tolist()
     with precision.autocast():
-        images, _ = model.generate(vqvae, labels, cfg=cfg.cfg_scale, top_k=cfg.top_k, top_p=cfg.top_p,
-                                   generator=generator)
+        images, _ = model.generate(vqvae, labels, cfg=cfg.cfg_scale, top_k=cfg.top_k, top_p=cfg.top_p, seeds=seeds)
     model.train()
     images = (images.float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    grid = image_grid(images, ncols=cfg.samples_per_class)
-    side = images.shape[1]
-    inches = max(1.2, side / 120)  # at the default 120 dpi, large samples keep their full resolution
-    fig, ax = plt.subplots(figsize=(inches * cfg.samples_per_class + 1.2, inches * len(classes) + 0.5))
-    ax.imshow(grid, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
-    ax.set_yticks([2 + (side + 2) * i + side / 2 for i in range(len(classes))], classes)
-    ax.set_xticks([])
-    ax.set_title(title, fontsize=9)
-    save_figure(fig, path)
+    save_labelled_grid(images, cfg.samples_per_class, classes, path, title)
 
 
 def save_plots(history: History, out_dir: Path, scales: tuple[int, ...], vocab: int, majority: list[float],

@@ -22,7 +22,6 @@ import numpy as np
 import torch
 import torch.distributed as torch_dist
 import torch.nn.functional as F
-from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
@@ -31,10 +30,11 @@ from common.checkpoint import CheckpointError, load_checkpoint
 from common.config import config_dict, parse_config, save_config
 from common.distributed import DistContext, setup_distributed
 from common.history import History
-from common.image_data import EpochSampler, ImageDataError, ImageSplit, list_classes
+from common.image_data import EpochSampler, ImageDataError, ImageSplit, list_classes, to_grey_uint8, to_rgb_uint8
 from common.io import atomic_write_json
 from common.plotting import bar_counts, image_grid, plot_curves, save_figure
 from common.runtime import Precision, pick_device, seed_everything, select_precision
+from common.sample_metrics import psnr_ssim
 from common.training import (NonFiniteLossError, check_finite, lr_at, param_groups, resume_training_checkpoint,
                              save_training_checkpoint, set_lr)
 from models.vqvae import VQVAE
@@ -131,15 +131,6 @@ def spread_over_classes(labels: np.ndarray, n: int) -> list[int]:
     return np.lexsort((labels, rank_in_class))[:n].tolist()
 
 
-def to_grey_uint8(img: torch.Tensor) -> np.ndarray:
-    """(B, 3, H, W) in [-1, 1] -> (B, H, W) uint8 grey, the scale PSNR/SSIM are measured on."""
-    return ((img.float().clamp(-1, 1).mean(1) + 1) * 127.5).round().byte().cpu().numpy()
-
-
-def to_rgb_uint8(img: torch.Tensor) -> np.ndarray:
-    return ((img.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
-
-
 @torch.no_grad()
 def evaluate(model: VQVAE, dataset: ImageSplit, cfg: Config, dist: DistContext, precision: Precision,
              desc: str) -> dict:
@@ -155,10 +146,8 @@ def evaluate(model: VQVAE, dataset: ImageSplit, cfg: Config, dist: DistContext, 
             out = model(img)
         rec_per_image = (out.rec.float() - img).square().flatten(1).sum(1)
         vq = out.vq_loss.float() * len(img)
-        ref, rec = to_grey_uint8(img), to_grey_uint8(out.rec)
-        # Identical images would give an infinite PSNR; 100 dB stands in for "exact".
-        psnr = sum(min(100.0, peak_signal_noise_ratio(a, b, data_range=255)) for a, b in zip(ref, rec))
-        ssim = sum(structural_similarity(a, b, data_range=255) for a, b in zip(ref, rec))
+        scores = [psnr_ssim(a, b) for a, b in zip(to_grey_uint8(img), to_grey_uint8(out.rec))]
+        psnr, ssim = sum(p for p, _ in scores), sum(s for _, s in scores)
         sums += torch.stack([rec_per_image.sum() + vq, rec_per_image.sum(), vq,
                              torch.tensor(psnr, device=dist.device), torch.tensor(ssim, device=dist.device)]).double()
         hits += out.code_hits

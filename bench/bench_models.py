@@ -38,11 +38,6 @@ class Config:
     seed: int = 0                     # weights and tokens
 
 
-import resource  # noqa: E402
-import statistics  # noqa: E402
-import time  # noqa: E402
-from typing import Callable  # noqa: E402
-
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
@@ -50,28 +45,7 @@ from common.config import parse_config  # noqa: E402
 from common.runtime import pick_device, seed_everything, select_precision  # noqa: E402
 from models.var import VAR  # noqa: E402
 from models.vqvae import VQVAE  # noqa: E402
-
-
-def timed(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int) -> float:
-    """Median wall time of fn in seconds, waiting for the GPU to finish each call."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def peak_memory_mib(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+from timing import peak_memory_mib, timed  # noqa: E402
 
 
 def main() -> None:
@@ -117,11 +91,11 @@ def main() -> None:
     vqvae.eval()
     var.eval()
     sample_labels = torch.arange(cfg.sample_batch, device=device) % cfg.num_classes
+    seeds = list(range(cfg.seed, cfg.seed + cfg.sample_batch))
     for use_cache in (True, False):
         def sample() -> None:
-            generator = torch.Generator(device=device).manual_seed(cfg.seed)
             with precision.autocast():
-                var.generate(vqvae, sample_labels, cfg=cfg.cfg_scale, top_k=cfg.top_k, generator=generator,
+                var.generate(vqvae, sample_labels, cfg=cfg.cfg_scale, top_k=cfg.top_k, seeds=seeds,
                              use_cache=use_cache)
 
         t = timed(sample, device, cfg.warmup, cfg.repeats)

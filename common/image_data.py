@@ -72,6 +72,16 @@ def to_tensor(image: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(image).permute(2, 0, 1).float().div(127.5).sub(1.0)
 
 
+def to_rgb_uint8(img: torch.Tensor) -> np.ndarray:
+    """float (B, 3, S, S) in [-1, 1] -> uint8 (B, S, S, 3): the inverse of to_tensor."""
+    return ((img.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+
+
+def to_grey_uint8(img: torch.Tensor) -> np.ndarray:
+    """(B, 3, H, W) in [-1, 1] -> (B, H, W) uint8 grey, the scale PSNR/SSIM are measured on."""
+    return ((img.float().clamp(-1, 1).mean(1) + 1) * 127.5).round().byte().cpu().numpy()
+
+
 class ImageSplit(Dataset):
     """One split of the processed set; items are (image (3, S, S) in [-1, 1], label)."""
 

@@ -85,3 +85,17 @@ def image_grid(images: np.ndarray, ncols: int, pad: int = 2, pad_value: int = 25
         y, x = pad + r * (h + pad), pad + col * (w + pad)
         grid[y : y + h, x : x + w] = image
     return grid[..., 0] if c == 1 else grid
+
+
+def save_labelled_grid(images: np.ndarray, ncols: int, row_labels: Sequence[str], path: str | Path, title: str) -> None:
+    """N uint8 images (N,H,W[,3]) tiled ncols to a row, with a label beside every row, at (about) full resolution."""
+    grid = image_grid(images, ncols=ncols)
+    side = images.shape[1]
+    nrows = -(-len(images) // max(1, min(ncols, len(images))))
+    inches = max(1.2, side / 120)  # at the default 120 dpi, large images keep their full resolution
+    fig, ax = plt.subplots(figsize=(inches * min(ncols, len(images)) + 1.2, inches * nrows + 0.5))
+    ax.imshow(grid, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+    ax.set_yticks([2 + (side + 2) * i + side / 2 for i in range(len(row_labels))], row_labels)
+    ax.set_xticks([])
+    ax.set_title(title, fontsize=9)
+    save_figure(fig, path)

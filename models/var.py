@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -136,10 +137,12 @@ class AdaLNHead(nn.Module):
 
 
 def sample_tokens(logits: torch.Tensor, top_k: int = 0, top_p: float = 0.0, temperature: float = 1.0,
-                  generator: torch.Generator | None = None) -> torch.Tensor:
+                  generators: Sequence[torch.Generator] | None = None) -> torch.Tensor:
     """(B, l, V) logits -> (B, l) tokens drawn after temperature, top-k and nucleus (top-p) filtering.
 
-    top_k=1 keeps only the maximum, so the draw is the argmax (the reference's greedy mode).
+    top_k=1 keeps only the maximum, so the draw is the argmax (the reference's greedy mode). With one generator per
+    row, a row's draw depends only on its own logits and generator, not on the rest of the batch; None draws the
+    whole batch from the global random stream.
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
@@ -153,8 +156,20 @@ def sample_tokens(logits: torch.Tensor, top_k: int = 0, top_p: float = 0.0, temp
         drop = sorted_logits.softmax(dim=-1).cumsum(dim=-1) <= 1 - top_p
         drop[..., -1] = False  # always keep the most likely token
         logits = logits.masked_fill(drop.scatter(-1, sorted_idx, drop), -torch.inf)
-    probs = logits.softmax(dim=-1).view(-1, vocab)
-    return torch.multinomial(probs, 1, replacement=True, generator=generator).view(b, n)
+    probs = logits.softmax(dim=-1)
+    if generators is None:
+        return torch.multinomial(probs.view(-1, vocab), 1, replacement=True).view(b, n)
+    if len(generators) != b:
+        raise ValueError(f"{len(generators)} generators for a batch of {b}")
+    return torch.stack([torch.multinomial(row, 1, replacement=True, generator=g)[:, 0]
+                        for row, g in zip(probs, generators)])
+
+
+def scale_generators(seeds: Sequence[int], k: int, device: torch.device) -> list[torch.Generator]:
+    """One generator per image for scale k, seeded from (image seed, k): an image's draws at a scale are the same
+    whatever the batch, and whichever coarser scales came from a teacher prefix."""
+    states = [np.random.SeedSequence([int(s), k]).generate_state(2, np.uint32) for s in seeds]
+    return [torch.Generator(device=device).manual_seed(int(a) << 32 | int(b)) for a, b in states]
 
 
 class VAR(nn.Module):
@@ -265,17 +280,24 @@ class VAR(nn.Module):
         return x, cond
 
     @torch.no_grad()
-    def generate(self, vqvae: VQVAE, labels: torch.Tensor, cfg: float = 1.5, top_k: int = 0, top_p: float = 0.0,
-                 temperature: float = 1.0, generator: torch.Generator | None = None,
-                 coarse_idx: Sequence[torch.Tensor] | None = None, coarse_k: int = 0,
-                 use_cache: bool = True) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Sample images of the given classes scale by scale -> (images in [0, 1] (B, 3, H, W), token maps).
+    def generate(self, vqvae: VQVAE, labels: torch.Tensor, **kwargs: Any) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """generate_idx (same arguments), decoded by the VQ-VAE -> (images in [0, 1] (B, 3, H, W), token maps)."""
+        idx_list = self.generate_idx(vqvae, labels, **kwargs)
+        return vqvae.idx_to_img(idx_list).add(1).mul(0.5), idx_list
+
+    @torch.no_grad()
+    def generate_idx(self, vqvae: VQVAE, labels: torch.Tensor, cfg: float = 1.5, top_k: int = 0, top_p: float = 0.0,
+                     temperature: float = 1.0, seeds: Sequence[int] | None = None,
+                     coarse_idx: Sequence[torch.Tensor] | None = None, coarse_k: int = 0,
+                     use_cache: bool = True) -> list[torch.Tensor]:
+        """Sample the token maps (B, pn, pn) of the given classes scale by scale.
 
         Guidance grows linearly over scales: at scale k, t = cfg * k / (K - 1) and logits = (1 + t) cond - t uncond
         (cfg = 0 skips the unconditional half). The first coarse_k scales are taken from coarse_idx instead of
         sampled (coarse_k = K reproduces the VQ-VAE reconstruction of those tokens). use_cache=False recomputes
-        the whole prefix with the block-causal mask at every scale (same result, slower). generator must live on the
-        model's device (None draws from the global RNG).
+        the whole prefix with the block-causal mask at every scale (same result, slower). seeds gives each image its
+        own random streams (see scale_generators), so an image depends on its seed, not on its batch; None draws
+        from the global RNG.
         """
         num_scales = len(self.scales)
         if tuple(vqvae.scales) != self.scales or vqvae.quantizer.vocab_size != self.vocab_size \
@@ -284,6 +306,8 @@ class VAR(nn.Module):
         if not 0 <= coarse_k <= num_scales or (coarse_k > 0 and (coarse_idx is None or len(coarse_idx) < coarse_k)):
             raise ValueError(f"coarse_k must be in [0, {num_scales}] with at least coarse_k token maps in coarse_idx")
         b = labels.shape[0]
+        if seeds is not None and len(seeds) != b:
+            raise ValueError(f"{len(seeds)} seeds for {b} labels")
         guided = cfg != 0
         rows = torch.cat((labels, torch.full_like(labels, self.num_classes))) if guided else labels
         cond = self.class_emb(rows)
@@ -316,7 +340,8 @@ class VAR(nn.Module):
                 if guided:
                     t = cfg * k / (num_scales - 1)
                     logits = (1 + t) * logits[:b] - t * logits[b:]
-                idx = sample_tokens(logits, top_k, top_p, temperature, generator)
+                generators = None if seeds is None else scale_generators(seeds, k, labels.device)
+                idx = sample_tokens(logits, top_k, top_p, temperature, generators)
             idx_list.append(idx.view(b, pn, pn))
             f_hat, next_in = vqvae.quantizer.next_scale_input(k, f_hat, vqvae.quantizer.embed(idx, k))
             if next_in is not None:
@@ -324,7 +349,7 @@ class VAR(nn.Module):
                 x = self.word_embed(next_in.flatten(2).transpose(1, 2)) + lvl_pos[:, nb:ne]
                 if guided:
                     x = torch.cat((x, x))
-        return vqvae.fhat_to_img(f_hat).add(1).mul(0.5), idx_list
+        return idx_list
 
 
 def load_var(path: str | Path, map_location: str | torch.device = "cpu") -> VAR:

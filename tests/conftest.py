@@ -32,3 +32,16 @@ def one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(tmp_path_factory) -> dict[str, Path]:
+    """VQ-VAE, token file, processed set and VAR checkpoint of tests/tiny_pipeline.py (read-only for the tests)."""
+    from tiny_pipeline import build
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return build(tmp_path_factory.mktemp("tiny_pipeline"))
+    finally:
+        torch.set_num_threads(threads)

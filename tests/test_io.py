@@ -1,3 +1,5 @@
+import os
+import stat
 import subprocess
 import sys
 
@@ -19,6 +21,19 @@ def test_atomic_write_replaces_only_on_success(tmp_path):
             raise RuntimeError("crash mid-write")
     assert path.read_bytes() == b"first"
     assert [p.name for p in tmp_path.iterdir()] == ["a.bin"]  # the temp file is cleaned up
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_atomic_write_respects_the_umask(tmp_path, umask):
+    previous = os.umask(umask)
+    try:
+        with atomic_write(tmp_path / "a.bin") as handle:
+            handle.write(b"x")
+        plain = tmp_path / "b.bin"
+        plain.write_bytes(b"x")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / "a.bin").stat().st_mode) == 0o666 & ~umask == stat.S_IMODE(plain.stat().st_mode)
 
 
 def test_killed_process_mid_save_leaves_previous_checkpoint(tmp_path, repo_root):

@@ -88,7 +88,7 @@ def test_generate_with_and_without_cache_agree(vqvae: VQVAE, variant: dict) -> N
     model = small_var(**variant)
     labels = torch.tensor([0, 1, 2, 1])
     outs = [model.generate(vqvae, labels, cfg=2.0, top_k=20, top_p=0.9, temperature=1.2,
-                           generator=torch.Generator().manual_seed(7), use_cache=cache) for cache in (True, False)]
+                           seeds=[7, 8, 9, 10], use_cache=cache) for cache in (True, False)]
     (img_a, idx_a), (img_b, idx_b) = outs
     assert all(torch.equal(a, b) for a, b in zip(idx_a, idx_b))
     assert torch.allclose(img_a, img_b, atol=1e-5)
@@ -97,13 +97,13 @@ def test_generate_with_and_without_cache_agree(vqvae: VQVAE, variant: dict) -> N
     # Sampled tokens, fed back as teacher input, are what the images decode from.
     assert torch.allclose(vqvae.idx_to_img(idx_a).add(1).mul(0.5), img_a, atol=1e-5)
     again, _ = model.generate(vqvae, labels, cfg=2.0, top_k=20, top_p=0.9, temperature=1.2,
-                              generator=torch.Generator().manual_seed(7))
+                              seeds=[7, 8, 9, 10])
     assert torch.equal(again, img_a)
 
 
 def test_greedy_is_argmax_of_guided_logits(model: VAR, vqvae: VQVAE) -> None:
     labels = torch.tensor([2, 0])
-    _, idx = model.generate(vqvae, labels, cfg=1.5, top_k=1, generator=torch.Generator().manual_seed(0))
+    _, idx = model.generate(vqvae, labels, cfg=1.5, top_k=1)
     x = vqvae.idx_to_var_input(idx)
     with torch.no_grad():
         cond, uncond = model(labels, x), model(torch.full_like(labels, CLASSES), x)
@@ -115,23 +115,46 @@ def test_greedy_is_argmax_of_guided_logits(model: VAR, vqvae: VQVAE) -> None:
 
 def test_sample_tokens_filters() -> None:
     logits = torch.randn(2, 5, 30, generator=torch.Generator().manual_seed(0))
-    g = torch.Generator().manual_seed(0)
-    assert torch.equal(sample_tokens(logits, top_k=1, generator=g), logits.argmax(-1))
-    assert torch.equal(sample_tokens(logits, top_p=1e-6, generator=g), logits.argmax(-1))
+    assert torch.equal(sample_tokens(logits, top_k=1), logits.argmax(-1))
+    assert torch.equal(sample_tokens(logits, top_p=1e-6), logits.argmax(-1))
     top3 = logits.topk(3, dim=-1).indices
-    draws = sample_tokens(logits.repeat(50, 1, 1), top_k=3, generator=g)
+    draws = sample_tokens(logits.repeat(50, 1, 1), top_k=3)
     assert (draws[..., None] == top3.repeat(50, 1, 1)).any(-1).all()
     with pytest.raises(ValueError, match="temperature"):
         sample_tokens(logits, temperature=0)
 
 
+def test_sample_tokens_temperature_divides_logits() -> None:
+    logits = torch.tensor([0.0, 1.0, 2.0, 3.0]).expand(1, 40_000, 4)
+    g = torch.Generator().manual_seed(0)
+    draws = sample_tokens(logits, temperature=2.0, generators=[g])
+    freq = torch.bincount(draws.flatten(), minlength=4).float() / draws.numel()
+    # Binomial std of each frequency is below 0.0025: 0.01 is four of them.
+    assert torch.allclose(freq, torch.softmax(logits[0, 0] / 2.0, dim=0), atol=0.01)
+    with pytest.raises(ValueError, match="generators"):
+        sample_tokens(logits, generators=[g, g])
+
+
+def test_seeded_images_do_not_depend_on_the_batch(model: VAR, vqvae: VQVAE) -> None:
+    labels = torch.tensor([0, 1, 2, 1])
+    kwargs = dict(cfg=1.5, top_k=20, top_p=0.9, temperature=1.3)
+    batch_idx = model.generate_idx(vqvae, labels, seeds=[11, 12, 13, 14], **kwargs)
+    for i in (3, 0):
+        alone_idx = model.generate_idx(vqvae, labels[i:i + 1], seeds=[[11, 12, 13, 14][i]], **kwargs)
+        assert all(torch.equal(a[i:i + 1], b) for a, b in zip(batch_idx, alone_idx))
+    other_idx = model.generate_idx(vqvae, labels, seeds=[11, 12, 13, 99], **kwargs)
+    assert all(torch.equal(a[:3], b[:3]) for a, b in zip(batch_idx, other_idx))
+    assert not all(torch.equal(a[3], b[3]) for a, b in zip(batch_idx, other_idx))
+    with pytest.raises(ValueError, match="seeds"):
+        model.generate_idx(vqvae, labels, seeds=[1, 2], **kwargs)
+
+
 def test_guidance_zero_ignores_null_class(vqvae: VQVAE) -> None:
     model = small_var()
     labels = torch.tensor([0, 2])
-    kwargs = dict(top_k=10, generator=None)
 
     def run(cfg: float) -> torch.Tensor:
-        return model.generate(vqvae, labels, cfg=cfg, **(kwargs | {"generator": torch.Generator().manual_seed(3)}))[0]
+        return model.generate(vqvae, labels, cfg=cfg, top_k=10, seeds=[3, 4])[0]
 
     before = {cfg: run(cfg) for cfg in (0.0, 3.0)}
     with torch.no_grad():
@@ -148,7 +171,7 @@ def test_teacher_prefix(model: VAR, vqvae: VQVAE, use_cache: bool) -> None:
     assert torch.allclose(full, vqvae.idx_to_img(idx).add(1).mul(0.5), atol=1e-6)
     flat = [t.flatten(1) for t in idx]
     part, part_idx = model.generate(vqvae, labels, coarse_idx=flat, coarse_k=2, top_k=5, use_cache=use_cache,
-                                    generator=torch.Generator().manual_seed(0))
+                                    seeds=[0, 1, 2])
     assert all(torch.equal(a, b) for a, b in zip(part_idx[:2], idx[:2]))
     with pytest.raises(ValueError, match="coarse_k"):
         model.generate(vqvae, labels, coarse_idx=idx[:1], coarse_k=2)
@@ -183,7 +206,7 @@ def test_bf16_autocast(model: VAR, vqvae: VQVAE) -> None:
     with torch.autocast("cpu", dtype=torch.bfloat16):
         logits = train_model(labels, x)
         loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), torch.randint(0, VOCAB, (3 * L,)))
-        images, idx = model.generate(vqvae, labels, cfg=1.5, top_k=5, generator=torch.Generator().manual_seed(0))
+        images, idx = model.generate(vqvae, labels, cfg=1.5, top_k=5, seeds=[0, 1, 2])
     loss.backward()
     assert logits.shape == (3, L, VOCAB) and logits.dtype == torch.float32
     assert train_model.blocks[0].attn.qkv.weight.grad is not None

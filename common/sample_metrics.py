@@ -1,0 +1,195 @@
+"""Metrics of generated samples: token usage, diversity (MS-SSIM), similarity to a teacher, nearest neighbours.
+
+Images are uint8 arrays (N, H, W, 3), square; features are float arrays (N, D). Every function is pure:
+no files, no global state (torch's thread count is the caller's choice).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+from torchmetrics.functional.image import multiscale_structural_similarity_index_measure
+
+# Wang, Simoncelli & Bovik (2003), as torchmetrics uses them: 11-px Gaussian window (sigma 1.5), 5 level weights.
+MSSSIM_KERNEL = 11
+MSSSIM_BETAS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
+PSNR_CAP = 100.0  # dB standing in for "identical", as train_vqvae.py reports it
+
+
+def token_usage_entropy(maps: np.ndarray, vocab_size: int) -> tuple[float, float]:
+    """Fraction of the codebook used at least once, and Shannon entropy (bits) of the token frequencies.
+
+    `maps` holds the token ids of one scale, any shape. Both grow with the number of tokens counted, so
+    compare sets of equal size (see matched_subsample).
+    """
+    maps = np.asarray(maps)
+    if not np.issubdtype(maps.dtype, np.integer):
+        raise ValueError(f"token maps must hold integer ids, got dtype {maps.dtype}")
+    if vocab_size < 1:
+        raise ValueError(f"vocab_size must be positive, got {vocab_size}")
+    if maps.size == 0:
+        raise ValueError("no tokens to count")
+    low, high = int(maps.min()), int(maps.max())
+    if low < 0 or high >= vocab_size:
+        raise ValueError(f"token ids must lie in [0, {vocab_size}), found {low}..{high}")
+    counts = np.bincount(maps.ravel().astype(np.int64), minlength=vocab_size)
+    p = counts[counts > 0] / maps.size
+    return float((counts > 0).mean()), float(-(p * np.log2(p)).sum()) + 0.0  # + 0.0 turns -0.0 into 0.0
+
+
+def matched_subsample(n_real: int, n: int, seed: int = 0) -> np.ndarray:
+    """Sorted rows of a real set of n_real items to keep so that it has n items, like the generated set
+    (all rows when it has no more than n): plug-in usage and entropy are only comparable at equal size."""
+    if n_real < 0 or n < 0:
+        raise ValueError(f"set sizes must be non-negative, got n_real={n_real}, n={n}")
+    if n_real <= n:
+        return np.arange(n_real)
+    return np.sort(np.random.default_rng(seed).choice(n_real, size=n, replace=False))
+
+
+def msssim_levels(side: int) -> int:
+    """Number of MS-SSIM levels (at most 5) for square images of this side: the most whose coarsest level,
+    side / 2^(L-1), is larger than the window less one (10 px) and that torchmetrics accepts.
+
+    64 px -> 3, 128 -> 4, 256 -> 5; the counts change at 21, 44, 99 and 176 px.
+    """
+    for levels in range(len(MSSSIM_BETAS), 0, -1):
+        fits = side > (MSSSIM_KERNEL - 1) * 2 ** (levels - 1)
+        # torchmetrics checks side // (L-1)^2 > 10 instead: a few px more at 3 to 5 levels (44, 99, 176 px
+        # rather than 41, 81, 161), which must hold too or it raises.
+        accepted = side // max(1, levels - 1) ** 2 > MSSSIM_KERNEL - 1
+        if fits and accepted:
+            return levels
+    raise ValueError(f"images of side {side} px are too small for MS-SSIM (the 11-px window needs more than 10 px)")
+
+
+def msssim_betas(levels: int) -> tuple[float, ...]:
+    """The standard level weights; with fewer levels, the finest `levels` of them rescaled to sum to 1."""
+    if levels == len(MSSSIM_BETAS):
+        return MSSSIM_BETAS  # unchanged: they sum to 1.0001, and 5 levels must match the published metric
+    head = MSSSIM_BETAS[:levels]
+    return tuple(b / sum(head) for b in head)
+
+
+def sample_pairs(n: int, max_pairs: int, seed: int = 0) -> np.ndarray:
+    """(P, 2) index pairs i < j: all n(n-1)/2 of them when there are at most max_pairs, else max_pairs distinct
+    ones drawn with the seed (without listing all pairs, so n may be large)."""
+    if max_pairs < 1:
+        raise ValueError(f"max_pairs must be positive, got {max_pairs}")
+    total = n * (n - 1) // 2
+    if total <= max_pairs:
+        return np.array([(i, j) for j in range(n) for i in range(j)], dtype=np.int64).reshape(-1, 2)
+    # Pair number k in the order (0,1), (0,2), (1,2), (0,3), ...: j is the largest with j(j-1)/2 <= k.
+    ks = np.random.default_rng(seed).choice(total, size=max_pairs, replace=False)
+    js = np.array([(1 + math.isqrt(1 + 8 * int(k))) // 2 for k in ks], dtype=np.int64)
+    return np.stack([ks - js * (js - 1) // 2, js], axis=1)
+
+
+def _check_images(images: np.ndarray, name: str) -> None:
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"{name} must be uint8 (N, H, W, 3), got {images.dtype} {images.shape}")
+    if images.shape[1] != images.shape[2]:
+        raise ValueError(f"{name} must be square, got {images.shape[1]}x{images.shape[2]} px")
+
+
+@torch.no_grad()
+def diversity(images: np.ndarray, max_pairs: int = 2000, seed: int = 0, pairs_per_batch: int = 64,
+              device: str | torch.device = "cpu") -> tuple[float, int]:
+    """Mean of 1 - MS-SSIM over image pairs (see sample_pairs), and the number of pairs used.
+
+    MS-SSIM is torchmetrics' on the RGB images in [0, 1] (colour tints count as differences) with
+    msssim_levels(side) levels and msssim_betas weights. Its normalize="relu" clamps a negative similarity at any
+    level to 0, so a pair with opposite structure scores MS-SSIM 0 (diversity 1) instead of NaN, which a
+    negative number raised to a fractional beta would give. Fewer than 2 images: (nan, 0).
+    On a CPU 2000 pairs take about 5 s at 64 px and 100 s at 256 px (one thread); `device` may be a GPU.
+    """
+    _check_images(images, "images")
+    if pairs_per_batch < 1:
+        raise ValueError(f"pairs_per_batch must be positive, got {pairs_per_batch}")
+    if len(images) < 2:
+        return math.nan, 0
+    levels = msssim_levels(images.shape[1])
+    betas = msssim_betas(levels)
+    pairs = sample_pairs(len(images), max_pairs, seed)
+    scores = []
+    for start in range(0, len(pairs), pairs_per_batch):
+        batch = pairs[start:start + pairs_per_batch]
+        # Only the images of this batch become float tensors: memory stays bounded at 256 px.
+        a, b = (torch.from_numpy(images[batch[:, k]]).to(device).permute(0, 3, 1, 2).float() / 255 for k in (0, 1))
+        scores.append(multiscale_structural_similarity_index_measure(
+            a, b, kernel_size=MSSSIM_KERNEL, sigma=1.5, data_range=1.0, betas=betas, normalize="relu",
+            reduction="none").double())
+    return float((1 - torch.cat(scores)).mean()), len(pairs)
+
+
+def grey_uint8(images: np.ndarray) -> np.ndarray:
+    """(..., H, W, 3) uint8 -> (..., H, W) uint8, the rounded channel mean: the grey image that
+    common.image_data.to_grey_uint8 (train_vqvae.py's PSNR/SSIM) gives for the same image in [-1, 1]."""
+    return np.round(images.mean(axis=-1)).astype(np.uint8)
+
+
+def psnr_ssim(reference: np.ndarray, image: np.ndarray) -> tuple[float, float]:
+    """PSNR (dB, capped at 100) and SSIM of two grey uint8 (H, W) images, as train_vqvae.py measures them:
+    scikit-image with data_range=255 and its default SSIM (7x7 uniform window, sample covariance, K1=0.01, K2=0.03)."""
+    with np.errstate(divide="ignore"):  # identical images: MSE 0, infinite PSNR, capped below
+        psnr = peak_signal_noise_ratio(reference, image, data_range=255)
+    return min(PSNR_CAP, float(psnr)), float(structural_similarity(reference, image, data_range=255))
+
+
+def teacher_similarity(samples: np.ndarray, reference: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-sample PSNR and SSIM (psnr_ssim, on grey_uint8 images) of samples (N, H, W, 3) against one
+    reference image (H, W, 3), e.g. the teacher or its reconstruction."""
+    _check_images(samples, "samples")
+    _check_images(reference[None], "reference")
+    if samples.shape[1:] != reference.shape:
+        raise ValueError(f"samples of shape {samples.shape[1:]} do not match the reference of shape {reference.shape}")
+    ref = grey_uint8(reference)
+    scores = np.array([psnr_ssim(ref, s) for s in grey_uint8(samples)], dtype=np.float64).reshape(-1, 2)
+    return scores[:, 0], scores[:, 1]
+
+
+def _unit_rows(x: np.ndarray, name: str) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    if not np.all(np.isfinite(norms)) or np.any(norms == 0):
+        raise ValueError(f"{name}: every feature vector must be finite and non-zero for a cosine similarity")
+    return x / norms
+
+
+def nearest_neighbours(query: np.ndarray, bank: np.ndarray, exclude_self: bool = False,
+                       chunk: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+    """Cosine similarity of each query vector (Nq, D) to its nearest bank vector (Nb, D), and that vector's index.
+
+    exclude_self: the query is the bank, and a row's own index is skipped. Queries are scored `chunk` rows at a
+    time, so beside the inputs memory holds one (chunk, Nb) float32 block.
+    """
+    if query.ndim != 2 or bank.ndim != 2 or query.shape[1] != bank.shape[1]:
+        raise ValueError(f"expected feature matrices (Nq, D) and (Nb, D), got {query.shape} and {bank.shape}")
+    if exclude_self and query.shape[0] != bank.shape[0]:
+        raise ValueError(f"exclude_self needs the query to be the bank, got {len(query)} and {len(bank)} rows")
+    if len(bank) < (2 if exclude_self else 1):
+        raise ValueError(f"the bank has {len(bank)} vectors: no neighbour to find")
+    if chunk < 1:
+        raise ValueError(f"chunk must be positive, got {chunk}")
+    q, b = _unit_rows(query, "query"), _unit_rows(bank, "bank")
+    sims = np.empty(len(q), dtype=np.float32)
+    index = np.empty(len(q), dtype=np.int64)
+    for start in range(0, len(q), chunk):
+        block = q[start:start + chunk] @ b.T
+        if exclude_self:
+            rows = np.arange(len(block))
+            block[rows, start + rows] = -np.inf
+        best = block.argmax(axis=1)
+        index[start:start + len(block)] = best
+        sims[start:start + len(block)] = block[np.arange(len(block)), best]
+    return sims, index
+
+
+def copy_fraction(sample_nn_sim: np.ndarray, reference_nn_sim: np.ndarray) -> float:
+    """Fraction of samples closer to their nearest training image than any reference (test) image is to its own:
+    sample similarity strictly above the largest reference one counts as a possible copy."""
+    if len(sample_nn_sim) == 0 or len(reference_nn_sim) == 0:
+        raise ValueError(f"need samples and references, got {len(sample_nn_sim)} and {len(reference_nn_sim)}")
+    return float(np.mean(np.asarray(sample_nn_sim) > np.max(reference_nn_sim)))

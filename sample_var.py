@@ -1,0 +1,401 @@
+"""Sample a trained VAR over the coarse-K sweep: no prefix (NOP) and teacher prefix (TP) at every k, per class.
+
+    python sample_var.py --config=configs/sample_cpu.json     # CPU demo, phantoms
+    python sample_var.py --var=runs/var_gpu/best.pth --out=runs/samples_gpu --batch_size=128
+
+Sweep points, each sampled at every guidance value in `cfg`:
+- NOP_cfg<g>: every scale sampled from the class alone, samples_per_class images per class.
+- TP_K<k>_cfg<g>: the first k token maps come from a real image of the class (teachers_per_class teachers of
+  teacher_split, the same for every k), the rest are sampled; samples_per_teacher images per teacher. k = all scales
+  is the teacher's VQ-VAE reconstruction (a check).
+Every image has its own seed, derived from (seed, class, teacher, sample index) and shared by all sweep points, so
+the points are compared on the same random numbers, and an image does not depend on the batch it was drawn in
+(each is decoded on its own: convolution kernels change with the batch size).
+
+Outputs in `out`: <POINT>/<class>/*.png, teachers/<class>/tNN.png (the real teacher at the model's size) and
+teachers_recon/<class>/tNN.png, grids/<POINT>.png (a row per class; for TP each teacher, framed in red, then its
+samples), samples_tokens.npz (every generated token map with its point, k, cfg, class, teacher, sample index and
+seed; no pickles), samples_manifest.csv (one row per image, enough to regenerate it) and config.json (the resolved
+constants). A finished sweep point (its tokens.npz written last) is skipped on a rerun; a half-written one is redone.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import sys
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from common.checkpoint import CheckpointError, load_checkpoint
+from common.config import config_dict, parse_config, save_config
+from common.image_data import SPLITS, ImageDataError, read_image, to_rgb_uint8
+from common.io import atomic_save_npz, atomic_write_text, file_sha256
+from common.plotting import save_image, save_labelled_grid
+from common.runtime import Precision, pick_device, select_precision
+from common.tokens import TokenFileError, TokenSet, load_tokens
+from models.var import VAR, load_var
+from models.vqvae import VQVAE, load_vqvae
+
+
+@dataclass
+class Config:
+    var: str = "runs/var/best.pth"  # VAR checkpoint from train_var.py (it records its VQ-VAE, token file and classes)
+    vqvae: str = ""  # VQ-VAE checkpoint ('' = the one recorded in the VAR checkpoint); must be the one the tokens came from
+    tokens: str = ""  # token file with the teachers' token maps ('' = the one recorded in the VAR checkpoint)
+    data_dir: str = "data/processed"  # the processed set the tokens were made from (the teachers' images)
+    out: str = "runs/samples"  # output folder
+    teacher_split: str = "test"  # split the teachers come from: train, val or test
+    nop: bool = True  # sample without a prefix (NOP)
+    tp: bool = True  # sample with a teacher prefix (TP) at every k of coarse_ks
+    coarse_ks: tuple[int, ...] = ()  # TP: numbers of coarse scales taken from the teacher (empty = every k from 1 to all scales)
+    cfg: tuple[float, ...] = (1.5,)  # classifier-free guidance values (ramped over scales up to this); every point is sampled at each
+    samples_per_class: int = 16  # NOP images per class and guidance value
+    teachers_per_class: int = 4  # TP teachers per class (fewer when the split has fewer images of the class)
+    samples_per_teacher: int = 4  # TP images per teacher and sweep point
+    top_k: int = 900  # top-k filtering (0 = off)
+    top_p: float = 0.95  # nucleus filtering (0 = off)
+    temperature: float = 1.0  # softmax temperature (> 0)
+    batch_size: int = 32  # images sampled at once
+    seed: int = 0  # seed of the teacher choice and of every image's own seed
+    precision: str = "auto"  # autocast dtype: auto (bf16 on capable CUDA, fp32 on CPU), bf16, fp16, fp32
+    device: str = "auto"  # auto, cpu, cuda, mps
+    cpu_threads: int = 0  # torch CPU threads (0 = torch's default)
+
+
+class SampleVarError(RuntimeError):
+    """Settings or inputs this script cannot sample with."""
+
+
+@dataclass(frozen=True)
+class Point:
+    """One sweep point: k teacher scales (0 = NOP) at guidance cfg."""
+    k: int
+    cfg: float
+
+    @property
+    def name(self) -> str:
+        return f"NOP_cfg{self.cfg:g}" if self.k == 0 else f"TP_K{self.k}_cfg{self.cfg:g}"
+
+
+@dataclass(frozen=True)
+class Job:
+    """One image of a sweep point. teacher = -1 and teacher_row = -1 for NOP."""
+    label: int
+    teacher: int
+    teacher_row: int
+    sample: int
+    seed: int
+
+    def file_name(self) -> str:
+        return f"s{self.sample:03d}.png" if self.teacher < 0 else f"t{self.teacher:02d}_s{self.sample:02d}.png"
+
+
+def validate(config: Config) -> None:
+    """Every constant in its allowed range, before anything is loaded or written."""
+    checks = [
+        (config.teacher_split in SPLITS, "teacher_split", f"one of {', '.join(SPLITS)}"),
+        (config.nop or config.tp, "tp", "true when --nop=false (nothing would be sampled)"),
+        (all(k >= 1 for k in config.coarse_ks), "coarse_ks", "values >= 1 (at most the VAR's number of scales)"),
+        (len(config.cfg) > 0 and all(g >= 0 for g in config.cfg), "cfg", "a non-empty list of values >= 0"),
+        (len(set(config.cfg)) == len(config.cfg), "cfg", "distinct values"),
+        (config.samples_per_class >= 1 or not config.nop, "samples_per_class", ">= 1"),
+        (config.teachers_per_class >= 1 or not config.tp, "teachers_per_class", ">= 1"),
+        (config.samples_per_teacher >= 1 or not config.tp, "samples_per_teacher", ">= 1"),
+        (config.top_k >= 0, "top_k", ">= 0"),
+        (0 <= config.top_p <= 1, "top_p", "in [0, 1]"),
+        (config.temperature > 0, "temperature", "> 0"),
+        (config.batch_size >= 1, "batch_size", ">= 1"),
+        (config.seed >= 0, "seed", ">= 0"),
+        (config.precision in ("auto", "bf16", "fp16", "fp32"), "precision", "auto, bf16, fp16 or fp32"),
+        (config.cpu_threads >= 0, "cpu_threads", ">= 0"),
+    ]
+    for ok, name, allowed in checks:
+        if not ok:
+            raise SampleVarError(f"--{name}={getattr(config, name)!r}: must be {allowed}")
+
+
+def image_seed(seed: int, label: int, teacher: int, sample: int) -> int:
+    """A 63-bit seed per image (it fits the int64 columns), independent of the sweep point."""
+    a, b = np.random.SeedSequence([seed, label, teacher + 1, sample]).generate_state(2, np.uint32)
+    return (int(a) << 31) ^ int(b)
+
+
+def choose_teachers(tokens: TokenSet, split: str, num_classes: int, per_class: int, seed: int) -> dict[int, list[int]]:
+    """Per class, the token-file rows of its teachers: a seeded draw from the class's images in the split."""
+    rows = np.flatnonzero(tokens.split == split)
+    chosen = {}
+    for label in range(num_classes):
+        members = rows[tokens.labels[rows] == label]
+        if len(members) == 0:
+            raise SampleVarError(f"split {split!r} of the token file has no image of class {tokens.classes[label]!r}: "
+                                 "choose another --teacher_split or turn TP off (--tp=false)")
+        picks = np.random.default_rng([seed, label]).choice(len(members), min(per_class, len(members)), replace=False)
+        chosen[label] = members[picks].tolist()
+    return chosen
+
+
+def point_jobs(point: Point, config: Config, num_classes: int, teachers: dict[int, list[int]]) -> list[Job]:
+    jobs = []
+    for label in range(num_classes):
+        if point.k == 0:
+            jobs += [Job(label, -1, -1, s, image_seed(config.seed, label, -1, s)) for s in range(config.samples_per_class)]
+        else:
+            jobs += [Job(label, t, row, s, image_seed(config.seed, label, t, s))
+                     for t, row in enumerate(teachers[label]) for s in range(config.samples_per_teacher)]
+    return jobs
+
+
+@torch.no_grad()
+def sample_jobs(var: VAR, vqvae: VQVAE, tokens: TokenSet, point: Point, jobs: list[Job], config: Config,
+                precision: Precision) -> tuple[np.ndarray, np.ndarray]:
+    """Images (B, S, S, 3) uint8 and token rows (B, L) of the jobs, sampled in one batch."""
+    device = next(var.parameters()).device
+    labels = torch.tensor([j.label for j in jobs], device=device)
+    coarse = None
+    if point.k:
+        coarse = [m.to(device) for m in tokens.idx_list([j.teacher_row for j in jobs])]
+    with precision.autocast():
+        idx_list = var.generate_idx(vqvae, labels, cfg=point.cfg, top_k=config.top_k, top_p=config.top_p,
+                                    temperature=config.temperature, seeds=[j.seed for j in jobs], coarse_idx=coarse,
+                                    coarse_k=point.k)
+        images = np.concatenate([to_rgb_uint8(vqvae.idx_to_img([m[i:i + 1] for m in idx_list]))
+                                 for i in range(len(jobs))])
+    return images, torch.cat([m.flatten(1) for m in idx_list], dim=1).cpu().numpy()
+
+
+def framed(image: np.ndarray, width: int = 2) -> np.ndarray:
+    """A copy with a red frame: marks the real teacher in the TP grids."""
+    out = image.copy()
+    for region in (out[:width], out[-width:], out[:, :width], out[:, -width:]):
+        region[:] = (220, 30, 30)
+    return out
+
+
+def save_point_grid(point: Point, jobs: list[Job], images: np.ndarray, teacher_images: dict[int, list[np.ndarray]],
+                    classes: list[str], config: Config, path: Path) -> None:
+    rows = []
+    for label in range(len(classes)):
+        members = [i for i, j in enumerate(jobs) if j.label == label]
+        if point.k == 0:
+            rows.append(images[members])
+        else:
+            tiles = []
+            for t, teacher in enumerate(teacher_images[label]):
+                tiles += [framed(teacher)] + [images[i] for i in members if jobs[i].teacher == t]
+            rows.append(np.stack(tiles))
+    ncols = max(len(r) for r in rows)
+    side = images.shape[1]
+    blank = np.full((side, side, 3), 255, np.uint8)
+    tiles = np.stack([tile for r in rows for tile in list(r) + [blank] * (ncols - len(r))])
+    what = ("no prefix" if point.k == 0 else
+            f"first {point.k} scales from the teacher (red frame), the rest sampled; {config.samples_per_teacher} per teacher")
+    save_labelled_grid(tiles, ncols, classes, path, f"{point.name}: {what}; cfg {point.cfg:g}, top-k {config.top_k}, "
+                                                    f"top-p {config.top_p}, temperature {config.temperature:g}")
+
+
+def fingerprint(point: Point, jobs: list[Job], config: Config, shas: dict[str, str], precision: Precision) -> str:
+    """What a point's images are a function of (not the batch size): a finished point with another is redone."""
+    return json.dumps({"point": point.name, "shas": shas, "top_k": config.top_k, "top_p": config.top_p,
+                       "temperature": config.temperature, "precision": precision.name,
+                       "device": precision.device.type, "jobs": [list(j.__dict__.values()) for j in jobs]},
+                      sort_keys=True)
+
+
+_ROW_ARRAYS = ("label", "teacher", "teacher_row", "sample", "seed")
+
+
+def load_finished_point(point_dir: Path, expected: str) -> dict[str, np.ndarray] | None:
+    """The point's saved arrays when it is complete and made with the same settings, else None."""
+    marker = point_dir / "tokens.npz"
+    try:
+        with np.load(marker, allow_pickle=False) as data:
+            arrays = {k: data[k] for k in data.files}
+    except (OSError, ValueError, EOFError):
+        return None
+    if str(arrays.get("fingerprint")) != expected:
+        return None
+    if not all((point_dir / p).is_file() for p in arrays["image_path"]):
+        return None
+    return arrays
+
+
+def clear_point(point_dir: Path, classes: list[str]) -> None:
+    """Remove what an unfinished or outdated run of the point left: its marker and its images, nothing else."""
+    (point_dir / "tokens.npz").unlink(missing_ok=True)
+    for name in classes:
+        for png in (point_dir / name).glob("*.png"):
+            png.unlink()
+
+
+def run_point(point: Point, jobs: list[Job], var: VAR, vqvae: VQVAE, tokens: TokenSet, config: Config,
+              precision: Precision, out: Path, expected: str, bar: tqdm) -> dict[str, np.ndarray]:
+    point_dir = out / point.name
+    clear_point(point_dir, tokens.classes)
+    images, idx = [], []
+    for start in range(0, len(jobs), config.batch_size):
+        batch = jobs[start:start + config.batch_size]
+        batch_images, batch_idx = sample_jobs(var, vqvae, tokens, point, batch, config, precision)
+        for job, image in zip(batch, batch_images):
+            save_image(image, point_dir / tokens.classes[job.label] / job.file_name())
+        images.append(batch_images)
+        idx.append(batch_idx)
+        bar.update(len(batch))
+    arrays = {name: np.array([getattr(j, name) for j in jobs], dtype=np.int64) for name in _ROW_ARRAYS}
+    arrays["idx"] = np.concatenate(idx).astype(np.int16)
+    arrays["image_path"] = np.array([f"{tokens.classes[j.label]}/{j.file_name()}" for j in jobs])
+    arrays["fingerprint"] = np.array(expected)
+    atomic_save_npz(point_dir / "tokens.npz", **arrays)  # last: its presence marks the point finished
+    arrays["images"] = np.concatenate(images)
+    return arrays
+
+
+def resolve_inputs(config: Config) -> tuple[Config, dict[str, Any]]:
+    """Fill vqvae and tokens from what the VAR checkpoint recorded; return them with the checkpoint's extras."""
+    ckpt = load_checkpoint(config.var)
+    recorded = {k: ckpt.get(k) for k in ("vqvae_path", "vqvae_sha256", "tokens_path", "classes")}
+    for field, key in (("vqvae", "vqvae_path"), ("tokens", "tokens_path")):
+        if not getattr(config, field):
+            if not recorded[key]:
+                raise SampleVarError(f"{config.var}: records no {key} (not written by train_var.py?); pass --{field}=PATH")
+            config = replace(config, **{field: recorded[key]})
+    return config, recorded
+
+
+def load_models(config: Config, recorded: dict[str, Any], device: torch.device) -> tuple[VAR, VQVAE, TokenSet]:
+    """The VAR, its VQ-VAE and the token file, refusing any pair that does not belong together."""
+    tokens = load_tokens(config.tokens, config.vqvae)
+    if recorded["vqvae_sha256"] and recorded["vqvae_sha256"] != tokens.vqvae_sha256:
+        raise SampleVarError(f"{config.var} was trained on tokens of VQ-VAE sha {recorded['vqvae_sha256'][:12]}..., but "
+                             f"{config.tokens} and {config.vqvae} have sha {tokens.vqvae_sha256[:12]}...")
+    if recorded["classes"] and list(recorded["classes"]) != list(tokens.classes):
+        raise SampleVarError(f"{config.var} was trained on classes {recorded['classes']}, but {config.tokens} has "
+                             f"{tokens.classes}")
+    var = load_var(config.var, map_location=device)
+    vqvae = load_vqvae(config.vqvae, map_location=device)
+    if var.num_classes != len(tokens.classes) or tuple(var.scales) != tuple(tokens.scales):
+        raise SampleVarError(f"{config.var}: {var.num_classes} classes and scales {var.scales}, but {config.tokens} has "
+                             f"{len(tokens.classes)} classes and scales {tokens.scales}")
+    return var, vqvae, tokens
+
+
+def check_out(out: Path) -> None:
+    """The output folder can be written, and is not another script's folder (its config.json would be replaced)."""
+    if out.exists() and not out.is_dir():
+        raise SampleVarError(f"{out}: exists and is not a folder")
+    previous = out / "config.json"
+    if previous.is_file():
+        try:
+            keys = set(json.loads(previous.read_text()))
+        except (json.JSONDecodeError, TypeError):
+            keys = set()
+        if not {"var", "teacher_split", "coarse_ks"} <= keys:
+            raise SampleVarError(f"{out}: holds a config.json that sample_var.py did not write; choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def write_manifest(path: Path, points: list[Point], results: list[dict[str, np.ndarray]], tokens: TokenSet,
+                   config: Config, precision: Precision) -> None:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["path", "point", "mode", "coarse_k", "cfg", "class", "label", "teacher", "teacher_row",
+                     "teacher_source", "sample", "seed", "top_k", "top_p", "temperature", "precision", "device"])
+    for point, arrays in zip(points, results):
+        for i in range(len(arrays["label"])):
+            row = int(arrays["teacher_row"][i])
+            writer.writerow([f"{point.name}/{arrays['image_path'][i]}", point.name, "NOP" if point.k == 0 else "TP", point.k,
+                             f"{point.cfg:g}", tokens.classes[arrays["label"][i]], arrays["label"][i],
+                             arrays["teacher"][i], row, tokens.source[row] if row >= 0 else "", arrays["sample"][i],
+                             arrays["seed"][i], config.top_k, config.top_p, config.temperature, precision.name,
+                             precision.device.type])
+    atomic_write_text(path, buffer.getvalue())
+
+
+def sample(config: Config) -> None:
+    validate(config)
+    out = Path(config.out)
+    check_out(out)
+    config, recorded = resolve_inputs(config)
+    device = pick_device(config.device)
+    precision = select_precision(device, config.precision)
+    var, vqvae, tokens = load_models(config, recorded, device)
+    num_scales = len(tokens.scales)
+    if any(k > num_scales for k in config.coarse_ks):
+        raise SampleVarError(f"--coarse_ks: must be in [1, {num_scales}] (the VAR has {num_scales} scales), "
+                             f"got {config.coarse_ks}")
+    save_config(config, out)
+    classes = tokens.classes
+    ks = ([0] if config.nop else []) + (list(config.coarse_ks or range(1, num_scales + 1)) if config.tp else [])
+    points = [Point(k, g) for k in ks for g in config.cfg]
+    teachers = choose_teachers(tokens, config.teacher_split, len(classes), config.teachers_per_class, config.seed) \
+        if config.tp else {}
+
+    teacher_images: dict[int, list[np.ndarray]] = {}
+    for label, rows in teachers.items():
+        teacher_images[label] = []
+        for t, row in enumerate(rows):
+            # Decoded alone, like every sample: TP at k = all scales gives exactly this image.
+            recon = to_rgb_uint8(vqvae.idx_to_img([m.to(device) for m in tokens.idx_list([row])]))[0]
+            source = Path(config.data_dir) / tokens.source[row]
+            if not source.is_file():
+                raise SampleVarError(f"{source}: teacher image missing; --data_dir must be the processed set that "
+                                     f"{config.tokens} was made from")
+            image = read_image(source, vqvae.image_size)
+            teacher_images[label].append(image)
+            save_image(image, out / "teachers" / classes[label] / f"t{t:02d}.png")
+            save_image(recon, out / "teachers_recon" / classes[label] / f"t{t:02d}.png")
+
+    shas = {"var": file_sha256(config.var), "vqvae": tokens.vqvae_sha256, "tokens": file_sha256(config.tokens)}
+    all_jobs = [point_jobs(p, config, len(classes), teachers) for p in points]
+    print(f"VAR {config.var} ({var.config['depth']} blocks, scales {tokens.scales}), {len(classes)} classes; "
+          f"{len(points)} sweep points, {sum(map(len, all_jobs))} images; {precision.name} on {device}", flush=True)
+    results = []
+    bar = tqdm(total=sum(map(len, all_jobs)), desc="sampling", unit="img", disable=None, dynamic_ncols=True)
+    for point, jobs in zip(points, all_jobs):
+        expected = fingerprint(point, jobs, config, shas, precision)
+        arrays = load_finished_point(out / point.name, expected)
+        if arrays is None:
+            arrays = run_point(point, jobs, var, vqvae, tokens, config, precision, out, expected, bar)
+            status = "sampled"
+        else:
+            arrays["images"] = np.stack([read_image(out / point.name / f, vqvae.image_size) for f in arrays["image_path"]])
+            bar.update(len(jobs))
+            status = "already done, kept"
+        save_point_grid(point, jobs, arrays["images"], teacher_images, classes, config, out / "grids" / f"{point.name}.png")
+        bar.write(f"{point.name}: {len(jobs)} images {status}")
+        results.append(arrays)
+    bar.close()
+
+    merged = {name: np.concatenate([r[name] for r in results]) for name in (*_ROW_ARRAYS, "idx")}
+    rows = merged["teacher_row"]
+    atomic_save_npz(out / "samples_tokens.npz", **merged, scales=np.asarray(tokens.scales, dtype=np.int64),
+                    point=np.concatenate([[p.name] * len(r["label"]) for p, r in zip(points, results)]),
+                    coarse_k=np.concatenate([[p.k] * len(r["label"]) for p, r in zip(points, results)]).astype(np.int64),
+                    cfg=np.concatenate([[p.cfg] * len(r["label"]) for p, r in zip(points, results)]).astype(np.float64),
+                    image_path=np.concatenate([[f"{p.name}/{f}" for f in r["image_path"]] for p, r in zip(points, results)]),
+                    teacher_source=np.where(rows >= 0, tokens.source[np.maximum(rows, 0)], ""),
+                    classes=np.asarray(classes), var_sha256=np.asarray(shas["var"]),
+                    vqvae_sha256=np.asarray(shas["vqvae"]), tokens_sha256=np.asarray(shas["tokens"]))
+    write_manifest(out / "samples_manifest.csv", points, results, tokens, config, precision)
+    print(f"wrote {len(rows)} images of {len(points)} sweep points to {out} (samples_manifest.csv, samples_tokens.npz, "
+          f"grids/)", flush=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    config = parse_config(Config, argv)
+    if config.cpu_threads > 0:
+        torch.set_num_threads(config.cpu_threads)
+    try:
+        sample(config)
+    except (SampleVarError, TokenFileError, CheckpointError, ImageDataError) as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,239 @@
+"""common/sample_metrics.py against exact values, hand computations and the libraries called directly."""
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+from torchmetrics.functional.image import multiscale_structural_similarity_index_measure
+
+from common.image_data import to_grey_uint8
+from common.sample_metrics import (MSSSIM_BETAS, copy_fraction, diversity, grey_uint8, matched_subsample,
+                                   msssim_betas, msssim_levels, nearest_neighbours, sample_pairs, teacher_similarity,
+                                   token_usage_entropy)
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def smooth_image(side: int, fx: float, fy: float) -> np.ndarray:
+    """A grey (side, side, 3) uint8 pattern with structure at several scales (MS-SSIM's coarse levels see it)."""
+    yy, xx = np.mgrid[:side, :side]
+    grey = 128 + 60 * np.sin(xx / fx) * np.cos(yy / fy) + 0.2 * (xx - yy)
+    return np.repeat(np.clip(grey, 0, 255).round().astype(np.uint8)[..., None], 3, axis=-1)
+
+
+# Tokens.
+
+def test_entropy_of_uniform_tokens_is_log2_vocab_and_of_constant_tokens_zero():
+    rng = np.random.default_rng(0)
+    balanced = rng.permutation(np.repeat(np.arange(16), 3)).reshape(6, 8)  # every id exactly 3 times
+    assert token_usage_entropy(balanced, 16) == (1.0, 4.0)
+    usage, entropy = token_usage_entropy(rng.permutation(np.repeat(np.arange(10), 7)).reshape(7, 10), 10)
+    assert usage == 1.0 and entropy == pytest.approx(math.log2(10), abs=1e-12)
+    assert token_usage_entropy(np.full((4, 5, 5), 3, dtype=np.int16), 16) == (1 / 16, 0.0)
+
+
+def test_usage_and_entropy_of_a_handmade_map():
+    maps = np.array([[0, 0, 3], [3, 3, 7]])  # counts 2, 3, 1 of 6 tokens; 3 of 10 ids used
+    usage, entropy = token_usage_entropy(maps, 10)
+    assert usage == 0.3
+    assert entropy == pytest.approx(-(2 / 6 * math.log2(2 / 6) + 3 / 6 * math.log2(3 / 6) + 1 / 6 * math.log2(1 / 6)),
+                                    abs=1e-12)
+
+
+@pytest.mark.parametrize("maps, match", [(np.array([0, 10]), r"\[0, 10\), found 0..10"),
+                                         (np.array([-1, 2]), r"found -1..2"),
+                                         (np.array([0.0, 1.0]), "integer ids"),
+                                         (np.zeros(0, dtype=np.int64), "no tokens")])
+def test_token_ids_outside_the_vocabulary_are_refused(maps, match):
+    with pytest.raises(ValueError, match=match):
+        token_usage_entropy(maps, 10)
+
+
+def test_matched_subsample_keeps_as_many_real_rows_as_samples():
+    assert matched_subsample(5, 10, seed=0).tolist() == [0, 1, 2, 3, 4]
+    rows = matched_subsample(100, 10, seed=3)
+    assert len(np.unique(rows)) == 10 and rows.min() >= 0 and rows.max() < 100 and np.all(np.diff(rows) > 0)
+    assert np.array_equal(rows, matched_subsample(100, 10, seed=3))
+    assert not np.array_equal(rows, matched_subsample(100, 10, seed=4))
+
+
+# Diversity.
+
+def test_msssim_level_count_and_weights():
+    assert [msssim_levels(s) for s in (64, 128, 256)] == [3, 4, 5]
+    # The coarsest level must exceed 10 px (side > 10 * 2^(L-1)) and torchmetrics' side // (L-1)^2 > 10 must hold.
+    assert [msssim_levels(s) for s in (11, 20, 21, 43, 44, 98, 99, 175, 176, 1000)] == [1, 1, 2, 2, 3, 3, 4, 4, 5, 5]
+    with pytest.raises(ValueError, match="too small"):
+        msssim_levels(10)
+    assert msssim_betas(5) == MSSSIM_BETAS
+    head = MSSSIM_BETAS[:3]
+    assert msssim_betas(3) == pytest.approx([b / sum(head) for b in head], abs=1e-15)
+    assert math.fsum(msssim_betas(3)) == pytest.approx(1.0, abs=1e-15)
+
+
+def test_torchmetrics_accepts_the_level_count_at_every_side():
+    rng = np.random.default_rng(0)
+    for side in range(11, 181):
+        images = rng.integers(0, 256, (2, side, side, 3), dtype=np.uint8)
+        value, n_pairs = diversity(images)
+        assert n_pairs == 1 and 0.0 <= value <= 1.0, side
+
+
+def test_diversity_of_identical_images_is_zero():
+    image = smooth_image(64, 5, 7)
+    assert diversity(np.stack([image] * 3)) == (pytest.approx(0.0, abs=1e-6), 3)
+
+
+def test_diversity_of_very_different_images_is_large_and_never_nan():
+    rng = np.random.default_rng(1)
+    noise = rng.integers(0, 256, (1, 64, 64, 3), dtype=np.uint8)
+    # Opposite structure: SSIM is negative at some level; normalize="relu" makes MS-SSIM 0, not NaN.
+    assert diversity(np.concatenate([noise, 255 - noise])) == (1.0, 1)
+    value, _ = diversity(np.stack([smooth_image(64, 5, 7), smooth_image(64, 2, 13)]))
+    assert 0.3 < value <= 1.0
+
+
+def test_noise_is_more_diverse_than_perturbed_copies():
+    rng = np.random.default_rng(2)
+    base = smooth_image(64, 5, 7).astype(np.float64)
+    copies = np.clip(base[None] + rng.normal(0, 3, (8, 64, 64, 1)), 0, 255).round().astype(np.uint8)
+    noise = rng.integers(0, 256, (8, 64, 64, 3), dtype=np.uint8)
+    copies_value, copies_pairs = diversity(copies)
+    noise_value, noise_pairs = diversity(noise)
+    assert copies_pairs == noise_pairs == 28
+    assert 0.0 < copies_value < 0.05 and noise_value > 0.9
+
+
+STANDARD_BETAS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
+
+
+@pytest.mark.parametrize("side, betas", [
+    (256, STANDARD_BETAS),  # the published metric, unchanged
+    (128, tuple(b / sum(STANDARD_BETAS[:4]) for b in STANDARD_BETAS[:4])),
+    (64, tuple(b / sum(STANDARD_BETAS[:3]) for b in STANDARD_BETAS[:3])),
+])
+def test_diversity_is_torchmetrics_msssim_with_the_first_betas(side, betas):
+    images = np.stack([smooth_image(side, 9, 14), smooth_image(side, 6, 23)])
+    value, n_pairs = diversity(images)
+    a, b = (torch.from_numpy(images[k : k + 1]).permute(0, 3, 1, 2).float() / 255 for k in (0, 1))
+    direct = multiscale_structural_similarity_index_measure(a, b, data_range=1.0, kernel_size=11, betas=betas)
+    assert n_pairs == 1 and 0.05 < value < 0.95
+    assert value == pytest.approx(1 - direct.item(), abs=1e-6)
+
+
+def test_diversity_batches_do_not_change_the_mean():
+    images = np.random.default_rng(3).integers(0, 256, (6, 64, 64, 3), dtype=np.uint8)
+    images[3] = images[0]
+    one_batch, n = diversity(images)
+    several, m = diversity(images, pairs_per_batch=4)
+    assert n == m == 15 and one_batch == pytest.approx(several, abs=1e-6)
+
+
+def test_pair_subsampling_is_exact_distinct_and_seeded():
+    assert sorted(map(tuple, sample_pairs(5, 10).tolist())) == list(itertools.combinations(range(5), 2))
+    pairs = sample_pairs(50, 1224, seed=1)  # all but one of the 1225 pairs: every pair number maps to a valid pair
+    assert pairs.shape == (1224, 2) and len(set(map(tuple, pairs.tolist()))) == 1224
+    assert np.all(pairs[:, 0] < pairs[:, 1]) and pairs.min() >= 0 and pairs.max() < 50
+    big = sample_pairs(20_000, 2000, seed=7)
+    assert len(set(map(tuple, big.tolist()))) == 2000 and np.all(big[:, 0] < big[:, 1]) and big.max() < 20_000
+    assert np.array_equal(big, sample_pairs(20_000, 2000, seed=7))
+    assert not np.array_equal(big, sample_pairs(20_000, 2000, seed=8))
+    assert sample_pairs(1, 5).shape == (0, 2)
+    with pytest.raises(ValueError, match="max_pairs"):
+        sample_pairs(5, 0)
+
+
+def test_diversity_uses_max_pairs_and_handles_tiny_sets():
+    images = np.random.default_rng(4).integers(0, 256, (8, 64, 64, 3), dtype=np.uint8)
+    value, n_pairs = diversity(images, max_pairs=5, seed=2)
+    assert n_pairs == 5 and diversity(images, max_pairs=5, seed=2) == (value, 5)
+    for tiny in (images[:1], images[:0]):
+        value, n_pairs = diversity(tiny)
+        assert math.isnan(value) and n_pairs == 0
+
+
+@pytest.mark.parametrize("images, match", [(np.zeros((2, 64, 64, 3), dtype=np.float32), "uint8"),
+                                           (np.zeros((2, 64, 64), dtype=np.uint8), "uint8"),
+                                           (np.zeros((2, 64, 48, 3), dtype=np.uint8), "square")])
+def test_diversity_refuses_other_images(images, match):
+    with pytest.raises(ValueError, match=match):
+        diversity(images)
+
+
+# Similarity to the teacher.
+
+def test_teacher_similarity_of_identical_and_offset_images():
+    reference = smooth_image(64, 5, 7)
+    assert reference.max() <= 245
+    offset = reference + np.uint8(10)
+    tinted = reference.astype(np.int16) + np.array([-1, 0, 1])  # same channel mean: the same grey image
+    psnr, ssim = teacher_similarity(np.stack([reference, offset, tinted.astype(np.uint8)]), reference)
+    assert psnr.tolist() == [100.0, pytest.approx(20 * math.log10(255 / 10), abs=1e-9), 100.0]
+    assert ssim[0] == ssim[2] == 1.0 and 0.9 < ssim[1] < 1.0
+
+
+def test_grey_conversion_matches_the_one_of_vqvae_scoring():
+    images = np.random.default_rng(5).integers(0, 256, (4, 16, 16, 3), dtype=np.uint8)
+    as_model_output = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+    assert np.array_equal(grey_uint8(images), to_grey_uint8(as_model_output))
+
+
+def test_teacher_similarity_refuses_a_reference_of_another_size():
+    with pytest.raises(ValueError, match="do not match the reference"):
+        teacher_similarity(np.zeros((2, 64, 64, 3), dtype=np.uint8), np.zeros((32, 32, 3), dtype=np.uint8))
+
+
+# Nearest neighbours and copies.
+
+def brute_force(query: np.ndarray, bank: np.ndarray, exclude_self: bool) -> tuple[np.ndarray, np.ndarray]:
+    q = query / np.linalg.norm(query, axis=1, keepdims=True)
+    b = bank / np.linalg.norm(bank, axis=1, keepdims=True)
+    sims = q.astype(np.float64) @ b.T.astype(np.float64)
+    if exclude_self:
+        np.fill_diagonal(sims, -np.inf)
+    return sims.max(axis=1), sims.argmax(axis=1)
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 8, 1024])
+def test_nearest_neighbours_match_brute_force(chunk):
+    rng = np.random.default_rng(6)
+    query, bank = rng.normal(size=(37, 16)).astype(np.float32), rng.normal(size=(53, 16)).astype(np.float32)
+    sims, index = nearest_neighbours(query, bank, chunk=chunk)
+    want_sims, want_index = brute_force(query, bank, exclude_self=False)
+    assert np.array_equal(index, want_index) and np.allclose(sims, want_sims, atol=1e-6)
+
+
+@pytest.mark.parametrize("chunk", [1, 8, 1024])
+def test_nearest_neighbours_exclude_self(chunk):
+    rng = np.random.default_rng(7)
+    bank = rng.normal(size=(41, 16)).astype(np.float32)
+    bank[17] = 3 * bank[5]  # same direction: each other's neighbour at similarity 1
+    sims, index = nearest_neighbours(bank, bank, exclude_self=True, chunk=chunk)
+    want_sims, want_index = brute_force(bank, bank, exclude_self=True)
+    assert np.array_equal(index, want_index) and np.allclose(sims, want_sims, atol=1e-6)
+    assert np.all(index != np.arange(41)) and index[5] == 17 and index[17] == 5
+    assert sims[5] == pytest.approx(1.0, abs=1e-6)
+    self_sims, self_index = nearest_neighbours(bank, bank, chunk=chunk)
+    assert np.array_equal(self_index[[0, 1, 2]], [0, 1, 2]) and np.allclose(self_sims, 1.0, atol=1e-6)
+
+
+@pytest.mark.parametrize("query, bank, kwargs, match", [
+    (np.ones((3, 4)), np.ones((5, 6)), {}, "feature matrices"),
+    (np.ones((3, 4)), np.ones((5, 4)), {"exclude_self": True}, "query to be the bank"),
+    (np.ones((1, 4)), np.ones((1, 4)), {"exclude_self": True}, "no neighbour"),
+    (np.ones((3, 4)), np.zeros((5, 4)), {}, "non-zero"),
+])
+def test_nearest_neighbours_refuse_bad_input(query, bank, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        nearest_neighbours(query, bank, **kwargs)
+
+
+def test_copy_fraction_counts_samples_strictly_closer_than_any_reference():
+    # Largest reference similarity 0.8: 0.9 and 0.95 count, 0.8 itself does not.
+    assert copy_fraction(np.array([0.5, 0.9, 0.8, 0.95]), np.array([0.7, 0.8, 0.6])) == 0.5
+    assert copy_fraction(np.array([0.1, 0.2]), np.array([0.3])) == 0.0
+    with pytest.raises(ValueError, match="need samples and references"):
+        copy_fraction(np.array([0.5]), np.array([]))
