@@ -24,7 +24,7 @@ import csv
 import io
 import json
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import astuple, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -135,6 +135,9 @@ def choose_teachers(tokens: TokenSet, split: str, num_classes: int, per_class: i
         if len(members) == 0:
             raise SampleVarError(f"split {split!r} of the token file has no image of class {tokens.classes[label]!r}: "
                                  "choose another --teacher_split or turn TP off (--tp=false)")
+        if len(members) < per_class:
+            print(f"note: class {tokens.classes[label]!r} has {len(members)} images in split {split!r}: "
+                  f"{len(members)} teachers instead of {per_class}", flush=True)
         picks = np.random.default_rng([seed, label]).choice(len(members), min(per_class, len(members)), replace=False)
         chosen[label] = members[picks].tolist()
     return chosen
@@ -203,7 +206,7 @@ def fingerprint(point: Point, jobs: list[Job], config: Config, shas: dict[str, s
     """What a point's images are a function of (not the batch size): a finished point with another is redone."""
     return json.dumps({"point": point.name, "shas": shas, "top_k": config.top_k, "top_p": config.top_p,
                        "temperature": config.temperature, "precision": precision.name,
-                       "device": precision.device.type, "jobs": [list(j.__dict__.values()) for j in jobs]},
+                       "device": precision.device.type, "jobs": [astuple(j) for j in jobs]},
                       sort_keys=True)
 
 

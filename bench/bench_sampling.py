@@ -82,7 +82,7 @@ def main() -> None:
         print(f"{label:<32} {b / seconds:8.1f} images/s  ({seconds * 1000 / b:7.1f} ms per image)")
     # sample_var.py decodes one image at a time (an image must not depend on its batch); batched is the alternative.
     idx = [torch.randint(0, cfg.vocab_size, (b, pn, pn), device=device) for pn in cfg.scales]
-    for label, n in (("of which decoding, one at a time", 1), ("(decoding batched, for comparison)", b)):
+    for label, n in (("of which decoding, one at a time", 1), ("decoding batched (comparison)", b)):
         def decode() -> None:
             with precision.autocast():
                 for start in range(0, b, n):
