@@ -35,14 +35,14 @@ from typing import Any
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from common.checkpoint import CheckpointError
-from common.config import parse_config, save_config
+from common.config import config_dict, parse_config, preset_hint, save_config
 from common.fidelity import FidelityError, extract_features, fid_from_features, kid_from_features, load_feature_extractor
 from common.image_data import SPLITS, ImageDataError, read_image, to_rgb_uint8
-from common.io import atomic_save_npz, atomic_write_json, atomic_write_text
+from common.io import atomic_save_npz, atomic_write_json, atomic_write_text, file_sha256, files_fingerprint
 from common.plotting import save_figure, save_image, save_labelled_grid
+from common.progress import progress
 from common.runtime import pick_device
 from common.sample_metrics import (copy_fraction, diversity, matched_subsample, msssim_levels, nearest_neighbours,
                                    teacher_similarity, token_usage_entropy)
@@ -115,7 +115,8 @@ def load_sweep(folder: Path) -> Sweep:
     files = {name: folder / name for name in ("config.json", "samples_manifest.csv", "samples_tokens.npz")}
     missing = [str(p) for p in files.values() if not p.is_file()]
     if missing:
-        raise EvalVarError(f"{folder}: not a finished sample_var.py folder (missing {', '.join(missing)})")
+        raise EvalVarError(f"{folder}: not a finished sample_var.py folder (missing {', '.join(missing)})"
+                           f"{preset_hint(files['samples_manifest.csv'])}")
     try:
         config = json.loads(files["config.json"].read_text())
         with open(files["samples_manifest.csv"], newline="") as handle:
@@ -155,11 +156,25 @@ def at_model_size(tokens: TokenSet, rows: np.ndarray, data_dir: Path, size: int,
 def reconstructions(vqvae: VQVAE, tokens: TokenSet, rows: np.ndarray, dest: Path, device: torch.device) -> list[Path]:
     """The VQ-VAE decoding of the rows' tokens (= their reconstructions), one image at a time like sample_var.py."""
     paths = []
-    for row in tqdm(rows, desc="reconstructions", unit="img", disable=None):
+    for row in progress(rows, desc="reconstructions", unit="img"):
         image = to_rgb_uint8(vqvae.idx_to_img([m.to(device) for m in tokens.idx_list([row])]))[0]
         paths.append(dest / tokens.source[row])
         save_image(image, paths[-1])
     return paths
+
+
+OUTPUTS = ("metrics.csv", "metrics.json", "kid_vs_k.png", "diversity_vs_k.png", "teacher_similarity_vs_k.png",
+           "token_usage_entropy.png", "memorisation_hist.png", "memorisation_pairs.png", "nearest_train.npz")
+
+
+def evaluated_already(out: Path, made_from: dict[str, Any]) -> bool:
+    """Whether every output exists and metrics.json says it was made from exactly these inputs."""
+    if not all((out / name).is_file() for name in OUTPUTS):
+        return False
+    try:
+        return json.loads((out / "metrics.json").read_text())["info"].get("made_from") == made_from
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+        return False
 
 
 def halves(labels: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -244,9 +259,16 @@ def evaluate(config: Config) -> None:
     ref_labels, train_labels = tokens.labels[ref_rows], tokens.labels[train_rows]
     ref_paths = at_model_size(tokens, ref_rows, data_dir, size, out / "real")
     train_paths = at_model_size(tokens, train_rows, data_dir, size, out / "real")
-    recon_paths = reconstructions(vqvae, tokens, ref_rows, out / "recon", device)
     gen_paths = [sweep.folder / r["path"] for r in sweep.rows]
     gen_labels = np.array([int(r["label"]) for r in sweep.rows])
+    settings = {k: v for k, v in config_dict(config).items() if k not in ("out", "device", "cpu_threads", "batch_size", "cache")}
+    made_from = {"settings": settings, "tokens_sha256": file_sha256(config.tokens), "vqvae_sha256": tokens.vqvae_sha256,
+                 "samples": files_fingerprint(gen_paths + [sweep.folder / "samples_tokens.npz"], sweep.folder),
+                 "real": files_fingerprint([data_dir / tokens.source[r] for r in (*ref_rows, *train_rows)], data_dir)}
+    if evaluated_already(out, made_from):
+        print(f"{out}: up to date (same samples, real images, tokens and settings); nothing to do")
+        return
+    recon_paths = reconstructions(vqvae, tokens, ref_rows, out / "recon", device)
 
     net = load_feature_extractor(config.inception_weights, device)
     cache = Path(config.cache) if config.cache else None
@@ -296,7 +318,7 @@ def evaluate(config: Config) -> None:
 
     # Sweep rows.
     teacher_images = {kind: {} for kind in ("teachers", "teachers_recon")}
-    for point in tqdm(sweep.points, desc="metrics", unit="point", disable=None):
+    for point in progress(sweep.points, desc="metrics", unit="point"):
         in_point = np.array([r["point"] == point for r in sweep.rows])
         first_row = sweep.rows[int(np.flatnonzero(in_point)[0])]
         k, cfg = int(first_row["coarse_k"]), float(first_row["cfg"])
@@ -336,7 +358,7 @@ def evaluate(config: Config) -> None:
                             for key in ("psnr_teacher", "ssim_teacher", "psnr_recon", "ssim_recon")})
         add_rows(point, "NOP" if k == 0 else "TP", k, cfg, per_class, overall)
 
-    info = {"samples": str(sweep.folder), "ref_split": config.ref_split, "ref_images": len(ref_rows),
+    info = {"made_from": made_from, "samples": str(sweep.folder), "ref_split": config.ref_split, "ref_images": len(ref_rows),
             "train_images": len(train_rows), "image_size": size, "feature_extractor": net.name,
             "msssim_levels": msssim_levels(size), "token_images_per_class": per_class_tokens,
             "copy_threshold": threshold,

@@ -37,6 +37,7 @@ from common.config import config_dict, parse_config, save_config
 from common.image_data import SPLITS, ImageDataError, read_image, to_rgb_uint8
 from common.io import atomic_save_npz, atomic_write_text, file_sha256
 from common.plotting import save_image, save_labelled_grid
+from common.progress import progress
 from common.runtime import Precision, pick_device, select_precision
 from common.tokens import TokenFileError, TokenSet, load_tokens
 from models.var import VAR, load_var
@@ -358,7 +359,7 @@ def sample(config: Config) -> None:
     print(f"VAR {config.var} ({var.config['depth']} blocks, scales {tokens.scales}), {len(classes)} classes; "
           f"{len(points)} sweep points, {sum(map(len, all_jobs))} images; {precision.name} on {device}", flush=True)
     results = []
-    bar = tqdm(total=sum(map(len, all_jobs)), desc="sampling", unit="img", disable=None, dynamic_ncols=True)
+    bar = progress(total=sum(map(len, all_jobs)), desc="sampling", unit="img", dynamic_ncols=True)
     for point, jobs in zip(points, all_jobs):
         expected = fingerprint(point, jobs, config, shas, precision)
         arrays = load_finished_point(out / point.name, expected)

@@ -4,24 +4,27 @@
 
 Writes the npz described in common/tokens.py (per-scale maps, concatenated sequences, labels, split and
 source file of each row, the VQ-VAE checkpoint's sha256 and quantizer config) and classes.json beside it.
-Images get the same preprocessing as in VQ-VAE training: the image_size stored in the checkpoint's config.
+Images get the same preprocessing as in VQ-VAE training: resized to the VQ-VAE's image side. Any checkpoint that
+load_vqvae reads works, also one converted from the reference (models/convert_upstream.py). A rerun whose VQ-VAE,
+images and settings are unchanged (recorded in the npz) does nothing.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
-from common.checkpoint import CheckpointError, load_checkpoint, require_keys
+from common.checkpoint import CheckpointError
 from common.config import parse_config
 from common.image_data import SPLITS, ImageDataError, ImageSplit, list_classes
-from common.io import file_sha256
+from common.io import file_sha256, files_fingerprint
+from common.progress import progress
 from common.runtime import pick_device, select_precision
-from common.tokens import save_tokens
+from common.tokens import made_from_of, save_tokens
 from models.vqvae import load_vqvae
 
 
@@ -35,18 +38,6 @@ class Config:
     device: str = "auto"  # auto | cpu | cuda | mps
     cpu_threads: int = 0  # torch CPU threads (0 = torch's default)
     precision: str = "fp32"  # autocast of encoder/decoder: fp32 (tokens independent of the card) | bf16 | fp16 | auto; the quantizer always runs fp32
-
-
-def checkpoint_image_size(path: Path, model_image_size: int) -> int:
-    """The side images were resized to when the VQ-VAE was trained (its saved config), checked against the network."""
-    ckpt = load_checkpoint(path)
-    require_keys(ckpt, ["model", "model_config", "config"], path)
-    image_size = ckpt["config"].get("image_size") if isinstance(ckpt["config"], dict) else None
-    if not isinstance(image_size, int):
-        raise CheckpointError(f"{path}: its saved config has no image_size (was it written by train_vqvae.py?)")
-    if image_size != model_image_size:
-        raise CheckpointError(f"{path}: config image_size {image_size} does not fit the network ({model_image_size})")
-    return image_size
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -68,19 +59,26 @@ def tokenize(cfg: Config) -> None:
     precision = select_precision(device, cfg.precision)
     model = load_vqvae(vqvae_path, map_location=device)
     sha = file_sha256(vqvae_path)
-    image_size = checkpoint_image_size(vqvae_path, model.image_size)
+    # The side the network works at (scales[-1] x its downsampling): a checkpoint converted from the reference
+    # has no training config, and one of train_vqvae.py was trained at exactly this side.
+    image_size = model.image_size
     if model.config["vocab_size"] > np.iinfo(np.int16).max + 1:
         raise CheckpointError(f"{vqvae_path}: vocab {model.config['vocab_size']} does not fit the int16 token format")
     classes = list_classes(cfg.data_dir)
+    splits = {split: ImageSplit(cfg.data_dir, split, image_size, classes) for split in SPLITS}
+    made_from = json.dumps({"vqvae_sha256": sha, "precision": precision.name, "device": device.type,
+                            "images": files_fingerprint([p for d in splits.values() for p in d.paths], cfg.data_dir)})
+    if made_from_of(out) == made_from:
+        print(f"{out}: up to date (same VQ-VAE, images and settings); nothing to do")
+        return
     print(f"VQ-VAE {vqvae_path} (sha256 {sha[:12]}...), scales {model.scales}, {image_size}px, {precision.name} on {device}")
 
     maps: list[list[np.ndarray]] = [[] for _ in model.scales]
     labels, split_names, sources = [], [], []
     roundtrip_error = 0.0
-    for split in SPLITS:
-        dataset = ImageSplit(cfg.data_dir, split, image_size, classes)
+    for split, dataset in splits.items():
         loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.num_workers)
-        for img, label in tqdm(loader, desc=f"tokenizing {split}"):
+        for img, label in progress(loader, desc=f"tokenizing {split}"):
             img = img.to(device)
             with precision.autocast():
                 idx_list = model.img_to_idx(img)
@@ -96,7 +94,7 @@ def tokenize(cfg: Config) -> None:
 
     all_maps = [np.concatenate(m) for m in maps]
     save_tokens(out, scales=model.scales, maps=all_maps, labels=np.concatenate(labels), split=split_names,
-                source=sources, vqvae_sha256=sha, vqvae_config=model.config, classes=classes)
+                source=sources, vqvae_sha256=sha, vqvae_config=model.config, classes=classes, made_from=made_from)
     length = sum(pn * pn for pn in model.scales)
     used = len(np.unique(all_maps[-1]))
     print(f"wrote {out}: {len(sources)} images x {length} tokens; finest scale uses {used}/{model.config['vocab_size']} "

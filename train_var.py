@@ -20,16 +20,17 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib.pyplot as plt
+from matplotlib.ticker import FuncFormatter, LogLocator
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from common.checkpoint import CheckpointError
 from common.config import config_dict, parse_config, save_config
 from common.distributed import DistContext, setup_distributed
 from common.history import History
 from common.plotting import plot_curves, save_figure, save_labelled_grid
+from common.progress import progress
 from common.runtime import Precision, pick_device, seed_everything, select_precision
 from common.tokens import TokenFileError, TokenSet, load_tokens
 from common.training import (NonFiniteLossError, check_finite, lr_at, param_groups, resume_training_checkpoint,
@@ -194,12 +195,21 @@ def save_plots(history: History, out_dir: Path, scales: tuple[int, ...], vocab: 
                 out_dir / "loss.png", "VAR cross-entropy", "epoch", "cross-entropy (nats)")
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for k, pn in enumerate(scales):
-        line, = ax.plot(epochs, [r["val_acc_scales"][k] for r in records], marker="o", markersize=3, label=f"{pn}x{pn}")
+        line, = ax.plot(epochs, [r["val_acc_scales"][k] for r in records], marker="o", markersize=3,
+                        label=f"{pn}x{pn} (majority {majority[k]:.3f})")
         ax.axhline(majority[k], color=line.get_color(), linestyle="--", linewidth=0.8)
     ax.axhline(1 / vocab, color="grey", linestyle=":", label=f"chance 1/{vocab}")
+    # Log axis: the finer scales' baselines (a few % each) would lie on top of each other near 0 on a linear one.
+    ax.set_yscale("log")
+    # Down to chance, or lower for a scale below it (early epochs); a 0 cannot be drawn on a log axis.
+    lowest = min([1 / vocab, *(a for r in records for a in r["val_acc_scales"] if a > 0),
+                  *(m for m in majority if m > 0)])
+    ax.set_ylim(0.8 * lowest, 1.0)
+    ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{y:g}"))  # 0.05 reads better than 5x10^-2
     ax.set_title("VAR val token accuracy per scale (dashed: always the most frequent training token of the scale)")
     ax.set_xlabel("epoch")
-    ax.set_ylabel("accuracy")
+    ax.set_ylabel("accuracy (log scale)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     save_figure(fig, out_dir / "accuracy.png")
@@ -293,8 +303,8 @@ def train(cfg: Config, dist: DistContext) -> None:
         t0 = time.time()
         order = np.random.default_rng([cfg.seed, epoch]).permutation(n_train)  # same order in every process
         sums = torch.zeros(3, len(scales), device=device)
-        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not dist.is_main,
-                   leave=False, dynamic_ncols=True)
+        bar = progress(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not dist.is_main,
+                       leave=False, dynamic_ncols=True)
         for it in bar:
             lr = lr_at(step, total_steps, warmup_steps, cfg.lr, cfg.final_lr_ratio)
             set_lr(optimizer, lr)

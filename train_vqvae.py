@@ -24,15 +24,15 @@ import torch.distributed as torch_dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Subset
-from tqdm import tqdm
 
 from common.checkpoint import CheckpointError, load_checkpoint
 from common.config import config_dict, parse_config, save_config
 from common.distributed import DistContext, setup_distributed
 from common.history import History
 from common.image_data import EpochSampler, ImageDataError, ImageSplit, list_classes, to_grey_uint8, to_rgb_uint8
-from common.io import atomic_write_json
+from common.io import atomic_write_json, file_sha256, files_fingerprint
 from common.plotting import bar_counts, image_grid, plot_curves, save_figure
+from common.progress import progress
 from common.runtime import Precision, pick_device, seed_everything, select_precision
 from common.sample_metrics import psnr_ssim
 from common.training import (NonFiniteLossError, check_finite, lr_at, param_groups, resume_training_checkpoint,
@@ -140,7 +140,7 @@ def evaluate(model: VQVAE, dataset: ImageSplit, cfg: Config, dist: DistContext, 
     loader = DataLoader(shard, batch_size=cfg.eval_batch_size, shuffle=False, num_workers=cfg.num_workers)
     sums = torch.zeros(5, dtype=torch.float64, device=dist.device)  # loss, rec, vq, psnr, ssim (summed over images)
     hits = torch.zeros(len(model.scales), model.config["vocab_size"], dtype=torch.int64, device=dist.device)
-    for img, _ in tqdm(loader, desc=desc, leave=False, disable=not dist.is_main):
+    for img, _ in progress(loader, desc=desc, leave=False, disable=not dist.is_main):
         img = img.to(dist.device)
         with precision.autocast():
             out = model(img)
@@ -297,6 +297,17 @@ def main(argv: list[str] | None = None) -> None:
         dist.cleanup()
 
 
+def scored_already(out: Path, made_from: dict[str, str]) -> bool:
+    """Whether test_metrics.json and the test plots exist and were made from this checkpoint and test set."""
+    outputs = [out / name for name in ("test_metrics.json", "recon_test.png", "code_usage_hist_test.png")]
+    if not all(p.is_file() for p in outputs):
+        return False
+    try:
+        return json.loads(outputs[0].read_text()).get("made_from") == made_from
+    except (json.JSONDecodeError, AttributeError):
+        return False
+
+
 def train(cfg: Config, dist: DistContext) -> None:
     out = Path(cfg.out_dir)
     device = dist.device
@@ -371,7 +382,7 @@ def train(cfg: Config, dist: DistContext) -> None:
         sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, rec, vq summed over steps
         epoch_hits = torch.zeros(len(model.scales), cfg.vocab_size, dtype=torch.int64, device=device)
         n_reinit = 0
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not dist.is_main, leave=False)
+        bar = progress(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not dist.is_main, leave=False)
         for img, _ in bar:
             img = img.to(device, non_blocking=True)
             lr = lr_at(step, total_steps, cfg.warmup_steps, cfg.lr, cfg.final_lr_ratio)
@@ -433,14 +444,19 @@ def train(cfg: Config, dist: DistContext) -> None:
                            f"val after epoch {epoch + 1}: PSNR {val['psnr']:.2f} dB")
         dist.barrier()
 
-    # Score the best model on the held-out test split.
+    # Score the best model on the held-out test split, unless that was done for this very checkpoint and test set.
+    made_from = {"checkpoint_sha256": file_sha256(out / "best.pth"),
+                 "test_images": files_fingerprint(splits["test"].paths, cfg.data_dir)}
+    if scored_already(out, made_from):
+        dist.print(f"{out / 'test_metrics.json'}: up to date for this best.pth and test set; not scored again")
+        return
     best = load_checkpoint(out / "best.pth", map_location=device)
     model.load_state_dict(best["model"])
     test = evaluate(model, splits["test"], cfg, dist, precision, "test")
     if dist.is_main:
         metrics = {k: v for k, v in test.items() if k != "hits"}
         metrics.update(n_images=len(splits["test"]), best_epoch=int(best["epoch"]), checkpoint=str(out / "best.pth"),
-                       train_seconds=history.records[-1]["seconds"] if history.records else 0.0)
+                       train_seconds=history.records[-1]["seconds"] if history.records else 0.0, made_from=made_from)
         atomic_write_json(out / "test_metrics.json", metrics)
         plot_code_histogram(test["hits"], model.scales, out / "code_usage_hist_test.png",
                             f"code usage on test (best.pth, epoch {best['epoch']})")
@@ -450,7 +466,6 @@ def train(cfg: Config, dist: DistContext) -> None:
                    f"test, best.pth (epoch {best['epoch']}): PSNR {test['psnr']:.2f} dB")
         dist.print(f"test (best.pth, epoch {best['epoch']}): PSNR {test['psnr']:.2f} dB SSIM {test['ssim']:.3f} "
                    f"usage@{cfg.scales[-1]} {100 * test['usage'][-1]:.1f}% -> {out / 'test_metrics.json'}")
-        print(json.dumps({k: metrics[k] for k in ("psnr", "ssim", "loss")}))
 
 
 if __name__ == "__main__":

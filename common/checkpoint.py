@@ -9,6 +9,8 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
+from common.config import preset_hint
+
 M = TypeVar("M", bound=nn.Module)
 
 
@@ -20,7 +22,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     """torch.load with weights_only=True, turning every failure into a CheckpointError naming the file."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint file does not exist")
+        raise CheckpointError(f"{path}: checkpoint file does not exist{preset_hint(path)}")
     if path.stat().st_size == 0:
         raise CheckpointError(f"{path}: checkpoint file is empty")
     try:

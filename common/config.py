@@ -165,3 +165,21 @@ def save_config(cfg: Any, out_dir: str | Path, name: str = "config.json") -> Pat
     path = Path(out_dir) / name
     atomic_write_json(path, config_dict(cfg))
     return path
+
+
+def preset_hint(missing: str | Path, runs: str | Path = "runs", presets: str | Path = "configs") -> str:
+    """For an input that does not exist: the files of the same name under runs/ and the presets that name them."""
+    found = sorted(Path(runs).glob(f"**/{Path(missing).name}")) if Path(runs).is_dir() else []
+    if not found:
+        return ""
+    users: dict[Path, list[str]] = {f: [] for f in found}
+    for preset in sorted(Path(presets).glob("*.json")):
+        try:
+            values = json.loads(preset.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        for f in found:
+            if isinstance(values, dict) and any(isinstance(v, str) and Path(v) == f for v in values.values()):
+                users[f].append(preset.as_posix())
+    listed = "; ".join(f"{f.as_posix()}" + (f" (used by --config={', '.join(u)})" if u else "") for f, u in users.items())
+    return f"; found {listed}"

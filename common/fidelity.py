@@ -33,10 +33,10 @@ from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d
 from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_features_to_statistics, fid_statistics_to_metric
 from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, kid_features_to_metric
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
-from tqdm import tqdm
 
 from common.checkpoint import CheckpointError, load_checkpoint
 from common.io import atomic_save_npz, file_sha256
+from common.progress import progress
 
 PACKAGED_EXTRACTOR = "inception-v3-fid-helper"  # our torch-fidelity extractor around default_1.pt
 COMPAT_EXTRACTOR = "inception-v3-compat"  # torch-fidelity's built-in one, for its .pth state dict
@@ -233,7 +233,7 @@ def _compute(missing: dict[str, Path], net: FeatureNet, batch_size: int, desc: s
     """Features of the files in `missing` (sha256 -> path), run in batches of equally sized images."""
     computed: dict[str, np.ndarray] = {}
     pending: dict[tuple[int, ...], list[tuple[str, np.ndarray]]] = defaultdict(list)  # shape -> batch being filled
-    with tqdm(total=len(missing), desc=desc, unit="img", disable=None) as bar:  # None: quiet without a terminal
+    with progress(total=len(missing), desc=desc, unit="img") as bar:
 
         def run(batch: list[tuple[str, np.ndarray]]) -> None:
             images = torch.from_numpy(np.stack([image for _, image in batch])).permute(0, 3, 1, 2)

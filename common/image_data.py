@@ -13,7 +13,8 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset, Sampler
-from tqdm import tqdm
+
+from common.progress import progress
 
 SPLITS = ("train", "val", "test")
 IMAGE_SUFFIX = ".png"
@@ -94,7 +95,8 @@ class ImageSplit(Dataset):
         self.paths, self.labels = list_split(data_dir, split, self.classes)
         self.images: list[np.ndarray] | None = None
         if preload:
-            self.images = [read_image(p, image_size) for p in tqdm(self.paths, desc=f"loading {split}", leave=False)]
+            self.images = [read_image(p, image_size)
+                           for p in progress(self.paths, desc=f"loading {split}", leave=False)]
 
     def __len__(self) -> int:
         return len(self.paths)

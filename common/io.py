@@ -12,7 +12,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, BinaryIO, Iterator
+from typing import Any, BinaryIO, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -58,6 +58,13 @@ def atomic_write(path: str | Path) -> Iterator[BinaryIO]:
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write data atomically; a file that already holds exactly these bytes is left alone (a rerun rewrites nothing)."""
+    path = Path(path)
+    try:
+        if path.stat().st_size == len(data) and path.read_bytes() == data:
+            return
+    except OSError:
+        pass  # missing or unreadable: write it
     with atomic_write(path) as handle:
         handle.write(data)
 
@@ -91,4 +98,12 @@ def file_sha256(path: str | Path, chunk_size: int = 1 << 20) -> str:
     with open(path, "rb") as handle:
         while chunk := handle.read(chunk_size):
             digest.update(chunk)
+    return digest.hexdigest()
+
+
+def files_fingerprint(paths: Sequence[str | Path], root: str | Path) -> str:
+    """sha256 over the files' paths relative to root and their contents: what a derived artifact was made from."""
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(f"{Path(path).relative_to(root).as_posix()}\0{file_sha256(path)}\n".encode())
     return digest.hexdigest()

@@ -4,7 +4,8 @@ tokens_multiscale_maps.npz (no pickles) holds, for N images and scales pn_1..pn_
 `scales` int64 (K,), `map_<pn>` int16 (N, pn, pn) per scale, `idx` int16 (N, L) (the maps flattened and
 concatenated, L = sum pn^2), `labels` int64 (N,), `split` str (N,), `source` str (N,) (image path relative
 to the processed set), `vqvae_sha256` str (checksum of the VQ-VAE checkpoint that made the tokens) and
-`vqvae_config` str (JSON of its model_config). classes.json beside it lists the class names (index = label).
+`vqvae_config` str (JSON of its model_config) and `made_from` str (JSON: VQ-VAE checksum, settings and a
+fingerprint of the images; a rerun with the same inputs skips). classes.json beside it lists the class names.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from common.config import preset_hint
 from common.io import atomic_save_npz, atomic_write_json, file_sha256
 
 CLASSES_FILE = "classes.json"
@@ -66,8 +68,9 @@ class TokenSet:
 
 def save_tokens(npz_path: str | Path, *, scales: tuple[int, ...] | list[int], maps: list[np.ndarray],
                 labels: np.ndarray, split: np.ndarray | list[str], source: np.ndarray | list[str],
-                vqvae_sha256: str, vqvae_config: dict[str, Any], classes: list[str]) -> None:
-    """Write the npz and classes.json beside it, each atomically."""
+                vqvae_sha256: str, vqvae_config: dict[str, Any], classes: list[str], made_from: str = "") -> None:
+    """Write the npz and classes.json beside it, each atomically. made_from: what the tokens were made from (see
+    made_from_of), so that a rerun with the same inputs can skip the work."""
     scales = [int(s) for s in scales]
     if len(maps) != len(scales):
         raise ValueError(f"{npz_path}: {len(maps)} token maps for {len(scales)} scales")
@@ -88,16 +91,27 @@ def save_tokens(npz_path: str | Path, *, scales: tuple[int, ...] | list[int], ma
         source=np.asarray(source, dtype=str),
         vqvae_sha256=np.asarray(vqvae_sha256),
         vqvae_config=np.asarray(json.dumps(vqvae_config, sort_keys=True)),
+        made_from=np.asarray(made_from),
         **arrays,
     )
     atomic_write_json(Path(npz_path).parent / CLASSES_FILE, list(classes))
+
+
+def made_from_of(npz_path: str | Path) -> str | None:
+    """The made_from record of an existing token file (None when there is none or the file is unreadable)."""
+    try:
+        with np.load(npz_path, allow_pickle=False) as data:
+            return str(data["made_from"]) if "made_from" in data.files else None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile):
+        return None
 
 
 def load_tokens(npz_path: str | Path, vqvae_path: str | Path | None = None) -> TokenSet:
     """Read and check a token file; with vqvae_path, refuse tokens made by a different VQ-VAE checkpoint."""
     npz_path = Path(npz_path)
     if not npz_path.is_file():
-        raise TokenFileError(f"{npz_path}: token file does not exist; run tokenize_multiscale_maps.py first")
+        raise TokenFileError(f"{npz_path}: token file does not exist; run tokenize_multiscale_maps.py first"
+                             f"{preset_hint(npz_path)}")
     try:
         loaded = np.load(npz_path, allow_pickle=False)
         if not isinstance(loaded, np.lib.npyio.NpzFile):

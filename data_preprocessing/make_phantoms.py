@@ -47,10 +47,10 @@ import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 import scipy.fft  # noqa: E402
 from scipy.ndimage import gaussian_filter, gaussian_filter1d  # noqa: E402
-from tqdm import tqdm  # noqa: E402
 
 from common.config import parse_config, save_config  # noqa: E402
 from common.io import atomic_write_bytes, atomic_write_text  # noqa: E402
+from common.progress import progress  # noqa: E402
 
 CLASSES = ("breast", "thyroid", "kidney", "fetal_head", "liver", "heart")
 PROBE = {"breast": "linear", "thyroid": "linear", "kidney": "convex", "fetal_head": "convex",
@@ -629,7 +629,7 @@ def main(cfg: Config) -> None:
     tasks = [(str(out), ci, s, organ, cfg.frames_per_subject) for ci, organ in enumerate(CLASSES)
              for s in range(cfg.n_subjects_per_class)]
     start, written = time.perf_counter(), 0
-    with tqdm(total=len(tasks) * cfg.frames_per_subject, desc="phantoms", unit="frame") as bar:
+    with progress(total=len(tasks) * cfg.frames_per_subject, desc="phantoms", unit="frame") as bar:
         if cfg.workers > 1:
             with Pool(cfg.workers, initializer=_init_worker, initargs=(cfg.seed,)) as pool:
                 for n in pool.imap_unordered(_make_subject, tasks):

@@ -37,11 +37,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 from PIL import Image  # noqa: E402
-from tqdm import tqdm  # noqa: E402
 
 from common.config import config_dict, parse_config, save_config  # noqa: E402
 from common.io import atomic_write_bytes, atomic_write_text, file_sha256  # noqa: E402
 from common.plotting import bar_counts, image_grid, save_figure, save_image  # noqa: E402
+from common.progress import progress  # noqa: E402
 from data_preprocessing.adapters import ADAPTERS, RecipeError, Source, stem  # noqa: E402
 from data_preprocessing.readers import UnreadableFileError, read_frames  # noqa: E402
 from data_preprocessing.scan_area import ScanArea, ScanAreaError, detect_scan_area, to_model_image  # noqa: E402
@@ -369,10 +369,13 @@ def scan_panel(args: tuple[dict, int, tuple[str, ...]]) -> tuple[dict, np.ndarra
     return None
 
 
-def scan_area_figure(panels: list[tuple[dict, np.ndarray, ScanArea]], out: Path, per_class: int) -> None:
+def scan_area_figure(panels: list[tuple[dict, np.ndarray, ScanArea]], out: Path) -> None:
     """Originals: outside the detected scan area tinted red (what gets blanked), the crop box in yellow."""
     classes = sorted({row["class"] for row, _, _ in panels})
-    fig, axes = plt.subplots(len(classes), per_class, figsize=(4.0 * per_class, 3.4 * len(classes)), squeeze=False)
+    per_class = max(Counter(row["class"] for row, _, _ in panels).values())  # below the asked number for small sets
+    # Constrained layout puts the title just above the panels; the default margins left a band ~2 in high.
+    fig, axes = plt.subplots(len(classes), per_class, figsize=(4.0 * per_class, 3.4 * len(classes)), squeeze=False,
+                             layout="constrained")
     for ax in axes.flat:
         ax.axis("off")
     column = Counter()
@@ -442,7 +445,7 @@ def run(cfg: Config) -> dict:
     rows, n_reused = [], 0
     try:
         _init_worker(out, cfg)
-        with tqdm(total=len(tasks), desc="prepare", unit="file") as bar:
+        with progress(total=len(tasks), desc="prepare", unit="file") as bar:
             for task_rows, reused in parallel_map(_work, tasks):
                 rows.extend(task_rows)
                 n_reused += reused
@@ -474,7 +477,7 @@ def run(cfg: Config) -> dict:
     contact_sheets(rows, out, cfg)
     if panels:
         panels.sort(key=lambda p: (p[0]["class"], p[0]["source"], p[0]["frame"]))
-        scan_area_figure(panels, out, cfg.scan_area_samples)
+        scan_area_figure(panels, out)
 
     stats = {
         "files": len(tasks),

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from common.config import ConfigError, config_help, parse_config, save_config
+from common.config import ConfigError, config_help, parse_config, preset_hint, save_config
 
 
 @dataclass
@@ -91,3 +91,19 @@ def test_script_exits_with_message_on_bad_argument(tmp_path, repo_root):
     assert bad.returncode != 0 and "error: command line: unknown constant 'epoch'; valid names: epochs" in bad.stderr
     helped = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, env=env)
     assert helped.returncode == 0 and "--epochs=3  (int)  passes" in helped.stdout
+
+
+def test_preset_hint_names_the_files_that_exist_and_the_presets_using_them(tmp_path):
+    runs, presets = tmp_path / "runs", tmp_path / "configs"
+    for folder in ("tokens_cpu", "tokens_gpu", "other"):
+        (runs / folder).mkdir(parents=True)
+    (runs / "tokens_cpu" / "t.npz").write_bytes(b"")
+    (runs / "tokens_gpu" / "t.npz").write_bytes(b"")
+    presets.mkdir()
+    (presets / "var_cpu.json").write_text(json.dumps({"tokens": str(runs / "tokens_cpu" / "t.npz"), "epochs": 3}))
+    (presets / "broken.json").write_text("{not json")
+    hint = preset_hint(runs / "tokens" / "t.npz", runs=runs, presets=presets)
+    assert hint == (f"; found {(runs / 'tokens_cpu' / 't.npz').as_posix()} (used by "
+                    f"--config={(presets / 'var_cpu.json').as_posix()}); {(runs / 'tokens_gpu' / 't.npz').as_posix()}")
+    assert preset_hint(runs / "nothing.npz", runs=runs, presets=presets) == ""
+    assert preset_hint("x.npz", runs=tmp_path / "absent", presets=presets) == ""

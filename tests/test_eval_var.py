@@ -122,3 +122,23 @@ def test_bad_inputs_are_refused(evaluated: dict[str, Path], tmp_path: Path, caps
     with pytest.raises(SystemExit):
         eval_var.main([f"--samples={broken}"])
     assert "not a finished sample_var.py folder" in capsys.readouterr().err
+
+
+def test_a_rerun_with_the_same_inputs_rewrites_nothing(evaluated: dict[str, Path], tmp_path: Path, capsys) -> None:
+    args = [f"--samples={evaluated['samples']}", f"--cache={evaluated['cache']}", "--kid_subsets=20", "--device=cpu"]
+    before = {p: p.stat().st_mtime_ns for p in evaluated["out"].rglob("*")}
+    capsys.readouterr()
+    eval_var.main(args)
+    assert "up to date" in capsys.readouterr().out
+    assert {p: p.stat().st_mtime_ns for p in evaluated["out"].rglob("*")} == before
+    # A changed sample image is a changed input.
+    samples = tmp_path / "samples"
+    shutil.copytree(evaluated["samples"], samples, ignore=shutil.ignore_patterns("eval"))
+    args = [f"--samples={samples}", f"--cache={evaluated['cache']}", "--kid_subsets=20", "--device=cpu"]
+    eval_var.main(args)
+    first = float(row(rows(samples / "eval"), "NOP_cfg1.5", "all")["kid"])
+    save_image(np.zeros((SIZE, SIZE, 3), np.uint8), samples / "NOP_cfg1.5" / "breast" / "s000.png")
+    capsys.readouterr()
+    eval_var.main(args)
+    assert "up to date" not in capsys.readouterr().out
+    assert float(row(rows(samples / "eval"), "NOP_cfg1.5", "all")["kid"]) != first

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from common.checkpoint import CheckpointError, load_checkpoint, require_keys
-from common.io import atomic_save_npz, atomic_torch_save, atomic_write, file_sha256
+from common.io import atomic_save_npz, atomic_torch_save, atomic_write, atomic_write_bytes, file_sha256, files_fingerprint
 
 
 def test_atomic_write_replaces_only_on_success(tmp_path):
@@ -105,3 +105,28 @@ def test_file_sha256(tmp_path):
     path = tmp_path / "f"
     path.write_bytes(b"abc")
     assert file_sha256(path) == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+
+
+def test_identical_content_is_not_rewritten(tmp_path):
+    path = tmp_path / "a.txt"
+    atomic_write_bytes(path, b"same")
+    os.utime(path, ns=(1, 1))
+    atomic_write_bytes(path, b"same")
+    assert path.stat().st_mtime_ns == 1  # left alone
+    atomic_write_bytes(path, b"sane")  # same size, other bytes
+    assert path.read_bytes() == b"sane" and path.stat().st_mtime_ns != 1
+
+
+def test_files_fingerprint_follows_names_and_contents(tmp_path):
+    (tmp_path / "a").mkdir()
+    for name, data in (("a/x.png", b"1"), ("a/y.png", b"2")):
+        (tmp_path / name).write_bytes(data)
+    paths = [tmp_path / "a/x.png", tmp_path / "a/y.png"]
+    first = files_fingerprint(paths, tmp_path)
+    assert files_fingerprint(paths, tmp_path) == first
+    assert files_fingerprint(paths[::-1], tmp_path) != first  # order is part of it
+    (tmp_path / "a/y.png").write_bytes(b"3")
+    assert files_fingerprint(paths, tmp_path) != first
+    (tmp_path / "a/y.png").write_bytes(b"2")
+    (tmp_path / "a/y.png").rename(tmp_path / "a/z.png")
+    assert files_fingerprint([paths[0], tmp_path / "a/z.png"], tmp_path) != first

@@ -1,5 +1,6 @@
 """tokenize_multiscale_maps.py and common/tokens.py: the exported tokens decode to exactly the VQ-VAE's own
-reconstruction; tokens from another VQ-VAE, corrupt files and checkpoints without a training config are refused."""
+reconstruction; tokens from another VQ-VAE and corrupt files are refused; a bare (e.g. converted) checkpoint works;
+a rerun with the same inputs skips."""
 from __future__ import annotations
 
 import json
@@ -145,12 +146,36 @@ def test_save_and_load_round_trip_and_shape_checks(tmp_path: Path) -> None:
                     source=["a"] * 3, vqvae_sha256="", vqvae_config={}, classes=["x"])
 
 
-def test_tokenize_needs_the_training_config_of_the_checkpoint(trained: tuple[Path, Path], tmp_path: Path) -> None:
+def test_a_bare_checkpoint_tokenizes_like_a_training_one(trained: tuple[Path, Path], tokens: Path,
+                                                         tmp_path: Path) -> None:
+    """A checkpoint with only model + model_config (e.g. converted from the reference) takes its image side from the
+    network, so it gives the same tokens as the training checkpoint it came from."""
     data, vq = trained
     bare = tmp_path / "bare.pth"
     ckpt = torch.load(vq / "best.pth", weights_only=True)
     torch.save({"model": ckpt["model"], "model_config": ckpt["model_config"]}, bare)
-    with pytest.raises(SystemExit, match=r"bare\.pth: not a checkpoint of this project: missing config"):
-        call(tokenize_multiscale_maps.main, dict(data_dir=data, vqvae=bare, out=tmp_path / "t.npz", num_workers=0))
+    out = tmp_path / "bare" / "t.npz"
+    call(tokenize_multiscale_maps.main, dict(data_dir=data, vqvae=bare, out=out, num_workers=0, device="cpu"))
+    assert np.array_equal(load_tokens(out).idx, load_tokens(tokens).idx)
     with pytest.raises(SystemExit, match=r"nothing\.pth: checkpoint file does not exist"):
         call(tokenize_multiscale_maps.main, dict(data_dir=data, vqvae=tmp_path / "nothing.pth", out=tmp_path / "t.npz"))
+
+
+def test_a_rerun_with_the_same_inputs_does_nothing(trained: tuple[Path, Path], tmp_path: Path, capsys) -> None:
+    data_src, vq = trained
+    data = tmp_path / "data"
+    shutil.copytree(data_src, data)
+    out = tmp_path / "tokens" / "t.npz"
+    args = dict(data_dir=data, vqvae=vq / "best.pth", out=out, num_workers=0, device="cpu")
+    call(tokenize_multiscale_maps.main, args)
+    before = out.stat().st_mtime_ns, (out.parent / "classes.json").stat().st_mtime_ns
+    capsys.readouterr()
+    call(tokenize_multiscale_maps.main, args)
+    assert "up to date" in capsys.readouterr().out
+    assert (out.stat().st_mtime_ns, (out.parent / "classes.json").stat().st_mtime_ns) == before
+    # A changed image is a changed input: the tokens are made again.
+    changed = sorted((data / "test" / "disk").glob("*.png"))[0]
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(changed)
+    call(tokenize_multiscale_maps.main, args)
+    assert "up to date" not in capsys.readouterr().out
+    assert out.stat().st_mtime_ns != before[0]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -98,6 +99,22 @@ def test_run_writes_checkpoints_metrics_and_plots(reference_run: Path) -> None:
     model = load_vqvae(reference_run / "best.pth")
     assert model.scales == (1, 2, 4, 8) and model.config["vocab_size"] == 64
     assert json.loads((reference_run / "config.json").read_text())["balanced"] is True
+
+
+def test_a_finished_run_rerun_rewrites_nothing(data: Path, reference_run: Path, tmp_path: Path, capsys) -> None:
+    before = {p.name: p.stat().st_mtime_ns for p in reference_run.iterdir()}
+    capsys.readouterr()
+    run_in_process(tiny_args(data, reference_run))
+    assert "up to date for this best.pth and test set; not scored again" in capsys.readouterr().out
+    assert {p.name: p.stat().st_mtime_ns for p in reference_run.iterdir()} == before
+    # Another test set is scored again.
+    out = tmp_path / "run"
+    shutil.copytree(reference_run, out)
+    shutil.copytree(data, tmp_path / "data")
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(tmp_path / "data" / "test" / "disk" / "disk_0.png")
+    run_in_process(tiny_args(tmp_path / "data", out))
+    assert "not scored again" not in capsys.readouterr().out
+    assert (out / "test_metrics.json").stat().st_mtime_ns != before["test_metrics.json"]
 
 
 def test_sigkill_then_restart_resumes_and_matches_an_uninterrupted_run(data: Path, reference_run: Path,

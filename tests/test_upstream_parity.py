@@ -13,8 +13,14 @@ import re
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+
+import sample_var
+import tokenize_multiscale_maps
+from common.image_data import read_image, to_tensor
+from common.tokens import load_tokens
 
 from models.convert_upstream import (main as convert_main, var_config_from_upstream_kwargs, var_from_upstream,
                                      vqvae_config_from_upstream_kwargs, vqvae_from_upstream)
@@ -208,3 +214,37 @@ def test_var_conversion_variants(variant: dict) -> None:
     labels, x = torch.tensor([0, 2]), torch.randn(2, 20, 8)
     with torch.no_grad():
         assert torch.equal(converted(labels, x), ours(labels, x))
+
+
+def test_reference_checkpoints_work_in_the_pipeline_as_they_are(tiny_pipeline: dict[str, Path], tmp_path: Path,
+                                                                monkeypatch, capsys, one_torch_thread) -> None:
+    """A reference-format VQ-VAE, converted by the CLI, tokenizes the processed set with no training config; a
+    converted VAR (which records no VQ-VAE or token file) samples once they are named."""
+    torch.manual_seed(3)
+    ours = VQVAE(vocab_size=32, z_channels=8, ch=32, ch_mult=(1, 1, 1, 1), num_res_blocks=1, scales=[1, 2, 3, 4]).eval()
+    torch.save(to_reference(ours.state_dict(), phi_share=4), tmp_path / "vae_reference.pth")
+    monkeypatch.setattr(sys, "argv", ["convert_upstream.py", "--kind=vqvae", f"--src={tmp_path / 'vae_reference.pth'}",
+                                      f"--dst={tmp_path / 'vae.pth'}", "--scales=1,2,3,4"])
+    convert_main()
+    tokens = tmp_path / "tokens" / "tokens_multiscale_maps.npz"
+    tokenize_multiscale_maps.main([f"--data_dir={tiny_pipeline['data']}", f"--vqvae={tmp_path / 'vae.pth'}",
+                                   f"--out={tokens}", "--num_workers=0", "--device=cpu"])
+    ts = load_tokens(tokens, tmp_path / "vae.pth")
+    image = read_image(tiny_pipeline["data"] / ts.source[0], ours.image_size)
+    expected = torch.cat([m.flatten(1) for m in ours.img_to_idx(to_tensor(image)[None])], dim=1)
+    assert np.array_equal(ts.idx[0], expected[0].numpy())
+
+    var = VAR(vocab_size=32, z_channels=8, scales=[1, 2, 3, 4], num_classes=3, depth=2, embed_dim=64, num_heads=2)
+    state = to_reference(var.state_dict())
+    state["lvl_1L"] = var.level[None]
+    torch.save(state, tmp_path / "var_reference.pth")
+    monkeypatch.setattr(sys, "argv", ["convert_upstream.py", "--kind=var", f"--src={tmp_path / 'var_reference.pth'}",
+                                      f"--dst={tmp_path / 'var.pth'}", "--scales=1,2,3,4", "--num_heads=2"])
+    convert_main()
+    common = [f"--var={tmp_path / 'var.pth'}", f"--data_dir={tiny_pipeline['data']}", "--samples_per_class=1",
+              "--teachers_per_class=1", "--samples_per_teacher=1", "--coarse_ks=2", "--device=cpu"]
+    with pytest.raises(SystemExit):
+        sample_var.main([*common, f"--out={tmp_path / 'nothing'}"])
+    assert "records no vqvae_path (not written by train_var.py?); pass --vqvae=PATH" in capsys.readouterr().err
+    sample_var.main([*common, f"--out={tmp_path / 'samples'}", f"--vqvae={tmp_path / 'vae.pth'}", f"--tokens={tokens}"])
+    assert len((tmp_path / "samples" / "samples_manifest.csv").read_text().splitlines()) == 1 + 3 + 3
