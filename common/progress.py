@@ -2,7 +2,7 @@
 
 On a terminal `progress` is the ordinary tqdm bar. Anywhere else (a redirected log, CI) tqdm's carriage-return
 redraws would pile up in the file, so the bar prints a plain line instead, about every 5% of the total and at the
-end (every 30 s when the total is unknown), e.g. `epoch 3/12: 45% 27/60 [00:12<00:14, 2.1it/s, loss=0.123]`.
+end (every 30 s when the total is unknown; never two lines within 2 s but the last), e.g. `epoch 3/12: 45% 27/60 [00:12<00:14, 2.1it/s, loss=0.123]`.
 """
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from tqdm import tqdm
 
 LOG_STEPS = 20  # lines per bar with a known total: one every 5%
 LOG_INTERVAL_S = 30.0  # seconds between lines without a total
+LOG_MIN_GAP_S = 2.0  # a 5% mark is skipped when the last line is younger: a loop of a second logs its start and end
 
 
 def _is_terminal(stream: Any) -> bool:
@@ -30,6 +31,7 @@ class LogLines(tqdm):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._logged_mark = -1
         self._logged_n: float | None = None
+        self._logged_at = -float("inf")
         kwargs.pop("dynamic_ncols", None)
         # ncols=0 is tqdm's own "no bar" layout; every update reaches display(), which picks the lines to print.
         super().__init__(*args, **{**kwargs, "ncols": 0, "mininterval": 0, "miniters": 1})
@@ -42,11 +44,13 @@ class LogLines(tqdm):
     def _log(self) -> None:
         self.fp.write(self.__str__() + "\n")
         self.fp.flush()
-        self._logged_mark, self._logged_n = self._mark(), self.n
+        self._logged_mark, self._logged_n, self._logged_at = self._mark(), self.n, self.format_dict["elapsed"]
 
     def display(self, msg: str | None = None, pos: int | None = None) -> bool:
         # msg '' is tqdm erasing the bar (close, write); a printed line stays.
-        if msg is None and self._mark() > self._logged_mark:
+        finished = bool(self.total) and self.n >= self.total
+        if msg is None and self._mark() > self._logged_mark \
+                and (finished or self.format_dict["elapsed"] - self._logged_at >= LOG_MIN_GAP_S):
             self._log()
         return False  # nothing on screen for tqdm to move past or clear
 

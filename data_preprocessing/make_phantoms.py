@@ -654,7 +654,7 @@ def main(cfg: Config) -> None:
         print(f"wrote {written} new frames ({total} total) to {out} in {elapsed:.1f} s: "
               f"{written / elapsed:.1f} frames/s with {cfg.workers} worker(s)")
     else:
-        print(f"all {total} frames were already in {out}; labels.csv rewritten")
+        print(f"all {total} frames were already in {out}; labels.csv written only if it changed")
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ import sys
 
 from tqdm import tqdm
 
+import common.progress
 from common.progress import progress
 
 
@@ -12,7 +13,8 @@ class FakeTerminal(io.StringIO):
         return True
 
 
-def test_log_lines_every_5_percent_without_carriage_returns():
+def test_log_lines_every_5_percent_without_carriage_returns(monkeypatch):
+    monkeypatch.setattr(common.progress, "LOG_MIN_GAP_S", 0.0)  # this loop takes milliseconds
     log = io.StringIO()
     bar = progress(range(1000), desc="epoch 3/12", unit="img", file=log, leave=False)
     for i in bar:
@@ -24,6 +26,14 @@ def test_log_lines_every_5_percent_without_carriage_returns():
     assert 20 <= len(lines) <= 22
     assert all(line.startswith("epoch 3/12: ") for line in lines)
     assert "100% 1000/1000" in lines[-1] and "loss=0.001" in lines[-1] and "img/s" in lines[-1]
+
+
+def test_a_fast_loop_logs_its_start_and_end_only():
+    log = io.StringIO()
+    for _ in progress(range(1000), desc="prepare", file=log):
+        pass
+    lines = log.getvalue().splitlines()
+    assert len(lines) == 2 and "0% 0/1000" in lines[0] and "100% 1000/1000" in lines[1]
 
 
 def test_manual_updates_write_and_unknown_total():
