@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from common.checkpoint import CheckpointError, load_checkpoint
+from common.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from common.config import config_dict, parse_config, save_config
 from common.image_data import SPLITS, ImageDataError, read_image, to_rgb_uint8
 from common.io import atomic_save_npz, atomic_write_text, file_sha256
@@ -40,7 +40,7 @@ from common.plotting import save_image, save_labelled_grid
 from common.progress import progress
 from common.runtime import Precision, pick_device, select_precision
 from common.tokens import TokenFileError, TokenSet, load_tokens
-from models.var import VAR, load_var
+from models.var import VAR
 from models.vqvae import VQVAE, load_vqvae
 
 
@@ -259,9 +259,8 @@ def run_point(point: Point, jobs: list[Job], var: VAR, vqvae: VQVAE, tokens: Tok
     return arrays
 
 
-def resolve_inputs(config: Config) -> tuple[Config, dict[str, Any]]:
-    """Fill vqvae and tokens from what the VAR checkpoint recorded; return them with the checkpoint's extras."""
-    ckpt = load_checkpoint(config.var)
+def resolve_inputs(config: Config, ckpt: dict[str, Any]) -> tuple[Config, dict[str, Any]]:
+    """Fill vqvae and tokens from what the VAR checkpoint recorded; return them with the checkpoint's records."""
     recorded = {k: ckpt.get(k) for k in ("vqvae_path", "vqvae_sha256", "tokens_path", "classes")}
     for field, key in (("vqvae", "vqvae_path"), ("tokens", "tokens_path")):
         if not getattr(config, field):
@@ -271,8 +270,10 @@ def resolve_inputs(config: Config) -> tuple[Config, dict[str, Any]]:
     return config, recorded
 
 
-def load_models(config: Config, recorded: dict[str, Any], device: torch.device) -> tuple[VAR, VQVAE, TokenSet]:
-    """The VAR, its VQ-VAE and the token file, refusing any pair that does not belong together."""
+def load_models(config: Config, ckpt: dict[str, Any], recorded: dict[str, Any],
+                device: torch.device) -> tuple[VAR, VQVAE, TokenSet]:
+    """The VAR (from its checkpoint, read once), its VQ-VAE and the token file, refusing any that do not belong
+    together."""
     tokens = load_tokens(config.tokens, config.vqvae)
     if recorded["vqvae_sha256"] and recorded["vqvae_sha256"] != tokens.vqvae_sha256:
         raise SampleVarError(f"{config.var} was trained on tokens of VQ-VAE sha {recorded['vqvae_sha256'][:12]}..., but "
@@ -280,7 +281,7 @@ def load_models(config: Config, recorded: dict[str, Any], device: torch.device) 
     if recorded["classes"] and list(recorded["classes"]) != list(tokens.classes):
         raise SampleVarError(f"{config.var} was trained on classes {recorded['classes']}, but {config.tokens} has "
                              f"{tokens.classes}")
-    var = load_var(config.var, map_location=device)
+    var = model_from_checkpoint(ckpt, VAR, config.var, map_location=device)
     vqvae = load_vqvae(config.vqvae, map_location=device)
     if var.num_classes != len(tokens.classes) or tuple(var.scales) != tuple(tokens.scales):
         raise SampleVarError(f"{config.var}: {var.num_classes} classes and scales {var.scales}, but {config.tokens} has "
@@ -324,10 +325,12 @@ def sample(config: Config) -> None:
     validate(config)
     out = Path(config.out)
     check_out(out)
-    config, recorded = resolve_inputs(config)
     device = pick_device(config.device)
     precision = select_precision(device, config.precision)
-    var, vqvae, tokens = load_models(config, recorded, device)
+    ckpt = load_checkpoint(config.var, map_location=device)
+    config, recorded = resolve_inputs(config, ckpt)
+    var, vqvae, tokens = load_models(config, ckpt, recorded, device)
+    del ckpt  # the VAR holds the weights now
     num_scales = len(tokens.scales)
     if any(k > num_scales for k in config.coarse_ks):
         raise SampleVarError(f"--coarse_ks: must be in [1, {num_scales}] (the VAR has {num_scales} scales), "

@@ -52,7 +52,12 @@ def require_keys(ckpt: dict[str, Any], keys: list[str], path: str | Path) -> Non
 
 def load_model(path: str | Path, cls: type[M], map_location: str | torch.device = "cpu") -> M:
     """A network from this project's checkpoint format {"model": state_dict, "model_config": kwargs, ...}, in eval mode."""
-    ckpt = load_checkpoint(path, map_location=map_location)
+    return model_from_checkpoint(load_checkpoint(path, map_location=map_location), cls, path, map_location)
+
+
+def model_from_checkpoint(ckpt: dict[str, Any], cls: type[M], path: str | Path,
+                          map_location: str | torch.device = "cpu") -> M:
+    """load_model for a checkpoint already read (its other entries are wanted too); path is for the messages."""
     require_keys(ckpt, ["model", "model_config"], path)
     try:
         model = cls(**ckpt["model_config"])

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import sample_var
+from common.checkpoint import load_checkpoint
 from common.image_data import read_image
 from common.runtime import select_precision
 from common.tokens import load_tokens
@@ -106,9 +107,9 @@ def test_teacher_prefix_and_full_prefix_reconstruction(sweep: Path, pipeline: di
 
 
 def test_image_regenerated_from_its_manifest_row_alone(sweep: Path, pipeline: dict[str, Path]) -> None:
-    var, vqvae, tokens = sample_var.load_models(
-        sample_var.Config(var=str(pipeline["var"]), vqvae=str(pipeline["vqvae"]), tokens=str(pipeline["tokens"])),
-        {"vqvae_sha256": None, "classes": None}, torch.device("cpu"))
+    config = sample_var.Config(var=str(pipeline["var"]), vqvae=str(pipeline["vqvae"]), tokens=str(pipeline["tokens"]))
+    var, vqvae, tokens = sample_var.load_models(config, load_checkpoint(pipeline["var"]),
+                                                {"vqvae_sha256": None, "classes": None}, torch.device("cpu"))
     rows = read_manifest(sweep)
     for r in (rows[4], rows[-1], next(r for r in rows if r["point"] == "TP_K2_cfg1.5")):
         knobs = sample_var.Config(top_k=int(r["top_k"]), top_p=float(r["top_p"]), temperature=float(r["temperature"]))
