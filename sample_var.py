@@ -313,8 +313,8 @@ def write_manifest(path: Path, points: list[Point], results: list[dict[str, np.n
     for point, arrays in zip(points, results):
         for i in range(len(arrays["label"])):
             row = int(arrays["teacher_row"][i])
-            writer.writerow([f"{point.name}/{arrays['image_path'][i]}", point.name, "NOP" if point.k == 0 else "TP", point.k,
-                             f"{point.cfg:g}", tokens.classes[arrays["label"][i]], arrays["label"][i],
+            writer.writerow([f"{point.name}/{arrays['image_path'][i]}", point.name, "NOP" if point.k == 0 else "TP",
+                             point.k, f"{point.cfg:g}", tokens.classes[arrays["label"][i]], arrays["label"][i],
                              arrays["teacher"][i], row, tokens.source[row] if row >= 0 else "", arrays["sample"][i],
                              arrays["seed"][i], config.top_k, config.top_p, config.temperature, precision.name,
                              precision.device.type])
