@@ -39,7 +39,7 @@ import torch
 from common.checkpoint import CheckpointError
 from common.config import config_dict, parse_config, preset_hint, save_config
 from common.fidelity import FidelityError, extract_features, fid_from_features, kid_from_features, load_feature_extractor
-from common.image_data import SPLITS, ImageDataError, read_image, to_rgb_uint8
+from common.image_data import SPLITS, ImageDataError, read_image
 from common.io import atomic_save_npz, atomic_write_json, atomic_write_text, file_sha256, files_fingerprint
 from common.plotting import save_figure, save_image, save_labelled_grid
 from common.progress import progress
@@ -48,6 +48,7 @@ from common.sample_metrics import (copy_fraction, diversity, matched_subsample, 
                                    teacher_similarity, token_usage_entropy)
 from common.tokens import TokenFileError, TokenSet, load_tokens
 from models.vqvae import VQVAE, load_vqvae
+from sample_var import decode_one_by_one
 
 
 @dataclass
@@ -153,11 +154,11 @@ def at_model_size(tokens: TokenSet, rows: np.ndarray, data_dir: Path, size: int,
 
 
 @torch.no_grad()
-def reconstructions(vqvae: VQVAE, tokens: TokenSet, rows: np.ndarray, dest: Path, device: torch.device) -> list[Path]:
+def reconstructions(vqvae: VQVAE, tokens: TokenSet, rows: np.ndarray, dest: Path) -> list[Path]:
     """The VQ-VAE decoding of the rows' tokens (= their reconstructions), one image at a time like sample_var.py."""
     paths = []
     for row in progress(rows, desc="reconstructions", unit="img"):
-        image = to_rgb_uint8(vqvae.idx_to_img([m.to(device) for m in tokens.idx_list([row])]))[0]
+        image = decode_one_by_one(vqvae, tokens.idx_list([row]))[0]
         paths.append(dest / tokens.source[row])
         save_image(image, paths[-1])
     return paths
@@ -268,7 +269,7 @@ def evaluate(config: Config) -> None:
     if evaluated_already(out, made_from):
         print(f"{out}: up to date (same samples, real images, tokens and settings); nothing to do")
         return
-    recon_paths = reconstructions(vqvae, tokens, ref_rows, out / "recon", device)
+    recon_paths = reconstructions(vqvae, tokens, ref_rows, out / "recon")
 
     net = load_feature_extractor(config.inception_weights, device)
     cache = Path(config.cache) if config.cache else None

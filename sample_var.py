@@ -33,7 +33,7 @@ import torch
 from tqdm import tqdm
 
 from common.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
-from common.config import config_dict, parse_config, save_config
+from common.config import parse_config, save_config
 from common.image_data import SPLITS, ImageDataError, read_image, to_rgb_uint8
 from common.io import atomic_save_npz, atomic_write_text, file_sha256
 from common.plotting import save_image, save_labelled_grid
@@ -156,6 +156,15 @@ def point_jobs(point: Point, config: Config, num_classes: int, teachers: dict[in
 
 
 @torch.no_grad()
+def decode_one_by_one(vqvae: VQVAE, idx_list: list[torch.Tensor]) -> np.ndarray:
+    """Token maps (B, pn, pn) -> uint8 images (B, S, S, 3), each decoded alone: convolution kernels change with the
+    batch size, and an image must not depend on the batch it came in."""
+    device = next(vqvae.parameters()).device
+    return np.concatenate([to_rgb_uint8(vqvae.idx_to_img([m[i:i + 1].to(device) for m in idx_list]))
+                           for i in range(len(idx_list[0]))])
+
+
+@torch.no_grad()
 def sample_jobs(var: VAR, vqvae: VQVAE, tokens: TokenSet, point: Point, jobs: list[Job], config: Config,
                 precision: Precision) -> tuple[np.ndarray, np.ndarray]:
     """Images (B, S, S, 3) uint8 and token rows (B, L) of the jobs, sampled in one batch."""
@@ -168,8 +177,7 @@ def sample_jobs(var: VAR, vqvae: VQVAE, tokens: TokenSet, point: Point, jobs: li
         idx_list = var.generate_idx(vqvae, labels, cfg=point.cfg, top_k=config.top_k, top_p=config.top_p,
                                     temperature=config.temperature, seeds=[j.seed for j in jobs], coarse_idx=coarse,
                                     coarse_k=point.k)
-        images = np.concatenate([to_rgb_uint8(vqvae.idx_to_img([m[i:i + 1] for m in idx_list]))
-                                 for i in range(len(jobs))])
+        images = decode_one_by_one(vqvae, idx_list)
     return images, torch.cat([m.flatten(1) for m in idx_list], dim=1).cpu().numpy()
 
 
@@ -345,9 +353,8 @@ def sample(config: Config) -> None:
     teacher_images: dict[int, list[np.ndarray]] = {}
     for label, rows in teachers.items():
         teacher_images[label] = []
-        for t, row in enumerate(rows):
-            # Decoded alone, like every sample: TP at k = all scales gives exactly this image.
-            recon = to_rgb_uint8(vqvae.idx_to_img([m.to(device) for m in tokens.idx_list([row])]))[0]
+        recons = decode_one_by_one(vqvae, tokens.idx_list(rows))  # like every sample: TP at k = all gives these
+        for t, (row, recon) in enumerate(zip(rows, recons)):
             source = Path(config.data_dir) / tokens.source[row]
             if not source.is_file():
                 raise SampleVarError(f"{source}: teacher image missing; --data_dir must be the processed set that "
