@@ -43,7 +43,7 @@ from common.image_data import SPLITS, ImageDataError, read_image
 from common.io import atomic_save_npz, atomic_write_json, atomic_write_text, file_sha256, files_fingerprint
 from common.plotting import save_figure, save_image, save_labelled_grid
 from common.progress import progress
-from common.runtime import pick_device
+from common.runtime import DeviceError, pick_device, strict_fp32
 from common.sample_metrics import (copy_fraction, diversity, matched_subsample, msssim_levels, nearest_neighbours,
                                    teacher_similarity, token_usage_entropy)
 from common.tokens import TokenFileError, TokenSet, load_tokens
@@ -242,6 +242,7 @@ def evaluate(config: Config) -> None:
         raise EvalVarError(f"{out}: exists and is not a folder")
     save_config(config, out)  # also proves that out can be written before the long work
     device = pick_device(config.device)
+    strict_fp32(device)  # reconstructions and Inception features in true fp32, as on the CPU
     tokens = load_tokens(config.tokens, config.vqvae)
     if tokens.vqvae_sha256 != sweep.vqvae_sha256 or tokens.classes != sweep.classes:
         raise EvalVarError(f"{config.samples} was sampled with VQ-VAE sha {sweep.vqvae_sha256[:12]}... and classes "
@@ -550,7 +551,7 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(config.cpu_threads)
     try:
         evaluate(config)
-    except (EvalVarError, FidelityError, TokenFileError, CheckpointError, ImageDataError) as err:
+    except (EvalVarError, FidelityError, TokenFileError, CheckpointError, ImageDataError, DeviceError) as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         raise SystemExit(1) from None
 

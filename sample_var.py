@@ -38,7 +38,7 @@ from common.image_data import SPLITS, ImageDataError, read_image, to_rgb_uint8
 from common.io import atomic_save_npz, atomic_write_text, file_sha256
 from common.plotting import save_image, save_labelled_grid
 from common.progress import progress
-from common.runtime import Precision, pick_device, select_precision
+from common.runtime import DeviceError, Precision, pick_device, select_precision
 from common.tokens import TokenFileError, TokenSet, load_tokens
 from models.var import VAR
 from models.vqvae import VQVAE, load_vqvae
@@ -406,7 +406,7 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(config.cpu_threads)
     try:
         sample(config)
-    except (SampleVarError, TokenFileError, CheckpointError, ImageDataError) as err:
+    except (SampleVarError, TokenFileError, CheckpointError, ImageDataError, DeviceError) as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         raise SystemExit(1) from None
 

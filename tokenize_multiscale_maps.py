@@ -23,7 +23,7 @@ from common.config import parse_config
 from common.image_data import SPLITS, ImageDataError, ImageSplit, list_classes
 from common.io import file_sha256, files_fingerprint
 from common.progress import progress
-from common.runtime import pick_device, select_precision
+from common.runtime import DeviceError, pick_device, select_precision
 from common.tokens import made_from_of, save_tokens
 from models.vqvae import load_vqvae
 
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(cfg.cpu_threads)
     try:
         tokenize(cfg)
-    except (CheckpointError, ImageDataError) as err:
+    except (CheckpointError, ImageDataError, DeviceError) as err:
         raise SystemExit(f"error: {err}") from None
 
 

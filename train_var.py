@@ -27,13 +27,14 @@ from torch import nn
 
 from common.checkpoint import CheckpointError
 from common.config import config_dict, parse_config, save_config
-from common.distributed import DistContext, setup_distributed
+from common.distributed import DistContext, setup_distributed, wrap_ddp
 from common.history import History
 from common.plotting import plot_curves, save_figure, save_labelled_grid
 from common.progress import progress
-from common.runtime import Precision, pick_device, seed_everything, select_precision
-from common.tokens import TokenFileError, TokenSet, load_tokens
-from common.training import (NonFiniteLossError, check_finite, lr_at, param_groups, resume_training_checkpoint,
+from common.runtime import (DeviceError, Precision, make_deterministic, pick_device, rng_state, seed_everything,
+                            select_precision, set_rng_state)
+from common.tokens import TokenFileError, TokenSet, load_tokens, split_scales
+from common.training import (LossWatch, NonFiniteLossError, lr_at, param_groups, resume_training_checkpoint,
                              save_training_checkpoint, set_lr, unwrap)
 from models.convert_upstream import var_from_upstream
 from models.var import VAR
@@ -60,7 +61,7 @@ class Config:
     label_smoothing: float = 0.0  # label smoothing of the training cross-entropy (metrics are always plain CE)
     epochs: int = 200  # passes over the training split
     batch_size: int = 256  # global batch per optimizer step (all processes and accumulation steps together)
-    grad_accum: int = 1  # micro-batches per optimizer step on each process
+    grad_accum: int = 1  # micro-batches per optimizer step on each process (0 = the fewest that fit the GPU's memory, measured)
     lr: float = 3e-4  # peak learning rate (AdamW)
     adam_beta1: float = 0.9  # AdamW beta1 (the reference's)
     adam_beta2: float = 0.95  # AdamW beta2 (the reference's)
@@ -70,6 +71,8 @@ class Config:
     grad_clip: float = 2.0  # clip the global gradient norm to this (0 = off)
     precision: str = "auto"  # autocast dtype: auto (bf16 on capable CUDA, fp16 on older CUDA / MPS, fp32 on CPU), bf16, fp16, fp32
     device: str = "auto"  # auto, cpu, cuda, mps (under torchrun each process takes cuda:LOCAL_RANK)
+    deterministic: bool = False  # CUDA: deterministic kernels (slower; see README on reproducibility)
+    sync_debug: bool = False  # CUDA: warn at every host sync inside a training step (they stall the GPU; bench/gpu_check.sh)
     cpu_threads: int = 0  # torch CPU threads per process (0 = torch's default)
     eval_batch_size: int = 128  # validation batch per process
     sample_every: int = 20  # epochs between sample grids (one is always drawn after the first and the last epoch; 0 = only those)
@@ -125,21 +128,22 @@ def token_losses(logits: torch.Tensor, target: torch.Tensor, scale_ids: torch.Te
     return per_token.mean(), sums
 
 
-def teacher_batch(tokens: TokenSet, rows: np.ndarray, vqvae: VQVAE, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token rows -> (teacher-forcing input (B, L - pn_0^2, z), targets (B, L)), built on the device."""
-    idx_list = [m.to(device, non_blocking=True) for m in tokens.idx_list(rows)]
-    return vqvae.idx_to_var_input(idx_list), torch.cat([m.flatten(1) for m in idx_list], dim=1)
+def teacher_batch(idx: torch.Tensor, scales: tuple[int, ...], vqvae: VQVAE) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows (B, L) on the device -> (teacher-forcing input (B, L - pn_0^2, z), targets (B, L))."""
+    idx = idx.long()
+    return vqvae.idx_to_var_input(split_scales(idx, scales)), idx
 
 
-def class_dropout(labels: torch.Tensor, positions: slice, batch_size: int, seed: int, step: int, rate: float,
-                  null_class: int) -> torch.Tensor:
-    """Replace a fraction `rate` of the labels by the null class. The draw for a sample depends only on the seed,
-    the optimizer step and the sample's position in the global batch, so it does not change with the process count."""
-    if rate <= 0:
-        return labels
-    g = torch.Generator().manual_seed(seed * 1_000_003 + step)
-    drop = torch.rand(batch_size, generator=g)[positions] < rate
-    return torch.where(drop.to(labels.device), null_class, labels)
+def class_drop_masks(steps: range, batch_size: int, seed: int, rate: float) -> torch.Tensor:
+    """(len(steps), batch_size) bool: which samples of each step's global batch lose their class to the null class.
+
+    A sample's draw depends only on the seed, the optimizer step and its position in the global batch, so it does
+    not change with the process count. Drawn for a whole epoch at once: one transfer instead of one per step."""
+    masks = torch.zeros(len(steps), batch_size, dtype=torch.bool)
+    if rate > 0:
+        for i, step in enumerate(steps):
+            masks[i] = torch.rand(batch_size, generator=torch.Generator().manual_seed(seed * 1_000_003 + step)) < rate
+    return masks
 
 
 def summarise(sums: torch.Tensor) -> dict[str, Any]:
@@ -159,7 +163,7 @@ def evaluate(model: nn.Module, vqvae: VQVAE, tokens: TokenSet, cfg: Config, dist
     sums = torch.zeros(3, len(tokens.scales), device=dist.device)
     for start in range(0, len(rows), cfg.eval_batch_size):
         batch = rows[start:start + cfg.eval_batch_size]
-        x_in, target = teacher_batch(tokens, batch, vqvae, dist.device)
+        x_in, target = teacher_batch(torch.from_numpy(tokens.idx[batch]).to(dist.device), tokens.scales, vqvae)
         labels = torch.from_numpy(tokens.labels[batch]).to(dist.device)
         with precision.autocast():
             logits = unwrap(model)(labels, x_in)
@@ -225,6 +229,46 @@ def majority_baseline(train: TokenSet, val: TokenSet) -> list[float]:
     return out
 
 
+def choose_grad_accum(per_process: int, fixed_bytes: float, per_sample_bytes: float, budget_bytes: float) -> int:
+    """The fewest micro-batches per step (a divisor of the per-process batch) whose peak memory fits the budget."""
+    for grad_accum in range(1, per_process + 1):
+        if per_process % grad_accum == 0 and fixed_bytes + per_process // grad_accum * per_sample_bytes <= budget_bytes:
+            return grad_accum
+    raise TrainVarError(f"one sample needs {(fixed_bytes + per_sample_bytes) / 2**30:.1f} GiB, over the "
+                        f"{budget_bytes / 2**30:.1f} GiB this GPU offers; use a smaller model (--depth) or more GPUs")
+
+
+def derive_grad_accum(model: VAR, vqvae: VQVAE, scales: tuple[int, ...], precision: Precision, device: torch.device,
+                      per_process: int, dist: DistContext, budget_fraction: float = 0.9) -> int:
+    """grad_accum=0: measure the peak memory of a training step at micro-batches of 1 and 2 on this GPU, extrapolate
+    it linearly (activations grow with the batch; weights, gradients and AdamW's two fp32 moments do not) and take
+    the fewest micro-batches that fit. Every process uses the largest count any of them needs."""
+    if device.type != "cuda" or per_process == 1:
+        return 1
+    saved_rng = rng_state()  # the probe's dropout draws must not shift the run's random streams
+    scale_ids = scale_of_position(scales, device)
+    peaks = []
+    for micro in (1, 2):
+        torch.cuda.reset_peak_memory_stats(device)
+        idx = torch.randint(vqvae.config["vocab_size"], (micro, scale_ids.numel()), device=device)
+        x_in, target = teacher_batch(idx, scales, vqvae)
+        with precision.autocast():
+            logits = model(torch.zeros(micro, dtype=torch.long, device=device), x_in)
+        token_losses(logits, target, scale_ids, len(scales), 0.0)[0].backward()
+        del logits
+        model.zero_grad(set_to_none=True)
+        peaks.append(torch.cuda.max_memory_allocated(device))
+    set_rng_state(saved_rng)
+    per_sample = max(peaks[1] - peaks[0], 1)
+    fixed = peaks[0] - per_sample + 2 * 4 * sum(p.numel() for p in model.parameters())
+    budget = budget_fraction * torch.cuda.get_device_properties(device).total_memory
+    grad_accum = int(dist.all_reduce_max(torch.tensor(choose_grad_accum(per_process, fixed, per_sample, budget),
+                                                      device=device)))
+    dist.print(f"grad_accum 0: {grad_accum} (measured {fixed / 2**30:.1f} GiB fixed + {per_sample / 2**30:.2f} GiB "
+               f"per sample against {budget / 2**30:.0f} GiB for {per_process} samples per process)")
+    return grad_accum
+
+
 def load_inputs(cfg: Config, device: torch.device) -> tuple[VQVAE, TokenSet]:
     """The token set and the frozen VQ-VAE, refusing tokens that did not come from this VQ-VAE checkpoint."""
     tokens = load_tokens(cfg.tokens, cfg.vqvae)
@@ -238,11 +282,12 @@ def load_inputs(cfg: Config, device: torch.device) -> tuple[VQVAE, TokenSet]:
 def train(cfg: Config, dist: DistContext) -> None:
     device = dist.device
     out_dir = Path(cfg.out_dir)
-    per_process, rem = divmod(cfg.batch_size, dist.world_size * cfg.grad_accum)
-    if rem or per_process == 0:
+    if cfg.batch_size % (dist.world_size * max(1, cfg.grad_accum)):
         raise TrainVarError(f"batch_size {cfg.batch_size} must be a positive multiple of processes ({dist.world_size}) "
                             f"x grad_accum ({cfg.grad_accum})")
     precision = select_precision(device, cfg.precision)
+    if cfg.deterministic:
+        make_deterministic()
 
     vqvae, tokens = load_inputs(cfg, device)
     train_set, val_set = tokens.select("train"), tokens.select("val")
@@ -258,9 +303,12 @@ def train(cfg: Config, dist: DistContext) -> None:
     model = build_var(cfg, vqvae.config, len(classes)).to(device)
     if dist.rank:  # but distinct stochastic depth / dropout draws
         seed_everything(cfg.seed + dist.rank)
-    # This script draws class dropout itself (see class_dropout), so the model's own draw is switched off.
+    # This script draws class dropout itself (see class_drop_masks), so the model's own draw is switched off.
     model.cond_drop_rate = 0.0
     model_config = model.config
+    grad_accum = cfg.grad_accum or derive_grad_accum(model, vqvae, scales, precision, device,
+                                                     cfg.batch_size // dist.world_size, dist)
+    per_process = cfg.batch_size // (dist.world_size * grad_accum)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                   fused=device.type == "cuda")
     scaler = precision.make_scaler()
@@ -278,7 +326,7 @@ def train(cfg: Config, dist: DistContext) -> None:
             seed_everything(cfg.seed + dist.rank + 1000 * start_epoch)
         dist.print(f"resuming from {resume_path}: {start_epoch} epochs done, step {step}, best val loss {best_val:.4f}")
     if dist.enabled:
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        model = wrap_ddp(model, device)
 
     steps_per_epoch = n_train // cfg.batch_size
     total_steps = cfg.epochs * steps_per_epoch
@@ -294,39 +342,46 @@ def train(cfg: Config, dist: DistContext) -> None:
                f"{n_train} train / {len(val_set.labels)} val images of {len(classes)} classes, {scale_ids.numel()} tokens "
                f"each over scales {scales}; vocab {vocab} (uniform guess: CE {math.log(vocab):.2f}, acc {1 / vocab:.4f}); "
                f"{dist.world_size} process(es) on {device} ({precision.name}); {steps_per_epoch} steps/epoch, "
-               f"micro-batch {per_process}")
+               f"{grad_accum} micro-batch(es) of {per_process} per process")
     majority = majority_baseline(train_set, val_set)
     dist.print("majority-token val accuracy per scale: " + " ".join(f"{a:.3f}" for a in majority))
 
-    lo = dist.rank * cfg.grad_accum * per_process
+    # The training tokens and labels live on the device (a few MB), so a step copies nothing from the host.
+    train_idx, train_labels = (torch.from_numpy(a).to(device) for a in (train_set.idx, train_set.labels))
+    watch = LossWatch(device)
+    sync_debug = cfg.sync_debug and device.type == "cuda"
+    lo = dist.rank * grad_accum * per_process
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.time()
-        order = np.random.default_rng([cfg.seed, epoch]).permutation(n_train)  # same order in every process
+        # The same order in every process.
+        order = torch.from_numpy(np.random.default_rng([cfg.seed, epoch]).permutation(n_train)).to(device)
+        drop = class_drop_masks(range(step, step + steps_per_epoch), cfg.batch_size, cfg.seed,
+                                cfg.cond_drop_rate).to(device)
         sums = torch.zeros(3, len(scales), device=device)
         bar = progress(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not dist.is_main,
                        leave=False, dynamic_ncols=True)
         for it in bar:
+            if sync_debug:
+                torch.cuda.set_sync_debug_mode("warn")
             lr = lr_at(step, total_steps, warmup_steps, cfg.lr, cfg.final_lr_ratio)
             set_lr(optimizer, lr)
             step_loss = torch.zeros((), device=device)
-            for micro in range(cfg.grad_accum):
+            for micro in range(grad_accum):
                 positions = slice(lo + micro * per_process, lo + (micro + 1) * per_process)  # within the global batch
                 rows = order[it * cfg.batch_size:(it + 1) * cfg.batch_size][positions]
-                x_in, target = teacher_batch(train_set, rows, vqvae, device)
-                labels = class_dropout(torch.from_numpy(train_set.labels[rows]).to(device), positions, cfg.batch_size,
-                                       cfg.seed, step, cfg.cond_drop_rate, len(classes))
-                last_micro = micro == cfg.grad_accum - 1
+                x_in, target = teacher_batch(train_idx[rows], scales, vqvae)
+                labels = torch.where(drop[it, positions], len(classes), train_labels[rows])
+                last_micro = micro == grad_accum - 1
                 sync = contextlib.nullcontext() if last_micro or not dist.enabled else model.no_sync()
                 with sync:
                     with precision.autocast():
                         logits = model(labels, x_in)
                     loss, batch_sums = token_losses(logits, target, scale_ids, len(scales), cfg.label_smoothing)
-                    scaler.scale(loss / cfg.grad_accum).backward()
+                    scaler.scale(loss / grad_accum).backward()
                 sums += batch_sums
-                step_loss += loss.detach() / cfg.grad_accum
+                step_loss += loss.detach() / grad_accum
             # The global mean loss, so that every process stops together on a non-finite value.
-            step_loss = dist.all_reduce_sum(step_loss) / dist.world_size
-            check_finite(step_loss, step)
+            due = watch.update(dist.all_reduce_sum(step_loss) / dist.world_size, step)
             scaler.unscale_(optimizer)
             if cfg.grad_clip > 0:
                 nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -334,9 +389,12 @@ def train(cfg: Config, dist: DistContext) -> None:
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            if dist.is_main:
-                bar.set_postfix(loss=f"{step_loss.item():.3f}", lr=f"{lr:.2e}")
+            if sync_debug:
+                torch.cuda.set_sync_debug_mode("default")
+            if due:
+                bar.set_postfix(loss=f"{watch.check():.3f}", lr=f"{lr:.2e}")
         bar.close()
+        watch.check()
 
         train_m = summarise(dist.all_reduce_sum(sums))
         val_m = evaluate(model, vqvae, val_set, cfg, dist, precision, scale_ids)
@@ -377,10 +435,14 @@ def main() -> None:
     cfg = parse_config(Config)
     if cfg.cpu_threads > 0:
         torch.set_num_threads(cfg.cpu_threads)
-    dist = setup_distributed(pick_device(cfg.device))
+    try:
+        device = pick_device(cfg.device)
+    except DeviceError as err:
+        raise SystemExit(f"error: {err}") from None
+    dist = setup_distributed(device)
     try:
         train(cfg, dist)
-    except (TrainVarError, TokenFileError, CheckpointError, NonFiniteLossError) as err:
+    except (TrainVarError, TokenFileError, CheckpointError, NonFiniteLossError, DeviceError) as err:
         print(f"error (rank {dist.rank}): {err}", file=sys.stderr, flush=True)
         raise SystemExit(1) from None
     finally:

@@ -22,20 +22,19 @@ import numpy as np
 import torch
 import torch.distributed as torch_dist
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Subset
 
 from common.checkpoint import CheckpointError, load_checkpoint
 from common.config import config_dict, parse_config, save_config
-from common.distributed import DistContext, setup_distributed
+from common.distributed import DistContext, setup_distributed, wrap_ddp
 from common.history import History
 from common.image_data import EpochSampler, ImageDataError, ImageSplit, list_classes, to_grey_uint8, to_rgb_uint8
 from common.io import atomic_write_json, file_sha256, files_fingerprint
 from common.plotting import bar_counts, image_grid, plot_curves, save_figure
 from common.progress import progress
-from common.runtime import Precision, pick_device, seed_everything, select_precision
+from common.runtime import DeviceError, Precision, make_deterministic, pick_device, seed_everything, select_precision
 from common.sample_metrics import psnr_ssim
-from common.training import (NonFiniteLossError, check_finite, lr_at, param_groups, resume_training_checkpoint,
+from common.training import (LossWatch, NonFiniteLossError, lr_at, param_groups, resume_training_checkpoint,
                              save_training_checkpoint, set_lr)
 from models.vqvae import VQVAE
 
@@ -77,6 +76,7 @@ class Config:
     device: str = "auto"  # auto | cpu | cuda | mps (under torchrun: cuda:LOCAL_RANK)
     cpu_threads: int = 0  # torch CPU threads per process (0 = torch's default; 1 is far faster on an oversubscribed CPU)
     precision: str = "auto"  # auto | bf16 | fp16 | fp32 autocast for encoder/decoder; the quantizer always runs fp32
+    deterministic: bool = False  # CUDA: deterministic kernels, no cuDNN autotuning (slower; see README on reproducibility)
     seed: int = 0  # seeds init, sampling and dead-code picks
     resume: str = "auto"  # auto: continue from OUT/last.pth when it exists; none: start fresh; or a path to a last.pth
 
@@ -164,13 +164,12 @@ class DeadCodes:
     """Tracks, per code, the steps since it was last picked at any scale (from hits summed over all processes),
     and re-initialises codes unused for `after` steps with residual vectors of the latest batch."""
 
-    def __init__(self, vocab_size: int, after: int) -> None:
+    def __init__(self, vocab_size: int, after: int, device: torch.device) -> None:
         self.after = after
-        self.since_hit = torch.zeros(vocab_size, dtype=torch.int64)
+        self.since_hit = torch.zeros(vocab_size, dtype=torch.int64, device=device)  # on the device: no sync per step
 
     def update(self, hits: torch.Tensor) -> None:
-        self.since_hit += 1
-        self.since_hit[hits.sum(0).cpu() > 0] = 0
+        self.since_hit = torch.where(hits.sum(0) > 0, 0, self.since_hit + 1)
 
     def dead(self) -> torch.Tensor:
         return torch.nonzero(self.since_hit >= self.after).flatten()
@@ -288,7 +287,11 @@ def main(argv: list[str] | None = None) -> None:
     cfg = parse_config(Config, argv)
     if cfg.cpu_threads > 0:
         torch.set_num_threads(cfg.cpu_threads)
-    dist = setup_distributed(pick_device(cfg.device))
+    try:
+        device = pick_device(cfg.device)
+    except DeviceError as err:
+        raise SystemExit(f"error: {err}") from None
+    dist = setup_distributed(device)
     try:
         train(cfg, dist)
     except (NonFiniteLossError, CheckpointError, ImageDataError, ValueError) as err:
@@ -312,6 +315,10 @@ def train(cfg: Config, dist: DistContext) -> None:
     out = Path(cfg.out_dir)
     device = dist.device
     precision = select_precision(device, cfg.precision)
+    if cfg.deterministic:
+        make_deterministic()
+    elif device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # every batch has the same shape: autotune the convolutions once
     if cfg.batch_size % dist.world_size:
         raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the {dist.world_size} processes")
     local_batch = cfg.batch_size // dist.world_size
@@ -332,7 +339,7 @@ def train(cfg: Config, dist: DistContext) -> None:
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
                                   betas=(cfg.adam_beta1, cfg.adam_beta2))
     scaler = precision.make_scaler()
-    dead_codes = DeadCodes(cfg.vocab_size, cfg.dead_code_steps)
+    dead_codes = DeadCodes(cfg.vocab_size, cfg.dead_code_steps, device)
     history = History()
     start_epoch, step, best_val_loss = 0, 0, math.inf
 
@@ -342,7 +349,7 @@ def train(cfg: Config, dist: DistContext) -> None:
         start_epoch, step, best_val_loss = int(ckpt["epoch"]), int(ckpt["step"]), float(ckpt["best_val_loss"])
         history = History(ckpt["history"])
         if "dead_code_since_hit" in ckpt:
-            dead_codes.since_hit = ckpt["dead_code_since_hit"].clone()
+            dead_codes.since_hit = ckpt["dead_code_since_hit"].to(device)
         dist.print(f"resumed from {resume_path}: epoch {start_epoch}, step {step}, best val loss {best_val_loss:.4g}")
 
     ddp_model = model
@@ -353,8 +360,7 @@ def train(cfg: Config, dist: DistContext) -> None:
         (recon_loss(probe.rec, probe_img) + probe.vq_loss).backward()
         unused = [name for name, p in model.named_parameters() if p.grad is None]
         optimizer.zero_grad(set_to_none=True)
-        ddp_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                            find_unused_parameters=bool(unused))
+        ddp_model = wrap_ddp(model, device, find_unused_parameters=bool(unused))
 
     # The encoder output of each batch, kept for dead-code re-initialisation.
     latest_feats: list[torch.Tensor] = []
@@ -376,6 +382,7 @@ def train(cfg: Config, dist: DistContext) -> None:
 
     # Training time counts across restarts: a resumed run continues the clock of the records it inherits.
     t_start = time.time() - (history.records[-1]["seconds"] if history.records else 0.0)
+    watch = LossWatch(device)
     for epoch in range(start_epoch, cfg.epochs):
         ddp_model.train()
         sampler.set_epoch(epoch)
@@ -394,7 +401,7 @@ def train(cfg: Config, dist: DistContext) -> None:
             # Averaged over processes (equal local batches) = the loss of the global batch.
             step_stats = dist.all_reduce_sum(torch.stack([loss, rec, output.vq_loss.float()]).detach().double())
             step_stats /= dist.world_size
-            check_finite(step_stats[0], step)
+            due = watch.update(step_stats[0], step)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             if cfg.grad_clip > 0:
@@ -411,8 +418,10 @@ def train(cfg: Config, dist: DistContext) -> None:
                 if step % cfg.dead_code_every == 0 and len(dead := dead_codes.dead()):
                     dead_codes.reinit(model, optimizer, latest_feats[0], dead, dist, cfg.seed, step, cfg.dead_code_pool)
                     n_reinit += len(dead)
-            bar.set_postfix(loss=f"{step_stats[0].item():.4g}", lr=f"{lr:.2e}")
+            if due:
+                bar.set_postfix(loss=f"{watch.check():.4g}", lr=f"{lr:.2e}")
         bar.close()
+        watch.check()
 
         val = evaluate(model, splits["val"], cfg, dist, precision, "val")
         train_loss, train_rec, train_vq = (sums / steps_per_epoch).tolist()
@@ -434,7 +443,7 @@ def train(cfg: Config, dist: DistContext) -> None:
                 best_val_loss = val["loss"]
                 save_training_checkpoint(out / "best.pth", **common_state, best_val_loss=best_val_loss)
             save_training_checkpoint(out / "last.pth", **common_state, optimizer=optimizer, scaler=scaler,
-                                     best_val_loss=best_val_loss, extra={"dead_code_since_hit": dead_codes.since_hit})
+                                     best_val_loss=best_val_loss, extra={"dead_code_since_hit": dead_codes.since_hit.cpu()})
             history.save(out / "history.json")
             if (epoch + 1) % cfg.plot_every == 0 or epoch + 1 == cfg.epochs:
                 save_plots(history, model.scales, out)

@@ -31,13 +31,16 @@ class Config:
     device: str = "auto"  # auto, cpu, cuda, mps
     precision: str = "auto"  # auto (bf16 on capable CUDA, fp32 on CPU), bf16, fp16, fp32
     seed: int = 0  # random tokens and weights
+    peak_tflops: float = 0.0  # the device's dense peak in this precision, for model FLOP utilisation (0 = not shown; H100/H200 bf16: 989)
 
 
 import resource  # noqa: E402
 import time  # noqa: E402
+from typing import Any  # noqa: E402
 
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from common.config import parse_config  # noqa: E402
 from common.runtime import pick_device, seed_everything, select_precision  # noqa: E402
@@ -47,8 +50,9 @@ from train_var import Config as TrainConfig  # noqa: E402
 from train_var import build_var, scale_of_position, token_losses  # noqa: E402
 
 
-def main() -> None:
-    cfg = parse_config(Config)
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Print and return the step time, tokens/s, peak memory and FLOPs of one training step."""
+    cfg = parse_config(Config, argv)
     device = pick_device(cfg.device)
     precision = select_precision(device, cfg.precision)
     seed_everything(cfg.seed)
@@ -83,6 +87,9 @@ def main() -> None:
 
     for _ in range(cfg.warmup_steps):
         step()
+    with FlopCounterMode(display=False) as counter:  # forward and backward: matmuls, attention, convolutions
+        step()
+    flops = counter.get_total_flops()
     sync()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -92,15 +99,23 @@ def main() -> None:
     sync()
     seconds = (time.perf_counter() - start) / cfg.steps
     if device.type == "cuda":
-        memory = f"peak GPU memory allocated {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB"
+        peak_gib = torch.cuda.max_memory_allocated(device) / 2**30
+        memory = f"peak GPU memory allocated {peak_gib:.2f} GiB"
     else:
-        memory = f"peak process RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB"
+        peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        memory = f"peak process RSS {peak_gib:.2f} GiB"
+    achieved_tflops = flops / seconds / 1e12
+    mfu = achieved_tflops / cfg.peak_tflops if cfg.peak_tflops > 0 else None
     n_params = sum(p.numel() for p in model.parameters())
     print(f"VAR depth {cfg.depth} ({model.config['embed_dim']} wide, {model.config['num_heads']} heads, "
           f"{n_params / 1e6:.1f}M parameters), batch {cfg.batch_size} x {tokens_per_image} tokens, vocab "
           f"{cfg.vocab_size}, on {device} ({precision.name}, {torch.get_num_threads()} CPU threads)")
     print(f"step {seconds * 1000:.1f} ms: {cfg.batch_size * tokens_per_image / seconds:,.0f} training tokens/s, "
           f"{cfg.batch_size / seconds:.2f} images/s; {memory}")
+    print(f"{flops / 1e12:.4g} TFLOP per step (forward + backward), {achieved_tflops:.4g} TFLOP/s"
+          + (f" = {100 * mfu:.1f}% model FLOP utilisation of {cfg.peak_tflops:g} TFLOP/s" if mfu is not None else ""))
+    return {"step_seconds": seconds, "tokens_per_s": cfg.batch_size * tokens_per_image / seconds,
+            "peak_gib": peak_gib, "tflop_per_step": flops / 1e12, "mfu": mfu}
 
 
 if __name__ == "__main__":

@@ -54,8 +54,9 @@ def images(n: int, size: int, gen: torch.Generator) -> torch.Tensor:
     return (grey * 2 - 1).expand(-1, 3, -1, -1).contiguous()
 
 
-def main() -> None:
-    cfg = parse_config(Config)
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    """Print and return training and tokenization images/s and the training step's peak memory."""
+    cfg = parse_config(Config, argv)
     if cfg.cpu_threads > 0:
         torch.set_num_threads(cfg.cpu_threads)
     device = pick_device(cfg.device)
@@ -90,9 +91,11 @@ def main() -> None:
     synchronize(device)
     train_ips = cfg.iters * cfg.batch_size / (time.perf_counter() - start)
     if device.type == "cuda":
-        peak = f"peak GPU memory allocated {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB"
+        peak_gib = torch.cuda.max_memory_allocated(device) / 2**30
+        peak = f"peak GPU memory allocated {peak_gib:.2f} GiB"
     else:
-        peak = f"peak process RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB"
+        peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        peak = f"peak process RSS {peak_gib:.2f} GiB"
 
     model.eval()
     with torch.no_grad():
@@ -107,6 +110,7 @@ def main() -> None:
 
     print(f"training: {train_ips:.1f} images/s (batch {cfg.batch_size}); {peak}")
     print(f"tokenization: {token_ips:.1f} images/s (batch {cfg.eval_batch_size})")
+    return {"train_images_per_s": train_ips, "tokenize_images_per_s": token_ips, "peak_gib": peak_gib}
 
 
 if __name__ == "__main__":

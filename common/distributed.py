@@ -3,12 +3,18 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
 import torch.distributed as torch_dist
+from torch import nn
 
 from common.runtime import pick_device
+
+# Other ranks wait in a barrier while rank 0 alone writes checkpoints (GBs, fsynced), plots and sample grids;
+# NCCL's default of 10 minutes would end the run.
+COLLECTIVE_TIMEOUT = timedelta(hours=2)
 
 
 @dataclass
@@ -40,6 +46,12 @@ class DistContext:
             torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.SUM)
         return tensor
 
+    def all_reduce_max(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Maximum over all processes in place (returned for chaining); identity when not distributed."""
+        if self.enabled:
+            torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.MAX)
+        return tensor
+
     def cleanup(self) -> None:
         if self.enabled and torch_dist.is_initialized():
             torch_dist.destroy_process_group()
@@ -60,5 +72,16 @@ def setup_distributed(device: torch.device | None = None) -> DistContext:
             device = torch.device("cuda", local_rank)
             torch.cuda.set_device(device)
         if not torch_dist.is_initialized():
-            torch_dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+            if device.type == "cuda":  # device_id: NCCL binds this process's communicator to its GPU at once
+                torch_dist.init_process_group(backend="nccl", timeout=COLLECTIVE_TIMEOUT, device_id=device)
+            else:
+                torch_dist.init_process_group(backend="gloo", timeout=COLLECTIVE_TIMEOUT)
     return DistContext(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+
+
+def wrap_ddp(model: nn.Module, device: torch.device, find_unused_parameters: bool = False) -> nn.Module:
+    """DistributedDataParallel with gradients kept in its buckets (no second copy) and no per-step re-broadcast of
+    buffers: the models' buffers are constants (masks, scale indices) that every process builds identically."""
+    return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                               find_unused_parameters=find_unused_parameters,
+                                               gradient_as_bucket_view=True, broadcast_buffers=False)

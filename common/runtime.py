@@ -13,12 +13,17 @@ import torch
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 
 
+class DeviceError(ValueError):
+    """A device or precision this machine cannot provide."""
+
+
 def pick_device(name: str = "auto") -> torch.device:
     """'auto' takes cuda, then mps, then cpu; any other name is used as given."""
     if name != "auto":
         device = torch.device(name)
         if device.type == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError(f"device {name!r} was asked for but CUDA is not available")
+            raise DeviceError(f"device {name!r} was asked for but CUDA is not available on this machine; "
+                              "use --device=auto or --device=cpu")
         return device
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
@@ -48,18 +53,41 @@ class Precision:
         return torch.amp.GradScaler(self.device.type, enabled=self.dtype is torch.float16)
 
 
+def strict_fp32(device: torch.device) -> None:
+    """Turn cuDNN's TF32 (on by default) off on CUDA, so that fp32 convolutions are fp32. Where this code promises
+    fp32 (the phi convolutions, an fp32 encoder, the Inception features) a 10-bit mantissa would flip nearest-code
+    choices and shift features, and results would differ between GPU models and from the CPU. Matmuls already
+    default to full fp32; autocast's bf16/fp16 convolutions are not affected."""
+    if device.type == "cuda":
+        torch.backends.cudnn.allow_tf32 = False
+
+
 def select_precision(device: torch.device, name: str = "auto") -> Precision:
-    """'auto': bf16 on CUDA cards that support it, fp16 on older CUDA cards and MPS, fp32 on CPU."""
-    if name == "auto":
-        if device.type == "cuda":
-            name = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        elif device.type == "mps":
-            name = "fp16"
-        else:
-            name = "fp32"
-    if name not in _DTYPES:
-        raise ValueError(f"precision {name!r} is not one of auto, {', '.join(_DTYPES)}")
+    """'auto': bf16 on CUDA cards with bf16 tensor cores, fp16 on older CUDA cards and MPS, fp32 on CPU.
+    Also makes fp32 strict (see strict_fp32)."""
+    if name not in ("auto", *_DTYPES):
+        raise DeviceError(f"precision {name!r} is not one of auto, {', '.join(_DTYPES)}")
+    strict_fp32(device)
+    if device.type == "cuda":
+        # Emulated bf16 (pre-Ampere) has no tensor cores and no flash/memory-efficient attention: slow and memory-hungry.
+        native_bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
+        if name == "auto":
+            name = "bf16" if native_bf16 else "fp16"
+        elif name == "bf16" and not native_bf16:
+            major, minor = torch.cuda.get_device_capability(device)
+            raise DeviceError(f"precision 'bf16' on {torch.cuda.get_device_name(device)} (compute capability "
+                              f"{major}.{minor}): bf16 needs 8.0 or newer and would only be emulated here; "
+                              "use --precision=auto (fp16 with loss scaling on this card) or fp16")
+    elif name == "auto":
+        name = "fp16" if device.type == "mps" else "fp32"
     return Precision(device, _DTYPES[name])
+
+
+def make_deterministic() -> None:
+    """Deterministic CUDA kernels where torch has them (slower); ops without one warn instead of failing."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS reproducibility needs a fixed workspace
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = False
 
 
 def seed_everything(seed: int) -> None:
@@ -78,7 +106,8 @@ def rng_state() -> dict[str, Any]:
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        # This process's own device only: a resumed run may see fewer GPUs (another world size, CUDA_VISIBLE_DEVICES).
+        state["cuda"] = torch.cuda.get_rng_state(torch.cuda.current_device())
     return state
 
 
@@ -90,4 +119,4 @@ def set_rng_state(state: dict[str, Any]) -> None:
                          np_state["has_gauss"], np_state["gauss"]))
     torch.set_rng_state(state["torch"].cpu())
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+        torch.cuda.set_rng_state(state["cuda"].cpu(), torch.cuda.current_device())

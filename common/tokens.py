@@ -58,12 +58,13 @@ class TokenSet:
 
     def idx_list(self, rows: np.ndarray | list[int]) -> list[torch.Tensor]:
         """The given rows as VQVAE.idx_to_img input: one LongTensor (B, pn, pn) per scale."""
-        chosen = torch.from_numpy(self.idx[np.asarray(rows)])
-        out = []
-        for k, pn in enumerate(self.scales):
-            start = self._offset(k)
-            out.append(chosen[:, start : start + pn * pn].reshape(-1, pn, pn).long())
-        return out
+        return split_scales(torch.from_numpy(self.idx[np.asarray(rows)]), self.scales)
+
+
+def split_scales(idx: torch.Tensor, scales: tuple[int, ...] | list[int]) -> list[torch.Tensor]:
+    """Token rows (B, L), scales concatenated coarse to fine -> one LongTensor (B, pn, pn) per scale."""
+    maps = torch.split(idx.long(), [pn * pn for pn in scales], dim=1)
+    return [m.reshape(-1, pn, pn) for m, pn in zip(maps, scales)]
 
 
 def save_tokens(npz_path: str | Path, *, scales: tuple[int, ...] | list[int], maps: list[np.ndarray],

@@ -45,12 +45,34 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def check_finite(loss: torch.Tensor, step: int) -> None:
-    if not torch.isfinite(loss).all():
-        raise NonFiniteLossError(
-            f"loss became {loss.item()} at step {step}; stopping. The last good checkpoints are kept: "
-            "lower the learning rate or switch precision (e.g. --precision=fp32) and resume."
-        )
+class LossWatch:
+    """The training loss, watched on its device. Reading it every step would be a host sync that stalls a GPU's
+    queue, so the first non-finite step is recorded on the device and read only by `check`: every step on the CPU
+    (where reading costs nothing), every `gpu_every` steps on a GPU, and always before anything is saved."""
+
+    def __init__(self, device: torch.device, gpu_every: int = 50) -> None:
+        self.every = 1 if device.type == "cpu" else gpu_every
+        self.first_bad = torch.full((), -1, dtype=torch.int64, device=device)
+        self.bad_value = torch.zeros((), dtype=torch.float64, device=device)
+        self.latest = torch.zeros((), dtype=torch.float64, device=device)
+
+    def update(self, loss: torch.Tensor, step: int) -> bool:
+        """Record the loss of `step`; True when it is time to `check`."""
+        self.latest = loss.detach().double()
+        new_bad = (self.first_bad < 0) & ~torch.isfinite(self.latest)
+        self.first_bad = torch.where(new_bad, step, self.first_bad)
+        self.bad_value = torch.where(new_bad, self.latest, self.bad_value)
+        return (step + 1) % self.every == 0
+
+    def check(self) -> float:
+        """Raise NonFiniteLossError if any loss so far was NaN or infinite; else return the latest loss."""
+        first_bad = int(self.first_bad)
+        if first_bad >= 0:
+            raise NonFiniteLossError(
+                f"loss became {float(self.bad_value)} at step {first_bad}; stopping. The last good checkpoints are "
+                "kept: lower the learning rate or switch precision (e.g. --precision=fp32) and resume."
+            )
+        return float(self.latest)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -85,7 +107,7 @@ def save_training_checkpoint(
     }
     if optimizer is not None:
         state["optimizer"] = optimizer.state_dict()
-    if scaler is not None:
+    if scaler is not None and scaler.is_enabled():  # a disabled scaler (bf16, fp32) has no state
         state["scaler"] = scaler.state_dict()
     state.update(extra or {})
     atomic_torch_save(state, path)
@@ -114,7 +136,8 @@ def resume_training_checkpoint(
     except RuntimeError as err:
         raise CheckpointError(f"{path}: weights do not fit the model: {err}") from None
     optimizer.load_state_dict(ckpt["optimizer"])
-    if scaler is not None and "scaler" in ckpt:
+    # Only fp16 uses a scaler: a run resumed in another precision starts a fresh loss scale or ignores the saved one.
+    if scaler is not None and scaler.is_enabled() and ckpt.get("scaler"):
         scaler.load_state_dict(ckpt["scaler"])
     set_rng_state(ckpt["rng"])
     return ckpt

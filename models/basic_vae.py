@@ -42,6 +42,10 @@ class AttnBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
         q, k, v = self.qkv(self.norm(x)).view(b, 3, 1, c, h * w).transpose(-1, -2).unbind(1)  # each (B,1,HW,C)
+        if x.is_cuda:
+            # A last-dimension stride of H*W sends CUDA's SDPA to its slow math kernel. On the CPU that kernel is kept
+            # on purpose: unlike the fused one it rounds the same at any batch size, so torchrun runs match one process.
+            q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         out = F.scaled_dot_product_attention(q, k, v)  # default scale 1/sqrt(C), as the reference
         return x + self.proj(out.transpose(-1, -2).reshape(b, c, h, w))
 

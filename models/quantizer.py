@@ -123,7 +123,10 @@ class MultiScaleQuantizer(nn.Module):
             f = f.float()
             idx_list, f_hats, loss = self._residual_quantize(f, with_grad=True)
             f_hat = (f_hats[-1].detach() - f.detach()) + f
-            hits = torch.stack([idx.flatten().bincount(minlength=self.vocab_size) for idx in idx_list])
+            # scatter_add_, not bincount: bincount reads its output size back to the host on every call.
+            hits = torch.zeros(len(idx_list), self.vocab_size, dtype=torch.int64, device=f.device)
+            for k, idx in enumerate(idx_list):
+                hits[k].scatter_add_(0, idx.flatten(), torch.ones(idx.numel(), dtype=torch.int64, device=f.device))
         return QuantOutput(f_hat, loss, hits)
 
     @torch.no_grad()

@@ -20,6 +20,14 @@ from common.checkpoint import load_model
 from models.vqvae import VQVAE
 
 
+def unit_rows(t: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """F.normalize over the last dimension, kept in t's dtype. Under CUDA autocast F.normalize runs in fp32: every
+    block would save an fp32 copy of q and k for backward, and the KV cache would keep fp32 keys. Here only the
+    sum of squares is fp32 (accumulated, never materialised as an fp32 copy of t)."""
+    sum_sq = (t * t).sum(-1, keepdim=True, dtype=torch.float32)
+    return t * sum_sq.clamp_min(eps * eps).rsqrt().to(t.dtype)
+
+
 class KVCache:
     """Keys and values of the scales seen so far, for one attention layer during sampling."""
 
@@ -72,9 +80,9 @@ class SelfAttention(nn.Module):
         bias = torch.cat((self.q_bias, torch.zeros_like(self.q_bias), self.v_bias))
         q, k, v = F.linear(x, self.qkv.weight, bias).view(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         if self.l2_norm:
-            # The float32 temperature would promote q under autocast; SDPA needs q, k, v on one dtype.
-            q = (F.normalize(q, dim=-1) * self.scale_mul.clamp(max=self.max_scale_mul).exp()).to(v.dtype)
-            k = F.normalize(k, dim=-1)
+            # The fp32 temperature is cast, so that q, k and v share the compute dtype (SDPA needs one).
+            q = unit_rows(q) * self.scale_mul.clamp(max=self.max_scale_mul).exp().to(q.dtype)
+            k = unit_rows(k)
         if cache is not None:
             k, v = cache.extend(k, v)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.attn_drop if self.training else 0.0,

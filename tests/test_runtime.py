@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from common.distributed import setup_distributed
-from common.runtime import pick_device, rng_state, seed_everything, select_precision, set_rng_state
+from common.runtime import DeviceError, pick_device, rng_state, seed_everything, select_precision, set_rng_state
 
 
 def test_device_and_precision_on_cpu(monkeypatch):
@@ -25,11 +25,56 @@ def test_device_and_precision_on_cpu(monkeypatch):
 
 
 def test_precision_names_checked(monkeypatch):
-    with pytest.raises(ValueError, match="not one of"):
+    with pytest.raises(DeviceError, match="'fp8' is not one of auto, bf16, fp16, fp32"):
         select_precision(torch.device("cpu"), "fp8")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(RuntimeError, match="CUDA is not available"):
+    with pytest.raises(DeviceError, match="CUDA is not available"):
         pick_device("cuda")
+
+
+@pytest.fixture
+def fake_cuda_card(monkeypatch):
+    """Pretend a CUDA card of the given compute capability is present (only the queries select_precision makes)."""
+    def install(capability: tuple[int, int]) -> None:
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported",
+                            lambda including_emulation=True: including_emulation or capability >= (8, 0))
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla V100" if capability < (8, 0) else "H200")
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)  # torch's default; restored after the test
+    return install
+
+
+def test_precision_on_pre_ampere_cards_is_fp16_and_bf16_is_refused(fake_cuda_card):
+    cuda = torch.device("cuda", 0)
+    fake_cuda_card((7, 0))
+    auto = select_precision(cuda, "auto")
+    assert auto.name == "fp16"
+    with pytest.raises(DeviceError, match=r"'bf16' on Tesla V100 \(compute capability 7.0\).*--precision=auto"):
+        select_precision(cuda, "bf16")
+    assert select_precision(cuda, "fp32").dtype is None
+
+
+def test_precision_on_ampere_or_newer_is_bf16_and_fp32_means_no_tf32(fake_cuda_card):
+    cuda = torch.device("cuda", 0)
+    fake_cuda_card((9, 0))
+    assert select_precision(cuda, "auto").name == "bf16" and select_precision(cuda, "bf16").name == "bf16"
+    assert torch.backends.cudnn.allow_tf32 is False  # the phi convolutions and fp32 encoders stay fp32
+
+
+def test_rng_state_saves_and_restores_only_this_process_s_gpu(monkeypatch):
+    """A run saved on GPU 3 of 8 resumes on a machine with one GPU: one state, restored into the current device."""
+    generators = {d: torch.Generator().manual_seed(100 + d) for d in range(8)}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device: generators[device].get_state())
+    state = rng_state()
+    assert torch.equal(state["cuda"], generators[3].get_state())
+
+    restored = {}
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)  # the only GPU of the resuming machine
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda new_state, device: restored.__setitem__(device, new_state))
+    set_rng_state(state)
+    assert list(restored) == [0] and torch.equal(restored[0], generators[3].get_state())
 
 
 def test_seed_and_rng_state_round_trip(tmp_path):
@@ -71,3 +116,40 @@ def test_two_processes_under_torchrun(tmp_path, repo_root):
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("world=2 total=3") == 1  # summed over both ranks, printed by rank 0 only
+
+
+def test_process_group_gets_a_long_timeout_and_its_gpu(monkeypatch):
+    """Rank 0 alone writes checkpoints while the others wait: NCCL's 10-minute default would kill a long save."""
+    from common import distributed
+    calls = []
+    monkeypatch.setattr(distributed.torch_dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(distributed.torch_dist, "init_process_group", lambda **kwargs: calls.append(kwargs))
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.append({"set_device": device}))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    dist = setup_distributed(torch.device("cuda", 0))
+    assert dist.device == torch.device("cuda", 1) and (dist.rank, dist.world_size) == (1, 2)
+    assert calls == [{"set_device": torch.device("cuda", 1)},
+                     {"backend": "nccl", "timeout": distributed.COLLECTIVE_TIMEOUT, "device_id": torch.device("cuda", 1)}]
+    assert distributed.COLLECTIVE_TIMEOUT.total_seconds() >= 3600
+    calls.clear()
+    setup_distributed(torch.device("cpu"))
+    assert calls == [{"backend": "gloo", "timeout": distributed.COLLECTIVE_TIMEOUT}]
+
+
+def test_ddp_keeps_gradients_in_its_buckets_and_does_not_rebroadcast_buffers(monkeypatch):
+    from common import distributed
+    made = {}
+    monkeypatch.setattr(distributed.nn.parallel, "DistributedDataParallel", lambda model, **kwargs: made.update(kwargs))
+    distributed.wrap_ddp(torch.nn.Linear(2, 2), torch.device("cuda", 3), find_unused_parameters=True)
+    assert made == {"device_ids": [3], "find_unused_parameters": True, "gradient_as_bucket_view": True,
+                    "broadcast_buffers": False}
+
+
+def test_gpu_presets_leave_the_precision_to_the_card(repo_root):
+    """A hard-coded bf16 would be refused on pre-Ampere cards: the presets say auto (bf16 or fp16 + loss scaling)."""
+    import json
+    presets = sorted((repo_root / "configs").glob("*_gpu.json"))
+    assert [p.name for p in presets] == ["sample_gpu.json", "var_gpu.json", "vqvae_gpu.json"]
+    assert {p.name: json.loads(p.read_text())["precision"] for p in presets} == {p.name: "auto" for p in presets}

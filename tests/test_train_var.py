@@ -109,14 +109,25 @@ def test_token_losses_per_scale_match_cross_entropy():
     assert torch.equal(smooth_sums, sums)  # metrics stay plain cross-entropy
 
 
-def test_class_dropout_does_not_depend_on_sharding():
-    labels = torch.zeros(64, dtype=torch.long)
-    whole = train_var.class_dropout(labels, slice(0, 64), 64, seed=3, step=5, rate=0.25, null_class=9)
-    parts = torch.cat([train_var.class_dropout(labels[i:i + 16], slice(i, i + 16), 64, 3, 5, 0.25, 9)
-                       for i in range(0, 64, 16)])
-    assert torch.equal(whole, parts) and 0 < (whole == 9).sum() < 64
-    other_step = train_var.class_dropout(labels, slice(0, 64), 64, seed=3, step=6, rate=0.25, null_class=9)
-    assert not torch.equal(whole, other_step)
+def test_class_drop_masks_drop_the_rate_and_depend_only_on_seed_and_step():
+    masks = train_var.class_drop_masks(range(5, 9), 20_000, seed=3, rate=0.1)
+    assert masks.shape == (4, 20_000) and masks.dtype == torch.bool
+    assert abs(masks.float().mean().item() - 0.1) < 0.005  # the rate dropped, not 1 - rate
+    # A step's mask is the same whichever epoch window it is drawn in, and differs between steps and seeds.
+    assert torch.equal(train_var.class_drop_masks(range(7, 8), 20_000, seed=3, rate=0.1)[0], masks[2])
+    assert not torch.equal(masks[0], masks[1])
+    assert not torch.equal(train_var.class_drop_masks(range(5, 6), 20_000, seed=4, rate=0.1)[0], masks[0])
+    assert not train_var.class_drop_masks(range(3), 64, seed=3, rate=0.0).any()
+
+
+def test_grad_accum_from_memory_takes_the_fewest_micro_batches_that_fit():
+    # 32 samples per process, 10 GiB fixed + 1 GiB per sample, 20 GiB budget: micro-batches of 8 (32 / 4) fit.
+    gib = 2**30
+    assert train_var.choose_grad_accum(32, 10 * gib, gib, 20 * gib) == 4
+    assert train_var.choose_grad_accum(32, 10 * gib, gib, 42 * gib) == 1  # the whole batch fits
+    assert train_var.choose_grad_accum(24, 10 * gib, gib, 17.9 * gib) == 4  # divisors only: 24/3 = 8 > 7.9, 24/4 = 6
+    with pytest.raises(train_var.TrainVarError, match="one sample needs 11.0 GiB, over the 10.5 GiB"):
+        train_var.choose_grad_accum(32, 10 * gib, gib, 10.5 * gib)
 
 
 def test_training_learns_and_writes_outputs(data, tmp_path):

@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from common.checkpoint import CheckpointError
-from common.training import (NonFiniteLossError, check_finite, lr_at, param_groups, resume_training_checkpoint,
+from common.training import (LossWatch, NonFiniteLossError, lr_at, param_groups, resume_training_checkpoint,
                              save_training_checkpoint)
 
 
@@ -32,9 +32,44 @@ def test_param_groups_skip_decay_on_norms_biases_embeddings():
 
 
 def test_non_finite_loss_stops_with_message():
-    check_finite(torch.tensor(1.0), 3)
+    watch = LossWatch(torch.device("cpu"))
+    assert watch.update(torch.tensor(1.5), 3) and watch.check() == 1.5  # on the CPU: checked every step
+    watch.update(torch.tensor(float("nan")), 7)
     with pytest.raises(NonFiniteLossError, match="loss became nan at step 7"):
-        check_finite(torch.tensor(float("nan")), 7)
+        watch.check()
+
+
+def test_loss_watch_on_a_gpu_reads_the_device_only_every_few_steps_and_names_the_first_bad_step():
+    watch = LossWatch(torch.device("cpu"), gpu_every=4)
+    watch.every = 4  # what a CUDA device gets; the arithmetic is the same on the CPU
+    due = [watch.update(torch.tensor(v), step) for step, v in enumerate([1.0, 2.0, float("inf"), float("nan"), 3.0])]
+    assert due == [False, False, False, True, False]
+    with pytest.raises(NonFiniteLossError, match="loss became inf at step 2"):  # the first bad one, not the latest
+        watch.check()
+
+
+def test_scaler_state_crosses_precisions(tmp_path):
+    """bf16/fp32 runs save no scaler state; fp16 resumed from them starts afresh, and the reverse ignores it."""
+    model = Tiny()
+    path = tmp_path / "last.pth"
+
+    def save(scaler):
+        save_training_checkpoint(path, model=model, model_config={}, config={}, scaler=scaler, epoch=1, step=1,
+                                 optimizer=torch.optim.AdamW(model.parameters()), history=[], best_val_loss=1.0)
+
+    def resume(scaler):
+        return resume_training_checkpoint(path, Tiny(), torch.optim.AdamW(Tiny().parameters()), scaler, {})
+
+    save(torch.amp.GradScaler("cpu", enabled=False))  # a bf16 run
+    assert "scaler" not in torch.load(path, weights_only=True)
+    fp16 = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    resume(fp16)
+    assert fp16.get_scale() == 1024.0
+    save(torch.amp.GradScaler("cpu", init_scale=256.0))  # an fp16 run ...
+    resumed = torch.amp.GradScaler("cpu")
+    resume(resumed)
+    assert resumed.get_scale() == 256.0  # ... keeps its loss scale when resumed in fp16
+    resume(torch.amp.GradScaler("cpu", enabled=False))  # and is ignored when resumed in bf16
 
 
 def test_training_checkpoint_resumes_state_and_refuses_other_network(tmp_path):

@@ -238,3 +238,22 @@ def test_load_var_round_trip(model: VAR, vqvae: VQVAE, tmp_path: Path) -> None:
     atomic_torch_save({"model": model.state_dict(), "model_config": model.config | {"depth": 3}}, tmp_path / "bad.pth")
     with pytest.raises(CheckpointError, match="do not fit"):
         load_var(tmp_path / "bad.pth")
+
+
+def test_cosine_attention_keeps_the_compute_dtype_when_normalize_runs_in_fp32(monkeypatch) -> None:
+    """CUDA autocast runs F.normalize in fp32 (the CPU's does not, so it is simulated): neither the KV cache nor
+    the tensors saved for backward may hold fp32 queries or keys."""
+    attn = small_var().blocks[0].attn.train()
+    real = torch.nn.functional.normalize
+    monkeypatch.setattr(torch.nn.functional, "normalize", lambda t, dim: real(t.float(), dim=dim))
+    heads, head_dim = attn.num_heads, attn.head_dim
+    saved: list[tuple[torch.dtype, tuple[int, ...]]] = []
+    cache = KVCache()
+    x = torch.randn(2, 5, heads * head_dim, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append((t.dtype, tuple(t.shape))) or t, lambda t: t):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = attn(x, None, cache)
+    assert out.dtype == torch.bfloat16
+    assert cache.k.dtype == cache.v.dtype == torch.bfloat16
+    assert (torch.float32, (2, heads, 5, head_dim)) not in saved
+    assert (torch.bfloat16, (2, heads, 5, head_dim)) in saved
