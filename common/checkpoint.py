@@ -55,15 +55,6 @@ def require_keys(ckpt: dict[str, Any], keys: list[str], path: str | Path) -> Non
 _KINDS = {"num_classes": "a VAR checkpoint (train_var.py)", "ch_mult": "a VQ-VAE checkpoint (train_vqvae.py)"}
 
 
-def foreign_kind(config: dict[str, Any], cls: type[nn.Module]) -> str | None:
-    """What this project's checkpoint with a model_config that cls cannot take is ("a VAR checkpoint
-    (train_var.py)", ...); None when cls takes the config or it is no network of this project."""
-    accepted = inspect.signature(cls).parameters
-    if all(k in accepted for k in config):
-        return None
-    return next((what for key, what in _KINDS.items() if key in config), None)
-
-
 def check_model_kind(ckpt: dict[str, Any], cls: type[nn.Module], path: str | Path) -> None:
     """Refuse a checkpoint of another network of this project than cls (a VAR where a VQ-VAE is expected, or the
     reverse), naming the file and what it is."""
@@ -71,7 +62,10 @@ def check_model_kind(ckpt: dict[str, Any], cls: type[nn.Module], path: str | Pat
     config = ckpt["model_config"]
     if not isinstance(config, dict):
         raise CheckpointError(f"{path}: model_config is a {type(config).__name__}, not a dict of constructor arguments")
-    kind = foreign_kind(config, cls)
+    accepted = inspect.signature(cls).parameters
+    if all(k in accepted for k in config):
+        return
+    kind = next((what for key, what in _KINDS.items() if key in config), None)
     if kind:
         raise CheckpointError(f"{path}: is {kind}, but a {cls.__name__} checkpoint is needed here")
 

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from common.checkpoint import CheckpointError, foreign_kind, load_checkpoint, require_keys
+from common.checkpoint import CheckpointError, check_model_kind, load_checkpoint, require_keys
 from common.io import atomic_torch_save
 from common.runtime import rng_state, set_rng_state
 
@@ -128,11 +128,9 @@ def resume_training_checkpoint(
     Refuses a checkpoint whose network was built with another configuration than this run's.
     """
     ckpt = load_checkpoint(path)
-    require_keys(ckpt, ["model", "model_config", "optimizer", "epoch", "step", "history", "rng"], path)
+    check_model_kind(ckpt, type(unwrap(model)), path)
+    require_keys(ckpt, ["optimizer", "epoch", "step", "history", "rng"], path)
     if ckpt["model_config"] != model_config:
-        kind = foreign_kind(ckpt["model_config"], type(unwrap(model)))
-        if kind:
-            raise CheckpointError(f"{path}: is {kind}, not one of this script's; check --resume and out_dir")
         raise CheckpointError(
             f"{path}: was written for a different network ({ckpt['model_config']}) than this run's ({model_config}); "
             "use another out_dir or the same constants"
