@@ -3,7 +3,8 @@
     python tokenize_multiscale_maps.py --vqvae=runs/vqvae/best.pth --out=runs/tokens/tokens_multiscale_maps.npz
 
 Writes the npz described in common/tokens.py (per-scale maps, concatenated sequences, labels, split and
-source file of each row, the VQ-VAE checkpoint's sha256 and quantizer config) and classes.json beside it.
+source file of each row, class names, the VQ-VAE checkpoint's sha256 and quantizer config) and classes.json beside
+it. `out` may replace an earlier token file, never any other file.
 Images get the same preprocessing as in VQ-VAE training: resized to the VQ-VAE's image side. Any checkpoint that
 load_vqvae reads works, also one converted from the reference (models/convert_upstream.py). A rerun whose VQ-VAE,
 images and settings are unchanged (recorded in the npz) does nothing.

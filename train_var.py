@@ -3,7 +3,7 @@
     python train_var.py --config=configs/var_cpu.json                                   # CPU demo, phantoms
     torchrun --standalone --nproc_per_node=8 train_var.py --config=configs/var_gpu.json  # GPU box
 
-Inputs: tokens_multiscale_maps.npz + classes.json (tokenize_multiscale_maps.py) and the VQ-VAE checkpoint those
+Inputs: tokens_multiscale_maps.npz (tokenize_multiscale_maps.py) and the VQ-VAE checkpoint those
 tokens came from (its checksum must match the one recorded in the npz). The frozen VQ-VAE's codebook and phi
 convolutions turn each batch's token maps into the teacher-forcing input on the device.
 Outputs in out_dir: best.pth (lowest val loss), last.pth (full training state; a rerun resumes from it),
@@ -44,7 +44,7 @@ from models.vqvae import VQVAE, load_vqvae
 
 @dataclass
 class Config:
-    tokens: str = "runs/tokens/tokens_multiscale_maps.npz"  # token maps (classes.json beside it) from tokenize_multiscale_maps.py
+    tokens: str = "runs/tokens/tokens_multiscale_maps.npz"  # token maps and class names from tokenize_multiscale_maps.py
     vqvae: str = "runs/vqvae/best.pth"  # the VQ-VAE checkpoint the tokens came from (checked by checksum)
     out_dir: str = "runs/var"  # where checkpoints, history, plots and sample grids go
     resume: str = "auto"  # 'auto' = out_dir/last.pth when it exists, 'none' = start afresh, or a last.pth path
