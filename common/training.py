@@ -69,8 +69,10 @@ def check_epoch_finite(model: nn.Module, epoch: int, losses: dict[str, float]) -
     """Before an epoch's checkpoints are written: its losses and every weight must be finite. A NaN from the epoch's
     last update shows only here (in the weights and the val loss), and must not reach last.pth."""
     bad = [f"{name} {value}" for name, value in losses.items() if not math.isfinite(value)]
-    bad += [f"weights {name}" for name, tensor in unwrap(model).state_dict().items()
-            if tensor.is_floating_point() and not torch.isfinite(tensor).all()][:3]
+    weights = [name for name, tensor in unwrap(model).state_dict().items()
+               if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
+    if weights:
+        bad.append(f"weights {', '.join(weights[:3])}" + (f" and {len(weights) - 3} more" if len(weights) > 3 else ""))
     if bad:
         raise NonFiniteLossError(
             f"epoch {epoch}: non-finite {', '.join(bad)}; stopping without writing its checkpoints. The last good "
