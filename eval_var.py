@@ -37,7 +37,8 @@ import numpy as np
 import torch
 
 from common.checkpoint import CheckpointError
-from common.config import DEVICE, at_least, check_constants, config_dict, one_of, preset_hint, save_config, script_config
+from common.config import (DEVICE, at_least, check_constants, config_dict, one_of, preset_hint, save_config,
+                           script_config)
 from common.fidelity import FidelityError, extract_features, fid_from_features, kid_from_features, load_feature_extractor
 from common.image_data import SPLITS, ImageDataError, read_image
 from common.io import atomic_save_npz, atomic_write_json, atomic_write_text, file_sha256, files_fingerprint
