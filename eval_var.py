@@ -37,13 +37,14 @@ import numpy as np
 import torch
 
 from common.checkpoint import CheckpointError
-from common.config import config_dict, parse_config, preset_hint, save_config
+from common.config import (DEVICE, at_least, check_constants, config_dict, one_of, preset_hint, save_config,
+                           script_config)
 from common.fidelity import FidelityError, extract_features, fid_from_features, kid_from_features, load_feature_extractor
 from common.image_data import SPLITS, ImageDataError, read_image
 from common.io import atomic_save_npz, atomic_write_json, atomic_write_text, file_sha256, files_fingerprint
 from common.plotting import save_figure, save_image, save_labelled_grid
 from common.progress import progress
-from common.runtime import DeviceError, pick_device, strict_fp32
+from common.runtime import pick_device, strict_fp32
 from common.sample_metrics import (copy_fraction, diversity, matched_subsample, msssim_levels, nearest_neighbours,
                                    teacher_similarity, token_usage_entropy)
 from common.tokens import TokenFileError, TokenSet, load_tokens
@@ -81,20 +82,11 @@ ALL = "all"  # the class column of the rows over every class
 
 def validate(config: Config) -> None:
     """Every constant in its allowed range, before anything is read or written."""
-    checks = [
-        (config.ref_split in SPLITS, "ref_split", f"one of {', '.join(SPLITS)}"),
-        (config.kid_subsets >= 1, "kid_subsets", ">= 1"),
-        (config.kid_subset_size >= 2, "kid_subset_size", ">= 2"),
-        (config.fid_min_images >= 2, "fid_min_images", ">= 2"),
-        (config.max_pairs >= 1, "max_pairs", ">= 1"),
-        (config.closest_pairs >= 1, "closest_pairs", ">= 1"),
-        (config.batch_size >= 1, "batch_size", ">= 1"),
-        (config.seed >= 0, "seed", ">= 0"),
-        (config.cpu_threads >= 0, "cpu_threads", ">= 0"),
-    ]
-    for ok, name, allowed in checks:
-        if not ok:
-            raise EvalVarError(f"--{name}={getattr(config, name)!r}: must be {allowed}")
+    check_constants(config, {
+        "ref_split": one_of(*SPLITS), "kid_subsets": at_least(1), "kid_subset_size": at_least(2),
+        "fid_min_images": at_least(2), "max_pairs": at_least(1), "closest_pairs": at_least(1),
+        "batch_size": at_least(1), "seed": at_least(0), "device": DEVICE, "cpu_threads": at_least(0),
+    })
 
 
 @dataclass
@@ -234,7 +226,6 @@ def token_subsample(idx: np.ndarray, labels: np.ndarray, per_class: int, seed: i
 
 
 def evaluate(config: Config) -> None:
-    validate(config)
     sweep = load_sweep(Path(config.samples))
     config = resolve(config, sweep)
     out = Path(config.out)
@@ -546,12 +537,12 @@ def print_summary(rows: list[dict[str, Any]], info: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    config = parse_config(Config, argv)
+    config = script_config(Config, argv, validate)
     if config.cpu_threads > 0:
         torch.set_num_threads(config.cpu_threads)
     try:
         evaluate(config)
-    except (EvalVarError, FidelityError, TokenFileError, CheckpointError, ImageDataError, DeviceError) as err:
+    except (EvalVarError, FidelityError, TokenFileError, CheckpointError, ImageDataError) as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         raise SystemExit(1) from None
 

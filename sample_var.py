@@ -32,8 +32,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from common.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
-from common.config import parse_config, save_config
+from common.checkpoint import CheckpointError, check_model_kind, load_checkpoint, model_from_checkpoint
+from common.config import (DEVICE, PRECISION, ConfigError, above, at_least, between, check_constants, each, one_of,
+                           save_config, script_config)
 from common.image_data import SPLITS, ImageDataError, read_image, to_rgb_uint8
 from common.io import atomic_save_npz, atomic_write_text, file_sha256
 from common.plotting import save_image, save_labelled_grid
@@ -99,26 +100,19 @@ class Job:
 
 def validate(config: Config) -> None:
     """Every constant in its allowed range, before anything is loaded or written."""
-    checks = [
-        (config.teacher_split in SPLITS, "teacher_split", f"one of {', '.join(SPLITS)}"),
-        (config.nop or config.tp, "tp", "true when --nop=false (nothing would be sampled)"),
-        (all(k >= 1 for k in config.coarse_ks), "coarse_ks", "values >= 1 (at most the VAR's number of scales)"),
-        (len(config.cfg) > 0 and all(g >= 0 for g in config.cfg), "cfg", "a non-empty list of values >= 0"),
-        (len(set(config.cfg)) == len(config.cfg), "cfg", "distinct values"),
-        (config.samples_per_class >= 1 or not config.nop, "samples_per_class", ">= 1"),
-        (config.teachers_per_class >= 1 or not config.tp, "teachers_per_class", ">= 1"),
-        (config.samples_per_teacher >= 1 or not config.tp, "samples_per_teacher", ">= 1"),
-        (config.top_k >= 0, "top_k", ">= 0"),
-        (0 <= config.top_p <= 1, "top_p", "in [0, 1]"),
-        (config.temperature > 0, "temperature", "> 0"),
-        (config.batch_size >= 1, "batch_size", ">= 1"),
-        (config.seed >= 0, "seed", ">= 0"),
-        (config.precision in ("auto", "bf16", "fp16", "fp32"), "precision", "auto, bf16, fp16 or fp32"),
-        (config.cpu_threads >= 0, "cpu_threads", ">= 0"),
-    ]
-    for ok, name, allowed in checks:
-        if not ok:
-            raise SampleVarError(f"--{name}={getattr(config, name)!r}: must be {allowed}")
+    check_constants(config, {
+        "teacher_split": one_of(*SPLITS),
+        "coarse_ks": each(at_least(1), non_empty=False),
+        "cfg": each(at_least(0)),
+        **({"samples_per_class": at_least(1)} if config.nop else {}),
+        **({"teachers_per_class": at_least(1), "samples_per_teacher": at_least(1)} if config.tp else {}),
+        "top_k": at_least(0), "top_p": between(0, 1), "temperature": above(0), "batch_size": at_least(1),
+        "seed": at_least(0), "precision": PRECISION, "device": DEVICE, "cpu_threads": at_least(0),
+    })
+    if not (config.nop or config.tp):
+        raise ConfigError(f"--tp={config.tp}: must be true when --nop=false (nothing would be sampled)")
+    if len(set(config.cfg)) != len(config.cfg):
+        raise ConfigError(f"--cfg={config.cfg!r}: must be distinct values")
 
 
 def image_seed(seed: int, label: int, teacher: int, sample: int) -> int:
@@ -330,12 +324,12 @@ def write_manifest(path: Path, points: list[Point], results: list[dict[str, np.n
 
 
 def sample(config: Config) -> None:
-    validate(config)
     out = Path(config.out)
     check_out(out)
     device = pick_device(config.device)
     precision = select_precision(device, config.precision)
     ckpt = load_checkpoint(config.var, map_location=device)
+    check_model_kind(ckpt, VAR, config.var)  # before its records are read: a VQ-VAE given here is named as one
     config, recorded = resolve_inputs(config, ckpt)
     var, vqvae, tokens = load_models(config, ckpt, recorded, device)
     del ckpt  # the VAR holds the weights now
@@ -401,7 +395,7 @@ def sample(config: Config) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    config = parse_config(Config, argv)
+    config = script_config(Config, argv, validate)
     if config.cpu_threads > 0:
         torch.set_num_threads(config.cpu_threads)
     try:

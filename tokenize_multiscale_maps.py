@@ -3,7 +3,8 @@
     python tokenize_multiscale_maps.py --vqvae=runs/vqvae/best.pth --out=runs/tokens/tokens_multiscale_maps.npz
 
 Writes the npz described in common/tokens.py (per-scale maps, concatenated sequences, labels, split and
-source file of each row, the VQ-VAE checkpoint's sha256 and quantizer config) and classes.json beside it.
+source file of each row, class names, the VQ-VAE checkpoint's sha256 and quantizer config) and classes.json beside
+it. `out` may replace an earlier token file, never any other file.
 Images get the same preprocessing as in VQ-VAE training: resized to the VQ-VAE's image side. Any checkpoint that
 load_vqvae reads works, also one converted from the reference (models/convert_upstream.py). A rerun whose VQ-VAE,
 images and settings are unchanged (recorded in the npz) does nothing.
@@ -19,12 +20,13 @@ import torch
 from torch.utils.data import DataLoader
 
 from common.checkpoint import CheckpointError
-from common.config import parse_config
+from common.config import (DEVICE, PRECISION, ConfigError, at_least, check_constants, check_output_folder,
+                           script_config)
 from common.image_data import SPLITS, ImageDataError, ImageSplit, list_classes
-from common.io import file_sha256, files_fingerprint
+from common.io import file_sha256, files_fingerprint, remove_stale_temp_files
 from common.progress import progress
 from common.runtime import DeviceError, pick_device, select_precision
-from common.tokens import made_from_of, save_tokens
+from common.tokens import is_token_file, made_from_of, save_tokens
 from models.vqvae import load_vqvae
 
 
@@ -40,8 +42,23 @@ class Config:
     precision: str = "fp32"  # autocast of encoder/decoder: fp32 (tokens independent of the card) | bf16 | fp16 | auto; the quantizer always runs fp32
 
 
+def validate(cfg: Config) -> None:
+    """Every constant in its allowed range, and out a token file to write or replace (never another file), before
+    the VQ-VAE or any image is read."""
+    check_constants(cfg, {"batch_size": at_least(1), "num_workers": at_least(0), "device": DEVICE,
+                          "cpu_threads": at_least(0), "precision": PRECISION})
+    out = Path(cfg.out)
+    if out.resolve() == Path(cfg.vqvae).resolve():
+        raise ConfigError(f"--out={out}: is the VQ-VAE checkpoint (--vqvae); the output would overwrite it")
+    if out.is_dir():
+        raise ConfigError(f"--out={out}: is a folder; give the token file's path (e.g. {out / 'tokens_multiscale_maps.npz'})")
+    if out.exists() and not is_token_file(out):
+        raise ConfigError(f"--out={out}: exists and is not a token file; refusing to overwrite it (choose another --out)")
+    check_output_folder("out", out.parent)
+
+
 def main(argv: list[str] | None = None) -> None:
-    cfg = parse_config(Config, argv)
+    cfg = script_config(Config, argv, validate)
     if cfg.cpu_threads > 0:
         torch.set_num_threads(cfg.cpu_threads)
     try:
@@ -53,8 +70,8 @@ def main(argv: list[str] | None = None) -> None:
 @torch.no_grad()
 def tokenize(cfg: Config) -> None:
     vqvae_path, out = Path(cfg.vqvae), Path(cfg.out)
-    if out.resolve() == vqvae_path.resolve():
-        raise CheckpointError(f"{out}: the output would overwrite the VQ-VAE checkpoint")
+    for stale in remove_stale_temp_files(out.parent):
+        print(f"removed {stale}, left by an interrupted write", flush=True)
     device = pick_device(cfg.device)
     precision = select_precision(device, cfg.precision)
     model = load_vqvae(vqvae_path, map_location=device)

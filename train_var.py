@@ -3,7 +3,7 @@
     python train_var.py --config=configs/var_cpu.json                                   # CPU demo, phantoms
     torchrun --standalone --nproc_per_node=8 train_var.py --config=configs/var_gpu.json  # GPU box
 
-Inputs: tokens_multiscale_maps.npz + classes.json (tokenize_multiscale_maps.py) and the VQ-VAE checkpoint those
+Inputs: tokens_multiscale_maps.npz (tokenize_multiscale_maps.py) and the VQ-VAE checkpoint those
 tokens came from (its checksum must match the one recorded in the npz). The frozen VQ-VAE's codebook and phi
 convolutions turn each batch's token maps into the teacher-forcing input on the device.
 Outputs in out_dir: best.pth (lowest val loss), last.pth (full training state; a rerun resumes from it),
@@ -26,16 +26,18 @@ import torch
 from torch import nn
 
 from common.checkpoint import CheckpointError
-from common.config import config_dict, parse_config, save_config
+from common.config import (DEVICE, PRECISION, ConfigError, above, at_least, between, check_constants,
+                           check_output_folder, config_dict, one_of, save_config, script_config)
 from common.distributed import DistContext, setup_distributed, wrap_ddp
 from common.history import History
+from common.io import remove_stale_temp_files
 from common.plotting import plot_curves, save_figure, save_labelled_grid
 from common.progress import progress
 from common.runtime import (DeviceError, Precision, make_deterministic, pick_device, rng_state, seed_everything,
                             select_precision, set_rng_state)
 from common.tokens import TokenFileError, TokenSet, load_tokens, split_scales
-from common.training import (LossWatch, NonFiniteLossError, lr_at, param_groups, resume_training_checkpoint,
-                             save_training_checkpoint, set_lr, unwrap)
+from common.training import (LR_SCHEDULES, LossWatch, NonFiniteLossError, check_epoch_finite, lr_at, param_groups,
+                             resume_training_checkpoint, save_training_checkpoint, set_lr, unwrap)
 from models.convert_upstream import var_from_upstream
 from models.var import VAR
 from models.vqvae import VQVAE, load_vqvae
@@ -43,7 +45,7 @@ from models.vqvae import VQVAE, load_vqvae
 
 @dataclass
 class Config:
-    tokens: str = "runs/tokens/tokens_multiscale_maps.npz"  # token maps (classes.json beside it) from tokenize_multiscale_maps.py
+    tokens: str = "runs/tokens/tokens_multiscale_maps.npz"  # token maps and class names from tokenize_multiscale_maps.py
     vqvae: str = "runs/vqvae/best.pth"  # the VQ-VAE checkpoint the tokens came from (checked by checksum)
     out_dir: str = "runs/var"  # where checkpoints, history, plots and sample grids go
     resume: str = "auto"  # 'auto' = out_dir/last.pth when it exists, 'none' = start afresh, or a last.pth path
@@ -57,17 +59,20 @@ class Config:
     drop_path_rate: float = 0.0  # stochastic depth of the last block (grows linearly from 0); the reference uses 0.1 * depth / 24
     attn_l2_norm: bool = True  # cosine attention with a learned temperature (the reference's default)
     shared_aln: bool = False  # one AdaLN linear shared by all blocks
+    init_adaln_gamma: float = 1e-5  # initial scale of the AdaLN gain weights (near 0: blocks start near identity); the reference's d16 run uses 1e-3
     cond_drop_rate: float = 0.1  # fraction of training samples whose class is replaced by the null class (for guidance)
     label_smoothing: float = 0.0  # label smoothing of the training cross-entropy (metrics are always plain CE)
     epochs: int = 200  # passes over the training split
     batch_size: int = 256  # global batch per optimizer step (all processes and accumulation steps together)
     grad_accum: int = 1  # micro-batches per optimizer step on each process (0 = the fewest that fit the GPU's memory, measured)
-    lr: float = 3e-4  # peak learning rate (AdamW)
+    base_lr: float = 1e-4  # peak learning rate per 256 images of global batch (the reference's rule: lr = base_lr * batch_size / 256)
+    lr: float = 0.0  # peak learning rate (AdamW); 0 = derive it from base_lr and batch_size
     adam_beta1: float = 0.9  # AdamW beta1 (the reference's)
     adam_beta2: float = 0.95  # AdamW beta2 (the reference's)
-    weight_decay: float = 0.05  # AdamW weight decay (never on norms, biases, embeddings)
-    warmup_epochs: float = 4.0  # linear warmup length in epochs, then cosine decay
-    final_lr_ratio: float = 0.01  # learning rate at the end as a fraction of the peak
+    weight_decay: float = 0.05  # AdamW weight decay (as the reference: not on norms, biases, position/level embeddings, AdaLN offsets)
+    warmup_epochs: float = 4.0  # linear warmup length in epochs, then the decay of lr_schedule
+    lr_schedule: str = "cosine"  # after warmup: cosine (half-cosine decay) or lin0 (the reference's d16 recipe: flat for 5% of the steps, then linear)
+    final_lr_ratio: float = 0.01  # learning rate at the end as a fraction of the peak (both schedules)
     grad_clip: float = 2.0  # clip the global gradient norm to this (0 = off)
     precision: str = "auto"  # autocast dtype: auto (bf16 on capable CUDA, fp16 on older CUDA / MPS, fp32 on CPU), bf16, fp16, fp32
     device: str = "auto"  # auto, cpu, cuda, mps (under torchrun each process takes cuda:LOCAL_RANK)
@@ -76,7 +81,7 @@ class Config:
     cpu_threads: int = 0  # torch CPU threads per process (0 = torch's default)
     eval_batch_size: int = 128  # validation batch per process
     sample_every: int = 20  # epochs between sample grids (one is always drawn after the first and the last epoch; 0 = only those)
-    plot_every: int = 1  # epochs between refreshing the curve plots (also drawn with every sample grid)
+    plot_every: int = 1  # epochs between refreshing the curve plots (also drawn with every sample grid; 0 = only then)
     samples_per_class: int = 6  # images per class (row) in each sample grid
     cfg_scale: float = 1.5  # classifier-free guidance of the sample grids (grows linearly over scales up to this)
     top_k: int = 900  # top-k filtering when sampling (0 = off)
@@ -86,6 +91,33 @@ class Config:
 
 class TrainVarError(RuntimeError):
     """Inputs or settings this script cannot train with."""
+
+
+def validate(cfg: Config) -> None:
+    """Every constant in its allowed range, and out_dir writable, before any input is read or output written."""
+    check_constants(cfg, {
+        "depth": at_least(1), "embed_dim": at_least(0), "num_heads": at_least(0), "mlp_ratio": above(0),
+        "drop_rate": between(0, 1, high_open=True), "attn_drop_rate": between(0, 1, high_open=True),
+        "drop_path_rate": between(0, 1, high_open=True), "init_adaln_gamma": at_least(0),
+        "cond_drop_rate": between(0, 1), "label_smoothing": between(0, 1, high_open=True), "epochs": at_least(1),
+        "batch_size": at_least(1), "grad_accum": at_least(0), "base_lr": at_least(0), "lr": at_least(0),
+        "adam_beta1": between(0, 1, high_open=True), "adam_beta2": between(0, 1, high_open=True),
+        "weight_decay": at_least(0), "warmup_epochs": at_least(0), "lr_schedule": one_of(*LR_SCHEDULES),
+        "final_lr_ratio": between(0, 1), "grad_clip": at_least(0), "precision": PRECISION, "device": DEVICE,
+        "cpu_threads": at_least(0), "eval_batch_size": at_least(1), "sample_every": at_least(0),
+        "plot_every": at_least(0), "samples_per_class": at_least(1), "cfg_scale": at_least(0), "top_k": at_least(0),
+        "top_p": between(0, 1), "seed": at_least(0),
+    })
+    if cfg.embed_dim and cfg.num_heads and cfg.embed_dim % cfg.num_heads:
+        raise ConfigError(f"--embed_dim={cfg.embed_dim}: must be a multiple of --num_heads={cfg.num_heads}")
+    if cfg.grad_accum and cfg.batch_size % cfg.grad_accum:
+        raise ConfigError(f"--batch_size={cfg.batch_size}: must be a multiple of --grad_accum={cfg.grad_accum}")
+    check_output_folder("out_dir", cfg.out_dir)
+
+
+def peak_lr(cfg: Config) -> float:
+    """lr when given, else the reference's scaling rule: base_lr per 256 images of global batch."""
+    return cfg.lr or cfg.base_lr * cfg.batch_size / 256
 
 
 def build_var(cfg: Config, vq_config: dict[str, Any], num_classes: int) -> VAR:
@@ -106,7 +138,7 @@ def build_var(cfg: Config, vq_config: dict[str, Any], num_classes: int) -> VAR:
                num_classes=num_classes, depth=cfg.depth, embed_dim=cfg.embed_dim or 64 * cfg.depth,
                num_heads=cfg.num_heads or cfg.depth, mlp_ratio=cfg.mlp_ratio, drop_rate=cfg.drop_rate,
                attn_drop_rate=cfg.attn_drop_rate, drop_path_rate=cfg.drop_path_rate, shared_aln=cfg.shared_aln,
-               cond_drop_rate=cfg.cond_drop_rate, attn_l2_norm=cfg.attn_l2_norm)
+               cond_drop_rate=cfg.cond_drop_rate, attn_l2_norm=cfg.attn_l2_norm, init_adaln_gamma=cfg.init_adaln_gamma)
 
 
 def scale_of_position(scales: tuple[int, ...], device: torch.device) -> torch.Tensor:
@@ -217,7 +249,8 @@ def save_plots(history: History, out_dir: Path, scales: tuple[int, ...], vocab: 
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     save_figure(fig, out_dir / "accuracy.png")
-    plot_curves({"learning rate": lr_curve}, out_dir / "lr.png", "learning rate (warmup, cosine decay)", "optimizer step", "lr")
+    plot_curves({"learning rate": lr_curve}, out_dir / "lr.png", "learning rate (warmup, then lr_schedule)",
+                "optimizer step", "lr")
 
 
 def majority_baseline(train: TokenSet, val: TokenSet) -> list[float]:
@@ -271,8 +304,8 @@ def derive_grad_accum(model: VAR, vqvae: VQVAE, scales: tuple[int, ...], precisi
 
 def load_inputs(cfg: Config, device: torch.device) -> tuple[VQVAE, TokenSet]:
     """The token set and the frozen VQ-VAE, refusing tokens that did not come from this VQ-VAE checkpoint."""
+    vqvae = load_vqvae(cfg.vqvae, map_location=device)  # first: a VAR checkpoint given here is named as one
     tokens = load_tokens(cfg.tokens, cfg.vqvae)
-    vqvae = load_vqvae(cfg.vqvae, map_location=device)
     vqvae.eval().requires_grad_(False)
     if tuple(tokens.scales) != tuple(vqvae.scales):
         raise TrainVarError(f"{cfg.tokens}: scales {tuple(tokens.scales)} differ from the VQ-VAE's {tuple(vqvae.scales)}")
@@ -309,7 +342,8 @@ def train(cfg: Config, dist: DistContext) -> None:
     grad_accum = cfg.grad_accum or derive_grad_accum(model, vqvae, scales, precision, device,
                                                      cfg.batch_size // dist.world_size, dist)
     per_process = cfg.batch_size // (dist.world_size * grad_accum)
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+    lr_peak = peak_lr(cfg)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=lr_peak, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                   fused=device.type == "cuda")
     scaler = precision.make_scaler()
 
@@ -337,12 +371,14 @@ def train(cfg: Config, dist: DistContext) -> None:
     n_params = sum(p.numel() for p in model.parameters())
     if dist.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
+        for stale in remove_stale_temp_files(out_dir) + remove_stale_temp_files(out_dir / "samples"):
+            print(f"removed {stale}, left by an interrupted write", flush=True)
         save_config(cfg, out_dir)
     dist.print(f"VAR {n_params / 1e6:.2f}M parameters {dict((k, model_config[k]) for k in ('depth', 'embed_dim', 'num_heads'))}; "
                f"{n_train} train / {len(val_set.labels)} val images of {len(classes)} classes, {scale_ids.numel()} tokens "
                f"each over scales {scales}; vocab {vocab} (uniform guess: CE {math.log(vocab):.2f}, acc {1 / vocab:.4f}); "
                f"{dist.world_size} process(es) on {device} ({precision.name}); {steps_per_epoch} steps/epoch, "
-               f"{grad_accum} micro-batch(es) of {per_process} per process")
+               f"{grad_accum} micro-batch(es) of {per_process} per process; peak lr {lr_peak:.3g} ({cfg.lr_schedule})")
     majority = majority_baseline(train_set, val_set)
     dist.print("majority-token val accuracy per scale: " + " ".join(f"{a:.3f}" for a in majority))
 
@@ -363,7 +399,7 @@ def train(cfg: Config, dist: DistContext) -> None:
         for it in bar:
             if sync_debug:
                 torch.cuda.set_sync_debug_mode("warn")
-            lr = lr_at(step, total_steps, warmup_steps, cfg.lr, cfg.final_lr_ratio)
+            lr = lr_at(step, total_steps, warmup_steps, lr_peak, cfg.final_lr_ratio, cfg.lr_schedule)
             set_lr(optimizer, lr)
             step_loss = torch.zeros((), device=device)
             for micro in range(grad_accum):
@@ -398,6 +434,7 @@ def train(cfg: Config, dist: DistContext) -> None:
 
         train_m = summarise(dist.all_reduce_sum(sums))
         val_m = evaluate(model, vqvae, val_set, cfg, dist, precision, scale_ids)
+        check_epoch_finite(model, epoch + 1, {"train loss": train_m["loss"], "val loss": val_m["loss"]})
         history.append(epoch=epoch + 1, step=step, lr=lr, seconds=round(time.time() - t0, 2),
                        **{f"train_{k}": v for k, v in train_m.items()}, **{f"val_{k}": v for k, v in val_m.items()})
         is_best = val_m["loss"] < best_val
@@ -418,7 +455,8 @@ def train(cfg: Config, dist: DistContext) -> None:
             if sample_now or (cfg.plot_every > 0 and (epoch + 1) % cfg.plot_every == 0):
                 lr_steps = np.unique(np.linspace(0, step - 1, 500).round().astype(int)).tolist()
                 save_plots(history, out_dir, scales, vocab, majority,
-                           (lr_steps, [lr_at(s, total_steps, warmup_steps, cfg.lr, cfg.final_lr_ratio) for s in lr_steps]))
+                           (lr_steps, [lr_at(s, total_steps, warmup_steps, lr_peak, cfg.final_lr_ratio, cfg.lr_schedule)
+                                       for s in lr_steps]))
             if sample_now:
                 save_sample_grid(unwrap(model), vqvae, classes, cfg, precision, device,
                                  out_dir / "samples" / f"epoch_{epoch + 1:03d}.png",
@@ -431,15 +469,11 @@ def train(cfg: Config, dist: DistContext) -> None:
         dist.print(f"done: best val loss {best_val:.4f}; checkpoints in {out_dir}")
 
 
-def main() -> None:
-    cfg = parse_config(Config)
+def main(argv: list[str] | None = None) -> None:
+    cfg = script_config(Config, argv, validate)
     if cfg.cpu_threads > 0:
         torch.set_num_threads(cfg.cpu_threads)
-    try:
-        device = pick_device(cfg.device)
-    except DeviceError as err:
-        raise SystemExit(f"error: {err}") from None
-    dist = setup_distributed(device)
+    dist = setup_distributed(pick_device(cfg.device))
     try:
         train(cfg, dist)
     except (TrainVarError, TokenFileError, CheckpointError, NonFiniteLossError, DeviceError) as err:

@@ -25,17 +25,18 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 
 from common.checkpoint import CheckpointError, load_checkpoint
-from common.config import config_dict, parse_config, save_config
+from common.config import (DEVICE, PRECISION, ConfigError, Rule, at_least, between, check_constants,
+                           check_output_folder, config_dict, each, save_config, script_config)
 from common.distributed import DistContext, setup_distributed, wrap_ddp
 from common.history import History
 from common.image_data import EpochSampler, ImageDataError, ImageSplit, list_classes, to_grey_uint8, to_rgb_uint8
-from common.io import atomic_write_json, file_sha256, files_fingerprint
+from common.io import atomic_write_json, file_sha256, files_fingerprint, remove_stale_temp_files
 from common.plotting import bar_counts, image_grid, plot_curves, save_figure
 from common.progress import progress
-from common.runtime import DeviceError, Precision, make_deterministic, pick_device, seed_everything, select_precision
+from common.runtime import Precision, make_deterministic, pick_device, seed_everything, select_precision
 from common.sample_metrics import psnr_ssim
-from common.training import (LossWatch, NonFiniteLossError, lr_at, param_groups, resume_training_checkpoint,
-                             save_training_checkpoint, set_lr)
+from common.training import (LossWatch, NonFiniteLossError, check_epoch_finite, lr_at, param_groups,
+                             resume_training_checkpoint, save_training_checkpoint, set_lr)
 from models.vqvae import VQVAE
 
 
@@ -81,6 +82,29 @@ class Config:
     resume: str = "auto"  # auto: continue from OUT/last.pth when it exists; none: start fresh; or a path to a last.pth
 
 
+def validate(cfg: Config) -> None:
+    """Every constant in its allowed range, and out_dir writable, before any input is read or output written."""
+    check_constants(cfg, {
+        "image_size": at_least(1), "vocab_size": at_least(2), "z_channels": at_least(1),
+        "ch": Rule(lambda v: v >= 32 and v % 32 == 0, "a positive multiple of 32 (GroupNorm with 32 groups)"),
+        "ch_mult": each(at_least(1)), "num_res_blocks": at_least(1), "dropout": between(0, 1, high_open=True),
+        "beta": at_least(0), "phi_ratio": between(0, 1), "phi_share": at_least(0),
+        "scales": Rule(lambda v: len(v) >= 1 and v[0] >= 1 and all(a < b for a, b in zip(v, v[1:])),
+                       "a non-empty, strictly increasing list of sides >= 1"),
+        "epochs": at_least(1), "batch_size": at_least(1), "lr": at_least(0), "warmup_steps": at_least(0),
+        "final_lr_ratio": between(0, 1), "weight_decay": at_least(0), "adam_beta1": between(0, 1, high_open=True),
+        "adam_beta2": between(0, 1, high_open=True), "grad_clip": at_least(0), "dead_code_steps": at_least(0),
+        "dead_code_every": at_least(1), "dead_code_pool": at_least(1), "num_recon": at_least(1),
+        "plot_every": at_least(1), "eval_batch_size": at_least(1), "num_workers": at_least(0), "device": DEVICE,
+        "cpu_threads": at_least(0), "precision": PRECISION, "seed": at_least(0),
+    })
+    downsampled = cfg.scales[-1] * 2 ** (len(cfg.ch_mult) - 1)
+    if cfg.image_size != downsampled:
+        raise ConfigError(f"--image_size={cfg.image_size}: must equal scales[-1] x 2^(len(ch_mult)-1) = "
+                          f"{cfg.scales[-1]} x {2 ** (len(cfg.ch_mult) - 1)} = {downsampled}")
+    check_output_folder("out_dir", cfg.out_dir)
+
+
 def recon_loss(rec: torch.Tensor, img: torch.Tensor) -> torch.Tensor:
     """Per-image sum of squared errors over all pixels and channels, averaged over the batch."""
     return (rec.float() - img).square().flatten(1).sum(1).mean()
@@ -107,9 +131,6 @@ def build_model(cfg: Config) -> VQVAE:
         model.train()
     else:
         model = VQVAE(**model_kwargs)
-    if model.image_size != cfg.image_size:
-        raise ValueError(f"image_size {cfg.image_size} does not fit the model: scales[-1]={cfg.scales[-1]} times "
-                         f"downsampling {model.downsample} = {model.image_size}")
     return model
 
 
@@ -284,14 +305,10 @@ def save_plots(history: History, scales: tuple[int, ...], out: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    cfg = parse_config(Config, argv)
+    cfg = script_config(Config, argv, validate)
     if cfg.cpu_threads > 0:
         torch.set_num_threads(cfg.cpu_threads)
-    try:
-        device = pick_device(cfg.device)
-    except DeviceError as err:
-        raise SystemExit(f"error: {err}") from None
-    dist = setup_distributed(device)
+    dist = setup_distributed(pick_device(cfg.device))
     try:
         train(cfg, dist)
     except (NonFiniteLossError, CheckpointError, ImageDataError, ValueError) as err:
@@ -368,6 +385,8 @@ def train(cfg: Config, dist: DistContext) -> None:
 
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
+        for stale in remove_stale_temp_files(out):
+            print(f"removed {stale}, left by an interrupted write", flush=True)
         save_config(cfg, out)
         bar_counts({"train (files)": splits["train"].class_counts(),
                     f"train (one epoch, {'balanced' if cfg.balanced else 'as is'})":
@@ -425,6 +444,7 @@ def train(cfg: Config, dist: DistContext) -> None:
 
         val = evaluate(model, splits["val"], cfg, dist, precision, "val")
         train_loss, train_rec, train_vq = (sums / steps_per_epoch).tolist()
+        check_epoch_finite(model, epoch + 1, {"train loss": train_loss, "val loss": val["loss"]})
         train_usage, _ = usage_stats(epoch_hits)
         history.append(epoch=epoch + 1, step=step, lr=lr, train_loss=train_loss, train_rec_loss=train_rec,
                        train_vq_loss=train_vq, val_loss=val["loss"], val_rec_loss=val["rec_loss"],

@@ -1,6 +1,7 @@
 """Loading checkpoints safely: tensors and plain containers only, never pickled code."""
 from __future__ import annotations
 
+import inspect
 import pickle
 import zipfile
 from pathlib import Path
@@ -50,6 +51,25 @@ def require_keys(ckpt: dict[str, Any], keys: list[str], path: str | Path) -> Non
         )
 
 
+# A model_config key that only one of this project's networks has, and what a checkpoint holding it is.
+_KINDS = {"num_classes": "a VAR checkpoint (train_var.py)", "ch_mult": "a VQ-VAE checkpoint (train_vqvae.py)"}
+
+
+def check_model_kind(ckpt: dict[str, Any], cls: type[nn.Module], path: str | Path) -> None:
+    """Refuse a checkpoint of another network of this project than cls (a VAR where a VQ-VAE is expected, or the
+    reverse), naming the file and what it is."""
+    require_keys(ckpt, ["model", "model_config"], path)
+    config = ckpt["model_config"]
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: model_config is a {type(config).__name__}, not a dict of constructor arguments")
+    accepted = inspect.signature(cls).parameters
+    if all(k in accepted for k in config):
+        return
+    kind = next((what for key, what in _KINDS.items() if key in config), None)
+    if kind:
+        raise CheckpointError(f"{path}: is {kind}, but a {cls.__name__} checkpoint is needed here")
+
+
 def load_model(path: str | Path, cls: type[M], map_location: str | torch.device = "cpu") -> M:
     """A network from this project's checkpoint format {"model": state_dict, "model_config": kwargs, ...}, in eval mode."""
     return model_from_checkpoint(load_checkpoint(path, map_location=map_location), cls, path, map_location)
@@ -58,7 +78,7 @@ def load_model(path: str | Path, cls: type[M], map_location: str | torch.device 
 def model_from_checkpoint(ckpt: dict[str, Any], cls: type[M], path: str | Path,
                           map_location: str | torch.device = "cpu") -> M:
     """load_model for a checkpoint already read (its other entries are wanted too); path is for the messages."""
-    require_keys(ckpt, ["model", "model_config"], path)
+    check_model_kind(ckpt, cls, path)
     try:
         model = cls(**ckpt["model_config"])
     except (TypeError, ValueError) as err:

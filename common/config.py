@@ -12,18 +12,26 @@ Each script declares its constants in one dataclass at its top, with a trailing 
 The command line overrides them as `--name=value`; `--config=FILE.json` loads a preset first (command-line
 values win over it); `--help` prints every constant with its default and comment. `save_config` writes the
 resolved values as JSON beside the script's artifacts.
+
+A script's main starts with `script_config(Config, argv, validate)`: its validate function lists each constant's
+allowed range once, declaratively, with the rules below (`check_constants(cfg, {"batch_size": at_least(1), ...})`),
+so a bad value stops the script with a message naming the constant and the range before any file is touched.
 """
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import inspect
 import json
 import re
 import sys
+import tempfile
 import types
 import typing
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Callable, NamedTuple, TypeVar
+
+import torch
 
 from common.io import atomic_write_json
 
@@ -111,7 +119,9 @@ def _apply(cls: type, values: dict[str, Any], overrides: dict[str, Any], source:
     valid = [f.name for f in dataclasses.fields(cls)]
     for name, raw in overrides.items():
         if name not in hints or name not in valid:
-            raise ConfigError(f"{source}: unknown constant {name!r}; valid names: {', '.join(valid)}")
+            close = difflib.get_close_matches(name, valid, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"{source}: unknown constant {name!r}{hint}; valid names: {', '.join(valid)}")
         values[name] = _convert(name, raw, hints[name])
 
 
@@ -153,6 +163,91 @@ def parse_config(cls: type[C], argv: list[str] | None = None) -> C:
         _apply(cls, values, preset, preset_path)
     _apply(cls, values, cli, "command line")
     return cls(**values)
+
+
+class Rule(NamedTuple):
+    """An allowed range: `ok(value)` says whether a value is in it, `allowed` says what it is ("must be ...")."""
+    ok: Callable[[Any], bool]
+    allowed: str
+
+
+def at_least(low: float) -> Rule:
+    return Rule(lambda v: v >= low, f">= {low}")
+
+
+def above(low: float) -> Rule:
+    return Rule(lambda v: v > low, f"> {low}")
+
+
+def between(low: float, high: float, high_open: bool = False) -> Rule:
+    """[low, high], or [low, high) with high_open."""
+    if high_open:
+        return Rule(lambda v: low <= v < high, f"in [{low}, {high})")
+    return Rule(lambda v: low <= v <= high, f"in [{low}, {high}]")
+
+
+def one_of(*choices: Any) -> Rule:
+    return Rule(lambda v: v in choices, f"one of {', '.join(map(str, choices))}")
+
+
+def each(rule: Rule, non_empty: bool = True) -> Rule:
+    """Every item of a list constant within `rule` (and at least one item)."""
+    return Rule(lambda v: (len(v) > 0 or not non_empty) and all(rule.ok(x) for x in v),
+                ("a non-empty list of values " if non_empty else "values ") + rule.allowed)
+
+
+def _device_available(name: str) -> bool:
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        return False
+    if device.type == "cuda":
+        return torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()
+    if device.type == "mps":
+        return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    return device.type == "cpu"
+
+
+# The device constant: a name torch knows and a device this machine has (checked here, not as a traceback later).
+DEVICE = Rule(lambda v: v == "auto" or _device_available(v),
+              "auto, cpu, or a cuda / mps device this machine has"
+              + (f" (it has {torch.cuda.device_count()} CUDA device(s))" if torch.cuda.is_available() else
+                 " (it has no CUDA device)"))
+PRECISION = one_of("auto", "bf16", "fp16", "fp32")
+
+
+def check_constants(cfg: Any, rules: dict[str, Rule]) -> None:
+    """Raise ConfigError naming the first constant outside its rule: `--name=value: must be <allowed>`."""
+    for name, rule in rules.items():
+        value = getattr(cfg, name)
+        if not rule.ok(value):
+            raise ConfigError(f"--{name}={value!r}: must be {rule.allowed}")
+
+
+def check_output_folder(name: str, folder: str | Path) -> Path:
+    """The output folder of constant `name` is a folder this process can write (made if missing): checked before
+    the long work, so a typo or a read-only disk fails at once rather than at the first checkpoint."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"--{name}: {folder} exists and is not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        raise ConfigError(f"--{name}: cannot write in {folder} ({err.strerror or err})") from None
+    return folder
+
+
+def script_config(cls: type[C], argv: list[str] | None, validate: Callable[[C], None]) -> C:
+    """What a script's main starts with: parse_config, then validate(cfg). A ConfigError from either ends the
+    process with its message (no traceback), before any input is read or output written."""
+    try:
+        cfg = parse_config(cls, sys.argv[1:] if argv is None else argv)
+        validate(cfg)
+    except ConfigError as err:
+        raise SystemExit(f"error: {err}") from None
+    return cfg
 
 
 def config_dict(cfg: Any) -> dict[str, Any]:

@@ -10,6 +10,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator, Sequence
@@ -35,6 +36,25 @@ def _current_umask() -> int:
     mask = os.umask(0)  # the only way to read it is to set it
     os.umask(mask)
     return mask
+
+
+# The names atomic_write gives its temp files: mkstemp's "." + name + "." + 8 random characters + ".tmp".
+_TEMP_NAME = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")
+
+
+def remove_stale_temp_files(folder: str | Path) -> list[Path]:
+    """Delete the temp files that killed atomic writes left in folder (not its subfolders); return them.
+
+    Call it at the start of a script, before it writes there: a live write's temp file would go too.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    stale = sorted(p for p in folder.iterdir() if _TEMP_NAME.match(p.name) and p.is_file())
+    for path in stale:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+    return stale
 
 
 @contextlib.contextmanager

@@ -4,8 +4,10 @@ tokens_multiscale_maps.npz (no pickles) holds, for N images and scales pn_1..pn_
 `scales` int64 (K,), `map_<pn>` int16 (N, pn, pn) per scale, `idx` int16 (N, L) (the maps flattened and
 concatenated, L = sum pn^2), `labels` int64 (N,), `split` str (N,), `source` str (N,) (image path relative
 to the processed set), `vqvae_sha256` str (checksum of the VQ-VAE checkpoint that made the tokens) and
-`vqvae_config` str (JSON of its model_config) and `made_from` str (JSON: VQ-VAE checksum, settings and a
-fingerprint of the images; a rerun with the same inputs skips). classes.json beside it lists the class names.
+`vqvae_config` str (JSON of its model_config), `classes` str (K,) (the class names; label = index) and
+`made_from` str (JSON: VQ-VAE checksum, settings and a fingerprint of the images; a rerun with the same inputs
+skips). classes.json beside it lists the same names for people; a file from before `classes` was stored inside
+takes its names from classes.json.
 """
 from __future__ import annotations
 
@@ -93,9 +95,22 @@ def save_tokens(npz_path: str | Path, *, scales: tuple[int, ...] | list[int], ma
         vqvae_sha256=np.asarray(vqvae_sha256),
         vqvae_config=np.asarray(json.dumps(vqvae_config, sort_keys=True)),
         made_from=np.asarray(made_from),
+        classes=np.asarray(list(classes), dtype=str),
         **arrays,
     )
     atomic_write_json(Path(npz_path).parent / CLASSES_FILE, list(classes))
+
+
+def is_token_file(path: str | Path) -> bool:
+    """Whether path is an npz archive with the arrays of a token file (what tokenization may overwrite)."""
+    try:
+        loaded = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile):
+        return False
+    if not isinstance(loaded, np.lib.npyio.NpzFile):
+        return False  # a single .npy array
+    with loaded as data:
+        return all(k in data.files for k in _KEYS)
 
 
 def made_from_of(npz_path: str | Path) -> str | None:
@@ -126,7 +141,7 @@ def load_tokens(npz_path: str | Path, vqvae_path: str | Path | None = None) -> T
             missing = [k for k in map_keys if k not in data.files]
             if missing:
                 raise TokenFileError(f"{npz_path}: not a token file of this project: missing {', '.join(missing)}")
-            arrays = {k: data[k] for k in (*_KEYS, *map_keys)}
+            arrays = {k: data[k] for k in (*_KEYS, *map_keys, *(["classes"] if "classes" in data.files else []))}
     except TokenFileError:
         raise
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as err:
@@ -135,6 +150,7 @@ def load_tokens(npz_path: str | Path, vqvae_path: str | Path | None = None) -> T
         vqvae_config = json.loads(str(arrays["vqvae_config"]))
     except json.JSONDecodeError as err:
         raise TokenFileError(f"{npz_path}: vqvae_config is not valid JSON: {err}") from None
+    _check_vqvae_config(vqvae_config, scales, npz_path)
     idx, labels = arrays["idx"], arrays["labels"]
     n, length = len(labels), sum(pn * pn for pn in scales)
     if idx.shape != (n, length) or arrays["split"].shape != (n,) or arrays["source"].shape != (n,):
@@ -143,7 +159,7 @@ def load_tokens(npz_path: str | Path, vqvae_path: str | Path | None = None) -> T
     flat = np.concatenate([arrays[k].reshape(n, -1) for k in map_keys], axis=1) if n else idx
     if not np.array_equal(flat, idx):
         raise TokenFileError(f"{npz_path}: idx does not match the per-scale maps (damaged file)")
-    vocab = int(vqvae_config.get("vocab_size", np.iinfo(np.int16).max + 1))
+    vocab = vqvae_config.get("vocab_size", np.iinfo(np.int16).max + 1)
     if idx.size and (idx.min() < 0 or idx.max() >= vocab):
         raise TokenFileError(f"{npz_path}: token ids outside [0, {vocab}) of the VQ-VAE's codebook")
     sha = str(arrays["vqvae_sha256"])
@@ -154,16 +170,45 @@ def load_tokens(npz_path: str | Path, vqvae_path: str | Path | None = None) -> T
         if actual != sha:
             raise TokenFileError(f"tokens in {npz_path} came from VQ-VAE sha {sha[:12]}..., but {vqvae_path} has sha "
                                  f"{actual[:12]}...; re-run tokenize_multiscale_maps.py")
+    classes = _classes(npz_path, arrays.get("classes"))
+    if n and labels.min() < 0:
+        raise TokenFileError(f"{npz_path}: label {labels.min()} is negative (labels index the classes {classes})")
+    if n and labels.max() >= len(classes):
+        raise TokenFileError(f"{npz_path}: label {labels.max()} has no class ({len(classes)} classes: {classes})")
+    return TokenSet(scales=scales, idx=idx.astype(np.int64), labels=labels.astype(np.int64), split=arrays["split"],
+                    source=arrays["source"], classes=classes, vqvae_sha256=sha, vqvae_config=vqvae_config)
+
+
+def _check_vqvae_config(config: Any, scales: tuple[int, ...], npz_path: Path) -> None:
+    """The recorded VQ-VAE config must be what tokenization wrote: a dict whose vocab_size and scales fit the file."""
+    if not isinstance(config, dict):
+        raise TokenFileError(f"{npz_path}: vqvae_config is a JSON {type(config).__name__}, not the VQ-VAE's config "
+                             "object (edited?); re-run tokenize_multiscale_maps.py")
+    vocab = config.get("vocab_size", 1)
+    if isinstance(vocab, bool) or not isinstance(vocab, int) or vocab < 1:
+        raise TokenFileError(f"{npz_path}: vqvae_config has vocab_size {vocab!r}, not a positive integer (edited?); "
+                             "re-run tokenize_multiscale_maps.py")
+    if "scales" in config and list(config["scales"]) != list(scales):
+        raise TokenFileError(f"{npz_path}: vqvae_config has scales {config['scales']} but the file holds token maps of "
+                             f"scales {list(scales)} (edited?); re-run tokenize_multiscale_maps.py")
+
+
+def _classes(npz_path: Path, stored: np.ndarray | None) -> list[str]:
+    """The class names: stored in the npz, and in classes.json beside it, which must agree (two token files in one
+    folder share that classes.json); a file from before the names were stored inside has only classes.json."""
     classes_path = npz_path.parent / CLASSES_FILE
     try:
-        classes = json.loads(classes_path.read_text())
+        beside = json.loads(classes_path.read_text())
     except FileNotFoundError:
+        if stored is not None:
+            return [str(c) for c in stored]
         raise TokenFileError(f"{classes_path}: missing (written beside {npz_path.name} by tokenize_multiscale_maps.py)") from None
     except json.JSONDecodeError as err:
         raise TokenFileError(f"{classes_path}: not valid JSON: {err}") from None
-    if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
+    if not isinstance(beside, list) or not all(isinstance(c, str) for c in beside):
         raise TokenFileError(f"{classes_path}: expected a JSON list of class names")
-    if n and labels.max() >= len(classes):
-        raise TokenFileError(f"{npz_path}: label {labels.max()} has no class in {classes_path} ({len(classes)} classes)")
-    return TokenSet(scales=scales, idx=idx.astype(np.int64), labels=labels.astype(np.int64), split=arrays["split"],
-                    source=arrays["source"], classes=classes, vqvae_sha256=sha, vqvae_config=vqvae_config)
+    if stored is not None and [str(c) for c in stored] != beside:
+        raise TokenFileError(f"{npz_path} holds classes {[str(c) for c in stored]} but {classes_path} beside it lists "
+                             f"{beside} (written for another token file in this folder?); keep each token file in its "
+                             "own folder, or re-run tokenize_multiscale_maps.py")
+    return beside

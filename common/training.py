@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from common.checkpoint import CheckpointError, load_checkpoint, require_keys
+from common.checkpoint import CheckpointError, check_model_kind, load_checkpoint, require_keys
 from common.io import atomic_torch_save
 from common.runtime import rng_state, set_rng_state
 
@@ -18,12 +18,24 @@ class NonFiniteLossError(RuntimeError):
     """Training produced NaN/inf: stop, keeping the last good checkpoints untouched."""
 
 
-def lr_at(step: int, total_steps: int, warmup_steps: int, peak_lr: float, final_ratio: float = 0.01) -> float:
-    """Linear warmup to peak_lr, then cosine decay to peak_lr * final_ratio at total_steps."""
+LR_SCHEDULES = ("cosine", "lin0")
+LIN0_FLAT = 0.05  # lin0: the share of the post-warmup steps held at the peak before the linear decay (the reference's)
+
+
+def lr_at(step: int, total_steps: int, warmup_steps: int, peak_lr: float, final_ratio: float = 0.01,
+          schedule: str = "cosine") -> float:
+    """Linear warmup to peak_lr over warmup_steps, then down to peak_lr * final_ratio at total_steps:
+    "cosine" along a half cosine; "lin0" (the reference VAR's d16 recipe) flat at the peak for the first LIN0_FLAT
+    of the remaining steps, then a straight line."""
     if warmup_steps > 0 and step < warmup_steps:
         return peak_lr * (step + 1) / warmup_steps
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    return peak_lr * (final_ratio + (1 - final_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+    if schedule == "cosine":
+        return peak_lr * (final_ratio + (1 - final_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+    if schedule == "lin0":
+        rest = min(1.0, (1 - progress) / (1 - LIN0_FLAT))
+        return peak_lr * (final_ratio + (1 - final_ratio) * rest)
+    raise ValueError(f"learning-rate schedule {schedule!r} is not one of {', '.join(LR_SCHEDULES)}")
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
@@ -32,16 +44,16 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups: no weight decay on norms, biases, embeddings and other 1-D or embedding tables."""
+    """AdamW groups as in the reference VAR: no weight decay on 1-D parameters (norm gains, biases) and on those whose
+    name contains one of the model's NO_WEIGHT_DECAY keys (e.g. position embeddings, the VQ-VAE's codebook); every
+    other weight decays, embeddings included (the VAR's class embedding and word embedding)."""
+    keys = getattr(unwrap(model), "NO_WEIGHT_DECAY", ())
     decay, no_decay = [], []
-    for name, param in model.named_parameters():
+    for name, param in unwrap(model).named_parameters():
         if not param.requires_grad:
             continue
-        module_name = name.rsplit(".", 1)[0] if "." in name else ""
-        module = model.get_submodule(module_name) if module_name else model
-        is_embedding = isinstance(module, nn.Embedding) or "pos_" in name or "emb" in name.lower()
-        # squeeze: per-channel tensors stored with singleton dims (e.g. a (1, heads, 1, 1) temperature) are gains too
-        (no_decay if param.squeeze().ndim < 2 or is_embedding else decay).append(param)
+        exempt = param.ndim <= 1 or name.endswith("bias") or any(key in name for key in keys)
+        (no_decay if exempt else decay).append(param)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -73,6 +85,21 @@ class LossWatch:
                 "kept: lower the learning rate or switch precision (e.g. --precision=fp32) and resume."
             )
         return float(self.latest)
+
+
+def check_epoch_finite(model: nn.Module, epoch: int, losses: dict[str, float]) -> None:
+    """Before an epoch's checkpoints are written: its losses and every weight must be finite. A NaN from the epoch's
+    last update shows only here (in the weights and the val loss), and must not reach last.pth."""
+    bad = [f"{name} {value}" for name, value in losses.items() if not math.isfinite(value)]
+    weights = [name for name, tensor in unwrap(model).state_dict().items()
+               if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
+    if weights:
+        bad.append(f"weights {', '.join(weights[:3])}" + (f" and {len(weights) - 3} more" if len(weights) > 3 else ""))
+    if bad:
+        raise NonFiniteLossError(
+            f"epoch {epoch}: non-finite {', '.join(bad)}; stopping without writing its checkpoints. The last good "
+            "checkpoints are kept: lower the learning rate or switch precision (e.g. --precision=fp32) and resume."
+        )
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -125,12 +152,18 @@ def resume_training_checkpoint(
     Refuses a checkpoint whose network was built with another configuration than this run's.
     """
     ckpt = load_checkpoint(path)
-    require_keys(ckpt, ["model", "model_config", "optimizer", "epoch", "step", "history", "rng"], path)
+    check_model_kind(ckpt, type(unwrap(model)), path)
+    require_keys(ckpt, ["optimizer", "epoch", "step", "history", "rng"], path)
     if ckpt["model_config"] != model_config:
         raise CheckpointError(
             f"{path}: was written for a different network ({ckpt['model_config']}) than this run's ({model_config}); "
             "use another out_dir or the same constants"
         )
+    non_finite = [k for k, v in ckpt["model"].items() if torch.is_tensor(v) and v.is_floating_point()
+                  and not torch.isfinite(v).all()]
+    if non_finite:
+        raise CheckpointError(f"{path}: holds non-finite weights ({', '.join(non_finite[:3])}; saved after a NaN?); "
+                              "resume from another checkpoint (--resume=PATH) or start afresh (--resume=none)")
     try:
         unwrap(model).load_state_dict(ckpt["model"])
     except RuntimeError as err:

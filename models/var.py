@@ -181,11 +181,17 @@ def scale_generators(seeds: Sequence[int], k: int, device: torch.device) -> list
 
 
 class VAR(nn.Module):
+    # Parameters AdamW does not decay besides 1-D ones and biases (common/training.py param_groups), as the reference:
+    # position and level embeddings, shared-AdaLN offsets, attention temperatures. The class and word embeddings decay.
+    NO_WEIGHT_DECAY = ("pos_start", "pos_embed", "lvl_embed", "ada_gss", "scale_mul")
+
     def __init__(self, vocab_size: int = 2048, z_channels: int = 32,
                  scales: Sequence[int] = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16), num_classes: int = 6, depth: int = 16,
                  embed_dim: int = 1024, num_heads: int = 16, mlp_ratio: float = 4.0, drop_rate: float = 0.0,
                  attn_drop_rate: float = 0.0, drop_path_rate: float = 0.0, norm_eps: float = 1e-6,
-                 shared_aln: bool = False, cond_drop_rate: float = 0.1, attn_l2_norm: bool = True) -> None:
+                 shared_aln: bool = False, cond_drop_rate: float = 0.1, attn_l2_norm: bool = True,
+                 init_adaln_gamma: float = 1e-5) -> None:
+        """init_adaln_gamma only sets the initial weights (see init_weights), so model_config leaves it out."""
         super().__init__()
         if embed_dim % num_heads:
             raise ValueError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
@@ -225,7 +231,7 @@ class VAR(nn.Module):
         self.register_buffer("level", level, persistent=False)
         # Block-causal: a token sees every token of its own and of coarser scales.
         self.register_buffer("attn_mask", level[None, :] <= level[:, None], persistent=False)
-        self.init_weights()
+        self.init_weights(init_adaln_gamma=init_adaln_gamma)
 
     def init_weights(self, init_adaln: float = 0.5, init_adaln_gamma: float = 1e-5, init_head: float = 0.02,
                      init_std: float = -1.0) -> None:

@@ -19,6 +19,8 @@ class VQOutput(NamedTuple):
 
 
 class VQVAE(nn.Module):
+    NO_WEIGHT_DECAY = ("quantizer.embedding",)  # the codebook: AdamW never decays it (common/training.py param_groups)
+
     def __init__(self, vocab_size: int = 2048, z_channels: int = 32, ch: int = 128,
                  ch_mult: Sequence[int] = (1, 1, 2, 2, 4), num_res_blocks: int = 2, dropout: float = 0.0,
                  beta: float = 0.25, using_znorm: bool = False, phi_ratio: float = 0.5, phi_share: int = 4,

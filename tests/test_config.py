@@ -5,7 +5,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from common.config import ConfigError, config_help, parse_config, preset_hint, save_config
+from common.config import (DEVICE, ConfigError, above, at_least, between, check_constants, check_output_folder,
+                           config_help, each, one_of, parse_config, preset_hint, save_config, script_config)
 
 
 @dataclass
@@ -42,6 +43,61 @@ def test_unknown_key_lists_valid_names():
     assert "out_dir, epochs, lr, amp, scales, resume" in str(err.value)
     with pytest.raises(ConfigError, match="not of the form --name=value"):
         parse_config(Config, ["epochs=3"])
+
+
+def test_a_misspelt_name_gets_the_closest_valid_one():
+    with pytest.raises(ConfigError, match=r"unknown constant 'sclaes' \(did you mean 'scales'\?\)"):
+        parse_config(Config, ["--sclaes=1,2"])
+    with pytest.raises(ConfigError) as err:
+        parse_config(Config, ["--zzz=1"])
+    assert "did you mean" not in str(err.value)  # nothing close: no suggestion
+
+
+@pytest.mark.parametrize("rule, good, bad, allowed", [
+    (at_least(1), [1, 7], [0, -3], ">= 1"),
+    (above(0), [1e-9, 2.0], [0.0, -1.0], "> 0"),
+    (between(0, 1), [0.0, 1.0], [-0.1, 1.5], "in [0, 1]"),
+    (between(0, 1, high_open=True), [0.0, 0.5], [1.0, -1.0], "in [0, 1)"),
+    (one_of("a", "b"), ["a", "b"], ["c", ""], "one of a, b"),
+    (each(at_least(1)), [(1,), (2, 3)], [(), (1, 0)], "a non-empty list of values >= 1"),
+    (each(at_least(1), non_empty=False), [(), (4,)], [(0,)], "values >= 1"),
+])
+def test_range_rules(rule, good, bad, allowed):
+    assert rule.allowed == allowed
+    assert all(rule.ok(v) for v in good) and not any(rule.ok(v) for v in bad)
+
+
+def test_check_constants_names_the_first_bad_constant_and_its_range():
+    cfg = Config(epochs=0, lr=-1.0)
+    check_constants(Config(), {"epochs": at_least(1), "lr": at_least(0)})
+    with pytest.raises(ConfigError, match=r"^--epochs=0: must be >= 1$"):
+        check_constants(cfg, {"epochs": at_least(1), "lr": at_least(0)})
+    with pytest.raises(ConfigError, match=r"^--device='cuda:7': must be auto, cpu, or a cuda / mps device this machine"):
+        check_constants(type("C", (), {"device": "cuda:7"})(), {"device": DEVICE})
+    with pytest.raises(ConfigError, match=r"^--device='gpu': must be"):
+        check_constants(type("C", (), {"device": "gpu"})(), {"device": DEVICE})
+    check_constants(type("C", (), {"device": "cpu"})(), {"device": DEVICE})
+
+
+def test_output_folder_must_be_a_writable_folder(tmp_path):
+    assert check_output_folder("out_dir", tmp_path / "new" / "run").is_dir()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match=f"^--out_dir: {tmp_path / 'file'} exists and is not a folder$"):
+        check_output_folder("out_dir", tmp_path / "file")
+    with pytest.raises(ConfigError, match=f"^--out_dir: cannot write in {tmp_path / 'file' / 'run'} "):
+        check_output_folder("out_dir", tmp_path / "file" / "run")
+    assert (tmp_path / "file").read_text() == "x" and sorted(p.name for p in tmp_path.iterdir()) == ["file", "new"]
+
+
+def test_script_config_ends_with_the_message_of_a_parse_or_range_error():
+    def validate(cfg):
+        check_constants(cfg, {"epochs": at_least(1)})
+
+    assert script_config(Config, ["--epochs=2"], validate).epochs == 2
+    with pytest.raises(SystemExit, match=r"^error: --epochs=0: must be >= 1$"):
+        script_config(Config, ["--epochs=0"], validate)
+    with pytest.raises(SystemExit, match=r"did you mean 'epochs'"):
+        script_config(Config, ["--epoch=2"], validate)
 
 
 def test_config_file_then_command_line(tmp_path):
@@ -88,7 +144,8 @@ def test_script_exits_with_message_on_bad_argument(tmp_path, repo_root):
     ok = subprocess.run([sys.executable, str(script), "--epochs=4"], capture_output=True, text=True, env=env)
     assert ok.stdout.strip() == "4"
     bad = subprocess.run([sys.executable, str(script), "--epoch=4"], capture_output=True, text=True, env=env)
-    assert bad.returncode != 0 and "error: command line: unknown constant 'epoch'; valid names: epochs" in bad.stderr
+    assert bad.returncode != 0 and ("error: command line: unknown constant 'epoch' (did you mean 'epochs'?); valid names: "
+                                    "epochs") in bad.stderr
     helped = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, env=env)
     assert helped.returncode == 0 and "--epochs=3  (int)  passes" in helped.stdout
 

@@ -113,9 +113,10 @@ def test_reference_rows(evaluated: dict[str, Path]) -> None:
 
 
 def test_bad_inputs_are_refused(evaluated: dict[str, Path], tmp_path: Path, capsys) -> None:
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit, match=r"^error: --ref_split='holdout': must be one of train, val, test$"):
         eval_var.main([f"--samples={evaluated['samples']}", "--ref_split=holdout"])
-    assert "--ref_split='holdout': must be one of train, val, test" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match=r"^error: --kid_subsets=0: must be >= 1$"):
+        eval_var.main([f"--samples={evaluated['samples']}", "--kid_subsets=0"])
     broken = tmp_path / "broken"
     shutil.copytree(evaluated["samples"], broken, ignore=shutil.ignore_patterns("eval", "*.png"))
     (broken / "samples_manifest.csv").unlink()

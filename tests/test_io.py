@@ -2,13 +2,16 @@ import os
 import stat
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from common.checkpoint import CheckpointError, load_checkpoint, require_keys
-from common.io import atomic_save_npz, atomic_torch_save, atomic_write, atomic_write_bytes, file_sha256, files_fingerprint
+from common.io import (atomic_save_npz, atomic_torch_save, atomic_write, atomic_write_bytes, file_sha256, files_fingerprint,
+                       remove_stale_temp_files)
 
 
 def test_atomic_write_replaces_only_on_success(tmp_path):
@@ -130,3 +133,21 @@ def test_files_fingerprint_follows_names_and_contents(tmp_path):
     (tmp_path / "a/y.png").write_bytes(b"2")
     (tmp_path / "a/y.png").rename(tmp_path / "a/z.png")
     assert files_fingerprint([paths[0], tmp_path / "a/z.png"], tmp_path) != first
+
+
+def test_remove_stale_temp_files_removes_only_what_killed_atomic_writes_left(tmp_path):
+    keep = {"best.pth": b"good", ".hidden.tmp": b"not ours", "a.tmp": b"not ours", "x.best.pth.abcd1234.tmp": b"no dot"}
+    for name, data in keep.items():
+        (tmp_path / name).write_bytes(data)
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / ".last.pth.abcd1234.tmp").write_bytes(b"only this folder is cleaned")
+    # What a kill inside atomic_write leaves: its mkstemp file, named as atomic_write names it.
+    fd, left = tempfile.mkstemp(prefix=".best.pth.", suffix=".tmp", dir=tmp_path)
+    os.close(fd)
+    (tmp_path / ".last.pth.q9w8e7r6.tmp").write_bytes(b"stale")
+    removed = remove_stale_temp_files(tmp_path)
+    assert [p.name for p in removed] == [Path(left).name, ".last.pth.q9w8e7r6.tmp"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*keep, "sub"])
+    assert all((tmp_path / name).read_bytes() == data for name, data in keep.items())
+    assert (tmp_path / "sub" / ".last.pth.abcd1234.tmp").exists()
+    assert remove_stale_temp_files(tmp_path / "absent") == []

@@ -164,13 +164,18 @@ def test_changed_settings_redo_a_point(sweep: Path, pipeline: dict[str, Path], t
     ({"teacher_split": "holdout"}, "--teacher_split='holdout'"),
     ({"nop": False, "tp": False}, "--tp=False"),
     ({"cfg": (1.0, 1.0)}, "--cfg=.*distinct"),
+    ({"top_k": -5}, "--top_k=-5: must be >= 0"),
+    ({"precision": "fp8"}, "--precision='fp8': must be one of auto, bf16, fp16, fp32"),
+    ({"device": "cuda" if not torch.cuda.is_available() else f"cuda:{torch.cuda.device_count()}"},
+     "--device='cuda.*': must be auto, cpu, or a cuda / mps device this machine has"),
     ({"coarse_ks": (2, 5)}, r"--coarse_ks: must be in \[1, 4\]"),
 ])
 def test_bad_constants_are_refused(pipeline: dict[str, Path], tmp_path: Path, capsys, override: dict,
                                    message: str) -> None:
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exit_info:
         sample_var.main(args(pipeline, tmp_path / "s", **override))
-    assert re.search(message, capsys.readouterr().err)
+    # Out-of-range constants end with the message; coarse_ks, checked against the loaded VAR, prints it.
+    assert re.search(message, f"{exit_info.value}\n{capsys.readouterr().err}")
     assert not (tmp_path / "s" / "NOP_cfg1.5").exists()
 
 
@@ -188,6 +193,11 @@ def test_bad_inputs_are_refused(pipeline: dict[str, Path], tmp_path: Path, capsy
     with pytest.raises(SystemExit):
         sample_var.main(args(pipeline, tmp_path / "a", vqvae=other))
     assert "re-run tokenize_multiscale_maps.py" in capsys.readouterr().err
+
+    with pytest.raises(SystemExit):
+        sample_var.main(args(pipeline, tmp_path / "v", var=pipeline["vqvae"]))
+    assert (f"{pipeline['vqvae']}: is a VQ-VAE checkpoint (train_vqvae.py), but a VAR checkpoint is needed here"
+            in capsys.readouterr().err)
 
     with pytest.raises(SystemExit):
         sample_var.main(args(pipeline, tmp_path / "b", data_dir=tmp_path / "nowhere"))

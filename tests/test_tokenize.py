@@ -16,8 +16,9 @@ from PIL import Image
 import tokenize_multiscale_maps
 import train_vqvae
 from common.image_data import ImageSplit
-from common.io import file_sha256
+from common.io import atomic_torch_save, file_sha256
 from common.tokens import TokenFileError, load_tokens, save_tokens
+from models.var import VAR
 from models.vqvae import load_vqvae
 
 
@@ -179,3 +180,95 @@ def test_a_rerun_with_the_same_inputs_does_nothing(trained: tuple[Path, Path], t
     call(tokenize_multiscale_maps.main, args)
     assert "up to date" not in capsys.readouterr().out
     assert out.stat().st_mtime_ns != before[0]
+
+
+def tiny_tokens(path: Path, classes: list[str], labels: list[int] | None = None,
+                vqvae_config: dict | None = None) -> None:
+    labels = [0, 1, 0] if labels is None else labels
+    rng = np.random.default_rng(0)
+    save_tokens(path, scales=(1, 2), maps=[rng.integers(0, 10, (3, pn, pn)) for pn in (1, 2)], labels=np.array(labels),
+                split=["train", "val", "test"], source=["a.png", "b.png", "c.png"], vqvae_sha256="abc",
+                vqvae_config={"vocab_size": 10, "scales": [1, 2]} if vqvae_config is None else vqvae_config,
+                classes=classes)
+
+
+def test_two_token_files_in_one_folder_keep_their_own_classes(tmp_path: Path) -> None:
+    first, second = tmp_path / "first.npz", tmp_path / "second.npz"
+    tiny_tokens(first, ["breast", "liver"])
+    tiny_tokens(second, ["liver", "breast", "heart"])  # rewrites the shared classes.json
+    assert load_tokens(second).classes == ["liver", "breast", "heart"]
+    with pytest.raises(TokenFileError) as err:  # not silently relabelled with the second file's names
+        load_tokens(first)
+    assert str(err.value).startswith(f"{first} holds classes ['breast', 'liver'] but {tmp_path / 'classes.json'} "
+                                     "beside it lists ['liver', 'breast', 'heart']")
+    (tmp_path / "classes.json").unlink()
+    assert load_tokens(first).classes == ["breast", "liver"]  # the names inside suffice
+
+
+def test_a_token_file_without_class_names_inside_still_loads_through_classes_json(tmp_path: Path) -> None:
+    path = tmp_path / "old.npz"
+    tiny_tokens(path, ["breast", "liver"])
+    with np.load(path, allow_pickle=False) as raw:
+        arrays = {k: raw[k] for k in raw.files if k != "classes"}
+    np.savez(path, **arrays)  # the format before the names were stored inside
+    assert load_tokens(path).classes == ["breast", "liver"]
+    (tmp_path / "classes.json").unlink()
+    with pytest.raises(TokenFileError, match=r"classes\.json: missing \(written beside old\.npz"):
+        load_tokens(path)
+
+
+@pytest.mark.parametrize("labels, vqvae_config, message", [
+    ([0, -1, 1], None, r"t\.npz: label -1 is negative"),
+    ([0, 2, 1], None, r"t\.npz: label 2 has no class \(2 classes"),
+    ([0, 1, 0], [10, 2], r"t\.npz: vqvae_config is a JSON list, not the VQ-VAE's config object \(edited\?\)"),
+    ([0, 1, 0], {"vocab_size": "ten"}, r"t\.npz: vqvae_config has vocab_size 'ten', not a positive integer"),
+    ([0, 1, 0], {"vocab_size": 10, "scales": [1, 3]}, r"t\.npz: vqvae_config has scales \[1, 3\] but the file holds "
+                                                      r"token maps of scales \[1, 2\]"),
+])
+def test_bad_labels_or_an_edited_vqvae_config_are_named(tmp_path: Path, labels, vqvae_config, message) -> None:
+    tiny_tokens(tmp_path / "t.npz", ["x", "y"], labels=labels, vqvae_config=vqvae_config)
+    with pytest.raises(TokenFileError, match=message):
+        load_tokens(tmp_path / "t.npz")
+
+
+def test_out_that_is_not_a_token_file_is_never_overwritten(trained: tuple[Path, Path], tokens: Path,
+                                                           tmp_path: Path) -> None:
+    data, vq = trained
+    checkpoint = tmp_path / "last.pth"
+    shutil.copy(vq / "last.pth", checkpoint)
+    before = checkpoint.read_bytes()
+    with pytest.raises(SystemExit, match=rf"^error: --out={checkpoint}: exists and is not a token file; refusing to "
+                                         r"overwrite it"):
+        call(tokenize_multiscale_maps.main, dict(data_dir=data, vqvae=vq / "best.pth", out=checkpoint, device="cpu"))
+    assert checkpoint.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["last.pth"]
+    with pytest.raises(SystemExit, match=rf"^error: --out={tmp_path}: is a folder"):
+        call(tokenize_multiscale_maps.main, dict(data_dir=data, vqvae=vq / "best.pth", out=tmp_path, device="cpu"))
+    with pytest.raises(SystemExit, match=r"^error: --batch_size=0: must be >= 1$"):
+        call(tokenize_multiscale_maps.main, dict(data_dir=data, vqvae=vq / "best.pth", out=tmp_path / "t.npz",
+                                                 batch_size=0))
+    with pytest.raises(SystemExit, match=r"^error: --precision='fp8': must be one of auto, bf16, fp16, fp32$"):
+        call(tokenize_multiscale_maps.main, dict(data_dir=data, vqvae=vq / "best.pth", out=tmp_path / "t.npz",
+                                                 precision="fp8"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pth"]
+
+
+def test_a_var_checkpoint_given_as_the_vqvae_is_named_as_one(trained: tuple[Path, Path], tmp_path: Path) -> None:
+    data, _ = trained
+    var = VAR(vocab_size=16, z_channels=4, scales=(1, 2), num_classes=2, depth=1, embed_dim=8, num_heads=2)
+    atomic_torch_save({"model": var.state_dict(), "model_config": var.config}, tmp_path / "var.pth")
+    with pytest.raises(SystemExit, match=rf"^error: {tmp_path / 'var.pth'}: is a VAR checkpoint \(train_var\.py\), but a "
+                                         r"VQVAE checkpoint is needed here$"):
+        call(tokenize_multiscale_maps.main, dict(data_dir=data, vqvae=tmp_path / "var.pth", out=tmp_path / "t.npz",
+                                                 num_workers=0, device="cpu"))
+    assert not (tmp_path / "t.npz").exists()
+
+
+def test_stale_temp_files_of_a_killed_tokenization_are_removed(trained: tuple[Path, Path], tokens: Path,
+                                                               tmp_path: Path) -> None:
+    data, vq = trained
+    out = tmp_path / "t.npz"
+    shutil.copy(tokens, out)
+    shutil.copy(tokens.parent / "classes.json", tmp_path / "classes.json")
+    (tmp_path / ".t.npz.a1b2c3d4.tmp").write_bytes(b"half an npz")
+    call(tokenize_multiscale_maps.main, dict(data_dir=data, vqvae=vq / "best.pth", out=out, num_workers=0, device="cpu"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["classes.json", "t.npz"]

@@ -167,7 +167,7 @@ def test_fine_tuning_starts_from_the_reference_checkpoint_with_resized_classes(d
     torch.save(state, tmp_path / "var_d2.pth")
     out = tmp_path / "run"
     # lr 0: the weights after one epoch are exactly the ones fine-tuning started from.
-    train_var.train(config(data, out, epochs=1, lr=0.0, init_upstream=str(tmp_path / "var_d2.pth")), SINGLE)
+    train_var.train(config(data, out, epochs=1, lr=0.0, base_lr=0.0, init_upstream=str(tmp_path / "var_d2.pth")), SINGLE)
     tuned = load_checkpoint(out / "last.pth")
     assert tuned["model_config"]["num_classes"] == 3 and tuned["model_config"]["depth"] == 2
     ours = tuned["model"]
@@ -259,3 +259,94 @@ def test_torchrun_two_processes_match_one_process_with_the_same_global_batch(dat
         assert ra["val_loss"] == pytest.approx(rb["val_loss"], rel=1e-4)
     for key, value in a["model"].items():
         torch.testing.assert_close(b["model"][key], value, rtol=1e-3, atol=1e-4, msg=key)
+
+
+NO_CUDA_DEVICE = "cuda" if not torch.cuda.is_available() else f"cuda:{torch.cuda.device_count()}"
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"batch_size": 0}, "--batch_size=0: must be >= 1"),
+    ({"grad_accum": -1}, "--grad_accum=-1: must be >= 0"),
+    ({"depth": 0}, "--depth=0: must be >= 1"),
+    ({"epochs": 0}, "--epochs=0: must be >= 1"),
+    ({"precision": "fp8"}, "--precision='fp8': must be one of auto, bf16, fp16, fp32"),
+    ({"device": NO_CUDA_DEVICE}, f"--device='{NO_CUDA_DEVICE}': must be auto, cpu, or a cuda / mps device this machine has"),
+    ({"cond_drop_rate": 2}, "--cond_drop_rate=2.0: must be in [0, 1]"),
+    ({"label_smoothing": -1}, "--label_smoothing=-1.0: must be in [0, 1)"),
+    ({"top_k": -5}, "--top_k=-5: must be >= 0"),
+    ({"lr_schedule": "step"}, "--lr_schedule='step': must be one of cosine, lin0"),
+    ({"batch_size": 6, "grad_accum": 4}, "--batch_size=6: must be a multiple of --grad_accum=4"),
+])
+def test_bad_constants_stop_before_anything_is_read_or_written(data, tmp_path, override, message):
+    with pytest.raises(SystemExit) as err:
+        train_var.main(cli(data, tmp_path / "run", **override))
+    assert str(err.value).startswith(f"error: {message}")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unusable_out_dir_or_misspelt_name_stop_at_once(data, tmp_path):
+    (tmp_path / "file").write_bytes(b"not a folder")
+    with pytest.raises(SystemExit, match=f"^error: --out_dir: {tmp_path / 'file'} exists and is not a folder$"):
+        train_var.main(cli(data, tmp_path / "file"))
+    with pytest.raises(SystemExit, match=f"^error: --out_dir: cannot write in {tmp_path / 'file' / 'run'} "):
+        train_var.main(cli(data, tmp_path / "file" / "run"))
+    with pytest.raises(SystemExit, match="unknown constant 'epoch' \\(did you mean 'epochs'\\?\\)"):
+        train_var.main(cli(data, tmp_path / "run") + ["--epoch=3"])
+    assert (tmp_path / "file").read_bytes() == b"not a folder" and [p.name for p in tmp_path.iterdir()] == ["file"]
+
+
+def test_a_vqvae_checkpoint_where_a_var_one_is_expected_and_the_reverse(data, tmp_path, capsys):
+    var = VAR(vocab_size=32, z_channels=8, scales=(1, 2, 3, 4), num_classes=3, depth=1, embed_dim=8, num_heads=2)
+    atomic_torch_save({"model": var.state_dict(), "model_config": var.config}, tmp_path / "var.pth")
+    with pytest.raises(SystemExit):
+        train_var.main(cli(data, tmp_path / "run", vqvae=tmp_path / "var.pth"))
+    assert (f"{tmp_path / 'var.pth'}: is a VAR checkpoint (train_var.py), but a VQVAE checkpoint is needed here"
+            in capsys.readouterr().err)
+    with pytest.raises(SystemExit):
+        train_var.main(cli(data, tmp_path / "run", resume=data["vqvae"]))
+    assert (f"{data['vqvae']}: is a VQ-VAE checkpoint (train_vqvae.py), but a VAR checkpoint is needed here"
+            in capsys.readouterr().err)
+
+
+def test_lr_follows_the_batch_scaling_rule_unless_given():
+    assert train_var.Config().lr == 0 and train_var.peak_lr(train_var.Config()) == pytest.approx(1e-4)  # 1e-4 at 256
+    assert train_var.peak_lr(train_var.Config(batch_size=768)) == pytest.approx(3e-4)  # the reference's d16 run
+    assert train_var.peak_lr(train_var.Config(batch_size=768, base_lr=2e-4)) == pytest.approx(6e-4)
+    assert train_var.peak_lr(train_var.Config(batch_size=768, lr=5e-5)) == 5e-5
+
+
+def test_init_adaln_gamma_scales_the_initial_adaln_gains(data):
+    vq_config = {"vocab_size": 32, "z_channels": 8, "scales": [1, 2, 3, 4]}
+    models = {}
+    for gamma in (1e-5, 1e-3):
+        torch.manual_seed(0)
+        models[gamma] = train_var.build_var(config(data, Path("unused"), init_adaln_gamma=gamma), vq_config, 3)
+    c = 32
+    for reference, recipe in zip(models[1e-5].blocks, models[1e-3].blocks):
+        torch.testing.assert_close(recipe.ada_lin.weight[:2 * c], reference.ada_lin.weight[:2 * c] * 100)
+        assert torch.equal(recipe.ada_lin.weight[2 * c:], reference.ada_lin.weight[2 * c:])
+
+
+def test_a_nan_in_the_last_step_of_an_epoch_leaves_the_checkpoints_untouched(data, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    train_var.train(config(data, out, epochs=1, sample_every=1), SINGLE)
+    before = {name: (out / name).read_bytes() for name in ("last.pth", "best.pth", "history.json")}
+    for stale in (out / ".last.pth.a1b2c3d4.tmp", out / "samples" / ".epoch_002.png.e5f6g7h8.tmp"):
+        stale.write_bytes(b"left by a killed write")
+    calls = {"train": 0}
+    real = train_var.token_losses
+
+    def nan_gradients_on_the_last_step(logits, *args):
+        if torch.is_grad_enabled():
+            calls["train"] += 1
+            if calls["train"] == 4:  # the epoch's last micro-batch: a finite loss whose update makes NaN weights
+                logits.register_hook(lambda grad: grad * float("nan"))
+        return real(logits, *args)
+
+    monkeypatch.setattr(train_var, "token_losses", nan_gradients_on_the_last_step)
+    with pytest.raises(NonFiniteLossError, match=r"^epoch 2: non-finite val loss nan, weights .*; stopping without "
+                                                 r"writing its checkpoints"):
+        train_var.train(config(data, out, epochs=3, sample_every=1), SINGLE)
+    assert {name: (out / name).read_bytes() for name in before} == before
+    assert not (out / ".last.pth.a1b2c3d4.tmp").exists() and not (out / "samples" / ".epoch_002.png.e5f6g7h8.tmp").exists()
+    assert not (out / "samples" / "epoch_002.png").exists()

@@ -161,11 +161,37 @@ def test_corrupt_foreign_or_mismatched_checkpoints_are_refused(data: Path, refer
         run_in_process(tiny_args(data, tmp_path / "other", resume=tmp_path / "missing.pth"))
 
 
-def test_bad_constants_give_clear_errors(data: Path, tmp_path: Path) -> None:
-    with pytest.raises(SystemExit, match=r"image_size 64 does not fit the model: scales\[-1\]=8 times downsampling 4 = 32"):
-        run_in_process(tiny_args(data, tmp_path, image_size=64))
+NO_CUDA_DEVICE = "cuda" if not torch.cuda.is_available() else f"cuda:{torch.cuda.device_count()}"
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"image_size": 64}, r"--image_size=64: must equal scales\[-1\] x 2\^\(len\(ch_mult\)-1\) = 8 x 4 = 32"),
+    ({"batch_size": 0}, "--batch_size=0: must be >= 1"),
+    ({"vocab_size": 0}, "--vocab_size=0: must be >= 2"),
+    ({"num_recon": 0}, "--num_recon=0: must be >= 1"),
+    ({"plot_every": 0}, "--plot_every=0: must be >= 1"),
+    ({"epochs": 0}, "--epochs=0: must be >= 1"),
+    ({"ch": 48}, "--ch=48: must be a positive multiple of 32"),
+    ({"scales": "1,4,2"}, r"--scales=\(1, 4, 2\): must be a non-empty, strictly increasing list"),
+    ({"precision": "fp8"}, "--precision='fp8': must be one of auto, bf16, fp16, fp32"),
+    ({"device": NO_CUDA_DEVICE}, f"--device='{NO_CUDA_DEVICE}': must be auto, cpu, or a cuda / mps device"),
+])
+def test_bad_constants_stop_before_anything_is_read_or_written(data: Path, tmp_path: Path, override: dict,
+                                                               message: str) -> None:
+    with pytest.raises(SystemExit, match=f"^error: {message}"):
+        run_in_process(tiny_args(data, tmp_path / "run", **override))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unusable_out_dir_or_batch_stop_with_a_clear_error(data: Path, tmp_path: Path) -> None:
+    (tmp_path / "file").write_bytes(b"not a folder")
+    with pytest.raises(SystemExit, match=f"^error: --out_dir: {tmp_path / 'file'} exists and is not a folder$"):
+        run_in_process(tiny_args(data, tmp_path / "file"))
+    with pytest.raises(SystemExit, match=f"^error: --out_dir: cannot write in {tmp_path / 'file' / 'run'} "):
+        run_in_process(tiny_args(data, tmp_path / "file" / "run"))
+    assert (tmp_path / "file").read_bytes() == b"not a folder"
     with pytest.raises(SystemExit, match="cannot fill one global batch of 64"):
-        run_in_process(tiny_args(data, tmp_path, batch_size=64))
+        run_in_process(tiny_args(data, tmp_path / "run", batch_size=64))
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data: Path, tmp_path: Path,
@@ -217,3 +243,24 @@ def test_init_from_the_reference_checkpoint(shared_dir: Path, data: Path, tmp_pa
     assert torch.equal(model.quantizer.embedding.weight, fixture["vqvae_state_dict"]["quantize.embedding.weight"])
     with torch.no_grad():
         assert torch.allclose(model.reconstruct(fixture["images"]), fixture["rec_last_scale"], atol=1e-5)
+
+
+def test_a_nan_in_the_last_step_of_an_epoch_leaves_the_checkpoints_untouched(data: Path, tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    run_in_process(tiny_args(data, tmp_path, epochs=1))
+    before = {name: (tmp_path / name).read_bytes() for name in ("last.pth", "best.pth", "history.json")}
+    (tmp_path / ".best.pth.a1b2c3d4.tmp").write_bytes(b"left by a killed write")
+    calls = []
+    real = train_vqvae.recon_loss
+
+    def nan_gradients_on_the_last_step(rec: torch.Tensor, img: torch.Tensor) -> torch.Tensor:
+        calls.append(1)
+        if len(calls) == 2:  # the second epoch's last step (2 per epoch): a finite loss whose update makes NaN weights
+            rec.register_hook(lambda grad: grad * float("nan"))
+        return real(rec, img)
+
+    monkeypatch.setattr(train_vqvae, "recon_loss", nan_gradients_on_the_last_step)
+    with pytest.raises(SystemExit, match=r"^error: epoch 2: non-finite val loss nan, weights .*; stopping without writing"):
+        run_in_process(tiny_args(data, tmp_path, epochs=3))
+    assert {name: (tmp_path / name).read_bytes() for name in before} == before
+    assert not (tmp_path / ".best.pth.a1b2c3d4.tmp").exists()

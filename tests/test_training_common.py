@@ -1,10 +1,14 @@
+import math
+
 import pytest
 import torch
 from torch import nn
 
 from common.checkpoint import CheckpointError
-from common.training import (LossWatch, NonFiniteLossError, lr_at, param_groups, resume_training_checkpoint,
-                             save_training_checkpoint)
+from common.training import (LossWatch, NonFiniteLossError, check_epoch_finite, lr_at, param_groups,
+                             resume_training_checkpoint, save_training_checkpoint)
+from models.var import VAR
+from models.vqvae import VQVAE
 
 
 def test_lr_schedule_warms_up_then_decays():
@@ -12,6 +16,20 @@ def test_lr_schedule_warms_up_then_decays():
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
     assert lrs[100] == pytest.approx(0.1)
+
+
+def test_lin0_schedule_warms_up_stays_flat_then_falls_linearly_to_the_final_ratio():
+    # 10 warmup steps, then 100: flat for the first 5 (5%), then a straight line from 1 to 0.1 over the other 95.
+    lr = lambda s: lr_at(s, total_steps=110, warmup_steps=10, peak_lr=2.0, final_ratio=0.1, schedule="lin0")
+    assert [lr(s) for s in (0, 4, 9)] == pytest.approx([0.2, 1.0, 2.0])
+    assert [lr(s) for s in (10, 12, 15)] == pytest.approx([2.0, 2.0, 2.0])
+    assert lr(16) == pytest.approx(2.0 * (0.1 + 0.9 * 94 / 95))
+    assert lr(62.5) == pytest.approx(2.0 * (0.1 + 0.9 * 0.5))  # the middle of the line: halfway down
+    assert lr(110) == pytest.approx(0.2) and lr(500) == pytest.approx(0.2)
+    cosine = lambda s: lr_at(s, total_steps=110, warmup_steps=10, peak_lr=2.0, final_ratio=0.1, schedule="cosine")
+    assert cosine(60) == pytest.approx(2.0 * (0.1 + 0.9 * 0.5)) and cosine(15) < 2.0  # cosine never holds flat
+    with pytest.raises(ValueError, match="'step' is not one of cosine, lin0"):
+        lr_at(20, 110, 10, 1.0, schedule="step")
 
 
 class Tiny(nn.Module):
@@ -23,12 +41,48 @@ class Tiny(nn.Module):
         self.scale_mul = nn.Parameter(torch.ones(1, 2, 1, 1))
 
 
-def test_param_groups_skip_decay_on_norms_biases_embeddings():
-    model = Tiny()
+def names_by_group(model: nn.Module) -> tuple[set[str], set[str]]:
+    by_id = {id(p): n for n, p in model.named_parameters()}
     decay, no_decay = param_groups(model, 0.05)
-    assert decay["weight_decay"] == 0.05 and [p.shape for p in decay["params"]] == [model.lin.weight.shape]
-    assert len(no_decay["params"]) == 5 and no_decay["weight_decay"] == 0.0
-    assert any(p is model.scale_mul for p in no_decay["params"])
+    assert (decay["weight_decay"], no_decay["weight_decay"]) == (0.05, 0.0)
+    return {by_id[id(p)] for p in decay["params"]}, {by_id[id(p)] for p in no_decay["params"]}
+
+
+def test_var_weight_decay_groups_match_the_reference():
+    """The reference decays every >= 2-D weight (word_embed, class_emb, AdaLN linears included) except position and
+    level embeddings, ada_gss and the attention temperature; norms and biases never."""
+    model = VAR(vocab_size=16, z_channels=4, scales=(1, 2), num_classes=3, depth=2, embed_dim=8, num_heads=2,
+                shared_aln=True)
+    decay, no_decay = names_by_group(model)
+    per_block_decay = {"attn.qkv.weight", "attn.proj.weight", "mlp.fc1.weight", "mlp.fc2.weight"}
+    per_block_no_decay = {"ada_gss", "attn.scale_mul", "attn.q_bias", "attn.v_bias", "attn.proj.bias", "mlp.fc1.bias",
+                          "mlp.fc2.bias"}
+    assert decay == {"word_embed.weight", "class_emb.weight", "shared_ada_lin.weight", "head_norm.ada_lin.weight",
+                     "head.weight", *(f"blocks.{i}.{n}" for i in range(2) for n in per_block_decay)}
+    assert no_decay == {"word_embed.bias", "pos_start", "pos_embed", "lvl_embed.weight", "shared_ada_lin.bias",
+                        "head_norm.ada_lin.bias", "head.bias", *(f"blocks.{i}.{n}" for i in range(2) for n in per_block_no_decay)}
+    decay, no_decay = names_by_group(VAR(vocab_size=16, z_channels=4, scales=(1, 2), num_classes=3, depth=1,
+                                         embed_dim=8, num_heads=2))
+    assert {"blocks.0.ada_lin.weight", "class_emb.weight"} <= decay and "blocks.0.ada_lin.bias" in no_decay
+
+
+def test_vqvae_codebook_is_not_decayed():
+    model = VQVAE(vocab_size=8, z_channels=4, ch=32, ch_mult=(1, 1), num_res_blocks=1, scales=(1, 2))
+    decay, no_decay = names_by_group(model)
+    assert "quantizer.embedding.weight" in no_decay and "encoder.conv_in.weight" in decay
+    assert all(n.endswith(("bias", "embedding.weight")) or model.get_parameter(n).ndim == 1 for n in no_decay)
+    assert all(model.get_parameter(n).ndim >= 2 for n in decay)
+
+
+def test_epoch_with_a_non_finite_loss_or_weight_is_refused():
+    model = Tiny()
+    check_epoch_finite(model, 3, {"train loss": 1.0, "val loss": 2.0})
+    with pytest.raises(NonFiniteLossError, match=r"^epoch 3: non-finite val loss nan; stopping without writing"):
+        check_epoch_finite(model, 3, {"train loss": 1.0, "val loss": math.nan})
+    with torch.no_grad():
+        model.lin.weight[0, 0] = math.inf
+    with pytest.raises(NonFiniteLossError, match=r"^epoch 4: non-finite weights lin\.weight; "):
+        check_epoch_finite(model, 4, {"train loss": 1.0})
 
 
 def test_non_finite_loss_stops_with_message():
@@ -92,3 +146,9 @@ def test_training_checkpoint_resumes_state_and_refuses_other_network(tmp_path):
     assert torch.equal(torch.rand(3), expected_next)  # the random stream continues where it was saved
     with pytest.raises(CheckpointError, match="different network"):
         resume_training_checkpoint(path, Tiny(), torch.optim.AdamW(Tiny().parameters()), None, {"width": 8})
+    with torch.no_grad():
+        model.lin.weight[1, 1] = math.nan  # what an older version saved after a NaN on an epoch's last step
+    save_training_checkpoint(path, model=model, model_config={"width": 4}, config={}, optimizer=optimizer,
+                             epoch=3, step=30, history=[], best_val_loss=2.5)
+    with pytest.raises(CheckpointError, match=r"last\.pth: holds non-finite weights \(lin\.weight; saved after a NaN\?\)"):
+        resume_training_checkpoint(path, fresh, fresh_opt, None, {"width": 4})
