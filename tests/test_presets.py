@@ -1,0 +1,34 @@
+"""Every preset in configs/ loads into its script's constants and passes that script's checks; the real-data recipe
+points at the BUSI and HC18 samples of ../shared."""
+from pathlib import Path
+
+import pytest
+
+import sample_var
+import train_var
+import train_vqvae
+from common.config import parse_config
+from data_preprocessing import prepare
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+SCRIPTS = {"vqvae": train_vqvae, "var": train_var, "sample": sample_var}
+PRESETS = sorted(p for p in CONFIGS.glob("*.json") if not p.name.startswith("recipe_"))
+
+
+def test_every_preset_belongs_to_a_script() -> None:
+    assert {p.name.split("_")[0] for p in PRESETS} == set(SCRIPTS)
+    assert {p.stem.split("_", 1)[1] for p in PRESETS} == {"cpu", "gpu", "real_cpu"}
+
+
+@pytest.mark.parametrize("preset", PRESETS, ids=[p.stem for p in PRESETS])
+def test_every_preset_passes_its_script_s_checks(preset: Path, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)  # the output folders the checks create land here
+    script = SCRIPTS[preset.name.split("_")[0]]
+    script.validate(parse_config(script.Config, [f"--config={preset}"]))
+
+
+def test_real_data_recipe_reads_busi_and_hc18_from_shared(shared_dir: Path) -> None:
+    specs = prepare.load_recipe(prepare.Config(recipe=str(CONFIGS / "recipe_busi_hc18.json")))
+    assert [(s.name, s.adapter, s.cls) for s in specs] == [("busi", "busi", "breast"),
+                                                                 ("hc18", "hc18", "fetal_head")]
+    assert [s.root.resolve() for s in specs] == [(shared_dir / "us_data" / d).resolve() for d in ("BUSI", "HC18")]
