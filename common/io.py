@@ -10,7 +10,9 @@ import hashlib
 import io
 import json
 import os
+import stat
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator, Sequence
 
@@ -55,6 +57,26 @@ def atomic_write(path: str | Path) -> Iterator[BinaryIO]:
             os.unlink(tmp_name)
         raise
     _fsync_dir(path.parent)
+
+
+def remove_stale_temp_files(folder: str | Path, min_age_s: float = 600.0) -> list[Path]:
+    """Delete the temp files of atomic writes whose process was killed: ".<name>.<random>.tmp" anywhere under
+    folder, unchanged for min_age_s seconds (a write in progress keeps its file's mtime fresh). Returns them."""
+    removed = []
+    now = time.time()
+    for parent, _, names in os.walk(folder):
+        for name in names:
+            path = Path(parent) / name
+            if not (name.startswith(".") and name.endswith(".tmp")):
+                continue
+            try:
+                info = path.lstat()
+                if stat.S_ISREG(info.st_mode) and now - info.st_mtime >= min_age_s:
+                    path.unlink()
+                    removed.append(path)
+            except FileNotFoundError:  # another process finished or removed it meanwhile
+                continue
+    return removed
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:

@@ -116,7 +116,7 @@ def test_recipe_with_bad_files_masks_and_two_datasets(phantom_dir, tmp_path):
         writer.writerows(labels)
     recipe = tmp_path / "recipe.json"
     recipe.write_text(json.dumps({"datasets": [
-        {"name": "phantoms", "adapter": "csv", "root": "few.csv"},
+        {"name": "phantoms", "adapter": "csv", "root": "few.csv", "options": {"allow_paths_outside_root": True}},
         {"name": "extra", "adapter": "folder", "root": "extra", "options": {"subject": "stem"}},
     ]}))
     before = tree_hashes(extra)

@@ -284,7 +284,7 @@ def test_every_corpus_file_is_processed_or_skipped_with_reason(tmp_path, phantom
     out = tmp_path / "out"
     n_ok = {}
     for path in sorted(src.iterdir()):
-        task = Task(Source(path, subject=path.stem), "corpus", "kidney", "train", path.stem, max_frames=3, prev_rows=[])
+        task = Task(Source(path, subject=path.stem), "corpus", "kidney", path.stem, max_frames=3, prev_rows=[])
         rows, reused = process_source(task, out, cfg)
         assert rows and not reused
         if path.name in expected_skip:
