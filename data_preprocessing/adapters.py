@@ -81,20 +81,24 @@ def label_file_reason(path: Path, root: Path) -> str | None:
 def walk_images(root: Path) -> Listing:
     """Every readable-format file under root (sorted), label files set aside; the Source fields come later.
 
-    Symlinked folders are followed, but each real folder is walked once: a link back up the tree (`ln -s . loop`)
-    would otherwise list the same files again at every depth."""
+    Symlinked folders are followed, but every real folder is walked once, under its own path when it lies inside
+    root: a link back up the tree (`ln -s . loop`) would otherwise list the same files again at every depth."""
     if not root.is_dir():
         raise RecipeError(f"dataset root {root} is not a folder")
     listing = Listing()
-    walked = {_identity(root)}
+    inside = {_identity(Path(folder)) for folder, _, _ in os.walk(root)}  # reached without following a link
+    claimed = {_identity(root)}
     for folder, dirs, files in os.walk(root, followlinks=True):
+        keep = []
         for name in sorted(dirs):
-            identity = _identity(Path(folder) / name)
-            if identity in walked:
-                dirs.remove(name)
-                listing.ignored.append((Path(folder) / name, "folder already walked (a symlink loop or a second link to it)"))
-            walked.add(identity)
-        dirs.sort()
+            path = Path(folder) / name
+            identity = _identity(path)
+            if identity in claimed or (path.is_symlink() and identity in inside):
+                listing.ignored.append((path, "link to a folder walked once under another path (a symlink loop or a second link)"))
+            else:
+                claimed.add(identity)
+                keep.append(name)
+        dirs[:] = keep
         for name in sorted(files):
             path = Path(folder) / name
             if not is_supported(path):

@@ -2,13 +2,16 @@ import os
 import stat
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
 import torch
 
 from common.checkpoint import CheckpointError, load_checkpoint, require_keys
-from common.io import atomic_save_npz, atomic_torch_save, atomic_write, atomic_write_bytes, file_sha256, files_fingerprint
+from common.io import (
+    atomic_save_npz, atomic_torch_save, atomic_write, atomic_write_bytes, file_sha256, files_fingerprint, remove_stale_temp_files,
+)
 
 
 def test_atomic_write_replaces_only_on_success(tmp_path):
@@ -130,3 +133,29 @@ def test_files_fingerprint_follows_names_and_contents(tmp_path):
     (tmp_path / "a/y.png").write_bytes(b"2")
     (tmp_path / "a/y.png").rename(tmp_path / "a/z.png")
     assert files_fingerprint([paths[0], tmp_path / "a/z.png"], tmp_path) != first
+
+
+def test_stale_temp_files_of_killed_writes_are_removed(tmp_path, repo_root):
+    # A real leftover: the child dies inside atomic_write, after its temp file exists and before the rename.
+    child = (
+        "import os\n"
+        "from common import io\n"
+        f"with io.atomic_write({str(tmp_path / 'sub' / 'a.png')!r}) as handle:\n"
+        "    handle.write(b'half')\n"
+        "    os._exit(9)\n"
+    )
+    assert subprocess.run([sys.executable, "-c", child], env={"PYTHONPATH": str(repo_root)}).returncode == 9
+    [leftover] = (tmp_path / "sub").iterdir()
+    fresh = tmp_path / ".best.pth.q1w2e3r4.tmp"  # a write still in progress elsewhere
+    others = [tmp_path / "notes.tmp", tmp_path / "last.pth", tmp_path / ".hidden"]
+    for path in [fresh] + others:
+        path.write_bytes(b"x")
+    link = tmp_path / ".link.abcdefgh.tmp"
+    link.symlink_to(tmp_path / "last.pth")
+    old = time.time() - 3600
+    for path in [leftover] + others:
+        os.utime(path, (old, old))
+    os.utime(link, (old, old), follow_symlinks=False)
+    assert remove_stale_temp_files(tmp_path) == [leftover]
+    assert not leftover.exists() and fresh.exists() and link.is_symlink() and all(p.exists() for p in others)
+    assert remove_stale_temp_files(tmp_path, min_age_s=0) == [fresh]
