@@ -436,6 +436,8 @@ def plot_counts(rows: list[dict], out: Path) -> dict[str, dict[str, int]]:
 
 
 def contact_sheets(rows: list[dict], out: Path, cfg: Config) -> None:
+    if cfg.contact_sheet_images == 0:
+        return
     by_class = defaultdict(list)
     for r in rows:
         if r["status"] == "ok":
