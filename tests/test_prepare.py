@@ -1,5 +1,6 @@
 """prepare.py end to end: phantoms (default recipe), a recipe with bad files and masks, the shared BUSI + HC18
-samples; adapters and the subject-wise split on their own."""
+samples; adapters and the subject-wise split on their own; bad input (symlink loops, FIFOs and devices, CSV paths
+outside the table, splits after reading, bad constants, --out and recipe-type errors)."""
 from __future__ import annotations
 
 import contextlib
@@ -446,7 +447,7 @@ def test_bad_constants_are_refused_before_any_file_is_touched(tmp_path, override
     assert not out.exists()
 
 
-def test_output_folder_problems_are_clear_and_come_first(tmp_path, monkeypatch, capsys):
+def test_output_folder_problems_are_clear_and_come_first(tmp_path, monkeypatch):
     (tmp_path / "imgs" / "kidney").mkdir(parents=True)
     recipe = tmp_path / "recipe.json"
     recipe.write_text(json.dumps({"datasets": [{"name": "x", "adapter": "folder", "root": "imgs"}]}))
@@ -461,7 +462,8 @@ def test_output_folder_problems_are_clear_and_come_first(tmp_path, monkeypatch, 
     else:
         locked = tmp_path / "locked"
         locked.mkdir(mode=0o555)
-    with pytest.raises(ConfigError, match=rf"^--out={locked}: the output folder is not writable \(Permission denied\)$"):
+    denied = r"\((Permission denied|Operation not permitted)\)"
+    with pytest.raises(ConfigError, match=rf"^--out={locked}: the output folder is not writable {denied}$"):
         run(Config(recipe=str(recipe), out=str(locked)))
     # From the command line: the message, no traceback, exit status 1.
     monkeypatch.setattr(sys, "argv", ["prepare.py", f"--recipe={recipe}", f"--out={a_file}"])
