@@ -28,7 +28,7 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -70,7 +70,7 @@ class Result:
     outcome: str
     detail: str
     seconds: float
-    expected: bool = field(default=False)
+    expected: bool = False  # the outcome, text and check the case asks for
 
 
 # ---------------------------------------------------------------- the corpus
@@ -294,6 +294,8 @@ def run_case(case: Case, timeout_s: float) -> Result:
         return Result(case, "TRACEBACK", last_line or f"exit status {proc.returncode}", seconds)
     if proc.returncode != 0:
         return judged(Result(case, "clear error", last_line, seconds), case.text in last_line)
+    if not (case.out / "manifest.csv").is_file():
+        return judged(Result(case, "processed", "exit status 0 but no manifest.csv written", seconds), False)
     rows = read_manifest(case.out)
     reasons = [r["reason"] for r in rows if r["status"] == "skipped"]
     problem = case.check(rows) if case.check else ""
