@@ -54,6 +54,8 @@ class DistContext:
 
     def cleanup(self) -> None:
         if self.enabled and torch_dist.is_initialized():
+            # Every process done with its collectives first: tearing gloo down under a peer's pending work can abort.
+            torch_dist.barrier()
             torch_dist.destroy_process_group()
 
 
@@ -84,4 +86,4 @@ def wrap_ddp(model: nn.Module, device: torch.device, find_unused_parameters: boo
     buffers: the models' buffers are constants (masks, scale indices) that every process builds identically."""
     return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
                                                find_unused_parameters=find_unused_parameters,
-                                               gradient_as_bucket_view=True, broadcast_buffers=False)
+                                               gradient_as_bucket_view=True, forward_sync_buffers=False)

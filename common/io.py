@@ -11,12 +11,13 @@ import io
 import json
 import os
 import re
+import stat
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator, Sequence
 
 import numpy as np
-import torch
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -38,25 +39,6 @@ def _current_umask() -> int:
     return mask
 
 
-# The names atomic_write gives its temp files: mkstemp's "." + name + "." + 8 random characters + ".tmp".
-_TEMP_NAME = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")
-
-
-def remove_stale_temp_files(folder: str | Path) -> list[Path]:
-    """Delete the temp files that killed atomic writes left in folder (not its subfolders); return them.
-
-    Call it at the start of a script, before it writes there: a live write's temp file would go too.
-    """
-    folder = Path(folder)
-    if not folder.is_dir():
-        return []
-    stale = sorted(p for p in folder.iterdir() if _TEMP_NAME.match(p.name) and p.is_file())
-    for path in stale:
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
-    return stale
-
-
 @contextlib.contextmanager
 def atomic_write(path: str | Path) -> Iterator[BinaryIO]:
     """Yield a binary file that replaces `path` only once the block finishes without error."""
@@ -75,6 +57,33 @@ def atomic_write(path: str | Path) -> Iterator[BinaryIO]:
             os.unlink(tmp_name)
         raise
     _fsync_dir(path.parent)
+
+
+# The names atomic_write gives its temp files: mkstemp's "." + name + "." + 8 random characters + ".tmp".
+_TEMP_NAME = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")
+
+
+def remove_stale_temp_files(folder: str | Path, recursive: bool = False, min_age_s: float = 600.0) -> list[Path]:
+    """Delete the temp files of atomic writes whose process was killed, in folder (and its subfolders when
+    recursive): regular files named as atomic_write names them and unchanged for min_age_s seconds (a write in
+    progress, by this or another process, keeps its file's mtime fresh). Returns them."""
+    folder = Path(folder)
+    walk = os.walk(folder) if recursive else [(folder, [], os.listdir(folder) if folder.is_dir() else [])]
+    removed = []
+    now = time.time()
+    for parent, _, names in walk:
+        for name in sorted(names):
+            path = Path(parent) / name
+            if not _TEMP_NAME.match(name):
+                continue
+            try:
+                info = path.lstat()
+                if stat.S_ISREG(info.st_mode) and now - info.st_mtime >= min_age_s:
+                    path.unlink()
+                    removed.append(path)
+            except FileNotFoundError:  # another process finished or removed it meanwhile
+                continue
+    return removed
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -99,6 +108,8 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
 
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
     """torch.save through a temp file: an interrupted save never corrupts the previous checkpoint."""
+    import torch  # here only: scripts that save no checkpoint (prepare.py) start ~1.5 s sooner without it
+
     with atomic_write(path) as handle:
         torch.save(obj, handle)
 

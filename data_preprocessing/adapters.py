@@ -20,7 +20,9 @@ Layouts known here (from each dataset's documentation):
 - folder: generic `root/<class>/**/<file>`: class = first folder name; subject = file stem, or with
   options {"subject": "parent"} the file's own folder (for `<class>/<patient>/<file>` layouts).
 - csv: a labels table (path, class, subject columns; optional geometry) such as make_phantoms.py's
-  labels.csv; options {"file", "path_col", "class_col", "subject_col", "geometry_col"}.
+  labels.csv; options {"file", "path_col", "class_col", "subject_col", "geometry_col",
+  "allow_paths_outside_root"}. Paths are relative to the table; rows leading outside its folder are refused
+  unless allow_paths_outside_root is true.
 """
 from __future__ import annotations
 
@@ -77,12 +79,26 @@ def label_file_reason(path: Path, root: Path) -> str | None:
 
 
 def walk_images(root: Path) -> Listing:
-    """Every readable-format file under root (sorted), label files set aside; the Source fields come later."""
+    """Every readable-format file under root (sorted), label files set aside; the Source fields come later.
+
+    Symlinked folders are followed, but every real folder is walked once, under its own path when it lies inside
+    root: a link back up the tree (`ln -s . loop`) would otherwise list the same files again at every depth."""
     if not root.is_dir():
         raise RecipeError(f"dataset root {root} is not a folder")
     listing = Listing()
+    inside = {_identity(Path(folder)) for folder, _, _ in os.walk(root)}  # reached without following a link
+    claimed = {_identity(root)}
     for folder, dirs, files in os.walk(root, followlinks=True):
-        dirs.sort()
+        keep = []
+        for name in sorted(dirs):
+            path = Path(folder) / name
+            identity = _identity(path)
+            if identity in claimed or (path.is_symlink() and identity in inside):
+                listing.ignored.append((path, "link to a folder walked once under another path (a symlink loop or a second link)"))
+            else:
+                claimed.add(identity)
+                keep.append(name)
+        dirs[:] = keep
         for name in sorted(files):
             path = Path(folder) / name
             if not is_supported(path):
@@ -95,6 +111,11 @@ def walk_images(root: Path) -> Listing:
     return listing
 
 
+def _identity(path: Path) -> tuple[int, int]:
+    info = os.stat(path)  # follows symlinks: two links to one folder share (device, inode)
+    return info.st_dev, info.st_ino
+
+
 def busi(root: Path, options: dict) -> Listing:
     return walk_images(root)  # subject = stem (no patient ids); class comes from the recipe
 
@@ -104,7 +125,7 @@ HC18_NAME = re.compile(r"^(\d+)_\d*HC$", re.IGNORECASE)
 
 def hc18(root: Path, options: dict) -> Listing:
     corners = options.get("overlay_corners", ["bottom_right"])
-    if not isinstance(corners, list) or not set(corners) <= set(CORNERS):
+    if not isinstance(corners, list) or not all(isinstance(c, str) and c in CORNERS for c in corners):
         raise RecipeError(f"hc18 adapter: options.overlay_corners must be a list of {', '.join(CORNERS)}, got {corners!r}")
     listing = walk_images(root)
     sources = []
@@ -145,25 +166,47 @@ def folder(root: Path, options: dict) -> Listing:
 
 
 def csv_labels(root: Path, options: dict) -> Listing:
+    """Rows whose path leads outside the table's folder (absolute, or up through ..) are refused unless
+    options.allow_paths_outside_root is true: a table from elsewhere must not make prepare read arbitrary files."""
+    for key in ("file", "path_col", "class_col", "subject_col", "geometry_col"):
+        if not isinstance(options.get(key, ""), str):
+            raise RecipeError(f"csv adapter: options.{key} must be a string, got {options[key]!r}")
+    allow_outside = options.get("allow_paths_outside_root", False)
+    if not isinstance(allow_outside, bool):
+        raise RecipeError(f"csv adapter: options.allow_paths_outside_root must be true or false, got {allow_outside!r}")
     table = root if root.is_file() else root / options.get("file", "labels.csv")
     if not table.is_file():
         raise RecipeError(f"csv adapter: label table {table} does not exist")
     cols = {k: options.get(f"{k}_col", k) for k in ("path", "class", "subject", "geometry")}
+    folder = table.parent.absolute()
+    try:
+        with open(table, newline="") as handle:
+            reader = csv.DictReader(handle)
+            rows = [(reader.line_num, row) for row in reader]
+            header = reader.fieldnames or []
+    except (UnicodeDecodeError, csv.Error) as err:
+        raise RecipeError(f"csv adapter: {table} is not a readable CSV text table: {err}") from None
+    if cols["path"] not in header:
+        raise RecipeError(f"csv adapter: {table} has no {cols['path']!r} column (columns: {', '.join(header)})")
     listing = Listing()
-    with open(table, newline="") as handle:
-        reader = csv.DictReader(handle)
-        header = reader.fieldnames or []
-        if cols["path"] not in header:
-            raise RecipeError(f"csv adapter: {table} has no {cols['path']!r} column (columns: {', '.join(header)})")
-        for row in reader:
-            path = (table.parent / row[cols["path"]]).absolute()
-            reason = label_file_reason(path, table.parent)
-            if reason:
-                listing.ignored.append((path, reason))
-                continue
-            cls = (row.get(cols["class"]) or "").strip() or None
-            subject = (row.get(cols["subject"]) or "").strip() or stem(path)
-            listing.sources.append(Source(path, subject, cls, (row.get(cols["geometry"]) or "").strip()))
+    for line, row in rows:
+        where = f"line {line} of {table}"
+        written = (row.get(cols["path"]) or "").strip()
+        path = Path(os.path.normpath(folder / written))  # ".." resolved as written, symlinks not followed
+        if not written:
+            listing.ignored.append((path, f"{where}: empty {cols['path']!r} cell"))
+            continue
+        if not allow_outside and not path.is_relative_to(folder):
+            listing.ignored.append((path, f"{where}: path {written!r} leads outside the table's folder {folder}; "
+                                          "refused (set options.allow_paths_outside_root to true to allow)"))
+            continue
+        reason = label_file_reason(path, folder)
+        if reason:
+            listing.ignored.append((path, reason))
+            continue
+        cls = (row.get(cols["class"]) or "").strip() or None
+        subject = (row.get(cols["subject"]) or "").strip() or stem(path)
+        listing.sources.append(Source(path, subject, cls, (row.get(cols["geometry"]) or "").strip()))
     return listing
 
 

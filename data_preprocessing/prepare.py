@@ -2,10 +2,11 @@
 
 A recipe (JSON) maps datasets to organ classes. For every source file: read its frames (readers.py), find
 the scan area (scan_area.py), blank what lies outside it, crop, square and resize to 256x256 grey-as-RGB,
-and write OUT/{train,val,test}/<class>/<dataset>__<stem>[_<frame>].png. Splits keep every subject in
-one split, stratified by class and seeded. OUT/manifest.csv has one row per source file (per frame for
-multi-frame sources): kept or skipped, and why. Re-running reuses every output whose source is unchanged
-(same sha256), so only new or changed files are processed; sources are only ever read.
+and write OUT/{train,val,test}/<class>/<dataset>__<stem>[_<frame>].png. Splits are made once every file is
+read: every subject in one split, stratified by class, weighted by the images each subject gave, seeded.
+OUT/manifest.csv has one row per source file (per frame for multi-frame sources): kept or skipped, and why.
+Re-running reuses every output whose source is unchanged (same sha256), so only new or changed files are
+processed; sources are only ever read.
 
     python data_preprocessing/prepare.py                          # phantoms in data/raw_phantoms
     python data_preprocessing/prepare.py --recipe=my_recipe.json --out=data/processed
@@ -23,6 +24,7 @@ import json
 import multiprocessing
 import os
 import re
+import shutil
 import sys
 import time
 from collections import Counter, defaultdict
@@ -38,12 +40,13 @@ import numpy as np  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from common.config import config_dict, parse_config, save_config  # noqa: E402
-from common.io import atomic_write_bytes, atomic_write_text, file_sha256  # noqa: E402
+from common.config import (ConfigError, at_least, between, check_constants, check_output_folder, config_dict,  # noqa: E402
+                           one_of, parse_config, save_config)
+from common.io import atomic_write_bytes, atomic_write_text, file_sha256, remove_stale_temp_files  # noqa: E402
 from common.plotting import bar_counts, image_grid, save_figure, save_image  # noqa: E402
 from common.progress import progress  # noqa: E402
 from data_preprocessing.adapters import ADAPTERS, RecipeError, Source, stem  # noqa: E402
-from data_preprocessing.readers import UnreadableFileError, read_frames  # noqa: E402
+from data_preprocessing.readers import UnreadableFileError, not_a_regular_file, read_frames  # noqa: E402
 from data_preprocessing.scan_area import ScanArea, ScanAreaError, detect_scan_area, to_model_image  # noqa: E402
 
 
@@ -67,6 +70,14 @@ class Config:
 
 
 SPLITS = ("train", "val", "test")
+STAGING = ".incoming"  # new images wait here until the split is known (it depends on which files gave images)
+# Allowed range of each numeric constant (None: no upper bound), checked before any file is touched.
+RULES = {
+    "size": between(32, 4096), "square": one_of("pad", "crop"), "max_per_dataset": at_least(1),
+    "max_frames_per_file": at_least(1), "video_stride": at_least(1), "val_frac": between(0, 1),
+    "test_frac": between(0, 1), "seed": at_least(0), "workers": at_least(0), "contact_sheet_images": at_least(0),
+    "scan_area_samples": at_least(0),
+}
 # Constants that change what an output looks like: when any differs from the previous run, nothing is reused.
 PROCESSING_KEYS = ("size", "square", "max_per_dataset", "max_frames_per_file", "video_stride", "keep_annotated")
 MANIFEST_COLUMNS = (
@@ -74,6 +85,10 @@ MANIFEST_COLUMNS = (
     "geometry", "geometry_expected", "crop_box", "calipers", "text", "color", "output",
 )
 NAME_RE = re.compile(r"^[A-Za-z0-9_\-]+$")
+OUTPUT_RE = re.compile(r"^(train|val|test)/[A-Za-z0-9_\-]+/[^/]+\.png$")  # what a manifest's output column may hold
+# Recipe fields and the JSON types they take.
+FIELD_TYPES = {"name": (str, "a string"), "adapter": (str, "a string"), "root": (str, "a string"),
+               "class": ((str, type(None)), "a string or null"), "options": ((dict, type(None)), "an object or null")}
 
 
 @dataclass(frozen=True)
@@ -92,13 +107,52 @@ class Task:
     source: Source
     dataset: str
     cls: str
-    split: str
     base_name: str  # output file name without frame key and suffix
     max_frames: int
     prev_rows: list[dict]
 
 
-# ---------------------------------------------------------------- recipe
+# ---------------------------------------------------------------- constants, output folder, recipe
+
+def check_config(cfg: Config) -> None:
+    """Every constant in its allowed range, before any file is touched: a typo must never reprocess or empty a set."""
+    check_constants(cfg, RULES)
+    if cfg.val_frac + cfg.test_frac >= 1:
+        raise ConfigError(f"--val_frac={cfg.val_frac} and --test_frac={cfg.test_frac}: "
+                          "their sum must be below 1 (train gets the rest)")
+    if not cfg.out:
+        raise ConfigError("--out is empty: it must name the output folder")
+
+
+def read_previous_run(out: Path) -> tuple[list[dict], dict | None]:
+    """The manifest rows and constants of the run that made OUT, checked: their output paths are moved and deleted."""
+    manifest, config = out / "manifest.csv", out / "config.json"
+    hint = "move it away or choose another --out"
+    rows = []
+    if manifest.is_file():
+        try:
+            with open(manifest, newline="") as handle:
+                reader = csv.DictReader(handle)
+                rows = list(reader)
+        except (UnicodeDecodeError, csv.Error) as err:
+            raise ConfigError(f"{manifest}: not a readable CSV file ({err}); {hint}") from None
+        missing = [c for c in MANIFEST_COLUMNS if c not in (reader.fieldnames or [])]
+        if missing:
+            raise ConfigError(f"{manifest}: not a manifest written by prepare.py (columns {missing} missing); {hint}")
+        bad = next((r["output"] for r in rows if r["status"] == "ok" and not OUTPUT_RE.match(r["output"] or "")), None)
+        if bad is not None:
+            raise ConfigError(f"{manifest}: not a manifest written by prepare.py (output {bad!r} is not "
+                              f"<split>/<class>/<name>.png); {hint}")
+    previous_config = None
+    if rows and config.is_file():
+        try:
+            previous_config = json.loads(config.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ConfigError(f"{config}: not valid JSON ({err}); {hint}") from None
+        if not isinstance(previous_config, dict):
+            raise ConfigError(f"{config}: not a JSON object of constants; {hint}")
+    return rows, previous_config
+
 
 def load_recipe(cfg: Config) -> list[DatasetSpec]:
     if not cfg.recipe:
@@ -110,26 +164,31 @@ def load_recipe(cfg: Config) -> list[DatasetSpec]:
             )
         return [DatasetSpec("phantoms", "csv", root, None)]
     recipe_path = Path(cfg.recipe)
+    problem = not_a_regular_file(recipe_path)
+    if problem:
+        raise RecipeError(f"recipe {recipe_path}: {'does not exist' if problem == 'file not found' else problem}")
     try:
         recipe = json.loads(recipe_path.read_text())
-    except FileNotFoundError:
-        raise RecipeError(f"recipe {recipe_path} does not exist") from None
-    except json.JSONDecodeError as err:
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise RecipeError(f"recipe {recipe_path} is not valid JSON: {err}") from None
     entries = recipe.get("datasets") if isinstance(recipe, dict) else None
     if not isinstance(entries, list) or not entries:
-        raise RecipeError(f"recipe {recipe_path}: expected {{\"datasets\": [{{name, adapter, root, class, options}}, ...]}}")
+        raise RecipeError(f"recipe {recipe_path}: field 'datasets' must be a non-empty list: "
+                          f"{{\"datasets\": [{{name, adapter, root, class, options}}, ...]}}")
     specs = []
     for i, entry in enumerate(entries):
         where = f"recipe {recipe_path}, dataset #{i}"
         if not isinstance(entry, dict) or not {"name", "adapter", "root"} <= entry.keys():
             raise RecipeError(f"{where}: needs at least name, adapter and root")
-        unknown = set(entry) - {"name", "adapter", "root", "class", "options"}
+        unknown = set(entry) - set(FIELD_TYPES)
         if unknown:
             raise RecipeError(f"{where}: unknown keys {sorted(unknown)}")
+        for key, (types, what) in FIELD_TYPES.items():
+            if key in entry and not isinstance(entry[key], types):
+                raise RecipeError(f"{where}: field {key!r} must be {what}, got {json.dumps(entry[key])}")
         if entry["adapter"] not in ADAPTERS:
             raise RecipeError(f"{where}: unknown adapter {entry['adapter']!r}; known: {', '.join(ADAPTERS)}")
-        if not NAME_RE.match(str(entry["name"])):
+        if not NAME_RE.match(entry["name"]):
             raise RecipeError(f"{where}: name {entry['name']!r} must be letters, digits, _ or -")
         root = Path(entry["root"]).expanduser()
         root = root if root.is_absolute() else recipe_path.parent / root
@@ -148,10 +207,26 @@ def list_sources(specs: list[DatasetSpec], cfg: Config) -> tuple[list[tuple[Data
     """(spec, source, class, frame budget) per kept file, and manifest rows for the files set aside."""
     chosen, ignored_rows, seen = [], [], {}
     for spec in specs:
-        listing = ADAPTERS[spec.adapter](spec.root, spec.options)
+        n_ignored = len(ignored_rows)
+        try:
+            listing = ADAPTERS[spec.adapter](spec.root, spec.options)
+        except RecipeError as err:  # adapters know the option, not the recipe: name both
+            where = f"recipe {cfg.recipe}, dataset {spec.name}" if cfg.recipe else f"dataset {spec.name}"
+            raise RecipeError(f"{where}: {err}") from None
         for path, reason in listing.ignored:
-            ignored_rows.append(_row(source=str(path), dataset=spec.name, status="skipped", reason=reason))
-        sources = listing.sources
+            ignored_rows.append(_row(source=str(path.absolute()), dataset=spec.name, status="skipped", reason=reason))
+        sources = []
+        for source in listing.sources:
+            key = _file_key(source.path)
+            if key in seen and seen[key][0] != spec.name:
+                raise RecipeError(f"{source.path} is the file {seen[key][1]} of dataset {seen[key][0]} again "
+                                  f"(in dataset {spec.name}): each file may be used once")
+            if key in seen:
+                ignored_rows.append(_row(source=str(source.path.absolute()), dataset=spec.name, status="skipped",
+                                         reason=f"same file as {seen[key][1]} (listed twice, e.g. through a symlink)"))
+                continue
+            seen[key] = (spec.name, source.path.absolute())
+            sources.append(source)
         if len(sources) > cfg.max_per_dataset:
             rng = np.random.default_rng([cfg.seed, _stable_int(spec.name)])
             keep = sorted(rng.choice(len(sources), cfg.max_per_dataset, replace=False))
@@ -165,14 +240,19 @@ def list_sources(specs: list[DatasetSpec], cfg: Config) -> tuple[list[tuple[Data
                 raise RecipeError(f"dataset {spec.name}: no class for {source.path}: give \"class\" in the recipe")
             if not NAME_RE.match(cls):
                 raise RecipeError(f"dataset {spec.name}: class {cls!r} must be letters, digits, _ or -")
-            key = str(source.path.absolute())
-            if key in seen:
-                raise RecipeError(f"{key} is listed by datasets {seen[key]} and {spec.name}: each file may be used once")
-            seen[key] = spec.name
             chosen.append((spec, source, cls, budget))
         print(f"{spec.name}: {len(sources)} files ({spec.adapter} adapter, root {spec.root}), "
-              f"{len(listing.ignored)} masks/annotations set aside")
+              f"{len(ignored_rows) - n_ignored} set aside (masks, annotations, duplicates, refused paths)")
     return chosen, ignored_rows
+
+
+def _file_key(path: Path) -> tuple:
+    """What makes two listed paths one file: (device, inode) through symlinks; the path itself when it cannot be stat'ed."""
+    try:
+        info = os.stat(path)
+    except OSError:
+        return ("path", str(path.absolute()))
+    return ("inode", info.st_dev, info.st_ino)
 
 
 def _stable_int(text: str) -> int:
@@ -219,8 +299,8 @@ def _row(**values) -> dict:
     return row
 
 
-def output_path(out: Path, split: str, cls: str, base_name: str, frame: str) -> Path:
-    return out / split / cls / (f"{base_name}_{frame}.png" if frame else f"{base_name}.png")
+def output_name(base_name: str, frame: str) -> str:
+    return f"{base_name}_{frame}.png" if frame else f"{base_name}.png"
 
 
 def process_source(task: Task, out: Path, cfg: Config) -> tuple[list[dict], bool]:
@@ -229,12 +309,14 @@ def process_source(task: Task, out: Path, cfg: Config) -> tuple[list[dict], bool
     Never raises for a bad file: every failure becomes a skipped row with its reason."""
     src = task.source
     base = dict(source=str(src.path.absolute()), dataset=task.dataset, **{"class": task.cls}, subject=src.subject,
-                split=task.split, geometry_expected=src.geometry)
+                geometry_expected=src.geometry)
+    problem = not_a_regular_file(src.path)  # before hashing: a FIFO or /dev/zero would never finish
+    if problem:
+        return [_row(**base, status="skipped", reason=problem)], False
     try:
         sha = file_sha256(src.path)
     except OSError as err:
-        reason = "file not found" if isinstance(err, FileNotFoundError) else f"cannot read file: {err.strerror or err}"
-        return [_row(**base, status="skipped", reason=reason)], False
+        return [_row(**base, status="skipped", reason=f"cannot read file: {err.strerror or err}")], False
     base["sha256"] = sha
     reused = _reuse(task, out, base)
     if reused is not None:
@@ -266,7 +348,7 @@ def _process_frame(task: Task, out: Path, cfg: Config, base: dict, frame_key: st
         found = ", ".join(k for k, v in flags.items() if v)
         return _row(**base, **info, status="skipped", reason=f"burned-in annotations ({found}) excluded: keep_annotated=false")
     image = to_model_image(frame, area, size=cfg.size, square=cfg.square)
-    path = output_path(out, task.split, task.cls, task.base_name, frame_key)
+    path = out / STAGING / task.cls / output_name(task.base_name, frame_key)
     buffer = io.BytesIO()
     Image.fromarray(image).save(buffer, format="png", compress_level=1)  # 3x faster than the default, ~6% larger
     atomic_write_bytes(path, buffer.getvalue())
@@ -274,26 +356,40 @@ def _process_frame(task: Task, out: Path, cfg: Config, base: dict, frame_key: st
 
 
 def _reuse(task: Task, out: Path, base: dict) -> list[dict] | None:
-    """The previous rows of an unchanged source, outputs moved if its split or class changed; None = redo."""
+    """The previous rows of an unchanged source whose outputs all still exist (place_outputs moves them); None = redo."""
     prev = task.prev_rows
     if not prev or any(r["sha256"] != base["sha256"] for r in prev):
         return None
-    rows = []
     for r in prev:
-        row = {**r, **base}
-        if r["status"] == "ok":
-            new = output_path(out, task.split, task.cls, task.base_name, r["frame"])
-            old = out / r["output"]
-            if old != new:
-                if old.name != new.name or not old.is_file():
-                    return None
-                new.parent.mkdir(parents=True, exist_ok=True)
-                os.replace(old, new)
-            elif not new.is_file():
-                return None
-            row["output"] = new.relative_to(out).as_posix()
-        rows.append(row)
-    return rows
+        renamed = Path(r["output"]).name != output_name(task.base_name, r["frame"])
+        if r["status"] == "ok" and (renamed or not (out / r["output"]).is_file()):
+            return None
+    return [{**r, **base} for r in prev]
+
+
+def place_outputs(rows: list[dict], out: Path, split_of: dict[Subject, str]) -> None:
+    """Give every row its subject's split and move each kept image to OUT/<split>/<class>/.
+
+    Images that move pass through the staging folder, so no move overwrites a file another row has yet to move."""
+    moves = []
+    for r in rows:
+        r["split"] = split_of.get((r["dataset"], r["subject"]), "")
+        if r["status"] != "ok":
+            continue
+        current = out / r["output"]
+        final = out / r["split"] / r["class"] / current.name
+        staged = out / STAGING / r["class"] / current.name
+        if current == final:
+            continue
+        if current != staged:
+            staged.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(current, staged)
+        moves.append((r, staged, final))
+    for r, staged, final in moves:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(staged, final)
+        r["output"] = final.relative_to(out).as_posix()
+    shutil.rmtree(out / STAGING, ignore_errors=True)
 
 
 _WORKER_ARGS: tuple[Path, Config] | None = None
@@ -311,13 +407,6 @@ def _work(task: Task) -> tuple[list[dict], bool]:
 
 # ---------------------------------------------------------------- manifest and plots
 
-def read_manifest(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    with open(path, newline="") as handle:
-        return list(csv.DictReader(handle))
-
-
 def write_manifest(path: Path, rows: list[dict]) -> None:
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=MANIFEST_COLUMNS, lineterminator="\n")
@@ -333,6 +422,8 @@ def plot_counts(rows: list[dict], out: Path) -> dict[str, dict[str, int]]:
 
 
 def contact_sheets(rows: list[dict], out: Path, cfg: Config) -> None:
+    if cfg.contact_sheet_images == 0:
+        return
     by_class = defaultdict(list)
     for r in rows:
         if r["status"] == "ok":
@@ -400,44 +491,37 @@ def scan_area_figure(panels: list[tuple[dict, np.ndarray, ScanArea]], out: Path)
 def run(cfg: Config) -> dict:
     """The whole step; returns counts (files processed / reused, images kept / skipped) for callers and tests."""
     start = time.time()
-    if cfg.square not in ("pad", "crop"):
-        raise RecipeError(f"--square must be 'pad' or 'crop', got {cfg.square!r}")
+    check_config(cfg)
     fracs = {"train": 1.0 - cfg.val_frac - cfg.test_frac, "val": cfg.val_frac, "test": cfg.test_frac}
-    if min(fracs.values()) < 0 or fracs["train"] <= 0:
-        raise RecipeError(f"split fractions must be >= 0 with train > 0, got {fracs}")
-    out = Path(cfg.out)
     specs = load_recipe(cfg)
+    out = Path(cfg.out)
+    check_output_folder("out", out)
+    previous, previous_config = read_previous_run(out)
+    stale = remove_stale_temp_files(out, recursive=True)
+    if stale:
+        print(f"removed {len(stale)} temporary files left by an interrupted run")
+    shutil.rmtree(out / STAGING, ignore_errors=True)  # images of an interrupted run that never got their split
     chosen, ignored_rows = list_sources(specs, cfg)
     if not chosen:
         raise RecipeError("the recipe lists no image files")
 
     subject_key = [(spec.name, src.subject) for spec, src, _, _ in chosen]
-    weights = Counter(subject_key)
     subject_class = {}
     for key, (_, _, cls, _) in zip(subject_key, chosen):
         if subject_class.setdefault(key, cls) != cls:
             raise RecipeError(f"subject {key[1]} of dataset {key[0]} appears in classes {subject_class[key]} and {cls}")
-    split_of = assign_splits(weights, subject_class, fracs, cfg.seed)
 
-    previous = read_manifest(out / "manifest.csv")
-    prev_config = out / "config.json"
-    if previous and prev_config.is_file():
-        old = json.loads(prev_config.read_text())
-        changed = [k for k in PROCESSING_KEYS if old.get(k) != config_dict(cfg)[k]]
-        if changed:
-            print(f"processing constants changed since the last run ({', '.join(changed)}): reprocessing every file")
-            previous_by_source = {}
-        else:
-            previous_by_source = defaultdict(list)
-            for r in previous:
-                if r["sha256"]:
-                    previous_by_source[r["source"]].append(r)
-    else:
-        previous_by_source = {}
-
+    changed = [k for k in PROCESSING_KEYS if previous_config is not None and previous_config.get(k) != config_dict(cfg)[k]]
+    previous_by_source = defaultdict(list)
+    if changed:
+        print(f"processing constants changed since the last run ({', '.join(changed)}): reprocessing every file")
+    elif previous_config is not None:
+        for r in previous:
+            if r["sha256"]:
+                previous_by_source[r["source"]].append(r)
     tasks = [
-        Task(src, spec.name, cls, split_of[key], name, budget, previous_by_source.get(str(src.path.absolute()), []))
-        for (spec, src, cls, budget), key, name in zip(chosen, subject_key, output_names(chosen))
+        Task(src, spec.name, cls, name, budget, previous_by_source.get(str(src.path.absolute()), []))
+        for (spec, src, cls, budget), name in zip(chosen, output_names(chosen))
     ]
     workers = cfg.workers or os.cpu_count() or 1
     pool = multiprocessing.get_context("fork").Pool(workers, _init_worker, (out, cfg)) if workers > 1 else None
@@ -462,6 +546,11 @@ def run(cfg: Config) -> dict:
         if pool is not None:
             pool.close()
             pool.join()
+
+    # Splits only now: a subject takes part with the images it gave (a clip up to max_frames_per_file, an
+    # unreadable file none), so unreadable files cannot leave a split empty.
+    weights = Counter((r["dataset"], r["subject"]) for r in rows if r["status"] == "ok")
+    place_outputs(rows, out, assign_splits(weights, subject_class, fracs, cfg.seed))
 
     # Outputs of the previous run that no row points to any more (file removed, renamed or now skipped).
     current = {r["output"] for r in rows if r["status"] == "ok"}
@@ -494,8 +583,8 @@ def run(cfg: Config) -> dict:
 
 def _print_summary(rows: list[dict], counts: dict, stats: dict, out: Path) -> None:
     print(f"{stats['files']} files: {stats['processed']} processed, {stats['reused']} unchanged since the last run; "
-          f"{stats['ok']} images kept, {stats['skipped']} skipped, {stats['ignored']} masks/annotations set aside "
-          f"({stats['seconds']:.1f} s)")
+          f"{stats['ok']} images kept, {stats['skipped']} skipped, {stats['ignored']} set aside "
+          f"(masks, annotations, duplicates, refused paths) ({stats['seconds']:.1f} s)")
     for split in SPLITS:
         print(f"  {split:5s} " + "  ".join(f"{c}={n}" for c, n in sorted(counts[split].items())))
     reasons = Counter(r["reason"] for r in rows if r["status"] == "skipped")
@@ -512,7 +601,7 @@ def main() -> None:
     cfg = parse_config(Config)
     try:
         run(cfg)
-    except RecipeError as err:
+    except (ConfigError, RecipeError) as err:
         raise SystemExit(f"error: {err}") from None
 
 

@@ -11,6 +11,8 @@ is scaled by its actual robust range (percentiles below), DICOM with a window ce
 """
 from __future__ import annotations
 
+import os
+import stat
 import warnings
 from pathlib import Path
 from typing import Iterator
@@ -49,6 +51,26 @@ def is_supported(path: str | Path) -> bool:
     return suffix in SUPPORTED_SUFFIXES or (suffix == "" and _has_dicom_preamble(Path(path)))
 
 
+FILE_KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISCHR, "a device"),
+              (stat.S_ISBLK, "a device"), (stat.S_ISSOCK, "a socket"))
+
+
+def not_a_regular_file(path: str | Path) -> str | None:
+    """Why `path` cannot be read as a file, or None for a regular file (symlinks followed).
+
+    Checked before anything opens a source: opening a FIFO waits for a writer and /dev/zero never ends."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return "file not found"
+    except OSError as err:
+        return f"cannot read file: {err.strerror or err}"
+    if stat.S_ISREG(mode):
+        return None
+    kind = next((name for test, name in FILE_KINDS if test(mode)), "a special file")
+    return f"not a regular file: {kind}, not read"
+
+
 def read_frames(path: str | Path, video_stride: int = 10, max_frames: int | None = None) -> Iterator[tuple[str, np.ndarray]]:
     """Yield (frame_key, uint8 frame) for every frame kept from `path`.
 
@@ -56,8 +78,9 @@ def read_frames(path: str | Path, video_stride: int = 10, max_frames: int | None
     `video_stride`-th frame (neighbours are near-duplicates); `max_frames` caps the count, spread evenly.
     """
     path = Path(path)
-    if not path.is_file():
-        raise UnreadableFileError(path, "file not found" if not path.exists() else "not a regular file")
+    problem = not_a_regular_file(path)
+    if problem:
+        raise UnreadableFileError(path, problem)
     size = path.stat().st_size
     if size == 0:
         raise UnreadableFileError(path, "empty file (0 bytes)")
@@ -125,7 +148,7 @@ def to_uint8(arr: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------- PNG / JPEG / BMP / TIFF (Pillow)
 
 def _read_image(path: Path, stride: int, max_frames: int | None) -> Iterator[tuple[str, np.ndarray]]:
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
         with warnings.catch_warnings():
@@ -145,7 +168,7 @@ def _read_image(path: Path, stride: int, max_frames: int | None) -> Iterator[tup
             try:
                 image.seek(i)
                 image.load()
-                frame = _pil_to_array(image)
+                frame = _pil_to_array(ImageOps.exif_transpose(image))  # cameras store photos unrotated plus an EXIF tag
             except (OSError, ValueError, SyntaxError) as err:
                 raise UnreadableFileError(path, f"truncated or corrupt image data: {err}") from None
             yield (f"f{i:04d}" if n > 1 else ""), frame
@@ -177,6 +200,8 @@ def _rgb_or_grey(arr: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------- DICOM (pydicom)
 
 def _has_dicom_preamble(path: Path) -> bool:
+    if not_a_regular_file(path):
+        return False
     try:
         with open(path, "rb") as handle:
             head = handle.read(132)

@@ -3,6 +3,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -140,14 +141,43 @@ def test_remove_stale_temp_files_removes_only_what_killed_atomic_writes_left(tmp
     for name, data in keep.items():
         (tmp_path / name).write_bytes(data)
     (tmp_path / "sub").mkdir()
-    (tmp_path / "sub" / ".last.pth.abcd1234.tmp").write_bytes(b"only this folder is cleaned")
+    (tmp_path / "sub" / ".last.pth.abcd1234.tmp").write_bytes(b"not recursive: only this folder is cleaned")
     # What a kill inside atomic_write leaves: its mkstemp file, named as atomic_write names it.
     fd, left = tempfile.mkstemp(prefix=".best.pth.", suffix=".tmp", dir=tmp_path)
     os.close(fd)
     (tmp_path / ".last.pth.q9w8e7r6.tmp").write_bytes(b"stale")
+    old = time.time() - 3600  # killed an hour ago
+    for path in tmp_path.rglob("*"):
+        os.utime(path, (old, old))
     removed = remove_stale_temp_files(tmp_path)
     assert [p.name for p in removed] == [Path(left).name, ".last.pth.q9w8e7r6.tmp"]
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*keep, "sub"])
     assert all((tmp_path / name).read_bytes() == data for name, data in keep.items())
     assert (tmp_path / "sub" / ".last.pth.abcd1234.tmp").exists()
     assert remove_stale_temp_files(tmp_path / "absent") == []
+
+
+def test_stale_temp_files_of_killed_writes_are_removed(tmp_path, repo_root):
+    # A real leftover: the child dies inside atomic_write, after its temp file exists and before the rename.
+    child = (
+        "import os\n"
+        "from common import io\n"
+        f"with io.atomic_write({str(tmp_path / 'sub' / 'a.png')!r}) as handle:\n"
+        "    handle.write(b'half')\n"
+        "    os._exit(9)\n"
+    )
+    assert subprocess.run([sys.executable, "-c", child], env={"PYTHONPATH": str(repo_root)}).returncode == 9
+    [leftover] = (tmp_path / "sub").iterdir()
+    fresh = tmp_path / ".best.pth.q1w2e3r4.tmp"  # a write still in progress elsewhere
+    others = [tmp_path / "notes.tmp", tmp_path / "last.pth", tmp_path / ".hidden"]
+    for path in [fresh] + others:
+        path.write_bytes(b"x")
+    link = tmp_path / ".link.abcdefgh.tmp"
+    link.symlink_to(tmp_path / "last.pth")
+    old = time.time() - 3600
+    for path in [leftover] + others:
+        os.utime(path, (old, old))
+    os.utime(link, (old, old), follow_symlinks=False)
+    assert remove_stale_temp_files(tmp_path, recursive=True) == [leftover]
+    assert not leftover.exists() and fresh.exists() and link.is_symlink() and all(p.exists() for p in others)
+    assert remove_stale_temp_files(tmp_path, recursive=True, min_age_s=0) == [fresh]

@@ -1,6 +1,7 @@
 """Readers on a corpus of good and bad files made here: every file is read or refused with a clear reason."""
 from __future__ import annotations
 
+import os
 import struct
 import zlib
 from pathlib import Path
@@ -110,6 +111,23 @@ def test_bad_image_files_are_refused_with_reason(tmp_path):
     other.write_text("a,b\n")
     assert "unsupported file type '.csv'" in refused(other)
     assert refused(tmp_path / "missing.png") == "file not found"
+
+    os.mkfifo(tmp_path / "pipe.png")  # opening it would wait for a writer forever
+    assert refused(tmp_path / "pipe.png") == "not a regular file: a named pipe (FIFO), not read"
+    assert refused(Path("/dev/zero")) == "not a regular file: a device, not read"
+    assert refused(tmp_path) == "not a regular file: a folder, not read"
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    stored = np.zeros((48, 64), np.uint8)
+    stored[:16, :16] = 255  # a bright block at the top left of the stored pixels
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation 6: display the stored pixels turned 90 degrees clockwise (a camera held upright)
+    for suffix in (".jpg", ".png"):
+        Image.fromarray(stored).save(tmp_path / f"rotated{suffix}", exif=exif.tobytes())
+        [(_, out)] = frames(tmp_path / f"rotated{suffix}")
+        assert out.shape == (64, 48), suffix
+        assert np.abs(out.astype(int) - np.rot90(stored, k=-1)).mean() < 3, suffix  # the block is now at the top right
 
 
 def test_image_modes_become_uint8_grey_or_rgb(tmp_path):
@@ -284,7 +302,7 @@ def test_every_corpus_file_is_processed_or_skipped_with_reason(tmp_path, phantom
     out = tmp_path / "out"
     n_ok = {}
     for path in sorted(src.iterdir()):
-        task = Task(Source(path, subject=path.stem), "corpus", "kidney", "train", path.stem, max_frames=3, prev_rows=[])
+        task = Task(Source(path, subject=path.stem), "corpus", "kidney", path.stem, max_frames=3, prev_rows=[])
         rows, reused = process_source(task, out, cfg)
         assert rows and not reused
         if path.name in expected_skip:

@@ -144,7 +144,7 @@ def test_ddp_keeps_gradients_in_its_buckets_and_does_not_rebroadcast_buffers(mon
     monkeypatch.setattr(distributed.nn.parallel, "DistributedDataParallel", lambda model, **kwargs: made.update(kwargs))
     distributed.wrap_ddp(torch.nn.Linear(2, 2), torch.device("cuda", 3), find_unused_parameters=True)
     assert made == {"device_ids": [3], "find_unused_parameters": True, "gradient_as_bucket_view": True,
-                    "broadcast_buffers": False}
+                    "forward_sync_buffers": False}
 
 
 def test_gpu_presets_leave_the_precision_to_the_card(repo_root):

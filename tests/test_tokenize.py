@@ -4,6 +4,8 @@ a rerun with the same inputs skips."""
 from __future__ import annotations
 
 import json
+import os
+import time
 import shutil
 from pathlib import Path
 from typing import Callable
@@ -270,5 +272,6 @@ def test_stale_temp_files_of_a_killed_tokenization_are_removed(trained: tuple[Pa
     shutil.copy(tokens, out)
     shutil.copy(tokens.parent / "classes.json", tmp_path / "classes.json")
     (tmp_path / ".t.npz.a1b2c3d4.tmp").write_bytes(b"half an npz")
+    os.utime(tmp_path / ".t.npz.a1b2c3d4.tmp", (time.time() - 3600,) * 2)  # killed an hour ago
     call(tokenize_multiscale_maps.main, dict(data_dir=data, vqvae=vq / "best.pth", out=out, num_workers=0, device="cpu"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["classes.json", "t.npz"]

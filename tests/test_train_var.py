@@ -333,6 +333,7 @@ def test_a_nan_in_the_last_step_of_an_epoch_leaves_the_checkpoints_untouched(dat
     before = {name: (out / name).read_bytes() for name in ("last.pth", "best.pth", "history.json")}
     for stale in (out / ".last.pth.a1b2c3d4.tmp", out / "samples" / ".epoch_002.png.e5f6g7h8.tmp"):
         stale.write_bytes(b"left by a killed write")
+        os.utime(stale, (time.time() - 3600,) * 2)  # an hour ago
     calls = {"train": 0}
     real = train_var.token_losses
 

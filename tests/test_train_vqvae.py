@@ -250,6 +250,7 @@ def test_a_nan_in_the_last_step_of_an_epoch_leaves_the_checkpoints_untouched(dat
     run_in_process(tiny_args(data, tmp_path, epochs=1))
     before = {name: (tmp_path / name).read_bytes() for name in ("last.pth", "best.pth", "history.json")}
     (tmp_path / ".best.pth.a1b2c3d4.tmp").write_bytes(b"left by a killed write")
+    os.utime(tmp_path / ".best.pth.a1b2c3d4.tmp", (time.time() - 3600,) * 2)  # an hour ago
     calls = []
     real = train_vqvae.recon_loss
 
