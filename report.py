@@ -98,7 +98,7 @@ def spaced(items: list[Any], count: int) -> list[Any]:
     return [items[round(i * (len(items) - 1) / (count - 1))] for i in range(count)]
 
 
-POINT_NAME = re.compile(r"^(?:NOP|TP_K(\d+))_cfg(.+)$")
+POINT_NAME = re.compile(r"^(?:NOP|TP_K(\d+))_cfg(\d+(?:\.\d+)?(?:e[+-]?\d+)?)$")  # sample_var.py's names
 
 
 def point_order(name: str) -> tuple:
@@ -107,7 +107,7 @@ def point_order(name: str) -> tuple:
     if not match:
         return (0, name)
     k, cfg = match.groups()
-    return (1, float(cfg) if re.fullmatch(r"[-+0-9.eE]+", cfg) else cfg, int(k or 0))
+    return (1, float(cfg), int(k or 0))
 
 
 def describe_point(name: str, scales: list[str]) -> str:
@@ -204,17 +204,16 @@ class Page:
         self.add(f'<p class="missing">missing: {esc(path)}{esc(why)}</p>')
 
     def figures(self, step: str, items: list[tuple[Path, str]], wide: bool = False) -> None:
-        """Images with captions, side by side (wide: one per row); an absent file is listed as missing."""
-        shown = []
-        for path, caption in items:
-            if path.is_file():
-                href = self.link(path)
-                shown.append(f'<figure{WIDE_CLASS if wide else ""}><a href="{href}"><img src="{href}" '
-                             f'alt="{esc(path.name)}" loading="lazy"></a><figcaption>{caption}</figcaption></figure>')
-            else:
-                self.note_missing(step, path)
+        """Images with captions, side by side (wide: one per row); absent files are listed as missing below them."""
+        shown = [(path, caption) for path, caption in items if path.is_file()]
         if shown:
-            self.add(("<div>" if wide else '<div class="figures">') + "".join(shown) + "</div>")
+            self.add(("<div>" if wide else '<div class="figures">') + "".join(
+                f'<figure{WIDE_CLASS if wide else ""}><a href="{self.link(path)}"><img src="{self.link(path)}" '
+                f'alt="{esc(path.name)}" loading="lazy"></a><figcaption>{caption}</figcaption></figure>'
+                for path, caption in shown) + "</div>")
+        for path, _ in items:
+            if not path.is_file():
+                self.note_missing(step, path)
 
 
 def step_status(path: Path, done: bool, detail: str = "") -> str:
@@ -400,9 +399,17 @@ METRIC_NAMES = {  # column -> (heading, what it means)
 }
 
 
+def metric_scales(path: Path) -> list[str]:
+    """The token-map sides of metrics.csv's usage_<side> columns (none when it does not exist)."""
+    if not path.is_file():
+        return []
+    with open(path, newline="") as handle:
+        return [c.removeprefix("usage_") for c in next(csv.reader(handle), []) if c.startswith("usage_")]
+
+
 def metrics_tables(page: Page, path: Path, scales: list[str]) -> None:
     rows = read_csv(path, ("point", "class", *METRIC_NAMES))
-    columns = [c for c in METRIC_NAMES if c != "kid_std" and any(r.get(c) for r in rows)]
+    columns = [c for c in METRIC_NAMES if any(r[c] for r in rows)]
     empty = [METRIC_NAMES[c][0] for c in METRIC_NAMES if c not in columns]
     by_point: dict[str, list[dict[str, str]]] = defaultdict(list)
     for r in rows:
@@ -419,7 +426,8 @@ def metrics_tables(page: Page, path: Path, scales: list[str]) -> None:
         group = by_point[point]
         lines = []
         for i, r in enumerate(group):
-            first = (f'<td class="text" rowspan="{len(group)}"><b>{esc(point)}</b></td>' if i == 0 else "")
+            first = (f'<td class="text" rowspan="{len(group)}" title="{esc(describe_point(point, scales))}"><b>'
+                     f'{esc(point)}</b></td>' if i == 0 else "")
             lines.append(f'<tr{ALL_CLASS if r["class"] == "all" else ""}>{first}<td class="text">'
                          f'{esc(r["class"])}</td>' + "".join(f"<td>{esc(cell(r, c))}</td>" for c in columns) + "</tr>")
         bodies.append(f'<tbody class="point">{"".join(lines)}</tbody>')
@@ -450,10 +458,7 @@ def eval_section(page: Page, folder: Path) -> None:
     if not path.is_file():
         page.note_missing("eval_var", path, " (run eval_var.py)")
         return
-    with open(path, newline="") as handle:
-        header = next(csv.reader(handle), [])
-    scales = [c.removeprefix("usage_") for c in header if c.startswith("usage_")]
-    metrics_tables(page, path, scales)
+    metrics_tables(page, path, metric_scales(path))
     page.add("<h3>Plots</h3>")
     page.figures("eval_var", [
         (folder / "kid_vs_k.png", "KID against the prefix length k (TP), a panel per class and one for all; NOP as "
@@ -498,13 +503,12 @@ def build(cfg: Config) -> str:
     vqvae_section(page, vqvae)
     tokens_section(page, tokens)
     var_section(page, var, cfg.epoch_grids)
-    eval_scales = []
-    if (evals / "metrics.csv").is_file():
-        with open(evals / "metrics.csv", newline="") as handle:
-            eval_scales = [c.removeprefix("usage_") for c in next(csv.reader(handle), []) if c.startswith("usage_")]
-    points = sweep_section(page, samples, eval_scales)
+    points = sweep_section(page, samples, metric_scales(evals / "metrics.csv"))
     eval_section(page, evals)
-    config_section(page, [("prepare", data / "config.json"), ("train_vqvae", vqvae / "config.json"),
+    prepare_config = read_json(data / "config.json") if (data / "config.json").is_file() else {}
+    phantoms = ([("make_phantoms", Path(prepare_config["phantom_dir"]) / "config.json")]
+                if prepare_config.get("phantom_dir") and not prepare_config.get("recipe") else [])
+    config_section(page, phantoms + [("prepare", data / "config.json"), ("train_vqvae", vqvae / "config.json"),
                           ("train_var", var / "config.json"), ("sample_var", samples / "config.json"),
                           ("eval_var", evals / "config.json")])
 
