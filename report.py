@@ -146,6 +146,8 @@ th, td { border: 1px solid #ccc; padding: 3px 8px; text-align: right; white-spac
 th { background: #f2f2f2; } td.text, th.text { text-align: left; white-space: normal; }
 tr.all td { font-weight: bold; background: #fafafa; } tbody.point { border-top: 2px solid #888; }
 .scroll { overflow-x: auto; }
+.side { display: flex; flex-wrap: wrap; gap: 28px; align-items: flex-start; }
+.side .figures { display: block; flex: 1 1 420px; max-width: 720px; }
 details { margin: 6px 0; } summary { cursor: pointer; } pre { background: #f6f6f6; padding: 8px; font-size: 0.85em; }
 dl.glossary dt { font-weight: bold; float: left; clear: left; width: 240px; }
 dl.glossary dd { margin-left: 250px; color: #444; font-size: 0.92em; }
@@ -240,17 +242,20 @@ def data_section(page: Page, folder: Path) -> list[str]:
     classes = sorted({c for c, _ in kept})
     body = [[c] + [str(kept[c, s]) for s in SPLITS] + [str(sum(kept[c, s] for s in SPLITS))] for c in classes]
     body.append(["all"] + [str(sum(kept[c, s] for c in classes)) for s in SPLITS] + [str(sum(kept.values()))])
-    page.add('<h3>Images per class and split</h3><p class="caption">From manifest.csv (one row per source image or '
-             'frame): the images kept.</p>' + table(["class", *SPLITS, "total"], body))
+    page.add('<h3>Images per class and split</h3><div class="side"><div><p class="caption">From manifest.csv (one '
+             'row per source image or frame): the images kept.</p>' + table(["class", *SPLITS, "total"], body))
     skipped = Counter(r["reason"] or "(no reason given)" for r in rows if r["status"] != "ok")
     if skipped:
         page.add('<p class="caption">Sources not used, by reason:</p>'
                  + table(["reason", "files"], [[reason, str(n)] for reason, n in skipped.most_common()]))
+    page.add("</div>")
     page.figures("prepare", [(folder / "per_class_by_split.png", "The same counts as bars: a class with few images "
                               "is learnt worse; train_vqvae.py balances classes per epoch.")])
+    page.add("</div>")
     if (folder / "scan_area_samples.png").is_file():
-        page.figures("prepare", [(folder / "scan_area_samples.png", "Originals with the detected scan area: the red "
-                                  "tint is blanked, the yellow box is the crop.")], wide=True)
+        page.add("<h3>Scan-area detection</h3>")
+        page.figures("prepare", [(folder / "scan_area_samples.png", "A few originals per class with the detected scan "
+                                  "area: the red tint is what gets blanked, the yellow box is the crop.")], wide=True)
     page.add('<h3>Contact sheets</h3><p class="caption">A random sample of processed images per class, as the models '
              'see them (before resizing to the model\'s image size). Click an image for full size.</p>')
     page.figures("prepare", [(folder / "contact_sheets" / f"{c}.png", f"<b>{esc(c)}</b>") for c in classes])
