@@ -139,7 +139,7 @@ nav a { margin-right: 14px; }
 p.caption, figcaption { color: #444; font-size: 0.92em; max-width: 1000px; }
 .figures { display: grid; grid-template-columns: repeat(auto-fill, minmax(420px, 1fr)); gap: 14px; align-items: start; }
 figure { margin: 0; } figure img { max-width: 100%; height: auto; border: 1px solid #ddd; }
-figure.wide img { max-height: 900px; }
+figure.wide { margin-top: 16px; }
 .missing { color: #a33; } .done { color: #272; } .partial { color: #b60; }
 table { border-collapse: collapse; font-size: 0.9em; margin: 6px 0; }
 th, td { border: 1px solid #ccc; padding: 3px 8px; text-align: right; white-space: nowrap; }
@@ -154,7 +154,7 @@ dl.glossary dd { margin-left: 250px; color: #444; font-size: 0.92em; }
 """
 
 
-TEXT_CLASS, WIDE_CLASS, ALL_CLASS = ' class="text"', ' class="wide"', ' class="all"'
+TEXT_CLASS, ALL_CLASS = ' class="text"', ' class="all"'
 
 
 def esc(value: Any) -> str:
@@ -206,13 +206,17 @@ class Page:
         self.add(f'<p class="missing">missing: {esc(path)}{esc(why)}</p>')
 
     def figures(self, step: str, items: list[tuple[Path, str]], wide: bool = False) -> None:
-        """Images with captions, side by side (wide: one per row); absent files are listed as missing below them."""
-        shown = [(path, caption) for path, caption in items if path.is_file()]
+        """Images with captions, side by side (wide: one per row, the caption above, since it names the next large
+        image); absent files are listed as missing below them."""
+        def figure(path: Path, caption: str) -> str:
+            image = f'<a href="{self.link(path)}"><img src="{self.link(path)}" alt="{esc(path.name)}" loading="lazy"></a>'
+            if wide:
+                return f'<figure class="wide"><figcaption>{caption}</figcaption>{image}</figure>'
+            return f'<figure>{image}<figcaption>{caption}</figcaption></figure>'
+
+        shown = [figure(path, caption) for path, caption in items if path.is_file()]
         if shown:
-            self.add(("<div>" if wide else '<div class="figures">') + "".join(
-                f'<figure{WIDE_CLASS if wide else ""}><a href="{self.link(path)}"><img src="{self.link(path)}" '
-                f'alt="{esc(path.name)}" loading="lazy"></a><figcaption>{caption}</figcaption></figure>'
-                for path, caption in shown) + "</div>")
+            self.add(("<div>" if wide else '<div class="figures">') + "".join(shown) + "</div>")
         for path, _ in items:
             if not path.is_file():
                 self.note_missing(step, path)
@@ -262,7 +266,7 @@ def data_section(page: Page, folder: Path) -> list[str]:
     return classes
 
 
-def scalar_and_scale_tables(metrics: dict[str, Any], scales: list[Any]) -> str:
+def scalar_and_scale_tables(metrics: dict[str, Any], scales: list[str]) -> str:
     """Scalars as name | value, per-scale lists as a table with a column per scale (other entries left out)."""
     scalars = [[k, number(str(v)) if isinstance(v, (int, float)) else str(v)]
                for k, v in metrics.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)]
@@ -275,7 +279,7 @@ def scalar_and_scale_tables(metrics: dict[str, Any], scales: list[Any]) -> str:
     return text
 
 
-def vqvae_section(page: Page, folder: Path) -> None:
+def vqvae_section(page: Page, folder: Path, scales: list[str]) -> None:
     page.add('<h2 id="vqvae">2. VQ-VAE tokenizer (train_vqvae.py)</h2><p class="caption">The VQ-VAE turns an image '
              'into token maps at several scales (1x1 up to the finest) from one shared codebook, and back. The VAR '
              'only ever sees these tokens, so the VQ-VAE\'s reconstructions bound how good generated images can '
@@ -298,10 +302,9 @@ def vqvae_section(page: Page, folder: Path) -> None:
     metrics_path = folder / "test_metrics.json"
     if metrics_path.is_file():
         metrics = read_json(metrics_path)
-        config = read_json(folder / "config.json") if (folder / "config.json").is_file() else {}
         page.add('<p class="caption">From test_metrics.json: loss, PSNR (dB) and SSIM of the reconstructions; usage '
                  '(fraction of the codebook used) and perplexity per token-map scale.</p>'
-                 + scalar_and_scale_tables(metrics, config.get("scales", [])))
+                 + scalar_and_scale_tables(metrics, scales))
     else:
         page.note_missing("train_vqvae", metrics_path, " (written when training has finished)")
     recon_val = epoch_files(folder, r"recon_val_epoch(\d+)\.png")
@@ -505,10 +508,12 @@ def build(cfg: Config) -> str:
     logs = Path(cfg.logs_dir)
     page = Page(out)
     classes = data_section(page, data)
-    vqvae_section(page, vqvae)
+    vqvae_config = read_json(vqvae / "config.json") if (vqvae / "config.json").is_file() else {}
+    vqvae_scales = [str(s) for s in vqvae_config.get("scales", [])]
+    vqvae_section(page, vqvae, vqvae_scales)
     tokens_section(page, tokens)
     var_section(page, var, cfg.epoch_grids)
-    points = sweep_section(page, samples, metric_scales(evals / "metrics.csv"))
+    points = sweep_section(page, samples, metric_scales(evals / "metrics.csv") or vqvae_scales)
     eval_section(page, evals)
     prepare_config = read_json(data / "config.json") if (data / "config.json").is_file() else {}
     phantoms = ([("make_phantoms", Path(prepare_config["phantom_dir"]) / "config.json")]
