@@ -16,13 +16,14 @@ from __future__ import annotations
 import csv
 import html
 import json
+import math
 import os
 import re
 import sys
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import quote
 
 from common.config import ConfigError, at_least, check_constants, check_output_folder, script_config
@@ -45,7 +46,8 @@ class Config:
 
 
 GENERATOR = "VAR-Ultrasound report.py"  # marks a page this script wrote: only such a file is ever replaced
-STEPS = ("make_phantoms", "prepare", "train_vqvae", "tokenize", "train_var", "sample_var", "eval_var", "report")
+LOG_STEPS = (  # run_demo.sh's step names, in pipeline order: its logs are runs/logs/<step>.log
+    "make_phantoms", "prepare", "train_vqvae", "tokenize", "train_var", "sample_var", "eval_var", "report")
 
 
 def validate(cfg: Config) -> None:
@@ -137,20 +139,19 @@ h3 { margin: 22px 0 6px; }
 nav { position: sticky; top: 0; background: #fff; padding: 6px 0; border-bottom: 1px solid #ddd; z-index: 1; }
 nav a { margin-right: 14px; }
 p.caption, figcaption { color: #444; font-size: 0.92em; max-width: 1000px; }
-.figures { display: grid; grid-template-columns: repeat(auto-fill, minmax(420px, 1fr)); gap: 14px; align-items: start; }
+.figures { display: grid; grid-template-columns: repeat(3, 1fr); gap: 14px; align-items: start; }
+.figures.two { grid-template-columns: repeat(2, 1fr); }
 figure { margin: 0; } figure img { max-width: 100%; height: auto; border: 1px solid #ddd; }
 figure.wide { margin-top: 16px; }
 .missing { color: #a33; } .done { color: #272; } .partial { color: #b60; }
 table { border-collapse: collapse; font-size: 0.9em; margin: 6px 0; }
 th, td { border: 1px solid #ccc; padding: 3px 8px; text-align: right; white-space: nowrap; }
-th { background: #f2f2f2; } td.text, th.text { text-align: left; white-space: normal; }
+th { background: #f2f2f2; } table.metrics th { white-space: normal; max-width: 90px; text-align: center; } td.text, th.text { text-align: left; white-space: normal; }
 tr.all td { font-weight: bold; background: #fafafa; } tbody.point { border-top: 2px solid #888; }
 .scroll { overflow-x: auto; }
 .side { display: flex; flex-wrap: wrap; gap: 28px; align-items: flex-start; }
 .side .figures { display: block; flex: 1 1 420px; max-width: 720px; }
 details { margin: 6px 0; } summary { cursor: pointer; } pre { background: #f6f6f6; padding: 8px; font-size: 0.85em; }
-dl.glossary dt { font-weight: bold; float: left; clear: left; width: 240px; }
-dl.glossary dd { margin-left: 250px; color: #444; font-size: 0.92em; }
 """
 
 
@@ -172,6 +173,12 @@ def number(text: str) -> str:
     if re.fullmatch(r"-?\d+", text):
         return text
     return f"{value:.0f}" if abs(value) >= 1000 else f"{value:.3g}"
+
+
+def with_error(value: float, std: float) -> str:
+    """value ± std, both to the decimal of the std's first significant digit (at least 3 decimals)."""
+    decimals = max(3, -math.floor(math.log10(std))) if std > 0 else 3
+    return f"{value:.{decimals}f} ± {std:.{decimals}f}"
 
 
 def table(header: list[str], rows: list[list[str]], text_columns: int = 1) -> str:
@@ -205,7 +212,7 @@ class Page:
         self.missing.append((step, path))
         self.add(f'<p class="missing">missing: {esc(path)}{esc(why)}</p>')
 
-    def figures(self, step: str, items: list[tuple[Path, str]], wide: bool = False) -> None:
+    def figures(self, step: str, items: list[tuple[Path, str]], wide: bool = False, two: bool = False) -> None:
         """Images with captions, side by side (wide: one per row, the caption above, since it names the next large
         image); absent files are listed as missing below them."""
         def figure(path: Path, caption: str) -> str:
@@ -216,7 +223,7 @@ class Page:
 
         shown = [figure(path, caption) for path, caption in items if path.is_file()]
         if shown:
-            self.add(("<div>" if wide else '<div class="figures">') + "".join(shown) + "</div>")
+            self.add(("<div>" if wide else f'<div class="figures{" two" if two else ""}">') + "".join(shown) + "</div>")
         for path, _ in items:
             if not path.is_file():
                 self.note_missing(step, path)
@@ -388,22 +395,28 @@ def sweep_section(page: Page, folder: Path, scales: list[str]) -> list[str]:
     return points
 
 
-METRIC_NAMES = {  # column -> (heading, what it means)
-    "n": ("images", "images in the set"),
-    "kid": ("KID ± std", "Kernel Inception Distance to the real images (lower = closer to real; about 0 for "
-                         "real-vs-real), with its std over random subsets"),
-    "kid_subset": ("KID subset", "images per KID subset (small subsets give noisy KID)"),
-    "fid": ("FID", "Frechet Inception Distance (only with enough images)"),
-    "diversity": ("diversity", "mean 1 - MS-SSIM over image pairs within the class (higher = more varied)"),
-    "diversity_per_teacher": ("diversity / teacher", "the same within one teacher's samples"),
-    "psnr_teacher": ("PSNR vs teacher", "dB, samples against their teacher (real image)"),
-    "ssim_teacher": ("SSIM vs teacher", "structural similarity to the teacher (1 = identical)"),
-    "psnr_recon": ("PSNR vs recon", "dB, against the teacher's VQ-VAE reconstruction (100 = identical)"),
-    "ssim_recon": ("SSIM vs recon", "structural similarity to the teacher's reconstruction"),
-    "nn_train_sim": ("nearest-train sim.", "mean cosine similarity of each image to its nearest training image "
-                                           "(Inception features)"),
-    "copy_fraction": ("possible copies", "fraction of samples closer to a training image than any real held-out "
-                                         "image is: memorisation"),
+class Metric(NamedTuple):
+    heading: str
+    decimals: int  # shown to this many decimals (-1: as written, for counts)
+    meaning: str
+
+
+METRICS = {  # metrics.csv's columns shown, in order
+    "n": Metric("images", -1, "images in the set"),
+    "kid": Metric("KID ± std", 3, "Kernel Inception Distance to the real images (lower = closer to real; about 0 "
+                                  "for real-vs-real), with its std over random subsets"),
+    "kid_subset": Metric("KID subset", -1, "images per KID subset (small subsets give noisy KID)"),
+    "fid": Metric("FID", 1, "Frechet Inception Distance (only with enough images)"),
+    "diversity": Metric("diversity", 3, "mean 1 - MS-SSIM over image pairs within the class (higher = more varied)"),
+    "diversity_per_teacher": Metric("diversity / teacher", 3, "the same within one teacher's samples"),
+    "psnr_teacher": Metric("PSNR vs teacher", 1, "dB, samples against their teacher (real image)"),
+    "ssim_teacher": Metric("SSIM vs teacher", 3, "structural similarity to the teacher (1 = identical)"),
+    "psnr_recon": Metric("PSNR vs recon", 1, "dB, against the teacher's VQ-VAE reconstruction (100 = identical)"),
+    "ssim_recon": Metric("SSIM vs recon", 3, "structural similarity to the teacher's reconstruction"),
+    "nn_train_sim": Metric("nearest-train sim.", 3, "mean cosine similarity of each image to its nearest training "
+                                                    "image (Inception features)"),
+    "copy_fraction": Metric("possible copies", 3, "fraction of samples closer to a training image than any real "
+                                                  "held-out image is: memorisation"),
 }
 
 
@@ -416,19 +429,21 @@ def metric_scales(path: Path) -> list[str]:
 
 
 def metrics_tables(page: Page, path: Path, scales: list[str]) -> None:
-    rows = read_csv(path, ("point", "class", *METRIC_NAMES))
-    columns = [c for c in METRIC_NAMES if any(r[c] for r in rows)]
-    empty = [METRIC_NAMES[c][0] for c in METRIC_NAMES if c not in columns]
+    rows = read_csv(path, ("point", "class", "kid_std", *METRICS))
+    columns = [c for c in METRICS if any(r[c] for r in rows)]
+    empty = [METRICS[c].heading for c in METRICS if c not in columns]
     by_point: dict[str, list[dict[str, str]]] = defaultdict(list)
     for r in rows:
         by_point[r["point"]].append(r)
 
     def cell(r: dict[str, str], c: str) -> str:
-        if c == "kid" and r["kid"] and r.get("kid_std"):
-            return f"{number(r['kid'])} ± {number(r['kid_std'])}"
-        return number(r[c])
+        if c == "kid" and r["kid"] and r["kid_std"]:
+            return with_error(float(r["kid"]), float(r["kid_std"]))
+        if r[c] == "" or METRICS[c].decimals < 0:
+            return r[c]
+        return f"{float(r[c]):.{METRICS[c].decimals}f}"
 
-    head = "".join(f'<th title="{esc(METRIC_NAMES[c][1])}">{esc(METRIC_NAMES[c][0])}</th>' for c in columns)
+    head = "".join(f'<th title="{esc(METRICS[c].meaning)}">{esc(METRICS[c].heading)}</th>' for c in columns)
     bodies = []
     for point in sorted(by_point, key=point_order):
         group = by_point[point]
@@ -439,16 +454,17 @@ def metrics_tables(page: Page, path: Path, scales: list[str]) -> None:
             lines.append(f'<tr{ALL_CLASS if r["class"] == "all" else ""}>{first}<td class="text">'
                          f'{esc(r["class"])}</td>' + "".join(f"<td>{esc(cell(r, c))}</td>" for c in columns) + "</tr>")
         bodies.append(f'<tbody class="point">{"".join(lines)}</tbody>')
-    page.add('<h3>Metrics per sweep point and class</h3><p class="caption">From metrics.csv, rounded to 3 significant '
-             'digits; the bold row of each point is over all classes. Hover a heading for its meaning (also listed '
-             'below). Blank = not applicable (no teacher without a prefix) or too few images.'
+    page.add('<h3>Metrics per sweep point and class</h3><p class="caption">From metrics.csv, rounded (PSNR to 0.1 dB, the '
+             'rest to 3 decimals); the bold row of each point is over all classes. Hover a heading for its meaning (also listed '
+             'below the table). Blank = not applicable (no teacher without a prefix) or too few images.'
              + (f' Left out, blank everywhere: {esc(", ".join(empty))}.' if empty else '') + '</p>'
-             f'<div class="scroll"><table><thead><tr><th class="text">point</th><th class="text">class</th>{head}'
+             f'<div class="scroll"><table class="metrics"><thead><tr><th class="text">point</th><th class="text">class</th>{head}'
              f'</tr></thead>{"".join(bodies)}</table></div>')
-    page.add('<dl class="glossary">' + "".join(f"<dt>{esc(METRIC_NAMES[c][0])}</dt><dd>{esc(METRIC_NAMES[c][1])}</dd>"
-                                              for c in columns) + "</dl>")
+    page.add('<details><summary>What the columns mean</summary>'
+             + table(["column", "meaning"], [[METRICS[c].heading, METRICS[c].meaning] for c in columns], text_columns=2) + "</details>")
     usage = [[p] + [number(r.get(f"usage_{s}", "")) for s in scales] + [number(r.get(f"entropy_{s}", "")) for s in scales]
-             for p in sorted(by_point, key=point_order) for r in by_point[p] if r["class"] == "all"]
+             for p in sorted(by_point, key=point_order) for r in by_point[p]
+             if r["class"] == "all" and any(r.get(f"usage_{s}") for s in scales)]
     if scales and usage:
         page.add('<h3>Token statistics per scale (all classes)</h3><p class="caption">Usage = fraction of the '
                  'codebook used at a scale; entropy in bits of the token distribution (higher = richer). The REAL row '
@@ -480,7 +496,7 @@ def eval_section(page: Page, folder: Path) -> None:
         (folder / "memorisation_hist.png", "Memorisation: each sample's similarity to its nearest training image, "
                                            "against the held-out real images'; samples right of the threshold "
                                            "line may be copies."),
-    ])
+    ], two=True)
     page.add('<h3>Memorisation: the closest sample / training-image pairs</h3>')
     page.figures("eval_var", [(folder / "memorisation_pairs.png", "The samples most similar to a training image, "
                                                                   "each beside that image: near-identical pairs "
@@ -537,7 +553,7 @@ def build(cfg: Config) -> str:
     ]
     status = "".join(f'<tr><td class="text">{esc(name)}</td><td class="text">{page.folder_link(folder)}</td>'
                      f'<td class="text">{step_status(folder, done, detail)}</td></tr>' for name, folder, done, detail in steps)
-    log_files = [logs / f"{s}.log" for s in STEPS if (logs / f"{s}.log").is_file()]
+    log_files = [logs / f"{s}.log" for s in LOG_STEPS if (logs / f"{s}.log").is_file()]
     log_links = (f'<p class="caption">Step logs (run_demo.sh): '
                  + ", ".join(f'<a href="{page.link(p)}">{esc(p.name)}</a>' for p in log_files) + "</p>"
                  if log_files else "")

@@ -112,7 +112,7 @@ def test_the_page_names_every_class_and_sweep_point(run: dict[str, Path]) -> Non
     counts = {(s, c): len(list((run["data_dir"] / s / c).glob("*.png"))) for s in SPLITS for c in CLASSES}
     row = " ".join(["heart", *(str(counts[s, "heart"]) for s in SPLITS), str(sum(counts[s, "heart"] for s in SPLITS))])
     assert row in " ".join(" ".join(text.split()).split())  # the class's row of the counts table
-    assert "0.123 ± 0.01" in text and "0.1234567" not in text  # metrics rounded, KID with its std
+    assert "0.123 ± 0.010" in text and "0.300" in text and "0.1234567" not in text  # rounded, KID with its std
     assert "unreadable" in text  # the skipped source's reason
 
 
