@@ -181,13 +181,15 @@ def with_error(value: float, std: float) -> str:
     return f"{value:.{decimals}f} ± {std:.{decimals}f}"
 
 
-def table(header: list[str], rows: list[list[str]], text_columns: int = 1) -> str:
-    """A plain table of escaped cells; the first text_columns columns are left-aligned text."""
+def table(header: list[str], rows: list[list[str]], text_columns: int = 1, css: str = "") -> str:
+    """A table of escaped cells; the first text_columns columns are left-aligned text; css: the table's class."""
     def cells(tag: str, values: list[str]) -> str:
         return "".join(f"<{tag}{TEXT_CLASS if i < text_columns else ''}>{esc(v)}</{tag}>"
                        for i, v in enumerate(values))
     body = "".join(f"<tr>{cells('td', r)}</tr>" for r in rows)
-    return f'<div class="scroll"><table><thead><tr>{cells("th", header)}</tr></thead><tbody>{body}</tbody></table></div>'
+    attribute = f' class="{css}"' if css else ""
+    return (f'<div class="scroll"><table{attribute}><thead><tr>{cells("th", header)}</tr></thead>'
+            f'<tbody>{body}</tbody></table></div>')
 
 
 class Page:
@@ -462,15 +464,17 @@ def metrics_tables(page: Page, path: Path, scales: list[str]) -> None:
              f'</tr></thead>{"".join(bodies)}</table></div>')
     page.add('<details><summary>What the columns mean</summary>'
              + table(["column", "meaning"], [[METRICS[c].heading, METRICS[c].meaning] for c in columns], text_columns=2) + "</details>")
-    usage = [[p] + [number(r.get(f"usage_{s}", "")) for s in scales] + [number(r.get(f"entropy_{s}", "")) for s in scales]
+    usage = [[p] + [f"{100 * float(r[f'usage_{s}']):.0f}%" if r[f"usage_{s}"] else "" for s in scales]
+             + [f"{float(r[f'entropy_{s}']):.2f}" if r[f"entropy_{s}"] else "" for s in scales]
              for p in sorted(by_point, key=point_order) for r in by_point[p]
-             if r["class"] == "all" and any(r.get(f"usage_{s}") for s in scales)]
+             if r["class"] == "all" and any(r[f"usage_{s}"] for s in scales)]
     if scales and usage:
-        page.add('<h3>Token statistics per scale (all classes)</h3><p class="caption">Usage = fraction of the '
+        page.add('<h3>Token statistics per scale (all classes)</h3><p class="caption">Usage = share of the '
                  'codebook used at a scale; entropy in bits of the token distribution (higher = richer). The REAL row '
                  'holds the training tokens\'. Per-class values are in '
                  f'<a href="{page.link(path)}">metrics.csv</a>.</p>'
-                 + table(["point"] + [f"usage {s}x{s}" for s in scales] + [f"entropy {s}x{s}" for s in scales], usage))
+                 + table(["point"] + [f"usage {s}x{s}" for s in scales] + [f"entropy {s}x{s}" for s in scales], usage,
+                         css="metrics"))
 
 
 def eval_section(page: Page, folder: Path) -> None:
