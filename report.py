@@ -268,7 +268,7 @@ def data_section(page: Page, folder: Path) -> list[str]:
     if (folder / "scan_area_samples.png").is_file():
         page.add("<h3>Scan-area detection</h3>")
         page.figures("prepare", [(folder / "scan_area_samples.png", "A few originals per class with the detected scan "
-                                  "area: the red tint is what gets blanked, the yellow box is the crop.")], wide=True)
+                                  "area: the red tint is what gets blanked, the yellow box is the crop.")], two=True)
     page.add('<h3>Contact sheets</h3><p class="caption">A random sample of processed images per class, as the models '
              'see them (before resizing to the model\'s image size). Click an image for full size.</p>')
     page.figures("prepare", [(folder / "contact_sheets" / f"{c}.png", f"<b>{esc(c)}</b>") for c in classes])
@@ -320,7 +320,7 @@ def vqvae_section(page: Page, folder: Path, scales: list[str]) -> None:
     page.add('<h3>Reconstructions</h3><p class="caption">Per image: the original, the reconstruction, then the image '
              'decoded from the first k scales only, for k = 1, 2, ...: what each finer scale adds.</p>')
     page.figures("train_vqvae", [(folder / "recon_test.png", "Test images, best.pth.")]
-                 + [(p, f"Val images after epoch {e} (the last saved).") for e, p in recon_val[-1:]], wide=True)
+                 + [(p, f"Val images after epoch {e} (the last saved).") for e, p in recon_val[-1:]], two=True)
     if not recon_val:
         page.note_missing("train_vqvae", folder / "recon_val_epochNNN.png")
 
