@@ -143,3 +143,20 @@ def current_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def test_an_unreadable_output_stops_with_the_file_named(tmp_path: Path, capsys) -> None:
+    (tmp_path / "processed").mkdir()
+    (tmp_path / "processed" / "manifest.csv").write_text("file,label\na.png,heart\n")
+    (tmp_path / "var").mkdir()
+    (tmp_path / "var" / "history.json").write_text("[{")
+    absent = {name: tmp_path / "absent" / name for name in ("data_dir", "vqvae_dir", "tokens_dir", "var_dir",
+                                                            "samples_dir", "logs_dir")}
+    for folders, message in [({"data_dir": tmp_path / "processed"}, "manifest.csv: has no column class"),
+                             ({"var_dir": tmp_path / "var"}, "history.json: is not valid JSON")]:
+        with pytest.raises(SystemExit):
+            report.main([f"--{k}={v}" for k, v in {**absent, **folders}.items()] + [f"--out={tmp_path / 'report.html'}"])
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "report.html").exists()
+    with pytest.raises(SystemExit, match="must name an .html file"):
+        report.main([f"--out={tmp_path / 'report.txt'}"])
