@@ -126,7 +126,8 @@ def describe_point(name: str, scales: list[str]) -> str:
         return f"no prefix: every scale generated from the class label, guidance {cfg}"
     side = f" (up to {scales[int(k) - 1]}x{scales[int(k) - 1]})" if 0 < int(k) <= len(scales) else ""
     full = " = the teacher's reconstruction" if scales and int(k) == len(scales) else ""
-    return f"teacher prefix: the first {k} token map(s){side} from a real image, the rest generated, guidance {cfg}{full}"
+    return (f"teacher prefix: the first {k} token map(s){side} from a real image, the rest generated, "
+            f"guidance {cfg}{full}")
 
 
 # ---------------------------------------------------------------- HTML
@@ -146,7 +147,8 @@ figure.wide { margin-top: 16px; }
 .missing { color: #a33; } .done { color: #272; } .partial { color: #b60; }
 table { border-collapse: collapse; font-size: 0.9em; margin: 6px 0; }
 th, td { border: 1px solid #ccc; padding: 3px 8px; text-align: right; white-space: nowrap; }
-th { background: #f2f2f2; } table.metrics th { white-space: normal; max-width: 90px; text-align: center; } td.text, th.text { text-align: left; white-space: normal; }
+th { background: #f2f2f2; } td.text, th.text { text-align: left; white-space: normal; }
+table.metrics th { white-space: normal; max-width: 90px; text-align: center; }
 tr.all td { font-weight: bold; background: #fafafa; } tbody.point { border-top: 2px solid #888; }
 .scroll { overflow-x: auto; }
 .side { display: flex; flex-wrap: wrap; gap: 28px; align-items: flex-start; }
@@ -218,7 +220,8 @@ class Page:
         """Images with captions, side by side (wide: one per row, the caption above, since it names the next large
         image); absent files are listed as missing below them."""
         def figure(path: Path, caption: str) -> str:
-            image = f'<a href="{self.link(path)}"><img src="{self.link(path)}" alt="{esc(path.name)}" loading="lazy"></a>'
+            href = self.link(path)
+            image = f'<a href="{href}"><img src="{href}" alt="{esc(path.name)}" loading="lazy"></a>'
             if wide:
                 return f'<figure class="wide"><figcaption>{caption}</figcaption>{image}</figure>'
             return f'<figure>{image}<figcaption>{caption}</figcaption></figure>'
@@ -456,14 +459,16 @@ def metrics_tables(page: Page, path: Path, scales: list[str]) -> None:
             lines.append(f'<tr{ALL_CLASS if r["class"] == "all" else ""}>{first}<td class="text">'
                          f'{esc(r["class"])}</td>' + "".join(f"<td>{esc(cell(r, c))}</td>" for c in columns) + "</tr>")
         bodies.append(f'<tbody class="point">{"".join(lines)}</tbody>')
-    page.add('<h3>Metrics per sweep point and class</h3><p class="caption">From metrics.csv, rounded (PSNR to 0.1 dB, the '
-             'rest to 3 decimals); the bold row of each point is over all classes. Hover a heading for its meaning (also listed '
-             'below the table). Blank = not applicable (no teacher without a prefix) or too few images.'
+    page.add('<h3>Metrics per sweep point and class</h3><p class="caption">From metrics.csv, rounded (PSNR to 0.1 dB, '
+             'the rest to 3 decimals); the bold row of each point is over all classes. Hover a heading for its meaning '
+             '(also listed below the table). Blank = not applicable (no teacher without a prefix) or too few images.'
              + (f' Left out, blank everywhere: {esc(", ".join(empty))}.' if empty else '') + '</p>'
-             f'<div class="scroll"><table class="metrics"><thead><tr><th class="text">point</th><th class="text">class</th>{head}'
+             '<div class="scroll"><table class="metrics"><thead><tr><th class="text">point</th>'
+             f'<th class="text">class</th>{head}'
              f'</tr></thead>{"".join(bodies)}</table></div>')
     page.add('<details><summary>What the columns mean</summary>'
-             + table(["column", "meaning"], [[METRICS[c].heading, METRICS[c].meaning] for c in columns], text_columns=2) + "</details>")
+             + table(["column", "meaning"], [[METRICS[c].heading, METRICS[c].meaning] for c in columns], text_columns=2)
+             + "</details>")
     usage = [[p] + [f"{100 * float(r[f'usage_{s}']):.0f}%" if r[f"usage_{s}"] else "" for s in scales]
              + [f"{float(r[f'entropy_{s}']):.2f}" if r[f"entropy_{s}"] else "" for s in scales]
              for p in sorted(by_point, key=point_order) for r in by_point[p]
@@ -556,13 +561,15 @@ def build(cfg: Config) -> str:
         ("evaluation (eval_var.py)", evals, (evals / "metrics.csv").is_file(), ""),
     ]
     status = "".join(f'<tr><td class="text">{esc(name)}</td><td class="text">{page.folder_link(folder)}</td>'
-                     f'<td class="text">{step_status(folder, done, detail)}</td></tr>' for name, folder, done, detail in steps)
+                     f'<td class="text">{step_status(folder, done, detail)}</td></tr>'
+                     for name, folder, done, detail in steps)
     log_files = [logs / f"{s}.log" for s in LOG_STEPS if (logs / f"{s}.log").is_file()]
-    log_links = (f'<p class="caption">Step logs (run_demo.sh): '
+    log_links = ('<p class="caption">Step logs (run_demo.sh): '
                  + ", ".join(f'<a href="{page.link(p)}">{esc(p.name)}</a>' for p in log_files) + "</p>"
                  if log_files else "")
     missing = "".join(f"<li>{esc(step)}: {esc(path)}</li>" for step, path in page.missing)
-    head = (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><meta name="generator" content="{GENERATOR}">'
+    head = ('<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+            f'<meta name="generator" content="{GENERATOR}">'
             f'<title>{esc(cfg.title)}</title><style>{STYLE}</style></head><body>'
             f'<h1>{esc(cfg.title)}</h1><p class="caption">Class-conditional ultrasound image generation with VAR: the '
             'processed data, the VQ-VAE tokenizer, the VAR transformer, its samples and their evaluation, read from '

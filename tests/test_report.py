@@ -155,7 +155,7 @@ def test_an_unreadable_output_stops_with_the_file_named(tmp_path: Path, capsys) 
     for folders, message in [({"data_dir": tmp_path / "processed"}, "manifest.csv: has no column class"),
                              ({"var_dir": tmp_path / "var"}, "history.json: is not valid JSON")]:
         with pytest.raises(SystemExit):
-            report.main([f"--{k}={v}" for k, v in {**absent, **folders}.items()] + [f"--out={tmp_path / 'report.html'}"])
+            report.main([f"--{k}={v}" for k, v in {**absent, **folders, "out": tmp_path / "report.html"}.items()])
         assert message in capsys.readouterr().err
     assert not (tmp_path / "report.html").exists()
     with pytest.raises(SystemExit, match="must name an .html file"):
