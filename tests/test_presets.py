@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 
+import report
 import sample_var
 import train_var
 import train_vqvae
@@ -11,7 +12,7 @@ from common.config import parse_config
 from data_preprocessing import prepare
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-SCRIPTS = {"vqvae": train_vqvae, "var": train_var, "sample": sample_var}
+SCRIPTS = {"vqvae": train_vqvae, "var": train_var, "sample": sample_var, "report": report}
 PRESETS = sorted(p for p in CONFIGS.glob("*.json") if not p.name.startswith("recipe_"))
 
 

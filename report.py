@@ -1,0 +1,600 @@
+"""Gather one run's outputs into a single static page, report.html, that opens from disk: no server, no network.
+
+    python report.py                  # the CPU demo's folders -> runs/report.html
+    python report.py --vqvae_dir=runs/vqvae_gpu --tokens_dir=runs/tokens_gpu --var_dir=runs/var_gpu \
+        --samples_dir=runs/samples_gpu --out=runs/report_gpu.html
+
+The page shows, each with a short caption: the processed data (images per class and split from manifest.csv, the
+plots prepare.py wrote), the VQ-VAE (curves, codebook usage, test metrics, reconstructions), the VAR (curves, sample
+grids over training), the sample sweep (a grid per sweep point) and its evaluation (metrics.csv as tables, plots,
+memorisation), and every step's resolved config.json. It reads only the steps' json, csv and png outputs: images are
+linked relative to the page's folder, not copied, so move the page together with the folders it links to. A step
+that has not run yet, or a file it did not write, is listed as missing.
+"""
+from __future__ import annotations
+
+import csv
+import html
+import json
+import math
+import os
+import re
+import sys
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+from urllib.parse import quote
+
+from common.config import ConfigError, at_least, check_constants, check_output_folder, script_config
+from common.image_data import SPLITS
+from common.io import atomic_write_text
+
+
+@dataclass
+class Config:
+    data_dir: str = "data/processed"  # prepare.py's out: manifest.csv, per_class_by_split.png, contact_sheets/
+    vqvae_dir: str = "runs/vqvae_cpu"  # train_vqvae.py's out_dir
+    tokens_dir: str = "runs/tokens_cpu"  # folder of tokenize_multiscale_maps.py's token file and classes.json
+    var_dir: str = "runs/var_cpu"  # train_var.py's out_dir
+    samples_dir: str = "runs/samples_cpu"  # sample_var.py's out
+    eval_dir: str = ""  # eval_var.py's out ('' = <samples_dir>/eval)
+    logs_dir: str = "runs/logs"  # run_demo.sh's step logs (<step>.log), linked when present
+    out: str = "runs/report.html"  # the page; images are linked relative to its folder
+    title: str = "VAR-Ultrasound run report"  # heading of the page
+    epoch_grids: int = 8  # VAR sample grids over training shown: evenly spaced epochs, first and last included
+
+
+GENERATOR = "VAR-Ultrasound report.py"  # marks a page this script wrote: only such a file is ever replaced
+LOG_STEPS = (  # run_demo.sh's step names, in pipeline order: its logs are runs/logs/<step>.log
+    "make_phantoms", "prepare", "train_vqvae", "tokenize", "train_var", "sample_var", "eval_var", "report")
+
+
+def validate(cfg: Config) -> None:
+    """Every constant in its allowed range, and out a page to write or replace (never another file)."""
+    check_constants(cfg, {"epoch_grids": at_least(1)})
+    out = Path(cfg.out)
+    if out.suffix.lower() != ".html":
+        raise ConfigError(f"--out={out}: must name an .html file")
+    if out.is_dir():
+        raise ConfigError(f"--out={out}: is a folder; give the page's path (e.g. {out / 'report.html'})")
+    if out.exists() and GENERATOR not in out.read_text(errors="replace"):
+        raise ConfigError(f"--out={out}: exists and was not written by report.py; refusing to overwrite it")
+    check_output_folder("out", out.parent)
+
+
+# ---------------------------------------------------------------- reading the steps' outputs
+
+class ReportError(RuntimeError):
+    """An output file that exists but cannot be read as the step writes it."""
+
+
+def read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ReportError(f"{path}: is not valid JSON ({err}); re-run the step that writes it") from None
+
+
+def read_csv(path: Path, required: tuple[str, ...]) -> list[dict[str, str]]:
+    with open(path, newline="") as handle:
+        reader = csv.DictReader(handle)
+        absent = [c for c in required if c not in (reader.fieldnames or [])]
+        if absent:
+            raise ReportError(f"{path}: has no column {', '.join(absent)}; re-run the step that writes it")
+        return list(reader)
+
+
+def epoch_files(folder: Path, pattern: str) -> list[tuple[int, Path]]:
+    """(epoch, path) of the files whose name matches pattern (one group: the epoch number), by epoch."""
+    found = [(int(m.group(1)), p) for p in folder.glob("*.png") if (m := re.fullmatch(pattern, p.name))]
+    return sorted(found)
+
+
+def spaced(items: list[Any], count: int) -> list[Any]:
+    """At most count items, evenly spaced, the first and the last included."""
+    if len(items) <= count:
+        return items
+    if count == 1:
+        return items[-1:]
+    return [items[round(i * (len(items) - 1) / (count - 1))] for i in range(count)]
+
+
+POINT_NAME = re.compile(r"^(?:NOP|TP_K(\d+))_cfg(\d+(?:\.\d+)?(?:e[+-]?\d+)?)$")  # sample_var.py's names
+
+
+def point_order(name: str) -> tuple:
+    """Reference rows first, then per guidance value: NOP, then TP by increasing k."""
+    match = POINT_NAME.match(name)
+    if not match:
+        return (0, name)
+    k, cfg = match.groups()
+    return (1, float(cfg), int(k or 0))
+
+
+def describe_point(name: str, scales: list[str]) -> str:
+    """A newcomer's reading of a sweep point's name."""
+    if name == "REAL":
+        return "real images: one half of the reference split against the other half (the best reachable)"
+    if name == "RECON":
+        return "the VQ-VAE's reconstructions of real images (the tokenizer's ceiling)"
+    match = POINT_NAME.match(name)
+    if not match:
+        return ""
+    k, cfg = match.groups()
+    if k is None:
+        return f"no prefix: every scale generated from the class label, guidance {cfg}"
+    side = f" (up to {scales[int(k) - 1]}x{scales[int(k) - 1]})" if 0 < int(k) <= len(scales) else ""
+    full = " = the teacher's reconstruction" if scales and int(k) == len(scales) else ""
+    return (f"teacher prefix: the first {k} token map(s){side} from a real image, the rest generated, "
+            f"guidance {cfg}{full}")
+
+
+# ---------------------------------------------------------------- HTML
+
+STYLE = """
+body { font-family: system-ui, sans-serif; margin: 0 auto; max-width: 1360px; padding: 0 20px 40px; color: #222;
+       line-height: 1.4; }
+h1 { margin: 18px 0 4px; } h2 { border-bottom: 2px solid #ccc; margin-top: 36px; padding-bottom: 2px; }
+h3 { margin: 22px 0 6px; }
+nav { position: sticky; top: 0; background: #fff; padding: 6px 0; border-bottom: 1px solid #ddd; z-index: 1; }
+nav a { margin-right: 14px; }
+p.caption, figcaption { color: #444; font-size: 0.92em; max-width: 1000px; }
+.figures { display: grid; grid-template-columns: repeat(3, 1fr); gap: 14px; align-items: start; }
+.figures.two { grid-template-columns: repeat(2, 1fr); }
+figure { margin: 0; } figure img { max-width: 100%; height: auto; border: 1px solid #ddd; }
+figure.wide { margin-top: 16px; }
+.missing { color: #a33; } .done { color: #272; } .partial { color: #b60; }
+table { border-collapse: collapse; font-size: 0.9em; margin: 6px 0; }
+th, td { border: 1px solid #ccc; padding: 3px 8px; text-align: right; white-space: nowrap; }
+th { background: #f2f2f2; } td.text, th.text { text-align: left; white-space: normal; }
+table.metrics th { white-space: normal; max-width: 90px; text-align: center; }
+tr.all td { font-weight: bold; background: #fafafa; } tbody.point { border-top: 2px solid #888; }
+.scroll { overflow-x: auto; }
+.side { display: flex; flex-wrap: wrap; gap: 28px; align-items: flex-start; }
+.side .figures { display: block; flex: 1 1 420px; max-width: 720px; }
+details { margin: 6px 0; } summary { cursor: pointer; } pre { background: #f6f6f6; padding: 8px; font-size: 0.85em; }
+"""
+
+
+TEXT_CLASS, ALL_CLASS = ' class="text"', ' class="all"'
+
+
+def esc(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def number(text: str) -> str:
+    """A CSV number for reading: integers as they are, others to 3 significant digits."""
+    if text == "":
+        return ""
+    try:
+        value = float(text)
+    except ValueError:
+        return text
+    if re.fullmatch(r"-?\d+", text):
+        return text
+    return f"{value:.0f}" if abs(value) >= 1000 else f"{value:.3g}"
+
+
+def with_error(value: float, std: float) -> str:
+    """value ± std, both to the decimal of the std's first significant digit (at least 3 decimals)."""
+    decimals = max(3, -math.floor(math.log10(std))) if std > 0 else 3
+    return f"{value:.{decimals}f} ± {std:.{decimals}f}"
+
+
+def table(header: list[str], rows: list[list[str]], text_columns: int = 1, css: str = "") -> str:
+    """A table of escaped cells; the first text_columns columns are left-aligned text; css: the table's class."""
+    def cells(tag: str, values: list[str]) -> str:
+        return "".join(f"<{tag}{TEXT_CLASS if i < text_columns else ''}>{esc(v)}</{tag}>"
+                       for i, v in enumerate(values))
+    body = "".join(f"<tr>{cells('td', r)}</tr>" for r in rows)
+    attribute = f' class="{css}"' if css else ""
+    return (f'<div class="scroll"><table{attribute}><thead><tr>{cells("th", header)}</tr></thead>'
+            f'<tbody>{body}</tbody></table></div>')
+
+
+class Page:
+    """The page being built: sections of HTML, links relative to the page's folder, and what was missing."""
+
+    def __init__(self, out: Path) -> None:
+        self.folder = Path(os.path.abspath(out)).parent
+        self.parts: list[str] = []
+        self.missing: list[tuple[str, Path]] = []
+
+    def add(self, text: str) -> None:
+        self.parts.append(text)
+
+    def link(self, path: Path) -> str:
+        return quote(Path(os.path.relpath(os.path.abspath(path), self.folder)).as_posix())
+
+    def folder_link(self, folder: Path) -> str:
+        """A link to the folder where it exists (a browser lists its files), its bare name where not."""
+        return f'<a href="{self.link(folder)}">{esc(folder)}</a>' if folder.is_dir() else esc(folder)
+
+    def note_missing(self, step: str, path: Path, why: str = "") -> None:
+        self.missing.append((step, path))
+        self.add(f'<p class="missing">missing: {esc(path)}{esc(why)}</p>')
+
+    def figures(self, step: str, items: list[tuple[Path, str]], wide: bool = False, two: bool = False) -> None:
+        """Images with captions, side by side (wide: one per row, the caption above, since it names the next large
+        image); absent files are listed as missing below them."""
+        def figure(path: Path, caption: str) -> str:
+            href = self.link(path)
+            image = f'<a href="{href}"><img src="{href}" alt="{esc(path.name)}" loading="lazy"></a>'
+            if wide:
+                return f'<figure class="wide"><figcaption>{caption}</figcaption>{image}</figure>'
+            return f'<figure>{image}<figcaption>{caption}</figcaption></figure>'
+
+        shown = [figure(path, caption) for path, caption in items if path.is_file()]
+        if shown:
+            self.add(("<div>" if wide else f'<div class="figures{" two" if two else ""}">') + "".join(shown) + "</div>")
+        for path, _ in items:
+            if not path.is_file():
+                self.note_missing(step, path)
+
+
+def step_status(path: Path, done: bool, detail: str = "") -> str:
+    if done:
+        return f'<span class="done">done</span>{esc(detail)}'
+    if path.exists():
+        return f'<span class="partial">incomplete</span>{esc(detail)}'
+    return '<span class="missing">missing</span>'
+
+
+# ---------------------------------------------------------------- sections
+
+def data_section(page: Page, folder: Path) -> list[str]:
+    """Counts per class and split, contact sheets and prepare.py's plots; returns the class names."""
+    page.add('<h2 id="data">1. Data (prepare.py)</h2><p class="caption">The processed set every model learns from: '
+             'each source image cropped to its scan area and resized to a square, split into train (fitting), '
+             'val (choosing the best epoch) and test (final scores), with every subject in one split only.</p>')
+    manifest = folder / "manifest.csv"
+    if not manifest.is_file():
+        page.note_missing("prepare", manifest, " (run data_preprocessing/prepare.py)")
+        return []
+    rows = read_csv(manifest, ("class", "split", "status", "reason"))
+    kept = Counter((r["class"], r["split"]) for r in rows if r["status"] == "ok")
+    classes = sorted({c for c, _ in kept})
+    body = [[c] + [str(kept[c, s]) for s in SPLITS] + [str(sum(kept[c, s] for s in SPLITS))] for c in classes]
+    body.append(["all"] + [str(sum(kept[c, s] for c in classes)) for s in SPLITS] + [str(sum(kept.values()))])
+    page.add('<h3>Images per class and split</h3><div class="side"><div><p class="caption">From manifest.csv (one '
+             'row per source image or frame): the images kept.</p>' + table(["class", *SPLITS, "total"], body))
+    skipped = Counter(r["reason"] or "(no reason given)" for r in rows if r["status"] != "ok")
+    if skipped:
+        page.add('<p class="caption">Sources not used, by reason:</p>'
+                 + table(["reason", "files"], [[reason, str(n)] for reason, n in skipped.most_common()]))
+    page.add("</div>")
+    page.figures("prepare", [(folder / "per_class_by_split.png", "The same counts as bars: a class with few images "
+                              "is learnt worse; train_vqvae.py balances classes per epoch.")])
+    page.add("</div>")
+    if (folder / "scan_area_samples.png").is_file():
+        page.add("<h3>Scan-area detection</h3>")
+        page.figures("prepare", [(folder / "scan_area_samples.png", "A few originals per class with the detected scan "
+                                  "area: the red tint is what gets blanked, the yellow box is the crop.")], two=True)
+    page.add('<h3>Contact sheets</h3><p class="caption">A random sample of processed images per class, as the models '
+             'see them (before resizing to the model\'s image size). Click an image for full size.</p>')
+    page.figures("prepare", [(folder / "contact_sheets" / f"{c}.png", f"<b>{esc(c)}</b>") for c in classes])
+    return classes
+
+
+def scalar_and_scale_tables(metrics: dict[str, Any], scales: list[str]) -> str:
+    """Scalars as name | value, per-scale lists as a table with a column per scale (other entries left out)."""
+    scalars = [[k, number(str(v)) if isinstance(v, (int, float)) else str(v)]
+               for k, v in metrics.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)]
+    lists = {k: v for k, v in metrics.items() if isinstance(v, list) and all(isinstance(x, (int, float)) for x in v)}
+    text = table(["metric", "value"], scalars)
+    if lists:
+        width = max(len(v) for v in lists.values())
+        names = [f"{s}x{s}" for s in scales] if len(scales) == width else [str(i + 1) for i in range(width)]
+        text += table(["per scale", *names], [[k] + [number(str(x)) for x in v] for k, v in lists.items()])
+    return text
+
+
+def vqvae_section(page: Page, folder: Path, scales: list[str]) -> None:
+    page.add('<h2 id="vqvae">2. VQ-VAE tokenizer (train_vqvae.py)</h2><p class="caption">The VQ-VAE turns an image '
+             'into token maps at several scales (1x1 up to the finest) from one shared codebook, and back. The VAR '
+             'only ever sees these tokens, so the VQ-VAE\'s reconstructions bound how good generated images can '
+             'get.</p>')
+    if not folder.is_dir():
+        page.note_missing("train_vqvae", folder, " (run train_vqvae.py)")
+        return
+    page.figures("train_vqvae", [
+        (folder / "loss.png", "Train and val loss per epoch (squared error + VQ loss). Val rising while train falls "
+                              "means over-fitting; best.pth is the epoch with the lowest val loss."),
+        (folder / "psnr_ssim.png", "Reconstruction quality on val: PSNR (dB) and SSIM, higher is better."),
+        (folder / "usage.png", "Codebook usage per scale: the fraction of codes picked at least once on val, and "
+                               "the perplexity (effective number of codes in use)."),
+        (folder / "code_usage_hist.png", "How often each code is picked on val (last epoch): a few codes doing all "
+                                         "the work would be a poor vocabulary for the VAR."),
+        (folder / "code_usage_hist_test.png", "The same on the test split, for best.pth."),
+        (folder / "class_counts.png", "Images per class in each split and in one balanced training epoch."),
+    ])
+    page.add('<h3>Test metrics (best.pth on the test split)</h3>')
+    metrics_path = folder / "test_metrics.json"
+    if metrics_path.is_file():
+        metrics = read_json(metrics_path)
+        page.add('<p class="caption">From test_metrics.json: loss, PSNR (dB) and SSIM of the reconstructions; usage '
+                 '(fraction of the codebook used) and perplexity per token-map scale.</p>'
+                 + scalar_and_scale_tables(metrics, scales))
+    else:
+        page.note_missing("train_vqvae", metrics_path, " (written when training has finished)")
+    recon_val = epoch_files(folder, r"recon_val_epoch(\d+)\.png")
+    page.add('<h3>Reconstructions</h3><p class="caption">Per image: the original, the reconstruction, then the image '
+             'decoded from the first k scales only, for k = 1, 2, ...: what each finer scale adds.</p>')
+    page.figures("train_vqvae", [(folder / "recon_test.png", "Test images, best.pth.")]
+                 + [(p, f"Val images after epoch {e} (the last saved).") for e, p in recon_val[-1:]], two=True)
+    if not recon_val:
+        page.note_missing("train_vqvae", folder / "recon_val_epochNNN.png")
+
+
+def tokens_section(page: Page, folder: Path) -> None:
+    page.add('<h2 id="tokens">3. Tokens (tokenize_multiscale_maps.py)</h2><p class="caption">Every processed image '
+             'encoded once by the VQ-VAE\'s best.pth into its token maps: the VAR\'s training data.</p>')
+    files = sorted(folder.glob("*.npz")) if folder.is_dir() else []
+    if not files:
+        page.note_missing("tokenize", folder / "tokens_multiscale_maps.npz", " (run tokenize_multiscale_maps.py)")
+        return
+    page.add(table(["token file", "size"], [[p.name, f"{p.stat().st_size / 1e6:.2f} MB"] for p in files]))
+    classes_path = folder / "classes.json"
+    if classes_path.is_file():
+        page.add(f'<p class="caption">Classes (label = position): {esc(", ".join(map(str, read_json(classes_path))))}'
+                 '</p>')
+
+
+def var_section(page: Page, folder: Path, epoch_grids: int) -> None:
+    page.add('<h2 id="var">4. VAR transformer (train_var.py)</h2><p class="caption">The VAR predicts an image\'s '
+             'token maps scale by scale, coarse to fine, each from the class label and all coarser maps '
+             '(next-scale prediction).</p>')
+    if not folder.is_dir():
+        page.note_missing("train_var", folder, " (run train_var.py)")
+        return
+    history_path = folder / "history.json"
+    if history_path.is_file():
+        records = [r for r in read_json(history_path) if isinstance(r, dict) and "val_loss" in r]
+        config = read_json(folder / "config.json") if (folder / "config.json").is_file() else {}
+        if records:
+            best = min(records, key=lambda r: r["val_loss"])
+            page.add(f'<p class="caption">{len(records)} of {esc(config.get("epochs", "?"))} epochs done; lowest val '
+                     f'cross-entropy {best["val_loss"]:.3f} nats at epoch {best["epoch"]} (best.pth).</p>')
+    else:
+        page.note_missing("train_var", history_path)
+    page.figures("train_var", [
+        (folder / "loss.png", "Cross-entropy of the next-scale prediction, train and val, over all tokens and on the "
+                              "finest scale alone (which carries most tokens and is hardest)."),
+        (folder / "accuracy.png", "Val accuracy per scale: how often the most likely token is the right one, "
+                                  "against simple baselines. Coarse scales are easier than fine ones."),
+        (folder / "lr.png", "Learning rate per step: warmup, then the decay schedule."),
+    ])
+    grids = epoch_files(folder / "samples", r"epoch_(\d+)\.png")
+    page.add('<h3>Samples over training</h3><p class="caption">Images generated after an epoch, a row per class: '
+             'they should turn from noise into recognisable organs.'
+             + (f' {len(grids)} epochs saved; {epoch_grids} shown, evenly spaced.' if len(grids) > epoch_grids else '')
+             + '</p>')
+    if grids:
+        page.figures("train_var", [(p, f"after epoch {e}") for e, p in spaced(grids, epoch_grids)])
+    else:
+        page.note_missing("train_var", folder / "samples" / "epoch_NNN.png")
+
+
+def sweep_section(page: Page, folder: Path, scales: list[str]) -> list[str]:
+    """A grid per sweep point; returns the points in reading order."""
+    page.add('<h2 id="sweep">5. Sample sweep (sample_var.py)</h2><p class="caption">The trained VAR sampled at every '
+             'sweep point. <b>NOP</b> (no prefix): every scale generated from the class alone. <b>TP_K&lt;k&gt;</b> '
+             '(teacher prefix): the first k token maps are taken from a real image (the teacher, framed in red in '
+             'the grids), the finer ones generated: larger k keeps more of the teacher. cfg is the classifier-free '
+             'guidance strength.</p>')
+    manifest = folder / "samples_manifest.csv"
+    if not manifest.is_file():
+        page.note_missing("sample_var", manifest, " (run sample_var.py)")
+        return []
+    rows = read_csv(manifest, ("point", "class"))
+    points = sorted({r["point"] for r in rows}, key=point_order)
+    per_point = Counter(r["point"] for r in rows)
+    page.add(table(["sweep point", "images", "what it is"],
+                   [[p, str(per_point[p]), describe_point(p, scales)] for p in points], text_columns=3))
+    page.add('<p class="caption">Each grid: a row per class; TP rows show each teacher (red frame) followed by its '
+             'samples.</p>')
+    page.figures("sample_var", [(folder / "grids" / f"{p}.png", f"<b>{esc(p)}</b>: {esc(describe_point(p, scales))}")
+                                for p in points], wide=True)
+    return points
+
+
+class Metric(NamedTuple):
+    heading: str
+    decimals: int  # shown to this many decimals (-1: as written, for counts)
+    meaning: str
+
+
+METRICS = {  # metrics.csv's columns shown, in order
+    "n": Metric("images", -1, "images in the set"),
+    "kid": Metric("KID ± std", 3, "Kernel Inception Distance to the real images (lower = closer to real; about 0 "
+                                  "for real-vs-real), with its std over random subsets"),
+    "kid_subset": Metric("KID subset", -1, "images per KID subset (small subsets give noisy KID)"),
+    "fid": Metric("FID", 1, "Frechet Inception Distance (only with enough images)"),
+    "diversity": Metric("diversity", 3, "mean 1 - MS-SSIM over image pairs within the class (higher = more varied)"),
+    "diversity_per_teacher": Metric("diversity / teacher", 3, "the same within one teacher's samples"),
+    "psnr_teacher": Metric("PSNR vs teacher", 1, "dB, samples against their teacher (real image)"),
+    "ssim_teacher": Metric("SSIM vs teacher", 3, "structural similarity to the teacher (1 = identical)"),
+    "psnr_recon": Metric("PSNR vs recon", 1, "dB, against the teacher's VQ-VAE reconstruction (100 = identical)"),
+    "ssim_recon": Metric("SSIM vs recon", 3, "structural similarity to the teacher's reconstruction"),
+    "nn_train_sim": Metric("nearest-train sim.", 3, "mean cosine similarity of each image to its nearest training "
+                                                    "image (Inception features)"),
+    "copy_fraction": Metric("possible copies", 3, "fraction of samples closer to a training image than any real "
+                                                  "held-out image is: memorisation"),
+}
+
+
+def metric_scales(path: Path) -> list[str]:
+    """The token-map sides of metrics.csv's usage_<side> columns (none when it does not exist)."""
+    if not path.is_file():
+        return []
+    with open(path, newline="") as handle:
+        return [c.removeprefix("usage_") for c in next(csv.reader(handle), []) if c.startswith("usage_")]
+
+
+def metrics_tables(page: Page, path: Path, scales: list[str]) -> None:
+    rows = read_csv(path, ("point", "class", "kid_std", *METRICS))
+    columns = [c for c in METRICS if any(r[c] for r in rows)]
+    empty = [METRICS[c].heading for c in METRICS if c not in columns]
+    by_point: dict[str, list[dict[str, str]]] = defaultdict(list)
+    for r in rows:
+        by_point[r["point"]].append(r)
+
+    def cell(r: dict[str, str], c: str) -> str:
+        if c == "kid" and r["kid"] and r["kid_std"]:
+            return with_error(float(r["kid"]), float(r["kid_std"]))
+        if r[c] == "" or METRICS[c].decimals < 0:
+            return r[c]
+        return f"{float(r[c]):.{METRICS[c].decimals}f}"
+
+    head = "".join(f'<th title="{esc(METRICS[c].meaning)}">{esc(METRICS[c].heading)}</th>' for c in columns)
+    bodies = []
+    for point in sorted(by_point, key=point_order):
+        group = by_point[point]
+        lines = []
+        for i, r in enumerate(group):
+            first = (f'<td class="text" rowspan="{len(group)}" title="{esc(describe_point(point, scales))}"><b>'
+                     f'{esc(point)}</b></td>' if i == 0 else "")
+            lines.append(f'<tr{ALL_CLASS if r["class"] == "all" else ""}>{first}<td class="text">'
+                         f'{esc(r["class"])}</td>' + "".join(f"<td>{esc(cell(r, c))}</td>" for c in columns) + "</tr>")
+        bodies.append(f'<tbody class="point">{"".join(lines)}</tbody>')
+    page.add('<h3>Metrics per sweep point and class</h3><p class="caption">From metrics.csv, rounded (PSNR to 0.1 dB, '
+             'the rest to 3 decimals); the bold row of each point is over all classes. Hover a heading for its meaning '
+             '(also listed below the table). Blank = not applicable (no teacher without a prefix) or too few images.'
+             + (f' Left out, blank everywhere: {esc(", ".join(empty))}.' if empty else '') + '</p>'
+             '<div class="scroll"><table class="metrics"><thead><tr><th class="text">point</th>'
+             f'<th class="text">class</th>{head}'
+             f'</tr></thead>{"".join(bodies)}</table></div>')
+    page.add('<details><summary>What the columns mean</summary>'
+             + table(["column", "meaning"], [[METRICS[c].heading, METRICS[c].meaning] for c in columns], text_columns=2)
+             + "</details>")
+    usage = [[p] + [f"{100 * float(r[f'usage_{s}']):.0f}%" if r[f"usage_{s}"] else "" for s in scales]
+             + [f"{float(r[f'entropy_{s}']):.2f}" if r[f"entropy_{s}"] else "" for s in scales]
+             for p in sorted(by_point, key=point_order) for r in by_point[p]
+             if r["class"] == "all" and any(r[f"usage_{s}"] for s in scales)]
+    if scales and usage:
+        page.add('<h3>Token statistics per scale (all classes)</h3><p class="caption">Usage = share of the '
+                 'codebook used at a scale; entropy in bits of the token distribution (higher = richer). The REAL row '
+                 'holds the training tokens\'. Per-class values are in '
+                 f'<a href="{page.link(path)}">metrics.csv</a>.</p>'
+                 + table(["point"] + [f"usage {s}x{s}" for s in scales] + [f"entropy {s}x{s}" for s in scales], usage,
+                         css="metrics"))
+
+
+def eval_section(page: Page, folder: Path) -> None:
+    page.add('<h2 id="eval">6. Evaluation (eval_var.py)</h2><p class="caption">How real, how varied and how close to '
+             'their teachers the samples are, next to reference rows: <b>REAL</b> (real images against real images: '
+             'the best reachable) and <b>RECON</b> (the VQ-VAE\'s reconstructions: what the VAR can reach through '
+             'this tokenizer).</p>')
+    path = folder / "metrics.csv"
+    if not path.is_file():
+        page.note_missing("eval_var", path, " (run eval_var.py)")
+        return
+    metrics_tables(page, path, metric_scales(path))
+    page.add("<h3>Plots</h3>")
+    page.figures("eval_var", [
+        (folder / "kid_vs_k.png", "KID against the prefix length k (TP), a panel per class and one for all; NOP as "
+                                  "dashed lines, real-vs-real and reconstructions as black lines."),
+        (folder / "diversity_vs_k.png", "Diversity against k: within the class (solid) and within one teacher's "
+                                        "samples (dotted), which falls as the prefix fixes more of the image."),
+        (folder / "teacher_similarity_vs_k.png", "PSNR and SSIM against the teacher (solid) and its reconstruction "
+                                                 "(dashed): rising with k."),
+        (folder / "token_usage_entropy.png", "Codebook usage and token entropy per scale, every sweep point against "
+                                             "the training tokens."),
+        (folder / "memorisation_hist.png", "Memorisation: each sample's similarity to its nearest training image, "
+                                           "against the held-out real images'; samples right of the threshold "
+                                           "line may be copies."),
+    ], two=True)
+    page.add('<h3>Memorisation: the closest sample / training-image pairs</h3>')
+    page.figures("eval_var", [(folder / "memorisation_pairs.png", "The samples most similar to a training image, "
+                                                                  "each beside that image: near-identical pairs "
+                                                                  "would mean the model copies.")], wide=True)
+
+
+def config_section(page: Page, configs: list[tuple[str, Path]]) -> None:
+    page.add('<h2 id="configs">7. Resolved configurations</h2><p class="caption">The constants each step ran with '
+             '(its config.json: defaults, preset and command-line overrides together). Click to open.</p>')
+    for step, path in configs:
+        if path.is_file():
+            page.add(f"<details><summary>{esc(step)}: {esc(path)}</summary>"
+                     f"<pre>{esc(json.dumps(read_json(path), indent=2))}</pre></details>")
+        else:
+            page.note_missing(step, path)
+
+
+# ---------------------------------------------------------------- main
+
+def build(cfg: Config) -> str:
+    out = Path(cfg.out)
+    data, vqvae, tokens, var, samples = map(Path, (cfg.data_dir, cfg.vqvae_dir, cfg.tokens_dir, cfg.var_dir,
+                                                    cfg.samples_dir))
+    evals = Path(cfg.eval_dir) if cfg.eval_dir else samples / "eval"
+    logs = Path(cfg.logs_dir)
+    page = Page(out)
+    classes = data_section(page, data)
+    vqvae_config = read_json(vqvae / "config.json") if (vqvae / "config.json").is_file() else {}
+    vqvae_scales = [str(s) for s in vqvae_config.get("scales", [])]
+    vqvae_section(page, vqvae, vqvae_scales)
+    tokens_section(page, tokens)
+    var_section(page, var, cfg.epoch_grids)
+    points = sweep_section(page, samples, metric_scales(evals / "metrics.csv") or vqvae_scales)
+    eval_section(page, evals)
+    prepare_config = read_json(data / "config.json") if (data / "config.json").is_file() else {}
+    phantoms = ([("make_phantoms", Path(prepare_config["phantom_dir"]) / "config.json")]
+                if prepare_config.get("phantom_dir") and not prepare_config.get("recipe") else [])
+    config_section(page, phantoms + [("prepare", data / "config.json"), ("train_vqvae", vqvae / "config.json"),
+                          ("train_var", var / "config.json"), ("sample_var", samples / "config.json"),
+                          ("eval_var", evals / "config.json")])
+
+    var_config = var / "config.json"
+    var_epochs = read_json(var_config).get("epochs") if var_config.is_file() else None
+    var_done = len(read_json(var / "history.json")) if (var / "history.json").is_file() else 0
+    steps = [
+        ("data (prepare.py)", data, (data / "manifest.csv").is_file(), f": {len(classes)} classes"),
+        ("VQ-VAE (train_vqvae.py)", vqvae, (vqvae / "test_metrics.json").is_file(), ""),
+        ("tokens (tokenize_multiscale_maps.py)", tokens, any(tokens.glob("*.npz")) if tokens.is_dir() else False, ""),
+        ("VAR (train_var.py)", var, var_epochs is not None and var_done >= var_epochs,
+         f": {var_done} of {var_epochs} epochs" if var_epochs else ""),
+        ("samples (sample_var.py)", samples, (samples / "samples_manifest.csv").is_file(),
+         f": {len(points)} sweep points" if points else ""),
+        ("evaluation (eval_var.py)", evals, (evals / "metrics.csv").is_file(), ""),
+    ]
+    status = "".join(f'<tr><td class="text">{esc(name)}</td><td class="text">{page.folder_link(folder)}</td>'
+                     f'<td class="text">{step_status(folder, done, detail)}</td></tr>'
+                     for name, folder, done, detail in steps)
+    log_files = [logs / f"{s}.log" for s in LOG_STEPS if (logs / f"{s}.log").is_file()]
+    log_links = ('<p class="caption">Step logs (run_demo.sh): '
+                 + ", ".join(f'<a href="{page.link(p)}">{esc(p.name)}</a>' for p in log_files) + "</p>"
+                 if log_files else "")
+    missing = "".join(f"<li>{esc(step)}: {esc(path)}</li>" for step, path in page.missing)
+    head = ('<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+            f'<meta name="generator" content="{GENERATOR}">'
+            f'<title>{esc(cfg.title)}</title><style>{STYLE}</style></head><body>'
+            f'<h1>{esc(cfg.title)}</h1><p class="caption">Class-conditional ultrasound image generation with VAR: the '
+            'processed data, the VQ-VAE tokenizer, the VAR transformer, its samples and their evaluation, read from '
+            'the steps\' output folders. Click any image to see it at full size.'
+            + (f' Classes: {esc(", ".join(classes))}.' if classes else '') + '</p>'
+            '<nav><a href="#data">data</a><a href="#vqvae">VQ-VAE</a><a href="#tokens">tokens</a><a href="#var">VAR</a>'
+            '<a href="#sweep">sweep</a><a href="#eval">evaluation</a><a href="#configs">configs</a></nav>'
+            '<h2 id="status">Steps</h2><div class="scroll"><table><thead><tr><th class="text">step</th>'
+            f'<th class="text">folder</th><th class="text">status</th></tr></thead><tbody>{status}</tbody></table>'
+            f'</div>{log_links}'
+            + (f'<details><summary class="missing">{len(page.missing)} expected file(s) missing</summary><ul>{missing}'
+               '</ul></details>' if page.missing else ''))
+    return head + "".join(page.parts) + "</body></html>\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg = script_config(Config, argv, validate)
+    try:
+        text = build(cfg)
+    except (ReportError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
+    atomic_write_text(cfg.out, text)
+    print(f"wrote {cfg.out}: open it in a browser (file://{os.path.abspath(cfg.out)})")
+
+
+if __name__ == "__main__":
+    main()
