@@ -10,8 +10,8 @@ set -euo pipefail
 cd "$(dirname "$0")"
 
 case "${1:-phantoms}" in
-    phantoms) LOGS=runs/logs ;;
-    real) LOGS=runs/logs_real ;;
+    phantoms) LOGS=runs/logs; DATA=data/processed; PRESET=cpu; REPORT=(--out=runs/report.html) ;;
+    real) LOGS=runs/logs_real; DATA=data/processed_real; PRESET=real_cpu; REPORT=(--config=configs/report_real_cpu.json) ;;
     *) echo "usage: bash run_demo.sh [phantoms|real]" >&2; exit 2 ;;
 esac
 mkdir -p "$LOGS"
@@ -30,23 +30,16 @@ step() {
     fi
 }
 
-if [ "${1:-phantoms}" = real ]; then
-    step prepare python data_preprocessing/prepare.py --recipe=configs/recipe_busi_hc18.json --out=data/processed_real
-    step train_vqvae python train_vqvae.py --config=configs/vqvae_real_cpu.json
-    step tokenize python tokenize_multiscale_maps.py --data_dir=data/processed_real --vqvae=runs/vqvae_real_cpu/best.pth \
-        --out=runs/tokens_real_cpu/tokens_multiscale_maps.npz --cpu_threads=1
-    step train_var python train_var.py --config=configs/var_real_cpu.json
-    step sample_var python sample_var.py --config=configs/sample_real_cpu.json
-    step eval_var python eval_var.py --samples=runs/samples_real_cpu --device=cpu --cpu_threads=2
-    step report python report.py --config=configs/report_real_cpu.json
-    exit 0
+if [ "$PRESET" = cpu ]; then
+    step make_phantoms python data_preprocessing/make_phantoms.py --out=data/raw_phantoms
+    step prepare python data_preprocessing/prepare.py --phantom_dir=data/raw_phantoms --out="$DATA"
+else
+    step prepare python data_preprocessing/prepare.py --recipe=configs/recipe_busi_hc18.json --out="$DATA"
 fi
-step make_phantoms python data_preprocessing/make_phantoms.py --out=data/raw_phantoms
-step prepare python data_preprocessing/prepare.py --phantom_dir=data/raw_phantoms --out=data/processed
-step train_vqvae python train_vqvae.py --config=configs/vqvae_cpu.json
-step tokenize python tokenize_multiscale_maps.py --data_dir=data/processed --vqvae=runs/vqvae_cpu/best.pth \
-    --out=runs/tokens_cpu/tokens_multiscale_maps.npz --cpu_threads=1
-step train_var python train_var.py --config=configs/var_cpu.json
-step sample_var python sample_var.py --config=configs/sample_cpu.json
-step eval_var python eval_var.py --samples=runs/samples_cpu --device=cpu --cpu_threads=2
-step report python report.py --out=runs/report.html
+step train_vqvae python train_vqvae.py --config=configs/vqvae_$PRESET.json
+step tokenize python tokenize_multiscale_maps.py --data_dir="$DATA" --vqvae=runs/vqvae_$PRESET/best.pth \
+    --out=runs/tokens_$PRESET/tokens_multiscale_maps.npz --cpu_threads=1
+step train_var python train_var.py --config=configs/var_$PRESET.json
+step sample_var python sample_var.py --config=configs/sample_$PRESET.json
+step eval_var python eval_var.py --samples=runs/samples_$PRESET --device=cpu --cpu_threads=2
+step report python report.py "${REPORT[@]}"

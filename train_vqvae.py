@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Subset
 
 from common.checkpoint import CheckpointError, load_checkpoint
 from common.config import (DEVICE, PRECISION, ConfigError, Rule, at_least, between, check_constants,
-                           check_output_folder, config_dict, each, save_config, script_config)
+                           check_output_folder, config_dict, each, one_of, save_config, script_config)
 from common.distributed import DistContext, setup_distributed, wrap_ddp
 from common.history import History
 from common.image_data import EpochSampler, ImageDataError, ImageSplit, list_classes, to_grey_uint8, to_rgb_uint8
@@ -45,6 +45,7 @@ class Config:
     data_dir: str = "data/processed"  # processed set: DATA/{train,val,test}/<class>/*.png
     out_dir: str = "runs/vqvae"  # checkpoints, metrics and plots go here
     image_size: int = 256  # inputs are resized to this side; must equal scales[-1] * 2^(len(ch_mult)-1)
+    in_channels: int = 1  # 1: grey inside the networks, repeated to RGB on output (the processed sets are grey); 3: colour
     vocab_size: int = 2048  # codebook entries, shared by all scales
     z_channels: int = 32  # width of a code vector
     ch: int = 160  # base width of encoder and decoder (a multiple of 32: GroupNorm with 32 groups)
@@ -85,7 +86,7 @@ class Config:
 def validate(cfg: Config) -> None:
     """Every constant in its allowed range, and out_dir writable, before any input is read or output written."""
     check_constants(cfg, {
-        "image_size": at_least(1), "vocab_size": at_least(2), "z_channels": at_least(1),
+        "image_size": at_least(1), "in_channels": one_of(1, 3), "vocab_size": at_least(2), "z_channels": at_least(1),
         "ch": Rule(lambda v: v >= 32 and v % 32 == 0, "a positive multiple of 32 (GroupNorm with 32 groups)"),
         "ch_mult": each(at_least(1)), "num_res_blocks": at_least(1), "dropout": between(0, 1, high_open=True),
         "beta": at_least(0), "phi_ratio": between(0, 1), "phi_share": at_least(0),
@@ -113,7 +114,7 @@ def recon_loss(rec: torch.Tensor, img: torch.Tensor) -> torch.Tensor:
 def build_model(cfg: Config) -> VQVAE:
     model_kwargs = dict(vocab_size=cfg.vocab_size, z_channels=cfg.z_channels, ch=cfg.ch, ch_mult=cfg.ch_mult,
                         num_res_blocks=cfg.num_res_blocks, dropout=cfg.dropout, beta=cfg.beta, phi_ratio=cfg.phi_ratio,
-                        phi_share=cfg.phi_share, scales=cfg.scales)
+                        phi_share=cfg.phi_share, scales=cfg.scales, in_channels=cfg.in_channels)
     if cfg.init_from_upstream:
         from models.convert_upstream import vqvae_from_upstream  # only runs that start from the reference need it
 
@@ -121,7 +122,7 @@ def build_model(cfg: Config) -> VQVAE:
         model = vqvae_from_upstream(cfg.init_from_upstream, scales=list(cfg.scales), beta=cfg.beta,
                                     phi_ratio=cfg.phi_ratio, dropout=cfg.dropout)
         wanted = dict(vocab_size=cfg.vocab_size, z_channels=cfg.z_channels, ch=cfg.ch, ch_mult=list(cfg.ch_mult),
-                      num_res_blocks=cfg.num_res_blocks, phi_share=cfg.phi_share)
+                      num_res_blocks=cfg.num_res_blocks, phi_share=cfg.phi_share, in_channels=cfg.in_channels)
         differ = {k: (model.config[k], v) for k, v in wanted.items() if model.config[k] != v}
         if differ:
             fixes = " ".join(f"--{k}={','.join(map(str, a)) if isinstance(a, list) else a}"

@@ -13,7 +13,7 @@ from models.quantizer import MultiScaleQuantizer
 
 
 class VQOutput(NamedTuple):
-    rec: torch.Tensor        # (B, C, H, W) decoder output, not clamped
+    rec: torch.Tensor        # (B, 3, H, W) decoder output, not clamped
     vq_loss: torch.Tensor    # scalar
     code_hits: torch.Tensor  # (num_scales, vocab_size) int64
 
@@ -30,6 +30,7 @@ class VQVAE(nn.Module):
                            num_res_blocks=num_res_blocks, dropout=dropout, beta=beta, using_znorm=using_znorm,
                            phi_ratio=phi_ratio, phi_share=phi_share, scales=[int(s) for s in scales],
                            in_channels=in_channels)
+        self.in_channels = in_channels
         self.downsample = 2 ** (len(ch_mult) - 1)
         self.encoder = Encoder(ch, tuple(ch_mult), num_res_blocks, z_channels, in_channels, dropout)
         self.decoder = Decoder(ch, tuple(ch_mult), num_res_blocks, z_channels, in_channels, dropout)
@@ -46,16 +47,25 @@ class VQVAE(nn.Module):
         return self.quantizer.full_size * self.downsample
 
     def encode(self, img: torch.Tensor) -> torch.Tensor:
-        """Image in [-1, 1] -> continuous features f (B, z, h, w) before quantization."""
+        """RGB image (B, 3, H, W) in [-1, 1] -> continuous features f (B, z, h, w) before quantization.
+        A grey model (in_channels 1) sees the mean of the three channels: of a grey image, the grey itself."""
+        if self.in_channels == 1:
+            img = img.mean(1, keepdim=True)
         return self.quant_conv(self.encoder(img))
+
+    def decode(self, f_hat: torch.Tensor) -> torch.Tensor:
+        """Quantized features -> RGB image (B, 3, H, W), not clamped. A grey model's one channel is repeated: its
+        images are grey by construction, where three free output channels drift into colour blotches."""
+        out = self.decoder(self.post_quant_conv(f_hat))
+        return out.expand(-1, 3, -1, -1) if self.in_channels == 1 else out
 
     def fhat_to_img(self, f_hat: torch.Tensor) -> torch.Tensor:
         """Quantized features -> image in [-1, 1], float32 even under autocast."""
-        return self.decoder(self.post_quant_conv(f_hat)).float().clamp(-1, 1)
+        return self.decode(f_hat).float().clamp(-1, 1)
 
     def forward(self, img: torch.Tensor) -> VQOutput:
         f_hat, vq_loss, code_hits = self.quantizer(self.encode(img))
-        return VQOutput(self.decoder(self.post_quant_conv(f_hat)), vq_loss, code_hits)
+        return VQOutput(self.decode(f_hat), vq_loss, code_hits)
 
     @torch.no_grad()
     def img_to_idx(self, img: torch.Tensor) -> list[torch.Tensor]:

@@ -168,6 +168,7 @@ NO_CUDA_DEVICE = "cuda" if not torch.cuda.is_available() else f"cuda:{torch.cuda
     ({"image_size": 64}, r"--image_size=64: must equal scales\[-1\] x 2\^\(len\(ch_mult\)-1\) = 8 x 4 = 32"),
     ({"batch_size": 0}, "--batch_size=0: must be >= 1"),
     ({"vocab_size": 0}, "--vocab_size=0: must be >= 2"),
+    ({"in_channels": 2}, "--in_channels=2: must be one of 1, 3"),
     ({"num_recon": 0}, "--num_recon=0: must be >= 1"),
     ({"plot_every": 0}, "--plot_every=0: must be >= 1"),
     ({"epochs": 0}, "--epochs=0: must be >= 1"),
@@ -233,8 +234,10 @@ def test_init_from_the_reference_checkpoint(shared_dir: Path, data: Path, tmp_pa
     upstream = tmp_path / "reference_vqvae.pth"
     torch.save(fixture["vqvae_state_dict"], upstream)
     args = tiny_args(data, tmp_path / "run", init_from_upstream=upstream, image_size=64, vocab_size=512, z_channels=16,
-                     ch_mult="1,1,2,2,4", num_res_blocks=2, scales="1,2,3,4", epochs=1, lr=0.0, dead_code_steps=0)
-    with pytest.raises(SystemExit, match=r"architecture differs from this config \(vocab_size: 512 vs 64\); run with --vocab_size=512"):
+                     ch_mult="1,1,2,2,4", num_res_blocks=2, scales="1,2,3,4", epochs=1, lr=0.0, dead_code_steps=0,
+                     in_channels=3)
+    with pytest.raises(SystemExit, match=r"architecture differs from this config \(vocab_size: 512 vs 64, in_channels: 3 "
+                                         r"vs 1\); run with --vocab_size=512 --in_channels=3"):
         run_in_process(tiny_args(data, tmp_path / "bad", init_from_upstream=upstream, image_size=64, z_channels=16,
                                  ch_mult="1,1,2,2,4", num_res_blocks=2, scales="1,2,3,4"))
     run_in_process(args)

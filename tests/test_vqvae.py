@@ -159,3 +159,23 @@ def test_load_vqvae_round_trip(model: VQVAE, tmp_path: Path) -> None:
     atomic_torch_save({"model": model.state_dict(), "model_config": model.config | {"ch": 64}}, tmp_path / "bad.pth")
     with pytest.raises(CheckpointError, match="do not fit"):
         load_vqvae(tmp_path / "bad.pth")
+
+
+def test_grey_model_sees_the_grey_and_gives_grey_rgb_images() -> None:
+    """in_channels=1: the encoder sees the channel mean (of a grey image, the grey), every output is three equal
+    channels, so no colour can appear; gradients flow through the one channel."""
+    grey = small_vqvae(in_channels=1).train()
+    assert grey.encoder.conv_in.weight.shape[1] == 1 and grey.decoder.conv_out.weight.shape[0] == 1
+    img = images(2)
+    as_grey = img.mean(1, keepdim=True).expand(-1, 3, -1, -1)
+    assert torch.equal(grey.encode(img), grey.encode(as_grey))  # a colour input is reduced to its mean
+    out = grey(as_grey)
+    assert out.rec.shape == (2, 3, 64, 64)
+    assert torch.equal(out.rec[:, 0], out.rec[:, 1]) and torch.equal(out.rec[:, 1], out.rec[:, 2])
+    (out.rec.square().mean() + out.vq_loss).backward()
+    assert grey.decoder.conv_out.weight.grad.abs().sum() > 0 and grey.encoder.conv_in.weight.grad.abs().sum() > 0
+    grey.eval()
+    rec = grey.reconstruct(as_grey)
+    assert rec.shape == (2, 3, 64, 64) and torch.equal(rec[:, 0], rec[:, 2])
+    assert torch.equal(grey.idx_to_img(grey.img_to_idx(as_grey)), rec)
+    assert VQVAE(**grey.config).config["in_channels"] == 1
