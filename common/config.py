@@ -31,7 +31,6 @@ import typing
 from pathlib import Path
 from typing import Any, Callable, NamedTuple, TypeVar
 
-
 from common.io import atomic_write_json
 
 C = TypeVar("C")
