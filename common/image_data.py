@@ -15,6 +15,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset, Sampler
 
 from common.progress import progress
+from data_preprocessing.scan_area import ScanAreaError, detect_scan_area
 
 SPLITS = ("train", "val", "test")
 IMAGE_SUFFIX = ".png"
@@ -81,6 +82,25 @@ def to_rgb_uint8(img: torch.Tensor) -> np.ndarray:
 def to_grey_uint8(img: torch.Tensor) -> np.ndarray:
     """(B, 3, H, W) in [-1, 1] -> (B, H, W) uint8 grey, the scale PSNR/SSIM are measured on."""
     return ((img.float().clamp(-1, 1).mean(1) + 1) * 127.5).round().byte().cpu().numpy()
+
+
+def scan_area_mask(path: str | Path, image_size: int) -> np.ndarray | None:
+    """The scan area of a processed image as a bool (S, S) mask at the model's side, or None where none is found.
+
+    Processed images store no mask, but prepare.py blacked out everything outside the scan area, so the detector
+    that drew it finds it again in the stored image (fan or rectangle, measured at the stored resolution, then
+    area-resized). A grey threshold would not do: dark cysts, fluid and shadows reaching the edge are inside."""
+    try:
+        with Image.open(path) as img:
+            stored = np.asarray(img.convert("RGB"))
+    except (OSError, UnidentifiedImageError, ValueError) as err:
+        raise ImageDataError(f"{path}: cannot read the image: {err}") from None
+    try:
+        mask = detect_scan_area(stored).mask
+    except ScanAreaError:
+        return None
+    resized = Image.fromarray(mask.astype(np.uint8) * 255).resize((image_size, image_size), Image.Resampling.BOX)
+    return np.asarray(resized) >= 128
 
 
 class ImageSplit(Dataset):

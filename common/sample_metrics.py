@@ -138,6 +138,28 @@ def psnr_ssim(reference: np.ndarray, image: np.ndarray) -> tuple[float, float]:
     return min(PSNR_CAP, float(psnr)), float(structural_similarity(reference, image, data_range=255))
 
 
+SSIM_WINDOW = 7  # scikit-image's default window side, which psnr_ssim uses
+
+
+def masked_psnr_ssim(reference: np.ndarray, image: np.ndarray, mask: np.ndarray) -> tuple[float, float]:
+    """psnr_ssim restricted to the pixels where `mask` (H, W) is True, e.g. the scan area: the black outside it is
+    easy to reproduce and would inflate both. PSNR from the mean squared error over the masked pixels; SSIM the
+    mean of scikit-image's SSIM map (the same settings as psnr_ssim) over the masked pixels, leaving out the
+    3-px border that scikit-image's own mean leaves out too. An empty mask scores (nan, nan)."""
+    if not reference.shape == image.shape == mask.shape:
+        raise ValueError(f"shapes differ: reference {reference.shape}, image {image.shape}, mask {mask.shape}")
+    if not mask.any():
+        return math.nan, math.nan
+    err = (reference.astype(np.float64) - image.astype(np.float64))[mask]
+    mse = float(np.mean(err ** 2))
+    psnr = PSNR_CAP if mse == 0 else min(PSNR_CAP, 10 * math.log10(255.0 ** 2 / mse))
+    _, ssim_map = structural_similarity(reference, image, data_range=255, full=True)
+    pad = (SSIM_WINDOW - 1) // 2
+    inner = np.zeros_like(mask)
+    inner[pad:-pad, pad:-pad] = mask[pad:-pad, pad:-pad]
+    return psnr, float(ssim_map[inner].mean()) if inner.any() else math.nan
+
+
 def teacher_similarity(samples: np.ndarray, reference: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per-sample PSNR and SSIM (psnr_ssim, on grey_uint8 images) of samples (N, H, W, 3) against one
     reference image (H, W, 3), e.g. the teacher or its reconstruction."""

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from common.image_data import (EpochSampler, ImageDataError, ImageSplit, epoch_index_list, list_classes, list_split,
-                               read_image)
+                               read_image, scan_area_mask)
 
 
 def write_png(path: Path, grey: np.ndarray) -> None:
@@ -102,3 +102,21 @@ def test_ranks_split_each_global_batch_like_one_process() -> None:
             assert one[6 * b : 6 * b + 6] == per_rank[0][3 * b : 3 * b + 3] + per_rank[1][3 * b : 3 * b + 3]
     with pytest.raises(ImageDataError, match="cannot fill one global batch of 32"):
         EpochSampler(labels, batch_size=16, world_size=2)
+
+
+def test_scan_area_mask_finds_the_area_prepare_kept_dark_tissue_included(tmp_path: Path) -> None:
+    """A processed image is black outside its scan area: the mask is that area at the model's side, with a black
+    cyst at its edge inside (a grey threshold would cut it out); an all-black image has none."""
+    rng = np.random.default_rng(0)
+    grey = np.zeros((128, 128), np.uint8)
+    grey[16:112, 32:96] = rng.integers(40, 200, (96, 64))  # speckle-like tissue in a rectangle
+    yy, xx = np.mgrid[0:128, 0:128]
+    cyst = ((yy - 111) ** 2 + (xx - 70) ** 2 < 14 ** 2) & (yy < 112)  # black half-disk on the bottom edge
+    grey[cyst] = 0
+    Image.fromarray(np.repeat(grey[..., None], 3, axis=2)).save(tmp_path / "img.png")
+    mask = scan_area_mask(tmp_path / "img.png", 64)
+    expected = np.zeros((64, 64), bool)
+    expected[8:56, 16:48] = True
+    assert np.array_equal(mask, expected)
+    Image.fromarray(np.zeros((128, 128, 3), np.uint8)).save(tmp_path / "black.png")
+    assert scan_area_mask(tmp_path / "black.png", 64) is None

@@ -10,9 +10,10 @@ import torch
 from torchmetrics.functional.image import multiscale_structural_similarity_index_measure
 
 from common.image_data import to_grey_uint8
-from common.sample_metrics import (MSSSIM_BETAS, copy_fraction, diversity, grey_uint8, matched_subsample,
-                                   msssim_betas, msssim_levels, nearest_neighbours, sample_pairs, teacher_similarity,
-                                   token_usage_entropy)
+from common import sample_metrics
+from common.sample_metrics import (MSSSIM_BETAS, copy_fraction, diversity, grey_uint8, masked_psnr_ssim,
+                                   matched_subsample, msssim_betas, msssim_levels, nearest_neighbours, psnr_ssim,
+                                   sample_pairs, teacher_similarity, token_usage_entropy)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -237,3 +238,23 @@ def test_copy_fraction_counts_samples_strictly_closer_than_any_reference():
     assert copy_fraction(np.array([0.1, 0.2]), np.array([0.3])) == 0.0
     with pytest.raises(ValueError, match="need samples and references"):
         copy_fraction(np.array([0.5]), np.array([]))
+
+
+def test_masked_psnr_and_ssim_score_only_the_masked_pixels() -> None:
+    reference = np.full((32, 32), 100, np.uint8)
+    image = reference.copy()
+    image[:, 16:] += 10  # inside the mask: every pixel off by 10 grey levels
+    image[:, :4] = 255  # outside: far off, and must not count
+    mask = np.zeros((32, 32), bool)
+    mask[:, 16:] = True
+    psnr, _ = masked_psnr_ssim(reference, image, mask)
+    assert psnr == pytest.approx(20 * np.log10(255 / 10), abs=1e-12)  # 28.1308 dB: MSE 100 over the masked pixels
+    assert psnr_ssim(reference, image)[0] < 15  # the whole image, with its far-off strip, scores much lower
+    # SSIM: identical inside a mask whose 7x7 windows never reach the changed strip -> exactly 1 there.
+    image = reference.copy()
+    image[:, :4] = 255
+    mask = np.zeros((32, 32), bool)
+    mask[:, 8:] = True
+    assert masked_psnr_ssim(reference, image, mask) == (sample_metrics.PSNR_CAP, pytest.approx(1.0, abs=1e-12))
+    assert psnr_ssim(reference, image)[1] < 0.9
+    assert all(np.isnan(masked_psnr_ssim(reference, image, np.zeros((32, 32), bool))))

@@ -19,6 +19,7 @@ from PIL import Image
 
 import train_vqvae
 from common.checkpoint import load_checkpoint
+from common.runtime import select_precision
 from models.vqvae import load_vqvae
 
 REPO = Path(__file__).resolve().parents[1]
@@ -49,7 +50,7 @@ def tiny_args(data: Path, out: Path, **overrides: object) -> list[str]:
     args = dict(data_dir=data, out_dir=out, image_size=32, ch=32, ch_mult="1,1,2", num_res_blocks=1, z_channels=8,
                 vocab_size=64, scales="1,2,4,8", epochs=EPOCHS, batch_size=8, lr=2e-3, warmup_steps=2,
                 dead_code_steps=2, dead_code_every=2, num_workers=0, eval_batch_size=16, plot_every=EPOCHS, num_recon=3,
-                cpu_threads=1, precision="fp32", device="cpu")
+                cpu_threads=1, precision="fp32", device="cpu", recon_kid=False)
     args.update(overrides)
     return [f"--{k}={v}" for k, v in args.items()]
 
@@ -71,7 +72,18 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def reference_run(data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One uninterrupted single-process run that the other tests compare against."""
     out = tmp_path_factory.mktemp("reference")
-    run_in_process(tiny_args(data, out))
+    run_in_process(tiny_args(data, out, recon_kid=True))
+    return out
+
+
+GAN_ARGS = dict(disc_weight=0.5, disc_start=4, disc_ch=16, disc_layers=2)  # the discriminator from the third epoch
+
+
+@pytest.fixture(scope="module")
+def gan_run(data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The reference run with the adversarial loss from step 4 (2 steps per epoch), uninterrupted."""
+    out = tmp_path_factory.mktemp("gan")
+    run_in_process(tiny_args(data, out, **GAN_ARGS))
     return out
 
 
@@ -92,6 +104,9 @@ def test_run_writes_checkpoints_metrics_and_plots(reference_run: Path) -> None:
     assert all(len(r["val_usage"]) == 4 and 0 < r["val_usage"][-1] <= 1 for r in records)
     metrics = json.loads((reference_run / "test_metrics.json").read_text())
     assert metrics["n_images"] == 8 and 0 < metrics["ssim"] <= 1 and metrics["psnr"] > 5 and len(metrics["usage"]) == 4
+    # The test images fill the frame (no black margin): the scan area is the whole image, found in every one.
+    assert metrics["scan_area_fallback"] == 0 and 0 < metrics["ssim_scan"] <= 1 and metrics["psnr_scan"] > 5
+    assert metrics["kid_subset_size"] == 8 and np.isfinite(metrics["kid_recon"]) and metrics["kid_recon_std"] >= 0
     best = load_checkpoint(reference_run / "best.pth")
     assert best["epoch"] == metrics["best_epoch"]
     assert best["best_val_loss"] == min(r["val_loss"] for r in records)
@@ -200,9 +215,9 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data: Path, tm
     calls = []
     real = train_vqvae.recon_loss
 
-    def nan_from_the_second_epoch(rec: torch.Tensor, img: torch.Tensor) -> torch.Tensor:
+    def nan_from_the_second_epoch(rec: torch.Tensor, img: torch.Tensor, reduction: str) -> torch.Tensor:
         calls.append(1)
-        loss = real(rec, img)
+        loss = real(rec, img, reduction)
         return loss * float("nan") if len(calls) > 2 else loss
 
     monkeypatch.setattr(train_vqvae, "recon_loss", nan_from_the_second_epoch)
@@ -257,14 +272,107 @@ def test_a_nan_in_the_last_step_of_an_epoch_leaves_the_checkpoints_untouched(dat
     calls = []
     real = train_vqvae.recon_loss
 
-    def nan_gradients_on_the_last_step(rec: torch.Tensor, img: torch.Tensor) -> torch.Tensor:
+    def nan_gradients_on_the_last_step(rec: torch.Tensor, img: torch.Tensor, reduction: str) -> torch.Tensor:
         calls.append(1)
         if len(calls) == 2:  # the second epoch's last step (2 per epoch): a finite loss whose update makes NaN weights
             rec.register_hook(lambda grad: grad * float("nan"))
-        return real(rec, img)
+        return real(rec, img, reduction)
 
     monkeypatch.setattr(train_vqvae, "recon_loss", nan_gradients_on_the_last_step)
     with pytest.raises(SystemExit, match=r"^error: epoch 2: non-finite val loss nan, weights .*; stopping without writing"):
         run_in_process(tiny_args(data, tmp_path, epochs=3))
     assert {name: (tmp_path / name).read_bytes() for name in before} == before
     assert not (tmp_path / ".best.pth.a1b2c3d4.tmp").exists()
+
+
+def test_the_two_loss_reductions_differ_by_the_element_counts(data: Path, tmp_path: Path) -> None:
+    """sum = mean x 3*H*W for the reconstruction term (and equals the seed's per-image SSE), mean x z*h*w for the VQ
+    term: in the training step's loss_terms and in the evaluation."""
+    torch.manual_seed(0)
+    model = train_vqvae.VQVAE(vocab_size=64, z_channels=8, ch=32, ch_mult=(1, 1, 2), num_res_blocks=1,
+                              scales=(1, 2, 4, 8), in_channels=1)
+    img = torch.rand(3, 3, 32, 32) * 2 - 1
+    out = model(img)
+    pixels, latents = 3 * 32 * 32, 8 * 8 * 8
+    rec_sum, vq_sum, _ = train_vqvae.loss_terms(out, img, "sum", None, 0.0, latents)
+    rec_mean, vq_mean, _ = train_vqvae.loss_terms(out, img, "mean", None, 0.0, latents)
+    torch.testing.assert_close(rec_sum, rec_mean * pixels, rtol=1e-6, atol=0)
+    torch.testing.assert_close(vq_sum, vq_mean * latents, rtol=1e-6, atol=0)
+    torch.testing.assert_close(rec_sum, (out.rec - img).square().flatten(1).sum(1).mean(), rtol=1e-6, atol=0)
+    torch.testing.assert_close(vq_mean, out.vq_loss, rtol=0, atol=0)
+
+    cfg = train_vqvae.Config(data_dir=str(data), image_size=32, eval_batch_size=16, num_workers=0)
+    split = train_vqvae.ImageSplit(data, "val", 32)
+    masks = np.ones((len(split), 32, 32), bool)
+    dist = train_vqvae.setup_distributed(torch.device("cpu"))
+    fp32, scores = select_precision(torch.device("cpu"), "fp32"), {}
+    for reduction in ("sum", "mean"):
+        cfg.loss_reduction = reduction
+        scores[reduction] = train_vqvae.evaluate(model, split, masks, cfg, dist, fp32, "val")
+    assert scores["sum"]["rec_loss"] == pytest.approx(scores["mean"]["rec_loss"] * pixels, rel=1e-6)
+    assert scores["sum"]["vq_loss"] == pytest.approx(scores["mean"]["vq_loss"] * latents, rel=1e-6)
+    # A mask covering the whole image scores exactly what the whole image scores.
+    mean = scores["mean"]
+    assert mean["psnr_scan"] == mean["psnr"] and mean["ssim_scan"] == mean["ssim"]
+
+
+def test_the_discriminator_starts_only_after_its_delay(reference_run: Path, gan_run: Path) -> None:
+    plain, gan = history(reference_run), history(gan_run)
+    # Steps 0-3 (epochs 1-2): no discriminator step, no adversarial term: exactly the run without one.
+    for r_plain, r_gan in zip(plain[:2], gan[:2]):
+        assert "gan_steps" not in r_gan and "train_disc_loss" not in r_gan
+        for key in ("train_loss", "train_rec_loss", "train_vq_loss", "val_loss", "val_psnr"):
+            assert r_gan[key] == r_plain[key], key
+    # From step 4 on: both steps of every epoch train the discriminator and add its loss, and the run departs.
+    assert [r["gan_steps"] for r in gan[2:]] == [2, 2, 2]
+    assert all(r["train_disc_loss"] > 0 and r["gan_weight"] > 0 for r in gan[2:])
+    assert gan[2]["train_loss"] != plain[2]["train_loss"]
+    last = load_checkpoint(gan_run / "last.pth")
+    assert last["discriminator_config"] == {"in_channels": 1, "ch": 16, "num_layers": 2}
+    assert len(last["disc_optimizer"]["state"]) > 0
+    # best.pth is picked among the epochs with the discriminator on, and loads as a plain VQ-VAE.
+    assert load_checkpoint(gan_run / "best.pth")["epoch"] >= 3
+    assert load_vqvae(gan_run / "best.pth").scales == (1, 2, 4, 8)
+    assert (gan_run / "gan.png").is_file()
+
+
+def test_resume_with_the_discriminator_on_matches_an_uninterrupted_run(data: Path, gan_run: Path, tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    real_evaluate = train_vqvae.evaluate
+    calls = []
+
+    def killed_at_the_fourth_validation(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt  # after epoch 3's checkpoint, whose discriminator has trained 2 steps
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(train_vqvae, "evaluate", killed_at_the_fourth_validation)
+    with pytest.raises(KeyboardInterrupt):
+        run_in_process(tiny_args(data, tmp_path, **GAN_ARGS))
+    assert load_checkpoint(tmp_path / "last.pth")["epoch"] == 3
+    monkeypatch.setattr(train_vqvae, "evaluate", real_evaluate)
+    run_in_process(tiny_args(data, tmp_path, **GAN_ARGS))
+    resumed, reference = history(tmp_path), history(gan_run)
+    drop = {"seconds"}
+    assert [{k: v for k, v in r.items() if k not in drop} for r in resumed] == \
+           [{k: v for k, v in r.items() if k not in drop} for r in reference]
+    a, b = load_checkpoint(tmp_path / "last.pth"), load_checkpoint(gan_run / "last.pth")
+    for part in ("model", "discriminator"):
+        assert all(torch.equal(a[part][k], b[part][k]) for k in b[part]), part
+
+
+def test_perceptual_loss_without_local_weights_stops_right_after_parsing(data: Path, tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(train_vqvae.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(SystemExit, match=r"^error: --perceptual_weight=0\.1: the perceptual loss needs the 'lpips' "
+                                         r"package, which is not installed: pip install lpips==0\.1\.4"):
+        run_in_process(tiny_args(data, tmp_path / "run", perceptual_weight=0.1))
+    # The package is there but its VGG16 backbone is not in torch's hub cache: nothing is downloaded.
+    monkeypatch.setattr(train_vqvae.importlib.util, "find_spec", lambda name: object())
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    missing = tmp_path / "hub" / "checkpoints" / "vgg16-397923af.pth"
+    with pytest.raises(SystemExit, match=f"^error: --perceptual_weight=0\\.1: LPIPS's VGG16 backbone weights "
+                                         f"{missing} are missing, and are not downloaded at run time"):
+        run_in_process(tiny_args(data, tmp_path / "run", perceptual_weight=0.1))
+    assert not (tmp_path / "run").exists()
