@@ -195,12 +195,12 @@ def discriminator_input(img: torch.Tensor, in_channels: int) -> torch.Tensor:
 def adaptive_weight(rec_loss: torch.Tensor, gan_loss: torch.Tensor, last_layer: torch.Tensor,
                     dist: DistContext) -> torch.Tensor:
     """VQGAN's lambda = ||grad of the reconstruction loss|| / (||grad of the GAN loss|| + 1e-4) at the decoder's last
-    layer, clamped to [0, 1e4] and averaged over processes: the adversarial gradient reaching the decoder is as
-    large as the reconstruction's, whatever the loss reduction."""
-    rec_grad = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)[0]
-    gan_grad = torch.autograd.grad(gan_loss, last_layer, retain_graph=True)[0]
-    weight = (rec_grad.norm() / (gan_grad.norm() + 1e-4)).clamp(0.0, ADAPTIVE_WEIGHT_MAX).detach()
-    return dist.all_reduce_sum(weight) / dist.world_size
+    layer, clamped to [0, 1e4]: the adversarial gradient reaching the decoder is as large as the reconstruction's,
+    whatever the loss reduction. Both gradients are averaged over processes first (a small tensor), so lambda is
+    that of the global batch, as one process would compute it."""
+    grads = torch.stack([torch.autograd.grad(loss, last_layer, retain_graph=True)[0] for loss in (rec_loss, gan_loss)])
+    rec_grad, gan_grad = dist.all_reduce_sum(grads.detach()) / dist.world_size
+    return (rec_grad.norm() / (gan_grad.norm() + 1e-4)).clamp(0.0, ADAPTIVE_WEIGHT_MAX)
 
 
 def build_model(cfg: Config) -> VQVAE:

@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             start = time.perf_counter()
         with precision.autocast():
             out = model(train_batch)
-        loss = recon_loss(out.rec, train_batch) + out.vq_loss
+        loss = recon_loss(out.rec, train_batch, "mean") + out.vq_loss  # train_vqvae.py's default reduction
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)

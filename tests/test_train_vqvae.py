@@ -1,5 +1,6 @@
 """train_vqvae.py end to end on a tiny model: outputs and plots, resume after SIGKILL, clear errors for bad
-checkpoints and non-finite losses, and a two-process torchrun run matching one process with the same global batch."""
+checkpoints and non-finite losses, a two-process torchrun run matching one process with the same global batch, the
+loss reductions, the delayed discriminator and its exact resume, and the refusal of LPIPS without local weights."""
 from __future__ import annotations
 
 import json
@@ -228,20 +229,24 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data: Path, tm
     assert all(torch.isfinite(v).all() for v in kept["model"].values())
 
 
-def test_two_process_torchrun_matches_one_process(data: Path, reference_run: Path, tmp_path: Path) -> None:
+def test_two_process_torchrun_matches_one_process(data: Path, gan_run: Path, tmp_path: Path) -> None:
+    """With the discriminator from the third epoch: both the plain and the adversarial steps match one process."""
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train_vqvae.py",
-           *tiny_args(data, out)]
+           *tiny_args(data, out, **GAN_ARGS)]
     done = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     assert "2 process(es) x batch 4" in done.stdout
-    two, one = history(out), history(reference_run)
+    two, one = history(out), history(gan_run)
     assert [r["step"] for r in two] == [r["step"] for r in one]
     # Same global batches, loss averaged over processes, dead codes re-initialised identically on both ranks.
     assert [r["dead_codes_reinit"] for r in two] == [r["dead_codes_reinit"] for r in one]
     for key in ("train_loss", "val_loss", "val_psnr", "val_ssim"):
         np.testing.assert_allclose([r[key] for r in two], [r[key] for r in one], rtol=5e-3, err_msg=key)
     np.testing.assert_allclose([r["val_usage"] for r in two], [r["val_usage"] for r in one], atol=0.05)
+    # The adaptive weight comes from the gradients of the global batch, averaged over the processes.
+    for key in ("gan_weight", "train_gan_loss", "train_disc_loss"):
+        np.testing.assert_allclose([r[key] for r in two[2:]], [r[key] for r in one[2:]], rtol=5e-3, err_msg=key)
 
 
 def test_init_from_the_reference_checkpoint(shared_dir: Path, data: Path, tmp_path: Path) -> None:
