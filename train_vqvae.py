@@ -49,6 +49,7 @@ from models.vqvae import VQOutput, VQVAE
 LPIPS_PACKAGE = "lpips"  # pip install lpips==0.1.4: its linear-layer weights come inside the wheel
 LPIPS_BACKBONE_FILE = "vgg16-397923af.pth"  # torchvision's VGG16 IMAGENET1K_V1, which lpips loads from torch's hub cache
 ADAPTIVE_WEIGHT_MAX = 1e4  # VQGAN's clamp of the adaptive adversarial weight
+DISC_BETAS = (0.5, 0.9)  # VQGAN's AdamW betas for the discriminator
 
 
 @dataclass
@@ -70,6 +71,7 @@ class Config:
     disc_start: int = 0  # training step from which the discriminator is trained and its loss added
     disc_ch: int = 64  # base width of the patch discriminator (a multiple of 16: GroupNorm with 32 groups)
     disc_layers: int = 3  # stride-2 stages of the patch discriminator (3: 70 px patches)
+    disc_lr: float = 1e-4  # peak learning rate of the discriminator (same schedule as lr); at 1e-3 it collapsed
     phi_ratio: float = 0.5  # mix of the phi refinement conv after each scale's upsampled code map
     phi_share: int = 4  # number of phi convs shared across scales (0 = one per scale)
     scales: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)  # side of each scale's token map, coarse to fine
@@ -111,7 +113,7 @@ def validate(cfg: Config) -> None:
         "beta": at_least(0), "loss_reduction": one_of("mean", "sum"), "perceptual_weight": at_least(0),
         "disc_weight": at_least(0), "disc_start": at_least(0),
         "disc_ch": Rule(lambda v: v >= 16 and v % 16 == 0, "a positive multiple of 16 (GroupNorm with 32 groups)"),
-        "disc_layers": at_least(1), "phi_ratio": between(0, 1), "phi_share": at_least(0),
+        "disc_layers": at_least(1), "disc_lr": at_least(0), "phi_ratio": between(0, 1), "phi_share": at_least(0),
         "scales": Rule(lambda v: len(v) >= 1 and v[0] >= 1 and all(a < b for a, b in zip(v, v[1:])),
                        "a non-empty, strictly increasing list of sides >= 1"),
         "epochs": at_least(1), "batch_size": at_least(1), "lr": at_least(0), "warmup_steps": at_least(0),
@@ -507,8 +509,7 @@ def train(cfg: Config, dist: DistContext) -> None:
     disc = disc_optimizer = disc_scaler = None
     if cfg.disc_weight > 0:
         disc = PatchDiscriminator(cfg.in_channels, cfg.disc_ch, cfg.disc_layers).to(device)
-        disc_optimizer = torch.optim.AdamW(param_groups(disc, cfg.weight_decay), lr=cfg.lr,
-                                           betas=(cfg.adam_beta1, cfg.adam_beta2))
+        disc_optimizer = torch.optim.AdamW(param_groups(disc, cfg.weight_decay), lr=cfg.disc_lr, betas=DISC_BETAS)
         disc_scaler = precision.make_scaler()
     dead_codes = DeadCodes(cfg.vocab_size, cfg.dead_code_steps, device)
     history = History()
@@ -609,7 +610,7 @@ def train(cfg: Config, dist: DistContext) -> None:
             scaler.step(optimizer)
             scaler.update()
             if gan_on:
-                set_lr(disc_optimizer, lr)
+                set_lr(disc_optimizer, lr_at(step, total_steps, cfg.warmup_steps, cfg.disc_lr, cfg.final_lr_ratio))
                 # Real and reconstructed images in one batch: one forward and backward through DDP (GroupNorm is
                 # per image, so the logits are those of two separate passes).
                 with precision.autocast():
