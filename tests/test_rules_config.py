@@ -58,6 +58,8 @@ def test_device_and_precision_rules():
     assert config_module._device_available("cpu") and not config_module._device_available("meta:0")
     with mock.patch("torch.cuda.is_available", return_value=True), mock.patch("torch.cuda.device_count", return_value=2):
         assert [config_module._device_available(n) for n in ("cuda", "cuda:1", "cuda:2")] == [True, True, False]
+    with mock.patch("torch.cuda.is_available", return_value=True), mock.patch("torch.cuda.device_count", return_value=1):
+        assert [config_module._device_available(n) for n in ("cuda", "cuda:0", "cuda:1")] == [True, True, False]
     with mock.patch("torch.cuda.is_available", return_value=False), mock.patch("torch.cuda.device_count", return_value=2):
         assert not config_module._device_available("cuda:0")
     with mock.patch("torch.backends.mps.is_available", return_value=True):
@@ -96,6 +98,10 @@ def test_each_conversion_and_its_refusal():
 def test_unknown_names_and_the_preset_refusals(tmp_path):
     with pytest.raises(ConfigError, match=r"^command line: unknown constant 'cont' \(did you mean 'count'\?\)"):
         parse_config(Knobs, ["--cont=1"])
+    with pytest.raises(ConfigError) as err:
+        parse_config(Knobs, ["--zzz=1"])
+    assert str(err.value) == ("command line: unknown constant 'zzz'; valid names: rate, count, flag, sizes, names, path, "
+                              "limit, weird")
     assert parse_config(Knobs, ["--rate=0.25"]).rate == 0.25
     preset = tmp_path / "p.json"
     preset.write_text("[1, 2]")
@@ -125,6 +131,10 @@ def test_help_exits_zero_with_the_constants(capsys, monkeypatch):
     assert lines[8] == "  --path=None  (str | None)  maybe a path"
     assert lines[9] == "  --limit=None  (int | None)  maybe a limit"
     assert config_help(Knobs).startswith("usage: python  [--config")
+    monkeypatch.setattr(sys, "argv", [])  # embedded interpreters may have no argv[0]
+    with pytest.raises(SystemExit):
+        parse_config(Knobs, ["--help"])
+    assert capsys.readouterr().out.startswith("usage: python  [--config")
 
 
 def test_sys_argv_is_read_when_no_argv_is_given(monkeypatch):
