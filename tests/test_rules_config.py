@@ -74,6 +74,7 @@ def test_each_conversion_and_its_refusal():
     assert (cfg.path, cfg.sizes, cfg.names, cfg.flag, cfg.count) == (None, (3, 4), ["p", "q"], True, -3)
     assert parse_config(Knobs, ["--path="]).path is None
     assert parse_config(Knobs, ["--path=a=b"]).path == "a=b"  # the value may hold '='
+    assert parse_config(Knobs, ["--names=Xa,bX"]).names == ["Xa", "bX"]  # only brackets are stripped
     assert parse_config(Knobs, ["--sizes=[]"]).sizes == ()
     assert parse_config(Knobs, ["--sizes=5"]).sizes == (5,)
     assert [parse_config(Knobs, [f"--flag={v}"]).flag for v in ("1", "yes", "true", "0", "no", "off")] == \
