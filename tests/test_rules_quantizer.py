@@ -30,6 +30,9 @@ def test_phi_indices_by_hand():
     assert phi_indices(5, 2) == [0, 0, 0, 1, 1]  # 0.5 sits between both ticks: the lower index wins
     assert phi_indices(4, 1) == [0, 0, 0, 0]
     assert phi_indices(3, 3) == [0, 1, 2]
+    # where the two margins part ways (values of the reference's float arithmetic, ties included)
+    assert phi_indices(9, 4) == [0, 0, 1, 1, 2, 2, 2, 3, 3]
+    assert phi_indices(11, 5) == [0, 0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
     q = MultiScaleQuantizer(16, 3, (1, 2, 3, 4, 5), phi_share=0)
     assert len(q.phis) == 5 and q.phi_index == [0, 1, 2, 3, 4]
     q = MultiScaleQuantizer(16, 3, (1, 2, 3, 4, 5), phi_share=2)
@@ -143,3 +146,33 @@ def test_every_refusal():
         q.idx_to_fhats(idx + idx[:1])
     with pytest.raises(ValueError, match=r"^expected 3 token maps, got 2$"):
         q.idx_to_var_input(idx[:2])
+
+
+def test_reference_defaults_and_code_init():
+    q = MultiScaleQuantizer(512, 3, (1, 2))  # two scales are enough
+    assert (q.beta, q.phi_ratio, len(q.phis), q.using_znorm) == (0.25, 0.5, 4, False)
+    w = q.embedding.weight.detach()
+    # uniform in [-1/V, 1/V] (taming's init), spread over the whole range
+    assert w.min() >= -1 / 512 and w.max() <= 1 / 512 and w.min() < -0.9 / 512 and w.max() > 0.9 / 512
+    assert len(MultiScaleQuantizer(16, 3, SCALES, phi_ratio=1e-6).phis) == 0  # 1e-6 already counts as no phi
+
+
+def test_paths_agree_with_phi_convs_and_resample_by_area():
+    torch.manual_seed(0)
+    q = MultiScaleQuantizer(16, 3, (1, 2, 3, 4), phi_ratio=0.5, phi_share=2)
+    torch.nn.init.normal_(q.embedding.weight, std=1.0)
+    f = features()
+    idx, f_hats = q.f_to_idx(f), q.f_to_fhats(f)
+    again = q.idx_to_fhats(idx)
+    assert all(a.dtype == torch.float32 and torch.allclose(a, b, atol=1e-5) for a, b in zip(again, f_hats))
+    assert len(q.idx_to_fhats(idx[:1])) == 1
+    var_in = q.idx_to_var_input(idx)
+    area = F.interpolate(f_hats[1], size=(3, 3), mode="area").flatten(2).transpose(1, 2)
+    assert var_in.dtype == torch.float32 and torch.allclose(var_in[:, 4:4 + 9], area, atol=1e-6)
+    f_hat, nxt = q.next_scale_input(1, f_hats[0], q.embed(idx[1], 1))
+    assert torch.allclose(f_hat, f_hats[1], atol=1e-5) and f_hat.dtype == torch.float32
+    assert torch.allclose(nxt, F.interpolate(f_hat, size=(3, 3), mode="area"), atol=1e-6)
+    one = q.embed(idx[2][:1], 2)  # a batch of one
+    assert one.shape == (1, 3, 3, 3)
+    two = MultiScaleQuantizer(16, 3, (1, 2), phi_ratio=0.0)
+    assert two.idx_to_var_input(two.f_to_idx(torch.randn(1, 3, 2, 2))).shape == (1, 4, 3)
