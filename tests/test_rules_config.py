@@ -115,6 +115,14 @@ def test_unknown_names_and_the_preset_refusals(tmp_path):
 
     assert parse_config(Dashed, ["--num-workers=3"]).num_workers == 3
 
+    @dataclass
+    class WithClassVar:
+        KIND: typing.ClassVar[str] = "vqvae"  # annotated, but not a constant of the command line
+        epochs: int = 1  # passes
+
+    with pytest.raises(ConfigError, match=r"^command line: unknown constant 'KIND'; valid names: epochs$"):
+        parse_config(WithClassVar, ["--KIND=var"])
+
 
 def test_help_exits_zero_with_the_constants(capsys, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["/some/where/train_x.py"])
