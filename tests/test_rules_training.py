@@ -20,6 +20,9 @@ def test_schedule_values_by_hand():
     assert lr(20) == pytest.approx(3.0 * (0.2 + 0.8 * 0.5 * (1 + math.cos(math.pi / 4))))
     assert lr(30) == pytest.approx(3.0 * 0.6) and lr(50) == pytest.approx(0.6) and lr(80) == pytest.approx(0.6)
     assert lr(0, warmup_steps=0) == pytest.approx(3.0)  # no warmup: the peak at once
+    assert lr(0, warmup_steps=1) == pytest.approx(3.0) and lr(1, warmup_steps=1) == pytest.approx(3.0)
+    assert lr(7, total_steps=6, warmup_steps=5) == pytest.approx(0.6)  # one step after warmup: progress 1 at step 6
+    assert lr_at(100, 100, 0, 1.0) == pytest.approx(0.01)  # the default floor: 1% of the peak
     assert lr(5, total_steps=5, warmup_steps=5) == pytest.approx(3.0)  # nothing after warmup: progress 0, no 0 / 0
     assert lr(6, total_steps=5, warmup_steps=5) == pytest.approx(0.6)
     assert LIN0_FLAT == 0.05
@@ -61,6 +64,7 @@ def test_loss_watch_intervals_and_message():
     assert LossWatch(torch.device("meta"), gpu_every=3).every == 3  # any other device: every gpu_every steps
     assert LossWatch(torch.device("meta")).every == 50
     watch = LossWatch(torch.device("cpu"))
+    assert watch.check() == 0.0  # nothing recorded yet
     watch.every = 3
     assert [watch.update(torch.tensor(1.0), s) for s in range(6)] == [False, False, True, False, False, True]
     assert watch.check() == 1.0 and isinstance(watch.check(), float)
@@ -69,6 +73,11 @@ def test_loss_watch_intervals_and_message():
     watch.update(torch.tensor(2.0), 8)
     with pytest.raises(NonFiniteLossError) as err:
         watch.check()
+    first = LossWatch(torch.device("cpu"))
+    first.update(torch.tensor(math.nan), 0)
+    first.update(torch.tensor(math.inf), 2)
+    with pytest.raises(NonFiniteLossError, match="^loss became nan at step 0; "):  # step 0 counts as a bad step too
+        first.check()
     assert str(err.value) == ("loss became -inf at step 6; stopping. The last good checkpoints are kept: lower the "
                               "learning rate or switch precision (e.g. --precision=fp32) and resume.")
 
@@ -105,7 +114,7 @@ def test_checkpoint_contents_and_refusals(tmp_path):
     assert torch.equal(saved["model"]["weight"], model.weight)
     save_training_checkpoint(path, model=model, model_config={"w": 2}, config={}, epoch=1, step=1, history=[],
                              best_val_loss=1.0)
-    with pytest.raises(CheckpointError, match="optimizer"):  # a checkpoint without the optimizer cannot resume
+    with pytest.raises(CheckpointError, match=rf"^{path}: not a checkpoint of this project: missing optimizer"):
         resume_training_checkpoint(path, nn.Linear(2, 2), torch.optim.SGD(model.parameters(), lr=0.1), None, {"w": 2})
     save_training_checkpoint(path, model=model, model_config={"w": 2}, config={}, optimizer=optimizer, epoch=1, step=1,
                              history=[], best_val_loss=1.0)
@@ -115,4 +124,18 @@ def test_checkpoint_contents_and_refusals(tmp_path):
                               "use another out_dir or the same constants")
     with pytest.raises(CheckpointError, match=rf"^{path}: weights do not fit the model: "):
         resume_training_checkpoint(path, nn.Linear(2, 3), optimizer, None, {"w": 2})
+    with pytest.raises(CheckpointError, match=rf"^{path}: is a VAR checkpoint \(train_var.py\)"):
+        save_training_checkpoint(path, model=model, model_config={"num_classes": 2}, config={}, optimizer=optimizer,
+                                 epoch=1, step=1, history=[], best_val_loss=1.0)
+        resume_training_checkpoint(path, nn.Linear(2, 2), optimizer, None, {"num_classes": 2})
+    broken = nn.Sequential(*(nn.Linear(2, 2) for _ in range(2)))
+    with torch.no_grad():
+        for p in broken.parameters():
+            p.fill_(math.nan)
+    save_training_checkpoint(path, model=broken, model_config={}, config={}, optimizer=optimizer, epoch=1, step=1,
+                             history=[], best_val_loss=1.0)
+    with pytest.raises(CheckpointError) as err:
+        resume_training_checkpoint(path, nn.Sequential(*(nn.Linear(2, 2) for _ in range(2))), optimizer, None, {})
+    assert str(err.value) == (f"{path}: holds non-finite weights (0.weight, 0.bias, 1.weight; saved after a NaN?); "
+                              "resume from another checkpoint (--resume=PATH) or start afresh (--resume=none)")
     assert unwrap(model) is model
