@@ -48,6 +48,7 @@ class Named(nn.Module):
         self.pos_table = nn.Parameter(torch.zeros(4, 3))
         self.frozen = nn.Parameter(torch.zeros(3, 3), requires_grad=False)
         self.gain = nn.Parameter(torch.ones(3))
+        self.rel_bias = nn.Parameter(torch.zeros(2, 3))  # a bias by name, though 2-D
 
 
 def test_param_groups_by_name_and_shape():
@@ -56,7 +57,10 @@ def test_param_groups_by_name_and_shape():
     ids = lambda group: {id(p) for p in group["params"]}
     assert (decay["weight_decay"], no_decay["weight_decay"]) == (0.3, 0.0)
     assert ids(decay) == {id(model.proj.weight)}
-    assert ids(no_decay) == {id(model.proj.bias), id(model.pos_table), id(model.gain)}  # frozen: in neither
+    assert ids(no_decay) == {id(model.proj.bias), id(model.pos_table), id(model.gain), id(model.rel_bias)}
+    plain = nn.Linear(2, 2)  # no NO_WEIGHT_DECAY keys: shape and name decide
+    decay, no_decay = param_groups(plain, 0.1)
+    assert (ids(decay), ids(no_decay)) == ({id(plain.weight)}, {id(plain.bias)})
 
 
 def test_loss_watch_intervals_and_message():
@@ -92,6 +96,13 @@ def test_check_epoch_finite_lists_at_most_three_weights():
         check_epoch_finite(model, 7, {"train loss": math.inf, "val loss": 1.0})
     assert str(err.value).startswith("epoch 7: non-finite train loss inf, weights 0.weight, 0.bias, 1.weight and 3 more; "
                                      "stopping without writing its checkpoints. The last good checkpoints are kept:")
+    for count, tail in ((3, ";"), (4, " and 1 more;")):
+        model = nn.Sequential(*(nn.Linear(2, 2, bias=False) for _ in range(count)))
+        with torch.no_grad():
+            for p in model.parameters():
+                p.fill_(math.nan)
+        with pytest.raises(NonFiniteLossError, match=rf"^epoch 2: non-finite weights 0.weight, 1.weight, 2.weight{tail}"):
+            check_epoch_finite(model, 2, {})
     model = nn.Sequential(nn.Linear(2, 2))
     with torch.no_grad():
         model[0].bias.fill_(math.nan)
