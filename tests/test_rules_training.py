@@ -1,0 +1,152 @@
+"""common/training.py at non-default settings: the schedule's exact values, per-group learning-rate scales, the
+GPU read interval of LossWatch, the wording of each refusal, and what a checkpoint holds."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from common.checkpoint import CheckpointError
+from common.training import (LIN0_FLAT, LossWatch, NonFiniteLossError, check_epoch_finite, lr_at, param_groups,
+                             resume_training_checkpoint, save_training_checkpoint, set_lr, unwrap)
+
+
+def test_schedule_values_by_hand():
+    lr = lambda step, **kw: lr_at(step, **(dict(total_steps=50, warmup_steps=10, peak_lr=3.0, final_ratio=0.2) | kw))
+    assert [lr(s) for s in (0, 4, 9)] == pytest.approx([0.3, 1.5, 3.0])  # (step + 1) / warmup of the peak
+    # cosine: progress (step - warmup) / (total - warmup); a quarter of the way down is 0.5 (1 + cos(pi / 4))
+    assert lr(20) == pytest.approx(3.0 * (0.2 + 0.8 * 0.5 * (1 + math.cos(math.pi / 4))))
+    assert lr(30) == pytest.approx(3.0 * 0.6) and lr(50) == pytest.approx(0.6) and lr(80) == pytest.approx(0.6)
+    assert lr(0, warmup_steps=0) == pytest.approx(3.0)  # no warmup: the peak at once
+    assert lr(0, warmup_steps=1) == pytest.approx(3.0) and lr(1, warmup_steps=1) == pytest.approx(3.0)
+    assert lr(7, total_steps=6, warmup_steps=5) == pytest.approx(0.6)  # one step after warmup: progress 1 at step 6
+    assert lr_at(100, 100, 0, 1.0) == pytest.approx(0.01)  # the default floor: 1% of the peak
+    assert lr(5, total_steps=5, warmup_steps=5) == pytest.approx(3.0)  # nothing after warmup: progress 0, no 0 / 0
+    assert lr(6, total_steps=5, warmup_steps=5) == pytest.approx(0.6)
+    assert LIN0_FLAT == 0.05
+    lin0 = lambda step: lr(step, total_steps=210, schedule="lin0")  # 200 steps after warmup: flat for 10
+    assert [lin0(s) for s in (10, 20)] == pytest.approx([3.0, 3.0])
+    assert lin0(21) == pytest.approx(3.0 * (0.2 + 0.8 * (1 - 11 / 200) / 0.95))
+    assert lin0(210) == pytest.approx(0.6)
+
+
+def test_set_lr_scales_each_group():
+    a, b = nn.Parameter(torch.zeros(1)), nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([{"params": [a], "lr_scale": 0.25}, {"params": [b]}], lr=1.0)
+    set_lr(optimizer, 0.8)
+    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([0.2, 0.8])
+
+
+class Named(nn.Module):
+    NO_WEIGHT_DECAY = ("pos_",)
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(3, 3)
+        self.pos_table = nn.Parameter(torch.zeros(4, 3))
+        self.frozen = nn.Parameter(torch.zeros(3, 3), requires_grad=False)
+        self.gain = nn.Parameter(torch.ones(3))
+        self.rel_bias = nn.Parameter(torch.zeros(2, 3))  # a bias by name, though 2-D
+
+
+def test_param_groups_by_name_and_shape():
+    model = Named()
+    decay, no_decay = param_groups(model, 0.3)
+    ids = lambda group: {id(p) for p in group["params"]}
+    assert (decay["weight_decay"], no_decay["weight_decay"]) == (0.3, 0.0)
+    assert ids(decay) == {id(model.proj.weight)}
+    assert ids(no_decay) == {id(model.proj.bias), id(model.pos_table), id(model.gain), id(model.rel_bias)}
+    plain = nn.Linear(2, 2)  # no NO_WEIGHT_DECAY keys: shape and name decide
+    decay, no_decay = param_groups(plain, 0.1)
+    assert (ids(decay), ids(no_decay)) == ({id(plain.weight)}, {id(plain.bias)})
+
+
+def test_loss_watch_intervals_and_message():
+    assert LossWatch(torch.device("cpu"), gpu_every=3).every == 1  # reading costs nothing on the CPU
+    assert LossWatch(torch.device("meta"), gpu_every=3).every == 3  # any other device: every gpu_every steps
+    assert LossWatch(torch.device("meta")).every == 50
+    watch = LossWatch(torch.device("cpu"))
+    assert watch.check() == 0.0  # nothing recorded yet
+    watch.every = 3
+    assert [watch.update(torch.tensor(1.0), s) for s in range(6)] == [False, False, True, False, False, True]
+    assert watch.check() == 1.0 and isinstance(watch.check(), float)
+    watch.update(torch.tensor(-math.inf), 6)
+    watch.update(torch.tensor(math.nan), 7)
+    watch.update(torch.tensor(2.0), 8)
+    with pytest.raises(NonFiniteLossError) as err:
+        watch.check()
+    first = LossWatch(torch.device("cpu"))
+    first.update(torch.tensor(math.nan), 0)
+    first.update(torch.tensor(math.inf), 2)
+    with pytest.raises(NonFiniteLossError, match="^loss became nan at step 0; "):  # step 0 counts as a bad step too
+        first.check()
+    assert str(err.value) == ("loss became -inf at step 6; stopping. The last good checkpoints are kept: lower the "
+                              "learning rate or switch precision (e.g. --precision=fp32) and resume.")
+
+
+def test_check_epoch_finite_lists_at_most_three_weights():
+    model = nn.Sequential(*(nn.Linear(2, 2) for _ in range(3)))
+    with torch.no_grad():
+        for layer in model:
+            layer.weight.fill_(math.nan)
+            layer.bias.fill_(math.inf)
+    with pytest.raises(NonFiniteLossError) as err:
+        check_epoch_finite(model, 7, {"train loss": math.inf, "val loss": 1.0})
+    assert str(err.value).startswith("epoch 7: non-finite train loss inf, weights 0.weight, 0.bias, 1.weight and 3 more; "
+                                     "stopping without writing its checkpoints. The last good checkpoints are kept:")
+    for count, tail in ((3, ";"), (4, " and 1 more;")):
+        model = nn.Sequential(*(nn.Linear(2, 2, bias=False) for _ in range(count)))
+        with torch.no_grad():
+            for p in model.parameters():
+                p.fill_(math.nan)
+        with pytest.raises(NonFiniteLossError, match=rf"^epoch 2: non-finite weights 0.weight, 1.weight, 2.weight{tail}"):
+            check_epoch_finite(model, 2, {})
+    model = nn.Sequential(nn.Linear(2, 2))
+    with torch.no_grad():
+        model[0].bias.fill_(math.nan)
+    with pytest.raises(NonFiniteLossError, match=r"^epoch 1: non-finite weights 0\.bias; stopping"):
+        check_epoch_finite(model, 1, {})
+    check_epoch_finite(nn.Linear(2, 2), 1, {"val loss": 0.0})
+
+
+def test_checkpoint_contents_and_refusals(tmp_path):
+    model = nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    path = tmp_path / "last.pth"
+    save_training_checkpoint(path, model=model, model_config={"w": 2}, config={"lr": 0.1}, optimizer=optimizer,
+                             epoch=4, step=40, history=[{"epoch": 3}], best_val_loss=0.5, extra={"note": 7})
+    saved = torch.load(path, weights_only=True)
+    assert {k: saved[k] for k in ("model_config", "config", "epoch", "step", "history", "best_val_loss", "note")} == \
+        {"model_config": {"w": 2}, "config": {"lr": 0.1}, "epoch": 4, "step": 40, "history": [{"epoch": 3}],
+         "best_val_loss": 0.5, "note": 7}
+    assert set(saved) >= {"model", "optimizer", "rng"} and "scaler" not in saved
+    assert torch.equal(saved["model"]["weight"], model.weight)
+    save_training_checkpoint(path, model=model, model_config={"w": 2}, config={}, epoch=1, step=1, history=[],
+                             best_val_loss=1.0)
+    with pytest.raises(CheckpointError, match=rf"^{path}: not a checkpoint of this project: missing optimizer"):
+        resume_training_checkpoint(path, nn.Linear(2, 2), torch.optim.SGD(model.parameters(), lr=0.1), None, {"w": 2})
+    save_training_checkpoint(path, model=model, model_config={"w": 2}, config={}, optimizer=optimizer, epoch=1, step=1,
+                             history=[], best_val_loss=1.0)
+    with pytest.raises(CheckpointError) as err:
+        resume_training_checkpoint(path, nn.Linear(2, 2), optimizer, None, {"w": 3})
+    assert str(err.value) == (f"{path}: was written for a different network ({{'w': 2}}) than this run's ({{'w': 3}}); "
+                              "use another out_dir or the same constants")
+    with pytest.raises(CheckpointError, match=rf"^{path}: weights do not fit the model: "):
+        resume_training_checkpoint(path, nn.Linear(2, 3), optimizer, None, {"w": 2})
+    with pytest.raises(CheckpointError, match=rf"^{path}: is a VAR checkpoint \(train_var.py\)"):
+        save_training_checkpoint(path, model=model, model_config={"num_classes": 2}, config={}, optimizer=optimizer,
+                                 epoch=1, step=1, history=[], best_val_loss=1.0)
+        resume_training_checkpoint(path, nn.Linear(2, 2), optimizer, None, {"num_classes": 2})
+    broken = nn.Sequential(*(nn.Linear(2, 2) for _ in range(2)))
+    with torch.no_grad():
+        for p in broken.parameters():
+            p.fill_(math.nan)
+    save_training_checkpoint(path, model=broken, model_config={}, config={}, optimizer=optimizer, epoch=1, step=1,
+                             history=[], best_val_loss=1.0)
+    with pytest.raises(CheckpointError) as err:
+        resume_training_checkpoint(path, nn.Sequential(*(nn.Linear(2, 2) for _ in range(2))), optimizer, None, {})
+    assert str(err.value) == (f"{path}: holds non-finite weights (0.weight, 0.bias, 1.weight; saved after a NaN?); "
+                              "resume from another checkpoint (--resume=PATH) or start afresh (--resume=none)")
+    assert unwrap(model) is model
