@@ -75,12 +75,15 @@ def test_cached_incremental_logits_match_forward(vqvae: VQVAE, variant: dict) ->
         full = model(labels, x_teacher)
         x, cond = model.embed_inputs(labels, x_teacher)
         block_cond = model._block_cond(cond)
-        caches = [KVCache() for _ in model.blocks]
-        for begin, end in model.begin_ends:
-            h = x[:, begin:end]
-            for block, cache in zip(model.blocks, caches):
-                h = block(h, block_cond, None, cache)
-            assert torch.allclose(model.get_logits(h, cond), full[:, begin:end], atol=1e-5)
+        for max_len in (None, L):  # concatenated and preallocated
+            caches = [KVCache(max_len) for _ in model.blocks]
+            for begin, end in model.begin_ends:
+                h = x[:, begin:end]
+                for block, cache in zip(model.blocks, caches):
+                    h = block(h, block_cond, None, cache)
+                assert torch.allclose(model.get_logits(h, cond), full[:, begin:end], atol=1e-5)
+            with pytest.raises(ValueError, match="cannot hold"):
+                KVCache(1).extend(h[:, None, :2], h[:, None, :2])
 
 
 @pytest.mark.parametrize("variant", [{}, {"shared_aln": True, "attn_l2_norm": False}])
