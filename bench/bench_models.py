@@ -116,6 +116,18 @@ def build_pair(cfg: Config, ref: types.SimpleNamespace, device: torch.device) ->
     return ref_vqvae.to(device), ref_var.to(device), vqvae.to(device), var.to(device)
 
 
+@torch.no_grad()
+def logit_difference(ref_vqvae: nn.Module, ref_var: nn.Module, vqvae: VQVAE, var: VAR, labels: torch.Tensor,
+                     idx: list[torch.Tensor]) -> float:
+    """Max |logit difference| of the two VARs on the same teacher-forcing batch, without class dropout."""
+    ref_var.eval()
+    var.eval()
+    drop, ref_var.cond_drop_rate = ref_var.cond_drop_rate, 0.0  # the reference drops classes even in eval mode
+    theirs = ref_var(labels, ref_vqvae.quantize.idxBl_to_var_input([t.flatten(1) for t in idx]))
+    ref_var.cond_drop_rate = drop
+    return (var(labels, vqvae.idx_to_var_input(idx)) - theirs).abs().max().item()
+
+
 def adamw(model: nn.Module, device: torch.device) -> torch.optim.Optimizer:
     """The same optimizer for both: AdamW with train_var.py's betas and weight decay, fused where train_var.py
     fuses it (CUDA)."""
@@ -172,6 +184,12 @@ def main(argv: list[str] | None = None) -> None:
     labels = torch.randint(0, cfg.num_classes, (b,), device=device)
     idx = [torch.randint(0, cfg.vocab_size, (b, pn, pn), device=device) for pn in cfg.scales]
     targets = torch.cat([t.flatten(1) for t in idx], dim=1).flatten()
+    if cfg.reference_repo:
+        err = logit_difference(ref_vqvae, ref_var, vqvae, var, labels, idx)
+        print(f"same weights: max |logit difference| ours vs reference {err:.2e} (fp32, eval)")
+        if err > 1e-3:
+            raise SystemExit(f"error: the two models disagree (max |logit difference| {err:.3g}): the weight mapping "
+                             "of models/convert_upstream.py does not fit this reference checkout")
     n_var = sum(p.numel() for p in var.parameters())
     print(f"device {device} ({torch.get_num_threads()} threads), torch {torch.__version__}, scales {cfg.scales} "
           f"(L={targets.numel() // b}), VAR depth {cfg.depth} width {cfg.embed_dim}: {n_var / 1e6:.1f}M parameters, "
