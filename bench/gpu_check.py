@@ -9,7 +9,8 @@ Steps: phantoms -> prepare -> train_vqvae (GPU preset, a few hundred steps) -> t
 depth 16, about a hundred steps, host-sync warnings on) -> sample_var (batch 64) -> eval_var, each timed with its
 log kept in the work folder and its peak GPU memory read from nvidia-smi; then the benchmarks at the GPU
 presets' shapes (VQ-VAE training and tokenization, a VAR depth-16 step at batch 32 with its FLOP utilisation,
-sampling at batch 64, Inception features). Checks, each PASS or FAIL:
+sampling at batch 64, ours against the reference VAR when VAR_REFERENCE_REPO names a checkout, Inception
+features). Checks, each PASS or FAIL:
 - tokens of the same images encoded in fp32 on the CPU and on CUDA are identical (no TF32 in the fp32 path);
 - no host sync inside VAR training's step loop (torch's sync debug mode);
 - one VAR depth-16 training step at batch 32 peaks under 40 GB;
@@ -240,6 +241,14 @@ def main(argv: list[str] | None = None) -> None:
                                   "--scales=1,2,4", "--warmup=0", "--repeats=1"] if dry else
                [str(REPO / "bench/bench_sampling.py"), *D16, "--vqvae_ch=160", "--z_channels=32", "--vocab_size=2048",
                 GPU_SCALES, "--vqvae_ch_mult=1,1,2,2,4", "--vqvae_res_blocks=2", "--batch_size=64"], "batch 64")
+    # Ours against the reference VAR (a checkout named by VAR_REFERENCE_REPO) or ours alone: training step and
+    # sampling (preallocated KV cache) in fp32 and bf16.
+    reference = os.environ.get("VAR_REFERENCE_REPO", "")
+    report.run("bench_models", [str(REPO / "bench/bench_models.py"), "--dry_run=true", "--device=cpu",
+                                *([f"--reference_repo={reference}"] if reference else [])] if dry else
+               [str(REPO / "bench/bench_models.py"), *D16, "--vqvae_ch=160", "--batch_size=32", "--sample_batch=32",
+                "--repeats=3", *([f"--reference_repo={reference}"] if reference else [])],
+               "ours vs the reference" if reference else "ours alone (VAR_REFERENCE_REPO unset)")
     report.run("bench_features", [str(REPO / "bench/bench_features.py"), "--device=cpu", "--batch_size=2",
                                   "--side=64", "--warmup=0", "--repeats=1"] if dry else [str(REPO / "bench/bench_features.py"), "--batch_size=128"],
                "Inception features")

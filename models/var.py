@@ -29,16 +29,31 @@ def unit_rows(t: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
 
 
 class KVCache:
-    """Keys and values of the scales seen so far, for one attention layer during sampling."""
+    """Keys and values of the scales seen so far, for one attention layer during sampling. With max_len, the
+    buffers for the whole sequence are allocated at the first scale and filled in place, scale by scale; without,
+    each scale is concatenated (which re-allocates and copies the whole prefix at every scale)."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_len: int | None = None) -> None:
+        self.max_len = max_len
         self.k: torch.Tensor | None = None
         self.v: torch.Tensor | None = None
+        self.length = 0
 
     def extend(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        self.k = k if self.k is None else torch.cat((self.k, k), dim=2)
-        self.v = v if self.v is None else torch.cat((self.v, v), dim=2)
-        return self.k, self.v
+        end = self.length + k.shape[2]
+        if self.max_len is None:
+            self.k = k if self.k is None else torch.cat((self.k, k), dim=2)
+            self.v = v if self.v is None else torch.cat((self.v, v), dim=2)
+        else:
+            if end > self.max_len:
+                raise ValueError(f"KV cache of {self.max_len} positions cannot hold {end}")
+            if self.k is None:
+                shape = (k.shape[0], k.shape[1], self.max_len, k.shape[3])
+                self.k, self.v = k.new_empty(shape), v.new_empty(shape)
+            self.k[:, :, self.length:end] = k
+            self.v[:, :, self.length:end] = v
+        self.length = end
+        return self.k[:, :, :end], self.v[:, :, :end]
 
 
 class DropPath(nn.Module):
@@ -151,26 +166,39 @@ def sample_tokens(logits: torch.Tensor, top_k: int = 0, top_p: float = 0.0, temp
     top_k=1 keeps only the maximum, so the draw is the argmax (the reference's greedy mode). With one generator per
     row, a row's draw depends only on its own logits and generator, not on the rest of the batch; None draws the
     whole batch from the global random stream.
+
+    The draw is torch.multinomial's over the filtered vocabulary, done by hand: multinomial draws one sample as
+    argmax(p / q) with q ~ Exp(1), one q per vocabulary entry, and so does this, from the same random stream, but
+    the filtering and the argmax run on the k survivors of one topk instead of a topk, a full sort, a scatter and
+    two softmaxes over the vocabulary. Seeded draws are the multinomial's except on exact ties (top-k keeps exactly
+    k entries; the mask kept every entry tied with the k-th) and on last-bit differences of the probabilities.
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     b, n, vocab = logits.shape
+    if generators is not None and len(generators) != b:
+        raise ValueError(f"{len(generators)} generators for a batch of {b}")
     logits = logits.float() / temperature
-    if top_k > 0:
-        kth = logits.topk(min(top_k, vocab), dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, -torch.inf)
+    ids = None
+    if 0 < top_k < vocab:
+        logits, ids = logits.topk(top_k, dim=-1)  # sorted, largest first
+    elif top_p > 0:
+        logits, ids = logits.sort(dim=-1, descending=True)
     if top_p > 0:
-        sorted_logits, sorted_idx = logits.sort(dim=-1)
-        drop = sorted_logits.softmax(dim=-1).cumsum(dim=-1) <= 1 - top_p
+        # Drop the least likely tokens whose total probability is at most 1 - top_p (summed from the least likely).
+        rising = logits.flip(-1)
+        drop = rising.softmax(dim=-1).cumsum(dim=-1) <= 1 - top_p
         drop[..., -1] = False  # always keep the most likely token
-        logits = logits.masked_fill(drop.scatter(-1, sorted_idx, drop), -torch.inf)
+        logits = logits.masked_fill(drop.flip(-1), -torch.inf)
     probs = logits.softmax(dim=-1)
     if generators is None:
-        return torch.multinomial(probs.view(-1, vocab), 1, replacement=True).view(b, n)
-    if len(generators) != b:
-        raise ValueError(f"{len(generators)} generators for a batch of {b}")
-    return torch.stack([torch.multinomial(row, 1, replacement=True, generator=g)[:, 0]
-                        for row, g in zip(probs, generators)])
+        q = torch.empty(b, n, vocab, device=logits.device).exponential_()
+    else:
+        q = torch.stack([torch.empty(n, vocab, device=logits.device).exponential_(generator=g) for g in generators])
+    if ids is None:
+        return (probs / q).argmax(dim=-1)
+    choice = (probs / q.gather(-1, ids)).argmax(dim=-1, keepdim=True)
+    return ids.gather(-1, choice)[..., 0]
 
 
 def scale_generators(seeds: Sequence[int], k: int, device: torch.device) -> list[torch.Generator]:
@@ -296,8 +324,8 @@ class VAR(nn.Module):
     @torch.no_grad()
     def generate(self, vqvae: VQVAE, labels: torch.Tensor, **kwargs: Any) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """generate_idx (same arguments), decoded by the VQ-VAE -> (images in [0, 1] (B, 3, H, W), token maps)."""
-        idx_list = self.generate_idx(vqvae, labels, **kwargs)
-        return vqvae.idx_to_img(idx_list).add(1).mul(0.5), idx_list
+        idx_list, f_hat = self._sample(vqvae, labels, **kwargs)
+        return vqvae.fhat_to_img(f_hat).add(1).mul(0.5), idx_list
 
     @torch.no_grad()
     def generate_idx(self, vqvae: VQVAE, labels: torch.Tensor, cfg: float = 1.5, top_k: int = 0, top_p: float = 0.0,
@@ -313,6 +341,13 @@ class VAR(nn.Module):
         own random streams (see scale_generators), so an image depends on its seed, not on its batch; None draws
         from the global RNG.
         """
+        return self._sample(vqvae, labels, cfg, top_k, top_p, temperature, seeds, coarse_idx, coarse_k, use_cache)[0]
+
+    def _sample(self, vqvae: VQVAE, labels: torch.Tensor, cfg: float = 1.5, top_k: int = 0, top_p: float = 0.0,
+                temperature: float = 1.0, seeds: Sequence[int] | None = None,
+                coarse_idx: Sequence[torch.Tensor] | None = None, coarse_k: int = 0,
+                use_cache: bool = True) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """generate_idx's token maps and the f_hat they add up to (built along the way: decoding needs no rebuild)."""
         num_scales = len(self.scales)
         if tuple(vqvae.scales) != self.scales or vqvae.quantizer.vocab_size != self.vocab_size \
                 or vqvae.quantizer.z_channels != self.z_channels:
@@ -330,7 +365,7 @@ class VAR(nn.Module):
         x = cond[:, None].expand(-1, self.first_l, -1) + self.pos_start + lvl_pos[:, :self.first_l]
         side = self.scales[-1]
         f_hat = torch.zeros(b, self.z_channels, side, side, device=labels.device)
-        caches = [KVCache() for _ in self.blocks]
+        caches = [KVCache(self.L) for _ in self.blocks]
         inputs: list[torch.Tensor] = []
         idx_list: list[torch.Tensor] = []
         for k, pn in enumerate(self.scales):
@@ -363,7 +398,7 @@ class VAR(nn.Module):
                 x = self.word_embed(next_in.flatten(2).transpose(1, 2)) + lvl_pos[:, nb:ne]
                 if guided:
                     x = torch.cat((x, x))
-        return idx_list
+        return idx_list, f_hat
 
 
 def load_var(path: str | Path, map_location: str | torch.device = "cpu") -> VAR:

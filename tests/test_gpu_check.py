@@ -3,7 +3,7 @@ import subprocess
 from pathlib import Path
 
 STEPS = ("make_phantoms", "prepare", "train_vqvae", "tokenize", "train_var", "sample_var", "eval_var",
-         "bench_sampling", "bench_features")
+         "bench_sampling", "bench_models", "bench_features")
 
 
 def test_gpu_check_dry_run_runs_every_step_and_reports_each_check(repo_root: Path, tmp_path: Path) -> None:

@@ -265,7 +265,9 @@ def test_init_from_the_reference_checkpoint(shared_dir: Path, data: Path, tmp_pa
     model = load_vqvae(tmp_path / "run" / "best.pth")
     assert torch.equal(model.quantizer.embedding.weight, fixture["vqvae_state_dict"]["quantize.embedding.weight"])
     with torch.no_grad():
-        assert torch.allclose(model.reconstruct(fixture["images"]), fixture["rec_last_scale"], atol=1e-5)
+        # The parity tolerance (tests/test_upstream_parity.py): the CPU decoder's channels-last convolutions
+        # accumulate in another order than the reference's NCHW ones (2.8e-5 here).
+        assert torch.allclose(model.reconstruct(fixture["images"]), fixture["rec_last_scale"], atol=1e-4)
 
 
 def test_a_nan_in_the_last_step_of_an_epoch_leaves_the_checkpoints_untouched(data: Path, tmp_path: Path,

@@ -75,12 +75,15 @@ def test_cached_incremental_logits_match_forward(vqvae: VQVAE, variant: dict) ->
         full = model(labels, x_teacher)
         x, cond = model.embed_inputs(labels, x_teacher)
         block_cond = model._block_cond(cond)
-        caches = [KVCache() for _ in model.blocks]
-        for begin, end in model.begin_ends:
-            h = x[:, begin:end]
-            for block, cache in zip(model.blocks, caches):
-                h = block(h, block_cond, None, cache)
-            assert torch.allclose(model.get_logits(h, cond), full[:, begin:end], atol=1e-5)
+        for max_len in (None, L):  # concatenated and preallocated
+            caches = [KVCache(max_len) for _ in model.blocks]
+            for begin, end in model.begin_ends:
+                h = x[:, begin:end]
+                for block, cache in zip(model.blocks, caches):
+                    h = block(h, block_cond, None, cache)
+                assert torch.allclose(model.get_logits(h, cond), full[:, begin:end], atol=1e-5)
+            with pytest.raises(ValueError, match="cannot hold"):
+                KVCache(1).extend(h[:, None, :2], h[:, None, :2])
 
 
 @pytest.mark.parametrize("variant", [{}, {"shared_aln": True, "attn_l2_norm": False}])
@@ -122,6 +125,35 @@ def test_sample_tokens_filters() -> None:
     assert (draws[..., None] == top3.repeat(50, 1, 1)).any(-1).all()
     with pytest.raises(ValueError, match="temperature"):
         sample_tokens(logits, temperature=0)
+
+
+def multinomial_after_masking(logits: torch.Tensor, top_k: int, top_p: float, g: torch.Generator) -> torch.Tensor:
+    """The textbook filter (mask below the k-th logit, sort for the nucleus) and torch.multinomial, one row."""
+    kth = logits.topk(top_k, dim=-1).values[..., -1:]
+    logits = logits.masked_fill(logits < kth, -torch.inf)
+    if top_p > 0:
+        sorted_logits, sorted_idx = logits.sort(dim=-1)
+        drop = sorted_logits.softmax(dim=-1).cumsum(dim=-1) <= 1 - top_p
+        drop[..., -1] = False
+        logits = logits.masked_fill(drop.scatter(-1, sorted_idx, drop), -torch.inf)
+    return torch.multinomial(logits.softmax(dim=-1), 1, replacement=True, generator=g)[:, 0]
+
+
+@pytest.mark.parametrize("top_k, top_p", [(900, 0.96), (2048, 0.5), (50, 0.0)])
+def test_sample_tokens_draws_what_multinomial_draws(top_k: int, top_p: float) -> None:
+    # The sampler filters the top-k survivors only and draws argmax(p / q) by hand: the same tokens as the
+    # textbook filter + torch.multinomial from the same seeds (logits at the sampler's scale: real ties are absent).
+    logits = torch.randn(3, 200, 2048, generator=torch.Generator().manual_seed(1)) * 3
+    seeds = [5, 6, 7]
+    ours = sample_tokens(logits, top_k=top_k, top_p=top_p, generators=[torch.Generator().manual_seed(s) for s in seeds])
+    theirs = torch.stack([multinomial_after_masking(row, top_k, top_p, torch.Generator().manual_seed(s))
+                          for row, s in zip(logits, seeds)])
+    assert torch.equal(ours, theirs)
+    torch.manual_seed(3)
+    ours = sample_tokens(logits, top_k=top_k, top_p=top_p)
+    torch.manual_seed(3)
+    theirs = multinomial_after_masking(logits.flatten(0, 1), top_k, top_p, torch.default_generator).view(3, 200)
+    assert torch.equal(ours, theirs)
 
 
 def test_sample_tokens_temperature_divides_logits() -> None:

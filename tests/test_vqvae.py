@@ -77,8 +77,9 @@ def test_paths_agree(model: VQVAE) -> None:
         out = model(img)
     for ours, theirs in zip(model.idx_to_fhats(idx), fhats):
         assert torch.allclose(ours, theirs, atol=1e-5)
-    # The training forward decodes the same f_hat (straight-through only changes gradients).
-    assert torch.allclose(out.rec.clamp(-1, 1), rec, atol=1e-5)
+    # The training forward decodes the same f_hat (straight-through only changes gradients). Its f_hat differs in the
+    # last bit ((f_hat - f) + f), which the random decoder's convolutions amplify to ~2e-5: the parity tolerance.
+    assert torch.allclose(out.rec.clamp(-1, 1), rec, atol=1e-4)
     coarse = model.idx_to_img(idx[:2])
     assert coarse.shape == rec.shape and not torch.allclose(coarse, rec)
 
