@@ -54,11 +54,15 @@ class TokenSet:
         return len(self.labels)
 
     def select(self, split: str) -> "TokenSet":
-        rows = self.split == split
-        kept = rows[self.aug_rows]
-        new_position = np.cumsum(rows) - 1
+        return self.take(np.flatnonzero(self.split == split))
+
+    def take(self, rows: np.ndarray) -> "TokenSet":
+        """The given rows (sorted, distinct), with their augmented copies."""
+        position = np.full(len(self), -1)
+        position[rows] = np.arange(len(rows))
+        kept = position[self.aug_rows] >= 0
         return replace(self, idx=self.idx[rows], labels=self.labels[rows], split=self.split[rows], source=self.source[rows],
-                       aug_rows=new_position[self.aug_rows[kept]], aug_idx=self.aug_idx[kept])
+                       aug_rows=position[self.aug_rows[kept]], aug_idx=self.aug_idx[kept])
 
     @property
     def num_copies(self) -> int:
