@@ -56,6 +56,7 @@ class Config:
     out_dir: str = "runs/var"  # where checkpoints, history, plots and sample grids go
     resume: str = "auto"  # 'auto' = out_dir/last.pth when it exists, 'none' = start afresh, or a last.pth path
     init_upstream: str = ""  # reference VAR checkpoint (var_d16.pth ...) to fine-tune from ('' = random init); sets the architecture
+    init_class_rows: str = "mean"  # fine-tuning: our class embedding rows start as the mean of the reference's class rows | first (its rows 0..N-1, arbitrary ImageNet classes) | random
     depth: int = 16  # transformer blocks
     embed_dim: int = 0  # width (0 = 64 * depth, as the reference)
     num_heads: int = 0  # attention heads (0 = depth, as the reference)
@@ -99,6 +100,9 @@ class Config:
     seed: int = 0  # seed of the initialisation, the data order, class dropout and the sample grids
 
 
+CLASS_ROW_INITS = ("mean", "first", "random")
+
+
 class TrainVarError(RuntimeError):
     """Inputs or settings this script cannot train with."""
 
@@ -107,7 +111,7 @@ def validate(cfg: Config) -> None:
     """Every constant in its allowed range, and out_dir writable, before any input is read or output written."""
     check_constants(cfg, {
         "depth": at_least(1), "embed_dim": at_least(0), "num_heads": at_least(0), "mlp_ratio": above(0),
-        "drop_rate": between(0, 1, high_open=True), "attn_drop_rate": between(0, 1, high_open=True),
+        "init_class_rows": one_of(*CLASS_ROW_INITS), "drop_rate": between(0, 1, high_open=True), "attn_drop_rate": between(0, 1, high_open=True),
         "drop_path_rate": between(0, 1, high_open=True), "init_adaln_gamma": at_least(0),
         "cond_drop_rate": between(0, 1), "label_smoothing": between(0, 1, high_open=True), "epochs": at_least(1),
         "batch_size": at_least(1), "grad_accum": at_least(0), "base_lr": at_least(0), "lr": at_least(0),
@@ -135,7 +139,9 @@ def build_var(cfg: Config, vq_config: dict[str, Any], num_classes: int) -> VAR:
     """A VAR for the VQ-VAE's vocabulary, z channels and scales: fresh, or the reference weights to fine-tune."""
     if cfg.init_upstream:
         try:
-            model = var_from_upstream(cfg.init_upstream, num_classes=num_classes, drop_rate=cfg.drop_rate,
+            # first: convert_upstream's resize (keep rows 0..N-1, draw any beyond the reference's classes).
+            resize_to = num_classes if cfg.init_class_rows == "first" else None
+            model = var_from_upstream(cfg.init_upstream, num_classes=resize_to, drop_rate=cfg.drop_rate,
                                       attn_drop_rate=cfg.attn_drop_rate, drop_path_rate=cfg.drop_path_rate,
                                       cond_drop_rate=cfg.cond_drop_rate, scales=list(vq_config["scales"]))
         except (CheckpointError, ValueError, KeyError) as err:
@@ -144,12 +150,29 @@ def build_var(cfg: Config, vq_config: dict[str, Any], num_classes: int) -> VAR:
             if model.config[key] != vq_config[key]:
                 raise TrainVarError(f"{cfg.init_upstream}: its {key} is {model.config[key]} but the VQ-VAE's is "
                                     f"{vq_config[key]}; fine-tuning needs tokens from the matching (reference) VQ-VAE")
+        if resize_to is None:
+            model = with_new_class_rows(model, num_classes, cfg.init_class_rows)
         return model.train()
     return VAR(vocab_size=vq_config["vocab_size"], z_channels=vq_config["z_channels"], scales=vq_config["scales"],
                num_classes=num_classes, depth=cfg.depth, embed_dim=cfg.embed_dim or 64 * cfg.depth,
                num_heads=cfg.num_heads or cfg.depth, mlp_ratio=cfg.mlp_ratio, drop_rate=cfg.drop_rate,
                attn_drop_rate=cfg.attn_drop_rate, drop_path_rate=cfg.drop_path_rate, shared_aln=cfg.shared_aln,
                cond_drop_rate=cfg.cond_drop_rate, attn_l2_norm=cfg.attn_l2_norm, init_adaln_gamma=cfg.init_adaln_gamma)
+
+
+def with_new_class_rows(model: VAR, num_classes: int, how: str) -> VAR:
+    """The model with num_classes class embedding rows and the null (guidance) row kept last. mean: every row is
+    the mean of the model's class rows (an average class the pretrained blocks know; the rows part in fine-tuning);
+    random: drawn as VAR.init_weights draws them. Every other weight is kept."""
+    state = model.state_dict()
+    rows = state["class_emb.weight"]
+    fresh = VAR(**{**model.config, "num_classes": num_classes})  # random: its initial rows
+    new_rows = fresh.class_emb.weight.detach().clone()
+    if how == "mean":
+        new_rows[:num_classes] = rows[:-1].mean(0)
+    new_rows[-1] = rows[-1]
+    fresh.load_state_dict({**state, "class_emb.weight": new_rows})
+    return fresh
 
 
 def scale_of_position(scales: tuple[int, ...], device: torch.device) -> torch.Tensor:

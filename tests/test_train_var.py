@@ -171,15 +171,19 @@ TO_REFERENCE = [(r"^pos_embed$", "pos_1LC"), (r"\.attn\.qkv\.", ".attn.mat_qkv."
                 (r"\.mlp\.", ".ffn."), (r"^(blocks\.\d+)\.ada_lin\.", r"\1.ada_lin.1."), (r"^head_norm\.ada_lin\.", "head_nm.ada_lin.1.")]
 
 
-def test_fine_tuning_starts_from_the_reference_checkpoint_with_resized_classes(data, tmp_path):
-    torch.manual_seed(5)
-    upstream = VAR(vocab_size=32, z_channels=8, scales=(1, 2, 3, 4), num_classes=5, depth=2, embed_dim=64, num_heads=2)
+def to_reference(model: VAR) -> dict[str, torch.Tensor]:
     state = {}
-    for key, value in upstream.state_dict().items():
+    for key, value in model.state_dict().items():
         for pattern, repl in TO_REFERENCE:
             key = re.sub(pattern, repl, key, count=1)
         state[key] = value
-    torch.save(state, tmp_path / "var_d2.pth")
+    return state
+
+
+def test_fine_tuning_starts_from_the_reference_checkpoint_with_resized_classes(data, tmp_path):
+    torch.manual_seed(5)
+    upstream = VAR(vocab_size=32, z_channels=8, scales=(1, 2, 3, 4), num_classes=5, depth=2, embed_dim=64, num_heads=2)
+    torch.save(to_reference(upstream), tmp_path / "var_d2.pth")
     out = tmp_path / "run"
     # lr 0: the weights after one epoch are exactly the ones fine-tuning started from.
     train_var.train(config(data, out, epochs=1, lr=0.0, base_lr=0.0, init_upstream=str(tmp_path / "var_d2.pth")), SINGLE)
@@ -187,8 +191,19 @@ def test_fine_tuning_starts_from_the_reference_checkpoint_with_resized_classes(d
     assert tuned["model_config"]["num_classes"] == 3 and tuned["model_config"]["depth"] == 2
     ours = tuned["model"]
     assert torch.equal(ours["blocks.1.attn.qkv.weight"], upstream.blocks[1].attn.qkv.weight)
-    assert torch.equal(ours["class_emb.weight"][:3], upstream.class_emb.weight[:3])
-    assert torch.equal(ours["class_emb.weight"][-1], upstream.class_emb.weight[-1])  # the null class stays last
+    # Our 3 classes start as the reference's average class (init_class_rows=mean); the null class stays last.
+    torch.testing.assert_close(ours["class_emb.weight"][:3], upstream.class_emb.weight[:5].mean(0).expand(3, 64))
+    assert torch.equal(ours["class_emb.weight"][-1], upstream.class_emb.weight[-1])
+    random = train_var.with_new_class_rows(upstream, 3, "random")
+    assert random.class_emb.weight.shape == (4, 64) and torch.equal(random.class_emb.weight[-1], upstream.class_emb.weight[-1])
+    assert not any(torch.equal(random.class_emb.weight[i], upstream.class_emb.weight[i]) for i in range(3))
+    assert torch.equal(random.blocks[0].mlp.fc1.weight, upstream.blocks[0].mlp.fc1.weight)
+    # A reference checkpoint for another vocabulary is refused by name.
+    other = VAR(vocab_size=16, z_channels=8, scales=(1, 2, 3, 4), num_classes=5, depth=2, embed_dim=64, num_heads=2)
+    torch.save(to_reference(other), tmp_path / "v16.pth")
+    with pytest.raises(train_var.TrainVarError, match="its vocab_size is 16 but the VQ-VAE's is 32"):
+        train_var.build_var(config(data, out, init_upstream=str(tmp_path / "v16.pth")), {"vocab_size": 32, "z_channels": 8,
+                                                                                          "scales": [1, 2, 3, 4]}, 3)
 
 
 def test_mismatched_vqvae_is_refused(data, tmp_path):
