@@ -174,8 +174,9 @@ def tokenize(cfg: Config) -> None:
     if cfg.aug_copies > 1:
         print(f"augmenting train: {cfg.aug_copies - 1} copies per image; mirrored: {augmentation['hflip'] or 'no class'}")
         aug_maps = [[] for _ in model.scales]
-        loader = DataLoader(AugmentedCopies(splits["train"], cfg), batch_size=max(1, cfg.batch_size // (cfg.aug_copies - 1)),
-                            shuffle=False, num_workers=cfg.num_workers)
+        per_batch = max(1, cfg.batch_size // (cfg.aug_copies - 1))  # images whose copies make about one batch
+        loader = DataLoader(AugmentedCopies(splits["train"], cfg), batch_size=per_batch, shuffle=False,
+                            num_workers=cfg.num_workers)
         for copies, _ in progress(loader, desc="tokenizing train copies"):
             b, a = copies.shape[:2]
             with precision.autocast():

@@ -111,7 +111,8 @@ def validate(cfg: Config) -> None:
     """Every constant in its allowed range, and out_dir writable, before any input is read or output written."""
     check_constants(cfg, {
         "depth": at_least(1), "embed_dim": at_least(0), "num_heads": at_least(0), "mlp_ratio": above(0),
-        "init_class_rows": one_of(*CLASS_ROW_INITS), "drop_rate": between(0, 1, high_open=True), "attn_drop_rate": between(0, 1, high_open=True),
+        "init_class_rows": one_of(*CLASS_ROW_INITS), "drop_rate": between(0, 1, high_open=True),
+        "attn_drop_rate": between(0, 1, high_open=True),
         "drop_path_rate": between(0, 1, high_open=True), "init_adaln_gamma": at_least(0),
         "cond_drop_rate": between(0, 1), "label_smoothing": between(0, 1, high_open=True), "epochs": at_least(1),
         "batch_size": at_least(1), "grad_accum": at_least(0), "base_lr": at_least(0), "lr": at_least(0),
@@ -119,7 +120,7 @@ def validate(cfg: Config) -> None:
         "weight_decay": at_least(0), "warmup_epochs": at_least(0), "lr_schedule": one_of(*LR_SCHEDULES),
         "final_lr_ratio": between(0, 1), "grad_clip": at_least(0), "precision": PRECISION, "device": DEVICE,
         "cpu_threads": at_least(0), "eval_batch_size": at_least(1), "train_eval_size": at_least(0),
-        "kid_every": at_least(0), "kid_per_class": at_least(2), "sample_every": at_least(0),
+        "kid_every": at_least(0), "kid_per_class": at_least(4), "sample_every": at_least(0),
         "plot_every": at_least(0), "samples_per_class": at_least(1), "cfg_scale": at_least(0), "top_k": at_least(0),
         "top_p": between(0, 1), "seed": at_least(0),
     })
@@ -285,7 +286,8 @@ class KidProbe:
         try:
             self.net: FeatureNet = load_feature_extractor(cfg.inception_weights, device)
         except FidelityError as err:
-            raise TrainVarError(f"kid_every={cfg.kid_every} needs the InceptionV3 weights: {err} (or set --kid_every=0)") from None
+            raise TrainVarError(f"kid_every={cfg.kid_every} needs the InceptionV3 weights: {err} "
+                                "(or set --kid_every=0)") from None
         reals = []
         for source in val.source:
             path = Path(cfg.data_dir) / source
@@ -294,7 +296,8 @@ class KidProbe:
                                     "was made from (or set --kid_every=0)")
             reals.append(read_image(path, image_size))  # at the model's size, as eval_var.py compares them
         if len(reals) < 4:
-            raise TrainVarError(f"{cfg.tokens}: {len(reals)} val images are too few for a KID (4 or more; or set --kid_every=0)")
+            raise TrainVarError(f"{cfg.tokens}: {len(reals)} val images are too few for a KID (4 or more; "
+                                "or set --kid_every=0)")
         self.real = self.features(torch.from_numpy(np.stack(reals)).permute(0, 3, 1, 2), cfg.eval_batch_size)
         self.cfg = cfg
 
@@ -483,8 +486,8 @@ def train(cfg: Config, dist: DistContext) -> None:
         dist.print(f"{train_set.num_copies} token copies per training image (1 un-augmented); one per image per epoch")
 
     # Rows of the training set scored in eval mode each epoch, beside val: the gap without dropout and class drop.
-    train_eval_rows = np.sort(np.random.default_rng([cfg.seed, 2]).permutation(n_train)[:cfg.train_eval_size or len(val_set)])
-    train_eval_set = train_set.take(train_eval_rows)
+    train_eval_rows = np.random.default_rng([cfg.seed, 2]).permutation(n_train)[:cfg.train_eval_size or len(val_set)]
+    train_eval_set = train_set.take(np.sort(train_eval_rows))
     kid_probe = KidProbe(cfg, val_set, vqvae.image_size, device) if cfg.kid_every and dist.is_main else None
     # The training tokens (every copy, int16) and labels live on the device (a few MB), so a step copies nothing
     # from the host.

@@ -61,8 +61,8 @@ class TokenSet:
         position = np.full(len(self), -1)
         position[rows] = np.arange(len(rows))
         kept = position[self.aug_rows] >= 0
-        return replace(self, idx=self.idx[rows], labels=self.labels[rows], split=self.split[rows], source=self.source[rows],
-                       aug_rows=position[self.aug_rows[kept]], aug_idx=self.aug_idx[kept])
+        return replace(self, idx=self.idx[rows], labels=self.labels[rows], split=self.split[rows],
+                       source=self.source[rows], aug_rows=position[self.aug_rows[kept]], aug_idx=self.aug_idx[kept])
 
     @property
     def num_copies(self) -> int:

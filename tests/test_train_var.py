@@ -69,11 +69,12 @@ def data(tmp_path_factory) -> dict[str, Path]:
     idx = np.concatenate([m.reshape(n, -1) for m in maps], axis=1)
     idx[:32] = copies[:, 0]
     offsets = np.cumsum([0, 1, 4, 9, 16])
-    save_tokens(aug, scales=list(vqvae.scales), maps=[idx[:, a:b].reshape(n, pn, pn) for a, b, pn in zip(offsets, offsets[1:], (1, 2, 3, 4))],
-                labels=labels, split=np.array(["train"] * 32 + ["val"] * 16), source=np.array([f"img{i}.png" for i in range(n)]),
-                vqvae_sha256=file_sha256(root / "vqvae.pth"), vqvae_config=vqvae.config, classes=CLASSES,
-                aug_rows=np.arange(32), aug_maps=[copies[:, 1:, a:b].reshape(32, 3, pn, pn)
-                                                  for a, b, pn in zip(offsets, offsets[1:], (1, 2, 3, 4))])
+    bounds = list(zip(offsets, offsets[1:], (1, 2, 3, 4)))
+    save_tokens(aug, scales=list(vqvae.scales), maps=[idx[:, a:b].reshape(n, pn, pn) for a, b, pn in bounds],
+                labels=labels, split=np.array(["train"] * 32 + ["val"] * 16),
+                source=np.array([f"img{i}.png" for i in range(n)]), vqvae_sha256=file_sha256(root / "vqvae.pth"),
+                vqvae_config=vqvae.config, classes=CLASSES, aug_rows=np.arange(32),
+                aug_maps=[copies[:, 1:, a:b].reshape(32, 3, pn, pn) for a, b, pn in bounds])
     return {"root": root, "vqvae": root / "vqvae.pth", "other": root / "another_vqvae.pth", "tokens": npz, "aug": aug}
 
 
@@ -195,15 +196,16 @@ def test_fine_tuning_starts_from_the_reference_checkpoint_with_resized_classes(d
     torch.testing.assert_close(ours["class_emb.weight"][:3], upstream.class_emb.weight[:5].mean(0).expand(3, 64))
     assert torch.equal(ours["class_emb.weight"][-1], upstream.class_emb.weight[-1])
     random = train_var.with_new_class_rows(upstream, 3, "random")
-    assert random.class_emb.weight.shape == (4, 64) and torch.equal(random.class_emb.weight[-1], upstream.class_emb.weight[-1])
+    assert random.class_emb.weight.shape == (4, 64)
+    assert torch.equal(random.class_emb.weight[-1], upstream.class_emb.weight[-1])
     assert not any(torch.equal(random.class_emb.weight[i], upstream.class_emb.weight[i]) for i in range(3))
     assert torch.equal(random.blocks[0].mlp.fc1.weight, upstream.blocks[0].mlp.fc1.weight)
     # A reference checkpoint for another vocabulary is refused by name.
     other = VAR(vocab_size=16, z_channels=8, scales=(1, 2, 3, 4), num_classes=5, depth=2, embed_dim=64, num_heads=2)
     torch.save(to_reference(other), tmp_path / "v16.pth")
     with pytest.raises(train_var.TrainVarError, match="its vocab_size is 16 but the VQ-VAE's is 32"):
-        train_var.build_var(config(data, out, init_upstream=str(tmp_path / "v16.pth")), {"vocab_size": 32, "z_channels": 8,
-                                                                                          "scales": [1, 2, 3, 4]}, 3)
+        train_var.build_var(config(data, out, init_upstream=str(tmp_path / "v16.pth")),
+                            {"vocab_size": 32, "z_channels": 8, "scales": [1, 2, 3, 4]}, 3)
 
 
 def test_mismatched_vqvae_is_refused(data, tmp_path):
