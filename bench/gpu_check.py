@@ -6,7 +6,7 @@ CPU (the test suite runs it, so the script cannot rot while no GPU is lent).
     bash bench/gpu_check.sh --dry_run      # CPU, tiny sizes, about a minute
 
 Steps: phantoms -> prepare -> train_vqvae (GPU preset, a few hundred steps) -> tokenize -> train_var (GPU preset,
-depth 16, about a hundred steps, host-sync warnings on) -> sample_var (batch 64) -> eval_var, each timed with its
+depth 10, about a hundred steps, host-sync warnings on) -> sample_var (batch 64) -> eval_var, each timed with its
 log kept in the work folder and its peak GPU memory read from nvidia-smi; then the benchmarks at the GPU
 presets' shapes (VQ-VAE training and tokenization, a VAR depth-16 step at batch 32 with its FLOP utilisation,
 sampling at batch 64, Inception features). Checks, each PASS or FAIL:
