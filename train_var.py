@@ -120,7 +120,7 @@ def validate(cfg: Config) -> None:
         "weight_decay": at_least(0), "warmup_epochs": at_least(0), "lr_schedule": one_of(*LR_SCHEDULES),
         "final_lr_ratio": between(0, 1), "grad_clip": at_least(0), "precision": PRECISION, "device": DEVICE,
         "cpu_threads": at_least(0), "eval_batch_size": at_least(1), "train_eval_size": at_least(0),
-        "kid_every": at_least(0), "kid_per_class": at_least(4), "sample_every": at_least(0),
+        "kid_every": at_least(0), "kid_per_class": at_least(2), "sample_every": at_least(0),
         "plot_every": at_least(0), "samples_per_class": at_least(1), "cfg_scale": at_least(0), "top_k": at_least(0),
         "top_p": between(0, 1), "seed": at_least(0),
     })
@@ -295,9 +295,9 @@ class KidProbe:
                 raise TrainVarError(f"{path}: val image missing; --data_dir must be the processed set that {cfg.tokens} "
                                     "was made from (or set --kid_every=0)")
             reals.append(read_image(path, image_size))  # at the model's size, as eval_var.py compares them
-        if len(reals) < 4:
-            raise TrainVarError(f"{cfg.tokens}: {len(reals)} val images are too few for a KID (4 or more; "
-                                "or set --kid_every=0)")
+        if min(len(reals), cfg.kid_per_class * len(val.classes)) < 4:  # KID subsets of half the smaller set, >= 2
+            raise TrainVarError(f"{len(reals)} val images and {cfg.kid_per_class} samples per class of "
+                                f"{len(val.classes)} classes: a KID needs 4 or more of each (or set --kid_every=0)")
         self.real = self.features(torch.from_numpy(np.stack(reals)).permute(0, 3, 1, 2), cfg.eval_batch_size)
         self.cfg = cfg
 
