@@ -355,17 +355,24 @@ def var_section(page: Page, folder: Path, epoch_grids: int) -> None:
         config = read_json(folder / "config.json") if (folder / "config.json").is_file() else {}
         if records:
             best = min(records, key=lambda r: r["val_loss"])
+            kids = [r for r in records if isinstance(r.get("kid"), (int, float))]
+            best_kid = (f'; lowest KID of its samples against the val images {min(r["kid"] for r in kids):.4f} at epoch '
+                        f'{min(kids, key=lambda r: r["kid"])["epoch"]} (best_kid.pth)') if kids else ""
             page.add(f'<p class="caption">{len(records)} of {esc(config.get("epochs", "?"))} epochs done; lowest val '
-                     f'cross-entropy {best["val_loss"]:.3f} nats at epoch {best["epoch"]} (best.pth).</p>')
+                     f'cross-entropy {best["val_loss"]:.3f} nats at epoch {best["epoch"]} (best.pth){best_kid}.</p>')
     else:
         page.note_missing("train_var", history_path)
     page.figures("train_var", [
-        (folder / "loss.png", "Cross-entropy of the next-scale prediction, train and val, over all tokens and on the "
-                              "finest scale alone (which carries most tokens and is hardest)."),
+        (folder / "loss.png", "Cross-entropy of the next-scale prediction over all tokens and on the finest scale "
+                              "alone (which carries most tokens and is hardest): val, a train subset scored the same "
+                              "way (eval mode, true labels: the gap is over-fitting), and the training steps' own "
+                              "mean (with dropout, class drop and augmented copies)."),
         (folder / "accuracy.png", "Val accuracy per scale: how often the most likely token is the right one, "
                                   "against simple baselines. Coarse scales are easier than fine ones."),
         (folder / "lr.png", "Learning rate per step: warmup, then the decay schedule."),
-    ])
+    ] + ([(folder / "kid.png", "KID of a few samples per class against the val images, every kid_every epochs: "
+                               "best_kid.pth is the epoch with the lowest (a small, noisy set: a guide, not a score).")]
+         if (folder / "kid.png").is_file() else []))
     grids = epoch_files(folder / "samples", r"epoch_(\d+)\.png")
     page.add('<h3>Samples over training</h3><p class="caption">Images generated after an epoch, a row per class: '
              'they should turn from noise into recognisable organs.'

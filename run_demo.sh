@@ -37,8 +37,9 @@ else
     step prepare python data_preprocessing/prepare.py --recipe=configs/recipe_busi_hc18.json --out="$DATA"
 fi
 step train_vqvae python train_vqvae.py --config=configs/vqvae_$PRESET.json
+# No augmented copies: the 8-epoch CPU VAR sees each copy about once and does worse with them (docs/4_var.md).
 step tokenize python tokenize_multiscale_maps.py --data_dir="$DATA" --vqvae=runs/vqvae_$PRESET/best.pth \
-    --out=runs/tokens_$PRESET/tokens_multiscale_maps.npz --cpu_threads=1
+    --out=runs/tokens_$PRESET/tokens_multiscale_maps.npz --cpu_threads=1 --aug_copies=1
 step train_var python train_var.py --config=configs/var_$PRESET.json
 step sample_var python sample_var.py --config=configs/sample_$PRESET.json
 step eval_var python eval_var.py --samples=runs/samples_$PRESET --device=cpu --cpu_threads=2

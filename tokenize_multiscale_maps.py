@@ -8,21 +8,34 @@ it. `out` may replace an earlier token file, never any other file.
 Images get the same preprocessing as in VQ-VAE training: resized to the VQ-VAE's image side. Any checkpoint that
 load_vqvae reads works, also one converted from the reference (models/convert_upstream.py). A rerun whose VQ-VAE,
 images and settings are unchanged (recorded in the npz) does nothing.
+
+Augmentation (train split only; val and test stay un-augmented): each training image also gets `aug_copies` - 1
+augmented copies, seeded by `aug_seed` and the image's path, so a rerun makes the same ones: a random crop of
+`aug_min_area`..1 of the image's area (square: the scan geometry is not stretched) whose window may reach
+`aug_max_shift` of the side beyond the edge (filled black, like the outside of the scan area), resized back, and
+mirrored left-right with probability 1/2 for the classes in `aug_hflip_classes` only. Mirroring is not harmless
+for every anatomy: echocardiography views have a fixed side convention (in the apical four-chamber view the left
+ventricle is shown on the screen's right), and abdominal and renal scans follow the probe-marker convention
+(patient's head or right on the screen's left), so a mirrored heart, liver or kidney image shows an orientation a
+scanner never produces; a breast or thyroid lobe, or a fetal head, is seen in either orientation. Vertical flips
+are never made: depth (the transducer at the top) has one direction. train_var.py draws one copy per image per epoch.
 """
 from __future__ import annotations
 
 import json
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
 
 from common.checkpoint import CheckpointError
-from common.config import (DEVICE, PRECISION, ConfigError, at_least, check_constants, check_output_folder,
-                           script_config)
-from common.image_data import SPLITS, ImageDataError, ImageSplit, list_classes
+from common.config import (DEVICE, PRECISION, ConfigError, Rule, at_least, between, check_constants,
+                           check_output_folder, script_config)
+from common.image_data import SPLITS, ImageDataError, ImageSplit, list_classes, read_image, to_tensor
 from common.io import file_sha256, files_fingerprint, remove_stale_temp_files
 from common.progress import progress
 from common.runtime import DeviceError, pick_device, select_precision
@@ -40,13 +53,20 @@ class Config:
     device: str = "auto"  # auto | cpu | cuda | mps
     cpu_threads: int = 0  # torch CPU threads (0 = torch's default)
     precision: str = "fp32"  # autocast of encoder/decoder: fp32 (tokens independent of the card) | bf16 | fp16 | auto; the quantizer always runs fp32
+    aug_copies: int = 8  # token copies of each training image: the un-augmented one + aug_copies - 1 augmented (1 = none)
+    aug_min_area: float = 0.8  # random crops keep this..1 of the image area (the reference's 256-of-288 crop keeps 0.79)
+    aug_max_shift: float = 0.04  # the crop window may reach this fraction of the side beyond the image (black fill)
+    aug_hflip_classes: tuple[str, ...] = ("breast", "fetal_head", "thyroid")  # classes that may be mirrored left-right (see above)
+    aug_seed: int = 0  # seed of the augmentations (with each image's path)
 
 
 def validate(cfg: Config) -> None:
     """Every constant in its allowed range, and out a token file to write or replace (never another file), before
     the VQ-VAE or any image is read."""
     check_constants(cfg, {"batch_size": at_least(1), "num_workers": at_least(0), "device": DEVICE,
-                          "cpu_threads": at_least(0), "precision": PRECISION})
+                          "cpu_threads": at_least(0), "precision": PRECISION, "aug_copies": at_least(1),
+                          "aug_min_area": Rule(lambda v: 0 < v <= 1, "in (0, 1]"), "aug_max_shift": between(0, 0.5),
+                          "aug_seed": at_least(0)})
     out = Path(cfg.out)
     if out.resolve() == Path(cfg.vqvae).resolve():
         raise ConfigError(f"--out={out}: is the VQ-VAE checkpoint (--vqvae); the output would overwrite it")
@@ -67,6 +87,42 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"error: {err}") from None
 
 
+def augment(image: np.ndarray, rng: np.random.Generator, min_area: float, max_shift: float,
+            hflip: bool) -> np.ndarray:
+    """One augmented copy of a uint8 (S, S, 3) image: a square crop of min_area..1 of the area, its window shifted by
+    up to max_shift * S beyond the edges (PIL's crop fills outside the image with black), resized back to S x S
+    as read_image resizes, then mirrored left-right with probability 1/2 when hflip."""
+    size = image.shape[0]
+    side = size * np.sqrt(rng.uniform(min_area, 1.0))
+    reach = max_shift * size
+    x0, y0 = rng.uniform(-reach, size - side + reach, 2)
+    crop = Image.fromarray(image).crop((round(x0), round(y0), round(x0 + side), round(y0 + side)))
+    out = np.array(crop.resize((size, size), Image.Resampling.LANCZOS))
+    if hflip and rng.random() < 0.5:
+        out = out[:, ::-1].copy()
+    return out
+
+
+class AugmentedCopies(Dataset):
+    """The augmented copies 1..copies-1 of each image of a split: items (copies - 1, 3, S, S) in [-1, 1], label."""
+
+    def __init__(self, split: ImageSplit, cfg: Config) -> None:
+        self.split, self.cfg = split, cfg
+        self.hflip = [name in cfg.aug_hflip_classes for name in split.classes]
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        label = int(self.split.labels[i])
+        image = read_image(self.split.paths[i], self.split.image_size)
+        # Seeded by the image's path, not its position: the same image gets the same copies in any set.
+        rng = np.random.default_rng([self.cfg.aug_seed, zlib.crc32(self.split.relative_path(i).encode())])
+        copies = [augment(image, rng, self.cfg.aug_min_area, self.cfg.aug_max_shift, self.hflip[label])
+                  for _ in range(self.cfg.aug_copies - 1)]
+        return torch.stack([to_tensor(c) for c in copies]), label
+
+
 @torch.no_grad()
 def tokenize(cfg: Config) -> None:
     vqvae_path, out = Path(cfg.vqvae), Path(cfg.out)
@@ -83,8 +139,13 @@ def tokenize(cfg: Config) -> None:
         raise CheckpointError(f"{vqvae_path}: vocab {model.config['vocab_size']} does not fit the int16 token format")
     classes = list_classes(cfg.data_dir)
     splits = {split: ImageSplit(cfg.data_dir, split, image_size, classes) for split in SPLITS}
+    augmentation = {"copies": cfg.aug_copies}
+    if cfg.aug_copies > 1:
+        augmentation.update(min_area=cfg.aug_min_area, max_shift=cfg.aug_max_shift, seed=cfg.aug_seed,
+                            hflip=[c for c in classes if c in cfg.aug_hflip_classes])
     made_from = json.dumps({"vqvae_sha256": sha, "precision": precision.name, "device": device.type,
-                            "images": files_fingerprint([p for d in splits.values() for p in d.paths], cfg.data_dir)})
+                            "images": files_fingerprint([p for d in splits.values() for p in d.paths], cfg.data_dir),
+                            "augmentation": augmentation})
     if made_from_of(out) == made_from:
         print(f"{out}: up to date (same VQ-VAE, images and settings); nothing to do")
         return
@@ -109,9 +170,26 @@ def tokenize(cfg: Config) -> None:
         sources += [dataset.relative_path(i) for i in range(len(dataset))]
         print(f"{split}: {len(dataset)} images")
 
+    aug_rows, aug_maps = None, None
+    if cfg.aug_copies > 1:
+        print(f"augmenting train: {cfg.aug_copies - 1} copies per image; mirrored: {augmentation['hflip'] or 'no class'}")
+        aug_maps = [[] for _ in model.scales]
+        per_batch = max(1, cfg.batch_size // (cfg.aug_copies - 1))  # images whose copies make about one batch
+        loader = DataLoader(AugmentedCopies(splits["train"], cfg), batch_size=per_batch, shuffle=False,
+                            num_workers=cfg.num_workers)
+        for copies, _ in progress(loader, desc="tokenizing train copies"):
+            b, a = copies.shape[:2]
+            with precision.autocast():
+                idx_list = model.img_to_idx(copies.flatten(0, 1).to(device))
+            for k, idx in enumerate(idx_list):
+                aug_maps[k].append(idx.to(torch.int16).cpu().numpy().reshape(b, a, *idx.shape[1:]))
+        aug_maps = [np.concatenate(m) for m in aug_maps]
+        aug_rows = np.flatnonzero(np.asarray(split_names) == "train")
+
     all_maps = [np.concatenate(m) for m in maps]
     save_tokens(out, scales=model.scales, maps=all_maps, labels=np.concatenate(labels), split=split_names,
-                source=sources, vqvae_sha256=sha, vqvae_config=model.config, classes=classes, made_from=made_from)
+                source=sources, vqvae_sha256=sha, vqvae_config=model.config, classes=classes, made_from=made_from,
+                aug_rows=aug_rows, aug_maps=aug_maps)
     length = sum(pn * pn for pn in model.scales)
     used = len(np.unique(all_maps[-1]))
     print(f"wrote {out}: {len(sources)} images x {length} tokens; finest scale uses {used}/{model.config['vocab_size']} "

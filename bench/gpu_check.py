@@ -6,7 +6,7 @@ CPU (the test suite runs it, so the script cannot rot while no GPU is lent).
     bash bench/gpu_check.sh --dry_run      # CPU, tiny sizes, about a minute
 
 Steps: phantoms -> prepare -> train_vqvae (GPU preset, a few hundred steps) -> tokenize -> train_var (GPU preset,
-depth 16, about a hundred steps, host-sync warnings on) -> sample_var (batch 64) -> eval_var, each timed with its
+depth 10, about a hundred steps, host-sync warnings on) -> sample_var (batch 64) -> eval_var, each timed with its
 log kept in the work folder and its peak GPU memory read from nvidia-smi; then the benchmarks at the GPU
 presets' shapes (VQ-VAE training and tokenization, a VAR depth-16 step at batch 32 with its FLOP utilisation,
 sampling at batch 64, ours against the reference VAR when VAR_REFERENCE_REPO names a checkout, Inception
@@ -191,11 +191,12 @@ def main(argv: list[str] | None = None) -> None:
     vqvae_path = root / "runs" / "vqvae" / "best.pth"
     report.run("tokenize", [str(REPO / "tokenize_multiscale_maps.py"), "--data_dir=data/processed",
                             "--vqvae=runs/vqvae/best.pth", "--out=runs/tokens/tokens_multiscale_maps.npz",
-                            "--num_workers=0"], f"{n_images} images")
+                            "--num_workers=0", *(["--aug_copies=2"] if dry else [])], f"{n_images} images")
     var_preset, var_epochs, var_batch = ("var_cpu", 1, 4) if dry else ("var_gpu", 8, 64)
     var_args = [str(REPO / "train_var.py"), f"--config={REPO / 'configs' / var_preset}.json",
                 "--tokens=runs/tokens/tokens_multiscale_maps.npz", "--vqvae=runs/vqvae/best.pth",
-                f"--batch_size={var_batch}", "--sample_every=0", "--samples_per_class=4", "--sync_debug=true"]
+                f"--batch_size={var_batch}", "--sample_every=0", "--samples_per_class=4", "--sync_debug=true",
+                *(["--kid_every=0"] if dry else [])]  # dry: KID's InceptionV3 on the CPU would double the check's time
     log = report.run("train_var", [*var_args, "--out_dir=runs/var", f"--epochs={var_epochs}"],
                      f"{var_epochs} epochs, batch {var_batch}")
     syncs = sorted(set(re.findall(r"(\S+:\d+): UserWarning: called a synchronizing CUDA operation", log)))

@@ -18,7 +18,7 @@ PRESETS = sorted(p for p in CONFIGS.glob("*.json") if not p.name.startswith("rec
 
 def test_every_preset_belongs_to_a_script() -> None:
     assert {p.name.split("_")[0] for p in PRESETS} == set(SCRIPTS)
-    assert {p.stem.split("_", 1)[1] for p in PRESETS} == {"cpu", "gpu", "real_cpu"}
+    assert {p.stem.split("_", 1)[1] for p in PRESETS} == {"cpu", "gpu", "real_cpu", "finetune_gpu"}
 
 
 @pytest.mark.parametrize("preset", PRESETS, ids=[p.stem for p in PRESETS])

@@ -4,6 +4,7 @@ trained by train_vqvae.py there, so that step must show as missing."""
 from __future__ import annotations
 
 import csv
+import json
 import os
 import shutil
 from html.parser import HTMLParser
@@ -74,7 +75,8 @@ def run(tiny_pipeline: dict[str, Path], tmp_path_factory) -> dict[str, Path]:
     var, samples = root / "runs" / "var", root / "runs" / "samples"
     train_var.main([f"--tokens={tiny_pipeline['tokens']}", f"--vqvae={tiny_pipeline['vqvae']}", f"--out_dir={var}",
                     "--depth=2", "--embed_dim=32", "--num_heads=2", "--batch_size=8", "--epochs=2",
-                    "--samples_per_class=2", "--sample_every=1", "--plot_every=1", "--device=cpu"])
+                    "--samples_per_class=2", "--sample_every=1", "--plot_every=1", "--device=cpu",
+                    f"--data_dir={tiny_pipeline['data']}", "--kid_every=1", "--kid_per_class=2"])
     sample_var.main([f"--var={tiny_pipeline['var']}", f"--data_dir={tiny_pipeline['data']}", f"--out={samples}",
                      "--samples_per_class=2", "--teachers_per_class=1", "--samples_per_teacher=1", "--cfg=0,1.5",
                      "--top_k=10", "--device=cpu"])
@@ -100,6 +102,7 @@ def test_every_linked_file_exists_beside_the_page(run: dict[str, Path]) -> None:
         assert not Path(name).is_absolute() and (page.parent / name).exists(), name
     linked = {(page.parent / name).resolve() for name in files}
     for expected in [run["data_dir"] / "contact_sheets" / "heart.png", run["var_dir"] / "samples" / "epoch_002.png",
+                     run["var_dir"] / "kid.png",
                      run["samples_dir"] / "grids" / "TP_K2_cfg1.5.png", run["data_dir"] / "per_class_by_split.png"]:
         assert expected.resolve() in linked, expected
 
@@ -114,6 +117,10 @@ def test_the_page_names_every_class_and_sweep_point(run: dict[str, Path]) -> Non
     assert row in " ".join(" ".join(text.split()).split())  # the class's row of the counts table
     assert "0.123 ± 0.010" in text and "0.300" in text and "0.1234567" not in text  # rounded, KID with its std
     assert "unreadable" in text  # the skipped source's reason
+    # train_var.py's KID (real InceptionV3 features) at both epochs, and the best one named.
+    best = min(json.loads((run["var_dir"] / "history.json").read_text()), key=lambda r: r["kid"])
+    named = f"KID of its samples against the val images {best['kid']:.4f} at epoch {best['epoch']} (best_kid.pth)"
+    assert named in " ".join(text.split())
 
 
 def test_a_step_not_run_is_listed_as_missing(run: dict[str, Path]) -> None:

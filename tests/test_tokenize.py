@@ -7,6 +7,7 @@ import json
 import os
 import time
 import shutil
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
@@ -19,7 +20,7 @@ import tokenize_multiscale_maps
 import train_vqvae
 from common.image_data import ImageSplit
 from common.io import atomic_torch_save, file_sha256
-from common.tokens import TokenFileError, load_tokens, save_tokens
+from common.tokens import TokenFileError, load_tokens, save_tokens, split_scales
 from models.var import VAR
 from models.vqvae import load_vqvae
 
@@ -275,3 +276,88 @@ def test_stale_temp_files_of_a_killed_tokenization_are_removed(trained: tuple[Pa
     os.utime(tmp_path / ".t.npz.a1b2c3d4.tmp", (time.time() - 3600,) * 2)  # killed an hour ago
     call(tokenize_multiscale_maps.main, dict(data_dir=data, vqvae=vq / "best.pth", out=out, num_workers=0, device="cpu"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["classes.json", "t.npz"]
+
+
+def test_augmented_copies_decode_to_images_of_the_right_class_and_size(trained: tuple[Path, Path], tokens: Path) -> None:
+    data, vq = trained
+    model = load_vqvae(vq / "best.pth")
+    ts = load_tokens(tokens, vq / "best.pth")
+    train = ts.select("train")
+    assert sorted(ts.split[ts.aug_rows]) == ["train"] * 16  # only the training images have copies
+    copies = train.copies()
+    assert copies.shape == (16, 8, 85) and ts.num_copies == 8
+    assert np.array_equal(copies[:, 0], train.idx)  # copy 0 is exactly the un-augmented tokens
+    # Different copies differ (this coarse 2-epoch VQ-VAE maps a few near-identical crops to the same tokens).
+    distinct = [len(np.unique(copies[i], axis=0)) for i in range(16)]
+    assert min(distinct) >= 5 and sum(distinct) >= 120
+    # Each copy is the tokens of its augmented image (regenerated here from the seed and path), so it decodes to
+    # the VQ-VAE's reconstruction of that image, at the model's size.
+    split = ImageSplit(data, "train", 32)
+    augmented = torch.stack([tokenize_multiscale_maps.AugmentedCopies(split, tokenize_multiscale_maps.Config())[i][0]
+                             for i in range(16)])  # (16, 7, 3, 32, 32)
+    with torch.no_grad():
+        for i in (0, 15):
+            idx_list = split_scales(torch.from_numpy(copies[i, 1:].astype(np.int64)), ts.scales)
+            assert all(torch.equal(a, b) for a, b in zip(idx_list, model.img_to_idx(augmented[i])))
+            decoded = model.idx_to_img(idx_list)
+            assert decoded.shape == (7, 3, 32, 32)
+            torch.testing.assert_close(decoded, model.reconstruct(augmented[i]))
+    # The class survives augmentation: bands are horizontal stripes (nearly constant along a row, varying down the
+    # columns), a disk varies about as much along x as along y; every crop, shift and mirror keeps that.
+    grey = augmented.mean(2)
+    along_rows = grey.var(-1).mean(-1) / grey.var(-2).mean(-1)  # (16, 7)
+    assert torch.equal(along_rows > 0.5, torch.from_numpy(train.labels == 1)[:, None].expand(16, 7))
+
+
+def test_augmentations_are_seeded_and_mirror_only_the_classes_allowed(trained: tuple[Path, Path]) -> None:
+    data, _ = trained
+    split = ImageSplit(data, "train", 32)
+    # A full-area crop without shift is the image itself: what is left is the mirror, for "disk" only.
+    cfg = tokenize_multiscale_maps.Config(aug_copies=9, aug_min_area=1.0, aug_max_shift=0.0, aug_hflip_classes=("disk",))
+    copies = tokenize_multiscale_maps.AugmentedCopies(split, cfg)
+    for i in (0, len(split) - 1):
+        image, label = split[i]
+        augmented, same_label = copies[i]
+        assert same_label == label and augmented.shape == (8, 3, 32, 32)
+        mirrored = torch.tensor([torch.equal(a, image.flip(-1)) for a in augmented])
+        if split.classes[label] == "disk":
+            assert all(torch.equal(a, image) or m for a, m in zip(augmented, mirrored)) and 0 < mirrored.sum() < 8
+        else:
+            assert all(torch.equal(a, image) for a in augmented)
+    shifted = tokenize_multiscale_maps.Config(aug_copies=3, aug_seed=5)
+    first = tokenize_multiscale_maps.AugmentedCopies(split, shifted)[3][0]
+    assert torch.equal(first, tokenize_multiscale_maps.AugmentedCopies(split, shifted)[3][0])  # reproducible
+    assert not torch.equal(first, tokenize_multiscale_maps.AugmentedCopies(split, replace(shifted, aug_seed=6))[3][0])
+
+
+def test_augmented_copies_round_trip_and_old_and_newer_formats(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    maps = [rng.integers(0, 10, (3, pn, pn)) for pn in (1, 2)]
+    aug = [rng.integers(0, 10, (2, 3, pn, pn)) for pn in (1, 2)]  # rows 0 and 2 (train), 3 copies each
+    path = tmp_path / "t.npz"
+    common = dict(scales=(1, 2), maps=maps, labels=np.array([0, 1, 0]), split=["train", "val", "train"],
+                  source=["a.png", "b.png", "c.png"], vqvae_sha256="abc", vqvae_config={"vocab_size": 10}, classes=["x", "y"])
+    save_tokens(path, **common, aug_rows=np.array([0, 2]), aug_maps=aug)
+    ts = load_tokens(path)
+    assert ts.num_copies == 4 and len(ts.select("val").aug_rows) == 0 and ts.select("val").num_copies == 1
+    copies = ts.select("train").copies()
+    assert np.array_equal(copies[:, 0], ts.idx[[0, 2]])
+    assert np.array_equal(copies[1, 2], np.concatenate([aug[0][1, 1].ravel(), aug[1][1, 1].ravel()]))
+    with pytest.raises(TokenFileError, match="1 of 2 rows have augmented copies"):
+        ts.take(np.array([0, 1])).copies()
+    # A reader of format 1 (without the augmented arrays) sees exactly the un-augmented set.
+    with np.load(path, allow_pickle=False) as raw:
+        arrays = {k: raw[k] for k in raw.files}
+    old = tmp_path / "old" / "t.npz"
+    old.parent.mkdir()
+    np.savez(old, **{k: v for k, v in arrays.items() if k not in ("aug_rows", "aug_idx", "format_version")})
+    assert np.array_equal(load_tokens(old).idx, ts.idx) and load_tokens(old).num_copies == 1
+    np.savez(path, **{**arrays, "format_version": np.asarray(3)})
+    with pytest.raises(TokenFileError, match="token file format 3, newer than the 2 this code reads"):
+        load_tokens(path)
+    np.savez(path, **{**arrays, "aug_rows": np.array([0, 5])})
+    with pytest.raises(TokenFileError, match=r"aug_rows must be distinct rows in \[0, 3\)"):
+        load_tokens(path)
+    np.savez(path, **{k: v for k, v in arrays.items() if k != "aug_idx"})
+    with pytest.raises(TokenFileError, match="only one of aug_rows and aug_idx"):
+        load_tokens(path)

@@ -29,7 +29,7 @@ from models.vqvae import VQVAE
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ["breast", "heart", "liver"]
 TINY = dict(depth=2, embed_dim=32, num_heads=2, batch_size=8, lr=2e-3, warmup_epochs=1.0, samples_per_class=2,
-            eval_batch_size=16, sample_every=0, plot_every=0)
+            eval_batch_size=16, sample_every=0, plot_every=0, kid_every=0)
 
 
 def make_vqvae(path: Path, seed: int) -> VQVAE:
@@ -59,7 +59,23 @@ def data(tmp_path_factory) -> dict[str, Path]:
     save_tokens(npz, scales=list(vqvae.scales), maps=maps, labels=labels,
                 split=np.array(["train"] * 32 + ["val"] * 16), source=np.array([f"img{i}.png" for i in range(n)]),
                 vqvae_sha256=file_sha256(root / "vqvae.pth"), vqvae_config=vqvae.config, classes=CLASSES)
-    return {"root": root, "vqvae": root / "vqvae.pth", "other": root / "another_vqvae.pth", "tokens": npz}
+    # The same tokens with 3 augmented copies of each training image. Copy c of image i is marked in its first two
+    # tokens (scale 1: the copy, scale 2's first token: the image), so a test can read which copy a batch used.
+    copies = np.stack([np.concatenate([m.reshape(n, -1) for m in maps], axis=1)] * 4, axis=1)[:32]  # (32, 4, L)
+    copies[:, :, 0] = np.arange(4)
+    copies[:, :, 1] = np.arange(32)[:, None]
+    aug = root / "tokens_aug" / "tokens_multiscale_maps.npz"
+    aug.parent.mkdir()
+    idx = np.concatenate([m.reshape(n, -1) for m in maps], axis=1)
+    idx[:32] = copies[:, 0]
+    offsets = np.cumsum([0, 1, 4, 9, 16])
+    bounds = list(zip(offsets, offsets[1:], (1, 2, 3, 4)))
+    save_tokens(aug, scales=list(vqvae.scales), maps=[idx[:, a:b].reshape(n, pn, pn) for a, b, pn in bounds],
+                labels=labels, split=np.array(["train"] * 32 + ["val"] * 16),
+                source=np.array([f"img{i}.png" for i in range(n)]), vqvae_sha256=file_sha256(root / "vqvae.pth"),
+                vqvae_config=vqvae.config, classes=CLASSES, aug_rows=np.arange(32),
+                aug_maps=[copies[:, 1:, a:b].reshape(32, 3, pn, pn) for a, b, pn in bounds])
+    return {"root": root, "vqvae": root / "vqvae.pth", "other": root / "another_vqvae.pth", "tokens": npz, "aug": aug}
 
 
 def config(data: dict[str, Path], out: Path, **overrides) -> train_var.Config:
@@ -156,15 +172,19 @@ TO_REFERENCE = [(r"^pos_embed$", "pos_1LC"), (r"\.attn\.qkv\.", ".attn.mat_qkv."
                 (r"\.mlp\.", ".ffn."), (r"^(blocks\.\d+)\.ada_lin\.", r"\1.ada_lin.1."), (r"^head_norm\.ada_lin\.", "head_nm.ada_lin.1.")]
 
 
-def test_fine_tuning_starts_from_the_reference_checkpoint_with_resized_classes(data, tmp_path):
-    torch.manual_seed(5)
-    upstream = VAR(vocab_size=32, z_channels=8, scales=(1, 2, 3, 4), num_classes=5, depth=2, embed_dim=64, num_heads=2)
+def to_reference(model: VAR) -> dict[str, torch.Tensor]:
     state = {}
-    for key, value in upstream.state_dict().items():
+    for key, value in model.state_dict().items():
         for pattern, repl in TO_REFERENCE:
             key = re.sub(pattern, repl, key, count=1)
         state[key] = value
-    torch.save(state, tmp_path / "var_d2.pth")
+    return state
+
+
+def test_fine_tuning_starts_from_the_reference_checkpoint_with_resized_classes(data, tmp_path):
+    torch.manual_seed(5)
+    upstream = VAR(vocab_size=32, z_channels=8, scales=(1, 2, 3, 4), num_classes=5, depth=2, embed_dim=64, num_heads=2)
+    torch.save(to_reference(upstream), tmp_path / "var_d2.pth")
     out = tmp_path / "run"
     # lr 0: the weights after one epoch are exactly the ones fine-tuning started from.
     train_var.train(config(data, out, epochs=1, lr=0.0, base_lr=0.0, init_upstream=str(tmp_path / "var_d2.pth")), SINGLE)
@@ -172,8 +192,20 @@ def test_fine_tuning_starts_from_the_reference_checkpoint_with_resized_classes(d
     assert tuned["model_config"]["num_classes"] == 3 and tuned["model_config"]["depth"] == 2
     ours = tuned["model"]
     assert torch.equal(ours["blocks.1.attn.qkv.weight"], upstream.blocks[1].attn.qkv.weight)
-    assert torch.equal(ours["class_emb.weight"][:3], upstream.class_emb.weight[:3])
-    assert torch.equal(ours["class_emb.weight"][-1], upstream.class_emb.weight[-1])  # the null class stays last
+    # Our 3 classes start as the reference's average class (init_class_rows=mean); the null class stays last.
+    torch.testing.assert_close(ours["class_emb.weight"][:3], upstream.class_emb.weight[:5].mean(0).expand(3, 64))
+    assert torch.equal(ours["class_emb.weight"][-1], upstream.class_emb.weight[-1])
+    random = train_var.with_new_class_rows(upstream, 3, "random")
+    assert random.class_emb.weight.shape == (4, 64)
+    assert torch.equal(random.class_emb.weight[-1], upstream.class_emb.weight[-1])
+    assert not any(torch.equal(random.class_emb.weight[i], upstream.class_emb.weight[i]) for i in range(3))
+    assert torch.equal(random.blocks[0].mlp.fc1.weight, upstream.blocks[0].mlp.fc1.weight)
+    # A reference checkpoint for another vocabulary is refused by name.
+    other = VAR(vocab_size=16, z_channels=8, scales=(1, 2, 3, 4), num_classes=5, depth=2, embed_dim=64, num_heads=2)
+    torch.save(to_reference(other), tmp_path / "v16.pth")
+    with pytest.raises(train_var.TrainVarError, match="its vocab_size is 16 but the VQ-VAE's is 32"):
+        train_var.build_var(config(data, out, init_upstream=str(tmp_path / "v16.pth")),
+                            {"vocab_size": 32, "z_channels": 8, "scales": [1, 2, 3, 4]}, 3)
 
 
 def test_mismatched_vqvae_is_refused(data, tmp_path):
@@ -220,7 +252,9 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoints(data, tmp_pat
 
 
 def test_resume_after_kill_continues_and_matches_an_uninterrupted_run(data, tmp_path, capsys):
+    # With augmented tokens: the copy drawn for each image must not depend on where the run was interrupted.
     epochs = 10
+    data = {**data, "tokens": data["aug"]}
     reference = run_script(cli(data, tmp_path / "reference", epochs=epochs))
     out = tmp_path / "killed"
     proc = run_script(cli(data, out, epochs=epochs))
@@ -351,3 +385,57 @@ def test_a_nan_in_the_last_step_of_an_epoch_leaves_the_checkpoints_untouched(dat
     assert {name: (out / name).read_bytes() for name in before} == before
     assert not (out / ".last.pth.a1b2c3d4.tmp").exists() and not (out / "samples" / ".epoch_002.png.e5f6g7h8.tmp").exists()
     assert not (out / "samples" / "epoch_002.png").exists()
+
+
+def test_each_image_uses_each_of_its_copies_once_per_cycle_of_epochs():
+    draws = np.stack([train_var.epoch_copies(5, 3, seed=7, epoch=e) for e in range(6)])  # (epochs, images)
+    assert np.array_equal(draws, np.stack([train_var.epoch_copies(5, 3, seed=7, epoch=e) for e in range(6)]))
+    for cycle in (draws[:3], draws[3:]):
+        assert np.array_equal(np.sort(cycle, axis=0), np.tile(np.arange(3)[:, None], (1, 5)))
+    assert not np.array_equal(draws[:3], draws[3:])  # a fresh order in every cycle
+    assert not np.array_equal(draws, np.stack([train_var.epoch_copies(5, 3, seed=8, epoch=e) for e in range(6)]))
+    assert np.array_equal(train_var.epoch_copies(5, 1, seed=7, epoch=4), np.zeros(5))
+
+
+def test_training_draws_one_copy_per_image_per_epoch(data, tmp_path, monkeypatch):
+    seen = []
+    real = train_var.teacher_batch
+
+    def recording(idx, scales, vqvae):
+        if idx.shape[0] == 8 and torch.is_grad_enabled():  # training batches (evaluation runs under no_grad)
+            seen.append(idx[:, :2].clone())
+        return real(idx, scales, vqvae)
+
+    monkeypatch.setattr(train_var, "teacher_batch", recording)
+    train_var.train(config(data, tmp_path / "run", tokens=str(data["aug"]), epochs=4), SINGLE)
+    per_epoch = torch.cat(seen).view(4, 32, 2).numpy()  # 4 steps of 8 per epoch: every image once
+    for epoch, rows in enumerate(per_epoch):
+        image, copy = rows[:, 1], rows[:, 0]
+        assert sorted(image) == list(range(32))
+        assert np.array_equal(copy, train_var.epoch_copies(32, 4, seed=0, epoch=epoch)[image])
+    by_image = np.take_along_axis(per_epoch[..., 0], np.argsort(per_epoch[..., 1], axis=1), 1)  # (epoch, image)
+    assert np.array_equal(np.sort(by_image, axis=0), np.tile(np.arange(4)[:, None], (1, 32)))  # all 4 copies used
+
+
+def test_best_kid_checkpoint_is_the_epoch_with_the_lowest_kid(data, tmp_path, monkeypatch):
+    scripted = iter([0.30, 0.10, 0.20, 0.15])
+
+    class ScriptedKid:
+        def __init__(self, cfg, val, image_size, device):
+            assert len(val) == 16 and image_size == 8
+
+        def __call__(self, model, vqvae, num_classes, precision, device):
+            return next(scripted)
+
+    monkeypatch.setattr(train_var, "KidProbe", ScriptedKid)
+    out = tmp_path / "run"
+    train_var.train(config(data, out, epochs=7, kid_every=2, plot_every=1), SINGLE)  # KID at epochs 2, 4, 6 and 7
+    history = json.loads((out / "history.json").read_text())
+    assert [(r["epoch"], r.get("kid")) for r in history if "kid" in r] == [(2, 0.30), (4, 0.10), (6, 0.20), (7, 0.15)]
+    best_kid = load_checkpoint(out / "best_kid.pth")
+    assert best_kid["epoch"] == 4 and best_kid["best_kid"] == 0.10
+    assert load_checkpoint(out / "last.pth")["best_kid"] == 0.10
+    assert load_checkpoint(out / "best.pth")["epoch"] == min(history, key=lambda r: r["val_loss"])["epoch"]
+    assert (out / "kid.png").is_file()
+    # The train subset in eval mode: as many images as val, scored every epoch beside val.
+    assert all(r["train_eval_loss"] > 0 and len(r["train_eval_acc_scales"]) == 4 for r in history)
