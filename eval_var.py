@@ -39,7 +39,8 @@ import torch
 from common.checkpoint import CheckpointError
 from common.config import (DEVICE, at_least, check_constants, config_dict, one_of, preset_hint, save_config,
                            script_config)
-from common.fidelity import FidelityError, extract_features, fid_from_features, kid_from_features, load_feature_extractor
+from common.fidelity import (FidelityError, extract_features, fid_from_features, kid_from_features, kid_subset_size,
+                             load_feature_extractor)
 from common.image_data import SPLITS, ImageDataError, read_image
 from common.io import atomic_save_npz, atomic_write_json, atomic_write_text, file_sha256, files_fingerprint
 from common.plotting import save_figure, save_image, save_labelled_grid
@@ -187,11 +188,11 @@ class Measure:
         self.offsets = np.cumsum([0] + [pn * pn for pn in scales])
 
     def kid_fid(self, f1: np.ndarray, f2: np.ndarray) -> dict[str, float]:
-        """KID over subsets of kid_subset_size, or of half the smaller set when that is smaller: subsets of a whole
-        set would all be equal, and their std (0) would hide how noisy a small set's KID is. FID on large sets."""
+        """KID over subsets of kid_subset_size, or of half the smaller set when that is smaller (kid_subset_size).
+        FID on large sets."""
         out = {"kid": math.nan, "kid_std": math.nan, "kid_subset": 0, "fid": math.nan}
         n = min(len(f1), len(f2))
-        subset = self.config.kid_subset_size if n > self.config.kid_subset_size else n // 2
+        subset = kid_subset_size(len(f1), len(f2), self.config.kid_subset_size)
         if subset >= 2:
             kid = kid_from_features(f1, f2, self.config.kid_subsets, subset, self.config.seed)
             out.update(kid=kid["mean"], kid_std=kid["std"], kid_subset=kid["subset_size"])

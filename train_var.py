@@ -32,7 +32,7 @@ from common.checkpoint import CheckpointError
 from common.config import (DEVICE, PRECISION, ConfigError, above, at_least, between, check_constants,
                            check_output_folder, config_dict, one_of, save_config, script_config)
 from common.distributed import DistContext, setup_distributed, wrap_ddp
-from common.fidelity import FeatureNet, FidelityError, kid_from_features, load_feature_extractor
+from common.fidelity import FeatureNet, FidelityError, kid_from_features, kid_subset_size, load_feature_extractor
 from common.history import History
 from common.image_data import read_image
 from common.io import remove_stale_temp_files
@@ -308,8 +308,7 @@ class KidProbe:
         cfg = self.cfg
         images = sample_images(model, vqvae, num_classes, cfg.kid_per_class, cfg, precision, device, [cfg.seed, 1])
         fake = self.features(images, cfg.eval_batch_size)
-        # Subsets of half the smaller set, as eval_var.py does for small sets (whole-set subsets would all be equal).
-        return kid_from_features(fake, self.real, max_subset_size=min(len(fake), len(self.real)) // 2,
+        return kid_from_features(fake, self.real, max_subset_size=kid_subset_size(len(fake), len(self.real)),
                                  seed=cfg.seed)["mean"]
 
 

@@ -33,7 +33,8 @@ from common.config import (DEVICE, PRECISION, ConfigError, Rule, at_least, betwe
                            check_output_folder, config_dict, each, one_of, save_config, script_config)
 from common.distributed import DistContext, setup_distributed, wrap_ddp
 from common.history import History
-from common.fidelity import FidelityError, kid_from_features, load_feature_extractor, packaged_weights_path
+from common.fidelity import (FidelityError, kid_from_features, kid_subset_size, load_feature_extractor,
+                             packaged_weights_path)
 from common.image_data import (EpochSampler, ImageDataError, ImageSplit, list_classes, scan_area_mask, to_grey_uint8,
                                to_rgb_uint8)
 from common.io import atomic_write_json, file_sha256, files_fingerprint, remove_stale_temp_files
@@ -312,7 +313,8 @@ def reconstruction_kid(model: VQVAE, dataset: ImageSplit, cfg: Config, device: t
             rec = model(img).rec
         for bank, batch in ((real, img), (recon, rec)):
             bank.append(net(torch.from_numpy(to_rgb_uint8(batch)).permute(0, 3, 1, 2)).cpu())
-    return kid_from_features(torch.cat(recon), torch.cat(real), seed=cfg.seed)
+    recon, real = torch.cat(recon), torch.cat(real)
+    return kid_from_features(recon, real, max_subset_size=kid_subset_size(len(recon), len(real)), seed=cfg.seed)
 
 
 class DeadCodes:

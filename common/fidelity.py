@@ -293,6 +293,13 @@ def _feature_tensor(features: np.ndarray | torch.Tensor, which: str) -> torch.Te
     return tensor
 
 
+def kid_subset_size(n_1: int, n_2: int, max_size: int = 1000) -> int:
+    """KID subset size for sets of n_1 and n_2 images: max_size when both sets are larger, else half the smaller set.
+    Subsets of a whole set would all be equal, and their std (0) would hide how noisy a small set's KID is."""
+    n = min(n_1, n_2)
+    return max_size if n > max_size else n // 2
+
+
 def kid_from_features(features_1: np.ndarray | torch.Tensor, features_2: np.ndarray | torch.Tensor,
                       subsets: int = 100, max_subset_size: int = 1000, seed: int = 0) -> dict[str, float | int]:
     """Kernel Inception Distance by torch-fidelity's kid_features_to_metric (cubic polynomial kernel).

@@ -14,7 +14,8 @@ from scipy.ndimage import gaussian_filter
 
 from common import fidelity
 from common.fidelity import (COMPAT_EXTRACTOR, FEATURE_DIM, PACKAGED_EXTRACTOR, FeatureNet, FidelityError,
-                             extract_features, fid_from_features, kid_from_features, load_feature_extractor)
+                             extract_features, fid_from_features, kid_from_features, kid_subset_size,
+                             load_feature_extractor)
 from common.io import file_sha256
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -276,3 +277,12 @@ def test_kid_subset_size_adapts_to_the_smaller_set() -> None:
         kid_from_features(rng.random((1, 16)), rng.random((7, 16)))
     with pytest.raises(FidelityError, match="at least 2"):
         fid_from_features(rng.random((1, 16)), rng.random((7, 16)))
+
+
+def test_kid_subsets_are_half_the_smaller_set_below_the_maximum() -> None:
+    # Whole-set subsets would all be equal (std 0); half the smaller set keeps the std meaningful.
+    assert kid_subset_size(60, 96) == 30
+    assert kid_subset_size(97, 61, max_size=1000) == 30
+    assert kid_subset_size(1000, 5000) == 500  # equal to the maximum is not above it
+    assert kid_subset_size(1001, 5000) == 1000
+    assert kid_subset_size(300, 400, max_size=100) == 100
