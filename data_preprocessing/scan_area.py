@@ -379,6 +379,27 @@ def _trim_dark_corner_edges(g: np.ndarray, m: np.ndarray) -> np.ndarray:
     return m
 
 
+def _corner_blocks_open(integral: np.ndarray, near_y: np.ndarray, near_x: np.ndarray, far_y: np.ndarray,
+                        far_x: np.ndarray) -> np.ndarray:
+    """(near_y, near_x) bool: whether any box from that near corner to a far corner may pass the fill test.
+
+    The far corners are taken in CORNER_BLOCK x CORNER_BLOCK blocks; a box ending in a block holds at least the
+    lit pixels of the box ending at the block's first allowed corner (boxes from one corner nest) and covers at
+    most the area of the one ending at its last, so a block where even these fail holds no passing box."""
+    starts_y, starts_x = np.arange(0, len(far_y), CORNER_BLOCK), np.arange(0, len(far_x), CORNER_BLOCK)
+    last_y = far_y[np.minimum(starts_y + CORNER_BLOCK - 1, len(far_y) - 1)] - near_y[:, None]  # (near, block) heights
+    last_x = far_x[np.minimum(starts_x + CORNER_BLOCK - 1, len(far_x) - 1)] - near_x[:, None]
+    first_y = np.minimum(np.maximum(far_y[starts_y], near_y[:, None] + OCCLUDER_MIN_SIDE), far_y[-1])
+    first_x = np.minimum(np.maximum(far_x[starts_x], near_x[:, None] + OCCLUDER_MIN_SIDE), far_x[-1])
+    fewest = (integral[first_y[:, None, :, None], first_x[None, :, None, :]]
+              - integral[first_y[:, None, :], near_x[None, :, None]][..., None]
+              - integral[near_y[:, None, None], first_x[None, :, :]][:, :, None, :]
+              + integral[near_y[:, None], near_x[None, :]][..., None, None])
+    largest = last_y[:, None, :, None] * last_x[None, :, None, :]
+    allowed = (last_y >= OCCLUDER_MIN_SIDE)[:, None, :, None] & (last_x >= OCCLUDER_MIN_SIDE)[None, :, None, :]
+    return (allowed & (fewest <= (1 - CORNER_FILL) * largest)).any(axis=(2, 3))
+
+
 def _cut_corner_overlay(grey: np.ndarray, mask: np.ndarray, corner: str) -> np.ndarray:
     """The mask with a dark overlay box declared at `corner` (e.g. "bottom_right") cut off by one edge.
 
@@ -396,13 +417,19 @@ def _cut_corner_overlay(grey: np.ndarray, mask: np.ndarray, corner: str) -> np.n
     cols = np.flatnonzero(m.any(axis=0))
     by0, bx0, by1, bx1 = int(rows[0]), int(cols[0]), int(rows[-1]) + 1, int(cols[-1]) + 1
     lit = m & (g > CORNER_DARK)
-    integral = cv2.integral(lit.astype(np.uint8)).astype(np.int64)
+    integral = cv2.integral(lit.astype(np.uint8))  # int32: exact, the image holds far fewer than 2**31 pixels
     margin = max(OCCLUDER_MIN_SIDE, int(CORNER_MARGIN * min(by1 - by0, bx1 - bx0)))
     far_y = np.arange(by0 + OCCLUDER_MIN_SIDE, by0 + int(CORNER_REACH * (by1 - by0)) + 1)
     far_x = np.arange(bx0 + OCCLUDER_MIN_SIDE, bx0 + int(CORNER_REACH * (bx1 - bx0)) + 1)
+    near_y = np.arange(by0, by0 + margin + 1, CORNER_STEP)
+    near_x = np.arange(bx0, bx0 + margin + 1, CORNER_STEP)
     far = integral[far_y[:, None], far_x[None, :]]  # the far corners' sums, gathered once for every near corner
+    hopeful = (_corner_blocks_open(integral, near_y, near_x, far_y, far_x) if len(far_y) and len(far_x)
+               else np.zeros((len(near_y), len(near_x)), bool))  # a box too small to reach OCCLUDER_MIN_SIDE
     best, best_area = None, 0
-    for y0, x0 in product(range(by0, by0 + margin + 1, CORNER_STEP), range(bx0, bx0 + margin + 1, CORNER_STEP)):
+    for (iy, y0), (ix, x0) in product(enumerate(near_y.tolist()), enumerate(near_x.tolist())):
+        if not hopeful[iy, ix]:  # no box from this near corner passes
+            continue
         # Only boxes larger than the best so far can win (ties keep the earlier one): their far corner lies at
         # least this far out, so the rows and columns before it are skipped; argmax's first maximum is unchanged.
         height, width = int(far_y[-1]) - y0, int(far_x[-1]) - x0
@@ -520,7 +547,7 @@ def to_model_image(img: np.ndarray, area: ScanArea, size: int = 256, square: str
     if grey.shape != area.mask.shape:
         raise ScanAreaError(f"image is {grey.shape} but the scan area mask is {area.mask.shape}")
     x0, y0, x1, y1 = area.box
-    crop = np.where(area.mask, grey, 0)[y0:y1, x0:x1]
+    crop = np.where(area.mask[y0:y1, x0:x1], grey[y0:y1, x0:x1], 0)
     h, w = crop.shape
     if square == "pad":
         side = max(h, w)
