@@ -525,7 +525,7 @@ def run(cfg: Config) -> dict:
     ]
     workers = cfg.workers or os.cpu_count() or 1
     pool = multiprocessing.get_context("fork").Pool(workers, _init_worker, (out, cfg)) if workers > 1 else None
-    parallel_map = pool.imap_unordered if pool else map
+    parallel_map = pool.imap if pool else map  # results in task order: the plotted picks must not depend on timing
     rows, n_reused = [], 0
     try:
         _init_worker(out, cfg)
@@ -542,31 +542,35 @@ def run(cfg: Config) -> dict:
             corners = {str(t.source.path.absolute()): t.source.overlay_corners for t in tasks}
             panels = [p for p in parallel_map(scan_panel, [(r, cfg.video_stride, corners.get(r["source"], ())) for r in picks])
                       if p is not None]
+
+        # Splits only now: a subject takes part with the images it gave (a clip up to max_frames_per_file, an
+        # unreadable file none), so unreadable files cannot leave a split empty.
+        weights = Counter((r["dataset"], r["subject"]) for r in rows if r["status"] == "ok")
+        place_outputs(rows, out, assign_splits(weights, subject_class, fracs, cfg.seed))
+
+        # Outputs of the previous run that no row points to any more (file removed, renamed or now skipped).
+        current = {r["output"] for r in rows if r["status"] == "ok"}
+        for r in previous:
+            if r["status"] == "ok" and r["output"] not in current:
+                (out / r["output"]).unlink(missing_ok=True)
+
+        rows.sort(key=lambda r: (r["dataset"], r["source"], r["frame"]))
+        ignored_rows.sort(key=lambda r: (r["dataset"], r["source"]))
+        write_manifest(out / "manifest.csv", rows + ignored_rows)
+        save_config(cfg, out)
+        # the scan-area figure, the slowest plot, is drawn in a worker while this process draws the others
+        panels.sort(key=lambda p: (p[0]["class"], p[0]["source"], p[0]["frame"]))
+        figure_job = pool.apply_async(scan_area_figure, (panels, out)) if pool and panels else None
+        counts = plot_counts(rows, out)
+        contact_sheets(rows, out, cfg)
+        if figure_job is not None:
+            figure_job.get()
+        elif panels:
+            scan_area_figure(panels, out)
     finally:
         if pool is not None:
             pool.close()
             pool.join()
-
-    # Splits only now: a subject takes part with the images it gave (a clip up to max_frames_per_file, an
-    # unreadable file none), so unreadable files cannot leave a split empty.
-    weights = Counter((r["dataset"], r["subject"]) for r in rows if r["status"] == "ok")
-    place_outputs(rows, out, assign_splits(weights, subject_class, fracs, cfg.seed))
-
-    # Outputs of the previous run that no row points to any more (file removed, renamed or now skipped).
-    current = {r["output"] for r in rows if r["status"] == "ok"}
-    for r in previous:
-        if r["status"] == "ok" and r["output"] not in current:
-            (out / r["output"]).unlink(missing_ok=True)
-
-    rows.sort(key=lambda r: (r["dataset"], r["source"], r["frame"]))
-    ignored_rows.sort(key=lambda r: (r["dataset"], r["source"]))
-    write_manifest(out / "manifest.csv", rows + ignored_rows)
-    save_config(cfg, out)
-    counts = plot_counts(rows, out)
-    contact_sheets(rows, out, cfg)
-    if panels:
-        panels.sort(key=lambda p: (p[0]["class"], p[0]["source"], p[0]["frame"]))
-        scan_area_figure(panels, out)
 
     stats = {
         "files": len(tasks),

@@ -22,7 +22,6 @@ from itertools import product
 import cv2
 import numpy as np
 from PIL import Image
-from scipy.ndimage import binary_fill_holes
 
 MIN_SIDE = 32  # px; smaller images cannot hold a scan area worth keeping
 MIN_AREA_FRACTION = 0.03  # the scan area covers at least this share of the image
@@ -47,6 +46,8 @@ CORNER_MARGIN = 0.06  # a declared box may end this share of the area's short si
 CORNER_REACH = 0.45  # a declared box spans at most this share of the area's width and height
 CORNER_STEP = 3  # px between the box corners tried near the area's corner
 CORNER_PASSES = 2  # cuts per declared corner
+RANSAC_TRIALS = 150  # line hypotheses per side edge
+CORNER_BLOCK = 16  # far corners per side of the blocks whose boxes are ruled out together
 
 
 class ScanAreaError(ValueError):
@@ -109,7 +110,7 @@ def _tissue_region(grey: np.ndarray, not_tissue: np.ndarray) -> np.ndarray:
     pad = max(3, scale // 60)
     region = cv2.copyMakeBorder(region, pad, pad, pad, pad, cv2.BORDER_CONSTANT, value=0)
     region = cv2.morphologyEx(region, cv2.MORPH_CLOSE, _disk(pad))[pad:-pad, pad:-pad]
-    region = binary_fill_holes(region).astype(np.uint8)
+    region = _fill_holes(region)
     region = cv2.erode(region, np.ones((k, k), np.uint8))  # undo the blur's spread past bright edges
     # text blocks or labels touching the area survive the first opening; a wider one trims them off
     region = cv2.morphologyEx(region, cv2.MORPH_OPEN, _disk(max(3, scale // 40)))
@@ -122,22 +123,46 @@ def _big_components(binary: np.ndarray, share: float) -> np.ndarray:
     if n <= 1:
         raise ScanAreaError("no tissue-like region: the image is blank or holds only thin graphics")
     areas = stats[1:, cv2.CC_STAT_AREA]
-    keep = np.flatnonzero(areas >= share * areas.max()) + 1
-    return np.isin(labels, keep).astype(np.uint8)
+    keep = np.zeros(n, np.uint8)  # a lookup table from label to kept (label 0, the background, never is)
+    keep[1:] = areas >= share * areas.max()
+    return keep[labels]
+
+
+def _component_stats(binary: np.ndarray, connectivity: int) -> np.ndarray:
+    """cv2's per-component stats rows (x, y, width, height, area; background left out) of a uint8 image.
+
+    Labelled on the box around the non-zero pixels only: the same components in the same (raster) order,
+    their positions shifted back to the image's, and much less to scan where they are few."""
+    x, y, w, h = cv2.boundingRect(binary)
+    if w == 0:
+        return np.zeros((0, 5), np.int32)
+    stats = cv2.connectedComponentsWithStats(binary[y:y + h, x:x + w], connectivity=connectivity)[2][1:]
+    stats[:, cv2.CC_STAT_LEFT] += x
+    stats[:, cv2.CC_STAT_TOP] += y
+    return stats
+
+
+def _fill_holes(binary: np.ndarray) -> np.ndarray:
+    """`binary` (uint8 0/1) with its holes filled: background not 4-connected to the image's border becomes 1.
+
+    One flood fill from a zero frame around the image reaches exactly the background that touches the border
+    (scipy's binary_fill_holes with its default 4-connectivity, at a fraction of its cost)."""
+    framed = cv2.copyMakeBorder(binary, 1, 1, 1, 1, cv2.BORDER_CONSTANT, value=0)
+    cv2.floodFill(framed, None, (0, 0), 2, flags=4)
+    return (framed[1:-1, 1:-1] != 2).astype(np.uint8)
 
 
 def _fit_line(ys: np.ndarray, xs: np.ndarray, rng: np.random.Generator, tol: float) -> tuple[float, float, np.ndarray]:
     """Robust fit x = a + b*y (RANSAC, then least squares on the inliers)."""
+    pairs = np.array([rng.choice(len(ys), 2, replace=False) for _ in range(RANSAC_TRIALS)])
+    pairs = pairs[np.abs(ys[pairs[:, 1]] - ys[pairs[:, 0]]) >= 5]  # too close in y to give a slope
     best = None
-    for _ in range(150):
-        i, j = rng.choice(len(ys), 2, replace=False)
-        if abs(ys[j] - ys[i]) < 5:
-            continue
+    if len(pairs):
+        i, j = pairs[:, 0], pairs[:, 1]
         b = (xs[j] - xs[i]) / (ys[j] - ys[i])
         a = xs[i] - b * ys[i]
-        inl = np.abs(xs - (a + b * ys)) < tol
-        if best is None or inl.sum() > best.sum():
-            best = inl
+        inliers = np.abs(xs - (a[:, None] + b[:, None] * ys)) < tol
+        best = inliers[inliers.sum(axis=1).argmax()]  # the first trial with the most inliers
     if best is None or best.sum() < 2:
         return 0.0, 0.0, np.zeros(len(ys), bool)
     b, a = np.polyfit(ys[best], xs[best], 1)
@@ -172,7 +197,7 @@ def _fit_geometry(region: np.ndarray) -> tuple[str, np.ndarray, tuple[float, flo
             sides[name] = (a, b)
     if not sides:
         return _arc_only_fan(region, box, (x0, y0, x1, y1))
-    yy, xx = np.mgrid[0:h, 0:w]
+    yy, xx = np.arange(h)[:, None], np.arange(w)[None, :]  # broadcast: the same values as full grids
     fan = box.copy()
     if "left" in sides:
         fan &= xx >= sides["left"][0] + sides["left"][1] * yy - 0.5
@@ -186,22 +211,26 @@ def _fit_geometry(region: np.ndarray) -> tuple[str, np.ndarray, tuple[float, flo
     if apex is not None and apex[1] < y0 + 0.2 * (y1 - y0):
         r = np.hypot(xx - apex[0], yy - apex[1])
         inside = region & fan
-        theta = np.arctan2(xx - apex[0], yy - apex[1])
-        t_in, r_in = theta[inside], r[inside]
+        y_in, x_in = np.nonzero(inside)
+        t_in, r_in = np.arctan2(x_in - apex[0], y_in - apex[1]), r[inside]
         bins = np.linspace(t_in.min(), t_in.max(), 33)
-        idx = np.clip(np.digitize(t_in, bins) - 1, 0, 31)
+        idx = np.clip(np.digitize(t_in, bins) - 1, 0, 31).astype(np.uint8)
+        # group the pixels by bin, keeping their raster order, so each bin is one slice (argmin/argmax pick
+        # the same first extreme as on the bin's pixels in place)
+        order = np.argsort(idx, kind="stable")
+        r_in, y_in = r_in[order], y_in[order]
+        ends = np.cumsum(np.bincount(idx, minlength=32))
         rmin = np.full(32, np.nan)
         rmax = np.full(32, np.nan)
         ymin_at = np.full(32, np.nan)
         ymax_at = np.full(32, np.nan)
-        y_in = yy[inside]
         for k in range(2, 30):  # the outer bins meet the side edges, where radii are not the arcs'
-            sel = idx == k
-            if sel.sum() < 5:
+            start = ends[k - 1]
+            if ends[k] - start < 5:
                 continue
-            i_min, i_max = np.argmin(r_in[sel]), np.argmax(r_in[sel])
-            rmin[k], rmax[k] = r_in[sel][i_min], r_in[sel][i_max]
-            ymin_at[k], ymax_at[k] = y_in[sel][i_min], y_in[sel][i_max]
+            i_min, i_max = start + np.argmin(r_in[start:ends[k]]), start + np.argmax(r_in[start:ends[k]])
+            rmin[k], rmax[k] = r_in[i_min], r_in[i_max]
+            ymin_at[k], ymax_at[k] = y_in[i_min], y_in[i_max]
         top_ok = np.isfinite(rmin) & (ymin_at > y0 + 1)
         bottom_ok = np.isfinite(rmax) & (ymax_at < y1 - 2)
         if top_ok.sum() >= 6:
@@ -232,7 +261,7 @@ def _arc_only_fan(region: np.ndarray, box: np.ndarray, bounds: tuple[int, int, i
     radius = 1 / (-2 * c2)
     cx = -c1 / (2 * c2)
     cy = c0 - c1 ** 2 / (4 * c2) - radius
-    yy, xx = np.mgrid[0:region.shape[0], 0:region.shape[1]]
+    yy, xx = np.arange(region.shape[0])[:, None], np.arange(region.shape[1])[None, :]
     fan = box & (np.hypot(xx - cx, yy - cy) >= radius - 0.5)
     if _iou(fan, region) <= _iou(box, region):
         return "rect", box, None
@@ -280,8 +309,7 @@ def _occluders(grey: np.ndarray, flat: np.ndarray, mask: np.ndarray, geometry: s
     within = mask if geometry == "fan" else boxed  # a fan's black corners are outside it, a box's are not
     for cand, side in (((grey <= BLACK) & within, 10), (flat, 5)):  # black boxes; drawn bars (whole, even if
         cand = cv2.morphologyEx(cand.astype(np.uint8), cv2.MORPH_OPEN, np.ones((side, side), np.uint8))
-        n, _, stats, _ = cv2.connectedComponentsWithStats(cand, connectivity=4)  # only partly in the area)
-        for x, y, bw, bh, area in stats[1:]:
+        for x, y, bw, bh, area in _component_stats(cand, 4):  # only partly in the area)
             inside = within[y:y + bh, x:x + bw].sum()
             if (min(bw, bh) >= OCCLUDER_MIN_SIDE and area >= OCCLUDER_MIN_AREA and inside
                     and area >= OCCLUDER_FILL * (inside if side == 10 else bw * bh)):
@@ -351,6 +379,27 @@ def _trim_dark_corner_edges(g: np.ndarray, m: np.ndarray) -> np.ndarray:
     return m
 
 
+def _corner_blocks_open(integral: np.ndarray, near_y: np.ndarray, near_x: np.ndarray, far_y: np.ndarray,
+                        far_x: np.ndarray) -> np.ndarray:
+    """(near_y, near_x) bool: whether any box from that near corner to a far corner may pass the fill test.
+
+    The far corners are taken in CORNER_BLOCK x CORNER_BLOCK blocks; a box ending in a block holds at least the
+    lit pixels of the box ending at the block's first allowed corner (boxes from one corner nest) and covers at
+    most the area of the one ending at its last, so a block where even these fail holds no passing box."""
+    starts_y, starts_x = np.arange(0, len(far_y), CORNER_BLOCK), np.arange(0, len(far_x), CORNER_BLOCK)
+    last_y = far_y[np.minimum(starts_y + CORNER_BLOCK - 1, len(far_y) - 1)] - near_y[:, None]  # (near, block) heights
+    last_x = far_x[np.minimum(starts_x + CORNER_BLOCK - 1, len(far_x) - 1)] - near_x[:, None]
+    first_y = np.minimum(np.maximum(far_y[starts_y], near_y[:, None] + OCCLUDER_MIN_SIDE), far_y[-1])
+    first_x = np.minimum(np.maximum(far_x[starts_x], near_x[:, None] + OCCLUDER_MIN_SIDE), far_x[-1])
+    fewest = (integral[first_y[:, None, :, None], first_x[None, :, None, :]]
+              - integral[first_y[:, None, :], near_x[None, :, None]][..., None]
+              - integral[near_y[:, None, None], first_x[None, :, :]][:, :, None, :]
+              + integral[near_y[:, None], near_x[None, :]][..., None, None])
+    largest = last_y[:, None, :, None] * last_x[None, :, None, :]
+    allowed = (last_y >= OCCLUDER_MIN_SIDE)[:, None, :, None] & (last_x >= OCCLUDER_MIN_SIDE)[None, :, None, :]
+    return (allowed & (fewest <= (1 - CORNER_FILL) * largest)).any(axis=(2, 3))
+
+
 def _cut_corner_overlay(grey: np.ndarray, mask: np.ndarray, corner: str) -> np.ndarray:
     """The mask with a dark overlay box declared at `corner` (e.g. "bottom_right") cut off by one edge.
 
@@ -368,19 +417,47 @@ def _cut_corner_overlay(grey: np.ndarray, mask: np.ndarray, corner: str) -> np.n
     cols = np.flatnonzero(m.any(axis=0))
     by0, bx0, by1, bx1 = int(rows[0]), int(cols[0]), int(rows[-1]) + 1, int(cols[-1]) + 1
     lit = m & (g > CORNER_DARK)
-    integral = cv2.integral(lit.astype(np.uint8)).astype(np.int64)
+    integral = cv2.integral(lit.astype(np.uint8))  # int32: exact, the image holds far fewer than 2**31 pixels
     margin = max(OCCLUDER_MIN_SIDE, int(CORNER_MARGIN * min(by1 - by0, bx1 - bx0)))
     far_y = np.arange(by0 + OCCLUDER_MIN_SIDE, by0 + int(CORNER_REACH * (by1 - by0)) + 1)
     far_x = np.arange(bx0 + OCCLUDER_MIN_SIDE, bx0 + int(CORNER_REACH * (bx1 - bx0)) + 1)
+    near_y = np.arange(by0, by0 + margin + 1, CORNER_STEP)
+    near_x = np.arange(bx0, bx0 + margin + 1, CORNER_STEP)
+    far = integral[far_y[:, None], far_x[None, :]]  # the far corners' sums, gathered once for every near corner
+    hopeful = (_corner_blocks_open(integral, near_y, near_x, far_y, far_x) if len(far_y) and len(far_x)
+               else np.zeros((len(near_y), len(near_x)), bool))  # a box too small to reach OCCLUDER_MIN_SIDE
     best, best_area = None, 0
-    for y0, x0 in product(range(by0, by0 + margin + 1, CORNER_STEP), range(bx0, bx0 + margin + 1, CORNER_STEP)):
-        ys, xs = far_y[far_y - y0 >= OCCLUDER_MIN_SIDE], far_x[far_x - x0 >= OCCLUDER_MIN_SIDE]
-        n_lit = (integral[ys][:, xs] - integral[ys, x0][:, None] - integral[y0, xs][None, :] + integral[y0, x0])
-        area = np.outer(ys - y0, xs - x0)
+    for (iy, y0), (ix, x0) in product(enumerate(near_y.tolist()), enumerate(near_x.tolist())):
+        if not hopeful[iy, ix]:  # no box from this near corner passes
+            continue
+        # Only boxes larger than the best so far can win (ties keep the earlier one): their far corner lies at
+        # least this far out, so the rows and columns before it are skipped; argmax's first maximum is unchanged.
+        height, width = int(far_y[-1]) - y0, int(far_x[-1]) - x0
+        if height * width <= best_area:
+            continue
+        i0 = np.searchsorted(far_y, y0 + max(OCCLUDER_MIN_SIDE, best_area // width + 1))
+        j0 = np.searchsorted(far_x, x0 + max(OCCLUDER_MIN_SIDE, best_area // height + 1))
+        ys, xs = far_y[i0:], far_x[j0:]
+        sub = far[i0:, j0:]
+        above = integral[ys, x0] - integral[y0, x0]
+        left = integral[y0, xs]
+        # Far corners come in blocks: a box ending anywhere in a block holds at least the lit pixels of the one
+        # ending at the block's first corner and has at most the area of the one ending at its last, so a block
+        # where even that cannot pass is skipped; only the rows and columns of the other blocks are counted.
+        last_y = ys[np.minimum(np.arange(CORNER_BLOCK - 1, len(ys) + CORNER_BLOCK - 1, CORNER_BLOCK), len(ys) - 1)]
+        last_x = xs[np.minimum(np.arange(CORNER_BLOCK - 1, len(xs) + CORNER_BLOCK - 1, CORNER_BLOCK), len(xs) - 1)]
+        fewest = sub[::CORNER_BLOCK, ::CORNER_BLOCK] - above[::CORNER_BLOCK, None] - left[None, ::CORNER_BLOCK]
+        open_blocks = fewest <= (1 - CORNER_FILL) * ((last_y - y0)[:, None] * (last_x - x0)[None, :])
+        rows_in = np.flatnonzero(np.repeat(open_blocks.any(axis=1), CORNER_BLOCK)[:len(ys)])
+        cols_in = np.flatnonzero(np.repeat(open_blocks.any(axis=0), CORNER_BLOCK)[:len(xs)])
+        if not len(rows_in) or not len(cols_in):
+            continue
+        n_lit = sub[rows_in[:, None], cols_in[None, :]] - above[rows_in, None] - left[None, cols_in]
+        area = (ys[rows_in] - y0)[:, None] * (xs[cols_in] - x0)[None, :]
         area = np.where(n_lit <= (1 - CORNER_FILL) * area, area, 0)
         i, j = np.unravel_index(area.argmax(), area.shape)
         if area[i, j] > best_area:
-            best, best_area = (x0, y0, int(xs[j]), int(ys[i])), int(area[i, j])
+            best, best_area = (x0, y0, int(xs[cols_in[j]]), int(ys[rows_in[i]])), int(area[i, j])
     if best is None:
         return _trim_dark_corner_edges(g, m)[unflip]
     x0, y0, x1, y1 = best
@@ -403,17 +480,18 @@ def _annotations(grey: np.ndarray, colour: np.ndarray, mask: np.ndarray) -> dict
     """Burned-in marks inside the area: colour blobs (Doppler), caliper crosses, rows of glyphs (text)."""
     inner = cv2.erode(mask.astype(np.uint8), _disk(3)).astype(bool)  # the edge itself is not a mark
     col = (colour & inner).astype(np.uint8)
-    n, _, stats, _ = cv2.connectedComponentsWithStats(col, connectivity=8)
-    color = bool(n > 1 and stats[1:, cv2.CC_STAT_AREA].max() >= 120)
+    stats = _component_stats(col, 8)
+    color = bool(len(stats) and stats[:, cv2.CC_STAT_AREA].max() >= 120)
     tophat = cv2.morphologyEx(grey, cv2.MORPH_TOPHAT, np.ones((7, 7), np.uint8))
     marks = ((((grey >= 170) & (tophat >= 60)) | colour) & inner).astype(np.uint8)
     horiz = cv2.morphologyEx(marks, cv2.MORPH_OPEN, np.ones((1, 9), np.uint8))
     vert = cv2.morphologyEx(marks, cv2.MORPH_OPEN, np.ones((9, 1), np.uint8))
     cross = cv2.dilate(horiz, np.ones((3, 3), np.uint8)) & cv2.dilate(vert, np.ones((3, 3), np.uint8))
-    n, _, stats, _ = cv2.connectedComponentsWithStats(cross, connectivity=8)
-    calipers = bool(n > 1 and ((stats[1:, cv2.CC_STAT_WIDTH] <= 6) & (stats[1:, cv2.CC_STAT_HEIGHT] <= 6)).any())
+    stats = _component_stats(cross, 8)
+    calipers = bool(((stats[:, cv2.CC_STAT_WIDTH] <= 6) & (stats[:, cv2.CC_STAT_HEIGHT] <= 6)).any())
     glyphs = cv2.dilate(marks, np.ones((3, 2), np.uint8))
-    n, _, stats, cents = cv2.connectedComponentsWithStats(glyphs, connectivity=8)
+    x, y, w, h = cv2.boundingRect(glyphs)  # labelled up to the marks' far ends: same origin, so same centroids
+    _, _, stats, cents = cv2.connectedComponentsWithStats(glyphs[:y + h + 1, :x + w + 1], connectivity=8)
     ok = ((stats[1:, cv2.CC_STAT_HEIGHT] >= 6) & (stats[1:, cv2.CC_STAT_HEIGHT] <= 30)
           & (stats[1:, cv2.CC_STAT_WIDTH] <= 30) & (stats[1:, cv2.CC_STAT_AREA] >= 8))
     boxes = stats[1:][ok]
@@ -469,7 +547,7 @@ def to_model_image(img: np.ndarray, area: ScanArea, size: int = 256, square: str
     if grey.shape != area.mask.shape:
         raise ScanAreaError(f"image is {grey.shape} but the scan area mask is {area.mask.shape}")
     x0, y0, x1, y1 = area.box
-    crop = np.where(area.mask, grey, 0)[y0:y1, x0:x1]
+    crop = np.where(area.mask[y0:y1, x0:x1], grey[y0:y1, x0:x1], 0)
     h, w = crop.shape
     if square == "pad":
         side = max(h, w)

@@ -1,12 +1,15 @@
 """Scan-area detection: accuracy on phantoms with ground truth, behaviour on real HC18 / BUSI frames, errors."""
 from __future__ import annotations
 
+import hashlib
+
 import cv2
 import numpy as np
 import pytest
 from PIL import Image
 
 from data_preprocessing import make_phantoms as mp
+from data_preprocessing.readers import read_frames
 from data_preprocessing.scan_area import ScanAreaError, detect_scan_area, to_model_image
 
 REAL_STRIDE = 4  # every 4th real image keeps this file fast; the report gives full-set numbers
@@ -148,3 +151,36 @@ def test_busi_rectangles(shared_dir):
     assert max(lost) <= 0.03 and np.mean(np.array(lost) > 0.02) <= 0.05, f"tissue outside the mask: max {max(lost):.1%}"
     assert rect / n >= 0.9, f"rect for {rect}/{n}"
     assert np.median(covered) >= 0.9  # BUSI is already cropped to the image: the area is most of it
+
+
+# Detections of a few real frames, pinned exactly (mask and model image as sha1 of their bytes): a speed-up of
+# scan_area.py must leave them unchanged. One of each kind: fan with both side edges (apex), fan from the
+# probe arc alone, rectangle, BUSI fan, BUSI rectangle with calipers.
+PINNED = {
+    "HC18/training_set/010_2HC.png": ("fan", (3, 1, 785, 442), (326.2137635650284, -1078.2837351279948), set(),
+                                      "8e168cf8681633a7ecc440f115fe0ae89a4f38cb", "69338f4cedf7da4d28bd1937690f2c4f8840e6f3"),
+    "HC18/training_set/030_HC.png": ("fan", (35, 32, 785, 442), None, set(),
+                                     "7608290ae5c56e983a5ad9d70ff5effaf71b9951", "2eb515d3c14aec66fe428d796eccd3e042a34a41"),
+    "HC18/training_set/001_HC.png": ("rect", (12, 1, 594, 539), None, set(),
+                                     "725171977f54d0964d184198392969082f458987", "7dac3b266761b8508b3fb4e9cb8690f7ffd8d5aa"),
+    "BUSI/data/malignant/images/malignant (101).png": (
+        "fan", (0, 0, 883, 559), (432.29377250276076, -661.9120230366944), set(),
+        "72250745484404d3e89c265c71f86c0557563815", "d0dcddc0dd633882b584a89ebca8e76627625fbe"),
+    "BUSI/data/benign/images/benign (14).png": ("rect", (0, 0, 699, 531), None, {"calipers"},
+                                                "260d62a0cc749728d1ff68a1a9551f482e708142", "987e55336de3f03d8a918e1415d03cc3687606b0"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PINNED))
+def test_real_frame_detection_is_pinned(shared_dir, name):
+    path = shared_dir / "us_data" / name
+    if not path.is_file():
+        pytest.skip(f"{path} is absent from the shared samples")
+    geometry, box, apex, flags, mask_sha1, image_sha1 = PINNED[name]
+    (_, frame), = read_frames(path)
+    area = detect_scan_area(frame, overlay_corners=("bottom_right",) if name.startswith("HC18") else ())
+    assert (area.geometry, area.box) == (geometry, box)
+    assert area.apex == (pytest.approx(apex, rel=1e-12, abs=1e-9) if apex else None)
+    assert {k for k, v in area.annotations.items() if v} == flags
+    assert hashlib.sha1(area.mask.tobytes()).hexdigest() == mask_sha1
+    assert hashlib.sha1(to_model_image(frame, area).tobytes()).hexdigest() == image_sha1
