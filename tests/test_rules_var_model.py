@@ -308,3 +308,13 @@ def test_generate_refuses_a_mismatched_vqvae_and_bad_teacher_prefixes() -> None:
             model.generate_idx(fake(), labels, coarse_idx=coarse_idx, coarse_k=coarse_k)
     with pytest.raises(ValueError, match="3 seeds for 2 labels"):
         model.generate_idx(fake(), labels, seeds=[1, 2, 3])
+
+
+def test_top_p_keeps_the_smallest_set_that_reaches_it_exactly() -> None:
+    # four equal logits: probabilities exactly 1/4, so two tokens hold exactly 0.5 of the mass, and top_p 0.5 keeps
+    # two of them (not three); which two is the sort's choice among ties
+    logits = torch.zeros(1, 4000, 4)
+    draws = sample_tokens(logits, top_p=0.5, generators=[torch.Generator().manual_seed(8)])
+    kept = torch.bincount(draws.flatten(), minlength=4)
+    assert int((kept > 0).sum()) == 2
+    assert abs(kept.max().item() / 4000 - 0.5) < 0.04  # the two share the draws evenly (std 0.008)
