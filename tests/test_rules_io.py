@@ -110,3 +110,24 @@ def test_recursive_cleaning_reaches_subfolders(tmp_path: Path) -> None:
     assert remove_stale_temp_files(tmp_path, recursive=True) == []
     os.utime(deep, (time.time() - 610,) * 2)
     assert remove_stale_temp_files(tmp_path, recursive=True) == [deep]
+
+
+def test_a_file_exactly_ten_minutes_old_is_stale(tmp_path: Path, monkeypatch) -> None:
+    now = 1_800_000_000
+    monkeypatch.setattr(time, "time", lambda: float(now))
+    fresh, stale = tmp_path / ".a.pth.abcd1234.tmp", tmp_path / ".b.pth.abcd1234.tmp"
+    for path, age in ((fresh, 599), (stale, 600)):
+        path.write_bytes(b"x")
+        os.utime(path, ns=((now - age) * 10**9,) * 2)
+    assert remove_stale_temp_files(tmp_path) == [stale]
+    assert remove_stale_temp_files(tmp_path, min_age_s=599) == [fresh]
+
+
+def test_a_temp_file_that_vanishes_while_listed_does_not_stop_the_cleaning(tmp_path: Path, monkeypatch) -> None:
+    stale = tmp_path / ".b.pth.abcd1234.tmp"
+    stale.write_bytes(b"x")
+    os.utime(stale, (time.time() - 3600,) * 2)
+    listdir = os.listdir
+    # another process removes .a... between the listing and its lstat
+    monkeypatch.setattr(os, "listdir", lambda folder: listdir(folder) + [".a.pth.abcd1234.tmp"])
+    assert remove_stale_temp_files(tmp_path) == [stale]
