@@ -91,3 +91,33 @@ def test_rng_state_keeps_numpy_s_cached_gaussian() -> None:
     set_rng_state(state)
     got = (np.random.standard_normal(), np.random.standard_normal(), random.random(), torch.rand(2))
     assert got[:3] == want[:3] and torch.equal(got[3], want[3])
+
+
+def test_refusal_messages_end_with_the_way_out(monkeypatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(DeviceError) as err:
+        pick_device("cuda")
+    assert str(err.value) == ("device 'cuda' was asked for but CUDA is not available on this machine; "
+                              "use --device=auto or --device=cpu")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: bool(including_emulation))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    with pytest.raises(DeviceError) as err:
+        select_precision(torch.device("cuda", 0), "bf16")
+    assert str(err.value) == ("precision 'bf16' on Tesla T4 (compute capability 7.5): bf16 needs 8.0 or newer and "
+                              "would only be emulated here; use --precision=auto (fp16 with loss scaling on this card) "
+                              "or fp16")
+
+
+def test_a_cpu_run_s_random_state_resumes_on_a_gpu_machine(monkeypatch) -> None:
+    seed_everything(3)
+    state = rng_state()  # no CUDA here: no "cuda" entry
+    assert "cuda" not in state
+    want = torch.rand(3)
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda *args: calls.append(args))
+    set_rng_state(state)  # the GPU's stream is left as it is
+    assert calls == [] and torch.equal(torch.rand(3), want)
