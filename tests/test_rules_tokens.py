@@ -208,3 +208,11 @@ def test_the_vqvae_checkpoint_is_checked_by_content(tmp_path: Path) -> None:
         load_tokens(path, tmp_path / "vq.pth")
     rewrite(path, vqvae_sha256=np.asarray(hashlib.sha256(b"weights").hexdigest()))
     assert load_tokens(path, tmp_path / "vq.pth").vqvae_sha256 == hashlib.sha256(b"weights").hexdigest()
+
+
+def test_a_pickled_made_from_is_never_unpickled(tmp_path: Path) -> None:
+    path = tmp_path / "t.npz"
+    write(path)
+    rewrite(path, made_from=np.array([{"run": "code"}], dtype=object))  # np.savez pickles object arrays
+    assert made_from_of(path) is None
+    assert is_token_file(path)  # the names are all there; only load_tokens reads the arrays
