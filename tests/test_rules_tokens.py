@@ -216,3 +216,36 @@ def test_a_pickled_made_from_is_never_unpickled(tmp_path: Path) -> None:
     rewrite(path, made_from=np.array([{"run": "code"}], dtype=object))  # np.savez pickles object arrays
     assert made_from_of(path) is None
     assert is_token_file(path)  # the names are all there; only load_tokens reads the arrays
+
+
+def test_missing_single_array_and_pickled_files_are_named(tmp_path: Path) -> None:
+    with pytest.raises(TokenFileError, match=r"gone\.npz: token file does not exist; run tokenize_multiscale_maps\.py"):
+        load_tokens(tmp_path / "gone.npz")
+    with open(tmp_path / "one.npz", "wb") as handle:
+        np.save(handle, np.zeros(3))
+    with pytest.raises(TokenFileError, match=r"one\.npz: holds a single array, not an npz archive of token arrays"):
+        load_tokens(tmp_path / "one.npz")
+    path = tmp_path / "t.npz"
+    write(path)
+    rewrite(path, source=np.array([{"a": 1}, 2, 3], dtype=object))  # pickled by np.savez
+    with pytest.raises(TokenFileError, match=r"t\.npz: not a readable npz token file"):
+        load_tokens(path)
+
+
+def test_class_names_inside_and_beside_must_agree(tmp_path: Path) -> None:
+    path = tmp_path / "t.npz"
+    write(path, classes=["a", "b", "c"])
+    (tmp_path / "classes.json").unlink()
+    assert load_tokens(path).classes == ["a", "b", "c"]  # the names inside suffice
+    (tmp_path / "classes.json").write_text('["a", "b", "z"]')
+    with pytest.raises(TokenFileError) as err:
+        load_tokens(path)
+    assert str(err.value) == (f"{path} holds classes ['a', 'b', 'c'] but {tmp_path / 'classes.json'} beside it lists "
+                              "['a', 'b', 'z'] (written for another token file in this folder?); keep each token file "
+                              "in its own folder, or re-run tokenize_multiscale_maps.py")
+    rewrite(path, classes=None)
+    (tmp_path / "classes.json").unlink()
+    with pytest.raises(TokenFileError) as err:
+        load_tokens(path)
+    assert str(err.value) == (f"{tmp_path / 'classes.json'}: missing (written beside t.npz by "
+                              "tokenize_multiscale_maps.py)")
