@@ -218,9 +218,14 @@ def test_a_pickled_made_from_is_never_unpickled(tmp_path: Path) -> None:
     assert is_token_file(path)  # the names are all there; only load_tokens reads the arrays
 
 
-def test_missing_single_array_and_pickled_files_are_named(tmp_path: Path) -> None:
-    with pytest.raises(TokenFileError, match=r"gone\.npz: token file does not exist; run tokenize_multiscale_maps\.py"):
+def test_missing_single_array_and_pickled_files_are_named(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "tok").mkdir(parents=True)
+    (tmp_path / "runs" / "tok" / "gone.npz").write_bytes(b"")
+    with pytest.raises(TokenFileError) as err:
         load_tokens(tmp_path / "gone.npz")
+    assert str(err.value) == (f"{tmp_path / 'gone.npz'}: token file does not exist; run tokenize_multiscale_maps.py "
+                              "first; found runs/tok/gone.npz")  # where a file of that name is
     with open(tmp_path / "one.npz", "wb") as handle:
         np.save(handle, np.zeros(3))
     with pytest.raises(TokenFileError, match=r"one\.npz: holds a single array, not an npz archive of token arrays"):
