@@ -8,7 +8,9 @@
 # Arguments: the file to mutate, then the test files that exercise it (mutmut runs, for each
 # mutant, only those of their tests that call the mutated function). Prints mutmut's summary
 # and the surviving mutants; `cd $MUT_DIR/<name> && mutmut show <mutant>` shows one diff.
-# MUT_CHILDREN (default 2) bounds the parallel test processes; the run is niced.
+# MUT_CHILDREN (default 2) bounds the parallel test processes; the run is niced. MUT_ONLY, a space-separated
+# list of mutant-name globs (e.g. 'models.var.x_sample_tokens* models.var.xǁKVCacheǁ*'), runs only those mutants
+# and scores only them: a large module in parts, on a loaded machine.
 set -euo pipefail
 target=$1; shift
 [ -f "$target" ] || { echo "bench/mutation.sh: $target is not a file" >&2; exit 2; }
@@ -34,12 +36,17 @@ cd "$scratch"
   echo "process_isolation = forkserver"
 } > setup.cfg
 export VARUS_SHARED_DIR=${VARUS_SHARED_DIR:-$(dirname "$repo")/shared}
-nice -n 10 mutmut run --max-children "${MUT_CHILDREN:-2}" > run.log 2>&1 || { tail -40 run.log; exit 1; }
+set -f  # the globs are mutmut's, not the shell's
+nice -n 10 mutmut run --max-children "${MUT_CHILDREN:-2}" ${MUT_ONLY:-} > run.log 2>&1 || { tail -40 run.log; exit 1; }
 tail -c 300 run.log; echo
 mutmut results --all true > results.txt 2>&1 || true
-python - <<'PY'
+MUT_ONLY=${MUT_ONLY:-} python - <<'PY'
+import os
 from collections import Counter
+from fnmatch import fnmatch
+only = os.environ["MUT_ONLY"].split()
 rows = [l.strip().rsplit(": ", 1) for l in open("results.txt") if ": " in l]
+rows = [(n, s) for n, s in rows if not only or any(fnmatch(n, g) for g in only)]
 count = Counter(s for _, s in rows)
 killed = count["killed"] + count["timeout"]
 tested = sum(count.values()) - count["skipped"] - count["not checked"]

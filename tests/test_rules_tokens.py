@@ -1,0 +1,266 @@
+"""common/tokens.py rules on small hand-made files: the scale layout of the token rows, what save_tokens stores, and
+every check of save_tokens, is_token_file, made_from_of, load_tokens and the class names fed its bad input."""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from common.tokens import TokenFileError, is_token_file, load_tokens, made_from_of, save_tokens, split_scales
+
+SCALES = (1, 2, 3)
+
+
+def write(path: Path, *, maps: list[np.ndarray] | None = None, labels: list[int] = (0, 1, 2),
+          vqvae_config: object = None, classes: list[str] = ("a", "b", "c"), made_from: str = "") -> list[np.ndarray]:
+    n = len(labels)
+    if maps is None:
+        maps = [(np.arange(n * pn * pn).reshape(n, pn, pn) + 10 * pn) % 40 for pn in SCALES]
+    save_tokens(path, scales=SCALES, maps=maps, labels=np.array(labels), split=["train", "val", "train"][:n],
+                source=[f"s{i}.png" for i in range(n)], vqvae_sha256="f" * 64,
+                vqvae_config={"vocab_size": 40, "scales": list(SCALES)} if vqvae_config is None else vqvae_config,
+                classes=list(classes), made_from=made_from)
+    return maps
+
+
+def rewrite(path: Path, **changes: np.ndarray | None) -> None:
+    """Replace (or with None, drop) arrays of a saved token file, as an edit or damage would."""
+    with np.load(path, allow_pickle=False) as data:
+        arrays = {k: data[k] for k in data.files}
+    for key, value in changes.items():
+        if value is None:
+            arrays.pop(key)
+        else:
+            arrays[key] = value
+    np.savez(path, **arrays)
+
+
+def test_rows_split_into_scales_coarse_to_fine(tmp_path: Path) -> None:
+    path = tmp_path / "t.npz"
+    maps = write(path)
+    ts = load_tokens(path)
+    assert ts.scales == SCALES and len(ts) == 3
+    assert ts.idx.dtype == np.int64 and ts.labels.dtype == np.int64
+    assert ts.idx[1].tolist() == maps[0][1].ravel().tolist() + maps[1][1].ravel().tolist() + maps[2][1].ravel().tolist()
+    for k in range(3):
+        assert np.array_equal(ts.maps(k), maps[k])
+    rows = ts.idx_list([2, 0])
+    assert [t.dtype for t in rows] == [torch.int64] * 3
+    for k, t in enumerate(rows):
+        assert t.tolist() == maps[k][[2, 0]].tolist()
+    idx = torch.arange(14, dtype=torch.int16).view(1, 14)
+    parts = split_scales(idx, [1, 2, 3])
+    assert [p.tolist() for p in parts] == [[[[0]]], [[[1, 2], [3, 4]]], [[[5, 6, 7], [8, 9, 10], [11, 12, 13]]]]
+    assert parts[0].dtype == torch.int64
+
+
+def test_select_keeps_the_rows_of_one_split_in_order(tmp_path: Path) -> None:
+    path = tmp_path / "t.npz"
+    write(path)
+    ts = load_tokens(path)
+    train = ts.select("train")
+    assert train.source.tolist() == ["s0.png", "s2.png"] and train.labels.tolist() == [0, 2]
+    assert train.split.tolist() == ["train", "train"]
+    assert np.array_equal(train.idx, ts.idx[[0, 2]])
+    assert train.classes == ["a", "b", "c"] and train.scales == SCALES
+    assert len(ts.select("test")) == 0
+
+
+def test_what_save_tokens_stores(tmp_path: Path) -> None:
+    path = tmp_path / "t.npz"
+    write(path, made_from="recipe")
+    with np.load(path, allow_pickle=False) as data:
+        assert data["map_2"].dtype == np.int16 and data["idx"].dtype == np.int16
+        assert data["scales"].dtype == np.int64 and data["scales"].tolist() == [1, 2, 3]
+        assert data["labels"].dtype == np.int64
+        assert json.loads(str(data["vqvae_config"])) == {"scales": [1, 2, 3], "vocab_size": 40}
+        assert str(data["vqvae_config"]).index("scales") < str(data["vqvae_config"]).index("vocab_size")  # sorted keys
+        assert data["classes"].tolist() == ["a", "b", "c"] and str(data["vqvae_sha256"]) == "f" * 64
+    assert json.loads((tmp_path / "classes.json").read_text()) == ["a", "b", "c"]
+    assert made_from_of(path) == "recipe"
+
+
+def test_save_tokens_refusals(tmp_path: Path) -> None:
+    path = tmp_path / "t.npz"
+    good = [np.zeros((3, pn, pn), dtype=np.int64) for pn in SCALES]
+    with pytest.raises(ValueError, match=r"t\.npz: 2 token maps for 3 scales"):
+        write(path, maps=good[:2])
+    with pytest.raises(ValueError, match=r"token map of scale 2 has shape \(2, 2, 2\), expected \(3, 2, 2\)"):
+        write(path, maps=[good[0], good[1][:2], good[2]])
+    for bad in (-1, 32768):
+        maps = [m.copy() for m in good]
+        maps[2][1, 2, 0] = bad
+        with pytest.raises(ValueError, match="token ids of scale 3 do not fit int16"):
+            write(path, maps=maps)
+    assert not path.exists()
+    maps = [m.copy() for m in good]
+    maps[2][1, 2, 0] = 32767  # the largest int16 fits
+    write(path, maps=maps, vqvae_config={"vocab_size": 32768})
+    assert load_tokens(path).idx.max() == 32767
+
+
+def test_is_token_file_and_made_from_of(tmp_path: Path) -> None:
+    path = tmp_path / "t.npz"
+    assert not is_token_file(path) and made_from_of(path) is None  # missing
+    write(path)
+    assert is_token_file(path) and made_from_of(path) == ""
+    rewrite(path, made_from=None)
+    assert is_token_file(path) and made_from_of(path) is None
+    rewrite(path, source=None)
+    assert not is_token_file(path)  # one of the token arrays missing
+    np.save(tmp_path / "one.npy", np.zeros(3))
+    assert not is_token_file(tmp_path / "one.npy")
+    (tmp_path / "junk.npz").write_bytes(b"PK\x03\x04 not really a zip")
+    assert not is_token_file(tmp_path / "junk.npz") and made_from_of(tmp_path / "junk.npz") is None
+
+
+def test_load_tokens_refuses_each_inconsistency(tmp_path: Path) -> None:
+    path = tmp_path / "t.npz"
+
+    def refused(message: str, **changes) -> None:
+        write(path)
+        rewrite(path, **changes)
+        with pytest.raises(TokenFileError, match=message):
+            load_tokens(path)
+
+    refused(r"t\.npz: not a token file of this project: missing labels, vqvae_config", labels=None, vqvae_config=None)
+    refused(r"not a token file of this project: missing map_2, map_3", map_2=None, map_3=None)
+    refused(r"vqvae_config is not valid JSON", vqvae_config=np.asarray("{vocab"))
+    refused(r"inconsistent shapes: idx \(3, 13\) \(expected \(3, 14\)\)",
+            idx=np.zeros((3, 13), np.int16))
+    refused(r"inconsistent shapes: .*split \(2,\)", split=np.asarray(["train", "val"]))
+    refused(r"inconsistent shapes: .*source \(4,\)", source=np.asarray(["a", "b", "c", "d"]))
+    with np.load(path, allow_pickle=False) as data:
+        idx = data["idx"].copy()
+    idx[2, 13] += 1
+    refused(r"idx does not match the per-scale maps", idx=idx)
+    for bad in (-1, 40):
+        maps = [np.zeros((3, pn, pn), np.int16) for pn in SCALES]
+        write(path, maps=maps)
+        maps[1][0, 1, 1] = bad  # save_tokens refuses a negative id itself: edit the file
+        rewrite(path, map_2=maps[1], idx=np.concatenate([m.reshape(3, -1) for m in maps], axis=1))
+        with pytest.raises(TokenFileError, match=r"token ids outside \[0, 40\) of the VQ-VAE's codebook"):
+            load_tokens(path)
+    maps[1][0, 1, 1] = 39  # the last code is fine
+    write(path, maps=maps)
+    assert load_tokens(path).idx.max() == 39
+
+
+@pytest.mark.parametrize("config, message", [
+    ({"vocab_size": True}, "vqvae_config has vocab_size True, not a positive integer"),
+    ({"vocab_size": 0}, "vqvae_config has vocab_size 0, not a positive integer"),
+    ({"vocab_size": 4.5}, "vqvae_config has vocab_size 4.5, not a positive integer"),
+    ({"vocab_size": 40, "scales": [1, 2]}, r"vqvae_config has scales \[1, 2\] but the file holds token maps of "
+                                           r"scales \[1, 2, 3\]"),
+    ("text", "vqvae_config is a JSON str, not the VQ-VAE's config object"),
+])
+def test_an_edited_vqvae_config_is_refused(tmp_path: Path, config: object, message: str) -> None:
+    write(tmp_path / "t.npz", vqvae_config={"vocab_size": 40})
+    rewrite(tmp_path / "t.npz", vqvae_config=np.asarray(json.dumps(config)))
+    with pytest.raises(TokenFileError, match=r"t\.npz: " + message):
+        load_tokens(tmp_path / "t.npz")
+
+
+def test_vqvae_config_without_vocab_or_scales_bounds_ids_by_int16(tmp_path: Path) -> None:
+    write(tmp_path / "t.npz", vqvae_config={})
+    ts = load_tokens(tmp_path / "t.npz")
+    assert ts.vqvae_config == {} and ts.idx.max() == 39
+
+
+def test_labels_must_index_the_classes(tmp_path: Path) -> None:
+    path = tmp_path / "t.npz"
+    write(path, labels=[2, 0, 2])  # the last class is a valid label
+    assert load_tokens(path).labels.tolist() == [2, 0, 2]
+    write(path, labels=[0, 3, 1])
+    with pytest.raises(TokenFileError, match=r"label 3 has no class \(3 classes: \['a', 'b', 'c'\]\)"):
+        load_tokens(path)
+    write(path, labels=[0, -2, 1])
+    with pytest.raises(TokenFileError, match=r"label -2 is negative"):
+        load_tokens(path)
+
+
+def test_classes_json_beside_the_file_is_checked(tmp_path: Path) -> None:
+    path = tmp_path / "t.npz"
+    write(path)
+    beside = tmp_path / "classes.json"
+    beside.write_text("[\"a\", ")
+    with pytest.raises(TokenFileError, match=r"classes\.json: not valid JSON"):
+        load_tokens(path)
+    for bad in ({"a": 0}, ["a", 1, "c"]):
+        beside.write_text(json.dumps(bad))
+        with pytest.raises(TokenFileError, match=r"classes\.json: expected a JSON list of class names"):
+            load_tokens(path)
+    beside.write_text(json.dumps(["a", "b", "c"]))
+    assert load_tokens(path).classes == ["a", "b", "c"]
+
+
+def test_the_vqvae_checkpoint_is_checked_by_content(tmp_path: Path) -> None:
+    path = tmp_path / "t.npz"
+    write(path)
+    with pytest.raises(TokenFileError, match=r"vq\.pth: VQ-VAE checkpoint does not exist \(needed to check .*t\.npz\)"):
+        load_tokens(path, tmp_path / "vq.pth")
+    (tmp_path / "vq.pth").write_bytes(b"weights")
+    with pytest.raises(TokenFileError, match=r"came from VQ-VAE sha ffffffffffff\.\.\., but .*vq\.pth has sha "):
+        load_tokens(path, tmp_path / "vq.pth")
+    rewrite(path, vqvae_sha256=np.asarray(hashlib.sha256(b"weights").hexdigest()))
+    assert load_tokens(path, tmp_path / "vq.pth").vqvae_sha256 == hashlib.sha256(b"weights").hexdigest()
+
+
+def test_a_pickled_made_from_is_never_unpickled(tmp_path: Path) -> None:
+    path = tmp_path / "t.npz"
+    write(path)
+    rewrite(path, made_from=np.array([{"run": "code"}], dtype=object))  # np.savez pickles object arrays
+    assert made_from_of(path) is None
+    assert is_token_file(path)  # the names are all there; only load_tokens reads the arrays
+
+
+def test_missing_single_array_and_pickled_files_are_named(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "tok").mkdir(parents=True)
+    (tmp_path / "runs" / "tok" / "gone.npz").write_bytes(b"")
+    with pytest.raises(TokenFileError) as err:
+        load_tokens(tmp_path / "gone.npz")
+    assert str(err.value) == (f"{tmp_path / 'gone.npz'}: token file does not exist; run tokenize_multiscale_maps.py "
+                              "first; found runs/tok/gone.npz")  # where a file of that name is
+    with open(tmp_path / "one.npz", "wb") as handle:
+        np.save(handle, np.zeros(3))
+    with pytest.raises(TokenFileError, match=r"one\.npz: holds a single array, not an npz archive of token arrays"):
+        load_tokens(tmp_path / "one.npz")
+    path = tmp_path / "t.npz"
+    write(path)
+    rewrite(path, source=np.array([{"a": 1}, 2, 3], dtype=object))  # pickled by np.savez
+    with pytest.raises(TokenFileError, match=r"t\.npz: not a readable npz token file"):
+        load_tokens(path)
+
+
+def test_class_names_inside_and_beside_must_agree(tmp_path: Path) -> None:
+    path = tmp_path / "t.npz"
+    write(path, classes=["a", "b", "c"])
+    (tmp_path / "classes.json").unlink()
+    assert load_tokens(path).classes == ["a", "b", "c"]  # the names inside suffice
+    (tmp_path / "classes.json").write_text('["a", "b", "z"]')
+    with pytest.raises(TokenFileError) as err:
+        load_tokens(path)
+    assert str(err.value) == (f"{path} holds classes ['a', 'b', 'c'] but {tmp_path / 'classes.json'} beside it lists "
+                              "['a', 'b', 'z'] (written for another token file in this folder?); keep each token file "
+                              "in its own folder, or re-run tokenize_multiscale_maps.py")
+    rewrite(path, classes=None)
+    (tmp_path / "classes.json").unlink()
+    with pytest.raises(TokenFileError) as err:
+        load_tokens(path)
+    assert str(err.value) == (f"{tmp_path / 'classes.json'}: missing (written beside t.npz by "
+                              "tokenize_multiscale_maps.py)")
+
+
+def test_a_token_file_of_no_images_loads_empty(tmp_path: Path) -> None:
+    path = tmp_path / "t.npz"
+    write(path)
+    # save_tokens cannot write one (its reshape(0, -1) fails), so the rows are cut from a written file
+    with np.load(path, allow_pickle=False) as data:
+        rewrite(path, **{k: data[k][:0] for k in ("idx", "labels", "split", "source", "map_1", "map_2", "map_3")})
+    ts = load_tokens(path)
+    assert len(ts) == 0 and ts.idx.shape == (0, 14) and ts.maps(2).shape == (0, 3, 3)

@@ -1,0 +1,354 @@
+"""models/var.py against hand-written references at non-default settings: one attention layer (cosine and scaled
+dot-product, temperature cap), one AdaLN block and the head (order of the six modulation vectors, LayerNorm eps),
+the block-causal mask and scale layout, stochastic depth, the init's scalings, the sampler's global-stream path and
+every refusal. Behaviour only, so that the tests hold for any sampler or KV cache that draws the same tokens."""
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from models.var import VAR, DropPath, KVCache, sample_tokens, scale_generators, unit_rows
+from models.vqvae import VQVAE
+
+
+def ref_attention(attn, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    b, n, c = x.shape
+    heads, d = attn.num_heads, c // attn.num_heads
+    w = attn.qkv.weight
+    q, k, v = x @ w[:c].T + attn.q_bias, x @ w[c:2 * c].T, x @ w[2 * c:].T + attn.v_bias
+    q, k, v = (t.view(b, n, heads, d).transpose(1, 2) for t in (q, k, v))
+    if attn.l2_norm:
+        temp = attn.scale_mul.detach().clamp(max=math.log(100.0)).exp()
+        q = q / q.norm(dim=-1, keepdim=True) * temp
+        k = k / k.norm(dim=-1, keepdim=True)
+        scale = 1.0
+    else:
+        scale = 0.25 / math.sqrt(d)
+    att = q @ k.transpose(-1, -2) * scale
+    if mask is not None:
+        att = att.masked_fill(~mask, -torch.inf)
+    out = (att.softmax(-1) @ v).transpose(1, 2).reshape(b, n, c)
+    return out @ attn.proj.weight.T + attn.proj.bias
+
+
+def ref_block(block, x: torch.Tensor, cond: torch.Tensor, mask: torch.Tensor | None, eps: float) -> torch.Tensor:
+    c = block.dim
+    if block.shared_aln:
+        mod = block.ada_gss + cond
+    else:
+        mod = (F.silu(cond) @ block.ada_lin.weight.T + block.ada_lin.bias).view(-1, 1, 6, c)
+    gain1, gain2, scale1, scale2, shift1, shift2 = (mod[:, :, i] for i in range(6))
+
+    def norm(t: torch.Tensor) -> torch.Tensor:
+        mean, var = t.mean(-1, keepdim=True), t.var(-1, unbiased=False, keepdim=True)
+        return (t - mean) / torch.sqrt(var + eps)
+
+    x = x + ref_attention(block.attn, norm(x) * (1 + scale1) + shift1, mask) * gain1
+    h = norm(x) * (1 + scale2) + shift2
+    mlp = block.mlp
+    h = F.gelu(h @ mlp.fc1.weight.T + mlp.fc1.bias, approximate="tanh") @ mlp.fc2.weight.T + mlp.fc2.bias
+    return x + h * gain2
+
+
+def tiny_var(**kwargs) -> VAR:
+    torch.manual_seed(0)
+    config = dict(vocab_size=16, z_channels=4, scales=(1, 2, 3), num_classes=3, depth=2, embed_dim=16, num_heads=2,
+                  norm_eps=0.05, cond_drop_rate=0.0) | kwargs
+    model = VAR(**config)
+    model.init_weights(init_adaln_gamma=0.7, init_head=1.0, init_adaln=0.9)
+    with torch.no_grad():
+        for block in model.blocks:
+            block.attn.q_bias.normal_()
+            block.attn.v_bias.normal_()
+            if block.attn.l2_norm:
+                # one head's temperature above the cap of 100, the other below it
+                block.attn.scale_mul.copy_(torch.tensor([math.log(400.0), math.log(2.5)]).view(1, 2, 1, 1))
+    return model.eval()
+
+
+@pytest.mark.parametrize("variant", [{}, {"attn_l2_norm": False}, {"shared_aln": True}])
+def test_forward_matches_a_hand_written_transformer(variant: dict) -> None:
+    model = tiny_var(**variant)
+    labels = torch.tensor([2, 0])
+    g = torch.Generator().manual_seed(1)
+    # small teacher inputs, so that LayerNorm's eps (0.05 here) matters
+    x_teacher = torch.randn(2, model.L - 1, 4, generator=g) * 0.1
+    with torch.no_grad():
+        logits = model(labels, x_teacher)
+        cond = model.class_emb.weight[labels]
+        level = torch.tensor([0] + [1] * 4 + [2] * 9)
+        x = torch.cat((cond[:, None] + model.pos_start, x_teacher @ model.word_embed.weight.T + model.word_embed.bias),
+                      dim=1) + model.lvl_embed.weight[level] + model.pos_embed
+        mask = level[None, :] <= level[:, None]
+        if model.shared_ada_lin is None:
+            block_cond = cond
+        else:
+            block_cond = (F.silu(cond) @ model.shared_ada_lin.weight.T + model.shared_ada_lin.bias).view(-1, 1, 6, 16)
+        for block in model.blocks:
+            x = ref_block(block, x, block_cond, mask, 0.05)
+        head = model.head_norm.ada_lin
+        scale, shift = (F.silu(cond) @ head.weight.T + head.bias).view(-1, 1, 2, 16).unbind(2)
+        x = F.layer_norm(x, (16,), eps=0.05) * (1 + scale) + shift
+        expected = x @ model.head.weight.T + model.head.bias
+    assert logits.dtype == torch.float32
+    assert torch.allclose(logits, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_scale_layout_and_block_causal_mask() -> None:
+    model = VAR(vocab_size=8, z_channels=2, scales=(2, 3, 1), num_classes=2, depth=1, embed_dim=8, num_heads=2)
+    assert model.first_l == 4 and model.L == 14
+    assert model.begin_ends == [(0, 4), (4, 13), (13, 14)]
+    assert model.level.tolist() == [0] * 4 + [1] * 9 + [2]
+    expected = torch.tensor([[model.level[j] <= model.level[i] for j in range(14)] for i in range(14)])
+    assert torch.equal(model.attn_mask, expected)
+    assert model.attn_mask[3, 0] and model.attn_mask[0, 3] and not model.attn_mask[3, 4] and model.attn_mask[13, 0]
+    assert model.pos_start.shape == (1, 4, 8) and model.pos_embed.shape == (1, 14, 8)
+    assert model.lvl_embed.weight.shape == (3, 8)
+    assert model.config["scales"] == [2, 3, 1]
+
+
+def test_construction_refuses_bad_shapes() -> None:
+    with pytest.raises(ValueError, match="embed_dim 10 is not divisible by num_heads 4"):
+        VAR(embed_dim=10, num_heads=4, depth=1)
+    with pytest.raises(ValueError, match=r"at least two scales, got \[3\]"):
+        VAR(scales=(3,), embed_dim=8, num_heads=2, depth=1)
+    VAR(scales=(1, 2), embed_dim=8, num_heads=2, depth=1)  # two scales are enough
+
+
+def test_stochastic_depth_grows_linearly_with_depth() -> None:
+    model = VAR(vocab_size=8, z_channels=2, scales=(1, 2), num_classes=2, depth=3, embed_dim=8, num_heads=2,
+                drop_path_rate=0.3)
+    assert isinstance(model.blocks[0].drop_path, torch.nn.Identity)  # rate 0 at the first block
+    assert [b.drop_path.p for b in model.blocks[1:]] == pytest.approx([0.15, 0.3])
+
+
+def test_drop_path_drops_whole_samples_at_its_rate_and_rescales_the_rest() -> None:
+    torch.manual_seed(0)
+    drop = DropPath(0.25).train()
+    x = torch.ones(40_000, 3, 2)
+    out = drop(x)
+    dropped = (out == 0).all(-1).all(-1)
+    kept = (out == 1 / 0.75).all(-1).all(-1)
+    assert bool((dropped ^ kept).all())
+    # binomial std of the fraction is 0.0022: 0.01 is over four of them
+    assert abs(dropped.float().mean().item() - 0.25) < 0.01
+    assert torch.equal(drop.eval()(x), x)
+    assert torch.equal(DropPath(0.0).train()(x), x)
+
+
+def test_init_scalings_at_non_default_settings() -> None:
+    torch.manual_seed(0)
+    c, depth = 96, 3
+    model = VAR(vocab_size=512, z_channels=8, scales=(1, 2), num_classes=3, depth=depth, embed_dim=c, num_heads=3)
+    model.init_weights(init_adaln=0.3, init_adaln_gamma=0.01, init_head=0.1, init_std=0.05)
+
+    def std(t: torch.Tensor) -> float:
+        return t.detach().std().item()
+
+    assert std(model.word_embed.weight) == pytest.approx(0.05, rel=0.05)
+    assert std(model.class_emb.weight) == pytest.approx(0.05, rel=0.1)
+    assert std(model.lvl_embed.weight) == pytest.approx(0.05, rel=0.3)
+    assert std(model.head.weight) == pytest.approx(0.05 * 0.1, rel=0.05)
+    assert std(model.head_norm.ada_lin.weight) == pytest.approx(0.05 * 0.3, rel=0.05)
+    for block in model.blocks:
+        assert std(block.attn.proj.weight) == pytest.approx(0.05 / math.sqrt(2 * depth), rel=0.05)
+        assert std(block.mlp.fc2.weight) == pytest.approx(0.05 / math.sqrt(2 * depth), rel=0.05)
+        assert std(block.mlp.fc1.weight) == pytest.approx(0.05, rel=0.05)
+        assert std(block.ada_lin.weight[:2 * c]) == pytest.approx(0.05 * 0.01, rel=0.05)
+        assert std(block.ada_lin.weight[2 * c:]) == pytest.approx(0.05 * 0.3, rel=0.05)
+        assert not block.ada_lin.bias.any() and not block.mlp.fc1.bias.any() and not block.attn.proj.bias.any()
+    # the default init_std is sqrt(1 / (3 C))
+    model.init_weights()
+    assert std(model.word_embed.weight) == pytest.approx(math.sqrt(1 / (3 * c)), rel=0.05)
+
+
+def test_shared_adaln_init_scales_the_gains_and_the_rest_separately() -> None:
+    torch.manual_seed(0)
+    c = 256
+    model = VAR(vocab_size=8, z_channels=2, scales=(1, 2), num_classes=2, depth=2, embed_dim=c, num_heads=4,
+                shared_aln=True, init_adaln_gamma=0.01)
+    model.init_weights(init_adaln=0.3, init_adaln_gamma=0.01)
+    for block in model.blocks:
+        gss = block.ada_gss.detach()
+        assert gss.shape == (1, 1, 6, c)
+        # ada_gss starts as randn / sqrt(C), then the constructor's init and this one scale its gains and the rest apart
+        assert gss[:, :, :2].std().item() == pytest.approx(0.01 * 0.01 / math.sqrt(c), rel=0.15)
+        assert gss[:, :, 2:].std().item() == pytest.approx(0.5 * 0.3 / math.sqrt(c), rel=0.15)
+    assert model.shared_ada_lin.weight.shape == (6 * c, c)
+
+
+def test_unit_rows_normalises_the_last_dimension_in_the_input_dtype() -> None:
+    t = torch.tensor([[3.0, 4.0], [0.0, 0.0], [1e-7, 0.0]])
+    out = unit_rows(t)
+    assert torch.allclose(out, torch.tensor([[0.6, 0.8], [0.0, 0.0], [1.0, 0.0]]))
+    big = torch.full((2, 64), 300.0, dtype=torch.bfloat16)
+    out = unit_rows(big)
+    assert out.dtype == torch.bfloat16
+    assert torch.allclose(out.float(), torch.full((2, 64), 0.125), atol=1e-3)
+    # eps bounds the divisor from below: a tiny row is scaled by 1 / eps, not blown up to unit length
+    assert torch.allclose(unit_rows(torch.tensor([[1e-7, 0.0]]), eps=1e-3), torch.tensor([[1e-4, 0.0]]))
+
+
+def test_kv_cache_appends_scales_in_order_along_the_sequence() -> None:
+    g = torch.Generator().manual_seed(0)
+    k1, v1 = torch.randn(2, 3, 1, 4, generator=g), torch.randn(2, 3, 1, 4, generator=g)
+    k2, v2 = torch.randn(2, 3, 4, 4, generator=g), torch.randn(2, 3, 4, 4, generator=g)
+    cache = KVCache()
+    k, v = cache.extend(k1, v1)
+    assert torch.equal(k, k1) and torch.equal(v, v1)
+    k, v = cache.extend(k2, v2)
+    assert torch.equal(k, torch.cat((k1, k2), 2)) and torch.equal(v, torch.cat((v1, v2), 2))
+
+
+def test_attention_with_a_cache_sees_every_earlier_scale() -> None:
+    model = tiny_var()
+    attn = model.blocks[0].attn
+    x = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(3))
+    mask = torch.tensor([[True] + [False] * 4] + [[True] * 5] * 4)
+    with torch.no_grad():
+        full = attn(x, mask, None)
+        cache = KVCache()
+        first, second = attn(x[:, :1], None, cache), attn(x[:, 1:], None, cache)
+        assert torch.allclose(full, ref_attention(attn, x, mask), atol=1e-5)
+    assert torch.allclose(torch.cat((first, second), 1), full, atol=1e-5)
+
+
+def test_global_stream_sampling_is_seeded_row_aligned_and_tempered() -> None:
+    # row 0 favours token 0, row 1 favours token 2; probabilities at temperature 0.5 are the squares, renormalised
+    p = torch.tensor([0.6, 0.3, 0.1])
+    logits = torch.stack((p.log(), p.flip(0).log()))[:, None].expand(2, 20_000, 3)
+    torch.manual_seed(5)
+    draws = sample_tokens(logits, temperature=0.5)
+    torch.manual_seed(5)
+    assert torch.equal(sample_tokens(logits, temperature=0.5), draws)
+    assert draws.shape == (2, 20_000)
+    expected = p.square() / p.square().sum()
+    for row, want in ((0, expected), (1, expected.flip(0))):
+        freq = torch.bincount(draws[row], minlength=3).float() / 20_000
+        # binomial std of each frequency is below 0.0035: 0.014 is four of them
+        assert torch.allclose(freq, want, atol=0.014)
+
+
+def test_seeded_sampling_depends_on_the_generator_only() -> None:
+    logits = torch.randn(3, 50, 20, generator=torch.Generator().manual_seed(0))
+    gens = lambda: [torch.Generator().manual_seed(s) for s in (1, 2, 3)]  # noqa: E731
+    a = sample_tokens(logits, top_k=8, top_p=0.9, temperature=1.7, generators=gens())
+    torch.manual_seed(123)
+    b = sample_tokens(logits, top_k=8, top_p=0.9, temperature=1.7, generators=gens())
+    assert torch.equal(a, b)
+    # a token outside the 8 most likely of its row is never drawn
+    top8 = logits.topk(8, dim=-1).indices
+    assert bool((a[..., None] == top8).any(-1).all())
+    other = sample_tokens(logits, top_k=8, top_p=0.9, temperature=1.7,
+                          generators=[torch.Generator().manual_seed(s) for s in (1, 2, 4)])
+    assert torch.equal(other[:2], a[:2]) and not torch.equal(other[2], a[2])
+
+
+def test_top_k_and_top_p_together_keep_the_intersection() -> None:
+    probs = torch.tensor([0.05, 0.4, 0.3, 0.15, 0.1])
+    logits = probs.log().expand(1, 30_000, 5)
+    # top_k 3 keeps {1, 2, 3} renormalised to 0.47, 0.35, 0.18; top_p 0.75 of that keeps {1, 2} (0.82)
+    draws = sample_tokens(logits, top_k=3, top_p=0.75, generators=[torch.Generator().manual_seed(6)])
+    freq = torch.bincount(draws.flatten(), minlength=5).float() / draws.numel()
+    assert torch.allclose(freq, torch.tensor([0, 4 / 7, 3 / 7, 0, 0]), atol=0.012)
+    # at temperature 4 the kept set of top_p 0.75 grows: probabilities flatten before the nucleus is cut
+    tempered = (probs.log() / 4).softmax(0)
+    draws = sample_tokens(logits, top_p=0.75, temperature=4.0, generators=[torch.Generator().manual_seed(7)])
+    freq = torch.bincount(draws.flatten(), minlength=5).float() / draws.numel()
+    keep = tempered.sort(descending=True).indices[:4]  # 0.25 + 0.23 + 0.20 = 0.68 < 0.75 needs a fourth
+    want = torch.zeros(5)
+    want[keep] = tempered[keep] / tempered[keep].sum()
+    assert torch.allclose(freq, want, atol=0.012)
+
+
+def test_sampler_refusals() -> None:
+    logits = torch.zeros(2, 3, 4)
+    for temperature in (0.0, -0.5):
+        with pytest.raises(ValueError, match=f"temperature must be > 0, got {temperature}"):
+            sample_tokens(logits, temperature=temperature)
+    with pytest.raises(ValueError, match="3 generators for a batch of 2"):
+        sample_tokens(logits, generators=[torch.Generator() for _ in range(3)])
+
+
+def test_scale_generators_are_seeded_from_image_seed_and_scale() -> None:
+    gens = scale_generators([5, 5, 6], 2, torch.device("cpu"))
+    a, b = np.random.SeedSequence([5, 2]).generate_state(2, np.uint32)
+    assert gens[0].initial_seed() == int(a) << 32 | int(b)
+    assert gens[0].initial_seed() == gens[1].initial_seed() != gens[2].initial_seed()
+    assert gens[0].initial_seed() != scale_generators([5], 3, torch.device("cpu"))[0].initial_seed()
+
+
+def test_embed_inputs_refuses_mismatched_shapes() -> None:
+    model = tiny_var()
+    good_x, good_labels = torch.zeros(2, model.L - 1, 4), torch.tensor([0, 1])
+    model.embed_inputs(good_labels, good_x)
+    for labels, x in ((good_labels, torch.zeros(2, model.L, 4)), (good_labels, torch.zeros(2, model.L - 1, 3)),
+                      (torch.tensor([0, 1, 2]), good_x), (torch.tensor([[0, 1]]), good_x)):
+        with pytest.raises(ValueError, match=r"expected labels \(2,\) and x_teacher \(2, 13, 4\), got"):
+            model.embed_inputs(labels, x)
+
+
+def test_generate_refuses_a_mismatched_vqvae_and_bad_teacher_prefixes() -> None:
+    model = tiny_var()
+    labels = torch.tensor([0, 1])
+
+    def fake(scales=(1, 2, 3), vocab=16, z=4) -> SimpleNamespace:
+        return SimpleNamespace(scales=scales, quantizer=SimpleNamespace(vocab_size=vocab, z_channels=z))
+
+    for vq in (fake(scales=(1, 2, 4)), fake(vocab=32), fake(z=8)):
+        with pytest.raises(ValueError, match="differ from the VAR's"):
+            model.generate_idx(vq, labels)
+    idx = [torch.zeros(2, pn, pn, dtype=torch.long) for pn in (1, 2, 3)]
+    for coarse_idx, coarse_k in ((idx, -1), (idx, 4), (None, 1), (idx[:1], 2)):
+        with pytest.raises(ValueError, match=r"coarse_k must be in \[0, 3\]"):
+            model.generate_idx(fake(), labels, coarse_idx=coarse_idx, coarse_k=coarse_k)
+    with pytest.raises(ValueError, match="3 seeds for 2 labels"):
+        model.generate_idx(fake(), labels, seeds=[1, 2, 3])
+
+
+def test_top_p_keeps_the_smallest_set_that_reaches_it_exactly() -> None:
+    # four equal logits: probabilities exactly 1/4, so two tokens hold exactly 0.5 of the mass, and top_p 0.5 keeps
+    # two of them (not three); which two is the sort's choice among ties
+    logits = torch.zeros(1, 4000, 4)
+    draws = sample_tokens(logits, top_p=0.5, generators=[torch.Generator().manual_seed(8)])
+    kept = torch.bincount(draws.flatten(), minlength=4)
+    assert int((kept > 0).sum()) == 2
+    assert abs(kept.max().item() / 4000 - 0.5) < 0.04  # the two share the draws evenly (std 0.008)
+
+
+def tiny_vqvae() -> VQVAE:
+    torch.manual_seed(0)
+    vqvae = VQVAE(vocab_size=16, z_channels=4, ch=32, ch_mult=(1, 1), num_res_blocks=1, scales=(1, 2, 3)).eval()
+    torch.nn.init.normal_(vqvae.quantizer.embedding.weight, std=0.5)
+    return vqvae
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_greedy_generation_is_the_argmax_of_the_masked_forward_at_strong_guidance(use_cache: bool) -> None:
+    model, vqvae = tiny_var(), tiny_vqvae()
+    labels = torch.tensor([1, 2, 0, 1])
+    idx = model.generate_idx(vqvae, labels, cfg=2.5, top_k=1, use_cache=use_cache)
+    with torch.no_grad():
+        x = vqvae.idx_to_var_input(idx)
+        cond, uncond = model(labels, x), model(torch.full_like(labels, 3), x)
+    for k, (begin, end) in enumerate(model.begin_ends):
+        t = 2.5 * k / 2
+        guided = (1 + t) * cond[:, begin:end] - t * uncond[:, begin:end]
+        assert torch.equal(guided.argmax(-1), idx[k].flatten(1)), k
+
+
+def test_each_scale_draws_from_its_own_random_stream() -> None:
+    model, vqvae = tiny_var(), tiny_vqvae()
+    with torch.no_grad():
+        model.head.weight.zero_()  # every logit 0: uniform draws, whatever the model
+    n = 64
+    idx = model.generate_idx(vqvae, torch.arange(n) % 3, cfg=1.0, seeds=list(range(n)))
+    # the first token of scale 1 equals the token of scale 0 by chance in 1 of 16 images (4 of 64, std 1.9)
+    same = (idx[1][:, 0, 0] == idx[0][:, 0, 0]).sum().item()
+    assert same <= 14
+    assert len(set(idx[2].flatten().tolist())) == 16  # uniform over the whole vocabulary
