@@ -136,7 +136,7 @@ def save_tokens(npz_path: str | Path, *, scales: tuple[int, ...] | list[int], ma
     atomic_save_npz(
         npz_path,
         scales=np.asarray(scales, dtype=np.int64),
-        idx=np.concatenate([m.reshape(n, -1) for m in maps16], axis=1),
+        idx=np.concatenate([m.reshape(n, pn * pn) for pn, m in zip(scales, maps16)], axis=1),
         labels=np.asarray(labels, dtype=np.int64),
         split=np.asarray(split, dtype=str),
         source=np.asarray(source, dtype=str),

@@ -258,9 +258,6 @@ def test_class_names_inside_and_beside_must_agree(tmp_path: Path) -> None:
 
 def test_a_token_file_of_no_images_loads_empty(tmp_path: Path) -> None:
     path = tmp_path / "t.npz"
-    write(path)
-    # save_tokens cannot write one (its reshape(0, -1) fails), so the rows are cut from a written file
-    with np.load(path, allow_pickle=False) as data:
-        rewrite(path, **{k: data[k][:0] for k in ("idx", "labels", "split", "source", "map_1", "map_2", "map_3")})
+    write(path, labels=[])
     ts = load_tokens(path)
     assert len(ts) == 0 and ts.idx.shape == (0, 14) and ts.maps(2).shape == (0, 3, 3)
