@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import statistics
 import sys
-import time
 import types
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,6 +61,7 @@ from common.runtime import pick_device, seed_everything, select_precision  # noq
 from models.convert_upstream import var_from_upstream, vqvae_from_upstream  # noqa: E402
 from models.var import VAR  # noqa: E402
 from models.vqvae import VQVAE  # noqa: E402
+from timing import timed_once  # noqa: E402  (bench/, the script's folder, is on sys.path)
 
 
 
@@ -133,16 +133,6 @@ def adamw(model: nn.Module, device: torch.device) -> torch.optim.Optimizer:
     fuses it (CUDA)."""
     return torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05,
                              fused=device.type == "cuda")
-
-
-def timed_once(fn: Callable[[], object], device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - start
 
 
 def interleaved(fns: dict[str, Callable[[], object]], device: torch.device, warmup: int,

@@ -9,20 +9,22 @@ from typing import Callable
 import torch
 
 
+def timed_once(fn: Callable[[], object], device: torch.device) -> float:
+    """Wall time of one call of fn in seconds, waiting for the GPU to finish it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
 def timed(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int) -> float:
-    """Median wall time of fn in seconds, waiting for the GPU to finish each call."""
+    """Median wall time of fn in seconds over repeats calls, after warmup untimed ones."""
     for _ in range(warmup):
         fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(timed_once(fn, device) for _ in range(repeats))
 
 
 def peak_memory_mib(device: torch.device) -> float:
