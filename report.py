@@ -302,20 +302,24 @@ def vqvae_section(page: Page, folder: Path, scales: list[str]) -> None:
     page.figures("train_vqvae", [
         (folder / "loss.png", "Train and val loss per epoch (squared error + VQ loss). Val rising while train falls "
                               "means over-fitting; best.pth is the epoch with the lowest val loss."),
-        (folder / "psnr_ssim.png", "Reconstruction quality on val: PSNR (dB) and SSIM, higher is better."),
+        (folder / "psnr_ssim.png", "Reconstruction quality on val: PSNR (dB) and SSIM, higher is better, over the whole "
+                                   "image and inside the scan area (the blank outside a fan is easy to reproduce)."),
         (folder / "usage.png", "Codebook usage per scale: the fraction of codes picked at least once on val, and "
                                "the perplexity (effective number of codes in use)."),
         (folder / "code_usage_hist.png", "How often each code is picked on val (last epoch): a few codes doing all "
                                          "the work would be a poor vocabulary for the VAR."),
         (folder / "code_usage_hist_test.png", "The same on the test split, for best.pth."),
         (folder / "class_counts.png", "Images per class in each split and in one balanced training epoch."),
-    ])
+    ] + ([(folder / "gan.png", "Adversarial training (disc_weight > 0): the discriminator's and the generator's "
+                               "hinge losses and the adaptive weight, per epoch from disc_start.")]
+         if (folder / "gan.png").is_file() else []))
     page.add('<h3>Test metrics (best.pth on the test split)</h3>')
     metrics_path = folder / "test_metrics.json"
     if metrics_path.is_file():
         metrics = read_json(metrics_path)
-        page.add('<p class="caption">From test_metrics.json: loss, PSNR (dB) and SSIM of the reconstructions; usage '
-                 '(fraction of the codebook used) and perplexity per token-map scale.</p>'
+        page.add('<p class="caption">From test_metrics.json: loss, PSNR (dB) and SSIM of the reconstructions (whole '
+                 'image; _scan: inside the scan area), the KID of the reconstructions against the real test images '
+                 '(kid_recon); usage (fraction of the codebook used) and perplexity per token-map scale.</p>'
                  + scalar_and_scale_tables(metrics, scales))
     else:
         page.note_missing("train_vqvae", metrics_path, " (written when training has finished)")
