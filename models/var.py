@@ -29,11 +29,11 @@ def unit_rows(t: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
 
 
 class KVCache:
-    """Keys and values of the scales seen so far, for one attention layer during sampling. With max_len, the
-    buffers for the whole sequence are allocated at the first scale and filled in place, scale by scale; without,
-    each scale is concatenated (which re-allocates and copies the whole prefix at every scale)."""
+    """Keys and values of the scales seen so far, for one attention layer during sampling: buffers for max_len
+    positions, allocated at the first scale and filled in place scale by scale (concatenating instead would
+    re-allocate and copy the whole prefix at every scale)."""
 
-    def __init__(self, max_len: int | None = None) -> None:
+    def __init__(self, max_len: int) -> None:
         self.max_len = max_len
         self.k: torch.Tensor | None = None
         self.v: torch.Tensor | None = None
@@ -41,17 +41,13 @@ class KVCache:
 
     def extend(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         end = self.length + k.shape[2]
-        if self.max_len is None:
-            self.k = k if self.k is None else torch.cat((self.k, k), dim=2)
-            self.v = v if self.v is None else torch.cat((self.v, v), dim=2)
-        else:
-            if end > self.max_len:
-                raise ValueError(f"KV cache of {self.max_len} positions cannot hold {end}")
-            if self.k is None:
-                shape = (k.shape[0], k.shape[1], self.max_len, k.shape[3])
-                self.k, self.v = k.new_empty(shape), v.new_empty(shape)
-            self.k[:, :, self.length:end] = k
-            self.v[:, :, self.length:end] = v
+        if end > self.max_len:
+            raise ValueError(f"KV cache of {self.max_len} positions cannot hold {end}")
+        if self.k is None:
+            shape = (k.shape[0], k.shape[1], self.max_len, k.shape[3])
+            self.k, self.v = k.new_empty(shape), v.new_empty(shape)
+        self.k[:, :, self.length:end] = k
+        self.v[:, :, self.length:end] = v
         self.length = end
         return self.k[:, :, :end], self.v[:, :, :end]
 

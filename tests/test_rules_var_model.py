@@ -198,7 +198,7 @@ def test_kv_cache_appends_scales_in_order_along_the_sequence() -> None:
     g = torch.Generator().manual_seed(0)
     k1, v1 = torch.randn(2, 3, 1, 4, generator=g), torch.randn(2, 3, 1, 4, generator=g)
     k2, v2 = torch.randn(2, 3, 4, 4, generator=g), torch.randn(2, 3, 4, 4, generator=g)
-    cache = KVCache()
+    cache = KVCache(5)
     k, v = cache.extend(k1, v1)
     assert torch.equal(k, k1) and torch.equal(v, v1)
     k, v = cache.extend(k2, v2)
@@ -212,7 +212,7 @@ def test_attention_with_a_cache_sees_every_earlier_scale() -> None:
     mask = torch.tensor([[True] + [False] * 4] + [[True] * 5] * 4)
     with torch.no_grad():
         full = attn(x, mask, None)
-        cache = KVCache()
+        cache = KVCache(5)
         first, second = attn(x[:, :1], None, cache), attn(x[:, 1:], None, cache)
         assert torch.allclose(full, ref_attention(attn, x, mask), atol=1e-5)
     assert torch.allclose(torch.cat((first, second), 1), full, atol=1e-5)

@@ -75,15 +75,14 @@ def test_cached_incremental_logits_match_forward(vqvae: VQVAE, variant: dict) ->
         full = model(labels, x_teacher)
         x, cond = model.embed_inputs(labels, x_teacher)
         block_cond = model._block_cond(cond)
-        for max_len in (None, L):  # concatenated and preallocated
-            caches = [KVCache(max_len) for _ in model.blocks]
-            for begin, end in model.begin_ends:
-                h = x[:, begin:end]
-                for block, cache in zip(model.blocks, caches):
-                    h = block(h, block_cond, None, cache)
-                assert torch.allclose(model.get_logits(h, cond), full[:, begin:end], atol=1e-5)
-            with pytest.raises(ValueError, match="cannot hold"):
-                KVCache(1).extend(h[:, None, :2], h[:, None, :2])
+        caches = [KVCache(L) for _ in model.blocks]
+        for begin, end in model.begin_ends:
+            h = x[:, begin:end]
+            for block, cache in zip(model.blocks, caches):
+                h = block(h, block_cond, None, cache)
+            assert torch.allclose(model.get_logits(h, cond), full[:, begin:end], atol=1e-5)
+        with pytest.raises(ValueError, match="cannot hold"):
+            KVCache(1).extend(h[:, None, :2], h[:, None, :2])
 
 
 @pytest.mark.parametrize("variant", [{}, {"shared_aln": True, "attn_l2_norm": False}])
@@ -280,7 +279,7 @@ def test_cosine_attention_keeps_the_compute_dtype_when_normalize_runs_in_fp32(mo
     monkeypatch.setattr(torch.nn.functional, "normalize", lambda t, dim: real(t.float(), dim=dim))
     heads, head_dim = attn.num_heads, attn.head_dim
     saved: list[tuple[torch.dtype, tuple[int, ...]]] = []
-    cache = KVCache()
+    cache = KVCache(5)
     x = torch.randn(2, 5, heads * head_dim, requires_grad=True)
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append((t.dtype, tuple(t.shape))) or t, lambda t: t):
         with torch.autocast("cpu", dtype=torch.bfloat16):
