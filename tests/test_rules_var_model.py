@@ -211,10 +211,12 @@ def test_attention_with_a_cache_sees_every_earlier_scale() -> None:
     x = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(3))
     mask = torch.tensor([[True] + [False] * 4] + [[True] * 5] * 4)
     with torch.no_grad():
-        full = attn(x, mask, None)
+        full = attn(x, [(0, 5, mask)], None)
         cache = KVCache(5)
-        first, second = attn(x[:, :1], None, cache), attn(x[:, 1:], None, cache)
+        first, second = attn(x[:, :1], (), cache), attn(x[:, 1:], (), cache)
         assert torch.allclose(full, ref_attention(attn, x, mask), atol=1e-5)
+        # the same layout as two unmasked groups, each query block on the keys of its prefix
+        assert torch.allclose(attn(x, [(0, 1, None), (1, 5, None)], None), full, atol=1e-5)
     assert torch.allclose(torch.cat((first, second), 1), full, atol=1e-5)
 
 
