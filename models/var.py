@@ -28,25 +28,60 @@ def unit_rows(t: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     return t * sum_sq.clamp_min(eps * eps).rsqrt().to(t.dtype)
 
 
-AttnGroup = tuple[int, int, torch.Tensor | None]  # queries [begin, end) see keys [0, end), through the mask if any
+# Queries [q_begin, q_end) of a sequence see its keys [0, k_end), through the boolean mask (True = attend) if any.
+AttnGroup = tuple[int, int, int, torch.Tensor | None]
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
-           dropout_p: float) -> torch.Tensor:
-    """softmax(q k^T * scale) v, with a boolean mask (True = attend). In bf16/fp16 on the CPU by matmuls: there SDPA's
-    fused kernel runs no faster than in fp32 (it recomputes every exponential in the backward pass), while the
-    matmuls run at the reduced precision's speed (2x training attention at the benchmark's shapes)."""
-    if q.device.type != "cpu" or q.dtype == torch.float32:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
-    scores = q @ k.transpose(-1, -2)
-    if scale != 1.0:
-        scores = scores * scale
-    if mask is not None:
-        scores = scores.masked_fill(~mask, -torch.inf)
-    probs = scores.softmax(dim=-1)
-    if dropout_p > 0:
-        probs = F.dropout(probs, dropout_p)
-    return probs @ v
+class _GroupedAttention(torch.autograd.Function):
+    """Attention over groups of queries by plain matmuls, keeping each group's probabilities for the backward pass:
+    for bf16/fp16 on the CPU, where SDPA's fused kernel runs no faster than in fp32 and recomputes every
+    exponential in its backward, while matmuls run at the reduced precision's speed (2x the grouped SDPA at the
+    benchmark's shapes; errors against fp32 ~1.4x SDPA's, within bf16's own rounding)."""
+
+    @staticmethod
+    def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: Sequence[AttnGroup],
+                scale: float) -> torch.Tensor:
+        out = torch.empty_like(q)
+        probs = []
+        for q_begin, q_end, k_end, mask in groups:
+            scores = q[:, :, q_begin:q_end] @ k[:, :, :k_end].transpose(-1, -2)
+            if scale != 1.0:
+                scores.mul_(scale)
+            if mask is not None:
+                scores.masked_fill_(~mask, -torch.inf)
+            probs.append(scores.softmax(dim=-1))
+            out[:, :, q_begin:q_end] = probs[-1] @ v[:, :, :k_end]
+        ctx.groups, ctx.scale = groups, scale
+        ctx.save_for_backward(q, k, v, out, *probs)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        q, k, v, out, *probs = ctx.saved_tensors
+        grad_q, grad_k, grad_v = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        for (q_begin, q_end, k_end, _), p in zip(ctx.groups, probs):
+            g = grad_out[:, :, q_begin:q_end]
+            grad_v[:, :, :k_end] += p.transpose(-1, -2) @ g
+            # softmax backward: dS = P * (dP - rowsum(dO * O)), then the score scale
+            grad_s = (g @ v[:, :, :k_end].transpose(-1, -2)).sub_((g * out[:, :, q_begin:q_end]).sum(-1, keepdim=True))
+            grad_s.mul_(p)
+            if ctx.scale != 1.0:
+                grad_s.mul_(ctx.scale)
+            grad_q[:, :, q_begin:q_end] = grad_s @ k[:, :, :k_end]
+            grad_k[:, :, :k_end] += grad_s.transpose(-1, -2) @ q[:, :, q_begin:q_end]
+        return grad_q, grad_k, grad_v, None, None
+
+
+def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: Sequence[AttnGroup], scale: float,
+                      dropout_p: float) -> torch.Tensor:
+    """softmax(q k^T * scale) v of (B, heads, n, d) tensors, one call per group of queries on the keys it sees:
+    a block-causal layout costs the unmasked scores only, with no mask for groups that see all of their keys."""
+    if q.device.type == "cpu" and q.dtype != torch.float32 and dropout_p == 0:
+        with torch.autocast("cpu", enabled=False):
+            return _GroupedAttention.apply(q, k, v, groups, scale)
+    return torch.cat([F.scaled_dot_product_attention(q[:, :, q_begin:q_end], k[:, :, :k_end], v[:, :, :k_end],
+                                                     attn_mask=mask, dropout_p=dropout_p, scale=scale)
+                      for q_begin, q_end, k_end, mask in groups], dim=2)
 
 
 class KVCache:
@@ -116,13 +151,10 @@ class SelfAttention(nn.Module):
             # The fp32 temperature is cast, so that q, k and v share the compute dtype (SDPA needs one).
             q = unit_rows(q) * self.scale_mul.clamp(max=self.max_scale_mul).exp().to(q.dtype)
             k = unit_rows(k)
-        drop = self.attn_drop if self.training else 0.0
         if cache is not None:
-            k, v = cache.extend(k, v)  # one new scale: it sees every cached key, no mask
-            out = attend(q, k, v, None, self.scale, drop)
-        else:
-            out = torch.cat([attend(q[:, :, begin:end], k[:, :, :end], v[:, :, :end], mask, self.scale, drop)
-                             for begin, end, mask in groups], dim=2)
+            k, v = cache.extend(k, v)
+            groups = [(0, n, k.shape[2], None)]  # one new scale: it sees every cached key
+        out = grouped_attention(q, k, v, groups, self.scale, self.attn_drop if self.training else 0.0)
         return self.proj_drop(self.proj(out.transpose(1, 2).reshape(b, n, c)))
 
 
@@ -340,7 +372,7 @@ class VAR(nn.Module):
             end = min(end, length)
             if begin < end:
                 one_scale = (begin, end) in self.begin_ends
-                groups.append((begin, end, None if one_scale else self.attn_mask[begin:end, :end]))
+                groups.append((begin, end, end, None if one_scale else self.attn_mask[begin:end, :end]))
         return groups
 
     def embed_inputs(self, labels: torch.Tensor, x_teacher: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

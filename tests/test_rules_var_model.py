@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.var import VAR, DropPath, KVCache, sample_tokens, scale_generators, unit_rows
+from models.var import VAR, DropPath, KVCache, grouped_attention, sample_tokens, scale_generators, unit_rows
 from models.vqvae import VQVAE
 
 
@@ -211,12 +211,12 @@ def test_attention_with_a_cache_sees_every_earlier_scale() -> None:
     x = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(3))
     mask = torch.tensor([[True] + [False] * 4] + [[True] * 5] * 4)
     with torch.no_grad():
-        full = attn(x, [(0, 5, mask)], None)
+        full = attn(x, [(0, 5, 5, mask)], None)
         cache = KVCache(5)
         first, second = attn(x[:, :1], (), cache), attn(x[:, 1:], (), cache)
         assert torch.allclose(full, ref_attention(attn, x, mask), atol=1e-5)
         # the same layout as two unmasked groups, each query block on the keys of its prefix
-        assert torch.allclose(attn(x, [(0, 1, None), (1, 5, None)], None), full, atol=1e-5)
+        assert torch.allclose(attn(x, [(0, 1, 1, None), (1, 5, 5, None)], None), full, atol=1e-5)
     assert torch.allclose(torch.cat((first, second), 1), full, atol=1e-5)
 
 
@@ -354,3 +354,71 @@ def test_each_scale_draws_from_its_own_random_stream() -> None:
     same = (idx[1][:, 0, 0] == idx[0][:, 0, 0]).sum().item()
     assert same <= 14
     assert len(set(idx[2].flatten().tolist())) == 16  # uniform over the whole vocabulary
+
+
+def test_attention_groups_follow_the_scales() -> None:
+    model = VAR(vocab_size=8, z_channels=2, num_classes=2, depth=1, embed_dim=8, num_heads=2)  # the default scales
+    # scales of >= 64 tokens (8x8 and up) each form a group; the six smaller ones share the first, masked one
+    assert model.group_bounds == [(0, 91), (91, 155), (155, 255), (255, 424), (424, 680)]
+    groups = model.attn_groups(model.L)
+    assert [g[:3] for g in groups] == [(0, 91, 91), (91, 155, 155), (155, 255, 255), (255, 424, 424), (424, 680, 680)]
+    assert torch.equal(groups[0][3], model.attn_mask[:91, :91]) and all(g[3] is None for g in groups[1:])
+    # a prefix of whole scales (sampling without the cache) cuts the groups at its end
+    (begin, end, k_end, mask), = model.attn_groups(14)
+    assert (begin, end, k_end) == (0, 14, 14) and torch.equal(mask, model.attn_mask[:14, :14])
+    assert [g[:3] for g in model.attn_groups(255)] == [(0, 91, 91), (91, 155, 155), (155, 255, 255)]
+
+
+def masked_attention_and_grads(q, k, v, mask, scale, out_grad):
+    q, k, v = (t.detach().float().requires_grad_() for t in (q, k, v))
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    out.backward(out_grad.float())
+    return out.detach(), q.grad, k.grad, v.grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("scale", [1.0, 0.3])
+def test_grouped_attention_is_the_masked_attention_in_value_and_gradient(dtype: torch.dtype, scale: float) -> None:
+    model = VAR(vocab_size=8, z_channels=2, scales=(1, 2, 8, 9), num_classes=2, depth=1, embed_dim=8, num_heads=2)
+    groups = model.attn_groups(model.L)
+    assert [g[:3] for g in groups] == [(0, 5, 5), (5, 69, 69), (69, 150, 150)]
+    g = torch.Generator().manual_seed(4)
+    q, k, v, out_grad = (torch.randn(2, 3, model.L, 16, generator=g) for _ in range(4))
+    expected = masked_attention_and_grads(q, k, v, model.attn_mask, scale, out_grad)
+    q, k, v = (t.to(dtype).requires_grad_() for t in (q, k, v))
+    out = grouped_attention(q, k, v, groups, scale, 0.0)  # bf16 on the CPU: the matmul path
+    out.backward(out_grad.to(dtype))
+    tol = 1e-5 if dtype == torch.float32 else 0.03  # bf16 keeps 8 bits: relative rms error ~0.5%
+    for got, want in zip((out, q.grad, k.grad, v.grad), expected):
+        assert got.dtype == dtype
+        rel = (got.float() - want).square().mean().sqrt() / want.square().mean().sqrt()
+        assert rel < tol, rel
+
+
+def test_grouped_attention_drops_probabilities_in_reduced_precision_too() -> None:
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 2, 6, 4, generator=g).bfloat16() for _ in range(3))
+    groups = [(0, 2, 2, None), (2, 6, 6, None)]
+    assert torch.equal(grouped_attention(q, k, v, groups, 1.0, 1.0), torch.zeros_like(q))  # every probability dropped
+    assert grouped_attention(q, k, v, groups, 1.0, 0.0).abs().sum() > 0
+
+
+def test_grouped_forward_and_gradients_equal_one_masked_attention() -> None:
+    torch.manual_seed(0)
+    model = VAR(vocab_size=16, z_channels=4, scales=(1, 2, 8, 9), num_classes=3, depth=2, embed_dim=16, num_heads=2,
+                cond_drop_rate=0.0)
+    labels, x_teacher = torch.tensor([2, 0]), torch.randn(2, model.L - 1, 4, generator=torch.Generator().manual_seed(6))
+
+    def logits_and_grads(bounds):
+        model.group_bounds = bounds
+        model.zero_grad()
+        logits = model(labels, x_teacher)
+        logits.square().mean().backward()
+        return logits.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    grouped, grouped_grads = logits_and_grads([(0, 5), (5, 69), (69, model.L)])
+    masked, masked_grads = logits_and_grads([(0, model.L)])  # one group: the whole block-causal mask
+    assert torch.allclose(grouped, masked, atol=1e-5)
+    assert len(grouped_grads) == len(masked_grads) > 10
+    for a, b in zip(grouped_grads, masked_grads):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
