@@ -85,6 +85,7 @@ class Config:
     device: str = "auto"  # auto, cpu, cuda, mps (under torchrun each process takes cuda:LOCAL_RANK)
     deterministic: bool = False  # CUDA: deterministic kernels (slower; see README on reproducibility)
     sync_debug: bool = False  # CUDA: warn at every host sync inside a training step (they stall the GPU; bench/gpu_check.sh)
+    compile: bool = False  # torch.compile the training forward (fuses element-wise ops; the first steps wait minutes for the compiler)
     cpu_threads: int = 0  # torch CPU threads per process (0 = torch's default)
     eval_batch_size: int = 128  # validation batch per process
     train_eval_size: int = 0  # training images (un-augmented) scored each epoch like val: eval mode, true labels (0 = as many as val)
@@ -461,6 +462,8 @@ def train(cfg: Config, dist: DistContext) -> None:
         dist.print(f"resuming from {resume_path}: {start_epoch} epochs done, step {step}, best val loss {best_val:.4f}")
     if dist.enabled:
         model = wrap_ddp(model, device)
+    # Only the training steps run compiled: evaluation, sampling and checkpoints use the model itself.
+    train_forward = torch.compile(model) if cfg.compile else model
 
     steps_per_epoch = n_train // cfg.batch_size
     total_steps = cfg.epochs * steps_per_epoch
@@ -521,7 +524,7 @@ def train(cfg: Config, dist: DistContext) -> None:
                 sync = contextlib.nullcontext() if last_micro or not dist.enabled else model.no_sync()
                 with sync:
                     with precision.autocast():
-                        logits = model(labels, x_in)
+                        logits = train_forward(labels, x_in)
                     loss, batch_sums = token_losses(logits, target, scale_ids, len(scales), cfg.label_smoothing)
                     scaler.scale(loss / grad_accum).backward()
                 sums += batch_sums

@@ -31,6 +31,7 @@ class Config:
     device: str = "auto"  # auto, cpu, cuda, mps
     precision: str = "auto"  # auto (bf16 on capable CUDA, fp32 on CPU), bf16, fp16, fp32
     seed: int = 0  # random tokens and weights
+    compile: bool = False  # torch.compile the forward, as train_var.py --compile=true (the warmup steps compile)
     peak_tflops: float = 0.0  # the device's dense peak in this precision, for model FLOP utilisation (0 = not shown; H100/H200 bf16: 989)
 
 
@@ -63,16 +64,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     optimizer = torch.optim.AdamW(param_groups(model, train_cfg.weight_decay), lr=1e-4, betas=(train_cfg.adam_beta1, train_cfg.adam_beta2),
                                   fused=device.type == "cuda")
     scaler = precision.make_scaler()
+    forward = torch.compile(model) if cfg.compile else model
     scale_ids = scale_of_position(tuple(cfg.scales), device)
     tokens_per_image = scale_ids.numel()
     idx_list = [torch.randint(0, cfg.vocab_size, (cfg.batch_size, pn, pn), device=device) for pn in cfg.scales]
     labels = torch.randint(0, cfg.num_classes, (cfg.batch_size,), device=device)
 
-    def step() -> None:
+    def step(forward: nn.Module = forward) -> None:
         x_in = vqvae.idx_to_var_input(idx_list)
         target = torch.cat([m.flatten(1) for m in idx_list], dim=1)
         with precision.autocast():
-            logits = model(labels, x_in)
+            logits = forward(labels, x_in)
         loss, _ = token_losses(logits, target, scale_ids, len(cfg.scales), 0.0)
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
@@ -88,7 +90,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for _ in range(cfg.warmup_steps):
         step()
     with FlopCounterMode(display=False) as counter:  # forward and backward: matmuls, attention, convolutions
-        step()
+        step(model)  # eager: the counter sees no aten calls inside compiled code
     flops = counter.get_total_flops()
     sync()
     if device.type == "cuda":
@@ -109,7 +111,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     n_params = sum(p.numel() for p in model.parameters())
     print(f"VAR depth {cfg.depth} ({model.config['embed_dim']} wide, {model.config['num_heads']} heads, "
           f"{n_params / 1e6:.1f}M parameters), batch {cfg.batch_size} x {tokens_per_image} tokens, vocab "
-          f"{cfg.vocab_size}, on {device} ({precision.name}, {torch.get_num_threads()} CPU threads)")
+          f"{cfg.vocab_size}, on {device} ({precision.name}, {torch.get_num_threads()} CPU threads"
+          + (", compiled)" if cfg.compile else ")"))
     print(f"step {seconds * 1000:.1f} ms: {cfg.batch_size * tokens_per_image / seconds:,.0f} training tokens/s, "
           f"{cfg.batch_size / seconds:.2f} images/s; {memory}")
     print(f"{flops / 1e12:.4g} TFLOP per step (forward + backward), {achieved_tflops:.4g} TFLOP/s"

@@ -236,7 +236,13 @@ def main(argv: list[str] | None = None) -> None:
                  None if dry else var["peak_gib"] * 2**30 / 1e9 < cfg.max_step_gib,
                  f"peak {var['peak_gib']:.2f} GiB" + (" (dry run: depth 2, CPU RSS)" if dry else "")
                  + (f", model FLOP utilisation {100 * var['mfu']:.1f}%" if var["mfu"] is not None else ""))
-    if not dry:
+    if not dry:  # the same step compiled (train_var.py --compile=true); the compiler is too slow for a dry run
+        print("\n== bench_var compiled (depth 16, batch 32)", flush=True)
+        compiled = bench_var.main([*D16, "--batch_size=32", GPU_SCALES, "--steps=10", "--warmup_steps=3", "--compile=true",
+                                   f"--peak_tflops={peak_tflops(cfg)}"])
+        report.check("VAR depth-16 step compiled: faster than eager", compiled["step_seconds"] < var["step_seconds"],
+                     f"{compiled['step_seconds'] * 1000:.0f} ms vs {var['step_seconds'] * 1000:.0f} ms"
+                     + (f", model FLOP utilisation {100 * compiled['mfu']:.1f}%" if compiled["mfu"] is not None else ""))
         torch.cuda.empty_cache()  # the benchmarks below run as their own processes on the same GPU
     report.run("bench_sampling", [str(REPO / "bench/bench_sampling.py"), "--device=cpu", "--batch_size=2",
                                   "--scales=1,2,4", "--warmup=0", "--repeats=1"] if dry else

@@ -422,3 +422,20 @@ def test_grouped_forward_and_gradients_equal_one_masked_attention() -> None:
     assert len(grouped_grads) == len(masked_grads) > 10
     for a, b in zip(grouped_grads, masked_grads):
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_the_training_forward_compiles_as_one_graph_with_the_same_values_and_gradients() -> None:
+    # train_var.py --compile=true: the grouped attention (bf16: its autograd.Function) must trace without a break
+    torch.manual_seed(0)
+    model = VAR(vocab_size=16, z_channels=4, scales=(1, 2, 8), num_classes=3, depth=1, embed_dim=16, num_heads=2,
+                cond_drop_rate=0.0)
+    labels, x_teacher = torch.tensor([1, 2]), torch.randn(2, model.L - 1, 4, generator=torch.Generator().manual_seed(7))
+    results = []
+    for forward in (model, torch.compile(model, backend="aot_eager", fullgraph=True)):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = forward(labels, x_teacher)
+        logits.square().mean().backward()
+        results.append([logits.detach()] + [p.grad.clone() for p in model.parameters()])
+        model.zero_grad()
+    for eager, compiled in zip(*results):
+        assert torch.allclose(eager, compiled, rtol=1e-3, atol=1e-5), (eager - compiled).abs().max()
