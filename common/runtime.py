@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
+import sys
 import random
 from dataclasses import dataclass
 from typing import Any, ContextManager
@@ -18,18 +20,38 @@ class DeviceError(ValueError):
 
 
 def pick_device(name: str = "auto") -> torch.device:
-    """'auto' takes cuda, then mps, then cpu; any other name is used as given."""
+    """'auto' takes cuda, then mps, then cpu; any other name is used as given. A CPU run also keeps freed memory
+    for reuse (reuse_freed_memory)."""
     if name != "auto":
         device = torch.device(name)
         if device.type == "cuda" and not torch.cuda.is_available():
             raise DeviceError(f"device {name!r} was asked for but CUDA is not available on this machine; "
                               "use --device=auto or --device=cpu")
-        return device
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+    elif torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        device = torch.device("mps")
+    else:
+        device = torch.device("cpu")
+    if device.type == "cpu":
+        reuse_freed_memory()
+    return device
+
+
+def reuse_freed_memory() -> bool:
+    """Make glibc's malloc keep freed blocks of any size for the next allocation. By default it returns every block
+    above 32 MB to the system and page-faults a fresh one in at the next request: a 256 px feature map of 64
+    channels (67 MB at batch 4) then costs more to allocate than a SiLU costs to compute, and decoding runs ~20%
+    slower. The price: the process keeps its peak memory instead of shrinking after it. True if applied (Linux,
+    glibc)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # another C library (musl): nothing to tune
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # mallopt parameter numbers from glibc's malloc.h
+    return bool(libc.mallopt(m_mmap_threshold, 1 << 30)) and bool(libc.mallopt(m_trim_threshold, 1 << 30))
 
 
 @dataclass(frozen=True)
