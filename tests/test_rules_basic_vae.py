@@ -3,10 +3,15 @@ transposed convolution, SiLU in place when no graph is recorded, and the residua
 own output (value and gradient)."""
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
+import pytest
 import torch
 import torch.nn.functional as F
 
-from models.basic_vae import AttnBlock, Decoder, ResBlock, Upsample, norm_silu
+from models.basic_vae import AttnBlock, Decoder, ResBlock, Upsample, group_norm, norm_silu
+from models.convert_upstream import vqvae_config_from_upstream_kwargs, vqvae_from_upstream
 
 
 def test_upsample_is_nearest_doubling_then_the_3x3_convolution() -> None:
@@ -96,3 +101,63 @@ def test_decoder_output_unchanged_by_grad_mode() -> None:
         quiet = decoder(z)
     assert quiet.shape == (2, 3, 8, 8)
     assert torch.equal(decoder(z), quiet)
+
+
+FIXTURE = Path(__file__).resolve().parents[1] / "../shared/fixtures/upstream_var/upstream_small.pt"
+
+
+def test_encoder_and_decoder_reproduce_the_reference_on_its_recorded_weights() -> None:
+    """The whole layout (levels, attention at the lowest resolution, res blocks per level, GroupNorm's eps and
+    affine, resampling placement) must load the reference's weights strictly and give its numbers."""
+    if not FIXTURE.is_file():
+        pytest.skip(f"reference fixture {FIXTURE} is absent: provide ../shared")
+    ref = torch.load(FIXTURE, map_location="cpu", weights_only=True)
+    config = json.loads(FIXTURE.with_suffix(".json").read_text())["vqvae_config"]
+    vqvae = vqvae_from_upstream(ref["vqvae_state_dict"], **vqvae_config_from_upstream_kwargs(config))
+    with torch.no_grad():
+        assert torch.allclose(vqvae.encode(ref["images"]), ref["encoder_f"], atol=1e-4)
+        assert torch.allclose(vqvae.fhat_to_img(ref["fhat_per_scale"][-1]), ref["rec_last_scale"], atol=1e-4)
+
+
+def test_group_norm_is_the_reference_s() -> None:
+    norm = group_norm(64)
+    assert (norm.num_groups, norm.num_channels, norm.eps, norm.affine) == (32, 64, 1e-6, True)
+
+
+class Fixed(torch.nn.Module):
+    """A stand-in norm that returns a given tensor, to see whether norm_silu writes into it."""
+
+    def __init__(self, out: torch.Tensor) -> None:
+        super().__init__()
+        self.out = out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out
+
+
+def test_norm_silu_writes_into_the_norm_output_only_without_autograd() -> None:
+    y = torch.tensor([-1.0, 0.0, 2.0])
+    with torch.no_grad():
+        out = norm_silu(Fixed(y), y)
+    assert out is y and torch.allclose(y, F.silu(torch.tensor([-1.0, 0.0, 2.0])))
+    y = torch.tensor([-1.0, 0.0, 2.0])
+    out = norm_silu(Fixed(y), y)
+    assert out is not y and torch.equal(y, torch.tensor([-1.0, 0.0, 2.0]))
+
+
+def test_res_block_dropout_and_skip_only_where_asked() -> None:
+    assert isinstance(ResBlock(32, 32, 0.0).dropout, torch.nn.Identity)
+    dropping = ResBlock(32, 32, 0.25).dropout
+    assert isinstance(dropping, torch.nn.Dropout) and dropping.p == 0.25
+    assert isinstance(ResBlock(32, 32, 0.0).skip, torch.nn.Identity)
+    assert ResBlock(32, 64, 0.0).skip.weight.shape == (64, 32, 1, 1)
+
+
+def test_decoder_convolutions_see_channels_last_maps_on_the_cpu() -> None:
+    decoder = Decoder(32, (1, 2), 1, 4, 3, 0.0).eval()
+    layouts = []
+    decoder.conv_in.register_forward_pre_hook(
+        lambda module, args: layouts.append(args[0].is_contiguous(memory_format=torch.channels_last)))
+    with torch.no_grad():
+        out = decoder(torch.randn(2, 4, 4, 4))
+    assert layouts == [True] and out.is_contiguous()  # handed back in the default layout
