@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
 import torch
 import torch.nn.functional as F
 
@@ -103,16 +102,12 @@ def test_decoder_output_unchanged_by_grad_mode() -> None:
     assert torch.equal(decoder(z), quiet)
 
 
-FIXTURE = Path(__file__).resolve().parents[1] / "../shared/fixtures/upstream_var/upstream_small.pt"
-
-
-def test_encoder_and_decoder_reproduce_the_reference_on_its_recorded_weights() -> None:
+def test_encoder_and_decoder_reproduce_the_reference_on_its_recorded_weights(shared_dir: Path) -> None:
     """The whole layout (levels, attention at the lowest resolution, res blocks per level, GroupNorm's eps and
     affine, resampling placement) must load the reference's weights strictly and give its numbers."""
-    if not FIXTURE.is_file():
-        pytest.skip(f"reference fixture {FIXTURE} is absent: provide ../shared")
-    ref = torch.load(FIXTURE, map_location="cpu", weights_only=True)
-    config = json.loads(FIXTURE.with_suffix(".json").read_text())["vqvae_config"]
+    fixture = shared_dir / "fixtures/upstream_var/upstream_small.pt"
+    ref = torch.load(fixture, map_location="cpu", weights_only=True)
+    config = json.loads(fixture.with_suffix(".json").read_text())["vqvae_config"]
     vqvae = vqvae_from_upstream(ref["vqvae_state_dict"], **vqvae_config_from_upstream_kwargs(config))
     with torch.no_grad():
         assert torch.allclose(vqvae.encode(ref["images"]), ref["encoder_f"], atol=1e-4)
