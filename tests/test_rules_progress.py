@@ -52,7 +52,7 @@ def test_closing_right_after_a_line_does_not_repeat_it() -> None:
         Clock(bar).now = 5.0
         bar.update(4)
     lines = log.getvalue().splitlines()
-    assert len(lines) == 2 and lines[0].startswith("d: 0% 0/4") and lines[1].startswith("d: 100% 4/4")
+    assert len(lines) == 2 and lines[0].startswith("d:   0% 0/4") and lines[1].startswith("d: 100% 4/4")
 
 
 def test_more_items_than_the_total_stay_at_the_last_mark() -> None:
