@@ -3,6 +3,8 @@ the resampling filters, the exact [-1, 1] mapping both ways, the scan-area thres
 at lengths that do not divide evenly."""
 from __future__ import annotations
 
+import io
+import sys
 from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
@@ -138,6 +140,7 @@ def test_a_split_lists_its_own_classes_preloads_and_counts_subsets(tmp_path: Pat
     assert split.relative_path(2) == "train/b/1.png" and split.labels.tolist() == [0, 1, 1]
     assert split.class_counts() == {"a": 1, "b": 2}
     assert split.class_counts(np.array([2, 2, 1])) == {"a": 0, "b": 3}
+    assert split.class_counts(np.array([0])) == {"a": 1, "b": 0}  # the last class counted even when absent
     image, label = split[1]
     assert label == 1 and isinstance(label, int) and image.shape == (3, 3, 3)
     assert torch.allclose(image, torch.full((3, 3, 3), 100 / 127.5 - 1))
@@ -180,10 +183,25 @@ def test_the_sampler_sizes_its_epoch_by_num_samples_and_names_the_shortfall() ->
     assert [i for b in range(6) for s in two for i in list(s)[2 * b:2 * b + 2]] == list(sampler)
     plain = EpochSampler(labels, batch_size=5, balanced=False)
     assert sorted(plain) == list(range(10))
-    balanced = EpochSampler(labels, batch_size=5, seed=0)
+    balanced = EpochSampler(labels, batch_size=5)  # seed 0, balanced by default
     assert list(balanced) == epoch_index_list(labels, 10, seed=0, epoch=0, balanced=True).tolist()
     balanced.set_epoch(3)
     assert balanced.epoch == 3 and list(balanced) == epoch_index_list(labels, 10, 0, 3, True).tolist()
     with pytest.raises(ImageDataError, match="^10 training images cannot fill one global batch of 12: lower batch_size$"):
         EpochSampler(labels, batch_size=6, world_size=2, num_samples=11)
     assert len(EpochSampler(labels, batch_size=6, world_size=2, num_samples=12)) == 6
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_preloading_shows_a_bar_named_after_the_split_that_goes_away(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    write_png(tmp_path / "val" / "a" / "0.png", np.zeros((4, 4), np.uint8))
+    screen = Terminal()
+    monkeypatch.setattr(sys, "stderr", screen)
+    ImageSplit(tmp_path, "val", 4, classes=["a"], preload=True)
+    text = screen.getvalue()
+    assert text.startswith("\rloading val:") and text.endswith("\r")  # leave=False: the bar is erased, no line kept
