@@ -150,6 +150,8 @@ def test_a_feature_net_is_in_eval_mode_and_returns_float32_without_a_graph() -> 
     assert (net.name, net.weights_sha256, net.device) == ("means", "c" * 64, torch.device("cpu"))
     features = net(torch.full((2, 3, 4, 4), 6, dtype=torch.uint8))
     assert features.dtype == torch.float32 and not features.requires_grad and features[0, :3].tolist() == [6.0] * 3
+    elsewhere = FeatureNet(Means(), "c" * 64, torch.device("meta"))  # the extractor moves to the net's device
+    assert elsewhere.extractor.scale.device.type == "meta"
 
 
 def test_load_feature_extractor_takes_a_device_name_and_says_how_to_get_missing_weights(
@@ -222,10 +224,20 @@ def test_batches_fill_to_batch_size_per_image_size_and_equal_files_run_once(tmp_
     # 4 px wide: 0, 2, 4, 6 (2 full batches); 5 px wide: 1, 3 then 5 left over; the twin is not run again
     assert net.batches == [(2, 3, 4, 4), (2, 3, 4, 5), (2, 3, 4, 4), (1, 3, 4, 5)]
     assert feats.dtype == np.float32 and feats[:, 0].tolist() == [0, 10, 20, 30, 40, 50, 60, 0]
-    assert "probe: 100% 7/7" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "probe: 100% 7/7" in err and ("img/s" in err or "s/img" in err)
     with pytest.raises(ValueError, match="^batch_size must be >= 1, got 0$"):
         extract_features(paths, net, batch_size=0)
     assert extract_features(paths, Recorder(), batch_size=1).tolist() == feats[:7].tolist()
+
+
+def test_the_default_batch_is_32_images_and_the_bar_says_features(tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    paths = [write_png(tmp_path / f"{i}.png", np.full((2, 2, 3), i, np.uint8)) for i in range(33)]
+    net = Recorder()
+    extract_features(paths, net)
+    assert net.batches == [(32, 3, 2, 2), (1, 3, 2, 2)]
+    assert "features: 100% 33/33" in capsys.readouterr().err
 
 
 def test_no_paths_give_an_empty_float32_array_and_leave_no_cache(tmp_path: Path) -> None:
@@ -302,6 +314,9 @@ def test_kid_passes_its_settings_to_torch_fidelity() -> None:
     default = kid_features_to_metric(t1, t2, kid_subsets=100, kid_subset_size=9, rng_seed=0, verbose=False)
     assert kid_from_features(f1, f2) == {"mean": default["kernel_inception_distance_mean"],
                                          "std": default["kernel_inception_distance_std"], "subset_size": 9}
+    assert kid_from_features(f2, f1, subsets=2)["subset_size"] == 9  # the second set is the smaller one
+    big = rng.normal(size=(1001, 4))
+    assert kid_from_features(big, big, subsets=1)["subset_size"] == 1000  # the default maximum
 
 
 def test_kid_and_fid_take_gradient_carrying_float64_tensors_and_print_nothing(capsys: pytest.CaptureFixture[str]) -> None:
@@ -324,6 +339,10 @@ def test_kid_and_fid_refusals_name_the_problem() -> None:
         kid_from_features(four, four[0])
     with pytest.raises(FidelityError, match=r"^first features: expected a 2-D array \(N, D\), got shape \(1, 4, 8\)$"):
         fid_from_features(four[None], four)
+    with pytest.raises(FidelityError, match=r"^first features: expected a 2-D array \(N, D\), got shape \(8,\)$"):
+        kid_from_features(four[0], four)
+    with pytest.raises(FidelityError, match=r"^second features: expected a 2-D array \(N, D\), got shape \(\)$"):
+        fid_from_features(four, np.float32(1.0))
     with pytest.raises(FidelityError, match=r"^KID: feature widths differ \(8 vs 5\)$"):
         kid_from_features(four, five_wide)
     with pytest.raises(FidelityError, match="^KID needs subsets of at least 2 samples: got 4 and 4 feature vectors "
@@ -343,3 +362,4 @@ def test_kid_and_fid_refusals_name_the_problem() -> None:
 def test_kid_subset_size_default_maximum_is_1000() -> None:
     assert kid_subset_size(1001, 1001) == 1000 and kid_subset_size(1000, 1001) == 500
     assert kid_subset_size(3, 2) == 1
+    assert kid_subset_size(9, 7) == 3 and type(kid_subset_size(9, 7)) is int  # half of an odd size rounds down
