@@ -96,10 +96,10 @@ def test_minus1_1_mapping_is_exact_both_ways() -> None:
 
 
 def test_grey_is_the_rounded_channel_mean_of_the_clamped_image() -> None:
-    img = torch.tensor([[-1.0, 0.0, 2.0], [-3.0, -1.0, -1.0]]).T.reshape(1, 3, 1, 2)  # channels per pixel
-    # pixel 0: channels -1, 0, 1 (2 clamped): mean 0 -> 127.5 -> 128; pixel 1: all -1 -> 0
+    img = torch.tensor([[-1.0, 0.0, 2.0], [-3.0, -1.0, -1.0], [0.5, 0.5, 0.5]]).T.reshape(1, 3, 1, 3)  # per pixel
+    # channels -1, 0, 1 (2 clamped): mean 0 -> 127.5 -> 128 (to even); all -1 -> 0; all 0.5 -> 191.25 -> 191
     grey = to_grey_uint8(img)
-    assert grey.shape == (1, 1, 2) and grey.dtype == np.uint8 and grey.tolist() == [[[128, 0]]]
+    assert grey.shape == (1, 1, 3) and grey.dtype == np.uint8 and grey.tolist() == [[[128, 0, 191]]]
 
 
 def test_a_half_covered_pixel_of_the_scan_area_counts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
