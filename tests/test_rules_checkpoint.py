@@ -50,7 +50,8 @@ def test_every_load_refusal_says_the_file_and_why(tmp_path: Path, monkeypatch: p
     assert message.endswith(")") and "\n" not in message  # only the first line of torch's explanation
     torch.save({"w": torch.ones(100)}, "good.pth")
     Path("cut.pth").write_bytes(Path("good.pth").read_bytes()[:200])
-    with pytest.raises(CheckpointError, match=r"^cut\.pth: not a readable PyTorch checkpoint \(truncated or corrupt\?\): "):
+    with pytest.raises(CheckpointError,
+                       match=r"^cut\.pth: not a readable PyTorch checkpoint \(truncated or corrupt\?\): "):
         load_checkpoint("cut.pth")
     torch.save(torch.ones(2), "tensor.pth")
     with pytest.raises(CheckpointError, match=r"^tensor\.pth: expected a dict checkpoint, found Tensor$"):
@@ -102,9 +103,11 @@ def test_a_model_is_built_from_its_config_loaded_and_put_in_eval_mode(tmp_path: 
     assert not built.training and torch.equal(built.fc.weight, model.fc.weight)
     with pytest.raises(CheckpointError, match=r"^s\.pth: model_config does not describe a Small: .*depth"):
         model_from_checkpoint({"model": {}, "model_config": {"depth": 2}}, Small, "s.pth")
-    with pytest.raises(CheckpointError, match=r"^s\.pth: model_config does not describe a Small: scale must be positive$"):
+    with pytest.raises(CheckpointError,
+                       match=r"^s\.pth: model_config does not describe a Small: scale must be positive$"):
         model_from_checkpoint({"model": {}, "model_config": {"scale": -1.0}}, Small, "s.pth")
-    with pytest.raises(CheckpointError, match=r"^s\.pth: weights do not fit its model_config: Error\(s\) in loading state_dict for Small:\n\tsize mismatch"):
+    with pytest.raises(CheckpointError, match=r"^s\.pth: weights do not fit its model_config: Error\(s\) in loading "
+                                              r"state_dict for Small:\n\tsize mismatch"):
         model_from_checkpoint({"model": model.state_dict(), "model_config": {"width": 4}}, Small, "s.pth")
     assert model_from_checkpoint(ckpt, Small, "s.pth", map_location="meta").fc.weight.device.type == "meta"
     path = tmp_path / "s.pth"
@@ -112,7 +115,8 @@ def test_a_model_is_built_from_its_config_loaded_and_put_in_eval_mode(tmp_path: 
     assert torch.equal(load_model(path, Small).fc.bias, model.fc.bias) and not load_model(path, Small).training
     asked = []
     real_load = checkpoint.load_checkpoint
-    monkeypatch.setattr(checkpoint, "load_checkpoint", lambda p, map_location: asked.append(map_location) or real_load(p))
+    monkeypatch.setattr(checkpoint, "load_checkpoint",
+                        lambda p, map_location: asked.append(map_location) or real_load(p))
     assert load_model(path, Small, map_location="meta").fc.weight.device.type == "meta" and asked == ["meta"]
 
 

@@ -51,8 +51,8 @@ def test_collectives_run_with_more_than_one_process_and_reduce_as_named(fake: Fa
     assert ctx.all_reduce_max(t) is t
     ctx.barrier()
     ctx.cleanup()
-    assert fake.calls == [("all_reduce", torch.distributed.ReduceOp.SUM), ("all_reduce", torch.distributed.ReduceOp.MAX),
-                          ("barrier",), ("barrier",), ("destroy",)]
+    ops = torch.distributed.ReduceOp
+    assert fake.calls == [("all_reduce", ops.SUM), ("all_reduce", ops.MAX), ("barrier",), ("barrier",), ("destroy",)]
     fake.calls.clear()
     fake.initialized = False
     ctx.cleanup()  # a group never joined (or already left): nothing to tear down

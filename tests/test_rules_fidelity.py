@@ -37,7 +37,7 @@ def test_the_packaged_network_resizes_like_tensorflow_and_maps_0_255_to_minus1_1
         packaged: PackagedInceptionV3, monkeypatch: pytest.MonkeyPatch) -> None:
     images = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (2, 3, 8, 5), dtype=np.uint8))
     resized = interpolate_bilinear_2d_like_tensorflow1x(images.float(), size=(299, 299), align_corners=False)
-    monkeypatch.setattr(packaged, "net", torch.nn.Identity())  # what the TorchScript is given (its output: test_fidelity)
+    monkeypatch.setattr(packaged, "net", torch.nn.Identity())  # what the TorchScript gets (its output: test_fidelity)
     (given,) = packaged(images)
     assert given.dtype == torch.float32 and torch.equal(given, (resized - 128) / 128)
     assert given.min() >= -1 and given.max() <= 127 / 128
@@ -132,7 +132,8 @@ def test_the_weights_file_is_looked_up_in_every_package_folder(tmp_path: Path, m
     with pytest.raises(FidelityError, match=rf"^no InceptionV3 weights \(default_1\.pt is not in {empty}\): install "):
         fidelity.packaged_weights_path()
     spec.submodule_search_locations = [str(empty), str(tmp_path)]
-    with pytest.raises(FidelityError, match=rf"^no InceptionV3 weights \(default_1\.pt is not in {empty}, {tmp_path}\): "):
+    with pytest.raises(FidelityError,
+                       match=rf"^no InceptionV3 weights \(default_1\.pt is not in {empty}, {tmp_path}\): "):
         fidelity.packaged_weights_path()
     (holder / "default_1.pt").write_bytes(b"")
     spec.submodule_search_locations = [str(empty), str(holder)]
@@ -393,7 +394,8 @@ def test_kid_passes_its_settings_to_torch_fidelity() -> None:
     assert kid_from_features(big, big, subsets=1)["subset_size"] == 1000  # the default maximum
 
 
-def test_kid_and_fid_take_gradient_carrying_float64_tensors_and_print_nothing(capsys: pytest.CaptureFixture[str]) -> None:
+def test_kid_and_fid_take_gradient_carrying_float64_tensors_and_print_nothing(
+        capsys: pytest.CaptureFixture[str]) -> None:
     rng = np.random.default_rng(1)
     f1 = torch.from_numpy(rng.normal(size=(6, 8))).requires_grad_()
     f2 = rng.normal(size=(6, 8)).astype(np.float32)

@@ -147,7 +147,8 @@ def test_a_split_lists_its_own_classes_preloads_and_counts_subsets(tmp_path: Pat
     given = ImageSplit(tmp_path, "train", 6, classes=["b", "a"])  # the caller's class order sets the labels
     assert given.labels.tolist() == [0, 0, 1] and given.relative_path(0) == "train/b/0.png" and given.images is None
     calls = []
-    monkeypatch.setattr(image_data, "read_image", lambda p, s: calls.append((p.name, s)) or np.zeros((s, s, 3), np.uint8))
+    monkeypatch.setattr(image_data, "read_image",
+                        lambda p, s: calls.append((p.name, s)) or np.zeros((s, s, 3), np.uint8))
     preloaded = ImageSplit(tmp_path, "train", 4, preload=True)
     assert calls == [("0.png", 4), ("0.png", 4), ("1.png", 4)] and len(preloaded.images) == 3
     preloaded[2]
@@ -187,7 +188,8 @@ def test_the_sampler_sizes_its_epoch_by_num_samples_and_names_the_shortfall() ->
     assert list(balanced) == epoch_index_list(labels, 10, seed=0, epoch=0, balanced=True).tolist()
     balanced.set_epoch(3)
     assert balanced.epoch == 3 and list(balanced) == epoch_index_list(labels, 10, 0, 3, True).tolist()
-    with pytest.raises(ImageDataError, match="^10 training images cannot fill one global batch of 12: lower batch_size$"):
+    with pytest.raises(ImageDataError,
+                       match="^10 training images cannot fill one global batch of 12: lower batch_size$"):
         EpochSampler(labels, batch_size=6, world_size=2, num_samples=11)
     assert len(EpochSampler(labels, batch_size=6, world_size=2, num_samples=12)) == 6
 
