@@ -118,6 +118,11 @@ def test_a_model_is_built_from_its_config_loaded_and_put_in_eval_mode(tmp_path: 
     monkeypatch.setattr(checkpoint, "load_checkpoint",
                         lambda p, map_location: asked.append(map_location) or real_load(p))
     assert load_model(path, Small, map_location="meta").fc.weight.device.type == "meta" and asked == ["meta"]
+    torch.save({"model": {}, "model_config": {"num_classes": 2}}, path)  # every refusal names the file
+    with pytest.raises(CheckpointError, match=rf"^{path}: is a VAR checkpoint \(train_var\.py\), but a Small "):
+        load_model(path, Small)
+    with pytest.raises(CheckpointError, match=r"^v\.pth: is a VAR checkpoint"):
+        model_from_checkpoint({"model": {}, "model_config": {"num_classes": 2}}, Small, "v.pth")
 
 
 def test_history_series_skip_missing_values_and_round_trip(tmp_path: Path) -> None:
