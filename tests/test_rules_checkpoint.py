@@ -58,6 +58,30 @@ def test_every_load_refusal_says_the_file_and_why(tmp_path: Path, monkeypatch: p
         load_checkpoint("tensor.pth")
 
 
+RAN: list[str] = []
+
+
+def _ran() -> None:
+    RAN.append("code ran")
+
+
+class Recorded:
+    def __reduce__(self):
+        return (_ran, ())
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol:UserWarning")
+def test_weights_only_is_asked_for_even_where_the_environment_turns_the_default_off(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # torch.load without weights_only=True follows TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD and unpickles anything
+    path = tmp_path / "evil.pth"
+    torch.save({"extra": Recorded()}, path)
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    with pytest.raises(CheckpointError, match="refused, the file holds pickled Python objects"):
+        load_checkpoint(path)
+    assert RAN == []
+
+
 def test_load_checkpoint_maps_tensors_where_asked(tmp_path: Path) -> None:
     path = tmp_path / "c.pth"
     torch.save({"w": torch.ones(2)}, path)
