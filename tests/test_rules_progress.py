@@ -2,6 +2,7 @@
 and its exceptions, the 30 s lines of a bar without a total, and what counts as a terminal."""
 from __future__ import annotations
 
+import gc
 import io
 import sys
 
@@ -108,3 +109,23 @@ def test_what_counts_as_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_the_constants() -> None:
     assert (progress_module.LOG_STEPS, progress_module.LOG_INTERVAL_S, progress_module.LOG_MIN_GAP_S) == (20, 30.0, 2.0)
+
+
+class BadLength:
+    def __iter__(self):
+        return iter([])
+
+    def __len__(self) -> int:
+        raise ValueError("no length")
+
+
+def test_a_bar_whose_tqdm_init_failed_is_collected_quietly(monkeypatch: pytest.MonkeyPatch) -> None:
+    # tqdm's __del__ calls close() on a bar its __init__ left half-built (no `disable`, no `n`)
+    unraisable = []
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+    try:
+        progress(BadLength(), file=io.StringIO())
+    except ValueError as err:
+        assert str(err) == "no length"
+    gc.collect()
+    assert unraisable == []
