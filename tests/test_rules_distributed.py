@@ -103,3 +103,11 @@ def test_ddp_on_a_cpu_gets_no_device_ids(monkeypatch: pytest.MonkeyPatch) -> Non
 
 def test_the_collective_timeout_is_two_hours() -> None:
     assert distributed.COLLECTIVE_TIMEOUT.total_seconds() == 7200
+
+
+def test_rank_0_flushes_each_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    # torchrun pipes stdout: unflushed lines would arrive late, or never if a process dies
+    printed = []
+    monkeypatch.setattr(distributed, "print", lambda *args, **kwargs: printed.append((args, kwargs)), raising=False)
+    DistContext(rank=0, world_size=2, local_rank=0, device=torch.device("cpu")).print("step", 3, end="")
+    assert printed == [(("step", 3), {"end": "", "flush": True})]
