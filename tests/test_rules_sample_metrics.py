@@ -3,12 +3,15 @@ PSNR cap and the SSIM border of the masked scores, and every refusal fed its bad
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
+from skimage.metrics import structural_similarity
 
-from common.sample_metrics import (copy_fraction, diversity, masked_psnr_ssim, matched_subsample, nearest_neighbours,
-                                   sample_pairs, teacher_similarity, token_usage_entropy)
+from common.sample_metrics import (copy_fraction, diversity, grey_uint8, masked_psnr_ssim, matched_subsample,
+                                   nearest_neighbours, psnr_ssim, sample_pairs, teacher_similarity,
+                                   token_usage_entropy)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -129,3 +132,85 @@ def test_copy_fraction_refuses_no_samples() -> None:
     with pytest.raises(ValueError, match="need samples and references, got 0 and 2"):
         copy_fraction(np.array([]), np.array([0.1, 0.2]))
     assert copy_fraction(np.array([0.3, 0.2, 0.25, 0.1]), np.array([0.2])) == 0.5
+
+
+# Written for the survivors of the first mutmut run over this module (docs/testing.md).
+
+def test_the_empty_map_message_is_exact() -> None:
+    with pytest.raises(ValueError, match="^no tokens to count$"):
+        token_usage_entropy(np.zeros((0, 3), np.int64), 4)
+
+
+def test_subsample_and_pair_draws_default_to_seed_0_and_never_repeat_a_row() -> None:
+    assert np.array_equal(matched_subsample(100, 10), matched_subsample(100, 10, seed=0))
+    assert not np.array_equal(matched_subsample(100, 10), matched_subsample(100, 10, seed=1))
+    assert np.array_equal(sample_pairs(50, 10), sample_pairs(50, 10, seed=0))
+    assert not np.array_equal(sample_pairs(50, 10), sample_pairs(50, 10, seed=1))
+    # 9 of 10 rows: a draw with replacement would repeat one (all distinct has probability 3.6e-4)
+    for seed in range(3):
+        assert len(set(matched_subsample(10, 9, seed=seed).tolist())) == 9
+    assert matched_subsample(0, 3).tolist() == [] and matched_subsample(0, 0).tolist() == []
+
+
+def test_one_pair_is_allowed_and_no_pairs_are_still_integers() -> None:
+    assert sample_pairs(2, 1).tolist() == [[0, 1]]
+    one = sample_pairs(4, 1, seed=5)
+    assert one.shape == (1, 2) and one[0, 0] < one[0, 1] <= 3
+    for n in (0, 1):
+        empty = sample_pairs(n, 5)
+        assert empty.shape == (0, 2) and empty.dtype == np.int64
+
+
+def test_an_image_without_its_batch_axis_is_refused_as_not_n_h_w_3() -> None:
+    with pytest.raises(ValueError, match=r"^images must be uint8 \(N, H, W, 3\), got uint8 \(32, 32, 3\)$"):
+        diversity(np.zeros((32, 32, 3), np.uint8))
+    with pytest.raises(ValueError, match=r"^samples must be uint8 \(N, H, W, 3\), got uint8 \(16, 16, 3\)$"):
+        teacher_similarity(np.zeros((16, 16, 3), np.uint8), np.zeros((16, 16, 3), np.uint8))
+
+
+def test_grey_images_are_uint8() -> None:
+    grey = grey_uint8(np.array([[[[10, 11, 11], [0, 0, 1]]]], np.uint8))
+    assert grey.dtype == np.uint8 and grey.tolist() == [[[11, 0]]]
+
+
+def test_ssim_uses_data_range_255_and_identical_images_warn_nothing() -> None:
+    # Low contrast, where SSIM's constants C1 = (0.01 L)^2 and C2 = (0.03 L)^2 weigh: L = 256 would shift it.
+    rng = np.random.default_rng(3)
+    reference = rng.integers(100, 104, (24, 24)).astype(np.uint8)
+    image = np.clip(reference.astype(np.int16) + rng.integers(-1, 2, (24, 24)), 0, 255).astype(np.uint8)
+    want = structural_similarity(reference, image, data_range=255)
+    assert abs(want - structural_similarity(reference, image, data_range=256)) > 5e-5  # the test can tell them apart
+    psnr, ssim = psnr_ssim(reference, image)
+    assert ssim == want
+    assert psnr == pytest.approx(10 * math.log10(255 ** 2 / np.mean((reference - image.astype(np.float64)) ** 2)),
+                                 abs=1e-12)
+    # the masked score over the whole image is the unmasked one (both leave out the 3-px border)
+    full = masked_psnr_ssim(reference, image, np.ones((24, 24), bool))
+    assert full == (pytest.approx(psnr, abs=1e-12), pytest.approx(want, abs=1e-12))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no divide-by-zero for MSE 0, no mean of an empty slice
+        assert psnr_ssim(reference, reference) == (100.0, 1.0)
+        border = np.zeros((24, 24), bool)
+        border[:, :3] = True
+        psnr, ssim = masked_psnr_ssim(reference, image, border)
+        assert not math.isnan(psnr) and math.isnan(ssim)
+
+
+def test_a_size_mismatch_names_both_shapes() -> None:
+    with pytest.raises(ValueError, match=r"^samples of shape \(16, 16, 3\) do not match the reference of shape "
+                                         r"\(8, 8, 3\)$"):
+        teacher_similarity(np.zeros((2, 16, 16, 3), np.uint8), np.zeros((8, 8, 3), np.uint8))
+
+
+def test_nearest_neighbours_score_in_float32_whatever_the_input() -> None:
+    # Cosines 1 - 2e-8 and 1 - 5e-9 are both 1.0 in float32 (the (chunk, Nb) block's type): a tie the first wins.
+    # Scored in float64, the second bank vector would win.
+    query = np.array([[1.0, 0.0]])
+    bank = np.array([[1.0, 2e-4], [1.0, 1e-4]])
+    sims, index = nearest_neighbours(query, bank)
+    assert index.tolist() == [0] and sims.tolist() == [1.0]
+
+
+def test_copy_fraction_of_a_single_sample() -> None:
+    assert copy_fraction(np.array([0.9]), np.array([0.5, 0.8])) == 1.0
+    assert copy_fraction(np.array([0.8]), np.array([0.8])) == 0.0

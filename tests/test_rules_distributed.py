@@ -1,0 +1,113 @@
+"""common/distributed.py with a recording stand-in for torch.distributed: which collective each helper calls, with
+which reduction, on which ranks; the environment read; the DDP settings on a CPU. (test_runtime.py runs the real
+two-process group under torchrun, where mutmut cannot see it.)"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from common import distributed
+from common.distributed import DistContext, setup_distributed, wrap_ddp
+
+
+class FakeDist:
+    """torch.distributed as far as DistContext uses it; records each call."""
+
+    ReduceOp = torch.distributed.ReduceOp
+
+    def __init__(self, initialized: bool = True) -> None:
+        self.calls: list[tuple] = []
+        self.initialized = initialized
+
+    def barrier(self) -> None:
+        self.calls.append(("barrier",))
+
+    def all_reduce(self, tensor: torch.Tensor, op: object) -> None:
+        self.calls.append(("all_reduce", op))
+        tensor.mul_(3)  # stands in for the other processes' share
+
+    def is_initialized(self) -> bool:
+        return self.initialized
+
+    def destroy_process_group(self) -> None:
+        self.calls.append(("destroy",))
+
+    def init_process_group(self, **kwargs: object) -> None:
+        self.calls.append(("init", kwargs))
+
+
+@pytest.fixture
+def fake(monkeypatch: pytest.MonkeyPatch) -> FakeDist:
+    stand_in = FakeDist()
+    monkeypatch.setattr(distributed, "torch_dist", stand_in)
+    return stand_in
+
+
+def test_collectives_run_with_more_than_one_process_and_reduce_as_named(fake: FakeDist) -> None:
+    ctx = DistContext(rank=1, world_size=2, local_rank=1, device=torch.device("cpu"))
+    assert ctx.enabled and not ctx.is_main
+    t = torch.ones(2)
+    assert ctx.all_reduce_sum(t) is t and t.tolist() == [3.0, 3.0]
+    assert ctx.all_reduce_max(t) is t
+    ctx.barrier()
+    ctx.cleanup()
+    ops = torch.distributed.ReduceOp
+    assert fake.calls == [("all_reduce", ops.SUM), ("all_reduce", ops.MAX), ("barrier",), ("barrier",), ("destroy",)]
+    fake.calls.clear()
+    fake.initialized = False
+    ctx.cleanup()  # a group never joined (or already left): nothing to tear down
+    assert fake.calls == []
+
+
+def test_one_process_calls_no_collective_and_prints_on_rank_0_only(fake: FakeDist,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    alone = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    t = torch.ones(2)
+    assert alone.all_reduce_max(t) is t and alone.all_reduce_sum(t) is t and t.tolist() == [1.0, 1.0]
+    alone.barrier()
+    alone.cleanup()
+    assert fake.calls == [] and not alone.enabled and alone.is_main
+    alone.print("a", 1, sep="-", end="!")
+    DistContext(rank=1, world_size=2, local_rank=1, device=torch.device("cpu")).print("never")
+    DistContext(rank=0, world_size=2, local_rank=0, device=torch.device("cpu")).print("main")
+    assert capsys.readouterr().out == "a-1!main\n"
+
+
+def test_the_environment_sets_rank_and_an_initialized_group_is_not_joined_again(
+        fake: FakeDist, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    ctx = setup_distributed(torch.device("cpu"))
+    assert (ctx.rank, ctx.world_size, ctx.local_rank, ctx.device) == (3, 4, 1, torch.device("cpu"))
+    assert fake.calls == []  # FakeDist starts initialized
+    monkeypatch.delenv("RANK")
+    monkeypatch.delenv("LOCAL_RANK")
+    monkeypatch.delenv("WORLD_SIZE")
+    monkeypatch.setattr(distributed, "pick_device", lambda: torch.device("meta"))
+    ctx = setup_distributed()
+    assert (ctx.rank, ctx.world_size, ctx.local_rank, ctx.device) == (0, 1, 0, torch.device("meta"))
+    fake.initialized = False
+    assert setup_distributed(torch.device("cpu")).device == torch.device("cpu") and fake.calls == []
+
+
+def test_ddp_on_a_cpu_gets_no_device_ids(monkeypatch: pytest.MonkeyPatch) -> None:
+    made = {}
+    monkeypatch.setattr(distributed.nn.parallel, "DistributedDataParallel",
+                        lambda model, **kwargs: made.update(model=model, **kwargs) or "wrapped")
+    model = torch.nn.Linear(2, 2)
+    assert wrap_ddp(model, torch.device("cpu")) == "wrapped"
+    assert made == {"model": model, "device_ids": None, "find_unused_parameters": False,
+                    "gradient_as_bucket_view": True, "forward_sync_buffers": False}
+
+
+def test_the_collective_timeout_is_two_hours() -> None:
+    assert distributed.COLLECTIVE_TIMEOUT.total_seconds() == 7200
+
+
+def test_rank_0_flushes_each_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    # torchrun pipes stdout: unflushed lines would arrive late, or never if a process dies
+    printed = []
+    monkeypatch.setattr(distributed, "print", lambda *args, **kwargs: printed.append((args, kwargs)), raising=False)
+    DistContext(rank=0, world_size=2, local_rank=0, device=torch.device("cpu")).print("step", 3, end="")
+    assert printed == [(("step", 3), {"end": "", "flush": True})]
