@@ -712,3 +712,106 @@ def test_a_scan_panel_re_reads_its_own_frame(tmp_path, fake_frames):
 def test_a_scan_panel_of_a_file_gone_unreadable_is_left_out(tmp_path):
     (tmp_path / "a.png").write_bytes(b"")
     assert prepare.scan_panel((row(source=str(tmp_path / "a.png"), frame=""), 10, ())) is None
+
+
+# ---------------------------------------------------------------- the whole step, in process
+
+@pytest.fixture
+def quick_run(tmp_path, monkeypatch):
+    """A folder dataset of 6 files (3 subjects of kidney, 1 of liver) run in process with one worker, every
+    frame read as FRAME and found as area(), no plots: (recipe path, out, a run(**overrides) function)."""
+    monkeypatch.setattr(prepare, "read_frames", lambda path, video_stride=10, max_frames=None: iter([("", FRAME)]))
+    monkeypatch.setattr(prepare, "detect_scan_area", lambda frame, overlay_corners=(): area())
+    monkeypatch.setattr(prepare, "bar_counts", lambda *args: None)
+    for rel in ("kidney/p1/a.png", "kidney/p1/b.png", "kidney/p2/c.png", "kidney/p3/d.png", "liver/p4/e.png",
+                "liver/p4/e_mask.png"):
+        touch(tmp_path / "set" / rel, rel.encode())
+    recipe = tmp_path / "recipe.json"
+    recipe.write_text(json.dumps({"datasets": [{"name": "d", "adapter": "folder", "root": "set",
+                                                "options": {"subject": "parent"}}]}))
+    out = tmp_path / "out"
+
+    def go(**overrides) -> dict:
+        settings = dict(recipe=str(recipe), out=str(out), workers=1, size=32, scan_area_samples=0,
+                        contact_sheet_images=0, val_frac=0.25, test_frac=0.25)
+        return prepare.run(Config(**{**settings, **overrides}))
+
+    return recipe, out, go
+
+
+def manifest_rows(out: Path) -> list[dict]:
+    with open(out / "manifest.csv", newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_a_run_writes_sorted_rows_then_the_set_aside_ones_and_counts_them(quick_run):
+    recipe, out, go = quick_run
+    stats = go()
+    assert {k: v for k, v in stats.items() if k != "seconds"} == {
+        "files": 5, "processed": 5, "reused": 0, "ok": 5, "skipped": 0, "ignored": 1}
+    rows = manifest_rows(out)
+    assert [Path(r["source"]).name for r in rows] == ["a.png", "b.png", "c.png", "d.png", "e.png", "e_mask.png"]
+    assert [r["status"] for r in rows] == ["ok"] * 5 + ["skipped"]
+    splits = {r["subject"]: r["split"] for r in rows[:5]}
+    # kidney: p1 (2 images) to train first, then p2 and p3 (1 each) to val and test; liver's one subject to train
+    assert splits == {"kidney/p1": "train", "kidney/p2": splits["kidney/p2"], "kidney/p3": splits["kidney/p3"],
+                      "liver/p4": "train"}
+    assert sorted([splits["kidney/p2"], splits["kidney/p3"]]) == ["test", "val"]
+    assert output_files(out) == {r["output"] for r in rows[:5]}
+    assert json.loads((out / "config.json").read_text())["size"] == 32
+
+
+def output_files(out: Path) -> set[str]:
+    return {p.relative_to(out).as_posix() for p in out.rglob("*.png") if p.parts[-3] in ("train", "val", "test")}
+
+
+def test_a_rerun_reuses_unless_a_processing_constant_changed(quick_run, capsys):
+    _, out, go = quick_run
+    go()
+    first = manifest_rows(out)
+    assert go(seed=3, contact_sheet_images=2)["reused"] == 5  # not processing constants: outputs reused
+    capsys.readouterr()
+    again = go(size=48)
+    assert (again["processed"], again["reused"]) == (5, 0)
+    assert "processing constants changed since the last run (size): reprocessing every file" in capsys.readouterr().out
+    assert np.asarray(Image.open(out / manifest_rows(out)[0]["output"])).shape == (48, 48, 3)
+    assert go(size=48, keep_annotated=False, square="crop")["processed"] == 5
+    assert "(square, keep_annotated)" in capsys.readouterr().out
+    assert go(size=48, keep_annotated=False, square="crop")["reused"] == 5
+    assert [r["source"] for r in manifest_rows(out)] == [r["source"] for r in first]
+
+
+def test_outputs_of_sources_gone_since_the_last_run_are_deleted(quick_run, tmp_path):
+    _, out, go = quick_run
+    go()
+    gone = next(r for r in manifest_rows(out) if r["source"].endswith("d.png"))
+    assert (out / gone["output"]).is_file()
+    (tmp_path / "set" / "kidney" / "p3" / "d.png").unlink()
+    stats = go()
+    assert (stats["files"], stats["reused"]) == (4, 4)
+    assert not (out / gone["output"]).exists()
+    assert len(output_files(out)) == 4
+
+
+def test_the_split_shares_come_from_the_fractions(quick_run, monkeypatch):
+    _, out, go = quick_run
+    seen = []
+    real = prepare.assign_splits
+    monkeypatch.setattr(prepare, "assign_splits", lambda w, c, fracs, seed: seen.append((fracs, seed)) or real(w, c, fracs, seed))
+    go(val_frac=0.3, test_frac=0.2, seed=4)
+    assert seen == [({"train": pytest.approx(0.5), "val": 0.3, "test": 0.2}, 4)]
+
+
+def test_a_subject_in_two_classes_and_an_empty_recipe_are_refused(quick_run, tmp_path):
+    recipe, _, go = quick_run
+    recipe.write_text(json.dumps({"datasets": [{"name": "d", "adapter": "folder", "root": "set"}]}))  # subject = stem
+    (tmp_path / "set" / "liver" / "p4" / "a.png").write_bytes(b"other")  # stem "a" in kidney and in liver
+    with pytest.raises(RecipeError) as info:
+        go()
+    assert str(info.value) == "subject a of dataset d appears in classes kidney and liver"
+    empty = tmp_path / "empty"
+    (empty / "kidney").mkdir(parents=True)
+    recipe.write_text(json.dumps({"datasets": [{"name": "d", "adapter": "folder", "root": "empty"}]}))
+    with pytest.raises(RecipeError) as info:
+        go()
+    assert str(info.value) == "the recipe lists no image files"
