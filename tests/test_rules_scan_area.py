@@ -491,3 +491,45 @@ def test_the_model_image_refuses_a_bad_square_mode_and_a_mask_of_another_size():
     with pytest.raises(ScanAreaError) as info:
         to_model_image(np.zeros((10, 8), np.uint8), area)
     assert str(info.value) == "image is (10, 8) but the scan area mask is (8, 10)"
+
+
+def drawn_frame(kind: str) -> np.ndarray:
+    if kind == "fan":
+        truth = sector(240, 320, (160, -30), 60, 250, np.radians(35))
+        return np.where(truth, speckle(240, 320, seed=6), 0).astype(np.uint8)
+    if kind == "arc":
+        truth = sector(200, 200, (100, -300), 330, 600, np.radians(60)) & (np.arange(200)[:, None] < 190)
+        return np.where(truth, speckle(200, 200, seed=7), 0).astype(np.uint8)
+    truth = sector(240, 320, (160, -30), 60, 250, np.radians(40))
+    grey = np.where(truth, speckle(240, 320, seed=8), 0).astype(np.uint8)
+    grey[20:200, 3:12] = np.linspace(30, 250, 180).astype(np.uint8)[:, None]  # a grey-scale bar at the left
+    grey[180:220, 230:300] = 0  # a black overlay box at the bottom right, inside the fan
+    return grey
+
+
+# The drawn frames' detections pinned exactly (like test_scan_area.py's real frames): geometry, box, apex, mask sha1.
+DRAWN = {
+    ("fan", ()): ("fan", (20, 22, 301, 221), (159.99999999999983, -29.394882982943216),
+                  "0d200d71f7e3aa07acc5667e90fefd5a78921c0c"),
+    ("arc", ()): ("fan", (0, 15, 200, 190), (99.99999999999996, -299.32839252525685),
+                  "f5aadfda91a6e9e0042624b20c6bb83174e994c4"),
+    ("boxed", ("bottom_right",)): ("fan", (12, 19, 304, 180), (159.99054529628447, -29.428444475528785),
+                                   "6e094bd894a8eaa4b2ff169e3b5182089ba14e8d"),
+    ("boxed", ()): ("fan", (12, 19, 319, 181), (159.99054529628447, -29.428444475528785),
+                    "8018b1725fed7c59ae60da9192638bdde62dfb96"),
+}
+
+
+@pytest.mark.parametrize("kind,corners", sorted(DRAWN))
+def test_drawn_frame_detection_is_pinned(kind, corners):
+    import hashlib
+
+    geometry, box, apex, mask_sha1 = DRAWN[(kind, corners)]
+    grey = drawn_frame(kind)
+    area = detect_scan_area(grey, overlay_corners=corners)
+    assert (area.geometry, area.box) == (geometry, box)
+    assert area.apex == pytest.approx(apex, rel=1e-12, abs=1e-9)
+    assert hashlib.sha1(area.mask.tobytes()).hexdigest() == mask_sha1
+    if kind == "boxed":
+        assert not area.mask[:, 3:12].any()  # the grey-scale bar is never scan area
+        assert area.mask[180:220, 230:300].any() == (not corners)  # the declared box is cut off
