@@ -90,6 +90,12 @@ def test_a_config_without_manifest_rows_is_not_read(tmp_path):
     assert read_previous_run(tmp_path) == ([], None)
 
 
+def test_cells_with_line_breaks_read_back_as_written(tmp_path):
+    rows = [row(source="/odd\r\nname.png", status="skipped", reason="first line\r\nsecond line")]
+    write_manifest(tmp_path / "manifest.csv", rows)
+    assert read_previous_run(tmp_path) == (rows, None)
+
+
 def test_rows_without_a_config_give_no_constants(tmp_path):
     rows = [row(source="/a.png", status="ok", output="val/c/x.png")]
     write_csv(tmp_path / "manifest.csv", MANIFEST_COLUMNS, rows)
@@ -387,10 +393,11 @@ def test_output_names_are_readable_and_hashed_only_where_two_collide():
 
     chosen = [entry("d", "/r/a/scan 1.png", "kidney"), entry("d", "/r/b/scan 1.png", "kidney"),
               entry("d", "/r/c/scan 1.png", "liver"), entry("e", "/r/a/scan 1.png", "kidney"),
-              entry("d", "/r/__.png", "liver"), entry("d", "/r/x.y-z.nii.gz", "liver"), entry("d", "/r/_é_q_.dcm", "liver")]
+              entry("d", "/r/__.png", "liver"), entry("d", "/r/x.y-z.nii.gz", "liver"), entry("d", "/r/_é_q_.dcm", "liver"),
+              entry("d", "/r/Xray (IM_07)X.PNG", "liver")]
     short = [hashlib.sha1(p.encode()).hexdigest()[:8] for p in ("/r/a/scan 1.png", "/r/b/scan 1.png")]
     assert output_names(chosen) == [f"d__scan_1_{short[0]}", f"d__scan_1_{short[1]}", "d__scan_1", "e__scan_1",
-                                    "d__image", "d__x.y-z", "d__q"]
+                                    "d__image", "d__x.y-z", "d__q", "d__Xray_IM_07_X"]
 
 
 def test_output_name_and_row():
@@ -609,21 +616,21 @@ def test_a_skipped_previous_row_needs_no_output_file(tmp_path, monkeypatch):
 
 def test_outputs_move_to_their_subject_s_split_and_the_staging_folder_goes(tmp_path):
     out = tmp_path
-    rows = [
-        row(dataset="d", subject="s1", **{"class": "kidney"}, status="ok", output=".incoming/kidney/d__a.png"),
-        row(dataset="d", subject="s2", **{"class": "kidney"}, status="ok", output="val/kidney/d__b.png"),
-        row(dataset="d", subject="s3", **{"class": "liver"}, status="ok", output="test/liver/d__c.png"),
+    rows = [  # the skipped rows and the one already in place come first: the rows after them still move
         row(dataset="d", subject="s4", **{"class": "liver"}, status="skipped"),
         row(dataset="e", subject="s1", **{"class": "kidney"}, status="skipped"),
+        row(dataset="d", subject="s3", **{"class": "liver"}, status="ok", output="test/liver/d__c.png"),
+        row(dataset="d", subject="s1", **{"class": "kidney"}, status="ok", output=".incoming/kidney/d__a.png"),
+        row(dataset="d", subject="s2", **{"class": "kidney"}, status="ok", output="val/kidney/d__b.png"),
     ]
-    for r, data in zip(rows[:3], (b"a", b"b", b"c")):
+    for r, data in zip(rows[2:], (b"c", b"a", b"b")):
         touch(out / r["output"], data)
     touch(out / ".incoming" / "kidney" / "orphan.png")
     split_of = {("d", "s1"): "train", ("d", "s2"): "train", ("d", "s3"): "test", ("d", "s4"): "val"}
     place_outputs(rows, out, split_of)
     assert [(r["split"], r["output"]) for r in rows] == [
-        ("train", "train/kidney/d__a.png"), ("train", "train/kidney/d__b.png"), ("test", "test/liver/d__c.png"),
-        ("val", ""), ("", "")]
+        ("val", ""), ("", ""), ("test", "test/liver/d__c.png"), ("train", "train/kidney/d__a.png"),
+        ("train", "train/kidney/d__b.png")]
     files = {p.relative_to(out).as_posix(): p.read_bytes() for p in out.rglob("*") if p.is_file()}
     assert files == {"train/kidney/d__a.png": b"a", "train/kidney/d__b.png": b"b", "test/liver/d__c.png": b"c"}
     assert not (out / ".incoming").exists()
