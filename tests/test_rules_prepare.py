@@ -319,6 +319,16 @@ def test_the_recipe_class_wins_over_the_layout_s_and_a_missing_or_bad_class_is_r
     assert str(info.value) == "dataset b: class 'fetal head' must be letters, digits, _ or -"
 
 
+def test_each_dataset_s_line_counts_only_its_own_set_aside_files(tmp_path, capsys):
+    folder_set(tmp_path / "a", ["kidney/x.png", "kidney/x_mask.png", "kidney/y_gt.png"])
+    folder_set(tmp_path / "b", ["liver/z.png", "liver/z_mask.png"])
+    list_sources([DatasetSpec("a", "folder", tmp_path / "a", None), DatasetSpec("b", "folder", tmp_path / "b", None)],
+                 Config())
+    assert [line.split("), ")[1] for line in capsys.readouterr().out.splitlines()] == [
+        "2 set aside (masks, annotations, duplicates, refused paths)",
+        "1 set aside (masks, annotations, duplicates, refused paths)"]
+
+
 def test_an_adapter_s_refusal_names_the_recipe_and_the_dataset(tmp_path):
     spec = DatasetSpec("d", "folder", tmp_path, None, {"subject": "patient"})
     adapter_says = "folder adapter: options.subject must be 'stem' or 'parent', got 'patient'"
@@ -614,6 +624,18 @@ def test_a_skipped_previous_row_needs_no_output_file(tmp_path, monkeypatch):
 
 # ---------------------------------------------------------------- outputs into their splits
 
+def test_outputs_move_without_a_staging_folder_there_yet(tmp_path):
+    rows = [row(dataset="d", subject="s1", **{"class": "c"}, status="ok", output="val/c/a.png"),
+            row(dataset="d", subject="s2", **{"class": "c"}, status="ok", output="train/c/b.png")]
+    touch(tmp_path / "val/c/a.png", b"a")
+    touch(tmp_path / "train/c/b.png", b"b")
+    place_outputs(rows, tmp_path, {("d", "s1"): "test", ("d", "s2"): "train"})
+    assert [r["output"] for r in rows] == ["test/c/a.png", "train/c/b.png"]
+    assert (tmp_path / "test/c/a.png").read_bytes() == b"a" and not (tmp_path / ".incoming").exists()
+    place_outputs(rows, tmp_path, {("d", "s1"): "test", ("d", "s2"): "train"})  # nothing moves, nothing staged
+    assert [r["output"] for r in rows] == ["test/c/a.png", "train/c/b.png"]
+
+
 def test_outputs_move_to_their_subject_s_split_and_the_staging_folder_goes(tmp_path):
     out = tmp_path
     rows = [  # the skipped rows and the one already in place come first: the rows after them still move
@@ -643,7 +665,7 @@ def test_the_manifest_is_the_rows_in_column_order(tmp_path):
             row(source="/c.png", status="skipped", reason='said "no"')]
     write_manifest(tmp_path / "m.csv", rows)
     header = ",".join(MANIFEST_COLUMNS)
-    assert (tmp_path / "m.csv").read_text() == (
+    assert (tmp_path / "m.csv").read_bytes().decode() == (  # bytes: lines end in \n alone, not csv's \r\n
         f"{header}\n" + '"/a,b.png",,,,,,f1,ok,,,,,1,,,\n' + '/c.png,,,,,,,skipped,"said ""no""",,,,,,,\n')
 
 
@@ -660,13 +682,16 @@ def test_plot_counts_counts_kept_images_per_split_and_class(tmp_path, monkeypatc
 
 
 def grey_rows(tmp_path: Path, per_class: dict[str, int]) -> list[dict]:
-    """Kept rows whose images are flat grey levels 10, 20, ... in listing order, plus a skipped row per class."""
+    """Kept rows whose images are grey levels 10, 20, ... in listing order (a bright stripe down the middle, so the
+    resampling filter shows), plus a skipped row per class."""
     rows, level = [], 10
     for cls, n in per_class.items():
         for i in range(n):
             out = f"train/{cls}/{i}.png"
             touch(tmp_path / out)
-            Image.fromarray(np.full((40, 30), level, np.uint8)).save(tmp_path / out)
+            image = np.full((40, 30), level, np.uint8)
+            image[:, 14:16] = 250
+            Image.fromarray(image).save(tmp_path / out)
             rows.append(row(**{"class": cls}, status="ok", output=out, source=f"/{cls}/{i}"))
             level += 10
         rows.append(row(**{"class": cls}, status="skipped", output="", source=f"/{cls}/bad"))
@@ -684,8 +709,10 @@ def test_contact_sheets_show_a_seeded_pick_of_each_class_in_order(tmp_path, monk
         grid = grids[tmp_path / "contact_sheets" / f"{cls}.png"]
         cols = min(8, len(pick))
         assert grid.shape == (2 + -(-len(pick) // 8) * 130, 2 + cols * 130, 3)
-        levels = [int(grid[2 + (k // 8) * 130 + 64, 2 + (k % 8) * 130 + 64, 0]) for k in range(len(pick))]
+        levels = [int(grid[2 + (k // 8) * 130 + 10, 2 + (k % 8) * 130 + 10, 0]) for k in range(len(pick))]
         assert levels == [first_level + 10 * int(i) for i in pick], cls
+        thumb = Image.open(tmp_path / f"train/{cls}/{pick[0]}.png").convert("RGB").resize((128, 128), Image.BILINEAR)
+        assert np.array_equal(grid[2:130, 2:130], np.asarray(thumb))  # bilinear thumbnails of 128 px
 
 
 def test_no_contact_sheets_when_none_are_asked_for(tmp_path, monkeypatch):
