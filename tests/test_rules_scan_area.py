@@ -348,9 +348,17 @@ def test_dark_first_rows_and_columns_at_the_corner_are_peeled_off():
     expected[0:18] = False
     expected[:, 0:8] = False
     assert np.array_equal(sa._trim_dark_corner_edges(g, m), expected)
+    m = np.zeros((50, 50), bool)
+    m[3:45] = True  # 42 rows from row 3: the rows reach int(0.45 * 42) = 18 past the first
+    g = speckle(50, 50, seed=3)
+    g[3:40, 0:8] = 0
+    expected = m.copy()
+    expected[3:21] = False
+    expected[:, 0:8] = False
+    assert np.array_equal(sa._trim_dark_corner_edges(g, m), expected)
     short = np.zeros((40, 50), bool)
     short[:, 0:7] = True  # rows of 7 px: too short to judge; columns 0..2 (45% of 7) go
-    g[:] = 0
+    g = np.zeros((40, 50), np.uint8)
     assert np.array_equal(sa._trim_dark_corner_edges(g, short), short & (np.arange(50)[None, :] >= 3))
     assert not sa._trim_dark_corner_edges(g, np.zeros((40, 50), bool)).any()
 
