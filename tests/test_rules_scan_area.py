@@ -541,3 +541,35 @@ def test_drawn_frame_detection_is_pinned(kind, corners):
     if kind == "boxed":
         assert not area.mask[:, 3:12].any()  # the grey-scale bar is never scan area
         assert area.mask[180:220, 230:300].any() == (not corners)  # the declared box is cut off
+
+
+def offset_mask() -> np.ndarray:
+    """An area whose box (20, 10, 110, 90) starts away from the image's corner: cut depths count from its edges."""
+    mask = np.zeros((100, 120), bool)
+    mask[10:90, 20:110] = True
+    return mask
+
+
+@pytest.mark.parametrize("occluder,gone", [
+    ((100, 40, 110, 60), (slice(None), slice(100, None))),  # 10 px from the right edge: the right edge moves
+    ((20, 10, 45, 20), (slice(None, 20), slice(None))),  # top-left: the top (keeps 6300 px) beats the left (5200)
+    ((50, 40, 80, 60), (slice(40, 60), slice(50, 80))),  # 50 px from every edge: blanked
+    ((50, 66, 80, 70), (slice(66, None), slice(None))),  # exactly 24 px (30% of the height) from the bottom: cut
+    ((50, 65, 80, 70), (slice(65, 70), slice(50, 80))),  # 25 px: blanked
+])
+def test_occluder_cuts_are_measured_from_the_area_s_own_box(occluder, gone):
+    expected = offset_mask()
+    expected[gone] = False
+    assert np.array_equal(sa._cut_occluders(offset_mask(), [occluder]), expected)
+
+
+def test_a_dark_strip_beside_the_rectangle_leaves_it_as_it_is():
+    mask = np.zeros((40, 60), bool)
+    mask[10:30, 20:40] = True
+    lit = np.zeros((40, 60), bool)
+    lit[10:11, 10:20] = True  # left strip 10/200: too dark
+    lit[10:30, 40:42] = True  # right strip 40/200
+    expected = np.zeros_like(mask)
+    expected[10:30, 20:50] = True
+    assert np.array_equal(sa._widen_rect(lit, mask, (10, 10, 50, 30)), expected)
+    assert np.array_equal(sa._widen_rect(lit, mask, (20, 10, 40, 30)), mask)  # content = the box: nothing to add
