@@ -474,8 +474,10 @@ def test_a_source_s_frames_become_rows_and_staged_images(tmp_path, fake_frames):
         {**base_of(src, sha), **info, "frame": "f3", "output": ".incoming/kidney/d__a_f3.png"}], False)
     assert calls == {"read": [(src, 3, 5)], "detect": [("bottom_right",), ("bottom_right",)]}
     for key, frame in frames.items():
-        saved = np.asarray(Image.open(out / ".incoming" / "kidney" / f"d__a_{key}.png"))
-        assert np.array_equal(saved, to_model_image(frame, area(), size=48, square="crop"))
+        data = (out / ".incoming" / "kidney" / f"d__a_{key}.png").read_bytes()
+        assert np.array_equal(np.asarray(Image.open(io.BytesIO(data))), to_model_image(frame, area(), size=48, square="crop"))
+        zlib_flags = data[data.index(b"IDAT") + 5]
+        assert zlib_flags >> 6 == 0  # the zlib header's level field: written at the fastest level (compress_level=1)
 
 
 def test_a_frame_without_scan_area_is_skipped_with_the_detector_s_reason(tmp_path, fake_frames):
@@ -509,6 +511,9 @@ def test_annotated_frames_are_flagged_and_dropped_only_when_asked(tmp_path, fake
         assert [(r["status"], r["reason"], r["output"]) for r in rows] == [
             ("skipped", "burned-in annotations (calipers, color) excluded: keep_annotated=false", ""),
             ("skipped", "burned-in annotations (text) excluded: keep_annotated=false", "")]
+        assert rows[1] == {**base_of(src, hashlib.sha256(b"x").hexdigest()), "frame": "f3", "geometry": "fan",
+                           "crop_box": "5 10 70 50", "calipers": 0, "text": 1, "color": 0, "status": "skipped",
+                           "reason": "burned-in annotations (text) excluded: keep_annotated=false"}
         assert not (tmp_path / "out").exists()
 
 
