@@ -573,3 +573,13 @@ def test_a_dark_strip_beside_the_rectangle_leaves_it_as_it_is():
     expected[10:30, 20:50] = True
     assert np.array_equal(sa._widen_rect(lit, mask, (10, 10, 50, 30)), expected)
     assert np.array_equal(sa._widen_rect(lit, mask, (20, 10, 40, 30)), mask)  # content = the box: nothing to add
+
+
+def test_the_60_percent_rule_counts_the_area_s_last_row_and_column():
+    mask = np.zeros((100, 100), bool)
+    mask[:, 80:] = True  # 2000 px along the right edge, down to the last row
+    mask[0:37, 0:80] = True
+    mask[37, 0:20] = True  # 2980 px left of x = 80: a cut there keeps 2980 < 0.6 * 4980 = 2988
+    expected = mask.copy()
+    expected[0:60, 80:] = False  # so the overlay is only blanked
+    assert np.array_equal(sa._cut_occluders(mask, [(80, 0, 100, 60)]), expected)
