@@ -583,3 +583,32 @@ def test_the_60_percent_rule_counts_the_area_s_last_row_and_column():
     expected = mask.copy()
     expected[0:60, 80:] = False  # so the overlay is only blanked
     assert np.array_equal(sa._cut_occluders(mask, [(80, 0, 100, 60)]), expected)
+
+
+def test_a_left_overlay_of_an_area_away_from_the_corner_is_cut_by_the_left_edge():
+    expected = offset_mask()
+    expected[:, :40] = False  # 20 px in from the area's left edge at x = 20, not 40 px from the image's
+    assert np.array_equal(sa._cut_occluders(offset_mask(), [(20, 30, 40, 60)]), expected)
+
+
+def test_cuts_from_two_sides_count_the_pixels_of_the_box_left_between_them():
+    expected = full_mask()
+    expected[:20] = False
+    expected[:, :22] = False  # keeps 78 x 80 = 6240 of 10000 px: above 60%, so cut
+    assert np.array_equal(sa._cut_occluders(full_mask(), [(40, 0, 60, 20), (0, 40, 22, 60)]), expected)
+
+
+def test_of_two_equal_cuts_the_first_side_wins():
+    expected = full_mask()
+    expected[:, :20] = False  # left and top both keep 8000 px; left comes first
+    assert np.array_equal(sa._cut_occluders(full_mask(), [(0, 0, 20, 20)]), expected)
+
+
+def test_a_cut_keeping_exactly_60_percent_is_made():
+    mask = np.zeros((100, 100), bool)
+    mask[:, 80:] = True
+    mask[0:37, 0:80] = True
+    mask[37, 0:40] = True  # 3000 of 5000 px left of x = 80
+    expected = mask.copy()
+    expected[:, 80:] = False
+    assert np.array_equal(sa._cut_occluders(mask, [(80, 0, 100, 60)]), expected)
