@@ -196,6 +196,9 @@ def test_black_boxes_of_400_px_filling_their_box_are_occluders():
     assert sa._occluders(grey, flat, mask, "rect") == [(51, 21, 91, 31)]
     grey[30:60, 80:90] = 0  # the box becomes an L: 700 px in a 40x40 box
     assert sa._occluders(grey, flat, mask, "rect") == []
+    grey, flat, mask = rect_frame()
+    grey[80:90, 50:90] = 0  # on the area's bottom row
+    assert sa._occluders(grey, flat, mask, "rect") == [(51, 81, 91, 91)]
 
 
 def test_a_fan_s_black_corners_are_no_occluders_but_a_box_s_are():
@@ -569,9 +572,10 @@ def test_a_dark_strip_beside_the_rectangle_leaves_it_as_it_is():
     lit = np.zeros((40, 60), bool)
     lit[10:11, 10:20] = True  # left strip 10/200: too dark
     lit[10:30, 40:42] = True  # right strip 40/200
+    lit[5:10, 20:23] = True  # top strip, once the right one is in: 15/150, exactly a tenth
     expected = np.zeros_like(mask)
-    expected[10:30, 20:50] = True
-    assert np.array_equal(sa._widen_rect(lit, mask, (10, 10, 50, 30)), expected)
+    expected[5:30, 20:50] = True
+    assert np.array_equal(sa._widen_rect(lit, mask, (10, 5, 50, 30)), expected)
     assert np.array_equal(sa._widen_rect(lit, mask, (20, 10, 40, 30)), mask)  # content = the box: nothing to add
 
 
