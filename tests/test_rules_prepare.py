@@ -854,3 +854,13 @@ def test_a_subject_in_two_classes_and_an_empty_recipe_are_refused(quick_run, tmp
     with pytest.raises(RecipeError) as info:
         go()
     assert str(info.value) == "the recipe lists no image files"
+
+
+def test_a_file_listed_twice_in_one_dataset_is_set_aside_with_a_full_row(tmp_path):
+    root = tmp_path / "set"
+    target = touch(root / "kidney" / "a.png")
+    (root / "kidney" / "b.png").symlink_to(target)
+    chosen, ignored = list_sources([DatasetSpec("d", "folder", root, None)], Config())
+    assert [src.path for _, src, _, _ in chosen] == [target]
+    assert ignored == [row(source=str(root / "kidney" / "b.png"), dataset="d", status="skipped",
+                           reason=f"same file as {target} (listed twice, e.g. through a symlink)")]
