@@ -84,6 +84,10 @@ def test_big_components_keep_those_of_a_tenth_of_the_largest_four_connected():
     expected[0:10, 0:10] = expected[20:22, 0:5] = 1
     assert kept.dtype == np.uint8 and np.array_equal(kept, expected)
     assert np.array_equal(sa._big_components(b, 0.09), expected | (b & (np.arange(30)[:, None] >= 25)))
+    chain = np.zeros((30, 30), np.uint8)
+    chain[0:10, 0:10] = 1
+    chain[np.arange(15, 27), np.arange(15, 27)] = 1  # 12 px touching only at corners: 12 components of 1 px
+    assert np.array_equal(sa._big_components(chain, 0.1), (np.arange(30)[:, None] < 10) & (np.arange(30)[None, :] < 10))
     with pytest.raises(ScanAreaError) as info:
         sa._big_components(np.zeros((5, 5), np.uint8), 0.1)
     assert str(info.value) == "no tissue-like region: the image is blank or holds only thin graphics"
@@ -198,7 +202,12 @@ def test_black_boxes_of_400_px_filling_their_box_are_occluders():
     assert sa._occluders(grey, flat, mask, "rect") == []
     grey, flat, mask = rect_frame()
     grey[80:90, 50:90] = 0  # on the area's bottom row
-    assert sa._occluders(grey, flat, mask, "rect") == [(51, 81, 91, 91)]
+    grey[40:50, 70:110] = 0  # on its right-hand column
+    assert sa._occluders(grey, flat, mask, "rect") == [(71, 41, 111, 51), (51, 81, 91, 91)]
+    grey, flat, mask = rect_frame()
+    grey[20:30, 20:60] = 0
+    grey[30:40, 60:100] = 0  # two boxes touching at a corner: two occluders, not one half-filled box
+    assert sa._occluders(grey, flat, mask, "rect") == [(21, 21, 61, 31), (61, 31, 101, 41)]
 
 
 def test_a_fan_s_black_corners_are_no_occluders_but_a_box_s_are():
@@ -220,6 +229,10 @@ def test_drawn_bars_of_8_px_filling_their_box_are_occluders():
     flat[0:8, 0:60] = True  # outside the area entirely
     assert sa._occluders(grey, flat, mask, "rect") == [(30, 40, 80, 48)]
     flat[48:60, 30:35] = True  # a leg below the bar: 400 + 60 px in a 20x50 box, not a filled bar
+    assert sa._occluders(grey, flat, mask, "rect") == []
+    flat[:] = False
+    flat[30:60, 80:120] = True
+    flat[45:60, 80:100] = False  # 900 px in a 30x40 box that reaches past the area: a drawn bar fills its whole box
     assert sa._occluders(grey, flat, mask, "rect") == []
 
 
