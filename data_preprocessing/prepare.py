@@ -134,12 +134,14 @@ def read_previous_run(out: Path) -> tuple[list[dict], dict | None]:
             with open(manifest, newline="") as handle:
                 reader = csv.DictReader(handle)
                 rows = list(reader)
+                columns = reader.fieldnames or []  # read while open: an empty file has no header line yet
         except (UnicodeDecodeError, csv.Error) as err:
             raise ConfigError(f"{manifest}: not a readable CSV file ({err}); {hint}") from None
-        missing = [c for c in MANIFEST_COLUMNS if c not in (reader.fieldnames or [])]
+        missing = [c for c in MANIFEST_COLUMNS if c not in columns]
         if missing:
             raise ConfigError(f"{manifest}: not a manifest written by prepare.py (columns {missing} missing); {hint}")
-        bad = next((r["output"] for r in rows if r["status"] == "ok" and not OUTPUT_RE.match(r["output"] or "")), None)
+        # a row cut short has None for its missing cells
+        bad = next((r["output"] or "" for r in rows if r["status"] == "ok" and not OUTPUT_RE.match(r["output"] or "")), None)
         if bad is not None:
             raise ConfigError(f"{manifest}: not a manifest written by prepare.py (output {bad!r} is not "
                               f"<split>/<class>/<name>.png); {hint}")
