@@ -362,3 +362,74 @@ def test_kid_probe_refusals(tmp_path, monkeypatch):
         train_var.KidProbe(replace(cfg, tokens="t.npz"), val, 8, torch.device("cpu"))
     assert str(err.value) == (f"{tmp_path / 'data' / '2.png'}: val image missing; --data_dir must be the processed "
                               "set that t.npz was made from (or set --kid_every=0)")
+
+
+class Shard(DistContext):
+    """Process `rank` of `world_size` without a process group: its sums are not reduced with the others'."""
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor
+
+
+def tiny_var(drop_rate: float = 0.0) -> VAR:
+    torch.manual_seed(1)
+    return VAR(vocab_size=32, z_channels=8, scales=SCALES, num_classes=2, depth=1, embed_dim=16, num_heads=2,
+               drop_rate=drop_rate)
+
+
+def test_evaluate_scores_every_row_of_this_process_in_eval_mode_with_true_labels(vq):
+    from common.runtime import select_precision
+
+    model, tokens = tiny_var(drop_rate=0.5), vq["tokens"]  # dropout: a score in train mode would differ
+    cpu = torch.device("cpu")
+    cfg, ids = train_var.Config(eval_batch_size=4), train_var.scale_of_position(SCALES, cpu)
+
+    def by_hand(rows: list[int]) -> dict:
+        model.eval()
+        x_in, target = train_var.teacher_batch(torch.from_numpy(tokens.idx[rows]), SCALES, vq["vqvae"])
+        with torch.no_grad():
+            logits = model(torch.from_numpy(tokens.labels[rows]), x_in)
+        model.train()
+        return train_var.summarise(train_var.token_losses(logits, target, ids, 3, 0.0)[1])
+
+    precision = select_precision(cpu, "fp32")
+    whole = train_var.evaluate(model, vq["vqvae"], tokens, cfg, Shard(0, 1, 0, cpu), precision, ids)
+    assert model.training
+    expected = by_hand(list(range(6)))
+    assert whole == {k: pytest.approx(v, rel=1e-5) for k, v in expected.items()}
+    second = train_var.evaluate(model, vq["vqvae"], tokens, cfg, Shard(1, 2, 1, cpu), precision, ids)
+    assert second == {k: pytest.approx(v, rel=1e-5) for k, v in by_hand([1, 3, 5]).items()}
+
+
+def test_sample_images_are_class_major_per_image_seeded_and_leave_the_random_streams_alone(vq):
+    from common.runtime import select_precision
+
+    model, cpu = tiny_var(), torch.device("cpu")
+    precision = select_precision(cpu, "fp32")
+    cfg = train_var.Config(eval_batch_size=4, cfg_scale=2.0, top_k=5, top_p=0.8)
+    torch.manual_seed(11)
+    images = train_var.sample_images(model, vq["vqvae"], 2, 3, cfg, precision, cpu, seed=[7, 1])
+    after = torch.rand(3)
+    torch.manual_seed(11)
+    assert torch.equal(after, torch.rand(3))  # the training streams go on as if nothing had been drawn
+    assert model.training and images.dtype == torch.uint8 and images.shape == (6, 3, 6, 6)
+    seeds = np.random.SeedSequence([7, 1]).generate_state(6, np.uint64).tolist()
+    model.eval()
+    with torch.no_grad():
+        for i in range(6):  # image i: class i // 3, its own seed, whatever its batch
+            one, _ = model.generate(vq["vqvae"], torch.tensor([i // 3]), cfg=2.0, top_k=5, top_p=0.8, seeds=seeds[i:i + 1])
+            assert torch.equal(images[i], (one[0].clamp(0, 1) * 255).round().to(torch.uint8)), i
+    model.train()
+    assert torch.equal(train_var.sample_images(model, vq["vqvae"], 2, 3, replace(cfg, eval_batch_size=6), precision,
+                                               cpu, seed=[7, 1]), images)
+
+
+def test_kid_sample_grid_and_plots_are_due_at_their_epochs():
+    def schedule(**kw) -> list[list[int]]:
+        cfg = train_var.Config(epochs=7, **kw)
+        due = [train_var.epoch_outputs(cfg, epoch) for epoch in range(7)]
+        return [[epoch + 1 for epoch in range(7) if due[epoch][i]] for i in range(3)]
+
+    assert schedule(kid_every=3, sample_every=2, plot_every=3) == [[3, 6, 7], [1, 2, 4, 6, 7], [1, 2, 3, 4, 6, 7]]
+    assert schedule(kid_every=0, sample_every=0, plot_every=0) == [[], [1, 7], [1, 7]]
+    assert schedule(kid_every=7, sample_every=5, plot_every=1) == [[7], [1, 5, 7], [1, 2, 3, 4, 5, 6, 7]]
