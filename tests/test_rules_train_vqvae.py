@@ -21,6 +21,7 @@ from common.fidelity import FidelityError
 from models.vqvae import VQOutput, VQVAE
 
 CPU = torch.device("cpu")
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def refusal(tmp_path: Path, **overrides) -> str | None:
@@ -267,3 +268,79 @@ def test_dead_after_exactly_the_given_steps():
     assert codes.dead().tolist() == []
     codes.update(torch.tensor([[0, 0, 1]]))
     assert codes.dead().tolist() == [0]
+
+
+def tiny_vqvae() -> VQVAE:
+    torch.manual_seed(2)
+    return VQVAE(vocab_size=16, z_channels=4, ch=32, ch_mult=(1, 2), num_res_blocks=1, scales=(1, 2, 4, 8),
+                 in_channels=1, dropout=0.5)  # dropout: a score in train mode would differ
+
+
+def test_evaluate_sums_per_image_terms_of_this_process_s_share_over_the_whole_split():
+    from common.runtime import select_precision
+    from common.sample_metrics import masked_psnr_ssim, psnr_ssim
+    from common.image_data import to_grey_uint8
+
+    model, gen = tiny_vqvae(), torch.Generator().manual_seed(0)
+    dataset = [(torch.rand(3, 16, 16, generator=gen) * 2 - 1, 0) for _ in range(5)]
+    masks = torch.rand(5, 16, 16, generator=gen).numpy() > 0.3
+    cfg = train_vqvae.Config(loss_reduction="sum", eval_batch_size=2, num_workers=0)
+    fp32 = select_precision(CPU, "fp32")
+
+    def by_hand(rows: list[int]) -> dict:
+        model.eval()
+        sums, hits = np.zeros(7), torch.zeros(4, 16, dtype=torch.int64)
+        with torch.no_grad():
+            for i in rows:
+                img = dataset[i][0][None]
+                out = model(img)
+                rec = (out.rec - img).square().sum().item()  # sum: the per-image sum of squares
+                vq = out.vq_loss.item() * 4 * 8 * 8  # x z*h*w
+                a, b = to_grey_uint8(img)[0], to_grey_uint8(out.rec)[0]
+                sums += [rec + vq, rec, vq, *psnr_ssim(a, b), *masked_psnr_ssim(a, b, masks[i])]
+                hits += out.code_hits
+        return dict(zip(["loss", "rec_loss", "vq_loss", "psnr", "ssim", "psnr_scan", "ssim_scan"], sums / 5), hits=hits)
+
+    for dist, rows in ((Shard(0, 1, 0, CPU), [0, 1, 2, 3, 4]), (Shard(1, 2, 1, CPU), [1, 3])):
+        model.train()
+        got = train_vqvae.evaluate(model, dataset, masks, cfg, dist, fp32, "val")
+        expected = by_hand(rows)
+        for key in ("loss", "rec_loss", "vq_loss", "psnr", "ssim", "psnr_scan", "ssim_scan"):
+            assert got[key] == pytest.approx(expected[key], rel=1e-5), (rows, key)
+        assert torch.equal(got["hits"], expected["hits"])
+        assert (got["usage"], got["perplexity"]) == train_vqvae.usage_stats(expected["hits"])
+
+
+class MeanNet:
+    """A stand-in feature network: per-image channel means of uint8 RGB."""
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        assert images.dtype == torch.uint8 and images.shape[1] == 3
+        return images.float().mean((2, 3))
+
+
+def test_reconstruction_kid_compares_the_reconstructions_with_the_real_images(monkeypatch):
+    from common.runtime import select_precision
+    from common.image_data import to_rgb_uint8
+
+    model, gen = tiny_vqvae(), torch.Generator().manual_seed(1)
+    dataset = [(torch.rand(3, 16, 16, generator=gen) * 2 - 1, 0) for _ in range(5)]
+    monkeypatch.setattr(train_vqvae, "load_feature_extractor", lambda weights, device: MeanNet() if weights == "w" else None)
+    seen = {}
+
+    def fake_kid(fake, real, max_subset_size, seed):
+        seen.update(fake=fake, real=real, subset=max_subset_size, seed=seed)
+        return {"mean": 0.5}
+
+    monkeypatch.setattr(train_vqvae, "kid_from_features", fake_kid)
+    cfg = train_vqvae.Config(inception_weights="w", eval_batch_size=2, num_workers=0, seed=6)
+    assert train_vqvae.reconstruction_kid(model, dataset, cfg, CPU, select_precision(CPU, "fp32")) == {"mean": 0.5}
+    assert not model.training and (seen["subset"], seen["seed"]) == (2, 6)
+    images = torch.stack([img for img, _ in dataset])
+    with torch.no_grad():
+        recon = model(images).rec
+    real = torch.from_numpy(to_rgb_uint8(images)).permute(0, 3, 1, 2).float().mean((2, 3))
+    fake = torch.from_numpy(to_rgb_uint8(recon)).permute(0, 3, 1, 2).float().mean((2, 3))
+    torch.testing.assert_close(seen["real"], real)
+    torch.testing.assert_close(seen["fake"], fake, atol=1.0, rtol=0)  # batched vs whole: a rounding step apart
+    assert not torch.allclose(seen["fake"], seen["real"], atol=1.0, rtol=0)
