@@ -314,16 +314,17 @@ def probe_inputs(tmp_path: Path, n_val: int, classes: list[str]) -> tuple[train_
 
 def test_kid_probe_reads_the_val_images_at_the_model_size_in_batches(tmp_path, monkeypatch):
     net = MeanNet()
-    monkeypatch.setattr(train_var, "load_feature_extractor", lambda weights, device: net if weights == "w.pth" else None)
+    device = torch.device("cpu")
+    monkeypatch.setattr(train_var, "load_feature_extractor",
+                        lambda weights, on: net if (weights, on) == ("w.pth", device) else None)
     cfg, val = probe_inputs(tmp_path, 5, ["a", "b"])
-    probe = train_var.KidProbe(cfg, val, 8, torch.device("cpu"))
+    probe = train_var.KidProbe(cfg, val, 8, device)
     assert net.batches == [2, 2, 1]
     assert probe.real.shape == (5, 3) and probe.real[:, 0].tolist() == [0.0, 10.0, 20.0, 30.0, 40.0]
     drawn = {}
 
-    def fake_samples(model, vqvae, num_classes, per_class, cfg_, precision, device, seed):
-        drawn.update(num_classes=num_classes, per_class=per_class, seed=seed)
-        assert cfg_ is cfg
+    def fake_samples(model, vqvae, num_classes, per_class, cfg_, precision, on, seed):
+        drawn.update(num_classes=num_classes, per_class=per_class, seed=seed, passed=(model, vqvae, cfg_, precision, on))
         return torch.full((num_classes * per_class, 3, 8, 8), 7, dtype=torch.uint8)
 
     def fake_kid(fake, real, max_subset_size, seed):
@@ -332,8 +333,10 @@ def test_kid_probe_reads_the_val_images_at_the_model_size_in_batches(tmp_path, m
 
     monkeypatch.setattr(train_var, "sample_images", fake_samples)
     monkeypatch.setattr(train_var, "kid_from_features", fake_kid)
-    assert probe(None, None, 3, None, torch.device("cpu")) == 0.125
+    model, vqvae, precision = object(), object(), object()
+    assert probe(model, vqvae, 3, precision, device) == 0.125
     assert (drawn["num_classes"], drawn["per_class"], drawn["seed"]) == (3, 2, [4, 1])
+    assert drawn["passed"] == (model, vqvae, cfg, precision, device)
     assert drawn["fake"].shape == (6, 3) and (drawn["fake"] == 7).all() and drawn["real"] is probe.real
     assert (drawn["subset"], drawn["kid_seed"]) == (2, 4)  # half the smaller set (6 samples, 5 val images)
     assert net.batches[3:] == [2, 2, 2]
