@@ -436,3 +436,5 @@ def test_kid_sample_grid_and_plots_are_due_at_their_epochs():
     assert schedule(kid_every=3, sample_every=2, plot_every=3) == [[3, 6, 7], [1, 2, 4, 6, 7], [1, 2, 3, 4, 6, 7]]
     assert schedule(kid_every=0, sample_every=0, plot_every=0) == [[], [1, 7], [1, 7]]
     assert schedule(kid_every=7, sample_every=5, plot_every=1) == [[7], [1, 5, 7], [1, 2, 3, 4, 5, 6, 7]]
+    every = list(range(1, 8))
+    assert schedule(kid_every=1, sample_every=1, plot_every=0) == [every, every, every]
