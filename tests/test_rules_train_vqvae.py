@@ -134,6 +134,7 @@ def test_reconstruction_and_vq_terms_under_each_reduction_by_hand():
     assert train_vqvae.recon_loss(rec, img, "sum").item() == pytest.approx(2.5)  # mean of the per-image sums
     assert train_vqvae.recon_loss(rec, img, "mean").item() == pytest.approx(5 / 24)
     assert train_vqvae.recon_loss(rec, img, "mean").dtype == torch.float32
+    assert train_vqvae.recon_loss(rec[1:], img[1:], "sum").item() == pytest.approx(1.0)  # a batch of one image
 
     calls = []
 
@@ -236,12 +237,21 @@ def test_grid_images_take_every_class_s_first_image_then_the_second():
 def test_images_without_a_found_scan_area_are_scored_whole_and_counted(monkeypatch):
     found = np.zeros((4, 4), bool)
     found[1:3, 1:3] = True
-    monkeypatch.setattr(train_vqvae, "scan_area_mask", lambda path, size: found if path == "a.png" else None)
-    split = SimpleNamespace(paths=["a.png", "b.png", "a.png", "c.png"], image_size=4, split="val")
+    monkeypatch.setattr(train_vqvae, "scan_area_mask", lambda path, size: found if (path, size) == ("a.png", 4) else None)
+    bars = []
+
+    def progress(items, **kwargs):
+        bars.append(kwargs)
+        return items
+
+    monkeypatch.setattr(train_vqvae, "progress", progress)
+    split = SimpleNamespace(paths=["b.png", "a.png", "c.png", "d.png"], image_size=4, split="val")
     masks, fallback = train_vqvae.scan_area_masks(split, Shard(0, 1, 0, CPU))
-    assert fallback == 2 and masks.shape == (4, 4, 4) and masks.dtype == bool
-    assert np.array_equal(masks[0], found) and np.array_equal(masks[2], found)
-    assert masks[1].all() and masks[3].all()
+    assert fallback == 3 and masks.shape == (4, 4, 4) and masks.dtype == bool
+    assert np.array_equal(masks[1], found) and masks[0].all() and masks[2].all() and masks[3].all()
+    train_vqvae.scan_area_masks(split, Shard(1, 2, 1, CPU))
+    assert bars == [dict(desc="scan areas val", leave=False, disable=False),  # a bar on the main process only
+                    dict(desc="scan areas val", leave=False, disable=True)]
 
 
 def test_the_test_split_counts_as_scored_only_with_every_output_from_this_checkpoint(tmp_path):
