@@ -123,6 +123,8 @@ def test_fine_tuning_passes_the_run_s_settings_to_the_conversion(monkeypatch):
     model = train_var.build_var(cfg, VQ_CONFIG, 3)  # mean: converted at the reference's size, then new rows
     assert calls[1] == ("ref.pth", None, settings)
     assert model.training and model.class_emb.weight.shape == (4, 16)
+    rows = upstream_var().class_emb.weight.detach()
+    torch.testing.assert_close(model.class_emb.weight, torch.cat([rows[:4].mean(0).expand(3, 16), rows[4:]]))
 
 
 @pytest.mark.parametrize("key", ["vocab_size", "z_channels"])
@@ -184,6 +186,8 @@ def test_token_losses_with_label_smoothing_by_hand():
     right = (logits.detach().argmax(-1) == target).float()
     assert sums[1].tolist() == [right[:, 0].sum().item(), right[:, 1:].sum().item()]
     assert sums[2].tolist() == [2.0, 8.0] and sums.dtype == torch.float32
+    one = train_var.token_losses(logits[:1], target[:1], ids, 2, 0.3)[1]  # a micro-batch of one sample
+    assert one[2].tolist() == [1.0, 4.0]
     loss.backward()  # the gradient of the smoothed loss flows into every logit; the metrics carry none
     grad = (logits.detach().softmax(-1) - 0.3 / 4 - 0.7 * F.one_hot(target, 4)) / 10
     torch.testing.assert_close(logits.grad, grad)
@@ -197,6 +201,9 @@ def vq(tmp_path_factory) -> dict:
     torch.manual_seed(0)
     vqvae = VQVAE(vocab_size=32, z_channels=8, ch=32, ch_mult=(1, 1), num_res_blocks=1, scales=SCALES)
     atomic_torch_save({"model": vqvae.state_dict(), "model_config": vqvae.config}, root / "vqvae.pth")
+    torch.manual_seed(1)
+    other = VQVAE(vocab_size=32, z_channels=8, ch=32, ch_mult=(1, 1), num_res_blocks=1, scales=SCALES)
+    atomic_torch_save({"model": other.state_dict(), "model_config": other.config}, root / "other_vqvae.pth")
     rng = np.random.default_rng(0)
     maps = [rng.integers(0, 32, (6, pn, pn)) for pn in SCALES]
     save_tokens(root / "tokens.npz", scales=list(SCALES), maps=maps, labels=np.array([0, 1, 0, 1, 0, 1]),
@@ -289,6 +296,8 @@ def test_load_inputs_names_the_scales_that_differ_and_freezes_the_vqvae(vq, tmp_
                               torch.device("cpu"))
     with pytest.raises(TokenFileError):
         train_var.load_inputs(replace(cfg, tokens=str(tmp_path / "none.npz")), torch.device("cpu"))
+    with pytest.raises(TokenFileError, match="came from VQ-VAE sha"):  # tokens of another VQ-VAE
+        train_var.load_inputs(replace(cfg, vqvae=str(vq["root"] / "other_vqvae.pth")), torch.device("cpu"))
 
 
 class MeanNet:
