@@ -151,6 +151,9 @@ def test_reconstruction_and_vq_terms_under_each_reduction_by_hand():
     assert (r.item(), vq.item(), perceptual.item()) == (pytest.approx(5 / 24), 0.5, pytest.approx(0.3 * 3.5))
     perceptual.backward()
     assert rec.grad is not None and rec.grad.abs().sum() > 0  # the perceptual term trains the decoder
+    one = VQOutput(rec=rec[1:], vq_loss=output.vq_loss, code_hits=output.code_hits)  # a batch of one image
+    ones = lambda a, b: torch.ones(len(a), 1, 1, 1)
+    assert train_vqvae.loss_terms(one, img[1:], "sum", ones, 0.3, 40)[2].item() == pytest.approx(0.3 * 12)
     for net, weight in ((fake_lpips, 0.0), (None, 0.3)):
         assert train_vqvae.loss_terms(output, img, "sum", net, weight, 40)[2].item() == 0.0
     assert len(calls) == 2
