@@ -41,8 +41,8 @@ from common.progress import progress
 from common.runtime import (DeviceError, Precision, make_deterministic, pick_device, rng_state, seed_everything,
                             select_precision, set_rng_state)
 from common.tokens import TokenFileError, TokenSet, load_tokens, split_scales
-from common.training import (LR_SCHEDULES, LossWatch, NonFiniteLossError, check_epoch_finite, lr_at, param_groups,
-                             resume_training_checkpoint, save_training_checkpoint, set_lr, unwrap)
+from common.training import (LR_SCHEDULES, LossWatch, NonFiniteLossError, check_epoch_finite, checkpoint_to_resume,
+                             lr_at, param_groups, resume_training_checkpoint, save_training_checkpoint, set_lr, unwrap)
 from models.convert_upstream import var_from_upstream
 from models.var import VAR
 from models.vqvae import VQVAE, load_vqvae
@@ -412,6 +412,16 @@ def load_inputs(cfg: Config, device: torch.device) -> tuple[VQVAE, TokenSet]:
     return vqvae, tokens
 
 
+def epoch_outputs(cfg: Config, epoch: int) -> tuple[bool, bool, bool]:
+    """What the end of epoch `epoch` (from 0) adds to the checkpoints: (a KID: every kid_every epochs and after the
+    last; a sample grid: after the first and the last epoch and every sample_every; the curve plots: every plot_every
+    epochs and with every sample grid)."""
+    last = epoch == cfg.epochs - 1
+    kid = cfg.kid_every > 0 and ((epoch + 1) % cfg.kid_every == 0 or last)
+    samples = epoch == 0 or last or (cfg.sample_every > 0 and (epoch + 1) % cfg.sample_every == 0)
+    return kid, samples, samples or (cfg.plot_every > 0 and (epoch + 1) % cfg.plot_every == 0)
+
+
 def train(cfg: Config, dist: DistContext) -> None:
     device = dist.device
     out_dir = Path(cfg.out_dir)
@@ -448,8 +458,8 @@ def train(cfg: Config, dist: DistContext) -> None:
     scaler = precision.make_scaler()
 
     start_epoch, step, best_val, best_kid, history = 0, 0, math.inf, math.inf, History()
-    resume_path = out_dir / "last.pth" if cfg.resume == "auto" else None if cfg.resume == "none" else Path(cfg.resume)
-    if resume_path is not None and (cfg.resume != "auto" or resume_path.is_file()):
+    resume_path = checkpoint_to_resume(cfg.resume, out_dir)
+    if resume_path is not None:
         ckpt = resume_training_checkpoint(resume_path, model, optimizer, scaler, model_config)
         if ckpt.get("vqvae_sha256") != tokens.vqvae_sha256:
             raise TrainVarError(f"{resume_path}: was trained on tokens of VQ-VAE sha {ckpt.get('vqvae_sha256')}, "
@@ -555,8 +565,9 @@ def train(cfg: Config, dist: DistContext) -> None:
         is_best = val_m["loss"] < best_val
         best_val = min(best_val, val_m["loss"])
         if dist.is_main:
+            kid_now, sample_now, plot_now = epoch_outputs(cfg, epoch)
             is_best_kid = False
-            if kid_probe is not None and ((epoch + 1) % cfg.kid_every == 0 or epoch == cfg.epochs - 1):
+            if kid_probe is not None and kid_now:
                 t_kid = time.time()
                 kid = kid_probe(unwrap(model), vqvae, len(classes), precision, device)
                 history.records[-1].update(kid=kid, kid_seconds=round(time.time() - t_kid, 2))
@@ -577,8 +588,7 @@ def train(cfg: Config, dist: DistContext) -> None:
                   f"{val_m['loss_last']:.4f}){' *best*' if is_best else ''}; val acc per scale "
                   + " ".join(f"{a:.3f}" for a in val_m["acc_scales"]) + f"; lr {lr:.2e}; {time.time() - t0:.1f}s",
                   flush=True)
-            sample_now = epoch in (0, cfg.epochs - 1) or (cfg.sample_every > 0 and (epoch + 1) % cfg.sample_every == 0)
-            if sample_now or (cfg.plot_every > 0 and (epoch + 1) % cfg.plot_every == 0):
+            if plot_now:
                 lr_steps = np.unique(np.linspace(0, step - 1, 500).round().astype(int)).tolist()
                 save_plots(history, out_dir, scales, vocab, majority,
                            (lr_steps, [lr_at(s, total_steps, warmup_steps, lr_peak, cfg.final_lr_ratio, cfg.lr_schedule)

@@ -42,8 +42,8 @@ from common.plotting import bar_counts, image_grid, plot_curves, save_figure
 from common.progress import progress
 from common.runtime import Precision, make_deterministic, pick_device, seed_everything, select_precision
 from common.sample_metrics import masked_psnr_ssim, psnr_ssim
-from common.training import (LossWatch, NonFiniteLossError, check_epoch_finite, lr_at, param_groups,
-                             resume_training_checkpoint, save_training_checkpoint, set_lr)
+from common.training import (LossWatch, NonFiniteLossError, check_epoch_finite, checkpoint_to_resume, lr_at,
+                             param_groups, resume_training_checkpoint, save_training_checkpoint, set_lr)
 from models.discriminator import PatchDiscriminator, hinge_d_loss, hinge_g_loss
 from models.vqvae import VQOutput, VQVAE
 
@@ -517,8 +517,8 @@ def train(cfg: Config, dist: DistContext) -> None:
     history = History()
     start_epoch, step, best_val_loss = 0, 0, math.inf
 
-    resume_path = {"auto": out / "last.pth", "none": None}.get(cfg.resume, Path(cfg.resume))
-    if resume_path is not None and (cfg.resume != "auto" or resume_path.is_file()):
+    resume_path = checkpoint_to_resume(cfg.resume, out)
+    if resume_path is not None:
         ckpt = resume_training_checkpoint(resume_path, model, optimizer, scaler, model_config)
         start_epoch, step, best_val_loss = int(ckpt["epoch"]), int(ckpt["step"]), float(ckpt["best_val_loss"])
         history = History(ckpt["history"])

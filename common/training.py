@@ -140,6 +140,17 @@ def save_training_checkpoint(
     atomic_torch_save(state, path)
 
 
+def checkpoint_to_resume(resume: str, out_dir: str | Path) -> Path | None:
+    """The checkpoint a run's `resume` constant names: 'auto' = out_dir/last.pth when it exists, 'none' = none (start
+    afresh), else the path given (a missing one is refused when it is read)."""
+    if resume == "none":
+        return None
+    if resume == "auto":
+        last = Path(out_dir) / "last.pth"
+        return last if last.is_file() else None
+    return Path(resume)
+
+
 def resume_training_checkpoint(
     path: str | Path,
     model: nn.Module,

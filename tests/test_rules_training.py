@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from common.checkpoint import CheckpointError
-from common.training import (LIN0_FLAT, LossWatch, NonFiniteLossError, check_epoch_finite, lr_at, param_groups,
-                             resume_training_checkpoint, save_training_checkpoint, set_lr, unwrap)
+from common.training import (LIN0_FLAT, LossWatch, NonFiniteLossError, check_epoch_finite, checkpoint_to_resume, lr_at,
+                             param_groups, resume_training_checkpoint, save_training_checkpoint, set_lr, unwrap)
 
 
 def test_schedule_values_by_hand():
@@ -150,3 +150,11 @@ def test_checkpoint_contents_and_refusals(tmp_path):
     assert str(err.value) == (f"{path}: holds non-finite weights (0.weight, 0.bias, 1.weight; saved after a NaN?); "
                               "resume from another checkpoint (--resume=PATH) or start afresh (--resume=none)")
     assert unwrap(model) is model
+
+
+def test_resume_from_last_pth_only_when_it_exists_unless_a_path_is_given(tmp_path):
+    assert checkpoint_to_resume("auto", tmp_path) is None  # nothing there yet: a fresh start
+    (tmp_path / "last.pth").write_bytes(b"")
+    assert checkpoint_to_resume("auto", str(tmp_path)) == tmp_path / "last.pth"
+    assert checkpoint_to_resume("none", tmp_path) is None
+    assert checkpoint_to_resume(str(tmp_path / "gone.pth"), tmp_path) == tmp_path / "gone.pth"  # refused when read
