@@ -23,6 +23,8 @@ from common.tokens import TokenFileError, TokenSet, load_tokens, save_tokens
 from models.var import VAR
 from models.vqvae import VQVAE
 
+from config_refusal import refusal_of
+
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 SCALES = (1, 2, 3)
@@ -31,12 +33,7 @@ VQ_CONFIG = {"vocab_size": 32, "z_channels": 8, "scales": list(SCALES)}
 
 def refusal(tmp_path: Path, **overrides) -> str | None:
     """validate's message for the default config with these constants, or None when it accepts them."""
-    cfg = replace(train_var.Config(out_dir=str(tmp_path / "run")), **overrides)
-    try:
-        train_var.validate(cfg)
-    except ConfigError as err:
-        return str(err)
-    return None
+    return refusal_of(train_var.validate, replace(train_var.Config(out_dir=str(tmp_path / "run")), **overrides))
 
 
 def test_every_constant_is_refused_just_outside_its_range_and_accepted_at_its_edge(tmp_path):

@@ -20,6 +20,8 @@ from common.distributed import DistContext
 from common.fidelity import FidelityError
 from models.vqvae import VQOutput, VQVAE
 
+from config_refusal import refusal_of
+
 CPU = torch.device("cpu")
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -27,11 +29,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 def refusal(tmp_path: Path, **overrides) -> str | None:
     """validate's message for a config with these constants (no KID by default), or None when it accepts them."""
     cfg = replace(train_vqvae.Config(out_dir=str(tmp_path / "run"), recon_kid=False), **overrides)
-    try:
-        train_vqvae.validate(cfg)
-    except ConfigError as err:
-        return str(err)
-    return None
+    return refusal_of(train_vqvae.validate, cfg)
 
 
 def test_every_constant_is_refused_just_outside_its_range_and_accepted_at_its_edge(tmp_path):
