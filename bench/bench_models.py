@@ -187,6 +187,9 @@ def main(argv: list[str] | None = None) -> None:
           f"{cfg.sample_batch} (cfg {cfg.cfg_scale}, top-k {cfg.top_k}, top-p {cfg.top_p})", flush=True)
 
     ours_opt = adamw(var, device)
+    if cfg.reference_repo:  # one optimizer each for the whole run, as for ours
+        ref_opt = adamw(ref_var, device)
+        idx_bl = [t.flatten(1) for t in idx]
     sample_labels = torch.arange(cfg.sample_batch, device=device) % cfg.num_classes
     seeds = list(range(cfg.seed, cfg.seed + cfg.sample_batch))
     for name in cfg.precisions:
@@ -209,9 +212,6 @@ def main(argv: list[str] | None = None) -> None:
         train_fns: dict[str, Callable[[], object]] = {"ours": ours_train}
         sample_fns: dict[str, Callable[[], object]] = {"ours": ours_sample}
         if cfg.reference_repo:
-            ref_opt = adamw(ref_var, device)
-            idx_bl = [t.flatten(1) for t in idx]
-
             def ref_train() -> None:
                 ref_var.train()
                 with precision.autocast():

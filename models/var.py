@@ -190,7 +190,7 @@ class AdaLNBlock(nn.Module):
         else:
             self.ada_lin = nn.Linear(dim, 6 * dim)
 
-    def forward(self, x: torch.Tensor, cond: torch.Tensor, groups: Sequence[AttnGroup] = (),
+    def forward(self, x: torch.Tensor, cond: torch.Tensor, groups: Sequence[AttnGroup],
                 cache: KVCache | None = None) -> torch.Tensor:
         mod = self.ada_gss + cond if self.shared_aln else self.ada_lin(F.silu(cond)).view(-1, 1, 6, self.dim)
         gain1, gain2, scale1, scale2, shift1, shift2 = mod.unbind(2)

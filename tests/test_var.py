@@ -79,7 +79,7 @@ def test_cached_incremental_logits_match_forward(vqvae: VQVAE, variant: dict) ->
         for begin, end in model.begin_ends:
             h = x[:, begin:end]
             for block, cache in zip(model.blocks, caches):
-                h = block(h, block_cond, None, cache)
+                h = block(h, block_cond, (), cache)
             assert torch.allclose(model.get_logits(h, cond), full[:, begin:end], atol=1e-5)
         with pytest.raises(ValueError, match="cannot hold"):
             KVCache(1).extend(h[:, None, :2], h[:, None, :2])
