@@ -131,6 +131,14 @@ def test_a_line_fit_ignores_outliers_and_refits_the_inliers_exactly():
     assert sa._fit_line(ys, near, np.random.default_rng(0), tol=1.5)[2][1]
 
 
+def test_a_hypothesis_counts_only_points_strictly_within_tol_as_inliers():
+    """A point exactly tol from the line through two sampled points (exact in binary) is no inlier of that
+    hypothesis, so the least-squares refit sees the 20 points of the line alone."""
+    ys = np.concatenate([np.arange(20.0), [10.0]])
+    xs = np.concatenate([2.0 + 0.5 * np.arange(20.0), [2.0 + 0.5 * 10 + 1.5]])
+    a, b, _ = sa._fit_line(ys, xs, np.random.default_rng(0), tol=1.5)
+    assert a == pytest.approx(2.0, abs=1e-9) and b == pytest.approx(0.5, abs=1e-9)
+
 def test_a_line_fit_needs_points_five_rows_apart():
     ys = np.array([10.0, 11, 12, 13, 14])
     assert sa._fit_line(ys, ys * 2, np.random.default_rng(0), tol=1.5)[:2] == (0.0, 0.0)
@@ -209,6 +217,14 @@ def test_black_boxes_of_400_px_filling_their_box_are_occluders():
     grey[30:40, 60:100] = 0  # two boxes touching at a corner: two occluders, not one half-filled box
     assert sa._occluders(grey, flat, mask, "rect") == [(21, 21, 61, 31), (61, 31, 101, 41)]
 
+
+def test_a_black_box_filling_exactly_97_percent_of_its_box_is_an_occluder():
+    grey, flat, mask = rect_frame()
+    grey[20:45, 50:90] = 0  # 25 x 40 = 1000 px
+    grey[20:23, 50:60] = 200  # a 30 px notch: 970 px, exactly 97%
+    assert sa._occluders(grey, flat, mask, "rect") == [(51, 21, 91, 46)]
+    grey[23, 50] = 200  # 969 px
+    assert sa._occluders(grey, flat, mask, "rect") == []
 
 def test_a_fan_s_black_corners_are_no_occluders_but_a_box_s_are():
     grey, flat, mask = rect_frame()
@@ -629,3 +645,24 @@ def test_a_cut_keeping_exactly_60_percent_is_made():
     expected = mask.copy()
     expected[:, 80:] = False
     assert np.array_equal(sa._cut_occluders(mask, [(80, 0, 100, 60)]), expected)
+
+
+@pytest.mark.parametrize("mask_parts,occluder,kept", [
+    # a bottom-left overlay 30 px from the left edge (past 30% of the 90 px width) and 20 px from the bottom: the
+    # bottom edge moves, though a left cut would keep more of an area that is dense along the bottom
+    (((slice(70, 90), slice(20, 110)), (slice(10, 70), slice(50, 110))), (20, 70, 50, 90), (20, 10, 110, 70)),
+    # its mirror image: 30 px from the right edge
+    (((slice(70, 90), slice(20, 110)), (slice(10, 70), slice(20, 80))), (80, 70, 110, 90), (20, 10, 110, 70)),
+    # 27 px from the bottom (past 30% of the 80 px height) and 20 px from the left: the left edge moves
+    (((slice(10, 90), slice(20, 40)), (slice(10, 63), slice(40, 110))), (20, 63, 40, 90), (40, 10, 110, 90)),
+])
+def test_each_side_s_cut_depth_is_bounded_by_the_area_s_own_width_or_height(mask_parts, occluder, kept):
+    """The box (20, 10, 110, 90) starts away from the image's corner, so a reach computed from the sum of its
+    edges' coordinates instead of their difference would allow the deeper, cheaper cut."""
+    mask = np.zeros((100, 120), bool)
+    for part in mask_parts:
+        mask[part] = True
+    x0, y0, x1, y1 = kept
+    expected = np.zeros_like(mask)
+    expected[y0:y1, x0:x1] = mask[y0:y1, x0:x1]
+    assert np.array_equal(sa._cut_occluders(mask, [occluder]), expected)

@@ -261,3 +261,50 @@ def test_a_token_file_of_no_images_loads_empty(tmp_path: Path) -> None:
     write(path, labels=[])
     ts = load_tokens(path)
     assert len(ts) == 0 and ts.idx.shape == (0, 14) and ts.maps(2).shape == (0, 3, 3)
+
+
+def test_made_from_defaults_to_empty(tmp_path: Path) -> None:
+    path = tmp_path / "t.npz"
+    save_tokens(path, scales=(1,), maps=[np.zeros((1, 1, 1), np.int16)], labels=np.array([0]), split=["train"],
+                source=["s.png"], vqvae_sha256="f" * 64, vqvae_config={"vocab_size": 4}, classes=["a"])
+    assert made_from_of(path) == ""
+
+
+def test_without_a_vocab_size_ids_are_bounded_by_what_int16_holds(tmp_path: Path) -> None:
+    """An edited file may hold wider ids than save_tokens writes: the bound of a config without vocab_size is
+    exactly 32768, the int16 range tokenization stores."""
+    path = tmp_path / "t.npz"
+    for top, loads in ((32767, True), (32768, False)):
+        maps = [np.zeros((3, pn, pn), np.int32) for pn in SCALES]
+        write(path, maps=[m.astype(np.int16) for m in maps], vqvae_config={})
+        maps[2][1, 2, 0] = top
+        rewrite(path, map_3=maps[2], idx=np.concatenate([m.reshape(3, -1) for m in maps], axis=1))
+        if loads:
+            assert load_tokens(path).idx.max() == top
+        else:
+            with pytest.raises(TokenFileError) as err:
+                load_tokens(path)
+            assert str(err.value) == f"{path}: token ids outside [0, 32768) of the VQ-VAE's codebook"
+
+
+def test_the_checksum_refusal_names_both_checksums_by_their_first_twelve_digits(tmp_path: Path) -> None:
+    path = tmp_path / "t.npz"
+    write(path)
+    (tmp_path / "vq.pth").write_bytes(b"weights")
+    with pytest.raises(TokenFileError) as err:
+        load_tokens(path, tmp_path / "vq.pth")
+    actual = hashlib.sha256(b"weights").hexdigest()
+    assert str(err.value) == (f"tokens in {path} came from VQ-VAE sha ffffffffffff..., but {tmp_path / 'vq.pth'} has "
+                              f"sha {actual[:12]}...; re-run tokenize_multiscale_maps.py")
+
+
+def test_vqvae_config_refusals_in_full(tmp_path: Path) -> None:
+    path = tmp_path / "t.npz"
+    for config, middle in (({"vocab_size": 0}, "has vocab_size 0, not a positive integer (edited?)"),
+                           ({"vocab_size": 40, "scales": [1, 2]}, "has scales [1, 2] but the file holds token maps "
+                                                                  "of scales [1, 2, 3] (edited?)")):
+        write(path)
+        rewrite(path, vqvae_config=np.asarray(json.dumps(config)))
+        with pytest.raises(TokenFileError) as err:
+            load_tokens(path)
+        assert str(err.value) == f"{path}: vqvae_config {middle}; re-run tokenize_multiscale_maps.py"
