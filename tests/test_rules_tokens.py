@@ -308,3 +308,32 @@ def test_vqvae_config_refusals_in_full(tmp_path: Path) -> None:
         with pytest.raises(TokenFileError) as err:
             load_tokens(path)
         assert str(err.value) == f"{path}: vqvae_config {middle}; re-run tokenize_multiscale_maps.py"
+
+
+def test_format_and_augmented_copy_refusals_in_full(tmp_path: Path) -> None:
+    path = tmp_path / "t.npz"
+    write(path)
+    rewrite(path, format_version=np.asarray(3))
+    with pytest.raises(TokenFileError) as err:
+        load_tokens(path)
+    assert str(err.value) == (f"{path}: token file format 3, newer than the 2 this code reads; update the code or "
+                              "re-run tokenize_multiscale_maps.py")
+    write(path)
+    rewrite(path, aug_rows=np.array([1]))
+    with pytest.raises(TokenFileError) as err:
+        load_tokens(path)
+    assert str(err.value) == (f"{path}: holds only one of aug_rows and aug_idx (damaged file); re-run "
+                              "tokenize_multiscale_maps.py")
+    for rows, ids, message in (([1, 1], np.zeros((2, 1, 14), np.int16), "aug_rows must be distinct rows in [0, 3) "
+                                                                          "(damaged file)"),
+                               ([2], np.full((1, 2, 14), 40, np.int16), "augmented token ids outside [0, 40) of the "
+                                                                        "VQ-VAE's codebook")):
+        write(path)
+        rewrite(path, aug_rows=np.array(rows), aug_idx=ids)
+        with pytest.raises(TokenFileError) as err:
+            load_tokens(path)
+        assert str(err.value) == f"{path}: {message}"
+    write(path)
+    rewrite(path, aug_rows=np.array([2]), aug_idx=np.full((1, 2, 14), 39, np.int16))
+    ts = load_tokens(path)
+    assert ts.aug_rows.tolist() == [2] and ts.aug_idx.shape == (1, 2, 14) and ts.num_copies == 3
