@@ -117,6 +117,8 @@ def test_camus_subject_is_the_innermost_patient_folder_else_the_name_s_first_par
         ("db/patient0003/x/b.nii.gz", "patient0003", None, "", ()),
         ("db/patientX/patient0004_2CH_ES.nii.gz", "patient0004", None, "", ())]
     assert [p.name for p, _ in listing.ignored] == ["b_gt.nii.gz"]
+    touch(tmp_path, "PATIENT0005/x_2CH.nii.gz")
+    assert Source(tmp_path / "PATIENT0005/x_2CH.nii.gz", "PATIENT0005") in camus(tmp_path, {}).sources
 
 
 def test_folder_class_is_the_first_folder_and_subject_the_stem_or_the_file_s_folder(tmp_path):
@@ -138,14 +140,15 @@ def test_folder_class_is_the_first_folder_and_subject_the_stem_or_the_file_s_fol
 def test_a_label_table_gives_class_subject_and_geometry_per_row(tmp_path):
     touch(tmp_path, "set/i/a.png", "set/i/b.png", "set/i/c.png")
     (tmp_path / "set" / "labels.csv").write_text(
-        "path,class,subject,geometry\n i/a.png , kidney , p1 , fan \ni/b.png,,,\ni/c.png,liver,p2,rect\n"
-        "i/c_mask.png,liver,p2,rect\n")
+        "path,class,subject,geometry\n i/a.png , kidney , p1 , fan \ni/c_mask.png,liver,p2,rect\n,liver,p3,fan\n"
+        "i/b.png,,,\ni/c.png,liver,p2,rect\n")
     folder_ = (tmp_path / "set").absolute()
     listing = csv_labels(tmp_path / "set", {})
     assert listing.sources == [Source(folder_ / "i/a.png", "p1", "kidney", "fan"),
                                Source(folder_ / "i/b.png", "b", None, ""),
-                               Source(folder_ / "i/c.png", "p2", "liver", "rect")]
-    assert listing.ignored == [(folder_ / "i/c_mask.png", MASK_REASON)]
+                               Source(folder_ / "i/c.png", "p2", "liver", "rect")]  # rows after set-aside ones count
+    assert listing.ignored == [(folder_ / "i/c_mask.png", MASK_REASON),
+                               (folder_, f"line 4 of {folder_ / 'labels.csv'}: empty 'path' cell")]
     assert csv_labels(tmp_path / "set" / "labels.csv", {}).sources == listing.sources  # the table itself as root
 
 
@@ -184,3 +187,10 @@ def test_every_adapter_is_registered_under_its_recipe_name():
     assert ADAPTERS == {"busi": ADAPTERS["busi"], "hc18": hc18, "camus": camus, "echonet": ADAPTERS["echonet"],
                         "folder": folder, "csv": csv_labels}
     assert ADAPTERS["busi"].__name__ == "busi" and ADAPTERS["echonet"].__name__ == "echonet"
+
+
+def test_a_label_table_cell_is_read_as_written_line_breaks_included(tmp_path):
+    """The csv module reads quoted line breaks as written only from a file opened with newline=""."""
+    touch(tmp_path, "a.png")
+    (tmp_path / "labels.csv").write_bytes(b'path,subject\r\na.png,"p\r\n1"\r\n')
+    assert [s.subject for s in csv_labels(tmp_path, {}).sources] == ["p\r\n1"]
