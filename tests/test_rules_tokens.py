@@ -337,3 +337,71 @@ def test_format_and_augmented_copy_refusals_in_full(tmp_path: Path) -> None:
     rewrite(path, aug_rows=np.array([2]), aug_idx=np.full((1, 2, 14), 39, np.int16))
     ts = load_tokens(path)
     assert ts.aug_rows.tolist() == [2] and ts.aug_idx.shape == (1, 2, 14) and ts.num_copies == 3
+
+
+def write_augmented(path: Path, aug_rows: list[int], copies: int = 2) -> list[np.ndarray]:
+    """The file of write() plus `copies` augmented copies of the given rows: copy c of row r holds 100 r + 10 c + the
+    position's scale number, so that every id says where it belongs."""
+    aug = [np.array([[np.full((pn, pn), 100 * r + 10 * c + k) for c in range(1, copies + 1)] for r in aug_rows])
+           for k, pn in enumerate(SCALES)]
+    maps = [(np.arange(3 * pn * pn).reshape(3, pn, pn) + 10 * pn) % 40 for pn in SCALES]
+    save_tokens(path, scales=SCALES, maps=maps, labels=np.array([0, 1, 2]), split=["train", "val", "train"],
+                source=["s0.png", "s1.png", "s2.png"], vqvae_sha256="f" * 64,
+                vqvae_config={"vocab_size": 400, "scales": list(SCALES)}, classes=["a", "b", "c"],
+                aug_rows=np.array(aug_rows), aug_maps=aug if aug_rows else None)
+    return aug
+
+
+def test_augmented_copies_are_stored_per_row_and_scale_and_follow_their_rows(tmp_path: Path) -> None:
+    path = tmp_path / "t.npz"
+    write_augmented(path, [2, 0])
+    with np.load(path, allow_pickle=False) as data:
+        assert data["aug_rows"].dtype == np.int64 and data["aug_rows"].tolist() == [2, 0]
+        assert data["aug_idx"].dtype == np.int16 and data["aug_idx"].shape == (2, 2, 14)
+        assert data["aug_idx"][0, 1].tolist() == [220] + [221] * 4 + [222] * 9  # row 2, copy 2, scales in order
+        assert int(data["format_version"]) == 2
+    ts = load_tokens(path)
+    assert ts.num_copies == 3
+    train = ts.select("train")
+    assert train.aug_rows.tolist() == [1, 0]  # rows 2 and 0 of the file are rows 1 and 0 of the train split
+    copies = train.copies()
+    assert copies.shape == (2, 3, 14) and copies.dtype == np.int16
+    assert np.array_equal(copies[:, 0], ts.idx[[0, 2]]) and copies[0, 1, 0] == 10 and copies[1, 2, 13] == 222
+    part = ts.take(np.array([1, 2]))
+    assert part.aug_rows.tolist() == [1] and part.aug_idx[0, 0, 0] == 210  # row 2 is now row 1, its copies with it
+    assert part.labels.tolist() == [1, 2] and part.source.tolist() == ["s1.png", "s2.png"]
+    assert part.split.tolist() == ["val", "train"] and np.array_equal(part.idx, ts.idx[[1, 2]])
+    with pytest.raises(TokenFileError) as err:
+        part.copies()
+    assert str(err.value) == "1 of 2 rows have augmented copies; all or none must"
+    val = ts.take(np.array([1]))
+    assert val.num_copies == 1 and val.aug_idx.shape == (0, 2, 14)  # no row with copies: one copy, the row itself
+    assert np.array_equal(val.copies(), ts.idx[[1], None].astype(np.int16))
+    write_augmented(path, [])  # none given: a file without the augmented arrays
+    with np.load(path, allow_pickle=False) as data:
+        assert "aug_rows" not in data.files and "aug_idx" not in data.files
+    assert load_tokens(path).num_copies == 1
+
+
+def test_save_tokens_refuses_augmented_copies_that_do_not_fit(tmp_path: Path) -> None:
+    path = tmp_path / "t.npz"
+
+    def refusal(**changes) -> str:
+        args = dict(scales=SCALES, maps=[np.zeros((3, pn, pn), np.int64) for pn in SCALES], labels=np.array([0, 1, 2]),
+                    split=["train"] * 3, source=["a", "b", "c"], vqvae_sha256="f", vqvae_config={}, classes=["a", "b", "c"],
+                    aug_rows=np.array([0, 2]), aug_maps=[np.zeros((2, 3, pn, pn), np.int64) for pn in SCALES])
+        args.update(changes)
+        with pytest.raises(ValueError) as err:
+            save_tokens(path, **args)
+        return str(err.value)
+
+    assert refusal(aug_maps=[np.zeros((2, 3, 1, 1)), np.zeros((2, 2, 2, 2)), np.zeros((2, 3, 3, 3))]) == \
+        f"{path}: augmented maps of scale 2 have shape (2, 2, 2, 2), expected (2, 3, 2, 2)"
+    assert refusal(aug_maps=None) == f"{path}: aug_rows given without one (M, A >= 1, pn, pn) map per scale"
+    assert refusal(aug_maps=[np.zeros((2, 3, pn, pn)) for pn in SCALES[:2]]) == \
+        f"{path}: aug_rows given without one (M, A >= 1, pn, pn) map per scale"
+    assert refusal(aug_maps=[np.zeros((2, 0, pn, pn)) for pn in SCALES]) == \
+        f"{path}: aug_rows given without one (M, A >= 1, pn, pn) map per scale"
+    for rows in ([0, 3], [-1, 2], [2, 2]):
+        assert refusal(aug_rows=np.array(rows)) == f"{path}: aug_rows must be distinct rows in [0, 3)"
+    assert not path.exists()
