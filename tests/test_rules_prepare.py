@@ -1127,3 +1127,23 @@ def test_a_run_from_a_relative_recipe_reuses_and_a_lost_output_of_a_gone_source_
     (tmp_path / "set" / "kidney" / "p3" / "d.png").unlink()
     (out / gone["output"]).unlink()  # its output lost too: nothing left to delete
     assert go(recipe="recipe.json", out="out")["files"] == 4
+
+
+def test_a_file_that_cannot_be_read_is_counted_as_skipped_and_weighs_nothing_in_the_split(quick_run, monkeypatch,
+                                                                                          capsys):
+    _, out, go = quick_run
+
+    def read_frames(path, video_stride=10, max_frames=None):
+        if Path(path).name == "c.png":
+            raise UnreadableFileError(path, "not an image")
+        return iter([("", FRAME)])
+
+    monkeypatch.setattr(prepare, "read_frames", read_frames)
+    stats = go()
+    assert {k: v for k, v in stats.items() if k != "seconds"} == {
+        "files": 5, "processed": 5, "reused": 0, "ok": 4, "skipped": 1, "ignored": 1}
+    assert "  skipped 1x: not an image\n" in capsys.readouterr().out
+    rows = {Path(r["source"]).name: r for r in manifest_rows(out)}
+    assert (rows["c.png"]["status"], rows["c.png"]["split"], rows["c.png"]["output"]) == ("skipped", "", "")
+    # kidney: p1 (2 images) to train, p3 (1) to the split furthest below its share; p2 gave none and has no split
+    assert [rows[n]["split"] for n in ("a.png", "b.png", "d.png", "e.png")] == ["train", "train", "val", "train"]
