@@ -771,37 +771,38 @@ def drawn_figures(monkeypatch) -> list:
 def test_the_scan_area_figure_tints_the_outside_boxes_the_crop_and_names_each_panel(tmp_path, monkeypatch):
     saved = drawn_figures(monkeypatch)
     long_name = "a_source_file_name_longer_than_thirty.png"
-    frames = [np.full((60, 80), v, np.uint8) for v in (10, 20, 30)]
+    frames = [np.full((60, 80), v, np.uint8) for v in (10, 20, 30, 40)]
     panels = [(row(**{"class": "liver"}, source=f"/x/{long_name}", frame="f30"), frames[0],
                area({"calipers": True, "text": False, "color": True})),
               (row(**{"class": "kidney"}, source="/x/k1.png", frame=""), frames[1], area()),
-              (row(**{"class": "kidney"}, source="/x/k2.png", frame="f2"), frames[2], area({"text": True}))]
+              (row(**{"class": "kidney"}, source="/x/k2.png", frame="f2"), frames[2], area({"text": True})),
+              (row(**{"class": "kidney"}, source="/x/k3.png", frame=""), frames[3], area())]
     prepare.scan_area_figure(panels, tmp_path)
     (fig, path), = saved
     assert path == tmp_path / "scan_area_samples.png"
     assert isinstance(fig.get_layout_engine(), ConstrainedLayoutEngine)
-    assert tuple(fig.get_size_inches()) == (8.0, 6.8)  # 2 per class (kidney's count) x 2 classes
+    assert tuple(fig.get_size_inches()) == (12.0, 6.8)  # 3 per class (kidney's count) x 2 classes
     assert fig._suptitle.get_text() == ("originals: red tint = outside the detected scan area (blanked), yellow = crop "
                                         "box")
     axes = fig.axes
-    assert len(axes) == 4 and not any(ax.axison for ax in axes)
+    assert len(axes) == 6 and not any(ax.axison for ax in axes)
     grid = [[ax.get_subplotspec().rowspan.start, ax.get_subplotspec().colspan.start] for ax in axes]
-    assert grid == [[0, 0], [0, 1], [1, 0], [1, 1]]  # classes sorted by row, panels in order along a row
+    assert grid == [[0, 0], [0, 1], [0, 2], [1, 0], [1, 1], [1, 2]]  # classes sorted by row, panels along a row
     outside = np.zeros((60, 80, 4))
     outside[~area().mask] = (1.0, 0.0, 0.0, 0.35)
-    titles = ["kidney: k1.png\nfan, clean", "kidney: k2.png f2\nfan, text",
+    titles = ["kidney: k1.png\nfan, clean", "kidney: k2.png f2\nfan, text", "kidney: k3.png\nfan, clean",
               f"liver: {(long_name + ' f30')[-30:]}\nfan, calipers,color"]
-    for ax, frame, title in zip(axes[:3], (frames[1], frames[2], frames[0]), titles):
+    for ax, frame, title in zip(axes[:4], (frames[1], frames[2], frames[3], frames[0]), titles):
         shown, tint = ax.images
         assert np.array_equal(shown.get_array(), frame) and shown.get_cmap().name == "gray"
         assert shown.get_clim() == (0, 255)
-        assert np.allclose(tint.get_array(), outside)
+        assert np.allclose(np.ma.filled(tint.get_array(), np.nan), outside)  # nothing masked: every pixel tinted
         assert ax.get_title() == title and ax.title.get_fontsize() == 8
         box, = ax.patches
         assert isinstance(box, Rectangle) and not box.get_fill() and box.get_linewidth() == 1.0
         assert (box.get_x(), box.get_y(), box.get_width(), box.get_height()) == (4.5, 9.5, 65, 40)
         assert box.get_edgecolor() == matplotlib.colors.to_rgba("yellow")
-    assert len(axes[3].images) == len(axes[3].patches) == 0  # liver has one panel: its second stays empty
+    assert all(len(ax.images) == len(ax.patches) == 0 for ax in axes[4:])  # liver has one panel: two stay empty
     plt.close(fig)
     prepare.scan_area_figure(panels[1:2], tmp_path)  # one panel: a 1 x 1 grid
     fig = saved[-1][0]
