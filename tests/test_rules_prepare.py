@@ -1,6 +1,7 @@
 """prepare.py's rules one function at a time, in process and fast (issue 16): every refusal fed its bad input and
 its message checked in full, the seeded picks and the split assignment at exact values, the manifest rows field by
-field, reuse and output moves. The end-to-end runs are in test_prepare.py."""
+field, reuse and output moves, the summary lines and the scan-area figure's artists; then the whole step in process
+(readers, detector and worker pool stood in for). The end-to-end runs are in test_prepare.py."""
 from __future__ import annotations
 
 import csv
