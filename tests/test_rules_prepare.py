@@ -1,6 +1,7 @@
 """prepare.py's rules one function at a time, in process and fast (issue 16): every refusal fed its bad input and
 its message checked in full, the seeded picks and the split assignment at exact values, the manifest rows field by
-field, reuse and output moves. The end-to-end runs are in test_prepare.py."""
+field, reuse and output moves, the summary lines and the scan-area figure's artists; then the whole step in process
+(readers, detector and worker pool stood in for). The end-to-end runs are in test_prepare.py."""
 from __future__ import annotations
 
 import csv
@@ -8,10 +9,17 @@ import hashlib
 import io
 import json
 import os
+import time
+from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
+import matplotlib.colors
+import matplotlib.pyplot as plt
 import numpy as np
 import pytest
+from matplotlib.layout_engine import ConstrainedLayoutEngine
+from matplotlib.patches import Rectangle
 from PIL import Image
 
 from common.config import ConfigError
@@ -753,6 +761,79 @@ def test_a_scan_panel_of_a_file_gone_unreadable_is_left_out(tmp_path):
     assert prepare.scan_panel((row(source=str(tmp_path / "a.png"), frame=""), 10, ())) is None
 
 
+
+def drawn_figures(monkeypatch) -> list:
+    """save_figure stood in for: the (figure, path) pairs it was given, the figures left open to inspect."""
+    saved = []
+    monkeypatch.setattr(prepare, "save_figure", lambda fig, path: saved.append((fig, Path(path))))
+    return saved
+
+
+def test_the_scan_area_figure_tints_the_outside_boxes_the_crop_and_names_each_panel(tmp_path, monkeypatch):
+    saved = drawn_figures(monkeypatch)
+    long_name = "a_source_file_name_longer_than_thirty.png"
+    frames = [np.full((60, 80), v, np.uint8) for v in (10, 20, 30, 40)]
+    panels = [(row(**{"class": "liver"}, source=f"/x/{long_name}", frame="f30"), frames[0],
+               area({"calipers": True, "text": False, "color": True})),
+              (row(**{"class": "kidney"}, source="/x/k1.png", frame=""), frames[1], area()),
+              (row(**{"class": "kidney"}, source="/x/k2.png", frame="f2"), frames[2], area({"text": True})),
+              (row(**{"class": "kidney"}, source="/x/k3.png", frame=""), frames[3], area())]
+    prepare.scan_area_figure(panels, tmp_path)
+    (fig, path), = saved
+    assert path == tmp_path / "scan_area_samples.png"
+    assert isinstance(fig.get_layout_engine(), ConstrainedLayoutEngine)
+    assert tuple(fig.get_size_inches()) == (12.0, 6.8)  # 3 per class (kidney's count) x 2 classes
+    assert fig._suptitle.get_text() == ("originals: red tint = outside the detected scan area (blanked), yellow = crop "
+                                        "box")
+    axes = fig.axes
+    assert len(axes) == 6 and not any(ax.axison for ax in axes)
+    grid = [[ax.get_subplotspec().rowspan.start, ax.get_subplotspec().colspan.start] for ax in axes]
+    assert grid == [[0, 0], [0, 1], [0, 2], [1, 0], [1, 1], [1, 2]]  # classes sorted by row, panels along a row
+    outside = np.zeros((60, 80, 4))
+    outside[~area().mask] = (1.0, 0.0, 0.0, 0.35)
+    titles = ["kidney: k1.png\nfan, clean", "kidney: k2.png f2\nfan, text", "kidney: k3.png\nfan, clean",
+              f"liver: {(long_name + ' f30')[-30:]}\nfan, calipers,color"]
+    for ax, frame, title in zip(axes[:4], (frames[1], frames[2], frames[3], frames[0]), titles):
+        shown, tint = ax.images
+        assert np.array_equal(shown.get_array(), frame) and shown.get_cmap().name == "gray"
+        assert shown.get_clim() == (0, 255)
+        assert np.allclose(np.ma.filled(tint.get_array(), np.nan), outside)  # nothing masked: every pixel tinted
+        assert ax.get_title() == title and ax.title.get_fontsize() == 8
+        box, = ax.patches
+        assert isinstance(box, Rectangle) and not box.get_fill() and box.get_linewidth() == 1.0
+        assert (box.get_x(), box.get_y(), box.get_width(), box.get_height()) == (4.5, 9.5, 65, 40)
+        assert box.get_edgecolor() == matplotlib.colors.to_rgba("yellow")
+    assert all(len(ax.images) == len(ax.patches) == 0 for ax in axes[4:])  # liver has one panel: two stay empty
+    plt.close(fig)
+    prepare.scan_area_figure(panels[1:2], tmp_path)  # one panel: a 1 x 1 grid
+    fig = saved[-1][0]
+    assert len(fig.axes) == 1 and tuple(fig.get_size_inches()) == (4.0, 3.4)
+    plt.close(fig)
+
+
+def test_the_summary_prints_counts_splits_the_commonest_reasons_and_geometry_agreement(tmp_path, capsys):
+    reasons = [f"reason {i}" for i in range(9)]
+    rows = ([row(status="skipped", reason=r) for i, r in enumerate(reasons) for _ in range(9 - i)]
+            + [row(status="skipped", reason="reason 8")] * 2  # 3 of reason 8: above reason 6 and 7
+            + [row(status="ok", reason="not counted", geometry="fan", geometry_expected=g) for g in ("fan", "rect", "")]
+            + [row(status="ok", geometry="rect", geometry_expected="rect")]
+            + [row(status="skipped", geometry="fan", geometry_expected="fan", reason="reason 0")])
+    counts = {"train": {"liver": 2, "kidney": 5}, "val": {}, "test": {"kidney": 1}}
+    stats = {"files": 7, "processed": 3, "reused": 4, "ok": 6, "skipped": 2, "ignored": 1, "seconds": 12.345}
+    prepare._print_summary(rows, counts, stats, tmp_path)
+    assert capsys.readouterr().out.split("\n") == [
+        "7 files: 3 processed, 4 unchanged since the last run; 6 images kept, 2 skipped, 1 set aside (masks, "
+        "annotations, duplicates, refused paths) (12.3 s)",
+        "  train kidney=5  liver=2", "  val   ", "  test  kidney=1",
+        "  skipped 10x: reason 0", "  skipped 8x: reason 1", "  skipped 7x: reason 2", "  skipped 6x: reason 3",
+        "  skipped 5x: reason 4", "  skipped 4x: reason 5", "  skipped 3x: reason 6", "  skipped 3x: reason 8",
+        "  detected geometry matches the labelled one for 2/3 images",
+        f"manifest: {tmp_path / 'manifest.csv'}; plots: per_class_by_split.png, contact_sheets/, scan_area_samples.png",
+        ""]
+    prepare._print_summary([row(status="ok", geometry="fan")], counts, stats, tmp_path)  # no labelled geometry
+    assert "detected geometry" not in capsys.readouterr().out
+
+
 # ---------------------------------------------------------------- the whole step, in process
 
 @pytest.fixture
@@ -864,3 +945,207 @@ def test_a_file_listed_twice_in_one_dataset_is_set_aside_with_a_full_row(tmp_pat
     assert [src.path for _, src, _, _ in chosen] == [target]
     assert ignored == [row(source=str(root / "kidney" / "b.png"), dataset="d", status="skipped",
                            reason=f"same file as {target} (listed twice, e.g. through a symlink)")]
+
+
+def test_the_scan_area_figure_shows_seeded_picks_and_is_redrawn_only_when_needed(quick_run, monkeypatch):
+    _, out, go = quick_run
+    drawn, corners_seen = [], []
+
+    def figure(panels, folder):
+        drawn.append([(p[0]["source"], p[0]["frame"], p[1] is FRAME, p[2].box) for p in panels])
+        (folder / "scan_area_samples.png").write_bytes(b"png")
+
+    def detect(frame, overlay_corners=()):
+        corners_seen.append(overlay_corners)
+        return area()
+
+    real_list = prepare.list_sources
+
+    def list_with_corners(specs, cfg):  # the liver files declare an overlay box at the top left
+        chosen, ignored = real_list(specs, cfg)
+        return [(spec, replace(src, overlay_corners=("top_left",)) if cls == "liver" else src, cls, budget)
+                for spec, src, cls, budget in chosen], ignored
+
+    monkeypatch.setattr(prepare, "scan_area_figure", figure)
+    monkeypatch.setattr(prepare, "detect_scan_area", detect)
+    monkeypatch.setattr(prepare, "list_sources", list_with_corners)
+    go(scan_area_samples=2, seed=1)
+    rows = manifest_rows(out)
+    kept = {c: [r["source"] for r in rows if r["class"] == c and r["status"] == "ok"] for c in ("kidney", "liver")}
+    pick = sorted(np.random.default_rng([1, stable_int("kidney"), 1]).permutation(4)[:2])
+    expected = [(kept["kidney"][i], "", True, (5, 10, 70, 50)) for i in pick] + [(kept["liver"][0], "", True,
+                                                                                   (5, 10, 70, 50))]
+    assert drawn == [expected]
+    assert corners_seen[5:] == [(), (), ("top_left",)]  # 5 files processed, then the three panels re-detected
+    go(scan_area_samples=2, seed=1)  # every file reused and the figure there: not drawn again
+    assert len(drawn) == 1
+    (out / "scan_area_samples.png").unlink()
+    go(scan_area_samples=2, seed=1)
+    assert drawn[1:] == [expected]
+    (out / "scan_area_samples.png").unlink()
+    go(scan_area_samples=0)
+    assert len(drawn) == 2
+    (out / "scan_area_samples.png").write_bytes(b"png")
+    touch(out.parent / "set" / "kidney" / "p1" / "a.png", b"changed")  # one file processed again: redrawn
+    stats = go(scan_area_samples=1, seed=1)
+    assert stats["processed"] == 1 and len(drawn) == 3 and len(drawn[2]) == 2
+
+
+def test_a_run_clears_what_an_interrupted_run_left_and_says_so(quick_run, capsys):
+    _, out, go = quick_run
+    go()
+    capsys.readouterr()
+    old = touch(out / "train" / "kidney" / ".a.png.abcd1234.tmp")
+    fresh = touch(out / "train" / "kidney" / ".b.png.abcd1234.tmp")
+    os.utime(old, (time.time() - 3600, time.time() - 3600))
+    staged = touch(out / prepare.STAGING / "kidney" / "d__zz.png")
+    go()
+    assert capsys.readouterr().out.startswith("removed 1 temporary files left by an interrupted run\n")
+    assert not old.exists() and fresh.exists() and not staged.parent.parent.exists()
+    go()
+    assert "temporary files" not in capsys.readouterr().out
+
+
+def test_a_run_shows_its_progress_and_prints_its_summary(quick_run, monkeypatch, capsys):
+    _, out, go = quick_run
+    bars, updates = [], []
+    real_progress = prepare.progress
+
+    def recorded(*args, **kwargs):
+        bar = real_progress(*args, **{**kwargs, "disable": True})
+        bar.update = lambda *step: updates.append(step)
+        bars.append((args, kwargs))
+        return bar
+
+    monkeypatch.setattr(prepare, "progress", recorded)
+    monkeypatch.setattr(prepare, "time", SimpleNamespace(time=iter([100.0, 102.25]).__next__))
+    stats = go()
+    assert bars == [((), {"total": 5, "desc": "prepare", "unit": "file"})] and updates == [()] * 5
+    assert stats["seconds"] == 2.25
+    lines = capsys.readouterr().out.split("\n")
+    assert lines[1:] == [
+        "5 files: 5 processed, 0 unchanged since the last run; 5 images kept, 0 skipped, 1 set aside (masks, "
+        "annotations, duplicates, refused paths) (2.2 s)",
+        "  train kidney=2  liver=1", "  val   kidney=1", "  test  kidney=1",
+        f"manifest: {out / 'manifest.csv'}; plots: per_class_by_split.png, contact_sheets/, scan_area_samples.png", ""]
+
+
+def test_an_out_that_is_a_file_is_refused_by_name_before_anything_is_read(quick_run):
+    _, out, go = quick_run
+    out.write_bytes(b"not a folder")
+    with pytest.raises(ConfigError) as info:
+        go()
+    assert str(info.value) == f"--out: {out} exists and is not a folder"
+
+
+class FakePool:
+    """multiprocessing's fork context stood in for: a pool that runs everything here, in order, and records how it
+    was made and shut down."""
+
+    def __init__(self, log: list):
+        self.log = log
+
+    def Pool(self, processes, initializer, initargs):  # noqa: N802 (multiprocessing's name)
+        self.log.append(("Pool", processes, initializer, initargs))
+        initializer(*initargs)
+        return self
+
+    def imap(self, function, items):
+        self.log.append(("imap", function))
+        return map(function, items)
+
+    def apply_async(self, function, args):
+        self.log.append(("apply_async", function, len(args[0])))
+        result = function(*args)
+        return SimpleNamespace(get=lambda: self.log.append(("get",)) or result)
+
+    def close(self):
+        self.log.append(("close",))
+
+    def join(self):
+        self.log.append(("join",))
+
+
+def test_workers_zero_means_one_per_core_and_the_pool_draws_the_scan_area_figure(quick_run, monkeypatch):
+    _, out, go = quick_run
+    log, contexts = [], []
+    pool = FakePool(log)
+    monkeypatch.setattr(prepare.multiprocessing, "get_context", lambda method: contexts.append(method) or pool)
+    monkeypatch.setattr(prepare, "scan_area_figure", lambda panels, folder: log.append(("figure", len(panels))))
+    monkeypatch.setattr(prepare.os, "cpu_count", lambda: 3)
+    stats = go(workers=0, scan_area_samples=1)
+    assert stats["ok"] == 5 and contexts == ["fork"]
+    cfg = log[0][3][1]
+    assert log == [("Pool", 3, prepare._init_worker, (out, cfg)), ("imap", prepare._work),
+                   ("imap", prepare.scan_panel), ("apply_async", prepare.scan_area_figure, 2), ("figure", 2), ("get",),
+                   ("close",), ("join",)]
+    assert (cfg.out, cfg.workers, cfg.scan_area_samples) == (str(out), 0, 1)
+    log.clear()
+    go(workers=2, scan_area_samples=0)  # nothing to draw: no job for the pool
+    assert log == [("Pool", 2, prepare._init_worker, log[0][3]), ("imap", prepare._work), ("close",), ("join",)]
+    log.clear()
+    monkeypatch.setattr(prepare.os, "cpu_count", lambda: None)  # unknown: one process, no pool
+    go(workers=0, scan_area_samples=1, seed=1)
+    assert log == [("figure", 2)]
+    monkeypatch.setattr(prepare.os, "cpu_count", lambda: 1)
+    go(workers=0)
+    assert log == [("figure", 2)] and contexts == ["fork", "fork"]
+
+
+def test_the_manifest_and_the_figure_s_panels_are_sorted_whatever_order_the_files_came_in(quick_run, tmp_path,
+                                                                                          monkeypatch):
+    recipe, out, go = quick_run
+    for rel in ("kidney/p9/a.png", "kidney/p9/a_mask.png"):
+        touch(tmp_path / "set_z" / rel, rel.encode())
+    recipe.write_text(json.dumps({"datasets": [  # zeta listed first
+        {"name": "zeta", "adapter": "folder", "root": "set_z", "options": {"subject": "parent"}},
+        {"name": "alpha", "adapter": "folder", "root": "set", "options": {"subject": "parent"}}]}))
+    clip = tmp_path / "set_z" / "kidney" / "p9" / "a.png"
+    reads = []
+    monkeypatch.setattr(prepare, "read_frames", lambda path, video_stride=10, max_frames=None: reads.append(
+        (video_stride, max_frames)) or iter([("f2", FRAME), ("f10", FRAME)] if Path(path) == clip else [("", FRAME)]))
+    drawn = []
+    monkeypatch.setattr(prepare, "scan_area_figure", lambda panels, folder: drawn.append(
+        [(p[0]["dataset"], Path(p[0]["source"]).name, p[0]["frame"]) for p in panels]))
+    go(scan_area_samples=6, video_stride=4, max_frames_per_file=3)
+    # each file read with the stride and its share of the frame budget, then the 7 panels' frames found again
+    assert reads == [(4, 3)] * 6 + [(4, None)] * 7
+    listed = [(r["dataset"], Path(r["source"]).name, r["frame"], r["status"]) for r in manifest_rows(out)]
+    assert listed == [("alpha", n, "", "ok") for n in ("a.png", "b.png", "c.png", "d.png", "e.png")] + [
+        ("zeta", "a.png", "f10", "ok"), ("zeta", "a.png", "f2", "ok"),  # frame keys sort as text
+        ("alpha", "e_mask.png", "", "skipped"), ("zeta", "a_mask.png", "", "skipped")]
+    assert drawn == [[("alpha", n, "") for n in ("a.png", "b.png", "c.png", "d.png")]
+                     + [("zeta", "a.png", "f10"), ("zeta", "a.png", "f2"), ("alpha", "e.png", "")]]
+
+
+def test_a_run_from_a_relative_recipe_reuses_and_a_lost_output_of_a_gone_source_is_no_error(quick_run, tmp_path,
+                                                                                             monkeypatch):
+    _, out, go = quick_run
+    monkeypatch.chdir(tmp_path)
+    go(recipe="recipe.json", out="out")  # sources listed as set/kidney/..., the manifest holds absolute paths
+    assert all(Path(r["source"]).is_absolute() for r in manifest_rows(out))
+    assert go(recipe="recipe.json", out="out")["reused"] == 5
+    gone = next(r for r in manifest_rows(out) if r["source"].endswith("d.png"))
+    (tmp_path / "set" / "kidney" / "p3" / "d.png").unlink()
+    (out / gone["output"]).unlink()  # its output lost too: nothing left to delete
+    assert go(recipe="recipe.json", out="out")["files"] == 4
+
+
+def test_a_file_that_cannot_be_read_is_counted_as_skipped_and_weighs_nothing_in_the_split(quick_run, monkeypatch,
+                                                                                          capsys):
+    _, out, go = quick_run
+
+    def read_frames(path, video_stride=10, max_frames=None):
+        if Path(path).name == "c.png":
+            raise UnreadableFileError(path, "not an image")
+        return iter([("", FRAME)])
+
+    monkeypatch.setattr(prepare, "read_frames", read_frames)
+    stats = go()
+    assert {k: v for k, v in stats.items() if k != "seconds"} == {
+        "files": 5, "processed": 5, "reused": 0, "ok": 4, "skipped": 1, "ignored": 1}
+    assert "  skipped 1x: not an image\n" in capsys.readouterr().out
+    rows = {Path(r["source"]).name: r for r in manifest_rows(out)}
+    assert (rows["c.png"]["status"], rows["c.png"]["split"], rows["c.png"]["output"]) == ("skipped", "", "")
+    # kidney: p1 (2 images) to train, p3 (1) to the split furthest below its share; p2 gave none and has no split
+    assert [rows[n]["split"] for n in ("a.png", "b.png", "d.png", "e.png")] == ["train", "train", "val", "train"]

@@ -197,6 +197,8 @@ def test_a_fresh_model_takes_every_architecture_constant():
     assert model.config == dict(vocab_size=24, z_channels=4, ch=32, ch_mult=[1, 2], num_res_blocks=1, dropout=0.1,
                                 beta=0.4, using_znorm=False, phi_ratio=0.3, phi_share=2, scales=[1, 2, 4],
                                 in_channels=3)
+    grey = train_vqvae.build_model(small_config(in_channels=1))  # not VQVAE's default of 3
+    assert grey.config["in_channels"] == 1 and grey.encoder.conv_in.in_channels == 1
 
 
 def test_starting_from_the_reference_passes_the_quantizer_settings_and_refuses_another_architecture(monkeypatch):
@@ -215,6 +217,12 @@ def test_starting_from_the_reference_passes_the_quantizer_settings_and_refuses_a
         train_vqvae.build_model(small_config(init_from_upstream="ref.pth", ch=64, ch_mult=(1, 1), in_channels=1))
     assert str(err.value) == ("ref.pth: its architecture differs from this config (ch: 32 vs 64, ch_mult: [1, 2] vs "
                               "[1, 1], in_channels: 3 vs 1); run with --ch=32 --ch_mult=1,2 --in_channels=3")
+    with pytest.raises(ValueError) as err:
+        train_vqvae.build_model(small_config(init_from_upstream="ref.pth", vocab_size=32, z_channels=8,
+                                             num_res_blocks=2, phi_share=0))
+    assert str(err.value) == ("ref.pth: its architecture differs from this config (vocab_size: 24 vs 32, z_channels: 4 "
+                              "vs 8, num_res_blocks: 1 vs 2, phi_share: 2 vs 0); run with --vocab_size=24 "
+                              "--z_channels=4 --num_res_blocks=1 --phi_share=2")
 
 
 def test_usage_and_perplexity_per_scale():
@@ -223,6 +231,7 @@ def test_usage_and_perplexity_per_scale():
     assert usage == [0.5, 1.0, 0.0]
     entropy = -(0.75 * math.log(0.75) + 0.25 * math.log(0.25))
     assert perplexity == pytest.approx([math.exp(entropy), 4.0, 1.0])  # an unused scale: 1, not a division by 0
+    assert train_vqvae.usage_stats(torch.tensor([[0, 1, 0, 0]])) == ([0.25], [1.0])  # one hit: one code, certain
 
 
 def test_grid_images_take_every_class_s_first_image_then_the_second():
