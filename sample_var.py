@@ -24,6 +24,7 @@ import csv
 import io
 import json
 import sys
+import zipfile
 from dataclasses import astuple, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -251,7 +252,7 @@ def load_finished_point(point_dir: Path, expected: str) -> dict[str, np.ndarray]
     try:
         with np.load(marker, allow_pickle=False) as data:
             arrays = {k: data[k] for k in data.files}
-    except (OSError, ValueError, EOFError):
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile):
         return None
     if str(arrays.get("fingerprint")) != expected:
         return None
