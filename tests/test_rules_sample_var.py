@@ -122,7 +122,10 @@ def token_set(n_rows: int = 10, seed: int = 0) -> TokenSet:
                     classes=list(CLASSES), vqvae_sha256="0" * 64, vqvae_config={})
 
 
-def test_teachers_are_a_seeded_draw_without_replacement_from_the_class_s_images_of_the_split(capsys):
+def test_teachers_are_a_seeded_draw_without_replacement_from_the_class_s_images_of_the_split(capsys, monkeypatch):
+    printed = []
+    monkeypatch.setattr(sample_var, "print", lambda *args, **kwargs: printed.append(kwargs) or print(*args, **kwargs),
+                        raising=False)
     tokens = token_set()
     chosen = sample_var.choose_teachers(tokens, "test", 2, 3, seed=4)
     members = {0: np.array([1, 3, 5, 7]), 1: np.array([2, 9])}
@@ -131,6 +134,7 @@ def test_teachers_are_a_seeded_draw_without_replacement_from_the_class_s_images_
     assert chosen == expected
     assert len(set(chosen[0])) == 3 and set(chosen[1]) == {2, 9}
     assert capsys.readouterr().out == "note: class 'b' has 2 images in split 'test': 2 teachers instead of 3\n"
+    assert printed == [{"flush": True}]  # seen at once, also when piped
     assert sample_var.choose_teachers(tokens, "test", 2, 3, seed=4) == chosen
     capsys.readouterr()
     draws = {tuple(sample_var.choose_teachers(tokens, "test", 2, 2, seed=s)[0]) for s in range(8)}
@@ -280,7 +284,9 @@ class Bar:
 def test_a_point_is_sampled_in_batches_saved_by_name_and_marked_finished_last(tmp_path, monkeypatch):
     calls = []
 
-    def fake_sample_jobs(var, vqvae, tokens, point, jobs, config, precision):
+    def fake_sample_jobs(*args):
+        var, vqvae, tokens, point, jobs, config, precision = args
+        assert (var, vqvae, tokens, point, config, precision) == passed
         calls.append([j.sample for j in jobs])
         images = np.stack([tile(j.label * 100 + j.teacher * 10 + j.sample + 10) for j in jobs])
         return images, np.array([[j.sample, j.seed % 1000] for j in jobs], np.int64)
@@ -293,8 +299,10 @@ def test_a_point_is_sampled_in_batches_saved_by_name_and_marked_finished_last(tm
     (point_dir / "a").mkdir(parents=True)
     (point_dir / "a" / "t05_s00.png").write_bytes(b"left by an older run")
     (point_dir / "tokens.npz").write_bytes(b"outdated marker")
-    bar = Bar()
-    arrays = sample_var.run_point(point, jobs, None, None, token_set(), config, None, tmp_path, "the fp", bar)
+    bar, tokens = Bar(), token_set()
+    passed = ("the var", "the vqvae", tokens, point, config, "the precision")
+    arrays = sample_var.run_point(point, jobs, "the var", "the vqvae", tokens, config, "the precision", tmp_path,
+                                  "the fp", bar)
     assert calls == [[0, 1, 0], [1, 0, 1]] and bar.updates == [3, 3]
     names = ["a/t00_s00.png", "a/t00_s01.png", "a/t01_s00.png", "a/t01_s01.png", "b/t00_s00.png", "b/t00_s01.png"]
     assert sorted(p.relative_to(point_dir).as_posix() for p in point_dir.rglob("*.png")) == names
