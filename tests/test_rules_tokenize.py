@@ -89,12 +89,12 @@ def test_main_sets_the_threads_and_ends_a_refused_input_with_its_message(monkeyp
     monkeypatch.setattr(tok, "tokenize", refused)
     monkeypatch.setattr(tok, "validate", lambda cfg: None)
     with pytest.raises(SystemExit) as exit_info:
-        tok.main(["--cpu_threads=3", "--vqvae=q.pth"])
+        tok.main(["--cpu_threads=1", "--vqvae=q.pth"])
     assert str(exit_info.value) == "error: q.pth: checkpoint file does not exist"
-    assert threads == [3] and seen[0].vqvae == "q.pth"
+    assert threads == [1] and seen[0].vqvae == "q.pth"
     with pytest.raises(SystemExit):
         tok.main(["--cpu_threads=0"])
-    assert threads == [3]  # 0: torch's default, untouched
+    assert threads == [1]  # 0: torch's default, untouched
 
 
 def crop_boxes(monkeypatch) -> list:
