@@ -211,7 +211,7 @@ def test_a_tp_grid_puts_each_framed_teacher_before_its_samples_and_pads_short_ro
     expected = [sample_var.framed(tile(100)), tile(10), tile(20), sample_var.framed(tile(110)), tile(30), tile(40),
                 sample_var.framed(tile(120)), tile(50), tile(60), white, white, white]
     assert drawn["ncols"] == 6
-    assert np.array_equal(drawn["tiles"], np.stack(expected))
+    assert np.array_equal(drawn["tiles"], np.stack(expected)) and drawn["tiles"].dtype == np.uint8  # white blanks too
     assert drawn["title"] == ("TP_K1_cfg0: first 1 scales from the teacher (red frame), the rest sampled; 2 per "
                               "teacher; cfg 0, top-k 0, top-p 0.0, temperature 1")
 
@@ -347,13 +347,13 @@ def point_result(point: sample_var.Point, jobs: list[sample_var.Job], idx_value:
 def test_the_merged_token_arrays_follow_the_sweep_with_each_row_s_point_and_teacher_source():
     config = sample_var.Config(samples_per_class=1, samples_per_teacher=1, seed=1)
     points = [sample_var.Point(0, 1.5), sample_var.Point(2, 0.5)]
-    jobs = [sample_var.point_jobs(points[0], config, 2, {}), sample_var.point_jobs(points[1], config, 2, {0: [3], 1: [9]})]
+    jobs = [sample_var.point_jobs(points[0], config, 2, {}), sample_var.point_jobs(points[1], config, 2, {0: [0], 1: [9]})]
     results = [point_result(p, j, v) for p, j, v in zip(points, jobs, (4, 7))]
     tokens = token_set()
     merged = sample_var.merged_arrays(points, results, tokens, {"var": "v1", "vqvae": "q1", "tokens": "t1"})
     assert sorted(merged) == sorted([*sample_var._ROW_ARRAYS, "idx", "scales", "point", "coarse_k", "cfg", "image_path",
                                      "teacher_source", "classes", "var_sha256", "vqvae_sha256", "tokens_sha256"])
-    assert merged["label"].tolist() == [0, 1, 0, 1] and merged["teacher_row"].tolist() == [-1, -1, 3, 9]
+    assert merged["label"].tolist() == [0, 1, 0, 1] and merged["teacher_row"].tolist() == [-1, -1, 0, 9]
     assert merged["seed"].tolist() == [j.seed for js in jobs for j in js]
     assert merged["idx"].tolist() == [[4] * 3] * 2 + [[7] * 3] * 2
     assert merged["scales"].tolist() == [1, 2, 3] and merged["scales"].dtype == np.int64
@@ -362,7 +362,7 @@ def test_the_merged_token_arrays_follow_the_sweep_with_each_row_s_point_and_teac
     assert merged["cfg"].tolist() == [1.5, 1.5, 0.5, 0.5] and merged["cfg"].dtype == np.float64
     assert merged["image_path"].tolist() == ["NOP_cfg1.5/a/s000.png", "NOP_cfg1.5/b/s000.png",
                                              "TP_K2_cfg0.5/a/t00_s00.png", "TP_K2_cfg0.5/b/t00_s00.png"]
-    assert merged["teacher_source"].tolist() == ["", "", "a/img3.png", "b/img9.png"]
+    assert merged["teacher_source"].tolist() == ["", "", "a/img0.png", "b/img9.png"]  # row 0 is a teacher too
     assert merged["classes"].tolist() == CLASSES
     assert [str(merged[k]) for k in ("var_sha256", "vqvae_sha256", "tokens_sha256")] == ["v1", "q1", "t1"]
 
@@ -380,7 +380,7 @@ def test_the_manifest_has_a_row_per_image_with_what_regenerates_it(tmp_path):
                 f"NOP_cfg1.5/a/s000.png,NOP_cfg1.5,NOP,0,1.5,a,0,-1,-1,,0,{seeds[0]},3,0.5,0.8,fp32,cpu\n"
                 f"TP_K3_cfg0/a/t00_s00.png,TP_K3_cfg0,TP,3,0,a,0,0,5,a/img5.png,0,{seeds[1]},3,0.5,0.8,fp32,cpu\n"
                 f"TP_K3_cfg0/a/t00_s01.png,TP_K3_cfg0,TP,3,0,a,0,0,5,a/img5.png,1,{seeds[2]},3,0.5,0.8,fp32,cpu\n")
-    assert (tmp_path / "m.csv").read_text() == expected
+    assert (tmp_path / "m.csv").read_bytes() == expected.encode()  # "\n" line ends, as every file of the project
     assert len(list(csv.DictReader(io.StringIO(expected)))) == 3
 
 
