@@ -371,15 +371,15 @@ def test_the_manifest_has_a_row_per_image_with_what_regenerates_it(tmp_path):
     config = sample_var.Config(samples_per_class=1, samples_per_teacher=2, seed=1, top_k=3, top_p=0.5,
                                temperature=0.8)
     points = [sample_var.Point(0, 1.5), sample_var.Point(3, 0.0)]
-    jobs = [sample_var.point_jobs(points[0], config, 1, {}), sample_var.point_jobs(points[1], config, 1, {0: [5]})]
+    jobs = [sample_var.point_jobs(points[0], config, 1, {}), sample_var.point_jobs(points[1], config, 1, {0: [0]})]
     results = [point_result(p, j, 0) for p, j in zip(points, jobs)]
     sample_var.write_manifest(tmp_path / "m.csv", points, results, token_set(), config, precision_of())
     seeds = [j.seed for js in jobs for j in js]
     expected = ("path,point,mode,coarse_k,cfg,class,label,teacher,teacher_row,teacher_source,sample,seed,top_k,top_p,"
                 "temperature,precision,device\n"
                 f"NOP_cfg1.5/a/s000.png,NOP_cfg1.5,NOP,0,1.5,a,0,-1,-1,,0,{seeds[0]},3,0.5,0.8,fp32,cpu\n"
-                f"TP_K3_cfg0/a/t00_s00.png,TP_K3_cfg0,TP,3,0,a,0,0,5,a/img5.png,0,{seeds[1]},3,0.5,0.8,fp32,cpu\n"
-                f"TP_K3_cfg0/a/t00_s01.png,TP_K3_cfg0,TP,3,0,a,0,0,5,a/img5.png,1,{seeds[2]},3,0.5,0.8,fp32,cpu\n")
+                f"TP_K3_cfg0/a/t00_s00.png,TP_K3_cfg0,TP,3,0,a,0,0,0,a/img0.png,0,{seeds[1]},3,0.5,0.8,fp32,cpu\n"
+                f"TP_K3_cfg0/a/t00_s01.png,TP_K3_cfg0,TP,3,0,a,0,0,0,a/img0.png,1,{seeds[2]},3,0.5,0.8,fp32,cpu\n")
     assert (tmp_path / "m.csv").read_bytes() == expected.encode()  # "\n" line ends, as every file of the project
     assert len(list(csv.DictReader(io.StringIO(expected)))) == 3
 
