@@ -15,12 +15,12 @@ import pytest
 import torch
 
 import sample_var
-from common.config import ConfigError
+from common.checkpoint import CheckpointError
 from common.image_data import read_image, to_rgb_uint8
 from common.io import atomic_torch_save, file_sha256
 from common.plotting import save_image
 from common.runtime import select_precision
-from common.tokens import TokenSet, load_tokens, save_tokens
+from common.tokens import TokenFileError, TokenSet, load_tokens, save_tokens
 from models.var import VAR
 from models.vqvae import VQVAE
 
@@ -431,6 +431,9 @@ def kit(tmp_path_factory) -> dict:
             "vqvae_path": str(root / "vqvae.pth"), "vqvae_sha256": file_sha256(root / "vqvae.pth"),
             "tokens_path": str(root / "tokens.npz")}
     atomic_torch_save(ckpt, root / "var.pth")
+    torch.manual_seed(5)
+    other = VQVAE(vocab_size=32, z_channels=8, ch=32, ch_mult=(1, 1), num_res_blocks=1, scales=SCALES)
+    atomic_torch_save({"model": other.state_dict(), "model_config": other.config}, root / "other_vqvae.pth")
     config = sample_var.Config(var=str(root / "var.pth"), vqvae=str(root / "vqvae.pth"), tokens=str(root / "tokens.npz"),
                                data_dir=str(root / "data"))
     return {"root": root, "vqvae": vqvae, "var": var.eval(), "ckpt": ckpt, "config": config,
@@ -467,12 +470,23 @@ def test_a_var_trained_on_other_tokens_classes_or_scales_is_refused(kit, tmp_pat
                                   f"{config.tokens} has 2 classes and scales (1, 2, 3)")
 
 
+def test_tokens_of_another_vqvae_and_weights_that_do_not_fit_are_refused_by_file(kit):
+    recorded = {"vqvae_sha256": None, "classes": None}
+    other = replace(kit["config"], vqvae=str(kit["root"] / "other_vqvae.pth"))
+    with pytest.raises(TokenFileError, match=r"re-run tokenize_multiscale_maps\.py"):
+        sample_var.load_models(other, kit["ckpt"], recorded, CPU)
+    state = {k: v for k, v in kit["ckpt"]["model"].items() if k != "head.weight"}
+    with pytest.raises(CheckpointError) as err:
+        sample_var.load_models(kit["config"], {**kit["ckpt"], "model": state}, recorded, CPU)
+    assert str(err.value).startswith(f"{kit['config'].var}: weights do not fit its model_config: ")
+
+
 def test_the_output_folder_is_made_and_another_script_s_folder_is_refused(tmp_path):
     out = tmp_path / "deep" / "samples"
     sample_var.check_out(out)
     assert out.is_dir()
-    (out / "config.json").write_text(json.dumps({"var": "v", "teacher_split": "test", "coarse_ks": [], "cfg": [1]}))
-    sample_var.check_out(out)  # our own earlier run
+    (out / "config.json").write_text(json.dumps({"var": "v", "teacher_split": "test", "coarse_ks": []}))
+    sample_var.check_out(out)  # our own earlier run (the three keys suffice)
     refused = f"{out}: holds a config.json that sample_var.py did not write; choose another --out"
     for foreign in ({"var": "v", "teacher_split": "test"}, {"teacher_split": "t", "coarse_ks": []},
                     {"var": "v", "coarse_ks": []}, [1, 2], 3, "not json {"):
