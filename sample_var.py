@@ -24,6 +24,7 @@ import csv
 import io
 import json
 import sys
+import zipfile
 from dataclasses import astuple, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -121,6 +122,16 @@ def image_seed(seed: int, label: int, teacher: int, sample: int) -> int:
     return (int(a) << 31) ^ int(b)
 
 
+def sweep_points(config: Config, num_scales: int) -> list[Point]:
+    """The sweep: NOP, then TP at each k of coarse_ks (every k from 1 to all scales when empty), each at every
+    guidance value; a k beyond the VAR's scales is refused."""
+    if any(k > num_scales for k in config.coarse_ks):
+        raise SampleVarError(f"--coarse_ks: must be in [1, {num_scales}] (the VAR has {num_scales} scales), "
+                             f"got {config.coarse_ks}")
+    ks = ([0] if config.nop else []) + (list(config.coarse_ks or range(1, num_scales + 1)) if config.tp else [])
+    return [Point(k, g) for k in ks for g in config.cfg]
+
+
 def choose_teachers(tokens: TokenSet, split: str, num_classes: int, per_class: int, seed: int) -> dict[int, list[int]]:
     """Per class, the token-file rows of its teachers: a seeded draw from the class's images in the split."""
     rows = np.flatnonzero(tokens.split == split)
@@ -156,6 +167,25 @@ def decode_one_by_one(vqvae: VQVAE, idx_list: list[torch.Tensor]) -> np.ndarray:
     device = next(vqvae.parameters()).device
     return np.concatenate([to_rgb_uint8(vqvae.idx_to_img([m[i:i + 1].to(device) for m in idx_list]))
                            for i in range(len(idx_list[0]))])
+
+
+def save_teachers(teachers: dict[int, list[int]], tokens: TokenSet, vqvae: VQVAE, config: Config,
+                  out: Path) -> dict[int, list[np.ndarray]]:
+    """Per class, its teachers' real images at the model's size, saved with their VQ-VAE reconstructions."""
+    teacher_images: dict[int, list[np.ndarray]] = {}
+    for label, rows in teachers.items():
+        teacher_images[label] = []
+        recons = decode_one_by_one(vqvae, tokens.idx_list(rows))  # like every sample: TP at k = all gives these
+        for t, (row, recon) in enumerate(zip(rows, recons)):
+            source = Path(config.data_dir) / tokens.source[row]
+            if not source.is_file():
+                raise SampleVarError(f"{source}: teacher image missing; --data_dir must be the processed set that "
+                                     f"{config.tokens} was made from")
+            image = read_image(source, vqvae.image_size)
+            teacher_images[label].append(image)
+            save_image(image, out / "teachers" / tokens.classes[label] / f"t{t:02d}.png")
+            save_image(recon, out / "teachers_recon" / tokens.classes[label] / f"t{t:02d}.png")
+    return teacher_images
 
 
 @torch.no_grad()
@@ -222,7 +252,7 @@ def load_finished_point(point_dir: Path, expected: str) -> dict[str, np.ndarray]
     try:
         with np.load(marker, allow_pickle=False) as data:
             arrays = {k: data[k] for k in data.files}
-    except (OSError, ValueError, EOFError):
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile):
         return None
     if str(arrays.get("fingerprint")) != expected:
         return None
@@ -306,6 +336,22 @@ def check_out(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
+def merged_arrays(points: list[Point], results: list[dict[str, np.ndarray]], tokens: TokenSet,
+                  shas: dict[str, str]) -> dict[str, np.ndarray]:
+    """samples_tokens.npz: the points' rows in sweep order, each with its point, k, guidance, path under out and
+    teacher's source file, and the inputs' checksums."""
+    merged = {name: np.concatenate([r[name] for r in results]) for name in (*_ROW_ARRAYS, "idx")}
+    rows = merged["teacher_row"]
+    return {**merged, "scales": np.asarray(tokens.scales, dtype=np.int64),
+            "point": np.concatenate([[p.name] * len(r["label"]) for p, r in zip(points, results)]),
+            "coarse_k": np.concatenate([[p.k] * len(r["label"]) for p, r in zip(points, results)]).astype(np.int64),
+            "cfg": np.concatenate([[p.cfg] * len(r["label"]) for p, r in zip(points, results)]).astype(np.float64),
+            "image_path": np.concatenate([[f"{p.name}/{f}" for f in r["image_path"]] for p, r in zip(points, results)]),
+            "teacher_source": np.where(rows >= 0, tokens.source[np.maximum(rows, 0)], ""),
+            "classes": np.asarray(tokens.classes), "var_sha256": np.asarray(shas["var"]),
+            "vqvae_sha256": np.asarray(shas["vqvae"]), "tokens_sha256": np.asarray(shas["tokens"])}
+
+
 def write_manifest(path: Path, points: list[Point], results: list[dict[str, np.ndarray]], tokens: TokenSet,
                    config: Config, precision: Precision) -> None:
     buffer = io.StringIO()
@@ -333,30 +379,12 @@ def sample(config: Config) -> None:
     config, recorded = resolve_inputs(config, ckpt)
     var, vqvae, tokens = load_models(config, ckpt, recorded, device)
     del ckpt  # the VAR holds the weights now
-    num_scales = len(tokens.scales)
-    if any(k > num_scales for k in config.coarse_ks):
-        raise SampleVarError(f"--coarse_ks: must be in [1, {num_scales}] (the VAR has {num_scales} scales), "
-                             f"got {config.coarse_ks}")
+    points = sweep_points(config, len(tokens.scales))
     save_config(config, out)
     classes = tokens.classes
-    ks = ([0] if config.nop else []) + (list(config.coarse_ks or range(1, num_scales + 1)) if config.tp else [])
-    points = [Point(k, g) for k in ks for g in config.cfg]
     teachers = choose_teachers(tokens, config.teacher_split, len(classes), config.teachers_per_class, config.seed) \
         if config.tp else {}
-
-    teacher_images: dict[int, list[np.ndarray]] = {}
-    for label, rows in teachers.items():
-        teacher_images[label] = []
-        recons = decode_one_by_one(vqvae, tokens.idx_list(rows))  # like every sample: TP at k = all gives these
-        for t, (row, recon) in enumerate(zip(rows, recons)):
-            source = Path(config.data_dir) / tokens.source[row]
-            if not source.is_file():
-                raise SampleVarError(f"{source}: teacher image missing; --data_dir must be the processed set that "
-                                     f"{config.tokens} was made from")
-            image = read_image(source, vqvae.image_size)
-            teacher_images[label].append(image)
-            save_image(image, out / "teachers" / classes[label] / f"t{t:02d}.png")
-            save_image(recon, out / "teachers_recon" / classes[label] / f"t{t:02d}.png")
+    teacher_images = save_teachers(teachers, tokens, vqvae, config, out)
 
     shas = {"var": file_sha256(config.var), "vqvae": tokens.vqvae_sha256, "tokens": file_sha256(config.tokens)}
     all_jobs = [point_jobs(p, config, len(classes), teachers) for p in points]
@@ -379,19 +407,11 @@ def sample(config: Config) -> None:
         results.append(arrays)
     bar.close()
 
-    merged = {name: np.concatenate([r[name] for r in results]) for name in (*_ROW_ARRAYS, "idx")}
-    rows = merged["teacher_row"]
-    atomic_save_npz(out / "samples_tokens.npz", **merged, scales=np.asarray(tokens.scales, dtype=np.int64),
-                    point=np.concatenate([[p.name] * len(r["label"]) for p, r in zip(points, results)]),
-                    coarse_k=np.concatenate([[p.k] * len(r["label"]) for p, r in zip(points, results)]).astype(np.int64),
-                    cfg=np.concatenate([[p.cfg] * len(r["label"]) for p, r in zip(points, results)]).astype(np.float64),
-                    image_path=np.concatenate([[f"{p.name}/{f}" for f in r["image_path"]] for p, r in zip(points, results)]),
-                    teacher_source=np.where(rows >= 0, tokens.source[np.maximum(rows, 0)], ""),
-                    classes=np.asarray(classes), var_sha256=np.asarray(shas["var"]),
-                    vqvae_sha256=np.asarray(shas["vqvae"]), tokens_sha256=np.asarray(shas["tokens"]))
+    merged = merged_arrays(points, results, tokens, shas)
+    atomic_save_npz(out / "samples_tokens.npz", **merged)
     write_manifest(out / "samples_manifest.csv", points, results, tokens, config, precision)
-    print(f"wrote {len(rows)} images of {len(points)} sweep points to {out} (samples_manifest.csv, samples_tokens.npz, "
-          f"grids/)", flush=True)
+    print(f"wrote {len(merged['label'])} images of {len(points)} sweep points to {out} (samples_manifest.csv, "
+          "samples_tokens.npz, grids/)", flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:

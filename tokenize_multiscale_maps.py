@@ -26,6 +26,7 @@ import json
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -38,9 +39,9 @@ from common.config import (DEVICE, PRECISION, ConfigError, Rule, at_least, betwe
 from common.image_data import SPLITS, ImageDataError, ImageSplit, list_classes, read_image, to_tensor
 from common.io import file_sha256, files_fingerprint, remove_stale_temp_files
 from common.progress import progress
-from common.runtime import DeviceError, pick_device, select_precision
+from common.runtime import DeviceError, Precision, pick_device, select_precision
 from common.tokens import is_token_file, made_from_of, save_tokens
-from models.vqvae import load_vqvae
+from models.vqvae import VQVAE, load_vqvae
 
 
 @dataclass
@@ -123,6 +124,44 @@ class AugmentedCopies(Dataset):
         return torch.stack([to_tensor(c) for c in copies]), label
 
 
+def check_vocab(model: VQVAE, path: Path) -> None:
+    """The token ids must fit the file's int16 maps."""
+    if model.config["vocab_size"] > np.iinfo(np.int16).max + 1:
+        raise CheckpointError(f"{path}: vocab {model.config['vocab_size']} does not fit the int16 token format")
+
+
+def augmentation_record(cfg: Config, classes: list[str]) -> dict[str, Any]:
+    """The augmentation settings the tokens depend on: the copies and, when there are augmented ones, the crop, the
+    shift, the seed and the classes of this set that are mirrored."""
+    augmentation: dict[str, Any] = {"copies": cfg.aug_copies}
+    if cfg.aug_copies > 1:
+        augmentation.update(min_area=cfg.aug_min_area, max_shift=cfg.aug_max_shift, seed=cfg.aug_seed,
+                            hflip=[c for c in classes if c in cfg.aug_hflip_classes])
+    return augmentation
+
+
+def made_from_record(sha: str, precision: Precision, splits: dict[str, ImageSplit], data_dir: str,
+                     augmentation: dict[str, Any]) -> str:
+    """What the tokens are a function of (the VQ-VAE, the precision and device, every image, the augmentation): a
+    token file that records the same is up to date."""
+    return json.dumps({"vqvae_sha256": sha, "precision": precision.name, "device": precision.device.type,
+                       "images": files_fingerprint([p for d in splits.values() for p in d.paths], data_dir),
+                       "augmentation": augmentation})
+
+
+def copies_per_batch(cfg: Config) -> int:
+    """Images whose augmented copies make about one batch of batch_size (at least one image)."""
+    return max(1, cfg.batch_size // (cfg.aug_copies - 1))
+
+
+def copy_maps(model: VQVAE, copies: torch.Tensor, precision: Precision) -> list[np.ndarray]:
+    """The augmented copies (B, A, 3, S, S) of B images -> per scale, their int16 token maps (B, A, pn, pn)."""
+    b, a = copies.shape[:2]
+    with precision.autocast():
+        idx_list = model.img_to_idx(copies.flatten(0, 1).to(precision.device))
+    return [idx.to(torch.int16).cpu().numpy().reshape(b, a, *idx.shape[1:]) for idx in idx_list]
+
+
 @torch.no_grad()
 def tokenize(cfg: Config) -> None:
     vqvae_path, out = Path(cfg.vqvae), Path(cfg.out)
@@ -135,17 +174,11 @@ def tokenize(cfg: Config) -> None:
     # The side the network works at (scales[-1] x its downsampling): a checkpoint converted from the reference
     # has no training config, and one of train_vqvae.py was trained at exactly this side.
     image_size = model.image_size
-    if model.config["vocab_size"] > np.iinfo(np.int16).max + 1:
-        raise CheckpointError(f"{vqvae_path}: vocab {model.config['vocab_size']} does not fit the int16 token format")
+    check_vocab(model, vqvae_path)
     classes = list_classes(cfg.data_dir)
     splits = {split: ImageSplit(cfg.data_dir, split, image_size, classes) for split in SPLITS}
-    augmentation = {"copies": cfg.aug_copies}
-    if cfg.aug_copies > 1:
-        augmentation.update(min_area=cfg.aug_min_area, max_shift=cfg.aug_max_shift, seed=cfg.aug_seed,
-                            hflip=[c for c in classes if c in cfg.aug_hflip_classes])
-    made_from = json.dumps({"vqvae_sha256": sha, "precision": precision.name, "device": device.type,
-                            "images": files_fingerprint([p for d in splits.values() for p in d.paths], cfg.data_dir),
-                            "augmentation": augmentation})
+    augmentation = augmentation_record(cfg, classes)
+    made_from = made_from_record(sha, precision, splits, cfg.data_dir, augmentation)
     if made_from_of(out) == made_from:
         print(f"{out}: up to date (same VQ-VAE, images and settings); nothing to do")
         return
@@ -174,15 +207,11 @@ def tokenize(cfg: Config) -> None:
     if cfg.aug_copies > 1:
         print(f"augmenting train: {cfg.aug_copies - 1} copies per image; mirrored: {augmentation['hflip'] or 'no class'}")
         aug_maps = [[] for _ in model.scales]
-        per_batch = max(1, cfg.batch_size // (cfg.aug_copies - 1))  # images whose copies make about one batch
-        loader = DataLoader(AugmentedCopies(splits["train"], cfg), batch_size=per_batch, shuffle=False,
+        loader = DataLoader(AugmentedCopies(splits["train"], cfg), batch_size=copies_per_batch(cfg), shuffle=False,
                             num_workers=cfg.num_workers)
         for copies, _ in progress(loader, desc="tokenizing train copies"):
-            b, a = copies.shape[:2]
-            with precision.autocast():
-                idx_list = model.img_to_idx(copies.flatten(0, 1).to(device))
-            for k, idx in enumerate(idx_list):
-                aug_maps[k].append(idx.to(torch.int16).cpu().numpy().reshape(b, a, *idx.shape[1:]))
+            for k, m in enumerate(copy_maps(model, copies, precision)):
+                aug_maps[k].append(m)
         aug_maps = [np.concatenate(m) for m in aug_maps]
         aug_rows = np.flatnonzero(np.asarray(split_names) == "train")
 
