@@ -4,6 +4,7 @@ with its message (issue 16). tests/test_upstream_parity.py checks the converted 
 from __future__ import annotations
 
 import math
+import re
 import sys
 
 import pytest
@@ -106,6 +107,9 @@ def test_constructor_options_map_to_ours_or_are_refused():
     assert cu.vqvae_config_from_upstream_kwargs(kwargs) == dict(
         vocab_size=64, z_channels=8, ch=32, dropout=0.1, beta=0.3, using_znorm=True, phi_ratio=0.4, phi_share=2,
         scales=[1, 2, 4])
+    # the options that need no counterpart are skipped wherever they come, not the end of the list
+    assert cu.vqvae_config_from_upstream_kwargs({"test_mode": True, "quant_conv_ks": 3, "vocab_size": 64}) == {
+        "vocab_size": 64}
     for key, value in (("quant_conv_ks", 1), ("default_qresi_counts", 2), ("ch_mult", (1, 2))):
         with pytest.raises(ValueError) as err:
             cu.vqvae_config_from_upstream_kwargs({key: value})
@@ -141,6 +145,7 @@ def test_the_vqvae_config_is_read_from_the_shapes_and_keys():
     assert cu.vqvae_config_from_upstream_state(state) == dict(
         vocab_size=48, z_channels=6, ch=32, ch_mult=[1, 2, 3], num_res_blocks=2, phi_share=3,
         scales=list(cu.REFERENCE_SCALES), in_channels=3)
+    assert [type(m) for m in cu.vqvae_config_from_upstream_state(state)["ch_mult"]] == [int] * 3  # a layer width
     shared = cu.vqvae_config_from_upstream_state(vqvae_shapes(["quantize.quant_resi.qresi.weight"], 2, 1, 1))
     assert (shared["phi_share"], shared["ch_mult"], shared["num_res_blocks"], shared["in_channels"]) == (1, [1, 2], 1, 1)
     assert cu.vqvae_config_from_upstream_state(vqvae_shapes(["quantize.quant_resi.0.weight"]))["phi_share"] == 0
@@ -196,6 +201,57 @@ def test_class_rows_resized_keep_the_first_rows_and_the_null_row_last():
     assert big[1].std().item() == pytest.approx(0.5, rel=0.05) and big[1].abs().max() <= 2  # cut at +-2 (absolute)
     shrunk = cu.resize_class_embedding(old.double(), 1, init_std=0.02)
     assert shrunk.dtype == torch.float64 and torch.equal(shrunk, old[[0, 3]].double())
+
+
+def reference_vqvae_state(model) -> dict:
+    """Our VQVAE's weights under the reference's key names (each renaming rule read backwards)."""
+    backwards = [(r"^(en|de)coder\.levels\.(\d+)\.res\.", lambda m: f"{m[1]}coder.{'down' if m[1] == 'en' else 'up'}.{m[2]}.block."),
+                 (r"^(en|de)coder\.levels\.(\d+)\.attn\.", lambda m: f"{m[1]}coder.{'down' if m[1] == 'en' else 'up'}.{m[2]}.attn."),
+                 (r"^encoder\.levels\.(\d+)\.resample\.", r"encoder.down.\1.downsample."),
+                 (r"^decoder\.levels\.(\d+)\.resample\.", r"decoder.up.\1.upsample."),
+                 (r"\.mid\.res1\.", ".mid.block_1."), (r"\.mid\.res2\.", ".mid.block_2."), (r"\.mid\.attn\.", ".mid.attn_1."),
+                 (r"\.skip\.", ".nin_shortcut."), (r"\.proj\.", ".proj_out."),
+                 (r"^quantizer\.embedding\.", "quantize.embedding."),
+                 (r"^quantizer\.phis\.(\d+)\.", r"quantize.quant_resi.qresi_ls.\1.")]
+    state = {}
+    for key, value in model.state_dict().items():
+        for pattern, repl in backwards:
+            key = re.sub(pattern, repl, key, count=1)
+        state[key] = value
+    return state
+
+
+def test_vqvae_from_upstream_rebuilds_the_model_from_its_weights_and_names_its_source(tmp_path):
+    from models.vqvae import VQVAE
+
+    torch.manual_seed(0)
+    ours = VQVAE(vocab_size=16, z_channels=4, ch=32, ch_mult=(1, 2), num_res_blocks=1, phi_share=2, phi_ratio=0.3,
+                 using_znorm=True, scales=(1, 2, 4), in_channels=1)
+    state = reference_vqvae_state(ours)
+    assert "encoder.down.0.block.0.conv1.weight" in state and "quantize.quant_resi.qresi_ls.1.bias" in state
+    state["quantize.ema_vocab_hit_SV"] = torch.zeros(3, 16)  # derived: dropped
+    converted = cu.vqvae_from_upstream(state, scales=[1, 2, 4], phi_ratio=0.3, using_znorm=True)
+    assert not converted.training and converted.config == ours.config
+    assert list(converted.state_dict()) == list(ours.state_dict())
+    assert all(torch.equal(converted.state_dict()[k], v) for k, v in ours.state_dict().items())
+    torch.save({"model": state}, tmp_path / "ref.pth")
+    from_file = cu.vqvae_from_upstream(str(tmp_path / "ref.pth"), scales=[1, 2, 4], phi_ratio=0.3, using_znorm=True)
+    assert from_file.config == ours.config
+    assert all(torch.equal(from_file.state_dict()[k], v) for k, v in ours.state_dict().items())
+    # weights that do not fit (a layer missing) are refused with the source's name
+    del state["decoder.conv_out.bias"]
+    with pytest.raises(CheckpointError) as err:
+        cu.vqvae_from_upstream(state, scales=[1, 2, 4])
+    assert str(err.value).startswith("VQ-VAE state dict: reference weights do not fit the model built from them "
+                                      "(missing ['decoder.conv_out.bias'], unexpected []")
+    torch.save(state, tmp_path / "cut.pth")
+    with pytest.raises(CheckpointError) as err:
+        cu.vqvae_from_upstream(tmp_path / "cut.pth", scales=[1, 2, 4])
+    assert str(err.value).startswith(f"{tmp_path / 'cut.pth'}: reference weights do not fit")
+    with pytest.raises(CheckpointError) as err:
+        cu.vqvae_from_upstream({"encoder.conv_in.weight": state["encoder.conv_in.weight"]})
+    assert str(err.value) == ("the given VQ-VAE state dict: no 'quantize.embedding.weight', so not a reference VQ-VAE "
+                              "checkpoint")
 
 
 def test_var_from_upstream_resizes_only_to_another_class_count(monkeypatch):
