@@ -53,6 +53,7 @@ def test_every_var_key_rule_applies_once_and_derived_buffers_are_dropped():
         "class_emb.weight": "class_emb.weight",
         "pos_1LC_extra": "pos_1LC_extra",  # anchored: only the whole name is renamed
         "blocks.1.ffn.ffn.weight": "blocks.1.mlp.ffn.weight",  # each rule at most once per key
+        "blocks.2.ffn.x.ffn.weight": "blocks.2.mlp.x.ffn.weight",  # ... even where it matches twice apart
         "lvl_1L": None, "attn_bias_for_masking": None, "blocks.4.attn.zero_k_bias": None,
         "blocks.4.attn.zero_k_bias_x": "blocks.4.attn.zero_k_bias_x",
     }
@@ -96,6 +97,16 @@ def test_weights_that_do_not_fit_are_refused_with_the_first_eight_keys():
         cu._load_strict(model, {**state, "extra": torch.zeros(1)}, "ref.pth")
     assert str(err.value) == ("ref.pth: reference weights do not fit the model built from them (missing [], unexpected "
                               "['extra']); pass the right config overrides")
+    # the "..." marks more than eight keys: eight are listed in full, nine are cut
+    four = nn.Sequential(*[nn.Linear(1, 1) for _ in range(4)])
+    with pytest.raises(CheckpointError) as err:
+        cu._load_strict(four, {f"x{i}": torch.zeros(1) for i in range(8)}, "ref.pth")
+    assert str(err.value) == (f"ref.pth: reference weights do not fit the model built from them (missing {missing[:8]}"
+                              f", unexpected {[f'x{i}' for i in range(8)]}); pass the right config overrides")
+    with pytest.raises(CheckpointError) as err:
+        cu._load_strict(model, {"4.bias": state["4.bias"]}, "ref.pth")
+    assert str(err.value) == (f"ref.pth: reference weights do not fit the model built from them (missing {missing[:8]}"
+                              "..., unexpected []); pass the right config overrides")
     with pytest.raises(CheckpointError, match=r"^ref\.pth: reference weights do not fit the model built from them: "
                                               r"Error\(s\) in loading"):
         cu._load_strict(model, {**state, "0.weight": torch.zeros(2, 2)}, "ref.pth")
@@ -254,7 +265,7 @@ def test_vqvae_from_upstream_rebuilds_the_model_from_its_weights_and_names_its_s
                               "checkpoint")
 
 
-def test_var_from_upstream_resizes_only_to_another_class_count(monkeypatch):
+def test_var_from_upstream_resizes_only_to_another_class_count(monkeypatch, tmp_path):
     from models.var import VAR
 
     torch.manual_seed(0)
@@ -270,6 +281,18 @@ def test_var_from_upstream_resizes_only_to_another_class_count(monkeypatch):
     grown = cu.var_from_upstream(state, num_classes=5, scales=[1, 2])
     assert stds == [pytest.approx(math.sqrt(1 / 64 / 3))] and grown.num_classes == 5
     assert grown.class_emb.weight.shape == (6, 64) and torch.equal(grown.class_emb.weight[-1], ours.class_emb.weight[-1])
+    with pytest.raises(CheckpointError) as err:
+        cu.var_from_upstream({"pos_1LC": state["pos_1LC"]})
+    assert str(err.value) == "the given VAR state dict: no 'class_emb.weight', so not a reference VAR checkpoint"
+    del state["head.bias"]
+    with pytest.raises(CheckpointError) as err:
+        cu.var_from_upstream(state, scales=[1, 2])
+    assert str(err.value).startswith("VAR state dict: reference weights do not fit the model built from them "
+                                      "(missing ['head.bias'], unexpected []")
+    torch.save(state, tmp_path / "var.pth")
+    with pytest.raises(CheckpointError) as err:
+        cu.var_from_upstream(tmp_path / "var.pth", scales=[1, 2])
+    assert str(err.value).startswith(f"{tmp_path / 'var.pth'}: reference weights do not fit")
 
 
 def test_cli_refusals(tmp_path, monkeypatch, capsys):
@@ -311,12 +334,27 @@ def test_cli_passes_its_overrides(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(cu, "vqvae_from_upstream", fake_vqvae)
     src, dst = str(tmp_path / "ref.pth"), tmp_path / "ours.pth"
     for args in (["--kind=var", "--num_classes=4", "--num_heads=2", "--scales=1,2", "--norm_eps=1e-5"],
-                 ["--kind=var"], ["--kind=vqvae", "--phi_ratio=0.3", "--using_znorm=true", "--num_heads=2"]):
+                 ["--kind=var"], ["--kind=vqvae", "--phi_ratio=0.3", "--using_znorm=true", "--num_heads=2"],
+                 ["--kind=var", "--num_classes=1", "--num_heads=1"], ["--kind=var", "--num_classes=0", "--num_heads=0"],
+                 ["--kind=vqvae", "--scales=1,2,4"]):
         monkeypatch.setattr(sys, "argv", ["convert_upstream.py", f"--src={src}", f"--dst={dst}", *args])
         cu.main()
+    # -1 keeps the checkpoint's class count and heads; any other class count is a resize, any positive head count used
     assert calls == [("var", src, 4, {"norm_eps": 1e-5, "scales": [1, 2], "num_heads": 2}),
                      ("var", src, None, {"norm_eps": 1e-6}),
-                     ("vqvae", src, {"phi_ratio": 0.3, "using_znorm": True})]
+                     ("vqvae", src, {"phi_ratio": 0.3, "using_znorm": True}),
+                     ("var", src, 1, {"norm_eps": 1e-6, "num_heads": 1}),
+                     ("var", src, 0, {"norm_eps": 1e-6}),
+                     ("vqvae", src, {"phi_ratio": 0.5, "using_znorm": False, "scales": [1, 2, 4]})]
     saved = torch.load(dst, weights_only=True)
     assert saved["model_config"] == {"fake": True} and set(saved["model"]) == {"weight", "bias"}
     assert capsys.readouterr().out.splitlines()[-1] == f"wrote {dst}: vqvae with 0.00M parameters, config {{'fake': True}}"
+
+    class Big(Fake):  # 1 005 001 parameters: 1.005001M, printed as 1.01M
+        def __init__(self):
+            super().__init__(1_005_000, 1)
+
+    monkeypatch.setattr(cu, "vqvae_from_upstream", lambda src, **overrides: Big())
+    monkeypatch.setattr(sys, "argv", ["convert_upstream.py", f"--src={src}", f"--dst={dst}"])
+    cu.main()
+    assert capsys.readouterr().out.splitlines()[-1] == f"wrote {dst}: vqvae with 1.01M parameters, config {{'fake': True}}"
