@@ -184,3 +184,7 @@ def test_save_labelled_grid_shows_the_grid_at_full_grey_range_with_a_label_per_r
     assert list(fig.axes[0].get_yticks()) == pytest.approx([2 + 8])
     plotting.save_labelled_grid(small, 1, ["x", "y"], tmp_path / "c.png", title="t")  # one column: a row per image
     assert tuple(drawn[-1].get_size_inches()) == pytest.approx((1.2 + 1.2, 1.2 * 2 + 0.5))
+    tall = rng.integers(50, 100, (4, 20, 10), dtype=np.uint8)  # rows are as high as an image, not as wide
+    plotting.save_labelled_grid(tall, 2, ["p", "q"], tmp_path / "t.png", title="t")
+    assert list(drawn[-1].axes[0].get_yticks()) == pytest.approx([2 + 10, 2 + 22 + 10])
+    assert drawn[-1].axes[0].get_images()[0].get_clim() == (0, 255)  # dark images stay dark: no contrast stretch
