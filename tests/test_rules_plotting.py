@@ -56,6 +56,9 @@ def test_save_figure_writes_a_tight_png_at_its_dpi_atomically_and_closes_the_fig
     fig.text(0.5, 0.5, "x")
     plotting.save_figure(fig, tmp_path / "fig50.png", dpi=50)
     assert png(tmp_path / "fig50.png").info["dpi"] == pytest.approx((50, 50), abs=0.05)
+    with plt.rc_context({"savefig.format": "pdf"}):  # a user's matplotlibrc saving PDF by default: still a PNG
+        plotting.save_figure(plt.figure(figsize=(1, 1)), tmp_path / "rc.png")
+    png(tmp_path / "rc.png")
 
 
 def test_save_image_round_trips_grey_and_rgb_exactly(tmp_path):
