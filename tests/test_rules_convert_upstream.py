@@ -4,6 +4,7 @@ with its message (issue 16). tests/test_upstream_parity.py checks the converted 
 from __future__ import annotations
 
 import math
+import re
 import sys
 
 import pytest
@@ -52,6 +53,7 @@ def test_every_var_key_rule_applies_once_and_derived_buffers_are_dropped():
         "class_emb.weight": "class_emb.weight",
         "pos_1LC_extra": "pos_1LC_extra",  # anchored: only the whole name is renamed
         "blocks.1.ffn.ffn.weight": "blocks.1.mlp.ffn.weight",  # each rule at most once per key
+        "blocks.2.ffn.x.ffn.weight": "blocks.2.mlp.x.ffn.weight",  # ... even where it matches twice apart
         "lvl_1L": None, "attn_bias_for_masking": None, "blocks.4.attn.zero_k_bias": None,
         "blocks.4.attn.zero_k_bias_x": "blocks.4.attn.zero_k_bias_x",
     }
@@ -95,6 +97,16 @@ def test_weights_that_do_not_fit_are_refused_with_the_first_eight_keys():
         cu._load_strict(model, {**state, "extra": torch.zeros(1)}, "ref.pth")
     assert str(err.value) == ("ref.pth: reference weights do not fit the model built from them (missing [], unexpected "
                               "['extra']); pass the right config overrides")
+    # the "..." marks more than eight keys: eight are listed in full, nine are cut
+    four = nn.Sequential(*[nn.Linear(1, 1) for _ in range(4)])
+    with pytest.raises(CheckpointError) as err:
+        cu._load_strict(four, {f"x{i}": torch.zeros(1) for i in range(8)}, "ref.pth")
+    assert str(err.value) == (f"ref.pth: reference weights do not fit the model built from them (missing {missing[:8]}"
+                              f", unexpected {[f'x{i}' for i in range(8)]}); pass the right config overrides")
+    with pytest.raises(CheckpointError) as err:
+        cu._load_strict(model, {"4.bias": state["4.bias"]}, "ref.pth")
+    assert str(err.value) == (f"ref.pth: reference weights do not fit the model built from them (missing {missing[:8]}"
+                              "..., unexpected []); pass the right config overrides")
     with pytest.raises(CheckpointError, match=r"^ref\.pth: reference weights do not fit the model built from them: "
                                               r"Error\(s\) in loading"):
         cu._load_strict(model, {**state, "0.weight": torch.zeros(2, 2)}, "ref.pth")
@@ -106,6 +118,9 @@ def test_constructor_options_map_to_ours_or_are_refused():
     assert cu.vqvae_config_from_upstream_kwargs(kwargs) == dict(
         vocab_size=64, z_channels=8, ch=32, dropout=0.1, beta=0.3, using_znorm=True, phi_ratio=0.4, phi_share=2,
         scales=[1, 2, 4])
+    # the options that need no counterpart are skipped wherever they come, not the end of the list
+    assert cu.vqvae_config_from_upstream_kwargs({"test_mode": True, "quant_conv_ks": 3, "vocab_size": 64}) == {
+        "vocab_size": 64}
     for key, value in (("quant_conv_ks", 1), ("default_qresi_counts", 2), ("ch_mult", (1, 2))):
         with pytest.raises(ValueError) as err:
             cu.vqvae_config_from_upstream_kwargs({key: value})
@@ -141,6 +156,7 @@ def test_the_vqvae_config_is_read_from_the_shapes_and_keys():
     assert cu.vqvae_config_from_upstream_state(state) == dict(
         vocab_size=48, z_channels=6, ch=32, ch_mult=[1, 2, 3], num_res_blocks=2, phi_share=3,
         scales=list(cu.REFERENCE_SCALES), in_channels=3)
+    assert [type(m) for m in cu.vqvae_config_from_upstream_state(state)["ch_mult"]] == [int] * 3  # a layer width
     shared = cu.vqvae_config_from_upstream_state(vqvae_shapes(["quantize.quant_resi.qresi.weight"], 2, 1, 1))
     assert (shared["phi_share"], shared["ch_mult"], shared["num_res_blocks"], shared["in_channels"]) == (1, [1, 2], 1, 1)
     assert cu.vqvae_config_from_upstream_state(vqvae_shapes(["quantize.quant_resi.0.weight"]))["phi_share"] == 0
@@ -198,7 +214,58 @@ def test_class_rows_resized_keep_the_first_rows_and_the_null_row_last():
     assert shrunk.dtype == torch.float64 and torch.equal(shrunk, old[[0, 3]].double())
 
 
-def test_var_from_upstream_resizes_only_to_another_class_count(monkeypatch):
+def reference_vqvae_state(model) -> dict:
+    """Our VQVAE's weights under the reference's key names (each renaming rule read backwards)."""
+    backwards = [(r"^(en|de)coder\.levels\.(\d+)\.res\.", lambda m: f"{m[1]}coder.{'down' if m[1] == 'en' else 'up'}.{m[2]}.block."),
+                 (r"^(en|de)coder\.levels\.(\d+)\.attn\.", lambda m: f"{m[1]}coder.{'down' if m[1] == 'en' else 'up'}.{m[2]}.attn."),
+                 (r"^encoder\.levels\.(\d+)\.resample\.", r"encoder.down.\1.downsample."),
+                 (r"^decoder\.levels\.(\d+)\.resample\.", r"decoder.up.\1.upsample."),
+                 (r"\.mid\.res1\.", ".mid.block_1."), (r"\.mid\.res2\.", ".mid.block_2."), (r"\.mid\.attn\.", ".mid.attn_1."),
+                 (r"\.skip\.", ".nin_shortcut."), (r"\.proj\.", ".proj_out."),
+                 (r"^quantizer\.embedding\.", "quantize.embedding."),
+                 (r"^quantizer\.phis\.(\d+)\.", r"quantize.quant_resi.qresi_ls.\1.")]
+    state = {}
+    for key, value in model.state_dict().items():
+        for pattern, repl in backwards:
+            key = re.sub(pattern, repl, key, count=1)
+        state[key] = value
+    return state
+
+
+def test_vqvae_from_upstream_rebuilds_the_model_from_its_weights_and_names_its_source(tmp_path):
+    from models.vqvae import VQVAE
+
+    torch.manual_seed(0)
+    ours = VQVAE(vocab_size=16, z_channels=4, ch=32, ch_mult=(1, 2), num_res_blocks=1, phi_share=2, phi_ratio=0.3,
+                 using_znorm=True, scales=(1, 2, 4), in_channels=1)
+    state = reference_vqvae_state(ours)
+    assert "encoder.down.0.block.0.conv1.weight" in state and "quantize.quant_resi.qresi_ls.1.bias" in state
+    state["quantize.ema_vocab_hit_SV"] = torch.zeros(3, 16)  # derived: dropped
+    converted = cu.vqvae_from_upstream(state, scales=[1, 2, 4], phi_ratio=0.3, using_znorm=True)
+    assert not converted.training and converted.config == ours.config
+    assert list(converted.state_dict()) == list(ours.state_dict())
+    assert all(torch.equal(converted.state_dict()[k], v) for k, v in ours.state_dict().items())
+    torch.save({"model": state}, tmp_path / "ref.pth")
+    from_file = cu.vqvae_from_upstream(str(tmp_path / "ref.pth"), scales=[1, 2, 4], phi_ratio=0.3, using_znorm=True)
+    assert from_file.config == ours.config
+    assert all(torch.equal(from_file.state_dict()[k], v) for k, v in ours.state_dict().items())
+    # weights that do not fit (a layer missing) are refused with the source's name
+    del state["decoder.conv_out.bias"]
+    with pytest.raises(CheckpointError) as err:
+        cu.vqvae_from_upstream(state, scales=[1, 2, 4])
+    assert str(err.value).startswith("VQ-VAE state dict: reference weights do not fit the model built from them "
+                                      "(missing ['decoder.conv_out.bias'], unexpected []")
+    torch.save(state, tmp_path / "cut.pth")
+    with pytest.raises(CheckpointError) as err:
+        cu.vqvae_from_upstream(tmp_path / "cut.pth", scales=[1, 2, 4])
+    assert str(err.value).startswith(f"{tmp_path / 'cut.pth'}: reference weights do not fit")
+    with pytest.raises(CheckpointError) as err:
+        cu.vqvae_from_upstream({"encoder.conv_in.weight": state["encoder.conv_in.weight"]})
+    assert str(err.value) == ("the given VQ-VAE state dict: no 'quantize.embedding.weight', so not a reference VQ-VAE "
+                              "checkpoint")
+
+
+def test_var_from_upstream_resizes_only_to_another_class_count(monkeypatch, tmp_path):
     from models.var import VAR
 
     torch.manual_seed(0)
@@ -214,6 +281,18 @@ def test_var_from_upstream_resizes_only_to_another_class_count(monkeypatch):
     grown = cu.var_from_upstream(state, num_classes=5, scales=[1, 2])
     assert stds == [pytest.approx(math.sqrt(1 / 64 / 3))] and grown.num_classes == 5
     assert grown.class_emb.weight.shape == (6, 64) and torch.equal(grown.class_emb.weight[-1], ours.class_emb.weight[-1])
+    with pytest.raises(CheckpointError) as err:
+        cu.var_from_upstream({"pos_1LC": state["pos_1LC"]})
+    assert str(err.value) == "the given VAR state dict: no 'class_emb.weight', so not a reference VAR checkpoint"
+    del state["head.bias"]
+    with pytest.raises(CheckpointError) as err:
+        cu.var_from_upstream(state, scales=[1, 2])
+    assert str(err.value).startswith("VAR state dict: reference weights do not fit the model built from them "
+                                      "(missing ['head.bias'], unexpected []")
+    torch.save(state, tmp_path / "var.pth")
+    with pytest.raises(CheckpointError) as err:
+        cu.var_from_upstream(tmp_path / "var.pth", scales=[1, 2])
+    assert str(err.value).startswith(f"{tmp_path / 'var.pth'}: reference weights do not fit")
 
 
 def test_cli_refusals(tmp_path, monkeypatch, capsys):
@@ -255,12 +334,27 @@ def test_cli_passes_its_overrides(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(cu, "vqvae_from_upstream", fake_vqvae)
     src, dst = str(tmp_path / "ref.pth"), tmp_path / "ours.pth"
     for args in (["--kind=var", "--num_classes=4", "--num_heads=2", "--scales=1,2", "--norm_eps=1e-5"],
-                 ["--kind=var"], ["--kind=vqvae", "--phi_ratio=0.3", "--using_znorm=true", "--num_heads=2"]):
+                 ["--kind=var"], ["--kind=vqvae", "--phi_ratio=0.3", "--using_znorm=true", "--num_heads=2"],
+                 ["--kind=var", "--num_classes=1", "--num_heads=1"], ["--kind=var", "--num_classes=0", "--num_heads=0"],
+                 ["--kind=vqvae", "--scales=1,2,4"]):
         monkeypatch.setattr(sys, "argv", ["convert_upstream.py", f"--src={src}", f"--dst={dst}", *args])
         cu.main()
+    # -1 keeps the checkpoint's class count and heads; any other class count is a resize, any positive head count used
     assert calls == [("var", src, 4, {"norm_eps": 1e-5, "scales": [1, 2], "num_heads": 2}),
                      ("var", src, None, {"norm_eps": 1e-6}),
-                     ("vqvae", src, {"phi_ratio": 0.3, "using_znorm": True})]
+                     ("vqvae", src, {"phi_ratio": 0.3, "using_znorm": True}),
+                     ("var", src, 1, {"norm_eps": 1e-6, "num_heads": 1}),
+                     ("var", src, 0, {"norm_eps": 1e-6}),
+                     ("vqvae", src, {"phi_ratio": 0.5, "using_znorm": False, "scales": [1, 2, 4]})]
     saved = torch.load(dst, weights_only=True)
     assert saved["model_config"] == {"fake": True} and set(saved["model"]) == {"weight", "bias"}
     assert capsys.readouterr().out.splitlines()[-1] == f"wrote {dst}: vqvae with 0.00M parameters, config {{'fake': True}}"
+
+    class Big(Fake):  # 1 005 001 parameters: 1.005001M, printed as 1.01M
+        def __init__(self):
+            super().__init__(1_005_000, 1)
+
+    monkeypatch.setattr(cu, "vqvae_from_upstream", lambda src, **overrides: Big())
+    monkeypatch.setattr(sys, "argv", ["convert_upstream.py", f"--src={src}", f"--dst={dst}"])
+    cu.main()
+    assert capsys.readouterr().out.splitlines()[-1] == f"wrote {dst}: vqvae with 1.01M parameters, config {{'fake': True}}"
