@@ -180,7 +180,7 @@ def _pil_to_array(image) -> np.ndarray:
     if mode in ("P", "PA"):
         image = image.convert("RGBA")
         mode = "RGBA"
-    if mode in ("RGBA", "LA", "RGBa", "La"):
+    if mode in ("RGBA", "LA"):  # no Pillow plugin opens a file as premultiplied "RGBa" or "La"
         arr = np.asarray(image.convert("RGBA"), dtype=np.float32)
         rgb = arr[..., :3] * (arr[..., 3:] / 255.0)  # transparent pixels are outside the image: black
         return _rgb_or_grey(np.clip(rgb + 0.5, 0, 255).astype(np.uint8))

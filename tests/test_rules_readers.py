@@ -172,3 +172,170 @@ def test_nifti_shapes_kept_and_refused(tmp_path):
     frames = list(read_frames(tmp_path / "t.nii", video_stride=1))
     # one mapping for the whole series: the frames keep their order of brightness
     assert [k for k, _ in frames] == ["f0000", "f0001", "f0002"] and [int(f[0, 0]) for _, f in frames] == [0, 128, 255]
+
+
+class FakeCapture:
+    """cv2.VideoCapture stood in for: a clip of `frames` (None: grab fails there; "bad": retrieve fails) that reports
+    `count` frames of 40 x 36 px, and records whether it was released."""
+    released: list[bool] = []
+
+    def __init__(self, frames: list, count: int):
+        self.frames, self.count, self.at = frames, count, -1
+        FakeCapture.released.append(False)
+
+    def isOpened(self) -> bool:
+        return True
+
+    def get(self, prop: int) -> float:
+        import cv2
+        return {cv2.CAP_PROP_FRAME_WIDTH: 40.0, cv2.CAP_PROP_FRAME_HEIGHT: 36.0,
+                cv2.CAP_PROP_FRAME_COUNT: float(self.count)}[prop]
+
+    def grab(self) -> bool:
+        self.at += 1
+        return self.at < len(self.frames) and self.frames[self.at] is not None
+
+    def retrieve(self):
+        frame = self.frames[self.at]
+        return (False, np.zeros((36, 40, 3), np.uint8)) if isinstance(frame, str) else (True, frame)
+
+    def release(self) -> None:
+        FakeCapture.released[-1] = True
+
+
+def video(monkeypatch, tmp_path: Path, frames: list, count: int, **kwargs) -> list[tuple[str, np.ndarray]] | str:
+    import cv2
+    monkeypatch.setattr(cv2, "VideoCapture", lambda path: FakeCapture(frames, count))
+    (tmp_path / "clip.avi").write_bytes(b"x")
+    try:
+        out = list(read_frames(tmp_path / "clip.avi", **kwargs))
+    except UnreadableFileError as err:
+        out = err.reason
+    assert FakeCapture.released[-1]  # the capture is released however the read ends
+    return out
+
+
+def bgr(value: int) -> np.ndarray:
+    frame = np.zeros((36, 40, 3), np.uint8)
+    frame[..., 0] = value  # blue in OpenCV's order
+    return frame
+
+
+def test_video_frames_spread_over_the_reported_count_or_taken_at_the_stride(monkeypatch, tmp_path):
+    clip = [bgr(i) for i in range(12)]
+    out = video(monkeypatch, tmp_path, clip, 12, video_stride=1, max_frames=3)
+    assert [k for k, _ in out] == ["f0000", "f0006", "f0011"] and [int(f[0, 0, 2]) for _, f in out] == [0, 6, 11]
+    assert out[0][1][0, 0].tolist() == [0, 0, 0] and out[1][1][0, 0].tolist() == [0, 0, 6]  # RGB order
+    assert [k for k, _ in video(monkeypatch, tmp_path, clip, 12, video_stride=5)] == ["f0000", "f0005", "f0010"]
+    # a clip that reports one frame gives that one, though more could be read
+    assert [k for k, _ in video(monkeypatch, tmp_path, clip, 1, video_stride=1)] == ["f0000"]
+    # without a count: every stride-th frame from the start, up to max_frames
+    assert [k for k, _ in video(monkeypatch, tmp_path, clip, 0, video_stride=3)] == ["f0000", "f0003", "f0006",
+                                                                                      "f0009"]
+    assert [k for k, _ in video(monkeypatch, tmp_path, clip, 0, video_stride=3, max_frames=2)] == ["f0000", "f0003"]
+    assert [k for k, _ in video(monkeypatch, tmp_path, clip, -1, video_stride=4)] == ["f0000", "f0004", "f0008"]
+
+
+def test_a_video_read_stops_at_the_first_frame_it_cannot_grab_or_decode(monkeypatch, tmp_path):
+    clip = [bgr(0), bgr(1), "bad", bgr(3)]
+    assert [k for k, _ in video(monkeypatch, tmp_path, clip, 4, video_stride=1)] == ["f0000", "f0001"]
+    assert [k for k, _ in video(monkeypatch, tmp_path, [bgr(0), None, bgr(2)], 3, video_stride=1)] == ["f0000"]
+    assert video(monkeypatch, tmp_path, [None], 5) == "video has no decodable frames (empty or truncated)"
+    assert video(monkeypatch, tmp_path, ["bad"], 1) == "video has no decodable frames (empty or truncated)"
+    grey = np.full((36, 40), 7, np.uint8)
+    [(key, frame)] = video(monkeypatch, tmp_path, [grey], 1)
+    assert key == "f0000" and np.array_equal(frame, grey)  # a grey frame is kept as it is
+
+
+def test_a_video_above_the_pixel_cap_is_refused_before_any_frame(monkeypatch, tmp_path):
+    monkeypatch.setattr(readers, "MAX_PIXELS", 40 * 36 - 1)
+    assert video(monkeypatch, tmp_path, [bgr(0)], 1) == ("image is 40x36 = 1440 pixels, above MAX_PIXELS=1439: not "
+                                                         "decoded (possible decompression bomb; no ultrasound frame "
+                                                         "is this large)")
+
+
+def test_single_and_two_page_images_are_keyed_by_their_page_count(tmp_path):
+    Image.fromarray(np.zeros((32, 32), np.uint8)).save(tmp_path / "a.bmp")  # BMP has no n_frames
+    assert [k for k, _ in read_frames(tmp_path / "a.bmp", video_stride=1)] == [""]
+    pages = [Image.fromarray(np.full((32, 32), v, np.uint8)) for v in (5, 9)]
+    pages[0].save(tmp_path / "two.tif", save_all=True, append_images=pages[1:])
+    out = list(read_frames(tmp_path / "two.tif", video_stride=1))
+    assert [k for k, _ in out] == ["f0000", "f0001"] and [int(f[0, 0]) for _, f in out] == [5, 9]
+
+
+def test_images_pillow_refuses_to_open_are_named(tmp_path, monkeypatch):
+    Image.fromarray(np.zeros((64, 64), np.uint8)).save(tmp_path / "a.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # Pillow refuses above twice this
+    assert refusal(tmp_path / "a.png").startswith("not decoded (possible decompression bomb): Image size (4096 "
+                                                  "pixels) exceeds limit of 2000 pixels")
+    monkeypatch.undo()
+
+    def failing_open(path):
+        raise OSError("disk went away")
+
+    monkeypatch.setattr(Image, "open", failing_open)
+    assert refusal(tmp_path / "a.png") == "cannot open image: disk went away"
+
+
+def test_palette_images_with_transparency_are_composited_on_black(tmp_path):
+    indices = np.tile(np.array([0, 1], np.uint8), (32, 16))
+    for mode in ("P", "PA"):
+        image = Image.fromarray(indices, "P")
+        image.putpalette([10, 20, 30, 200, 100, 50] + [0] * 762)
+        if mode == "P":
+            image.info["transparency"] = 0  # index 0 is transparent
+        else:
+            alpha = Image.fromarray(np.where(indices == 0, 0, 255).astype(np.uint8), "L")
+            image = image.convert("PA")
+            image.putalpha(alpha)
+        out = readers._pil_to_array(image)
+        assert out.shape == (32, 32, 3) and out[0, 0].tolist() == [0, 0, 0] and out[0, 1].tolist() == [200, 100, 50]
+
+
+def test_the_frame_check_refuses_what_no_reader_should_return(tmp_path):
+    path = tmp_path / "x.png"
+    for frame in (np.zeros((32, 32), np.float32), np.zeros((32, 32, 4), np.uint8), np.zeros((32, 32, 3, 1), np.uint8)):
+        with pytest.raises(UnreadableFileError) as err:
+            readers._checked(path, "", frame)
+        assert str(err.value) == (f"{path}: internal: reader returned {frame.dtype} {frame.shape}, expected uint8 "
+                                  "(H,W) or (H,W,3)")
+    assert readers._checked(path, "", np.zeros((32, 33, 3), np.uint8)).shape == (32, 33, 3)
+
+
+def test_the_dicom_marker_is_the_four_bytes_after_the_preamble(tmp_path, monkeypatch):
+    (tmp_path / "IM1").write_bytes(bytes(128) + b"DICM" + b"\x02\x00\x00\x00")
+    (tmp_path / "IM2").write_bytes(bytes(127) + b"DICM")
+    assert readers._has_dicom_preamble(tmp_path / "IM1") and not readers._has_dicom_preamble(tmp_path / "IM2")
+
+    def failing_open(*args, **kwargs):
+        raise PermissionError("no")
+
+    monkeypatch.setattr(readers, "open", failing_open, raising=False)
+    assert not readers._has_dicom_preamble(tmp_path / "IM1")
+
+
+def test_wide_data_below_the_range_and_nan_of_signed_data_map_to_zero():
+    data = np.concatenate([[0.0], np.arange(100, 1099, dtype=np.float64)]).reshape(40, 25)
+    out = to_uint8(data)
+    assert out.dtype == np.uint8 and out[0, 0] == 0 and out[-1, -1] == 255  # far below the 0.5th percentile: 0
+    signed = np.linspace(-1, 1, 400).reshape(20, 20)
+    signed[10, 10] = np.nan
+    assert to_uint8(signed)[10, 10] == 0  # NaN is the low end, not the value 0
+    assert to_uint8(np.array([[True, False]])).dtype == np.uint8
+    assert to_uint8(np.full((3, 3), 7.0)).dtype == np.uint8
+
+
+def test_nifti_edges(tmp_path, monkeypatch):
+    nib.save(nib.Nifti1Image(np.zeros((40, 1), np.uint8), np.eye(4)), tmp_path / "line.nii")
+    assert refusal(tmp_path / "line.nii") == "image too small: 40x1 pixels, need at least 32x32 (MIN_SIDE)"
+    nib.save(nib.Nifti1Image(np.zeros((64, 48), np.uint8), np.eye(4)), tmp_path / "wide.nii")
+    monkeypatch.setattr(readers, "MAX_PIXELS", 3000)
+    assert refusal(tmp_path / "wide.nii").startswith("image is 64x48 = 3072 pixels, above MAX_PIXELS=3000")
+    monkeypatch.undo()
+    (tmp_path / "b.nii.gz").write_bytes(b"\x1f\x8b" + bytes(50))
+    assert refusal(tmp_path / "b.nii.gz").startswith("not a readable NIfTI file: ImageFileError: ")
+    nib.save(nib.Nifti1Image(np.zeros((64, 48, 5), np.uint8), np.eye(4)), tmp_path / "t.nii")
+    whole = (tmp_path / "t.nii").read_bytes()
+    (tmp_path / "t.nii").write_bytes(whole[:-3000])
+    assert refusal(tmp_path / "t.nii").startswith("truncated or corrupt NIfTI data: OSError: Expected 15360 bytes, "
+                                                  "got 12360 bytes")
