@@ -37,9 +37,10 @@ SIZE = 16  # 4 x 2^2
 VOCAB = 16
 # The real images: val (the ref_split here) 4 + 5, test 2 + 1 (never used), train 3 + 2, listed out of order.
 COUNTS = {("val", 0): 4, ("val", 1): 5, ("test", 0): 2, ("test", 1): 1, ("train", 0): 3, ("train", 1): 2}
-# The sweep: (point, coarse_k, cfg, class, teacher of each sample); class b written before class a.
-SWEEP = [("NOP_cfg2", 0, 2.0, 1, [-1] * 5), ("NOP_cfg2", 0, 2.0, 0, [-1] * 4),
-         ("TP_K1_cfg2.5", 1, 2.5, 1, [0, 0, 1]), ("TP_K1_cfg2.5", 1, 2.5, 0, [1, 0, 1, 0])]
+# The sweep: (point, coarse_k, cfg, class, teacher of each sample); class b written before class a, and the points
+# in the order sample_var.py was given them, which is not their sorted order.
+SWEEP = [("TP_K1_cfg2.5", 1, 2.5, 1, [0, 0, 1]), ("TP_K1_cfg2.5", 1, 2.5, 0, [1, 0, 1, 0]),
+         ("NOP_cfg2", 0, 2.0, 1, [-1] * 5), ("NOP_cfg2", 0, 2.0, 0, [-1] * 4)]
 SETTINGS = dict(ref_split="val", inception_weights="w.pth", kid_subsets=3, kid_subset_size=3, fid_min_images=4,
                 max_pairs=3, batch_size=5, seed=7, device="cpu")
 
@@ -231,7 +232,7 @@ def expected_rows(world: dict, out: Path) -> list[dict]:
 
     with np.load(samples / "samples_tokens.npz") as data:
         gen_idx = data["idx"]
-    for point, k, cfg in (("NOP_cfg2", 0, 2.0), ("TP_K1_cfg2.5", 1, 2.5)):
+    for point, k, cfg in (("TP_K1_cfg2.5", 1, 2.5), ("NOP_cfg2", 0, 2.0)):
         per_class = []
         for c, name in enumerate(CLASSES):
             sel = [i for i, r in enumerate(manifest) if r["point"] == point and r["label"] == c]
@@ -298,14 +299,14 @@ def test_every_row_and_number_of_the_tables_by_hand(world, stubs, tmp_path, caps
     metrics = json.loads((out / "metrics.json").read_text())
     expected = expected_rows(world, out)
     assert [(r["point"], r["class"]) for r in metrics["rows"]] == [
-        (p, c) for p in ("REAL", "RECON", "NOP_cfg2", "TP_K1_cfg2.5") for c in ("a", "b", "all")]
+        (p, c) for p in ("REAL", "RECON", "TP_K1_cfg2.5", "NOP_cfg2") for c in ("a", "b", "all")]
     for got, want in zip(metrics["rows"], expected):
         assert got == pytest.approx(want, rel=1e-12, abs=1e-15), (got["point"], got["class"])
     # What the stub makes of it: the cases the rules tell apart all occur.
-    real_a, tp_b = metrics["rows"][0], metrics["rows"][10]
+    real_a, tp_b, nop_a = metrics["rows"][0], metrics["rows"][7], metrics["rows"][9]
     assert real_a["kid"] is None and real_a["kid_subset"] == 0 and metrics["rows"][2]["kid_subset"] == 3
-    assert tp_b["kid_subset"] == 0 and tp_b["fid"] is None and metrics["rows"][6]["fid"] is not None
-    assert metrics["rows"][6]["copy_fraction"] == 0.25 and metrics["rows"][8]["copy_fraction"] == 1 / 9
+    assert tp_b["kid_subset"] == 0 and tp_b["fid"] is None and nop_a["fid"] is not None
+    assert nop_a["copy_fraction"] == 0.25 and metrics["rows"][11]["copy_fraction"] == 1 / 9
     assert tp_b["diversity_per_teacher"] is not None and tp_b["psnr_teacher"] < 100
 
     sims = nearest_neighbours(np.stack([feature(samples / r["path"]) for r in manifest]),
@@ -363,9 +364,9 @@ def test_out_defaults_to_the_eval_folder_of_the_sweep_and_inputs_to_what_sample_
     sweep.config = {"tokens": "t2"}  # a key sample_var.py did not write stays empty
     assert eval_var.resolve(eval_var.Config(data_dir="d"), sweep) == eval_var.Config(data_dir="d", tokens="t2", out=str(
         world["samples"] / "eval"))
-    assert sweep.points == ["NOP_cfg2", "TP_K1_cfg2.5"]
+    assert sweep.points == ["TP_K1_cfg2.5", "NOP_cfg2"]
     assert sweep.vqvae_sha256 == world["tokens"].vqvae_sha256 and sweep.classes == CLASSES
-    assert sweep.idx.dtype == np.int64 and sweep.idx.shape == (16, 21) and sweep.rows[0]["path"] == "NOP_cfg2/b/s000.png"
+    assert sweep.idx.dtype == np.int64 and sweep.idx.shape == (16, 21) and sweep.rows[0]["path"] == "TP_K1_cfg2.5/b/s000.png"
 
 
 def copy_sweep(world: dict, tmp_path: Path) -> Path:
