@@ -8,6 +8,7 @@ import csv
 import json
 import math
 import os
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
@@ -512,12 +513,16 @@ def test_kid_subsets_shrink_to_half_the_smaller_set_and_fid_needs_enough_images(
     assert math.isnan(small["fid"])
 
 
-def test_diversity_and_token_numbers_take_the_run_s_settings():
+def test_diversity_and_token_numbers_take_the_run_s_settings(monkeypatch):
     rng = np.random.default_rng(1)
     images = rng.integers(0, 256, (5, 16, 16, 3), dtype=np.uint8)
     measure = eval_var.Measure(eval_var.Config(max_pairs=3, seed=4), (1, 2), 6, torch.device("cpu"))
     assert measure.diversity(images) == diversity(images, 3, 4)[0] != diversity(images, 10, 4)[0]
     assert measure.diversity(images) != diversity(images, 3, 0)[0]
+    on = []
+    monkeypatch.setattr(eval_var, "diversity", lambda *args, device: on.append(device) or (0.5, 3))
+    measure.device = torch.device("cuda", 1)  # MS-SSIM runs on the run's device
+    assert measure.diversity(images) == 0.5 and on == [torch.device("cuda", 1)]
     idx = np.array([[5, 0, 1, 1, 2], [3, 1, 1, 1, 1]])
     assert measure.tokens(idx) == {"usage_1": 2 / 6, "entropy_1": 1.0, "usage_2": 3 / 6,
                                    "entropy_2": pytest.approx(-(6 / 8 * math.log2(6 / 8) + 2 / 8 * math.log2(1 / 8)))}
@@ -526,7 +531,9 @@ def test_diversity_and_token_numbers_take_the_run_s_settings():
 def test_class_mean_skips_missing_and_nan_values():
     rows = [{"x": 1.0}, {"x": math.nan}, {}, {"x": 4.0}]
     assert eval_var.class_mean(rows, "x") == 2.5 and isinstance(eval_var.class_mean(rows, "x"), float)
-    assert math.isnan(eval_var.class_mean([{}, {"x": math.nan}], "x"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "mean of empty slice" in the run's output
+        assert math.isnan(eval_var.class_mean([{}, {"x": math.nan}], "x"))
 
 
 def test_token_subsample_keeps_per_class_rows_of_every_class_in_class_order():
@@ -557,12 +564,13 @@ def test_tables_write_every_column_with_six_digits_and_blanks_for_nan(tmp_path):
 
 
 def test_the_summary_prints_the_all_rows(capsys):
-    rows = [{"point": "REAL", "class": "a", "n": 2},
+    rows = [{"point": "REAL", "class": "a", "n": 2}, {"point": "RECON", "class": "all", "n": 4},
             {"point": "TP_K1_cfg2", "class": "all", "n": 12, "kid": 0.01234, "kid_std": 0.5, "diversity": 0.25,
              "psnr_teacher": 21.456, "ssim_teacher": 0.5, "copy_fraction": 0.125}]
     eval_var.print_summary(rows, {"feature_extractor": "net", "ref_images": 9, "ref_split": "val", "train_images": 5,
                                   "copy_threshold": 0.98765})
     assert capsys.readouterr().out.splitlines() == [
         "point                n        KID        +- diversity  PSNR/t  SSIM/t copies",
+        "RECON                4        nan       nan       nan     nan     nan    nan",
         "TP_K1_cfg2          12     0.0123    0.5000    0.2500   21.46    0.50   0.12",
         "net; 9 val / 5 train images; copy threshold 0.988"]
