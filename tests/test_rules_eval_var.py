@@ -76,7 +76,16 @@ class StubNet:
 @pytest.fixture
 def stubs(monkeypatch) -> dict:
     """The network, its features and the plots replaced: records what each is given."""
-    calls: dict = {"features": [], "loaded": [], "plots": []}
+    calls: dict = {"features": [], "loaded": [], "plots": [], "vqvae": [], "diversity_on": set()}
+    load_vqvae, measure_diversity = eval_var.load_vqvae, eval_var.diversity
+
+    def vqvae(path, **kwargs):
+        calls["vqvae"].append((path, kwargs))
+        return load_vqvae(path, **kwargs)
+
+    def spread(*args, device):
+        calls["diversity_on"].add(device)
+        return measure_diversity(*args, device=device)
 
     def load(weights, device):
         calls["loaded"].append((weights, device))
@@ -97,6 +106,8 @@ def stubs(monkeypatch) -> dict:
         return draw
 
     monkeypatch.setattr(eval_var, "load_feature_extractor", load)
+    monkeypatch.setattr(eval_var, "load_vqvae", vqvae)
+    monkeypatch.setattr(eval_var, "diversity", spread)
     monkeypatch.setattr(eval_var, "extract_features", extract)
     for name in ("plot_vs_k", "plot_tokens", "plot_memorisation"):
         monkeypatch.setattr(eval_var, name, plot(name))
@@ -283,6 +294,9 @@ def test_every_row_and_number_of_the_tables_by_hand(world, stubs, tmp_path, caps
     # The network of the given weights, fed the real val and train images at the model's side, the VQ-VAE's
     # reconstructions of the val tokens, then the samples in manifest order, in batches of 5 through the cache.
     assert stubs["loaded"] == [("w.pth", torch.device("cpu"))]
+    # The VQ-VAE and MS-SSIM on the run's device (a GPU run decodes and compares there).
+    assert stubs["vqvae"] == [(str(world["root"] / "vqvae.pth"), {"map_location": torch.device("cpu")})]
+    assert stubs["diversity_on"] == {torch.device("cpu")}
     assert [(paths, batch, cache) for paths, batch, cache in stubs["features"]] == [
         ([out / "real" / tokens.source[r] for r in ref], 5, tmp_path / "c.npz"),
         ([out / "real" / tokens.source[r] for r in train], 5, tmp_path / "c.npz"),
