@@ -169,6 +169,7 @@ def test_a_step_is_done_incomplete_or_missing(tmp_path):
     assert report.step_status(tmp_path, True, ": 3 <x>") == '<span class="done">done</span>: 3 &lt;x&gt;'
     assert report.step_status(tmp_path, False, ": 1 of 2") == '<span class="partial">incomplete</span>: 1 of 2'
     assert report.step_status(tmp_path / "none", False, ": 1") == '<span class="missing">missing</span>'
+    assert report.step_status(tmp_path, True) == '<span class="done">done</span>'
 
 
 def manifest(folder: Path, rows: list[tuple[str, str, str, str]]) -> None:
@@ -233,6 +234,7 @@ def test_the_vqvae_section_shows_its_test_metrics_and_the_last_val_reconstructio
     text = "".join(page.parts)
     assert report.scalar_and_scale_tables({"psnr": 23.4567, "usage": [0.5, 1]}, ["1", "2"]) in text
     assert 'href="vq/recon_val_epoch10.png"' in text and "recon_val_epoch2" not in text
+    assert '<div class="figures two"><figure><a href="vq/recon_test.png">' in text
     assert "Val images after epoch 10 (the last saved)." in text and 'href="vq/gan.png"' in text
     assert [p.name for _, p in page.missing] == ["psnr_ssim.png", "usage.png", "code_usage_hist.png",
                                                  "code_usage_hist_test.png", "class_counts.png"]
@@ -345,7 +347,8 @@ def test_the_sweep_section_counts_images_per_point_in_reading_order(tmp_path):
                         text_columns=3) in text
     assert ('<figure class="wide"><figcaption><b>NOP_cfg0</b>: no prefix: every scale generated from the class label, '
             'guidance 0</figcaption><a href="samples/grids/NOP_cfg0.png">') in text
-    assert [p.name for _, p in page.missing] == ["NOP_cfg1.5.png", "TP_K1_cfg1.5.png", "TP_K2_cfg1.5.png"]
+    assert page.missing == [("sample_var", folder / "grids" / f"{p}.png") for p in ("NOP_cfg1.5", "TP_K1_cfg1.5",
+                                                                                    "TP_K2_cfg1.5")]
     page = report.Page(tmp_path / "report.html")
     assert report.sweep_section(page, tmp_path / "none", []) == []
     assert page.missing == [("sample_var", tmp_path / "none" / "samples_manifest.csv")]
@@ -478,7 +481,10 @@ def test_the_page_heads_with_each_step_s_status_the_logs_and_what_is_missing(tmp
     assert "<h1>Run &lt;1&gt;</h1>" in text and text.endswith("</body></html>\n") and "Classes:" not in text
     assert [r.rsplit('<td class="text">', 1)[1] for r in status_rows(text)] == [
         '<span class="missing">missing</span></td>'] * 6
-    assert "Step logs" not in text
+    assert "Step logs" not in text and '</tbody></table></div><details><summary class="missing">' in text
+    assert ('</style></head><body><h1>Run &lt;1&gt;</h1>' in text and '<nav><a href="#data">data</a><a href="#vqvae">'
+            'VQ-VAE</a><a href="#tokens">tokens</a><a href="#var">VAR</a><a href="#sweep">sweep</a><a href="#eval">'
+            'evaluation</a><a href="#configs">configs</a></nav><h2 id="status">Steps</h2>' in text)
     missing = text.split('<summary class="missing">')[1].split("</details>")[0]
     assert missing.startswith("11 expected file(s) missing</summary><ul><li>prepare: ")
     assert f"<li>eval_var: {runs / 'samples' / 'eval' / 'config.json'}</li></ul>" in missing
