@@ -36,8 +36,10 @@ CLASSES = ["a", "b"]
 SCALES = (1, 2, 4)
 SIZE = 16  # 4 x 2^2
 VOCAB = 16
-# The real images: val (the ref_split here) 4 + 5, test 2 + 1 (never used), train 3 + 2, listed out of order.
-COUNTS = {("val", 0): 4, ("val", 1): 5, ("test", 0): 2, ("test", 1): 1, ("train", 0): 3, ("train", 1): 2}
+# The real images: val (the ref_split here) 4 + 8, test 2 + 1 (never used), train 5 + 2, listed out of order. Class
+# b's val halves are large enough for a KID, class a's are not, and they differ in size; class a has more training
+# token rows than the 3 per class that are compared, class b fewer.
+COUNTS = {("val", 0): 4, ("val", 1): 8, ("test", 0): 2, ("test", 1): 1, ("train", 0): 5, ("train", 1): 2}
 # The sweep: (point, coarse_k, cfg, class, teacher of each sample); class b written before class a, and the points
 # in the order sample_var.py was given them, which is not their sorted order.
 SWEEP = [("TP_K1_cfg2.5", 1, 2.5, 1, [0, 0, 1]), ("TP_K1_cfg2.5", 1, 2.5, 0, [1, 0, 1, 0]),
@@ -76,7 +78,7 @@ class StubNet:
 @pytest.fixture
 def stubs(monkeypatch) -> dict:
     """The network, its features and the plots replaced: records what each is given."""
-    calls: dict = {"features": [], "loaded": [], "plots": [], "vqvae": [], "diversity_on": set()}
+    calls: dict = {"features": [], "loaded": [], "plots": [], "vqvae": [], "diversity_on": set(), "desc": []}
     load_vqvae, measure_diversity = eval_var.load_vqvae, eval_var.diversity
 
     def vqvae(path, **kwargs):
@@ -94,6 +96,7 @@ def stubs(monkeypatch) -> dict:
     def extract(paths, net, batch_size, cache, desc):
         assert net is StubNet
         calls["features"].append((list(paths), batch_size, cache))
+        calls["desc"].append(desc)
         return np.stack([feature(p) for p in paths]) if paths else np.zeros((0, 3), np.float32)
 
     def plot(name):
@@ -297,6 +300,8 @@ def test_every_row_and_number_of_the_tables_by_hand(world, stubs, tmp_path, caps
     # The VQ-VAE and MS-SSIM on the run's device (a GPU run decodes and compares there).
     assert stubs["vqvae"] == [(str(world["root"] / "vqvae.pth"), {"map_location": torch.device("cpu")})]
     assert stubs["diversity_on"] == {torch.device("cpu")}
+    assert stubs["desc"] == ["features: real val", "features: real train", "features: reconstructions",
+                             "features: samples"]
     assert [(paths, batch, cache) for paths, batch, cache in stubs["features"]] == [
         ([out / "real" / tokens.source[r] for r in ref], 5, tmp_path / "c.npz"),
         ([out / "real" / tokens.source[r] for r in train], 5, tmp_path / "c.npz"),
@@ -318,8 +323,10 @@ def test_every_row_and_number_of_the_tables_by_hand(world, stubs, tmp_path, caps
     for got, want in zip(metrics["rows"], expected):
         assert got == pytest.approx(want, rel=1e-12, abs=1e-15), (got["point"], got["class"])
     # What the stub makes of it: the cases the rules tell apart all occur.
-    real_a, tp_b, nop_a = metrics["rows"][0], metrics["rows"][7], metrics["rows"][9]
+    real_a, real_b, recon_a, recon_b = metrics["rows"][:2] + metrics["rows"][3:5]
+    tp_b, nop_a = metrics["rows"][7], metrics["rows"][9]
     assert real_a["kid"] is None and real_a["kid_subset"] == 0 and metrics["rows"][2]["kid_subset"] == 3
+    assert real_b["kid_subset"] == 3 and real_b["fid"] is not None and (recon_a["n"], recon_b["n"]) == (2, 4)
     assert tp_b["kid_subset"] == 0 and tp_b["fid"] is None and nop_a["fid"] is not None
     assert nop_a["copy_fraction"] == 0.25 and metrics["rows"][11]["copy_fraction"] == 1 / 9
     assert tp_b["diversity_per_teacher"] is not None and tp_b["psnr_teacher"] < 100
@@ -339,7 +346,7 @@ def test_every_row_and_number_of_the_tables_by_hand(world, stubs, tmp_path, caps
                                                    + [samples / "samples_tokens.npz"], samples),
                       "real": files_fingerprint([world["root"] / "data" / tokens.source[r] for r in (*ref, *train)],
                                                 world["root"] / "data")},
-        "samples": str(samples), "ref_split": "val", "ref_images": 9, "train_images": 5, "image_size": SIZE,
+        "samples": str(samples), "ref_split": "val", "ref_images": 12, "train_images": 7, "image_size": SIZE,
         "feature_extractor": "stub network", "msssim_levels": 1, "token_images_per_class": 3,
         "copy_threshold": float(ref_sims.max()), "notes": info["notes"]}
     assert settings["data_dir"] == str(world["root"] / "data") and settings["samples"] == str(samples)
@@ -352,13 +359,16 @@ def test_every_row_and_number_of_the_tables_by_hand(world, stubs, tmp_path, caps
     assert [name for name, _ in stubs["plots"]] == ["plot_vs_k", "plot_tokens", "plot_memorisation"]
     _, (rows, classes, scales, plot_out) = stubs["plots"][0]
     assert classes == CLASSES and scales == SCALES and plot_out == out and len(rows) == 12
+    assert stubs["plots"][1][1] == (rows, SCALES, out)
     _, (sweep, gen_sim, gen_nn, ref_sim, threshold, train_paths, size, cfg, _) = stubs["plots"][2]
     assert np.array_equal(gen_sim, sims[0]) and np.array_equal(gen_nn, sims[1]) and np.array_equal(ref_sim, ref_sims)
     assert threshold == float(ref_sims.max()) and size == SIZE and cfg == resolved and sweep.folder == samples
     assert train_paths == [out / "real" / tokens.source[r] for r in train]
     assert json.loads((out / "config.json").read_text()) == eval_var.config_dict(resolved)
-    summary = capsys.readouterr().out.splitlines()
-    assert summary[-1] == f"stub network; 9 val / 5 train images; copy threshold {ref_sims.max():.3f}"
+    captured = capsys.readouterr()
+    summary = captured.out.splitlines()
+    assert "reconstructions: 100% 12/12 " in captured.err and "metrics: 100% 2/2 " in captured.err
+    assert summary[-1] == f"stub network; 12 val / 7 train images; copy threshold {ref_sims.max():.3f}"
 
     # The same inputs again: nothing to do, nothing rewritten.
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.name != "config.json"}
@@ -432,7 +442,7 @@ def test_inputs_that_do_not_match_the_sweep_are_refused_before_any_work(world, s
                 vqvae_config=tokens.vqvae_config, classes=CLASSES)
     with pytest.raises(eval_var.EvalVarError) as err:
         eval_var.evaluate(run_config(world, tmp_path, tokens=str(other)))
-    assert str(err.value) == f"{other}: 9 val and 0 train images; both are needed"
+    assert str(err.value) == f"{other}: 12 val and 0 train images; both are needed"
     with pytest.raises(eval_var.EvalVarError) as err:
         eval_var.evaluate(run_config(world, tmp_path, tokens=str(other), ref_split="test"))
     assert str(err.value) == f"{other}: 3 test and 0 train images; both are needed"

@@ -297,7 +297,7 @@ def test_the_var_section_names_the_best_epochs_and_spaces_the_sample_grids(tmp_p
     assert " 7 epochs saved; 3 shown, evenly spaced." in text
     shown = [e for e in range(1, 8) if f'href="var/samples/epoch_{e:03d}.png"' in text]
     assert shown == [1, 4, 7] and "after epoch 4</figcaption>" in text and 'href="var/kid.png"' in text
-    assert [p.name for _, p in page.missing] == ["loss.png", "accuracy.png", "lr.png"]
+    assert page.missing == [("train_var", folder / name) for name in ("loss.png", "accuracy.png", "lr.png")]
 
     history(folder, [{"epoch": 1, "val_loss": 3.0}], epochs=None)
     (folder / "config.json").unlink()
