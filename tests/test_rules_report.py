@@ -271,6 +271,8 @@ def test_the_tokens_section_lists_the_token_files_and_the_classes(tmp_path):
         page = report.Page(tmp_path / "report.html")
         report.tokens_section(page, where)
         assert page.missing == [("tokenize", where / "tokens_multiscale_maps.npz")]
+        assert page.parts[-1] == (f'<p class="missing">missing: {where / "tokens_multiscale_maps.npz"} '
+                                  '(run tokenize_multiscale_maps.py)</p>')
 
 
 def history(folder: Path, records: list, epochs: int | None = None) -> None:
@@ -352,6 +354,7 @@ def test_the_sweep_section_counts_images_per_point_in_reading_order(tmp_path):
     page = report.Page(tmp_path / "report.html")
     assert report.sweep_section(page, tmp_path / "none", []) == []
     assert page.missing == [("sample_var", tmp_path / "none" / "samples_manifest.csv")]
+    assert page.parts[-1] == f'<p class="missing">missing: {tmp_path / "none" / "samples_manifest.csv"} (run sample_var.py)</p>'
 
 
 COLUMNS = ["point", "mode", "coarse_k", "cfg", "class", "n", "kid", "kid_std", "kid_subset", "fid", "diversity",
@@ -506,6 +509,9 @@ def test_the_page_heads_with_each_step_s_status_the_logs_and_what_is_missing(tmp
     text = report.build(replace(cfg, eval_dir=str(runs / "eval")))
     assert "Classes: heart, liver.</p>" in text
     rows = status_rows(text)
+    assert [r.split('<td class="text">')[1] for r in rows] == [
+        "data (prepare.py)</td>", "VQ-VAE (train_vqvae.py)</td>", "tokens (tokenize_multiscale_maps.py)</td>",
+        "VAR (train_var.py)</td>", "samples (sample_var.py)</td>", "evaluation (eval_var.py)</td>"]
     link = '<td class="text"><a href="{0}">{1}</a></td>'
     assert rows[0] == ('<tr><td class="text">data (prepare.py)</td>' + link.format("data", runs / "data")
                        + '<td class="text"><span class="done">done</span>: 2 classes</td>')
@@ -541,6 +547,10 @@ def test_the_page_heads_with_each_step_s_status_the_logs_and_what_is_missing(tmp
     text = report.build(cfg)
     assert report.esc(report.describe_point("TP_K2_cfg1", ["1", "2"])) in text and "make_phantoms" not in text
     assert status_rows(text)[5].endswith('<span class="missing">missing</span></td>')
+    (runs / "var" / "config.json").unlink()  # epochs unknown, no sweep points: no detail
+    (runs / "samples" / "samples_manifest.csv").unlink()
+    rows = status_rows(report.build(cfg))
+    assert rows[3].endswith('incomplete</span></td>') and rows[4].endswith('incomplete</span></td>')
 
 
 def test_main_writes_the_page_atomically_and_stops_on_an_unreadable_output(tmp_path, capsys):
