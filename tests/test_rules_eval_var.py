@@ -24,7 +24,7 @@ from common.io import atomic_torch_save, file_sha256, files_fingerprint
 from common.plotting import save_image
 from common.sample_metrics import (copy_fraction, diversity, matched_subsample, nearest_neighbours,
                                    teacher_similarity, token_usage_entropy)
-from common.tokens import load_tokens, save_tokens
+from common.tokens import TokenFileError, load_tokens, save_tokens
 from models.vqvae import VQVAE
 from sample_var import decode_one_by_one
 
@@ -368,6 +368,8 @@ def test_every_row_and_number_of_the_tables_by_hand(world, stubs, tmp_path, caps
     captured = capsys.readouterr()
     summary = captured.out.splitlines()
     assert "reconstructions: 100% 12/12 " in captured.err and "metrics: 100% 2/2 " in captured.err
+    assert summary[:4] == [f"features: {what}: {n} images (cached ones are not recomputed)" for what, n in
+                           (("real val", 12), ("real train", 7), ("reconstructions", 12), ("samples", 16))]
     assert summary[-1] == f"stub network; 12 val / 7 train images; copy threshold {ref_sims.max():.3f}"
 
     # The same inputs again: nothing to do, nothing rewritten.
@@ -462,6 +464,10 @@ def test_inputs_that_do_not_match_the_sweep_are_refused_before_any_work(world, s
         eval_var.evaluate(run_config(world, tmp_path, samples=str(folder)))
     assert str(err.value) == (f"{folder} was sampled with VQ-VAE sha ffffffffffff... and classes ['a', 'b'], but "
                               f"{root / 'tokens.npz'} has sha {sha}... and classes ['a', 'b']")
+    other_vqvae = tmp_path / "other_vqvae.pth"  # tokens of another VQ-VAE than the one given
+    other_vqvae.write_bytes((root / "vqvae.pth").read_bytes() + b"\0")
+    with pytest.raises(TokenFileError, match=r"came from VQ-VAE sha .*, but .*other_vqvae.pth has sha"):
+        eval_var.evaluate(run_config(world, tmp_path, vqvae=str(other_vqvae)))
     assert stubs["features"] == [] and stubs["loaded"] == []
 
 
