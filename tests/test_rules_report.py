@@ -244,6 +244,8 @@ def test_the_vqvae_section_shows_its_test_metrics_and_the_last_val_reconstructio
     report.vqvae_section(page, folder, [])
     assert "gan.png" not in "".join(page.parts)
     assert [p.name for _, p in page.missing][-2:] == ["test_metrics.json", "recon_val_epochNNN.png"]
+    assert (f'<p class="missing">missing: {folder / "test_metrics.json"} (written when training has finished)</p>'
+            in page.parts)
     assert {s for s, _ in page.missing} == {"train_vqvae"}
     page = report.Page(tmp_path / "report.html")
     report.vqvae_section(page, tmp_path / "none", [])
