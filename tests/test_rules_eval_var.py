@@ -8,6 +8,7 @@ import csv
 import json
 import math
 import os
+import re
 import warnings
 from dataclasses import replace
 from pathlib import Path
@@ -36,10 +37,10 @@ CLASSES = ["a", "b"]
 SCALES = (1, 2, 4)
 SIZE = 16  # 4 x 2^2
 VOCAB = 16
-# The real images: val (the ref_split here) 4 + 8, test 2 + 1 (never used), train 5 + 2, listed out of order. Class
+# The real images: val (the ref_split here) 4 + 8, test 2 + 1 (never used), train 8 + 2, listed out of order. Class
 # b's val halves are large enough for a KID, class a's are not, and they differ in size; class a has more training
-# token rows than the 3 per class that are compared, class b fewer.
-COUNTS = {("val", 0): 4, ("val", 1): 8, ("test", 0): 2, ("test", 1): 1, ("train", 0): 5, ("train", 1): 2}
+# token rows than the 3 per class that are compared (56 ways to draw them), class b fewer.
+COUNTS = {("val", 0): 4, ("val", 1): 8, ("test", 0): 2, ("test", 1): 1, ("train", 0): 8, ("train", 1): 2}
 # The sweep: (point, coarse_k, cfg, class, teacher of each sample); class b written before class a, and the points
 # in the order sample_var.py was given them, which is not their sorted order.
 SWEEP = [("TP_K1_cfg2.5", 1, 2.5, 1, [0, 0, 1]), ("TP_K1_cfg2.5", 1, 2.5, 0, [1, 0, 1, 0]),
@@ -346,7 +347,7 @@ def test_every_row_and_number_of_the_tables_by_hand(world, stubs, tmp_path, caps
                                                    + [samples / "samples_tokens.npz"], samples),
                       "real": files_fingerprint([world["root"] / "data" / tokens.source[r] for r in (*ref, *train)],
                                                 world["root"] / "data")},
-        "samples": str(samples), "ref_split": "val", "ref_images": 12, "train_images": 7, "image_size": SIZE,
+        "samples": str(samples), "ref_split": "val", "ref_images": 12, "train_images": 10, "image_size": SIZE,
         "feature_extractor": "stub network", "msssim_levels": 1, "token_images_per_class": 3,
         "copy_threshold": float(ref_sims.max()), "notes": info["notes"]}
     assert settings["data_dir"] == str(world["root"] / "data") and settings["samples"] == str(samples)
@@ -367,10 +368,11 @@ def test_every_row_and_number_of_the_tables_by_hand(world, stubs, tmp_path, caps
     assert json.loads((out / "config.json").read_text()) == eval_var.config_dict(resolved)
     captured = capsys.readouterr()
     summary = captured.out.splitlines()
-    assert "reconstructions: 100% 12/12 " in captured.err and "metrics: 100% 2/2 " in captured.err
+    assert re.search(r"reconstructions: 100% 12/12 \[.*img/s\]", captured.err)
+    assert re.search(r"metrics: 100% 2/2 \[.*point/s\]", captured.err)
     assert summary[:4] == [f"features: {what}: {n} images (cached ones are not recomputed)" for what, n in
-                           (("real val", 12), ("real train", 7), ("reconstructions", 12), ("samples", 16))]
-    assert summary[-1] == f"stub network; 12 val / 7 train images; copy threshold {ref_sims.max():.3f}"
+                           (("real val", 12), ("real train", 10), ("reconstructions", 12), ("samples", 16))]
+    assert summary[-1] == f"stub network; 12 val / 10 train images; copy threshold {ref_sims.max():.3f}"
 
     # The same inputs again: nothing to do, nothing rewritten.
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.name != "config.json"}
