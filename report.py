@@ -174,7 +174,8 @@ def number(text: str) -> str:
         return text
     if re.fullmatch(r"-?\d+", text):
         return text
-    return f"{value:.0f}" if abs(value) >= 1000 else f"{value:.3g}"
+    rounded = f"{value:.3g}"  # 999.95 rounds to 1e+03: whole numbers from 1000 on, after rounding
+    return f"{value:.0f}" if abs(float(rounded)) >= 1000 else rounded
 
 
 def with_error(value: float, std: float) -> str:

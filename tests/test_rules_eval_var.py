@@ -1,0 +1,608 @@
+"""eval_var.py's rules at non-default settings, with the Inception network stubbed by a 3-number feature of each file:
+every constant's range, the refusals of a broken or mismatched sweep, which images each set holds and in what order,
+the halves and token subsamples, each KID / FID / diversity / token / teacher / memorisation number of every row
+computed by hand, and the rows and cells the tables write (issue 16)."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import re
+import warnings
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import eval_var
+from common.fidelity import fid_from_features, kid_from_features
+from common.image_data import read_image
+from common.io import atomic_torch_save, file_sha256, files_fingerprint
+from common.plotting import save_image
+from common.sample_metrics import (copy_fraction, diversity, matched_subsample, nearest_neighbours,
+                                   teacher_similarity, token_usage_entropy)
+from common.tokens import TokenFileError, load_tokens, save_tokens
+from models.vqvae import VQVAE
+from sample_var import decode_one_by_one
+
+from config_refusal import assert_edges, refusal_of
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+CLASSES = ["a", "b"]
+SCALES = (1, 2, 4)
+SIZE = 16  # 4 x 2^2
+VOCAB = 16
+# The real images: val (the ref_split here) 4 + 8, test 2 + 1 (never used), train 8 + 2, listed out of order. Class
+# b's val halves are large enough for a KID, class a's are not, and they differ in size; class a has more training
+# token rows than the 3 per class that are compared (56 ways to draw them), class b fewer.
+COUNTS = {("val", 0): 4, ("val", 1): 8, ("test", 0): 2, ("test", 1): 1, ("train", 0): 8, ("train", 1): 2}
+# The sweep: (point, coarse_k, cfg, class, teacher of each sample); class b written before class a, and the points
+# in the order sample_var.py was given them, which is not their sorted order.
+SWEEP = [("TP_K1_cfg2.5", 1, 2.5, 1, [0, 0, 1]), ("TP_K1_cfg2.5", 1, 2.5, 0, [1, 0, 1, 0]),
+         ("NOP_cfg2", 0, 2.0, 1, [-1] * 5), ("NOP_cfg2", 0, 2.0, 0, [-1] * 4)]
+SETTINGS = dict(ref_split="val", inception_weights="w.pth", kid_subsets=3, kid_subset_size=3, fid_min_images=4,
+                max_pairs=3, batch_size=5, seed=7, device="cpu")
+
+
+def refusal(**overrides) -> str | None:
+    return refusal_of(eval_var.validate, replace(eval_var.Config(), **overrides))
+
+
+def test_every_constant_is_refused_just_outside_its_range_and_accepted_at_its_edge():
+    table = {
+        **{name: ([1], (0, ">= 1")) for name in ("kid_subsets", "max_pairs", "closest_pairs", "batch_size")},
+        **{name: ([2], (1, ">= 2")) for name in ("kid_subset_size", "fid_min_images")},
+        **{name: ([0], (-1, ">= 0")) for name in ("seed", "cpu_threads")},
+        "ref_split": (["train", "val", "test"], ("holdout", "one of train, val, test")),
+        "device": (["auto", "cpu"], ("tpu", "auto, cpu, or a cuda / mps device this machine has")),
+    }
+    assert_edges(refusal, table)
+
+
+def feature(path: Path) -> np.ndarray:
+    """The stand-in network: three means of the file as it is stored (no resizing), less 0.45:
+    vectors that point many ways, so that cosine similarities spread."""
+    image = np.asarray(Image.open(path).convert("RGB"), np.float64) / 255
+    side = image.shape[0] // 2
+    return np.array([image.mean(), image[:side].mean(), image[:, :side, 0].mean()], np.float32) - 0.45
+
+
+class StubNet:
+    name = "stub network"
+
+
+@pytest.fixture
+def stubs(monkeypatch) -> dict:
+    """The network, its features and the plots replaced: records what each is given."""
+    calls: dict = {"features": [], "loaded": [], "plots": [], "vqvae": [], "diversity_on": set(), "desc": []}
+    load_vqvae, measure_diversity = eval_var.load_vqvae, eval_var.diversity
+
+    def vqvae(path, **kwargs):
+        calls["vqvae"].append((path, kwargs))
+        return load_vqvae(path, **kwargs)
+
+    def spread(*args, device):
+        calls["diversity_on"].add(device)
+        return measure_diversity(*args, device=device)
+
+    def load(weights, device):
+        calls["loaded"].append((weights, device))
+        return StubNet
+
+    def extract(paths, net, batch_size, cache, desc):
+        assert net is StubNet
+        calls["features"].append((list(paths), batch_size, cache))
+        calls["desc"].append(desc)
+        return np.stack([feature(p) for p in paths]) if paths else np.zeros((0, 3), np.float32)
+
+    def plot(name):
+        def draw(*args):
+            calls["plots"].append((name, args))
+            out = args[-1]
+            for file in eval_var.OUTPUTS:
+                if file.endswith(".png"):
+                    (out / file).write_bytes(b"png")
+        return draw
+
+    monkeypatch.setattr(eval_var, "load_feature_extractor", load)
+    monkeypatch.setattr(eval_var, "load_vqvae", vqvae)
+    monkeypatch.setattr(eval_var, "diversity", spread)
+    monkeypatch.setattr(eval_var, "extract_features", extract)
+    for name in ("plot_vs_k", "plot_tokens", "plot_memorisation"):
+        monkeypatch.setattr(eval_var, name, plot(name))
+    return calls
+
+
+def noise(rng: np.random.Generator, side: int, level: int) -> np.ndarray:
+    """Noise around a level, its top half and the red of its left half shifted at random: features that differ."""
+    image = rng.normal(level, 30, (side, side, 3))
+    image[: side // 2] += rng.uniform(-60, 60)
+    image[:, : side // 2, 0] += rng.uniform(-60, 60)
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> dict:
+    """A random VQ-VAE, a processed set of 20 px images (the model's side is 16), its token file and a sweep folder."""
+    root = tmp_path_factory.mktemp("rules_eval_var")
+    torch.manual_seed(0)
+    vqvae = VQVAE(vocab_size=VOCAB, z_channels=4, ch=32, ch_mult=(1, 1, 1), num_res_blocks=1, scales=SCALES).eval()
+    atomic_torch_save({"model": vqvae.state_dict(), "model_config": vqvae.config}, root / "vqvae.pth")
+    rng = np.random.default_rng(0)
+    entries = [(split, label, i) for (split, label), n in COUNTS.items() for i in range(n)]
+    entries = [entries[i] for i in rng.permutation(len(entries))]
+    source = [f"{split}/{CLASSES[label]}/img{i}.png" for split, label, i in entries]
+    for name, (_, label, _) in zip(source, entries):
+        save_image(noise(rng, 20, 60 + 80 * label), root / "data" / name)
+    n, length = len(entries), sum(pn * pn for pn in SCALES)
+    idx = rng.integers(0, VOCAB, (n, length))
+    offsets = np.cumsum([0] + [pn * pn for pn in SCALES])
+    save_tokens(root / "tokens.npz", scales=list(SCALES),
+                maps=[idx[:, offsets[k]:offsets[k + 1]].reshape(n, pn, pn) for k, pn in enumerate(SCALES)],
+                labels=np.array([e[1] for e in entries]), split=np.array([e[0] for e in entries]),
+                source=np.array(source), vqvae_sha256=file_sha256(root / "vqvae.pth"), vqvae_config=vqvae.config,
+                classes=CLASSES)
+    samples = root / "samples"
+    manifest = []
+    for point, k, cfg, label, teachers in SWEEP:
+        for s, teacher in enumerate(teachers):
+            path = f"{point}/{CLASSES[label]}/s{s:03d}.png"
+            save_image(noise(rng, SIZE, 90 + 40 * label), samples / path)
+            manifest.append({"path": path, "point": point, "mode": "NOP" if k == 0 else "TP", "coarse_k": k,
+                             "cfg": cfg, "class": CLASSES[label], "label": label, "teacher": teacher})
+            if teacher >= 0:
+                for kind in ("teachers", "teachers_recon"):
+                    file = samples / kind / CLASSES[label] / f"t{teacher:02d}.png"
+                    if not file.exists():
+                        save_image(noise(rng, SIZE, 100), file)
+    # One NOP sample of class a is a training image at the model's side: a copy the memorisation check must flag.
+    copied = source[next(i for i, e in enumerate(entries) if e[:2] == ("train", 0))]
+    save_image(read_image(root / "data" / copied, SIZE), samples / "NOP_cfg2/a/s002.png")
+    with open(samples / "samples_manifest.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(manifest[0]))
+        writer.writeheader()
+        writer.writerows(manifest)
+    np.savez(samples / "samples_tokens.npz", idx=rng.integers(0, VOCAB, (len(manifest), length)),
+             image_path=np.array([r["path"] for r in manifest]), vqvae_sha256=np.array(file_sha256(root / "vqvae.pth")),
+             classes=np.array(CLASSES))
+    (samples / "config.json").write_text(json.dumps({"data_dir": str(root / "data"), "tokens": str(root / "tokens.npz"),
+                                                     "vqvae": str(root / "vqvae.pth")}))
+    return {"root": root, "samples": samples, "vqvae": vqvae, "tokens": load_tokens(root / "tokens.npz"),
+            "manifest": manifest, "copied": copied}
+
+
+def kid_cells(f1: np.ndarray, f2: np.ndarray) -> dict:
+    """KID on subsets of 3 (kid_subset_size) or half the smaller set; FID from 4 images (fid_min_images)."""
+    n = min(len(f1), len(f2))
+    subset = 3 if n > 3 else n // 2
+    cells = {"kid": None, "kid_std": None, "kid_subset": 0, "fid": None}
+    if subset >= 2:
+        kid = kid_from_features(f1, f2, subsets=3, max_subset_size=subset, seed=7)
+        cells.update(kid=kid["mean"], kid_std=kid["std"], kid_subset=subset)
+    if n >= 4:
+        cells["fid"] = fid_from_features(f1, f2)
+    return cells
+
+
+def token_cells(idx: np.ndarray) -> dict:
+    cells = {}
+    for pn, start in zip(SCALES, (0, 1, 5)):
+        cells[f"usage_{pn}"], cells[f"entropy_{pn}"] = token_usage_entropy(idx[:, start:start + pn * pn], VOCAB)
+    return cells
+
+
+def subsample(rows: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """3 rows of each class (the fewest samples of a class at any sweep point: TP class b)."""
+    return np.concatenate([rows[labels == c][matched_subsample(int((labels == c).sum()), 3, 7)]
+                           for c in np.unique(labels)])
+
+
+def mean_or_none(values: list) -> float | None:
+    values = [v for v in values if v is not None]
+    return float(np.mean(values)) if values else None
+
+
+def nan_none(x: float) -> float | None:
+    return None if math.isnan(x) else x
+
+
+def expected_rows(world: dict, out: Path) -> list[dict]:
+    """Every row of metrics.json computed from the files, as the docs define the numbers."""
+    tokens, samples, manifest = world["tokens"], world["samples"], world["manifest"]
+    ref = np.flatnonzero(tokens.split == "val")
+    train = np.flatnonzero(tokens.split == "train")
+    ref_labels, train_labels = tokens.labels[ref], tokens.labels[train]
+    f_ref = np.stack([feature(out / "real" / tokens.source[r]) for r in ref])
+    f_train = np.stack([feature(out / "real" / tokens.source[r]) for r in train])
+    f_recon = np.stack([feature(out / "recon" / tokens.source[r]) for r in ref])
+    ref_images = np.stack([read_image(out / "real" / tokens.source[r], SIZE) for r in ref])
+    ref_sim = nearest_neighbours(f_ref, f_train)[0]
+    first, second = eval_var.halves(ref_labels, 7)
+    train_idx = tokens.idx[train]
+    rows = []
+
+    def add(point, mode, k, cfg, per_class, overall):
+        base = {"point": point, "mode": mode, "coarse_k": k, "cfg": cfg}
+        rows.extend({**base, **r} for r in per_class)
+        rows.append({**base, "class": "all", "diversity": mean_or_none([r.get("diversity") for r in per_class]),
+                     "diversity_per_teacher": mean_or_none([r.get("diversity_per_teacher") for r in per_class]),
+                     **overall})
+
+    real, recon = [], []
+    for c, name in enumerate(CLASSES):
+        a, b = first & (ref_labels == c), second & (ref_labels == c)
+        real.append({"class": name, "n": int((ref_labels == c).sum()), **kid_cells(f_ref[a], f_ref[b]),
+                     "diversity": diversity(ref_images[ref_labels == c], 3, 7)[0],
+                     "nn_train_sim": float(ref_sim[ref_labels == c].mean()),
+                     **token_cells(subsample(train_idx[train_labels == c], train_labels[train_labels == c]))})
+        recon.append({"class": name, "n": int(a.sum()), **kid_cells(f_recon[a], f_ref[b])})
+    add("REAL", "REAL", 0, None, real, {"n": len(ref), **kid_cells(f_ref[first], f_ref[second]),
+                                         "nn_train_sim": float(ref_sim.mean()),
+                                         **token_cells(subsample(train_idx, train_labels))})
+    add("RECON", "RECON", len(SCALES), None, recon, {"n": int(first.sum()), **kid_cells(f_recon[first], f_ref[second])})
+
+    with np.load(samples / "samples_tokens.npz") as data:
+        gen_idx = data["idx"]
+    for point, k, cfg in (("TP_K1_cfg2.5", 1, 2.5), ("NOP_cfg2", 0, 2.0)):
+        per_class = []
+        for c, name in enumerate(CLASSES):
+            sel = [i for i, r in enumerate(manifest) if r["point"] == point and r["label"] == c]
+            f_gen = np.stack([feature(samples / manifest[i]["path"]) for i in sel])
+            images = np.stack([read_image(samples / manifest[i]["path"], SIZE) for i in sel])
+            sim = nearest_neighbours(f_gen, f_train)[0]
+            row = {"class": name, "n": len(sel), **kid_cells(f_gen, f_ref[ref_labels == c]),
+                   "diversity": diversity(images, 3, 7)[0], "nn_train_sim": float(sim.mean()),
+                   "copy_fraction": copy_fraction(sim, ref_sim),
+                   **token_cells(subsample(gen_idx[sel], np.full(len(sel), c)))}
+            if k:
+                teacher = np.array([manifest[i]["teacher"] for i in sel])
+                spread = [diversity(images[teacher == t], 3, 7)[0] for t in np.unique(teacher)]
+                row["diversity_per_teacher"] = float(np.nanmean(spread))
+                for kind, suffix in (("teachers", "teacher"), ("teachers_recon", "recon")):
+                    scores = [teacher_similarity(images[teacher == t],
+                                                 read_image(samples / kind / name / f"t{t:02d}.png", SIZE))
+                              for t in np.unique(teacher)]
+                    row[f"psnr_{suffix}"] = float(np.concatenate([s[0] for s in scores]).mean())
+                    row[f"ssim_{suffix}"] = float(np.concatenate([s[1] for s in scores]).mean())
+            per_class.append(row)
+        sel = [i for i, r in enumerate(manifest) if r["point"] == point]
+        f_gen = np.stack([feature(samples / manifest[i]["path"]) for i in sel])
+        sim = nearest_neighbours(f_gen, f_train)[0]
+        overall = {"n": len(sel), **kid_cells(f_gen, f_ref), "nn_train_sim": float(sim.mean()),
+                   "copy_fraction": copy_fraction(sim, ref_sim),
+                   **token_cells(subsample(gen_idx[sel], np.array([manifest[i]["label"] for i in sel])))}
+        if k:
+            overall.update({key: float(np.mean([r[key] for r in per_class]))
+                            for key in ("psnr_teacher", "ssim_teacher", "psnr_recon", "ssim_recon")})
+        add(point, "NOP" if k == 0 else "TP", k, cfg, per_class, overall)
+    columns = eval_var.COLUMNS + [f"usage_{pn}" for pn in SCALES] + [f"entropy_{pn}" for pn in SCALES]
+    return [{c: (nan_none(r[c]) if isinstance(r.get(c), float) else r.get(c)) for c in columns} for r in rows]
+
+
+def run_config(world: dict, tmp_path: Path, **overrides) -> eval_var.Config:
+    return eval_var.Config(**{"samples": str(world["samples"]), "out": str(tmp_path / "eval"),
+                              "cache": str(tmp_path / "c.npz"), **SETTINGS, **overrides})
+
+
+def test_every_row_and_number_of_the_tables_by_hand(world, stubs, tmp_path, capsys):
+    config = run_config(world, tmp_path)
+    eval_var.evaluate(config)
+    out, tokens, samples, manifest = tmp_path / "eval", world["tokens"], world["samples"], world["manifest"]
+    ref = np.flatnonzero(tokens.split == "val")
+    train = np.flatnonzero(tokens.split == "train")
+    # The network of the given weights, fed the real val and train images at the model's side, the VQ-VAE's
+    # reconstructions of the val tokens, then the samples in manifest order, in batches of 5 through the cache.
+    assert stubs["loaded"] == [("w.pth", torch.device("cpu"))]
+    # The VQ-VAE and MS-SSIM on the run's device (a GPU run decodes and compares there).
+    assert stubs["vqvae"] == [(str(world["root"] / "vqvae.pth"), {"map_location": torch.device("cpu")})]
+    assert stubs["diversity_on"] == {torch.device("cpu")}
+    assert stubs["desc"] == ["features: real val", "features: real train", "features: reconstructions",
+                             "features: samples"]
+    assert [(paths, batch, cache) for paths, batch, cache in stubs["features"]] == [
+        ([out / "real" / tokens.source[r] for r in ref], 5, tmp_path / "c.npz"),
+        ([out / "real" / tokens.source[r] for r in train], 5, tmp_path / "c.npz"),
+        ([out / "recon" / tokens.source[r] for r in ref], 5, tmp_path / "c.npz"),
+        ([samples / r["path"] for r in manifest], 5, tmp_path / "c.npz")]
+    for r in (*ref, *train):
+        assert np.array_equal(read_image(out / "real" / tokens.source[r], SIZE),
+                              read_image(world["root"] / "data" / tokens.source[r], SIZE))
+        assert Image.open(out / "real" / tokens.source[r]).size == (SIZE, SIZE)
+    for r in ref:
+        decoded = decode_one_by_one(world["vqvae"], tokens.idx_list([r]))[0]
+        assert np.array_equal(np.asarray(Image.open(out / "recon" / tokens.source[r])), decoded)
+    assert not (out / "real" / "test").exists() and not (out / "recon" / "train").exists()
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    expected = expected_rows(world, out)
+    assert [(r["point"], r["class"]) for r in metrics["rows"]] == [
+        (p, c) for p in ("REAL", "RECON", "TP_K1_cfg2.5", "NOP_cfg2") for c in ("a", "b", "all")]
+    for got, want in zip(metrics["rows"], expected):
+        assert got == pytest.approx(want, rel=1e-12, abs=1e-15), (got["point"], got["class"])
+    # What the stub makes of it: the cases the rules tell apart all occur.
+    real_a, real_b, recon_a, recon_b = metrics["rows"][:2] + metrics["rows"][3:5]
+    tp_b, nop_a = metrics["rows"][7], metrics["rows"][9]
+    assert real_a["kid"] is None and real_a["kid_subset"] == 0 and metrics["rows"][2]["kid_subset"] == 3
+    assert real_b["kid_subset"] == 3 and real_b["fid"] is not None and (recon_a["n"], recon_b["n"]) == (2, 4)
+    assert tp_b["kid_subset"] == 0 and tp_b["fid"] is None and nop_a["fid"] is not None
+    assert nop_a["copy_fraction"] == 0.25 and metrics["rows"][11]["copy_fraction"] == 1 / 9
+    assert tp_b["diversity_per_teacher"] is not None and tp_b["psnr_teacher"] < 100
+
+    sims = nearest_neighbours(np.stack([feature(samples / r["path"]) for r in manifest]),
+                              np.stack([feature(out / "real" / tokens.source[r]) for r in train]))
+    ref_sims = nearest_neighbours(np.stack([feature(out / "real" / tokens.source[r]) for r in ref]),
+                                  np.stack([feature(out / "real" / tokens.source[r]) for r in train]))[0]
+    info = metrics["info"]
+    resolved = eval_var.resolve(config, eval_var.load_sweep(samples))
+    settings = {k: v for k, v in eval_var.config_dict(resolved).items()
+                if k not in ("out", "device", "cpu_threads", "batch_size", "cache")}
+    assert info == {
+        "made_from": {"settings": settings, "tokens_sha256": file_sha256(world["root"] / "tokens.npz"),
+                      "vqvae_sha256": tokens.vqvae_sha256,
+                      "samples": files_fingerprint([samples / r["path"] for r in manifest]
+                                                   + [samples / "samples_tokens.npz"], samples),
+                      "real": files_fingerprint([world["root"] / "data" / tokens.source[r] for r in (*ref, *train)],
+                                                world["root"] / "data")},
+        "samples": str(samples), "ref_split": "val", "ref_images": 12, "train_images": 10, "image_size": SIZE,
+        "feature_extractor": "stub network", "msssim_levels": 1, "token_images_per_class": 3,
+        "copy_threshold": float(ref_sims.max()), "notes": info["notes"]}
+    assert settings["data_dir"] == str(world["root"] / "data") and settings["samples"] == str(samples)
+    with np.load(out / "nearest_train.npz") as data:
+        assert data["sample_path"].tolist() == [r["path"] for r in manifest]
+        assert np.array_equal(data["similarity"], sims[0])
+        assert data["train_source"].tolist() == tokens.source[train][sims[1]].tolist()
+        assert data["train_source"][manifest.index(next(r for r in manifest if r["path"] == "NOP_cfg2/a/s002.png"))] \
+            == world["copied"]
+    assert [name for name, _ in stubs["plots"]] == ["plot_vs_k", "plot_tokens", "plot_memorisation"]
+    _, (rows, classes, scales, plot_out) = stubs["plots"][0]
+    assert classes == CLASSES and scales == SCALES and plot_out == out and len(rows) == 12
+    assert stubs["plots"][1][1] == (rows, SCALES, out)
+    _, (sweep, gen_sim, gen_nn, ref_sim, threshold, train_paths, size, cfg, _) = stubs["plots"][2]
+    assert np.array_equal(gen_sim, sims[0]) and np.array_equal(gen_nn, sims[1]) and np.array_equal(ref_sim, ref_sims)
+    assert threshold == float(ref_sims.max()) and size == SIZE and cfg == resolved and sweep.folder == samples
+    assert train_paths == [out / "real" / tokens.source[r] for r in train]
+    assert json.loads((out / "config.json").read_text()) == eval_var.config_dict(resolved)
+    captured = capsys.readouterr()
+    summary = captured.out.splitlines()
+    assert re.search(r"reconstructions: 100% 12/12 \[.*img/s\]", captured.err)
+    assert re.search(r"metrics: 100% 2/2 \[.*point/s\]", captured.err)
+    assert summary[:4] == [f"features: {what}: {n} images (cached ones are not recomputed)" for what, n in
+                           (("real val", 12), ("real train", 10), ("reconstructions", 12), ("samples", 16))]
+    assert summary[-1] == f"stub network; 12 val / 10 train images; copy threshold {ref_sims.max():.3f}"
+
+    # The same inputs again: nothing to do, nothing rewritten.
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.name != "config.json"}
+    eval_var.evaluate(config)
+    assert capsys.readouterr().out == f"{out}: up to date (same samples, real images, tokens and settings); nothing to do\n"
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.name != "config.json"} == before
+    assert len(stubs["features"]) == 4
+
+
+def test_out_defaults_to_the_eval_folder_of_the_sweep_and_inputs_to_what_sample_var_used(world, tmp_path):
+    sweep = eval_var.load_sweep(world["samples"])
+    filled = eval_var.resolve(eval_var.Config(samples=str(world["samples"])), sweep)
+    assert (filled.out, filled.data_dir, filled.tokens, filled.vqvae) == (
+        str(world["samples"] / "eval"), str(world["root"] / "data"), str(world["root"] / "tokens.npz"),
+        str(world["root"] / "vqvae.pth"))
+    given = eval_var.Config(samples="s", out="o", data_dir="d", tokens="t", vqvae="v")
+    assert eval_var.resolve(given, sweep) == given
+    sweep.config = {"tokens": "t2"}  # a key sample_var.py did not write stays empty
+    assert eval_var.resolve(eval_var.Config(data_dir="d"), sweep) == eval_var.Config(data_dir="d", tokens="t2", out=str(
+        world["samples"] / "eval"))
+    assert sweep.points == ["TP_K1_cfg2.5", "NOP_cfg2"]
+    assert sweep.vqvae_sha256 == world["tokens"].vqvae_sha256 and sweep.classes == CLASSES
+    assert sweep.idx.dtype == np.int64 and sweep.idx.shape == (16, 21) and sweep.rows[0]["path"] == "TP_K1_cfg2.5/b/s000.png"
+
+
+def copy_sweep(world: dict, tmp_path: Path) -> Path:
+    folder = tmp_path / "sweep"
+    folder.mkdir(parents=True)
+    for name in ("config.json", "samples_manifest.csv", "samples_tokens.npz"):
+        (folder / name).write_bytes((world["samples"] / name).read_bytes())
+    return folder
+
+
+def test_a_broken_or_mismatched_sweep_is_refused_by_name(world, tmp_path):
+    folder = copy_sweep(world, tmp_path)
+    (folder / "samples_manifest.csv").unlink()
+    (folder / "config.json").unlink()
+    with pytest.raises(eval_var.EvalVarError) as err:
+        eval_var.load_sweep(folder)
+    assert str(err.value) == (f"{folder}: not a finished sample_var.py folder (missing {folder / 'config.json'}, "
+                              f"{folder / 'samples_manifest.csv'})")
+    folder = copy_sweep(world, tmp_path / "2")
+    (folder / "config.json").write_text("{")
+    with pytest.raises(eval_var.EvalVarError, match=r"sweep: unreadable sample_var.py output: Expecting"):
+        eval_var.load_sweep(folder)
+    folder = copy_sweep(world, tmp_path / "3")
+    with np.load(folder / "samples_tokens.npz") as data:
+        arrays = {k: data[k] for k in data.files if k != "classes"}
+    np.savez(folder / "samples_tokens.npz", **arrays)
+    with pytest.raises(eval_var.EvalVarError) as err:
+        eval_var.load_sweep(folder)
+    assert str(err.value) == f"{folder}: unreadable sample_var.py output: 'classes is not a file in the archive'"
+    arrays["image_path"] = arrays["image_path"][::-1]
+    np.savez(folder / "samples_tokens.npz", **arrays, classes=np.array(CLASSES))
+    with pytest.raises(eval_var.EvalVarError) as err:
+        eval_var.load_sweep(folder)
+    assert str(err.value) == (f"{folder}: samples_manifest.csv and samples_tokens.npz list different images; "
+                              "re-run sample_var.py")
+
+
+def test_inputs_that_do_not_match_the_sweep_are_refused_before_any_work(world, stubs, tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(eval_var.EvalVarError) as err:
+        eval_var.evaluate(run_config(world, tmp_path, out=str(tmp_path / "file")))
+    assert str(err.value) == f"{tmp_path / 'file'}: exists and is not a folder"
+    tokens, root = world["tokens"], world["root"]
+    other = tmp_path / "other.npz"
+    keep = tokens.split != "train"
+    save_tokens(other, scales=list(SCALES), maps=[m[keep] for m in split_maps(tokens.idx)], labels=tokens.labels[keep],
+                split=tokens.split[keep], source=tokens.source[keep], vqvae_sha256=tokens.vqvae_sha256,
+                vqvae_config=tokens.vqvae_config, classes=CLASSES)
+    with pytest.raises(eval_var.EvalVarError) as err:
+        eval_var.evaluate(run_config(world, tmp_path, tokens=str(other)))
+    assert str(err.value) == f"{other}: 12 val and 0 train images; both are needed"
+    with pytest.raises(eval_var.EvalVarError) as err:
+        eval_var.evaluate(run_config(world, tmp_path, tokens=str(other), ref_split="test"))
+    assert str(err.value) == f"{other}: 3 test and 0 train images; both are needed"
+    save_tokens(other, scales=list(SCALES), maps=split_maps(tokens.idx), labels=tokens.labels, split=tokens.split,
+                source=tokens.source, vqvae_sha256=tokens.vqvae_sha256, vqvae_config=tokens.vqvae_config,
+                classes=["a", "c"])
+    sha = tokens.vqvae_sha256[:12]
+    with pytest.raises(eval_var.EvalVarError) as err:
+        eval_var.evaluate(run_config(world, tmp_path, tokens=str(other)))
+    assert str(err.value) == (f"{world['samples']} was sampled with VQ-VAE sha {sha}... and classes ['a', 'b'], but "
+                              f"{other} has sha {sha}... and classes ['a', 'c']")
+    folder = copy_sweep(world, tmp_path)
+    with np.load(folder / "samples_tokens.npz") as data:
+        arrays = {k: data[k] for k in data.files}
+    np.savez(folder / "samples_tokens.npz", **{**arrays, "vqvae_sha256": np.array("f" * 64)})
+    with pytest.raises(eval_var.EvalVarError) as err:
+        eval_var.evaluate(run_config(world, tmp_path, samples=str(folder)))
+    assert str(err.value) == (f"{folder} was sampled with VQ-VAE sha ffffffffffff... and classes ['a', 'b'], but "
+                              f"{root / 'tokens.npz'} has sha {sha}... and classes ['a', 'b']")
+    other_vqvae = tmp_path / "other_vqvae.pth"  # tokens of another VQ-VAE than the one given
+    other_vqvae.write_bytes((root / "vqvae.pth").read_bytes() + b"\0")
+    with pytest.raises(TokenFileError, match=r"came from VQ-VAE sha .*, but .*other_vqvae.pth has sha"):
+        eval_var.evaluate(run_config(world, tmp_path, vqvae=str(other_vqvae)))
+    assert stubs["features"] == [] and stubs["loaded"] == []
+
+
+def split_maps(idx: np.ndarray) -> list[np.ndarray]:
+    offsets = np.cumsum([0] + [pn * pn for pn in SCALES])
+    return [idx[:, offsets[k]:offsets[k + 1]].reshape(len(idx), pn, pn) for k, pn in enumerate(SCALES)]
+
+
+def test_real_images_are_resized_once_and_rewritten_only_when_their_source_is_newer(world, tmp_path):
+    tokens = world["tokens"]
+    rows = np.array([3, 0])
+    paths = eval_var.at_model_size(tokens, rows, world["root"] / "data", 8, tmp_path / "real")
+    assert paths == [tmp_path / "real" / tokens.source[r] for r in rows]
+    for r, path in zip(rows, paths):
+        assert np.array_equal(np.asarray(Image.open(path)), read_image(world["root"] / "data" / tokens.source[r], 8))
+    save_image(np.zeros((8, 8, 3), np.uint8), paths[0])
+    os.utime(paths[0], (0, os.stat(world["root"] / "data" / tokens.source[3]).st_mtime))  # as old as its source
+    eval_var.at_model_size(tokens, rows, world["root"] / "data", 8, tmp_path / "real")
+    assert np.asarray(Image.open(paths[0])).max() == 0  # not rewritten
+    os.utime(paths[0], (0, os.stat(world["root"] / "data" / tokens.source[3]).st_mtime - 1))  # older: rewritten
+    eval_var.at_model_size(tokens, rows, world["root"] / "data", 8, tmp_path / "real")
+    assert np.asarray(Image.open(paths[0])).max() > 0
+    with pytest.raises(eval_var.EvalVarError) as err:
+        eval_var.at_model_size(tokens, rows, tmp_path / "nowhere", 8, tmp_path / "real")
+    assert str(err.value) == (f"{tmp_path / 'nowhere' / tokens.source[3]}: real image missing; --data_dir must be "
+                              "the processed set that the token file was made from")
+
+
+def test_evaluated_already_needs_every_output_and_the_same_inputs(tmp_path):
+    made_from = {"settings": {"seed": 3}, "real": "abc"}
+    for name in eval_var.OUTPUTS:
+        (tmp_path / name).write_text("x")
+    (tmp_path / "metrics.json").write_text(json.dumps({"info": {"made_from": made_from}}))
+    assert eval_var.evaluated_already(tmp_path, made_from)
+    assert not eval_var.evaluated_already(tmp_path, {**made_from, "real": "abd"})
+    for text in ("{", json.dumps({"rows": []}), json.dumps([1]), json.dumps({"info": 3})):
+        (tmp_path / "metrics.json").write_text(text)
+        assert not eval_var.evaluated_already(tmp_path, made_from), text
+    (tmp_path / "metrics.json").write_text(json.dumps({"info": {"made_from": made_from}}))
+    for name in eval_var.OUTPUTS:
+        (tmp_path / name).rename(tmp_path / "gone")
+        assert not eval_var.evaluated_already(tmp_path, made_from), name
+        (tmp_path / "gone").rename(tmp_path / name)
+
+
+def test_halves_split_each_class_by_its_own_seeded_permutation():
+    labels = np.array([2, 0, 2, 2, 0, 2, 0, 0, 0])
+    first, second = eval_var.halves(labels, 5)
+    expected = np.zeros(9, bool)
+    for label in (0, 2):
+        members = np.random.default_rng([5, label]).permutation(np.flatnonzero(labels == label))
+        expected[members[:len(members) // 2]] = True
+    assert np.array_equal(first, expected) and np.array_equal(second, ~expected)
+    assert first.sum() == 4 and first.dtype == bool
+    assert not np.array_equal(eval_var.halves(labels, 6)[0], first)
+
+
+def test_kid_subsets_shrink_to_half_the_smaller_set_and_fid_needs_enough_images():
+    rng = np.random.default_rng(0)
+    f1, f2 = rng.normal(size=(9, 4)) + 1, rng.normal(size=(7, 4)) + 1.5
+    measure = eval_var.Measure(eval_var.Config(kid_subsets=4, kid_subset_size=6, fid_min_images=7, seed=3), SCALES,
+                               VOCAB, torch.device("cpu"))
+    kid = kid_from_features(f1, f2, subsets=4, max_subset_size=6, seed=3)
+    assert measure.kid_fid(f1, f2) == {"kid": kid["mean"], "kid_std": kid["std"], "kid_subset": 6,
+                                       "fid": fid_from_features(f1, f2)}
+    kid = kid_from_features(f1[:6], f2[:6], subsets=4, max_subset_size=3, seed=3)
+    assert measure.kid_fid(f1[:6], f2[:6]) == {"kid": kid["mean"], "kid_std": kid["std"], "kid_subset": 3,
+                                               "fid": pytest.approx(math.nan, nan_ok=True)}
+    kid = kid_from_features(f1[:5], f2[:4], subsets=4, max_subset_size=2, seed=3)
+    assert measure.kid_fid(f1[:5], f2[:4])["kid_subset"] == 2 and measure.kid_fid(f1[:5], f2[:4])["kid"] == kid["mean"]
+    small = measure.kid_fid(f1[:3], f2)
+    assert math.isnan(small["kid"]) and math.isnan(small["kid_std"]) and small["kid_subset"] == 0
+    assert math.isnan(small["fid"])
+
+
+def test_diversity_and_token_numbers_take_the_run_s_settings(monkeypatch):
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 256, (5, 16, 16, 3), dtype=np.uint8)
+    measure = eval_var.Measure(eval_var.Config(max_pairs=3, seed=4), (1, 2), 6, torch.device("cpu"))
+    assert measure.diversity(images) == diversity(images, 3, 4)[0] != diversity(images, 10, 4)[0]
+    assert measure.diversity(images) != diversity(images, 3, 0)[0]
+    on = []
+    monkeypatch.setattr(eval_var, "diversity", lambda *args, device: on.append(device) or (0.5, 3))
+    measure.device = torch.device("cuda", 1)  # MS-SSIM runs on the run's device
+    assert measure.diversity(images) == 0.5 and on == [torch.device("cuda", 1)]
+    idx = np.array([[5, 0, 1, 1, 2], [3, 1, 1, 1, 1]])
+    assert measure.tokens(idx) == {"usage_1": 2 / 6, "entropy_1": 1.0, "usage_2": 3 / 6,
+                                   "entropy_2": pytest.approx(-(6 / 8 * math.log2(6 / 8) + 2 / 8 * math.log2(1 / 8)))}
+
+
+def test_class_mean_skips_missing_and_nan_values():
+    rows = [{"x": 1.0}, {"x": math.nan}, {}, {"x": 4.0}]
+    assert eval_var.class_mean(rows, "x") == 2.5 and isinstance(eval_var.class_mean(rows, "x"), float)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "mean of empty slice" in the run's output
+        assert math.isnan(eval_var.class_mean([{}, {"x": math.nan}], "x"))
+
+
+def test_token_subsample_keeps_per_class_rows_of_every_class_in_class_order():
+    idx = np.arange(20).reshape(10, 2)
+    labels = np.array([1, 0, 1, 1, 0, 1, 2, 1, 0, 1])
+    kept = eval_var.token_subsample(idx, labels, 2, seed=3)
+    rows = []
+    for label in (0, 1, 2):
+        members = np.flatnonzero(labels == label)
+        rows += members[matched_subsample(len(members), 2, 3)].tolist()
+    assert np.array_equal(kept, idx[rows]) and len(kept) == 5  # class 2 has one row: all of it
+    assert not np.array_equal(eval_var.token_subsample(idx, labels, 2, seed=4), kept)
+
+
+def test_tables_write_every_column_with_six_digits_and_blanks_for_nan(tmp_path):
+    rows = [{"point": "TP_K1_cfg2", "mode": "TP", "coarse_k": 1, "cfg": 2.0, "class": "a", "n": 3, "kid": 0.123456789,
+             "kid_std": math.nan, "kid_subset": 0, "usage_2": 0.5, "entropy_2": 1234567.0},
+            {"point": "REAL", "mode": "REAL", "coarse_k": 0, "cfg": math.nan, "class": "all", "n": 9}]
+    eval_var.write_tables(rows, {"x": 1}, (2,), tmp_path)
+    lines = (tmp_path / "metrics.csv").read_text().split("\n")
+    assert lines[0] == ",".join(eval_var.COLUMNS + ["usage_2", "entropy_2"])
+    assert lines[1] == "TP_K1_cfg2,TP,1,2,a,3,0.123457,,0,,,,,,,,,,0.5,1.23457e+06"
+    assert lines[2] == "REAL,REAL,0,,all,9" + "," * 14 and lines[3:] == [""]
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved["info"] == {"x": 1} and saved["rows"][0]["kid_std"] is None and saved["rows"][1]["cfg"] is None
+    assert saved["rows"][0]["kid"] == 0.123456789 and saved["rows"][1]["usage_2"] is None
+    assert list(saved["rows"][0]) == eval_var.COLUMNS + ["usage_2", "entropy_2"]
+
+
+def test_the_summary_prints_the_all_rows(capsys):
+    rows = [{"point": "REAL", "class": "a", "n": 2}, {"point": "RECON", "class": "all", "n": 4},
+            {"point": "TP_K1_cfg2", "class": "all", "n": 12, "kid": 0.01234, "kid_std": 0.5, "diversity": 0.25,
+             "psnr_teacher": 21.456, "ssim_teacher": 0.5, "copy_fraction": 0.125}]
+    eval_var.print_summary(rows, {"feature_extractor": "net", "ref_images": 9, "ref_split": "val", "train_images": 5,
+                                  "copy_threshold": 0.98765})
+    assert capsys.readouterr().out.splitlines() == [
+        "point                n        KID        +- diversity  PSNR/t  SSIM/t copies",
+        "RECON                4        nan       nan       nan     nan     nan    nan",
+        "TP_K1_cfg2          12     0.0123    0.5000    0.2500   21.46    0.50   0.12",
+        "net; 9 val / 5 train images; copy threshold 0.988"]
