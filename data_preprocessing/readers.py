@@ -227,7 +227,7 @@ def _read_dicom(path: Path, stride: int, max_frames: int | None) -> Iterator[tup
     try:
         rows, cols = int(ds.Rows), int(ds.Columns)
         n = int(ds.get("NumberOfFrames", 1) or 1)
-        photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
+        photometric = str(ds.PhotometricInterpretation).upper()  # required: pydicom decodes nothing without it
     except (AttributeError, ValueError, TypeError) as err:
         raise UnreadableFileError(path, f"DICOM image attributes missing or invalid: {err}") from None
     _check_pixels(path, cols, rows)

@@ -339,3 +339,77 @@ def test_nifti_edges(tmp_path, monkeypatch):
     (tmp_path / "t.nii").write_bytes(whole[:-3000])
     assert refusal(tmp_path / "t.nii").startswith("truncated or corrupt NIfTI data: OSError: Expected 15360 bytes, "
                                                   "got 12360 bytes")
+
+
+def edited_dicom(tmp_path: Path, name: str, edit, arr: np.ndarray | None = None, photometric: str = "MONOCHROME2",
+                 n_frames: int = 1) -> Path:
+    import pydicom
+    arr = np.arange(64 * 80, dtype=np.uint16).reshape(64, 80) if arr is None else arr
+    ds = pydicom.dcmread(write_dicom(tmp_path / f"{name}.src.dcm", arr, photometric, n_frames=n_frames))
+    edit(ds)
+    ds.save_as(tmp_path / f"{name}.dcm", enforce_file_format=True)
+    return tmp_path / f"{name}.dcm"
+
+
+def test_dicom_headers_without_the_image_attributes_are_refused(tmp_path):
+    (tmp_path / "c.dcm").write_bytes(bytes(128) + b"DICM" + b"\x02\x00\x10\x00UI\xff\xff" + bytes(20))
+    assert refusal(tmp_path / "c.dcm") == "DICOM has no pixel data (a report, structured document or header-only file)"
+    for attribute in ("Rows", "PhotometricInterpretation"):
+        path = edited_dicom(tmp_path, attribute, lambda ds: delattr(ds, attribute))
+        assert refusal(path) == f"DICOM image attributes missing or invalid: 'FileDataset' object has no attribute " \
+                                f"'{attribute}'"
+
+
+def test_dicom_frames_are_picked_keyed_and_read_by_index(tmp_path):
+    cine = np.stack([np.full((64, 80), 10 * i, np.uint8) for i in range(5)])
+    path = write_dicom(tmp_path / "cine.dcm", cine, "MONOCHROME2", n_frames=5)
+    out = list(read_frames(path, video_stride=1, max_frames=2))
+    assert [k for k, _ in out] == ["f0000", "f0004"] and [int(f[0, 0]) for _, f in out] == [0, 40]
+    two = write_dicom(tmp_path / "two.dcm", cine[:2], "MONOCHROME2", n_frames=2)
+    assert [k for k, _ in read_frames(two, video_stride=1)] == ["f0000", "f0001"]
+    empty_count = edited_dicom(tmp_path, "empty_count", lambda ds: setattr(ds, "NumberOfFrames", None), cine[0])
+    with pytest.warns(UserWarning, match="Number of Frames"):  # pydicom's, about the file
+        assert [k for k, _ in read_frames(empty_count)] == [""]  # an empty NumberOfFrames: one frame
+
+
+def test_dicom_windows_need_both_centre_and_width(tmp_path):
+    wide = np.arange(64 * 80, dtype=np.uint16).reshape(64, 80)
+    centre_only = edited_dicom(tmp_path, "centre", lambda ds: setattr(ds, "WindowCenter", 1000), wide)
+    [(_, out)] = read_frames(centre_only)
+    assert np.array_equal(out, to_uint8(wide))  # no window: the data's robust range
+
+
+def test_wide_rgb_dicom_is_mapped_to_8_bits_by_its_range(tmp_path):
+    rgb16 = np.arange(64 * 80 * 3, dtype=np.uint16).reshape(64, 80, 3) * 4
+    [(_, out)] = read_frames(write_dicom(tmp_path / "rgb16.dcm", rgb16, "RGB"))
+    assert out.dtype == np.uint8 and np.array_equal(out, to_uint8(rgb16))
+
+
+def test_palette_dicom_is_looked_up_and_cut_to_8_bits(tmp_path):
+    indices = np.tile(np.arange(4, dtype=np.uint8), (64, 20))
+    lut = {"Red": [0, 65535, 0, 4660], "Green": [0, 0, 65535, 22136], "Blue": [0, 0, 0, 39612]}
+
+    def palette(ds):
+        from pydicom.datadict import tag_for_keyword
+        for colour, values in lut.items():
+            ds.add_new(tag_for_keyword(f"{colour}PaletteColorLookupTableDescriptor"), "US", [4, 0, 16])
+            ds.add_new(tag_for_keyword(f"{colour}PaletteColorLookupTableData"), "OW",
+                       np.array(values, np.uint16).tobytes())
+
+    path = edited_dicom(tmp_path, "palette", palette, indices, "PALETTE COLOR")
+    [(_, out)] = read_frames(path)
+    assert out.dtype == np.uint8 and out.shape == (64, 80, 3)
+    assert out[0, :4].tolist() == [[0, 0, 0], [255, 0, 0], [0, 255, 0], [0x12, 0x56, 0x9A]]  # the LUT's high bytes
+
+
+def test_undecodable_dicom_pixel_data_names_the_transfer_syntax(tmp_path):
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import JPEGBaseline8Bit
+
+    def jpeg(ds):
+        ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+        ds.PixelData = encapsulate([b"\xff\xd8garbage\xff\xd9"])
+        ds["PixelData"].VR = "OB"
+
+    path = edited_dicom(tmp_path, "jpeg", jpeg, np.zeros((64, 80), np.uint8))
+    assert refusal(path).startswith("cannot decode DICOM pixel data (JPEG Baseline (Process 1)): RuntimeError: ")
