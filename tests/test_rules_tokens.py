@@ -405,3 +405,39 @@ def test_save_tokens_refuses_augmented_copies_that_do_not_fit(tmp_path: Path) ->
     for rows in ([0, 3], [-1, 2], [2, 2]):
         assert refusal(aug_rows=np.array(rows)) == f"{path}: aug_rows must be distinct rows in [0, 3)"
     assert not path.exists()
+
+
+def test_augmented_arrays_are_checked_by_shape_and_come_back_as_int16(tmp_path: Path) -> None:
+    path = tmp_path / "t.npz"
+    write(path)
+    plain = load_tokens(path)
+    assert plain.aug_rows.dtype == np.int64 and plain.aug_idx.dtype == np.int16 and plain.aug_idx.shape == (0, 0, 14)
+    assert len(plain.select("train")) == 2 and plain.select("train").aug_idx.shape == (0, 0, 14)
+    assert plain.copies().dtype == np.int16 and plain.copies().shape == (3, 1, 14)
+    for rows, ids, shape in (([2], np.zeros((1, 2, 13), np.int16), "(1, 2, 13) for aug_rows (1,); expected (M, A, 14)"),
+                             ([2], np.zeros((1, 14), np.int16), "(1, 14) for aug_rows (1,); expected (M, A, 14)"),
+                             ([[2]], np.zeros((1, 2, 14), np.int16), "(1, 2, 14) for aug_rows (1, 1); expected (M, A, "
+                                                                     "14)")):
+        write(path)
+        rewrite(path, aug_rows=np.array(rows), aug_idx=ids)
+        with pytest.raises(TokenFileError) as err:
+            load_tokens(path)
+        assert str(err.value) == f"{path}: augmented copies of shape {shape} for (M,)"
+    write(path)
+    rewrite(path, aug_rows=np.array([3]), aug_idx=np.zeros((1, 2, 14), np.int16))  # row 3 of 3 rows
+    with pytest.raises(TokenFileError, match=r"aug_rows must be distinct rows in \[0, 3\)"):
+        load_tokens(path)
+    write(path)
+    rewrite(path, aug_idx=np.zeros((1, 2, 14), np.int16))  # the copies without their rows
+    with pytest.raises(TokenFileError, match="holds only one of aug_rows and aug_idx"):
+        load_tokens(path)
+    write(path)
+    rewrite(path, aug_rows=np.array([2]), aug_idx=np.full((1, 2, 14), 7, np.int32))  # wider on disk, as an edit makes
+    assert load_tokens(path).aug_idx.dtype == np.int16
+
+
+def test_a_single_augmented_copy_per_row_is_stored(tmp_path: Path) -> None:
+    path = tmp_path / "t.npz"
+    write_augmented(path, [0, 2], copies=1)
+    ts = load_tokens(path)
+    assert ts.num_copies == 2 and ts.aug_idx[1, 0, 0] == 210
