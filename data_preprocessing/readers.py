@@ -183,18 +183,15 @@ def _pil_to_array(image) -> np.ndarray:
     if mode in ("RGBA", "LA"):  # no Pillow plugin opens a file as premultiplied "RGBa" or "La"
         arr = np.asarray(image.convert("RGBA"), dtype=np.float32)
         rgb = arr[..., :3] * (arr[..., 3:] / 255.0)  # transparent pixels are outside the image: black
-        return _rgb_or_grey(np.clip(rgb + 0.5, 0, 255).astype(np.uint8))
+        return np.clip(rgb + 0.5, 0, 255).astype(np.uint8)
     if mode == "1":
         return np.asarray(image, dtype=np.uint8) * 255
     if mode in ("L", "RGB"):
-        return _rgb_or_grey(np.asarray(image))
+        return np.asarray(image)
     if mode.startswith("I") or mode == "F":
         return to_uint8(np.asarray(image))
-    return _rgb_or_grey(np.asarray(image.convert("RGB")))
+    return np.asarray(image.convert("RGB"))
 
-
-def _rgb_or_grey(arr: np.ndarray) -> np.ndarray:
-    return arr if arr.ndim == 2 else arr[..., :3]
 
 
 # ---------------------------------------------------------------- DICOM (pydicom)

@@ -74,6 +74,12 @@ def test_the_pixel_cap_allows_exactly_max_pixels(tmp_path, monkeypatch):
                                            "(possible decompression bomb; no ultrasound frame is this large)")
 
 
+def test_multi_frame_sources_keep_every_tenth_frame_by_default(tmp_path):
+    pages = [Image.fromarray(np.full((32, 32), i, np.uint8)) for i in range(12)]
+    pages[0].save(tmp_path / "cine.tif", save_all=True, append_images=pages[1:])
+    assert [k for k, _ in read_frames(tmp_path / "cine.tif")] == ["f0000", "f0010"]
+
+
 def test_a_stride_below_one_keeps_every_frame(tmp_path):
     pages = [Image.fromarray(np.full((32, 32), 10 * i, np.uint8)) for i in range(3)]
     pages[0].save(tmp_path / "cine.tif", save_all=True, append_images=pages[1:])
@@ -210,6 +216,7 @@ def video(monkeypatch, tmp_path: Path, frames: list, count: int, **kwargs) -> li
     try:
         out = list(read_frames(tmp_path / "clip.avi", **kwargs))
     except UnreadableFileError as err:
+        assert err.path == str(tmp_path / "clip.avi")
         out = err.reason
     assert FakeCapture.released[-1]  # the capture is released however the read ends
     return out
@@ -322,7 +329,7 @@ def test_wide_data_below_the_range_and_nan_of_signed_data_map_to_zero():
     signed[10, 10] = np.nan
     assert to_uint8(signed)[10, 10] == 0  # NaN is the low end, not the value 0
     assert to_uint8(np.array([[True, False]])).dtype == np.uint8
-    assert to_uint8(np.full((3, 3), 7.0)).dtype == np.uint8
+    assert to_uint8(np.full((3, 3), 7.0)).dtype == np.uint8 and to_uint8(np.full((3, 3), np.nan)).dtype == np.uint8
 
 
 def test_nifti_edges(tmp_path, monkeypatch):
