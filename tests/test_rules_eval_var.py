@@ -406,7 +406,8 @@ def copy_sweep(world: dict, tmp_path: Path) -> Path:
     return folder
 
 
-def test_a_broken_or_mismatched_sweep_is_refused_by_name(world, tmp_path):
+def test_a_broken_or_mismatched_sweep_is_refused_by_name(world, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a missing file's message names the files of that name under ./runs
     folder = copy_sweep(world, tmp_path)
     (folder / "samples_manifest.csv").unlink()
     (folder / "config.json").unlink()
