@@ -573,14 +573,18 @@ def test_reduced_precision_on_the_cpu_runs_the_matmul_attention_unless_it_drops(
     assert backward_of(torch.float32, 0.0) == backward_of(torch.bfloat16, 0.1) == "CatBackward0"
 
 
-def test_inputs_are_embedded_in_fp32_under_autocast() -> None:
+def test_inputs_are_embedded_in_fp32_with_or_without_autocast() -> None:
     model = tiny_var()
     labels, x_teacher = torch.tensor([2, 1]), torch.randn(2, model.L - 1, 4, generator=torch.Generator().manual_seed(2))
+    level = torch.tensor([0] + [1] * 4 + [2] * 9)
     with torch.no_grad():
-        x, cond = model.embed_inputs(labels, x_teacher)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            x_bf16, cond_bf16 = model.embed_inputs(labels, x_teacher)
-            half_input = model.embed_inputs(labels, x_teacher.bfloat16())[0]
-    # the word embedding of a bf16 linear would differ in the third digit
-    assert torch.equal(x_bf16, x) and torch.equal(cond_bf16, cond)
-    assert half_input.dtype == torch.float32
+        cond = model.class_emb.weight[labels]
+        words = x_teacher @ model.word_embed.weight.T + model.word_embed.bias
+        expected = torch.cat((cond[:, None] + model.pos_start, words), 1) + model.lvl_embed.weight[level] + model.pos_embed
+        for autocast in (False, True):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                x, got_cond = model.embed_inputs(labels, x_teacher)
+                half_input = model.embed_inputs(labels, x_teacher.bfloat16())[0]
+            # a bf16 word embedding would differ in the third digit
+            assert torch.allclose(x, expected, atol=1e-6) and torch.equal(got_cond, cond)
+            assert x.dtype == half_input.dtype == torch.float32
