@@ -213,16 +213,17 @@ def test_kv_cache_appends_scales_in_order_along_the_sequence() -> None:
 def test_attention_with_a_cache_sees_every_earlier_scale() -> None:
     model = tiny_var()
     attn = model.blocks[0].attn
-    x = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(3))
-    mask = torch.tensor([[True] + [False] * 4] + [[True] * 5] * 4)
+    # scales of 1, 4 and 9 tokens: 14 keys by the last one, more than the head's 8 dimensions
+    x = torch.randn(2, 14, 16, generator=torch.Generator().manual_seed(3))
+    mask = model.attn_mask
     with torch.no_grad():
-        full = attn(x, [(0, 5, 5, mask)], None)
-        cache = KVCache(5)
-        first, second = attn(x[:, :1], (), cache), attn(x[:, 1:], (), cache)
+        full = attn(x, [(0, 14, 14, mask)], None)
+        cache = KVCache(14)
+        steps = [attn(x[:, begin:end], (), cache) for begin, end in model.begin_ends]
         assert torch.allclose(full, ref_attention(attn, x, mask), atol=1e-5)
-        # the same layout as two unmasked groups, each query block on the keys of its prefix
-        assert torch.allclose(attn(x, [(0, 1, 1, None), (1, 5, 5, None)], None), full, atol=1e-5)
-    assert torch.allclose(torch.cat((first, second), 1), full, atol=1e-5)
+        # the same layout as unmasked groups, each query block on the keys of its prefix
+        assert torch.allclose(attn(x, [(0, 1, 1, None), (1, 5, 5, None), (5, 14, 14, None)], None), full, atol=1e-5)
+    assert torch.allclose(torch.cat(steps, 1), full, atol=1e-5)
 
 
 def test_global_stream_sampling_is_seeded_row_aligned_and_tempered() -> None:
@@ -588,3 +589,15 @@ def test_inputs_are_embedded_in_fp32_with_or_without_autocast() -> None:
             # a bf16 word embedding would differ in the third digit
             assert torch.allclose(x, expected, atol=1e-6) and torch.equal(got_cond, cond)
             assert x.dtype == half_input.dtype == torch.float32
+
+
+def test_cosine_attention_hands_bf16_queries_keys_and_values_to_the_attention(monkeypatch) -> None:
+    # the fp32 temperature must not promote q under autocast: a q of another dtype than k and v misses the bf16
+    # matmul path on the CPU (and fails SDPA's one-dtype check outside autocast)
+    seen: list[tuple[torch.dtype, ...]] = []
+    monkeypatch.setattr("models.var.grouped_attention",
+                        lambda q, k, v, *rest: seen.append((q.dtype, k.dtype, v.dtype)) or grouped_attention(q, k, v, *rest))
+    attn = SelfAttention(16, 2, 0.0, 0.0, l2_norm=True).train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        attn(torch.randn(2, 5, 16), [(0, 5, 5, None)], None)
+    assert seen == [(torch.bfloat16,) * 3]
