@@ -297,8 +297,8 @@ def test_embed_inputs_refuses_mismatched_shapes() -> None:
     model.embed_inputs(good_labels, good_x)
     for labels, x in ((good_labels, torch.zeros(2, model.L, 4)), (good_labels, torch.zeros(2, model.L - 1, 3)),
                       (torch.tensor([0, 1, 2]), good_x), (torch.tensor([[0, 1]]), good_x)):
-        with pytest.raises(ValueError, match=r"^expected labels \(2,\) and x_teacher \(2, 13, 4\), got "
-                                             rf"{re.escape(str(tuple(labels.shape)))} and {re.escape(str(tuple(x.shape)))}$"):
+        got = re.escape(f"{tuple(labels.shape)} and {tuple(x.shape)}")
+        with pytest.raises(ValueError, match=rf"^expected labels \(2,\) and x_teacher \(2, 13, 4\), got {got}$"):
             model.embed_inputs(labels, x)
 
 
@@ -581,7 +581,8 @@ def test_inputs_are_embedded_in_fp32_with_or_without_autocast() -> None:
     with torch.no_grad():
         cond = model.class_emb.weight[labels]
         words = x_teacher @ model.word_embed.weight.T + model.word_embed.bias
-        expected = torch.cat((cond[:, None] + model.pos_start, words), 1) + model.lvl_embed.weight[level] + model.pos_embed
+        expected = torch.cat((cond[:, None] + model.pos_start, words), 1)
+        expected = expected + model.lvl_embed.weight[level] + model.pos_embed
         for autocast in (False, True):
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
                 x, got_cond = model.embed_inputs(labels, x_teacher)
@@ -595,8 +596,12 @@ def test_cosine_attention_hands_bf16_queries_keys_and_values_to_the_attention(mo
     # the fp32 temperature must not promote q under autocast: a q of another dtype than k and v misses the bf16
     # matmul path on the CPU (and fails SDPA's one-dtype check outside autocast)
     seen: list[tuple[torch.dtype, ...]] = []
-    monkeypatch.setattr("models.var.grouped_attention",
-                        lambda q, k, v, *rest: seen.append((q.dtype, k.dtype, v.dtype)) or grouped_attention(q, k, v, *rest))
+
+    def spy(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *rest) -> torch.Tensor:
+        seen.append((q.dtype, k.dtype, v.dtype))
+        return grouped_attention(q, k, v, *rest)
+
+    monkeypatch.setattr("models.var.grouped_attention", spy)
     attn = SelfAttention(16, 2, 0.0, 0.0, l2_norm=True).train()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         attn(torch.randn(2, 5, 16), [(0, 5, 5, None)], None)
