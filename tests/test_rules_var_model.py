@@ -606,3 +606,14 @@ def test_cosine_attention_hands_bf16_queries_keys_and_values_to_the_attention(mo
     with torch.autocast("cpu", dtype=torch.bfloat16):
         attn(torch.randn(2, 5, 16), [(0, 5, 5, None)], None)
     assert seen == [(torch.bfloat16,) * 3]
+
+
+def test_constructor_defaults_are_the_d16_shape() -> None:
+    # train_var.py passes every constant but norm_eps; the rest are the defaults of a bare VAR(...) (a 1024-wide model
+    # would take seconds to build, so the width is given)
+    model = VAR(embed_dim=16)
+    assert model.config == dict(vocab_size=2048, z_channels=32, scales=[1, 2, 3, 4, 5, 6, 8, 10, 13, 16], num_classes=6,
+                                depth=16, embed_dim=16, num_heads=16, mlp_ratio=4.0, drop_rate=0.0, attn_drop_rate=0.0,
+                                drop_path_rate=0.0, norm_eps=1e-6, shared_aln=False, cond_drop_rate=0.1,
+                                attn_l2_norm=True)
+    assert model.blocks[0].norm.eps == model.head_norm.norm.eps == 1e-6
