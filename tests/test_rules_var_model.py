@@ -164,9 +164,13 @@ def test_init_scalings_at_non_default_settings() -> None:
         assert std(block.ada_lin.weight[:2 * c]) == pytest.approx(0.05 * 0.01, rel=0.05)
         assert std(block.ada_lin.weight[2 * c:]) == pytest.approx(0.05 * 0.3, rel=0.05)
         assert not block.ada_lin.bias.any() and not block.mlp.fc1.bias.any() and not block.attn.proj.bias.any()
-    # the default init_std is sqrt(1 / (3 C))
+    # the defaults: init_std sqrt(1 / (3 C)), head 0.02, AdaLN 0.5, gains 1e-5
     model.init_weights()
-    assert std(model.word_embed.weight) == pytest.approx(math.sqrt(1 / (3 * c)), rel=0.05)
+    base = math.sqrt(1 / (3 * c))
+    assert std(model.word_embed.weight) == pytest.approx(base, rel=0.05)
+    assert std(model.head.weight) == pytest.approx(0.02 * base, rel=0.05)
+    assert std(model.head_norm.ada_lin.weight) == pytest.approx(0.5 * base, rel=0.05)
+    assert std(model.blocks[0].ada_lin.weight[:2 * c]) == pytest.approx(1e-5 * base, rel=0.05)
 
 
 def test_shared_adaln_init_scales_the_gains_and_the_rest_separately() -> None:
