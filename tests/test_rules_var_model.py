@@ -379,6 +379,9 @@ def test_attention_groups_follow_the_scales() -> None:
     (begin, end, k_end, mask), = model.attn_groups(14)
     assert (begin, end, k_end) == (0, 14, 14) and torch.equal(mask, model.attn_mask[:14, :14])
     assert [g[:3] for g in model.attn_groups(255)] == [(0, 91, 91), (91, 155, 155), (155, 255, 255)]
+    # a second scale of 64 tokens is a group of its own too
+    big_second = VAR(vocab_size=8, z_channels=2, scales=(1, 8, 9), num_classes=2, depth=1, embed_dim=8, num_heads=2)
+    assert big_second.group_bounds == [(0, 1), (1, 65), (65, 146)]
 
 
 def masked_attention_and_grads(q, k, v, mask, scale, out_grad):
