@@ -183,8 +183,10 @@ def test_shared_adaln_init_scales_the_gains_and_the_rest_separately() -> None:
         gss = block.ada_gss.detach()
         assert gss.shape == (1, 1, 6, c)
         # ada_gss starts as randn / sqrt(C), then the constructor's init and this one scale its gains and the rest apart
-        assert gss[:, :, :2].std().item() == pytest.approx(0.01 * 0.01 / math.sqrt(c), rel=0.15)
-        assert gss[:, :, 2:].std().item() == pytest.approx(0.5 * 0.3 / math.sqrt(c), rel=0.15)
+        # each of the six vectors on its own (C = 256 entries: the std is estimated within ~5%)
+        for i in range(6):
+            want = 0.01 * 0.01 if i < 2 else 0.5 * 0.3
+            assert gss[:, :, i].std().item() == pytest.approx(want / math.sqrt(c), rel=0.15), i
     assert model.shared_ada_lin.weight.shape == (6 * c, c)
 
 
