@@ -420,3 +420,41 @@ def test_undecodable_dicom_pixel_data_names_the_transfer_syntax(tmp_path):
 
     path = edited_dicom(tmp_path, "jpeg", jpeg, np.zeros((64, 80), np.uint8))
     assert refusal(path).startswith("cannot decode DICOM pixel data (JPEG Baseline (Process 1)): RuntimeError: ")
+
+
+def test_float_pixel_dicom_is_read_and_mapped_by_its_range(tmp_path):
+    for keyword, dtype, bits in (("FloatPixelData", np.float32, 32), ("DoubleFloatPixelData", np.float64, 64)):
+        values = (np.arange(64 * 80, dtype=dtype) / 10).reshape(64, 80)
+
+        def floats(ds):
+            del ds.PixelData
+            ds.BitsAllocated = bits
+            del ds.BitsStored, ds.HighBit, ds.PixelRepresentation
+            setattr(ds, keyword, values.tobytes())
+
+        [(_, out)] = read_frames(edited_dicom(tmp_path, keyword, floats, np.zeros((64, 80), np.uint8)))
+        assert np.array_equal(out, to_uint8(values)), keyword
+
+
+def test_a_damaged_dicom_header_and_an_oversized_dicom_are_refused_by_name(tmp_path, monkeypatch):
+    (tmp_path / "c.dcm").write_bytes(bytes(128) + b"DICM" + b"\x02\x00\x10\x00XX\x04\x00abcd" + bytes(8))
+    with pytest.warns(UserWarning, match="found explicit VR"):  # pydicom's, about the damaged element
+        assert refusal(tmp_path / "c.dcm") == ("corrupt DICOM header: NotImplementedError: Unknown Value Representation "
+                                               "'XX' in tag (0002,0010)")
+    monkeypatch.setattr(readers, "MAX_PIXELS", 64 * 80 - 1)
+    path = write_dicom(tmp_path / "big.dcm", np.zeros((64, 80), np.uint8), "MONOCHROME2")
+    assert refusal(path).startswith("image is 80x64 = 5120 pixels, above MAX_PIXELS=5119")
+
+
+def test_an_8_bit_palette_is_used_as_it_is(tmp_path):
+    from pydicom.datadict import tag_for_keyword
+    indices = np.tile(np.arange(4, dtype=np.uint8), (64, 20))
+
+    def palette(ds):
+        for colour, values in (("Red", [0, 255, 0, 18]), ("Green", [0, 0, 255, 86]), ("Blue", [0, 0, 0, 154])):
+            ds.add_new(tag_for_keyword(f"{colour}PaletteColorLookupTableDescriptor"), "US", [4, 0, 8])
+            ds.add_new(tag_for_keyword(f"{colour}PaletteColorLookupTableData"), "OW",
+                       np.array(values, np.uint8).tobytes())  # 8-bit entries, packed
+
+    [(_, out)] = read_frames(edited_dicom(tmp_path, "palette8", palette, indices, "PALETTE COLOR"))
+    assert out[0, :4].tolist() == [[0, 0, 0], [255, 0, 0], [0, 255, 0], [18, 86, 154]]
