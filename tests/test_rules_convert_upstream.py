@@ -4,7 +4,6 @@ with its message (issue 16). tests/test_upstream_parity.py checks the converted 
 from __future__ import annotations
 
 import math
-import re
 import sys
 
 import pytest
@@ -13,6 +12,7 @@ from torch import nn
 
 from common.checkpoint import CheckpointError
 from models import convert_upstream as cu
+from reference_keys import renamed
 
 
 def test_every_vqvae_key_rule():
@@ -224,12 +224,7 @@ def reference_vqvae_state(model) -> dict:
                  (r"\.skip\.", ".nin_shortcut."), (r"\.proj\.", ".proj_out."),
                  (r"^quantizer\.embedding\.", "quantize.embedding."),
                  (r"^quantizer\.phis\.(\d+)\.", r"quantize.quant_resi.qresi_ls.\1.")]
-    state = {}
-    for key, value in model.state_dict().items():
-        for pattern, repl in backwards:
-            key = re.sub(pattern, repl, key, count=1)
-        state[key] = value
-    return state
+    return renamed(model.state_dict(), backwards)
 
 
 def test_vqvae_from_upstream_rebuilds_the_model_from_its_weights_and_names_its_source(tmp_path):

@@ -439,8 +439,8 @@ def test_float_pixel_dicom_is_read_and_mapped_by_its_range(tmp_path):
 def test_a_damaged_dicom_header_and_an_oversized_dicom_are_refused_by_name(tmp_path, monkeypatch):
     (tmp_path / "c.dcm").write_bytes(bytes(128) + b"DICM" + b"\x02\x00\x10\x00XX\x04\x00abcd" + bytes(8))
     with pytest.warns(UserWarning, match="found explicit VR"):  # pydicom's, about the damaged element
-        assert refusal(tmp_path / "c.dcm") == ("corrupt DICOM header: NotImplementedError: Unknown Value Representation "
-                                               "'XX' in tag (0002,0010)")
+        assert refusal(tmp_path / "c.dcm") == ("corrupt DICOM header: NotImplementedError: Unknown Value "
+                                               "Representation 'XX' in tag (0002,0010)")
     monkeypatch.setattr(readers, "MAX_PIXELS", 64 * 80 - 1)
     path = write_dicom(tmp_path / "big.dcm", np.zeros((64, 80), np.uint8), "MONOCHROME2")
     assert refusal(path).startswith("image is 80x64 = 5120 pixels, above MAX_PIXELS=5119")

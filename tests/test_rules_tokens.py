@@ -27,6 +27,13 @@ def write(path: Path, *, maps: list[np.ndarray] | None = None, labels: list[int]
     return maps
 
 
+def refusal(*args: Path) -> str:
+    """load_tokens' refusal of the file (and VQ-VAE checkpoint) given."""
+    with pytest.raises(TokenFileError) as err:
+        load_tokens(*args)
+    return str(err.value)
+
+
 def rewrite(path: Path, **changes: np.ndarray | None) -> None:
     """Replace (or with None, drop) arrays of a saved token file, as an edit or damage would."""
     with np.load(path, allow_pickle=False) as data:
@@ -222,10 +229,9 @@ def test_missing_single_array_and_pickled_files_are_named(tmp_path: Path, monkey
     monkeypatch.chdir(tmp_path)
     (tmp_path / "runs" / "tok").mkdir(parents=True)
     (tmp_path / "runs" / "tok" / "gone.npz").write_bytes(b"")
-    with pytest.raises(TokenFileError) as err:
-        load_tokens(tmp_path / "gone.npz")
-    assert str(err.value) == (f"{tmp_path / 'gone.npz'}: token file does not exist; run tokenize_multiscale_maps.py "
-                              "first; found runs/tok/gone.npz")  # where a file of that name is
+    # the message names where a file of that name is
+    assert refusal(tmp_path / "gone.npz") == (f"{tmp_path / 'gone.npz'}: token file does not exist; run "
+                                              "tokenize_multiscale_maps.py first; found runs/tok/gone.npz")
     with open(tmp_path / "one.npz", "wb") as handle:
         np.save(handle, np.zeros(3))
     with pytest.raises(TokenFileError, match=r"one\.npz: holds a single array, not an npz archive of token arrays"):
@@ -243,16 +249,12 @@ def test_class_names_inside_and_beside_must_agree(tmp_path: Path) -> None:
     (tmp_path / "classes.json").unlink()
     assert load_tokens(path).classes == ["a", "b", "c"]  # the names inside suffice
     (tmp_path / "classes.json").write_text('["a", "b", "z"]')
-    with pytest.raises(TokenFileError) as err:
-        load_tokens(path)
-    assert str(err.value) == (f"{path} holds classes ['a', 'b', 'c'] but {tmp_path / 'classes.json'} beside it lists "
+    assert refusal(path) == (f"{path} holds classes ['a', 'b', 'c'] but {tmp_path / 'classes.json'} beside it lists "
                               "['a', 'b', 'z'] (written for another token file in this folder?); keep each token file "
                               "in its own folder, or re-run tokenize_multiscale_maps.py")
     rewrite(path, classes=None)
     (tmp_path / "classes.json").unlink()
-    with pytest.raises(TokenFileError) as err:
-        load_tokens(path)
-    assert str(err.value) == (f"{tmp_path / 'classes.json'}: missing (written beside t.npz by "
+    assert refusal(path) == (f"{tmp_path / 'classes.json'}: missing (written beside t.npz by "
                               "tokenize_multiscale_maps.py)")
 
 
@@ -282,9 +284,7 @@ def test_without_a_vocab_size_ids_are_bounded_by_what_int16_holds(tmp_path: Path
         if loads:
             assert load_tokens(path).idx.max() == top
         else:
-            with pytest.raises(TokenFileError) as err:
-                load_tokens(path)
-            assert str(err.value) == f"{path}: token ids outside [0, 32768) of the VQ-VAE's codebook"
+            assert refusal(path) == f"{path}: token ids outside [0, 32768) of the VQ-VAE's codebook"
 
 
 def test_the_checksum_refusal_names_both_checksums_by_their_first_twelve_digits(tmp_path: Path) -> None:
@@ -305,24 +305,18 @@ def test_vqvae_config_refusals_in_full(tmp_path: Path) -> None:
                                                                   "of scales [1, 2, 3] (edited?)")):
         write(path)
         rewrite(path, vqvae_config=np.asarray(json.dumps(config)))
-        with pytest.raises(TokenFileError) as err:
-            load_tokens(path)
-        assert str(err.value) == f"{path}: vqvae_config {middle}; re-run tokenize_multiscale_maps.py"
+        assert refusal(path) == f"{path}: vqvae_config {middle}; re-run tokenize_multiscale_maps.py"
 
 
 def test_format_and_augmented_copy_refusals_in_full(tmp_path: Path) -> None:
     path = tmp_path / "t.npz"
     write(path)
     rewrite(path, format_version=np.asarray(3))
-    with pytest.raises(TokenFileError) as err:
-        load_tokens(path)
-    assert str(err.value) == (f"{path}: token file format 3, newer than the 2 this code reads; update the code or "
+    assert refusal(path) == (f"{path}: token file format 3, newer than the 2 this code reads; update the code or "
                               "re-run tokenize_multiscale_maps.py")
     write(path)
     rewrite(path, aug_rows=np.array([1]))
-    with pytest.raises(TokenFileError) as err:
-        load_tokens(path)
-    assert str(err.value) == (f"{path}: holds only one of aug_rows and aug_idx (damaged file); re-run "
+    assert refusal(path) == (f"{path}: holds only one of aug_rows and aug_idx (damaged file); re-run "
                               "tokenize_multiscale_maps.py")
     for rows, ids, message in (([1, 1], np.zeros((2, 1, 14), np.int16), "aug_rows must be distinct rows in [0, 3) "
                                                                           "(damaged file)"),
@@ -330,9 +324,7 @@ def test_format_and_augmented_copy_refusals_in_full(tmp_path: Path) -> None:
                                                                         "VQ-VAE's codebook")):
         write(path)
         rewrite(path, aug_rows=np.array(rows), aug_idx=ids)
-        with pytest.raises(TokenFileError) as err:
-            load_tokens(path)
-        assert str(err.value) == f"{path}: {message}"
+        assert refusal(path) == f"{path}: {message}"
     write(path)
     rewrite(path, aug_rows=np.array([2]), aug_idx=np.full((1, 2, 14), 39, np.int16))
     ts = load_tokens(path)
@@ -386,24 +378,25 @@ def test_augmented_copies_are_stored_per_row_and_scale_and_follow_their_rows(tmp
 def test_save_tokens_refuses_augmented_copies_that_do_not_fit(tmp_path: Path) -> None:
     path = tmp_path / "t.npz"
 
-    def refusal(**changes) -> str:
+    def save_refusal(**changes) -> str:
         args = dict(scales=SCALES, maps=[np.zeros((3, pn, pn), np.int64) for pn in SCALES], labels=np.array([0, 1, 2]),
-                    split=["train"] * 3, source=["a", "b", "c"], vqvae_sha256="f", vqvae_config={}, classes=["a", "b", "c"],
+                    split=["train"] * 3, source=["a", "b", "c"], vqvae_sha256="f", vqvae_config={},
+                    classes=["a", "b", "c"],
                     aug_rows=np.array([0, 2]), aug_maps=[np.zeros((2, 3, pn, pn), np.int64) for pn in SCALES])
         args.update(changes)
         with pytest.raises(ValueError) as err:
             save_tokens(path, **args)
         return str(err.value)
 
-    assert refusal(aug_maps=[np.zeros((2, 3, 1, 1)), np.zeros((2, 2, 2, 2)), np.zeros((2, 3, 3, 3))]) == \
+    assert save_refusal(aug_maps=[np.zeros((2, 3, 1, 1)), np.zeros((2, 2, 2, 2)), np.zeros((2, 3, 3, 3))]) == \
         f"{path}: augmented maps of scale 2 have shape (2, 2, 2, 2), expected (2, 3, 2, 2)"
-    assert refusal(aug_maps=None) == f"{path}: aug_rows given without one (M, A >= 1, pn, pn) map per scale"
-    assert refusal(aug_maps=[np.zeros((2, 3, pn, pn)) for pn in SCALES[:2]]) == \
+    assert save_refusal(aug_maps=None) == f"{path}: aug_rows given without one (M, A >= 1, pn, pn) map per scale"
+    assert save_refusal(aug_maps=[np.zeros((2, 3, pn, pn)) for pn in SCALES[:2]]) == \
         f"{path}: aug_rows given without one (M, A >= 1, pn, pn) map per scale"
-    assert refusal(aug_maps=[np.zeros((2, 0, pn, pn)) for pn in SCALES]) == \
+    assert save_refusal(aug_maps=[np.zeros((2, 0, pn, pn)) for pn in SCALES]) == \
         f"{path}: aug_rows given without one (M, A >= 1, pn, pn) map per scale"
     for rows in ([0, 3], [-1, 2], [2, 2]):
-        assert refusal(aug_rows=np.array(rows)) == f"{path}: aug_rows must be distinct rows in [0, 3)"
+        assert save_refusal(aug_rows=np.array(rows)) == f"{path}: aug_rows must be distinct rows in [0, 3)"
     assert not path.exists()
 
 
@@ -420,9 +413,7 @@ def test_augmented_arrays_are_checked_by_shape_and_come_back_as_int16(tmp_path: 
                                                                      "14)")):
         write(path)
         rewrite(path, aug_rows=np.array(rows), aug_idx=ids)
-        with pytest.raises(TokenFileError) as err:
-            load_tokens(path)
-        assert str(err.value) == f"{path}: augmented copies of shape {shape} for (M,)"
+        assert refusal(path) == f"{path}: augmented copies of shape {shape} for (M,)"
     write(path)
     rewrite(path, aug_rows=np.array([3]), aug_idx=np.zeros((1, 2, 14), np.int16))  # row 3 of 3 rows
     with pytest.raises(TokenFileError, match=r"aug_rows must be distinct rows in \[0, 3\)"):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -25,6 +24,7 @@ from common.tokens import TokenFileError, save_tokens
 from common.training import NonFiniteLossError
 from models.var import VAR, load_var
 from models.vqvae import VQVAE
+from reference_keys import renamed
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ["breast", "heart", "liver"]
@@ -173,12 +173,7 @@ TO_REFERENCE = [(r"^pos_embed$", "pos_1LC"), (r"\.attn\.qkv\.", ".attn.mat_qkv."
 
 
 def to_reference(model: VAR) -> dict[str, torch.Tensor]:
-    state = {}
-    for key, value in model.state_dict().items():
-        for pattern, repl in TO_REFERENCE:
-            key = re.sub(pattern, repl, key, count=1)
-        state[key] = value
-    return state
+    return renamed(model.state_dict(), TO_REFERENCE)
 
 
 def test_fine_tuning_starts_from_the_reference_checkpoint_with_resized_classes(data, tmp_path):
