@@ -193,7 +193,6 @@ def _pil_to_array(image) -> np.ndarray:
     return np.asarray(image.convert("RGB"))
 
 
-
 # ---------------------------------------------------------------- DICOM (pydicom)
 
 def _has_dicom_preamble(path: Path) -> bool:
