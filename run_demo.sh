@@ -16,6 +16,7 @@ case "${1:-phantoms}" in
 esac
 mkdir -p "$LOGS"
 export PYTHONUNBUFFERED=1  # print() reaches the log as it happens, not in blocks
+PYTHON=${PYTHON:-python}  # the interpreter every step runs in: PYTHON=.venv/bin/python uses a venv not activated
 
 step() {
     local name=$1
@@ -31,16 +32,16 @@ step() {
 }
 
 if [ "$PRESET" = cpu ]; then
-    step make_phantoms python data_preprocessing/make_phantoms.py --out=data/raw_phantoms
-    step prepare python data_preprocessing/prepare.py --phantom_dir=data/raw_phantoms --out="$DATA"
+    step make_phantoms "$PYTHON" data_preprocessing/make_phantoms.py --out=data/raw_phantoms
+    step prepare "$PYTHON" data_preprocessing/prepare.py --phantom_dir=data/raw_phantoms --out="$DATA"
 else
-    step prepare python data_preprocessing/prepare.py --recipe=configs/recipe_busi_hc18.json --out="$DATA"
+    step prepare "$PYTHON" data_preprocessing/prepare.py --recipe=configs/recipe_busi_hc18.json --out="$DATA"
 fi
-step train_vqvae python train_vqvae.py --config=configs/vqvae_$PRESET.json
+step train_vqvae "$PYTHON" train_vqvae.py --config=configs/vqvae_$PRESET.json
 # No augmented copies: the 8-epoch CPU VAR sees each copy about once and does worse with them (docs/4_var.md).
-step tokenize python tokenize_multiscale_maps.py --data_dir="$DATA" --vqvae=runs/vqvae_$PRESET/best.pth \
+step tokenize "$PYTHON" tokenize_multiscale_maps.py --data_dir="$DATA" --vqvae=runs/vqvae_$PRESET/best.pth \
     --out=runs/tokens_$PRESET/tokens_multiscale_maps.npz --cpu_threads=1 --aug_copies=1
-step train_var python train_var.py --config=configs/var_$PRESET.json
-step sample_var python sample_var.py --config=configs/sample_$PRESET.json
-step eval_var python eval_var.py --samples=runs/samples_$PRESET --device=cpu --cpu_threads=2
-step report python report.py "${REPORT[@]}"
+step train_var "$PYTHON" train_var.py --config=configs/var_$PRESET.json
+step sample_var "$PYTHON" sample_var.py --config=configs/sample_$PRESET.json
+step eval_var "$PYTHON" eval_var.py --samples=runs/samples_$PRESET --device=cpu --cpu_threads=2
+step report "$PYTHON" report.py "${REPORT[@]}"

@@ -12,4 +12,4 @@ for arg in "$@"; do
     [ "$arg" = "--dry_run" ] && arg="--dry_run=true"  # the scripts' convention is --name=value
     args+=("$arg")
 done
-python bench/gpu_check.py "${args[@]}"
+"${PYTHON:-python}" bench/gpu_check.py "${args[@]}"  # PYTHON: the interpreter to use (a venv not activated)

@@ -1,6 +1,7 @@
 """torchrun-aware helpers: rank, world size, main-process-only printing; a no-op without torchrun."""
 from __future__ import annotations
 
+import inspect
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -84,6 +85,9 @@ def setup_distributed(device: torch.device | None = None) -> DistContext:
 def wrap_ddp(model: nn.Module, device: torch.device, find_unused_parameters: bool = False) -> nn.Module:
     """DistributedDataParallel with gradients kept in its buckets (no second copy) and no per-step re-broadcast of
     buffers: the models' buffers are constants (masks, scale indices) that every process builds identically."""
-    return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                               find_unused_parameters=find_unused_parameters,
-                                               gradient_as_bucket_view=True, forward_sync_buffers=False)
+    ddp = nn.parallel.DistributedDataParallel
+    # torch 2.13 added forward_sync_buffers; before it, broadcast_buffers=False is the same switch.
+    no_buffer_sync = ("forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(ddp).parameters
+                      else "broadcast_buffers")
+    return ddp(model, device_ids=[device.index] if device.type == "cuda" else None,
+               find_unused_parameters=find_unused_parameters, gradient_as_bucket_view=True, **{no_buffer_sync: False})

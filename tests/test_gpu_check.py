@@ -1,5 +1,7 @@
 """bench/gpu_check.sh --dry_run: the GPU check at tiny sizes on the CPU, so that it keeps working while no GPU is lent."""
+import os
 import subprocess
+import sys
 from pathlib import Path
 
 STEPS = ("make_phantoms", "prepare", "train_vqvae", "tokenize", "train_var", "sample_var", "eval_var",
@@ -7,8 +9,9 @@ STEPS = ("make_phantoms", "prepare", "train_vqvae", "tokenize", "train_var", "sa
 
 
 def test_gpu_check_dry_run_runs_every_step_and_reports_each_check(repo_root: Path, tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHON": sys.executable}  # the interpreter running the tests, venv or not
     done = subprocess.run(["bash", "bench/gpu_check.sh", "--dry_run", f"--work_dir={tmp_path}"], cwd=repo_root,
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     out = done.stdout
     summary = out[out.index("== steps"):]

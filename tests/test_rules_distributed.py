@@ -93,12 +93,32 @@ def test_the_environment_sets_rank_and_an_initialized_group_is_not_joined_again(
 
 def test_ddp_on_a_cpu_gets_no_device_ids(monkeypatch: pytest.MonkeyPatch) -> None:
     made = {}
-    monkeypatch.setattr(distributed.nn.parallel, "DistributedDataParallel",
-                        lambda model, **kwargs: made.update(model=model, **kwargs) or "wrapped")
+
+    def ddp(model, device_ids=None, find_unused_parameters=False, gradient_as_bucket_view=False,
+            forward_sync_buffers=True):
+        made.update(model=model, device_ids=device_ids, find_unused_parameters=find_unused_parameters,
+                    gradient_as_bucket_view=gradient_as_bucket_view, forward_sync_buffers=forward_sync_buffers)
+        return "wrapped"
+
+    monkeypatch.setattr(distributed.nn.parallel, "DistributedDataParallel", ddp)
     model = torch.nn.Linear(2, 2)
     assert wrap_ddp(model, torch.device("cpu")) == "wrapped"
     assert made == {"model": model, "device_ids": None, "find_unused_parameters": False,
                     "gradient_as_bucket_view": True, "forward_sync_buffers": False}
+
+
+def test_ddp_before_torch_2_13_turns_buffer_sync_off_with_broadcast_buffers(monkeypatch: pytest.MonkeyPatch) -> None:
+    made = {}
+
+    def ddp(model, device_ids=None, find_unused_parameters=False, gradient_as_bucket_view=False,
+            broadcast_buffers=True):  # torch 2.11's signature: no forward_sync_buffers
+        made.update(device_ids=device_ids, gradient_as_bucket_view=gradient_as_bucket_view,
+                    broadcast_buffers=broadcast_buffers)
+
+    monkeypatch.setattr(distributed.nn.parallel, "DistributedDataParallel", ddp)
+    wrap_ddp(torch.nn.Linear(2, 2), torch.device("cuda", 1))
+    assert made == {"device_ids": [1], "gradient_as_bucket_view": True, "broadcast_buffers": False}
+
 
 
 def test_the_collective_timeout_is_two_hours() -> None:

@@ -33,12 +33,13 @@ def packaged(one_torch_thread: None) -> PackagedInceptionV3:
     return PackagedInceptionV3(PACKAGED_EXTRACTOR, ["2048"])
 
 
-def test_the_packaged_network_resizes_like_tensorflow_and_maps_0_255_to_minus1_1(
-        packaged: PackagedInceptionV3, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_packaged_network_resizes_like_tensorflow_and_maps_0_255_to_minus1_1(one_torch_thread: None) -> None:
     images = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (2, 3, 8, 5), dtype=np.uint8))
     resized = interpolate_bilinear_2d_like_tensorflow1x(images.float(), size=(299, 299), align_corners=False)
-    monkeypatch.setattr(packaged, "net", torch.nn.Identity())  # what the TorchScript gets (its output: test_fidelity)
-    (given,) = packaged(images)
+    # A network of this test's own: the module-scoped one stays as loaded for the tests after it.
+    probe = PackagedInceptionV3(PACKAGED_EXTRACTOR, ["2048"])
+    probe.net = torch.nn.Identity()  # what the TorchScript gets (its output: test_fidelity)
+    (given,) = probe(images)
     assert given.dtype == torch.float32 and torch.equal(given, (resized - 128) / 128)
     assert given.min() >= -1 and given.max() <= 127 / 128
 

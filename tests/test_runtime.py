@@ -141,7 +141,13 @@ def test_process_group_gets_a_long_timeout_and_its_gpu(monkeypatch):
 def test_ddp_keeps_gradients_in_its_buckets_and_does_not_rebroadcast_buffers(monkeypatch):
     from common import distributed
     made = {}
-    monkeypatch.setattr(distributed.nn.parallel, "DistributedDataParallel", lambda model, **kwargs: made.update(kwargs))
+
+    def ddp(model, device_ids=None, find_unused_parameters=False, gradient_as_bucket_view=False,
+            forward_sync_buffers=True):
+        made.update(device_ids=device_ids, find_unused_parameters=find_unused_parameters,
+                    gradient_as_bucket_view=gradient_as_bucket_view, forward_sync_buffers=forward_sync_buffers)
+
+    monkeypatch.setattr(distributed.nn.parallel, "DistributedDataParallel", ddp)
     distributed.wrap_ddp(torch.nn.Linear(2, 2), torch.device("cuda", 3), find_unused_parameters=True)
     assert made == {"device_ids": [3], "find_unused_parameters": True, "gradient_as_bucket_view": True,
                     "forward_sync_buffers": False}
