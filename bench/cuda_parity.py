@@ -26,7 +26,7 @@ class Config:
     images: int = 16  # test images encoded on both devices and decoded both ways
     device: str = "auto"  # the device compared with the CPU
     min_token_agreement: float = 0.995  # share of the fp32 tokens that must be equal on the CPU and the device
-    max_decode_diff: int = 2  # grey levels a batched decoding may differ from one image at a time
+    max_decode_diff: int = 4  # grey levels a batched decoding may differ from one image at a time (bf16 on CUDA)
 
 
 import torch  # noqa: E402

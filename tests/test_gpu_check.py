@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import cuda_parity  # noqa: E402
 import gpu_check  # noqa: E402
 
 STEPS = ("make_phantoms", "prepare", "train_vqvae", "tokenize", "train_var", "sample_var", "eval_var",
@@ -62,3 +63,27 @@ def test_a_step_past_its_timeout_is_killed_and_the_summary_is_written_at_once(tm
                                         ("NVIDIA H200 NVL", 835.5), ("NVIDIA H100 something new", None)])
 def test_the_data_sheet_peak_is_looked_up_by_the_exact_card_name(name: str, peak: float | None) -> None:
     assert gpu_check.datasheet_peak(name) == peak
+
+
+def test_cuda_parity_turns_tf32_off_before_it_compares_tokens(tiny_pipeline: dict, monkeypatch, capsys) -> None:
+    # With cuDNN's TF32 still on, the fp32 tokens on CUDA would differ from the CPU's for a reason the check is not about.
+    order = []
+    monkeypatch.setattr(cuda_parity, "strict_fp32", lambda device: order.append("strict_fp32"))
+    real = cuda_parity.token_agreement
+    monkeypatch.setattr(cuda_parity, "token_agreement", lambda *args: order.append("tokens") or real(*args))
+    cuda_parity.main([f"--vqvae={tiny_pipeline['vqvae']}", f"--data_dir={tiny_pipeline['data']}", "--device=cpu",
+                      "--images=2"])
+    assert order == ["strict_fp32", "tokens"]
+    assert "[PASS] fp32 tokens on the CPU and the device: 100.000% equal" in capsys.readouterr().out
+
+
+def test_bench_var_s_figures_are_read_from_its_cuda_output_and_set_against_both_peaks() -> None:
+    output = ("VAR depth 16 (1024 wide, 16 heads, 310.3M parameters), batch 32 x 680 tokens, vocab 2048, on cuda:0 (bf16)\n"
+              "step 152.0 ms: 143,158 training tokens/s, 210.53 images/s; peak GPU memory allocated 21.37 GiB\n"
+              "45.6 TFLOP per step (forward + backward), 300 TFLOP/s\n")
+    assert gpu_check.bench_figures(output) == {"step_ms": 152.0, "peak_gib": 21.37, "tflops": 300.0}
+    words = gpu_check.utilisation(300.0, gpu_check.Config(), "NVIDIA H100 80GB HBM3")
+    assert words == ("300 TFLOP/s: 30.3% of the 989.4 TFLOP/s data-sheet peak, "
+                     "38.0% of a measured 790 TFLOP/s matmul")
+    assert "unknown peak for 'NVIDIA H100 something new'" in gpu_check.utilisation(
+        300.0, gpu_check.Config(), "NVIDIA H100 something new")
