@@ -65,7 +65,7 @@ class Config:
     top_p: float = 0.95  # nucleus filtering (0 = off)
     temperature: float = 1.0  # softmax temperature (> 0)
     batch_size: int = 32  # images sampled at once
-    decode: str = "auto"  # VQ-VAE decoding: batch (one call per batch), one_by_one (bit-identical whatever the batch), auto (batch on CUDA, one_by_one elsewhere)
+    decode: str = "auto"  # VQ-VAE decoding: batch (one call), one_by_one (independent of the batch), auto (batch on CUDA only)
     seed: int = 0  # seed of the teacher choice and of every image's own seed
     precision: str = "auto"  # autocast dtype: auto (bf16 on capable CUDA, fp32 on CPU), bf16, fp16, fp32
     device: str = "auto"  # auto, cpu, cuda, mps

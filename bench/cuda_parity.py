@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> None:
     data = Path(cfg.data_dir)
     split = ImageSplit(data, "test", vqvae.image_size, list_classes(data))
     images = torch.stack([split[i][0] for i in range(min(cfg.images, len(split)))])
-    where = f"{len(images)} test images, the CPU against {device}" + (" (itself: a dry run)" if device.type == "cpu" else "")
+    where = f"{len(images)} test images, the CPU against {device}" + (" (itself)" if device.type == "cpu" else "")
 
     share = token_agreement(cfg, images, device)
     report("fp32 tokens on the CPU and the device", share >= cfg.min_token_agreement,

