@@ -184,7 +184,10 @@ class Report:
 
             def kill() -> None:
                 timed_out.set()
-                os.killpg(proc.pid, signal.SIGKILL)
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:  # it ended just as the timer fired
+                    pass
 
             timer = threading.Timer(timeout_s, kill)
             timer.start()
