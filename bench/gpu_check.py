@@ -183,9 +183,9 @@ class Report:
                                     start_new_session=True)  # its own group: a timeout also ends torchrun's workers
 
             def kill() -> None:
-                timed_out.set()
                 try:
                     os.killpg(proc.pid, signal.SIGKILL)
+                    timed_out.set()
                 except ProcessLookupError:  # it ended just as the timer fired
                     pass
 
