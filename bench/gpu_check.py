@@ -300,18 +300,18 @@ def plan(cfg: Config, inception: str, gpus: int) -> list[Step]:
                                                            "--scales=1,2,3,4", "--vocab_size=64", "--steps=1",
                                                            "--warmup_steps=1"] if dry else
                                                           [*D16, "--batch_size=32", GPU_SCALES, "--steps=10"])],
-             30, 60, "depth 16, batch 32, eager"),
+             30, 60, "tiny" if dry else "depth 16, batch 32, eager"),
         Step("bench_vqvae", [script("bench/bench_vqvae.py"), *(["--device=cpu", "--iters=1", "--batch_size=2",
                                                                "--eval_batch_size=2"] if dry else
                                                               ["--image_size=256", "--ch=160", "--z_channels=32",
                                                                "--vocab_size=2048", "--ch_mult=1,1,2,2,4",
                                                                "--num_res_blocks=2", GPU_SCALES, "--batch_size=32",
                                                                "--eval_batch_size=256", "--iters=10"])],
-             35, 75, "GPU preset's VQ-VAE, batch 32"),
+             35, 75, "tiny" if dry else "GPU preset's VQ-VAE, batch 32"),
         Step("bench_sampling", [script("bench/bench_sampling.py"), *(["--device=cpu", "--batch_size=2",
                                                                      "--scales=1,2,4", "--warmup=0", "--repeats=1"]
                                                                     if dry else [*D16, *GPU_VQVAE, "--batch_size=64"])],
-             30, 60, "depth 16, batch 64"),
+             30, 60, "tiny" if dry else "depth 16, batch 64"),
         Step("bench_features", [script("bench/bench_features.py"), *(["--device=cpu", "--batch_size=2", "--side=64",
                                                                      "--warmup=0", "--repeats=1"] if dry else
                                                                     ["--batch_size=128"])],
