@@ -50,7 +50,7 @@ from common.sample_metrics import (copy_fraction, diversity, matched_subsample, 
                                    teacher_similarity, token_usage_entropy)
 from common.tokens import TokenFileError, TokenSet, load_tokens
 from models.vqvae import VQVAE, load_vqvae
-from sample_var import decode_one_by_one
+from sample_var import DECODE_MODES, decode_images
 
 
 @dataclass
@@ -68,7 +68,8 @@ class Config:
     fid_min_images: int = 2048  # FID only where both sets have at least this many images (2048 = the feature width)
     max_pairs: int = 500  # diversity: most image pairs scored per set (a seeded random subset beyond)
     closest_pairs: int = 12  # memorisation grid: the closest sample / training image pairs shown
-    batch_size: int = 32  # feature-extraction batch
+    batch_size: int = 32  # feature-extraction batch, and reconstructions decoded at once when decode is batch
+    decode: str = "auto"  # VQ-VAE decoding of the reconstructions, as sample_var.py's: auto, batch, one_by_one
     seed: int = 0  # halves of ref_split, KID subsets, diversity pairs, token subsamples
     device: str = "auto"  # auto, cpu, cuda, mps
     cpu_threads: int = 0  # torch CPU threads (0 = torch's default)
@@ -87,6 +88,7 @@ def validate(config: Config) -> None:
         "ref_split": one_of(*SPLITS), "kid_subsets": at_least(1), "kid_subset_size": at_least(2),
         "fid_min_images": at_least(2), "max_pairs": at_least(1), "closest_pairs": at_least(1),
         "batch_size": at_least(1), "seed": at_least(0), "device": DEVICE, "cpu_threads": at_least(0),
+        "decode": one_of(*DECODE_MODES),
     })
 
 
@@ -147,13 +149,17 @@ def at_model_size(tokens: TokenSet, rows: np.ndarray, data_dir: Path, size: int,
 
 
 @torch.no_grad()
-def reconstructions(vqvae: VQVAE, tokens: TokenSet, rows: np.ndarray, dest: Path) -> list[Path]:
-    """The VQ-VAE decoding of the rows' tokens (= their reconstructions), one image at a time like sample_var.py."""
+def reconstructions(vqvae: VQVAE, tokens: TokenSet, rows: np.ndarray, dest: Path, decode: str,
+                    batch_size: int) -> list[Path]:
+    """The VQ-VAE decoding of the rows' tokens (= their reconstructions), decoded like sample_var.py's samples."""
     paths = []
-    for row in progress(rows, desc="reconstructions", unit="img"):
-        image = decode_one_by_one(vqvae, tokens.idx_list([row]))[0]
-        paths.append(dest / tokens.source[row])
-        save_image(image, paths[-1])
+    with progress(total=len(rows), desc="reconstructions", unit="img") as bar:
+        for start in range(0, len(rows), batch_size):
+            batch = rows[start:start + batch_size]
+            for row, image in zip(batch, decode_images(vqvae, tokens.idx_list(batch), decode)):
+                paths.append(dest / tokens.source[row])
+                save_image(image, paths[-1])
+            bar.update(len(batch))
     return paths
 
 
@@ -262,7 +268,7 @@ def evaluate(config: Config) -> None:
     if evaluated_already(out, made_from):
         print(f"{out}: up to date (same samples, real images, tokens and settings); nothing to do")
         return
-    recon_paths = reconstructions(vqvae, tokens, ref_rows, out / "recon")
+    recon_paths = reconstructions(vqvae, tokens, ref_rows, out / "recon", config.decode, config.batch_size)
 
     net = load_feature_extractor(config.inception_weights, device)
     cache = Path(config.cache) if config.cache else None

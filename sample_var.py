@@ -65,10 +65,14 @@ class Config:
     top_p: float = 0.95  # nucleus filtering (0 = off)
     temperature: float = 1.0  # softmax temperature (> 0)
     batch_size: int = 32  # images sampled at once
+    decode: str = "auto"  # VQ-VAE decoding: batch (one call), one_by_one (independent of the batch), auto (batch on CUDA only)
     seed: int = 0  # seed of the teacher choice and of every image's own seed
     precision: str = "auto"  # autocast dtype: auto (bf16 on capable CUDA, fp32 on CPU), bf16, fp16, fp32
     device: str = "auto"  # auto, cpu, cuda, mps
     cpu_threads: int = 0  # torch CPU threads (0 = torch's default)
+
+
+DECODE_MODES = ("auto", "batch", "one_by_one")
 
 
 class SampleVarError(RuntimeError):
@@ -109,6 +113,7 @@ def validate(config: Config) -> None:
         **({"teachers_per_class": at_least(1), "samples_per_teacher": at_least(1)} if config.tp else {}),
         "top_k": at_least(0), "top_p": between(0, 1), "temperature": above(0), "batch_size": at_least(1),
         "seed": at_least(0), "precision": PRECISION, "device": DEVICE, "cpu_threads": at_least(0),
+        "decode": one_of(*DECODE_MODES),
     })
     if not (config.nop or config.tp):
         raise ConfigError(f"--tp={config.tp}: must be true when --nop=false (nothing would be sampled)")
@@ -169,13 +174,25 @@ def decode_one_by_one(vqvae: VQVAE, idx_list: list[torch.Tensor]) -> np.ndarray:
                            for i in range(len(idx_list[0]))])
 
 
+@torch.no_grad()
+def decode_images(vqvae: VQVAE, idx_list: list[torch.Tensor], mode: str) -> np.ndarray:
+    """Token maps (B, pn, pn) -> uint8 images (B, S, S, 3). 'batch' decodes them in one call: on CUDA the kernels,
+    and so the last bits of an image, may depend on the batch size (docs/5_sample.md gives the measured difference),
+    but a GPU decodes a batch many times faster than its images one at a time. 'auto' takes 'batch' on CUDA and
+    'one_by_one' elsewhere, where batching gains little."""
+    device = next(vqvae.parameters()).device
+    if mode == "one_by_one" or (mode == "auto" and device.type != "cuda"):
+        return decode_one_by_one(vqvae, idx_list)
+    return to_rgb_uint8(vqvae.idx_to_img([m.to(device) for m in idx_list]))
+
+
 def save_teachers(teachers: dict[int, list[int]], tokens: TokenSet, vqvae: VQVAE, config: Config,
                   out: Path) -> dict[int, list[np.ndarray]]:
     """Per class, its teachers' real images at the model's size, saved with their VQ-VAE reconstructions."""
     teacher_images: dict[int, list[np.ndarray]] = {}
     for label, rows in teachers.items():
         teacher_images[label] = []
-        recons = decode_one_by_one(vqvae, tokens.idx_list(rows))  # like every sample: TP at k = all gives these
+        recons = decode_images(vqvae, tokens.idx_list(rows), config.decode)  # like every sample: TP at k = all gives these
         for t, (row, recon) in enumerate(zip(rows, recons)):
             source = Path(config.data_dir) / tokens.source[row]
             if not source.is_file():
@@ -201,7 +218,7 @@ def sample_jobs(var: VAR, vqvae: VQVAE, tokens: TokenSet, point: Point, jobs: li
         idx_list = var.generate_idx(vqvae, labels, cfg=point.cfg, top_k=config.top_k, top_p=config.top_p,
                                     temperature=config.temperature, seeds=[j.seed for j in jobs], coarse_idx=coarse,
                                     coarse_k=point.k)
-        images = decode_one_by_one(vqvae, idx_list)
+        images = decode_images(vqvae, idx_list, config.decode)
     return images, torch.cat([m.flatten(1) for m in idx_list], dim=1).cpu().numpy()
 
 

@@ -371,11 +371,19 @@ def choose_grad_accum(per_process: int, fixed_bytes: float, per_sample_bytes: fl
                         f"{budget_bytes / 2**30:.1f} GiB this GPU offers; use a smaller model (--depth) or more GPUs")
 
 
+def memory_budget(device: torch.device, fraction: float) -> float:
+    """Bytes this process may fill on its GPU: what torch holds now plus what is free, so the CUDA context and other
+    processes are left out, times `fraction`: the rest is headroom for the allocator's fragmentation."""
+    free, _ = torch.cuda.mem_get_info(device)
+    return fraction * (free + torch.cuda.memory_reserved(device))
+
+
 def derive_grad_accum(model: VAR, vqvae: VQVAE, scales: tuple[int, ...], precision: Precision, device: torch.device,
-                      per_process: int, dist: DistContext, budget_fraction: float = 0.9) -> int:
+                      per_process: int, dist: DistContext, budget_fraction: float = 0.85) -> int:
     """grad_accum=0: measure the peak memory of a training step at micro-batches of 1 and 2 on this GPU, extrapolate
     it linearly (activations grow with the batch; weights, gradients and AdamW's two fp32 moments do not) and take
-    the fewest micro-batches that fit. Every process uses the largest count any of them needs."""
+    the fewest micro-batches that fit memory_budget. What is already on the device (the training tokens, the KID
+    probe's InceptionV3) is in the measured peaks. Every process uses the largest count any of them needs."""
     if device.type != "cuda" or per_process == 1:
         return 1
     saved_rng = rng_state()  # the probe's dropout draws must not shift the run's random streams
@@ -394,7 +402,7 @@ def derive_grad_accum(model: VAR, vqvae: VQVAE, scales: tuple[int, ...], precisi
     set_rng_state(saved_rng)
     per_sample = max(peaks[1] - peaks[0], 1)
     fixed = peaks[0] - per_sample + 2 * 4 * sum(p.numel() for p in model.parameters())
-    budget = budget_fraction * torch.cuda.get_device_properties(device).total_memory
+    budget = memory_budget(device, budget_fraction)
     grad_accum = int(dist.all_reduce_max(torch.tensor(choose_grad_accum(per_process, fixed, per_sample, budget),
                                                       device=device)))
     dist.print(f"grad_accum 0: {grad_accum} (measured {fixed / 2**30:.1f} GiB fixed + {per_sample / 2**30:.2f} GiB "
@@ -449,6 +457,13 @@ def train(cfg: Config, dist: DistContext) -> None:
     # This script draws class dropout itself (see class_drop_masks), so the model's own draw is switched off.
     model.cond_drop_rate = 0.0
     model_config = model.config
+    # Before grad_accum=0 measures: what stays on the device the whole run is then in its measurement.
+    kid_probe = KidProbe(cfg, val_set, vqvae.image_size, device) if cfg.kid_every and dist.is_main else None
+    # The training tokens (every copy, int16) and labels live on the device (a few MB), so a step copies nothing
+    # from the host.
+    train_copies = torch.from_numpy(train_set.copies()).to(device)
+    num_copies = train_copies.shape[1]
+    train_labels = torch.from_numpy(train_set.labels).to(device)
     grad_accum = cfg.grad_accum or derive_grad_accum(model, vqvae, scales, precision, device,
                                                      cfg.batch_size // dist.world_size, dist)
     per_process = cfg.batch_size // (dist.world_size * grad_accum)
@@ -500,12 +515,6 @@ def train(cfg: Config, dist: DistContext) -> None:
     # Rows of the training set scored in eval mode each epoch, beside val: the gap without dropout and class drop.
     train_eval_rows = np.random.default_rng([cfg.seed, 2]).permutation(n_train)[:cfg.train_eval_size or len(val_set)]
     train_eval_set = train_set.take(np.sort(train_eval_rows))
-    kid_probe = KidProbe(cfg, val_set, vqvae.image_size, device) if cfg.kid_every and dist.is_main else None
-    # The training tokens (every copy, int16) and labels live on the device (a few MB), so a step copies nothing
-    # from the host.
-    train_copies = torch.from_numpy(train_set.copies()).to(device)
-    num_copies = train_copies.shape[1]
-    train_labels = torch.from_numpy(train_set.labels).to(device)
     watch = LossWatch(device)
     sync_debug = cfg.sync_debug and device.type == "cuda"
     lo = dist.rank * grad_accum * per_process
@@ -611,13 +620,15 @@ def main(argv: list[str] | None = None) -> None:
     if cfg.cpu_threads > 0:
         torch.set_num_threads(cfg.cpu_threads)
     dist = setup_distributed(pick_device(cfg.device))
+    finished = False
     try:
         train(cfg, dist)
+        finished = True
     except (TrainVarError, TokenFileError, CheckpointError, NonFiniteLossError, DeviceError) as err:
         print(f"error (rank {dist.rank}): {err}", file=sys.stderr, flush=True)
         raise SystemExit(1) from None
     finally:
-        dist.cleanup()
+        dist.cleanup(finished)
 
 
 if __name__ == "__main__":

@@ -454,12 +454,14 @@ def main(argv: list[str] | None = None) -> None:
     if cfg.cpu_threads > 0:
         torch.set_num_threads(cfg.cpu_threads)
     dist = setup_distributed(pick_device(cfg.device))
+    finished = False
     try:
         train(cfg, dist)
+        finished = True
     except (NonFiniteLossError, CheckpointError, ImageDataError, ValueError) as err:
         raise SystemExit(f"error: {err}") from None
     finally:
-        dist.cleanup()
+        dist.cleanup(finished)
 
 
 def scored_already(out: Path, made_from: dict[str, str]) -> bool:

@@ -53,10 +53,14 @@ class DistContext:
             torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.MAX)
         return tensor
 
-    def cleanup(self) -> None:
+    def cleanup(self, finished: bool = True) -> None:
+        """Leave the process group. After a finished run every process first waits for the others: tearing gloo down
+        under a peer's pending work can abort it. After an error there is no barrier: a peer may be waiting in
+        another collective, never joins it, and the barrier would hang until the collective timeout; the peers
+        waiting on this process then fail at once (gloo) or are ended by torchrun when it exits."""
         if self.enabled and torch_dist.is_initialized():
-            # Every process done with its collectives first: tearing gloo down under a peer's pending work can abort.
-            torch_dist.barrier()
+            if finished:
+                torch_dist.barrier()
             torch_dist.destroy_process_group()
 
 
@@ -70,10 +74,13 @@ def setup_distributed(device: torch.device | None = None) -> DistContext:
     rank = int(os.environ.get("RANK", 0))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = device if device is not None else pick_device()
+    if world_size > 1 and device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+    if device.type == "cuda" and device.index is not None:
+        # The current device is what torch.cuda's per-device calls (the saved random state among them) default to:
+        # without this, one process on cuda:N would save and restore GPU 0's generator.
+        torch.cuda.set_device(device)
     if world_size > 1:
-        if device.type == "cuda":
-            device = torch.device("cuda", local_rank)
-            torch.cuda.set_device(device)
         if not torch_dist.is_initialized():
             if device.type == "cuda":  # device_id: NCCL binds this process's communicator to its GPU at once
                 torch_dist.init_process_group(backend="nccl", timeout=COLLECTIVE_TIMEOUT, device_id=device)

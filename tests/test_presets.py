@@ -18,12 +18,15 @@ PRESETS = sorted(p for p in CONFIGS.glob("*.json") if not p.name.startswith("rec
 
 def test_every_preset_belongs_to_a_script() -> None:
     assert {p.name.split("_")[0] for p in PRESETS} == set(SCRIPTS)
-    assert {p.stem.split("_", 1)[1] for p in PRESETS} == {"cpu", "gpu", "real_cpu", "finetune_gpu"}
+    assert {p.stem.split("_", 1)[1] for p in PRESETS} == {"cpu", "gpu", "real_cpu", "finetune_gpu",
+                                                                "perceptual_gpu"}
 
 
 @pytest.mark.parametrize("preset", PRESETS, ids=[p.stem for p in PRESETS])
 def test_every_preset_passes_its_script_s_checks(preset: Path, tmp_path: Path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)  # the output folders the checks create land here
+    # The LPIPS files are checked by lpips_problem's own tests; a GPU box installs them for this preset.
+    monkeypatch.setattr(train_vqvae, "lpips_problem", lambda: None)
     script = SCRIPTS[preset.name.split("_")[0]]
     script.validate(parse_config(script.Config, [f"--config={preset}"]))
 

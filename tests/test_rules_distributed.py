@@ -3,6 +3,10 @@ which reduction, on which ranks; the environment read; the DDP settings on a CPU
 two-process group under torchrun, where mutmut cannot see it.)"""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -131,3 +135,43 @@ def test_rank_0_flushes_each_line(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(distributed, "print", lambda *args, **kwargs: printed.append((args, kwargs)), raising=False)
     DistContext(rank=0, world_size=2, local_rank=0, device=torch.device("cpu")).print("step", 3, end="")
     assert printed == [(("step", 3), {"end": "", "flush": True})]
+
+
+def test_after_an_error_the_group_is_left_without_a_barrier(fake: FakeDist) -> None:
+    ctx = DistContext(rank=0, world_size=2, local_rank=0, device=torch.device("cpu"))
+    ctx.cleanup(finished=False)  # a peer may wait in another collective: a barrier would hang
+    assert fake.calls == [("destroy",)]
+
+
+def test_one_process_on_a_numbered_gpu_makes_it_the_current_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    # torch.cuda's per-device calls (the saved random state among them) default to the current device.
+    chosen: list[torch.device] = []
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    ctx = setup_distributed(torch.device("cuda", 3))
+    assert chosen == [torch.device("cuda", 3)] and ctx.device == torch.device("cuda", 3) and not ctx.enabled
+    chosen.clear()
+    setup_distributed(torch.device("cuda"))  # no number: the current device stays
+    assert chosen == []
+
+
+RANK_0_FAILS = """
+import sys, torch, train_var
+def train(cfg, dist):
+    if dist.rank == 0:  # e.g. the KID probe failing on rank 0 alone, after the group is set up
+        raise train_var.TrainVarError("rank 0 failed alone")
+    dist.all_reduce_sum(torch.ones(1))  # rank 1 waits for rank 0 in a collective
+train_var.train = train
+train_var.main(["--device=cpu", "--out_dir=" + sys.argv[1]])
+"""
+
+
+def test_an_error_on_rank_0_alone_ends_both_processes_at_once(repo_root, tmp_path) -> None:
+    # Before the fix rank 0 waited in a barrier and rank 1 in an all-reduce, up to the 2-hour collective timeout.
+    script = tmp_path / "rank_0_fails.py"
+    script.write_text(RANK_0_FAILS)
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(script), str(tmp_path / "out")], cwd=repo_root, capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "PYTHONPATH": str(repo_root)})
+    assert done.returncode != 0
+    assert "error (rank 0): rank 0 failed alone" in done.stderr

@@ -532,6 +532,18 @@ def test_each_image_is_decoded_on_its_own(kit):
         assert np.array_equal(images[i], one[0]), i
 
 
+@pytest.mark.parametrize("mode, calls", [("batch", [3]), ("one_by_one", [1, 1, 1]), ("auto", [1, 1, 1])])
+def test_decoding_takes_the_batch_in_one_call_or_each_image_alone(kit, monkeypatch, mode, calls):
+    # 'auto' decodes one by one off CUDA (here) and the whole batch on CUDA.
+    vqvae, maps = kit["vqvae"], kit["tokens"].idx_list([3, 0, 8])
+    sizes = []
+    real = vqvae.idx_to_img
+    monkeypatch.setattr(vqvae, "idx_to_img", lambda idx_list: sizes.append(len(idx_list[0])) or real(idx_list))
+    images = sample_var.decode_images(vqvae, maps, mode)
+    assert sizes == calls
+    assert np.array_equal(images, to_rgb_uint8(real(maps)))  # on the CPU this tiny VQ-VAE gives the same bits
+
+
 def test_a_batch_is_sampled_with_the_sweep_point_s_prefix_guidance_and_filters(kit, monkeypatch):
     var, vqvae, tokens = kit["var"], kit["vqvae"], kit["tokens"]
     seen = []

@@ -627,3 +627,12 @@ def test_constructor_defaults_are_the_d16_shape() -> None:
                                 attn_l2_norm=True)
     assert model.blocks[0].norm.eps == model.head_norm.norm.eps == 1e-6
     assert VAR(depth=1).config["embed_dim"] == 1024  # the width too, on one block (a third of a second)
+
+
+def test_unit_rows_in_fp16_keeps_a_tiny_row_finite_and_of_unit_length() -> None:
+    # 1 / the norm of a row of 1e-6 is about 5e5, past fp16's 65504: cast first, it would make the row inf.
+    tiny = torch.full((1, 4), 1e-6, dtype=torch.float16)
+    out = unit_rows(tiny)
+    assert out.dtype == torch.float16 and torch.isfinite(out).all()
+    assert torch.allclose(out.float(), torch.full((1, 4), 0.5), atol=1e-3)
+    assert torch.equal(unit_rows(torch.zeros(1, 4, dtype=torch.float16)), torch.zeros(1, 4, dtype=torch.float16))

@@ -157,5 +157,6 @@ def test_gpu_presets_leave_the_precision_to_the_card(repo_root):
     """A hard-coded bf16 would be refused on pre-Ampere cards: the presets say auto (bf16 or fp16 + loss scaling)."""
     import json
     presets = sorted((repo_root / "configs").glob("*_gpu.json"))
-    assert [p.name for p in presets] == ["sample_gpu.json", "var_finetune_gpu.json", "var_gpu.json", "vqvae_gpu.json"]
+    assert [p.name for p in presets] == ["sample_gpu.json", "var_finetune_gpu.json", "var_gpu.json", "vqvae_gpu.json",
+                                         "vqvae_perceptual_gpu.json"]
     assert {p.name: json.loads(p.read_text())["precision"] for p in presets} == {p.name: "auto" for p in presets}

@@ -146,6 +146,14 @@ def test_grad_accum_from_memory_takes_the_fewest_micro_batches_that_fit():
         train_var.choose_grad_accum(32, 10 * gib, gib, 10.5 * gib)
 
 
+def test_grad_accum_budget_is_the_memory_this_process_can_have_less_headroom(monkeypatch):
+    # 80 GiB card, 30 GiB free, 10 GiB held by torch: the CUDA context and other processes hold the other 40 GiB.
+    gib = 2**30
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (30 * gib, 80 * gib))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: 10 * gib)
+    assert train_var.memory_budget(torch.device("cuda", 0), 0.85) == pytest.approx(0.85 * 40 * gib)
+
+
 def test_training_learns_and_writes_outputs(data, tmp_path):
     out = tmp_path / "run"
     train_var.train(config(data, out, epochs=6), SINGLE)
