@@ -80,7 +80,7 @@ RULES = {
     "size": between(32, 4096), "square": one_of("pad", "crop"), "max_per_dataset": at_least(1),
     "max_frames_per_file": at_least(1), "video_stride": at_least(1), "val_frac": between(0, 1),
     "test_frac": between(0, 1), "seed": at_least(0), "workers": at_least(0), "contact_sheet_images": at_least(0),
-    "scan_area_samples": at_least(0), "near_duplicate_bits": between(0, 32),
+    "scan_area_samples": at_least(0), "near_duplicate_bits": between(0, 128),
 }
 # Constants that change what an output looks like: when any differs from the previous run, nothing is reused.
 PROCESSING_KEYS = ("size", "square", "max_per_dataset", "max_frames_per_file", "video_stride", "keep_annotated")
@@ -441,12 +441,13 @@ def _hash_output(path: Path) -> int:
 
 
 def drop_near_duplicates(rows: list[dict], out: Path, cfg: Config, parallel_map=map) -> int:
-    """Drop every kept image whose perceptual hash is within cfg.near_duplicate_bits of an earlier kept one (rows
-    are in recipe order, so the first dataset's copy stays): its output is deleted and its row says which image
-    it repeats. Run before the split, so no image and its copy can land in two splits. Returns the count dropped."""
+    """Drop every kept image whose perceptual hash is within cfg.near_duplicate_bits of an earlier kept image of
+    another subject (rows are in recipe order, so the first dataset's copy stays): its output is deleted and its
+    row says which image it repeats. Run before the split, so no image and its copy can land in two splits.
+    Returns the count dropped."""
     kept = [r for r in rows if r["status"] == "ok"]
     hashes = list(parallel_map(_hash_output, [out / r["output"] for r in kept]))
-    found = repeats(hashes, cfg.near_duplicate_bits)
+    found = repeats(hashes, cfg.near_duplicate_bits, [(r["dataset"], r["subject"]) for r in kept])
     for i, (twin_index, bits) in found.items():
         row, twin = kept[i], kept[twin_index]
         (out / row["output"]).unlink(missing_ok=True)
