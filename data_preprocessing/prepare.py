@@ -64,7 +64,7 @@ class Config:
     max_frames_per_file: int = 20  # at most this many frames from one video / cine DICOM / volume
     video_stride: int = 10  # keep every n-th frame of multi-frame sources: neighbours are near-duplicates
     keep_annotated: bool = True  # keep frames with burned-in calipers/text/colour (flagged in the manifest either way)
-    near_duplicate_bits: int = NEAR_DUPLICATE_BITS  # images whose perceptual hashes differ in <= this many bits are one
+    near_duplicate_bits: int = NEAR_DUPLICATE_BITS  # images of two subjects whose hashes differ in <= this many bits are one; -1: keep all
     val_frac: float = 0.1  # share of each class's images (by whole subjects) in val
     test_frac: float = 0.1  # share in test; train gets the rest
     seed: int = 0  # seeds the per-dataset pick, the split and the plotted samples
@@ -80,7 +80,7 @@ RULES = {
     "size": between(32, 4096), "square": one_of("pad", "crop"), "max_per_dataset": at_least(1),
     "max_frames_per_file": at_least(1), "video_stride": at_least(1), "val_frac": between(0, 1),
     "test_frac": between(0, 1), "seed": at_least(0), "workers": at_least(0), "contact_sheet_images": at_least(0),
-    "scan_area_samples": at_least(0), "near_duplicate_bits": between(0, 128),
+    "scan_area_samples": at_least(0), "near_duplicate_bits": between(-1, 128),
 }
 # Constants that change what an output looks like: when any differs from the previous run, nothing is reused.
 PROCESSING_KEYS = ("size", "square", "max_per_dataset", "max_frames_per_file", "video_stride", "keep_annotated")
@@ -444,7 +444,9 @@ def drop_near_duplicates(rows: list[dict], out: Path, cfg: Config, parallel_map=
     """Drop every kept image whose perceptual hash is within cfg.near_duplicate_bits of an earlier kept image of
     another subject (rows are in recipe order, so the first dataset's copy stays): its output is deleted and its
     row says which image it repeats. Run before the split, so no image and its copy can land in two splits.
-    Returns the count dropped."""
+    Returns the count dropped; -1 turns the removal off."""
+    if cfg.near_duplicate_bits < 0:
+        return 0
     kept = [r for r in rows if r["status"] == "ok"]
     hashes = list(parallel_map(_hash_output, [out / r["output"] for r in kept]))
     found = repeats(hashes, cfg.near_duplicate_bits, [(r["dataset"], r["subject"]) for r in kept])
