@@ -22,7 +22,7 @@ import numpy as np  # noqa: E402
 from PIL import Image, ImageEnhance  # noqa: E402
 
 from common.config import parse_config  # noqa: E402
-from data_preprocessing.near_duplicates import NEAR_DUPLICATE_BITS, perceptual_hash  # noqa: E402
+from data_preprocessing.near_duplicates import NEAR_DUPLICATE_BITS, hamming, perceptual_hash  # noqa: E402
 
 
 @dataclass
@@ -67,11 +67,11 @@ def main() -> None:
         hashes.append(h)
         subjects.append((r["dataset"], r["subject"]))
         for name, copy in altered_copies(image, rng).items():
-            planted.setdefault(name, []).append((h ^ perceptual_hash(copy)).bit_count())
+            planted.setdefault(name, []).append(hamming(h, perceptual_hash(copy)))
     distinct, same_subject = [], []
     for i, a in enumerate(hashes):
         for j in range(i + 1, len(hashes)):
-            (distinct if subjects[i] != subjects[j] else same_subject).append((a ^ hashes[j]).bit_count())
+            (distinct if subjects[i] != subjects[j] else same_subject).append(hamming(a, hashes[j]))
     distinct, same_subject = np.array(distinct), np.array(same_subject)
     print(f"{len(rows)} images of {len(set(subjects))} subjects in {out}: {distinct.size} pairs of different subjects, "
           f"{same_subject.size} pairs within a subject")

@@ -43,7 +43,7 @@ def repeats(hashes: list[int], max_bits: int, groups: list | None = None) -> dic
     found = {}
     for i, h in enumerate(words):
         if n_kept:
-            distances = np.bitwise_count(kept_hash[:n_kept] ^ h).sum(axis=1, dtype=np.int64)
+            distances = np.unpackbits((kept_hash[:n_kept] ^ h).view(np.uint8), axis=1).sum(axis=1, dtype=np.int64)
             distances[[groups[j] == groups[i] for j in kept_index[:n_kept]]] = 64 * HASH_WORDS + 1  # never within
             nearest = int(np.argmin(distances))
             if distances[nearest] <= max_bits:
