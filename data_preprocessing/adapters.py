@@ -8,8 +8,9 @@ the images are never listed as images: they go to `Listing.ignored` with the rea
 Layouts known here (from each dataset's documentation):
 - busi: BUSI (Al-Dhabyani et al. 2020) `{benign,malignant,normal}/[images/]<class> (n).png`, masks
   `<class> (n)_mask.png` / `_mask_1.png` interleaved. benign/malignant/normal is a finding, NOT an organ
-  class: the recipe maps the whole set to one organ class. BUSI has no patient ids, so subject = file stem:
-  two images of one patient may land in different splits (a known limitation of this dataset).
+  class: the recipe maps the whole set to one organ class (or options {"classes": "finding"}, below). BUSI has
+  no patient ids, so subject = file stem: two images of one patient may land in different splits (a known
+  limitation of this dataset; prepare.py's near-duplicate removal drops its repeated scans).
 - hc18: HC18 `training_set/NNN_HC.png`, `NNN_2HC.png`, `NNN_3HC.png` (same subject NNN), annotations
   `NNN_HC_Annotation.png`; `test_set/` has its own numbering, so subject = folder + NNN. Every frame
   carries a black anonymisation box at the bottom right: its sources declare it (overlay_corners), so
@@ -162,7 +163,9 @@ def camus(root: Path, options: dict) -> Listing:
     def place(path: Path) -> Source | str:
         patient = next((p for p in reversed(path.parts[:-1]) if CAMUS_PATIENT.fullmatch(p)), None)
         patient = patient or (CAMUS_PATIENT.match(stem(path)) or [None])[0]
-        return Source(path, patient) if patient else "neither in a patientNNNN folder nor named patientNNNN_...: CAMUS patient unknown"
+        if not patient:
+            return "neither in a patientNNNN folder nor named patientNNNN_...: CAMUS patient unknown"
+        return Source(path, patient)
 
     return placed(walk_images(root), place)
 

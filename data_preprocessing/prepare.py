@@ -64,7 +64,7 @@ class Config:
     max_frames_per_file: int = 20  # at most this many frames from one video / cine DICOM / volume
     video_stride: int = 10  # keep every n-th frame of multi-frame sources: neighbours are near-duplicates
     keep_annotated: bool = True  # keep frames with burned-in calipers/text/colour (flagged in the manifest either way)
-    near_duplicate_bits: int = NEAR_DUPLICATE_BITS  # images of two subjects whose hashes differ in <= this many bits are one; -1: keep all
+    near_duplicate_bits: int = NEAR_DUPLICATE_BITS  # two subjects' images with hashes <= this many bits apart are one; -1: off
     val_frac: float = 0.1  # share of each class's images (by whole subjects) in val
     test_frac: float = 0.1  # share in test; train gets the rest
     seed: int = 0  # seeds the per-dataset pick, the split and the plotted samples
@@ -638,8 +638,7 @@ def run(cfg: Config) -> dict:
         "skipped": sum(r["status"] == "skipped" for r in rows),
         "ignored": len(ignored_rows),
         "near_duplicates": n_repeats,
-        "missing": [s.name for s in specs if s.missing] + [s.name for s in specs if not s.missing and s.name not in
-                                                          {spec.name for spec, _, _, _ in chosen}],
+        "missing": [s.name for s in specs if s.name not in {spec.name for spec, _, _, _ in chosen}],  # or no images
         "seconds": time.time() - start,
     }
     _print_summary(rows, counts, stats, out)
