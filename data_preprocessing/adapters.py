@@ -409,33 +409,29 @@ def mask_folder(path: Path, root: Path) -> str | None:
     return next((p for p in path.relative_to(root).parts[:-1] if "mask" in p.lower()), None)
 
 
-def _named_in_folder(root: Path, adapter: str, folders: tuple[str, ...], name: re.Pattern, subject) -> Listing:
-    """Images whose folder is one of `folders` and whose stem matches `name`; subject(path, match)."""
+def _numbered_in_folder(root: Path, adapter: str, folders: tuple[str, ...], with_folder: bool) -> Listing:
+    """Images named by a number alone in one of `folders` (TN3K, TG3K): subject = the number, prefixed with the
+    folder when the folders number their images separately."""
     def place(path: Path) -> Source | str:
         if mask_folder(path, root):
             return f"inside {adapter}'s mask folder {mask_folder(path, root)!r}: a mask, not an image"
-        match = name.match(stem(path))
-        if path.parent.name.lower() not in folders or not match:
-            return f"not {' or '.join(folders)}/<{name.pattern}>: outside {adapter}'s published layout"
-        return Source(path, subject(path, match))
+        if path.parent.name.lower() not in folders or not stem(path).isdigit():
+            return f"not {' or '.join(folders)}/<number>: outside {adapter}'s published layout"
+        return Source(path, f"{path.parent.name}/{stem(path)}" if with_folder else stem(path))
 
     return placed(walk_images(root), place)
-
-
-NUMBERED = re.compile(r"^(\d+)$")
 
 
 def tn3k(root: Path, options: dict) -> Listing:
     """TN3K `tn3k/{trainval,test}-image/NNNN.jpg` (the -mask folders set aside): no patient ids; the two folders
     number their images separately, so subject = folder/NNNN."""
-    return _named_in_folder(root, "tn3k", ("trainval-image", "test-image"), NUMBERED,
-                            lambda path, m: f"{path.parent.name}/{m.group(1)}")
+    return _numbered_in_folder(root, "tn3k", ("trainval-image", "test-image"), with_folder=True)
 
 
 def tg3k(root: Path, options: dict) -> Listing:
     """TG3K `tg3k/thyroid-image/NNNN.jpg`: frames of thyroid videos published without a video id, subject = NNNN
     (near-duplicate removal is the only guard against neighbouring frames in two splits)."""
-    return _named_in_folder(root, "tg3k", ("thyroid-image",), NUMBERED, lambda path, m: m.group(1))
+    return _numbered_in_folder(root, "tg3k", ("thyroid-image",), with_folder=False)
 
 
 DDTI_NAME = re.compile(r"^(\d+)_(\d+)$")

@@ -111,7 +111,7 @@ def test_tg3k_and_mmotu_replicas(tmp_path):
     images, ignored = listed("tg3k", tmp_path / "tg")
     assert images == {"tg3k/thyroid-image/0001.jpg": ("0001", None)}
     assert ignored == {"tg3k/thyroid-mask/0001.jpg": "inside tg3k's mask folder 'thyroid-mask': a mask, not an image",
-                       "tg3k/thyroid-image/x1.jpg": "not thyroid-image/<^(\\d+)$>: outside tg3k's published layout"}
+                       "tg3k/thyroid-image/x1.jpg": "not thyroid-image/<number>: outside tg3k's published layout"}
     touch(tmp_path / "mm", "OTU_2d/images/7.JPG", "OTU_2d/annotations/7.PNG", "OTU_2d/annotations/7_binary.PNG",
           "OTU_CEUS/images/3.JPG")
     images, ignored = listed("mmotu", tmp_path / "mm")
