@@ -13,7 +13,9 @@ processed; sources are only ever read.
 
 Recipe: {"datasets": [{"name": "busi", "adapter": "busi", "root": "../shared/us_data/BUSI",
 "class": "breast", "options": {}}, ...]}; relative roots are relative to the recipe file's folder,
-"class" may be left out when the adapter gives one (folder, csv). Adapters: see adapters.py.
+"class" may be left out when the adapter gives one (folder, csv). Adapters: see adapters.py. An optional top-level
+"data_root" is the folder the dataset roots are relative to; a dataset whose root is missing is reported and left
+out. Images that repeat an earlier one (perceptual hash, near_duplicates.py) are dropped before the split.
 """
 from __future__ import annotations
 
@@ -45,7 +47,8 @@ from common.config import (ConfigError, at_least, between, check_constants, chec
 from common.io import atomic_write_bytes, atomic_write_text, file_sha256, remove_stale_temp_files  # noqa: E402
 from common.plotting import bar_counts, image_grid, save_figure, save_image  # noqa: E402
 from common.progress import progress  # noqa: E402
-from data_preprocessing.adapters import ADAPTERS, RecipeError, Source, stem  # noqa: E402
+from data_preprocessing.adapters import ADAPTERS, WHERE_TO_GET, RecipeError, Source, check_options, stem  # noqa: E402
+from data_preprocessing.near_duplicates import NEAR_DUPLICATE_BITS, perceptual_hash, repeats  # noqa: E402
 from data_preprocessing.readers import UnreadableFileError, not_a_regular_file, read_frames  # noqa: E402
 from data_preprocessing.scan_area import ScanArea, ScanAreaError, detect_scan_area, to_model_image  # noqa: E402
 
@@ -61,6 +64,7 @@ class Config:
     max_frames_per_file: int = 20  # at most this many frames from one video / cine DICOM / volume
     video_stride: int = 10  # keep every n-th frame of multi-frame sources: neighbours are near-duplicates
     keep_annotated: bool = True  # keep frames with burned-in calipers/text/colour (flagged in the manifest either way)
+    near_duplicate_bits: int = NEAR_DUPLICATE_BITS  # two subjects' images with hashes <= this many bits apart are one; -1: off
     val_frac: float = 0.1  # share of each class's images (by whole subjects) in val
     test_frac: float = 0.1  # share in test; train gets the rest
     seed: int = 0  # seeds the per-dataset pick, the split and the plotted samples
@@ -76,7 +80,7 @@ RULES = {
     "size": between(32, 4096), "square": one_of("pad", "crop"), "max_per_dataset": at_least(1),
     "max_frames_per_file": at_least(1), "video_stride": at_least(1), "val_frac": between(0, 1),
     "test_frac": between(0, 1), "seed": at_least(0), "workers": at_least(0), "contact_sheet_images": at_least(0),
-    "scan_area_samples": at_least(0),
+    "scan_area_samples": at_least(0), "near_duplicate_bits": between(-1, 128),
 }
 # Constants that change what an output looks like: when any differs from the previous run, nothing is reused.
 PROCESSING_KEYS = ("size", "square", "max_per_dataset", "max_frames_per_file", "video_stride", "keep_annotated")
@@ -85,6 +89,7 @@ MANIFEST_COLUMNS = (
     "geometry", "geometry_expected", "crop_box", "calipers", "text", "color", "output",
 )
 NAME_RE = re.compile(r"^[A-Za-z0-9_\-]+$")
+DUPLICATE_REASON = "near-duplicate of "  # how a dropped repeat's reason starts (such rows are never reused)
 OUTPUT_RE = re.compile(r"^(train|val|test)/[A-Za-z0-9_\-]+/[^/]+\.png$")  # what a manifest's output column may hold
 # Recipe fields and the JSON types they take.
 FIELD_TYPES = {"name": (str, "a string"), "adapter": (str, "a string"), "root": (str, "a string"),
@@ -98,6 +103,7 @@ class DatasetSpec:
     root: Path
     cls: str | None
     options: dict = field(default_factory=dict)
+    missing: str = ""  # why the dataset is left out (its root does not exist); empty when present
 
 
 @dataclass
@@ -177,6 +183,14 @@ def load_recipe(cfg: Config) -> list[DatasetSpec]:
     if not isinstance(entries, list) or not entries:
         raise RecipeError(f"recipe {recipe_path}: field 'datasets' must be a non-empty list: "
                           f"{{\"datasets\": [{{name, adapter, root, class, options}}, ...]}}")
+    unknown = set(recipe) - {"datasets", "data_root"}
+    if unknown:
+        raise RecipeError(f"recipe {recipe_path}: unknown top-level keys {sorted(unknown)} (known: data_root, datasets)")
+    data_root = recipe.get("data_root", ".")
+    if not isinstance(data_root, str):
+        raise RecipeError(f"recipe {recipe_path}: field 'data_root' must be a string, got {json.dumps(data_root)}")
+    data_root = Path(data_root).expanduser()
+    data_root = data_root if data_root.is_absolute() else recipe_path.parent / data_root
     specs = []
     for i, entry in enumerate(entries):
         where = f"recipe {recipe_path}, dataset #{i}"
@@ -192,11 +206,18 @@ def load_recipe(cfg: Config) -> list[DatasetSpec]:
             raise RecipeError(f"{where}: unknown adapter {entry['adapter']!r}; known: {', '.join(ADAPTERS)}")
         if not NAME_RE.match(entry["name"]):
             raise RecipeError(f"{where}: name {entry['name']!r} must be letters, digits, _ or -")
+        options = entry.get("options") or {}
+        try:
+            check_options(entry["adapter"], options)
+        except RecipeError as err:
+            raise RecipeError(f"{where} ({entry['name']}): {err}") from None
+        if options.get("classes") == "finding" and entry.get("class"):
+            raise RecipeError(f"{where} ({entry['name']}): \"class\" would override the finding-level classes of "
+                              "options.classes = \"finding\": leave \"class\" out")
         root = Path(entry["root"]).expanduser()
-        root = root if root.is_absolute() else recipe_path.parent / root
-        if not root.exists():
-            raise RecipeError(f"{where} ({entry['name']}): root {root} does not exist")
-        specs.append(DatasetSpec(entry["name"], entry["adapter"], root, entry.get("class"), entry.get("options") or {}))
+        root = root if root.is_absolute() else data_root / root
+        missing = "" if root.exists() else f"root {root} does not exist"
+        specs.append(DatasetSpec(entry["name"], entry["adapter"], root, entry.get("class"), options, missing))
     names = [s.name for s in specs]
     if len(set(names)) != len(names):
         raise RecipeError(f"recipe {recipe_path}: dataset names must be unique, got {names}")
@@ -209,6 +230,10 @@ def list_sources(specs: list[DatasetSpec], cfg: Config) -> tuple[list[tuple[Data
     """(spec, source, class, frame budget) per kept file, and manifest rows for the files set aside."""
     chosen, ignored_rows, seen = [], [], {}
     for spec in specs:
+        if spec.missing:
+            where = f" (get it from {WHERE_TO_GET[spec.adapter]})" if spec.adapter in WHERE_TO_GET else ""
+            print(f"{spec.name}: MISSING, {spec.missing}{where}; the run goes on without it")
+            continue
         n_ignored = len(ignored_rows)
         try:
             listing = ADAPTERS[spec.adapter](spec.root, spec.options)
@@ -244,7 +269,8 @@ def list_sources(specs: list[DatasetSpec], cfg: Config) -> tuple[list[tuple[Data
                 raise RecipeError(f"dataset {spec.name}: class {cls!r} must be letters, digits, _ or -")
             chosen.append((spec, source, cls, budget))
         print(f"{spec.name}: {len(sources)} files ({spec.adapter} adapter, root {spec.root}), "
-              f"{len(ignored_rows) - n_ignored} set aside (masks, annotations, duplicates, refused paths)")
+              f"{len(ignored_rows) - n_ignored} set aside (masks, annotations, duplicates, refused paths)"
+              + ("; NO IMAGES: the run goes on without it" if not sources else ""))
     return chosen, ignored_rows
 
 
@@ -362,6 +388,8 @@ def _reuse(task: Task, out: Path, base: dict) -> list[dict] | None:
     prev = task.prev_rows
     if not prev or any(r["sha256"] != base["sha256"] for r in prev):
         return None
+    if any(r["reason"].startswith(DUPLICATE_REASON) for r in prev):  # its twin may be gone: judge it again
+        return None
     for r in prev:
         renamed = Path(r["output"]).name != output_name(task.base_name, r["frame"])
         if r["status"] == "ok" and (renamed or not (out / r["output"]).is_file()):
@@ -405,6 +433,31 @@ def _init_worker(out: Path, cfg: Config) -> None:
 
 def _work(task: Task) -> tuple[list[dict], bool]:
     return process_source(task, *_WORKER_ARGS)
+
+
+def _hash_output(path: Path) -> int:
+    with Image.open(path) as image:
+        return perceptual_hash(image)
+
+
+def drop_near_duplicates(rows: list[dict], out: Path, cfg: Config, parallel_map=map) -> int:
+    """Drop every kept image whose perceptual hash is within cfg.near_duplicate_bits of an earlier kept image of
+    another subject (rows are in recipe order, so the first dataset's copy stays): its output is deleted and its
+    row says which image it repeats. Run before the split, so no image and its copy can land in two splits.
+    Returns the count dropped; -1 turns the removal off."""
+    if cfg.near_duplicate_bits < 0:
+        return 0
+    kept = [r for r in rows if r["status"] == "ok"]
+    hashes = list(parallel_map(_hash_output, [out / r["output"] for r in kept]))
+    found = repeats(hashes, cfg.near_duplicate_bits, [(r["dataset"], r["subject"]) for r in kept])
+    for i, (twin_index, bits) in found.items():
+        row, twin = kept[i], kept[twin_index]
+        (out / row["output"]).unlink(missing_ok=True)
+        across = "another dataset, " if twin["dataset"] != row["dataset"] else ""
+        twin_name = Path(twin["source"]).name + (f" {twin['frame']}" if twin["frame"] else "")
+        row.update(status="skipped", output="", reason=f"{DUPLICATE_REASON}{twin['dataset']}: {twin_name} "
+                   f"({across}perceptual hashes {bits} bits apart, near_duplicate_bits={cfg.near_duplicate_bits})")
+    return len(found)
 
 
 # ---------------------------------------------------------------- manifest and plots
@@ -504,8 +557,9 @@ def run(cfg: Config) -> dict:
         print(f"removed {len(stale)} temporary files left by an interrupted run")
     shutil.rmtree(out / STAGING, ignore_errors=True)  # images of an interrupted run that never got their split
     chosen, ignored_rows = list_sources(specs, cfg)
+    missing = [f"{s.name} ({s.missing})" for s in specs if s.missing]
     if not chosen:
-        raise RecipeError("the recipe lists no image files")
+        raise RecipeError("the recipe lists no image files" + (f"; missing datasets: {', '.join(missing)}" if missing else ""))
 
     subject_key = [(spec.name, src.subject) for spec, src, _, _ in chosen]
     subject_class = {}
@@ -545,6 +599,8 @@ def run(cfg: Config) -> dict:
             panels = [p for p in parallel_map(scan_panel, [(r, cfg.video_stride, corners.get(r["source"], ())) for r in picks])
                       if p is not None]
 
+        n_repeats = drop_near_duplicates(rows, out, cfg, parallel_map)
+
         # Splits only now: a subject takes part with the images it gave (a clip up to max_frames_per_file, an
         # unreadable file none), so unreadable files cannot leave a split empty.
         weights = Counter((r["dataset"], r["subject"]) for r in rows if r["status"] == "ok")
@@ -581,6 +637,8 @@ def run(cfg: Config) -> dict:
         "ok": sum(r["status"] == "ok" for r in rows),
         "skipped": sum(r["status"] == "skipped" for r in rows),
         "ignored": len(ignored_rows),
+        "near_duplicates": n_repeats,
+        "missing": [s.name for s in specs if s.name not in {spec.name for spec, _, _, _ in chosen}],  # or no images
         "seconds": time.time() - start,
     }
     _print_summary(rows, counts, stats, out)
@@ -596,6 +654,12 @@ def _print_summary(rows: list[dict], counts: dict, stats: dict, out: Path) -> No
     reasons = Counter(r["reason"] for r in rows if r["status"] == "skipped")
     for reason, n in reasons.most_common(8):
         print(f"  skipped {n}x: {reason}")
+    if stats["near_duplicates"]:
+        across = sum(r["reason"].startswith(DUPLICATE_REASON) and "another dataset" in r["reason"] for r in rows)
+        print(f"  near-duplicates dropped before splitting: {stats['near_duplicates']} ({across} of an image in "
+              "another dataset); each row's reason names the image kept")
+    if stats["missing"]:
+        print(f"  datasets missing or without images (the run went on without them): {', '.join(stats['missing'])}")
     checked = [r for r in rows if r["status"] == "ok" and r["geometry_expected"]]
     if checked:
         agree = sum(r["geometry"] == r["geometry_expected"] for r in checked)

@@ -26,8 +26,9 @@ ROBUST_PERCENTILES = (0.5, 99.5)  # range mapped to 0..255 when wider-than-8-bit
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 DICOM_SUFFIXES = (".dcm", ".dicom")
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
+METAIMAGE_SUFFIXES = (".mhd",)  # a text header naming its .raw data file (CAMUS's 2019 release)
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv")
-SUPPORTED_SUFFIXES = IMAGE_SUFFIXES + DICOM_SUFFIXES + NIFTI_SUFFIXES + VIDEO_SUFFIXES
+SUPPORTED_SUFFIXES = IMAGE_SUFFIXES + DICOM_SUFFIXES + NIFTI_SUFFIXES + METAIMAGE_SUFFIXES + VIDEO_SUFFIXES
 
 
 class UnreadableFileError(Exception):
@@ -91,6 +92,8 @@ def read_frames(path: str | Path, video_stride: int = 10, max_frames: int | None
         reader = _read_dicom
     elif suffix in NIFTI_SUFFIXES:
         reader = _read_nifti
+    elif suffix in METAIMAGE_SUFFIXES:
+        reader = _read_metaimage
     elif suffix in VIDEO_SUFFIXES:
         reader = _read_video
     else:
@@ -315,6 +318,80 @@ def _read_nifti(path: Path, stride: int, max_frames: int | None) -> Iterator[tup
     width = 4 if axis_kind == "f" else 3
     for i in pick_indices(dims[2], stride, max_frames):
         yield f"{axis_kind}{i:0{width}d}", np.ascontiguousarray(data[:, :, i].T)
+
+
+# ---------------------------------------------------------------- MetaImage .mhd + .raw (no library needed)
+
+METAIMAGE_TYPES = {"MET_UCHAR": "u1", "MET_CHAR": "i1", "MET_USHORT": "u2", "MET_SHORT": "i2", "MET_UINT": "u4",
+                   "MET_INT": "i4", "MET_FLOAT": "f4", "MET_DOUBLE": "f8"}
+METAIMAGE_HEADER_BYTES = 65536  # a MetaImage header is a few hundred bytes of "Key = value" lines
+
+
+def read_metaimage_header(path: Path) -> tuple[dict[str, str], int]:
+    """The `Key = value` lines of a .mhd header up to ElementDataFile (the format puts it last), and the byte
+    offset just after that line (where LOCAL data starts)."""
+    with open(path, "rb") as handle:
+        head = handle.read(METAIMAGE_HEADER_BYTES)
+    header, offset = {}, 0
+    for line in head.splitlines(keepends=True):
+        offset += len(line)
+        try:
+            key, sep, value = line.decode("ascii").partition("=")
+        except UnicodeDecodeError:
+            raise UnreadableFileError(path, "not a MetaImage header (.mhd): not ASCII text") from None
+        if sep:
+            header[key.strip()] = value.strip()
+            if key.strip() == "ElementDataFile":
+                return header, offset
+    raise UnreadableFileError(path, "not a MetaImage header (.mhd): no ElementDataFile line")
+
+
+def _read_metaimage(path: Path, stride: int, max_frames: int | None) -> Iterator[tuple[str, np.ndarray]]:
+    import zlib
+
+    header, data_offset = read_metaimage_header(path)
+    try:
+        dims = [int(v) for v in header.get("DimSize", "").split()]
+        n_dims = int(header.get("NDims", len(dims)))
+        channels = int(header.get("ElementNumberOfChannels", "1"))
+    except ValueError:
+        raise UnreadableFileError(path, f"MetaImage DimSize/NDims not integers: {header.get('DimSize')!r}") from None
+    while len(dims) > 2 and dims[-1] == 1:
+        dims.pop()
+    if n_dims not in (2, 3) or not 2 <= len(dims) <= 3 or min(dims) < 1 or channels != 1:
+        raise UnreadableFileError(path, f"MetaImage of NDims {n_dims}, DimSize {header.get('DimSize')!r}, "
+                                        f"{channels} channels not supported: expected one-channel 2D or 3D")
+    element = header.get("ElementType", "")
+    if element not in METAIMAGE_TYPES:
+        raise UnreadableFileError(path, f"MetaImage ElementType {element!r} not supported ({', '.join(METAIMAGE_TYPES)})")
+    _check_pixels(path, dims[0], dims[1])
+    big_endian = "true" in (header.get("BinaryDataByteOrderMSB", "") + header.get("ElementByteOrderMSB", "")).lower()
+    dtype = np.dtype(METAIMAGE_TYPES[element]).newbyteorder(">" if big_endian else "<")
+    data_name = header["ElementDataFile"]
+    if data_name.upper() == "LIST" or "%" in data_name:
+        raise UnreadableFileError(path, f"MetaImage ElementDataFile {data_name!r}: multi-file data not supported")
+    data_path = path if data_name.upper() == "LOCAL" else path.parent / data_name
+    problem = not_a_regular_file(data_path)
+    if problem:
+        raise UnreadableFileError(path, f"MetaImage data file {data_path.name}: {problem}")
+    with open(data_path, "rb") as handle:
+        handle.seek(data_offset if data_path == path else 0)  # LOCAL: the data follows the header
+        raw = handle.read()
+    if header.get("CompressedData", "").lower() == "true":
+        try:
+            raw = zlib.decompress(raw)
+        except zlib.error as err:
+            raise UnreadableFileError(path, f"MetaImage data file {data_path.name}: corrupt compressed data: {err}") from None
+    expected = int(np.prod(dims)) * dtype.itemsize
+    if len(raw) < expected:
+        raise UnreadableFileError(path, f"truncated MetaImage data: {data_path.name} holds {len(raw)} bytes, "
+                                        f"DimSize {header['DimSize']} of {element} needs {expected}")
+    data = to_uint8(np.frombuffer(raw[:expected], dtype=dtype).reshape(dims[::-1]))  # x varies fastest on disk
+    if len(dims) == 2:
+        yield "", data
+        return
+    for i in pick_indices(dims[2], stride, max_frames):  # like a 3D NIfTI: the third axis gives the frames
+        yield f"z{i:03d}", np.ascontiguousarray(data[i])
 
 
 # ---------------------------------------------------------------- video (OpenCV)

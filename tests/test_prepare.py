@@ -136,7 +136,8 @@ def test_default_recipe_on_phantoms_and_rerun(phantom_dir, tmp_path):
     saved = changed.read_bytes()
     try:
         changed.write_bytes((phantom_dir / "liver" / "s0001_f1.png").read_bytes())
-        third = run(Config(phantom_dir=str(phantom_dir), out=str(out), workers=1, scan_area_samples=0))
+        third = run(Config(phantom_dir=str(phantom_dir), out=str(out), workers=1, scan_area_samples=0,
+                           near_duplicate_bits=-1))  # the new content is another subject's frame: no removal
     finally:
         changed.write_bytes(saved)
     assert third["processed"] == 1 and third["reused"] == 23
@@ -148,7 +149,8 @@ def test_default_recipe_on_phantoms_and_rerun(phantom_dir, tmp_path):
     assert tree_hashes(out) == kept
 
     # Other split fractions move whole subjects between split folders without reprocessing them.
-    moved = run(Config(phantom_dir=str(phantom_dir), out=str(out), workers=2, val_frac=0.0, test_frac=0.0, scan_area_samples=0))
+    moved = run(Config(phantom_dir=str(phantom_dir), out=str(out), workers=2, val_frac=0.0, test_frac=0.0, scan_area_samples=0,
+                       near_duplicate_bits=-1))
     rows = read_manifest(out)
     assert moved["processed"] == 1 and {r["split"] for r in rows} == {"train"}  # 1: the source restored above
     check_outputs(out, rows)
@@ -178,7 +180,8 @@ def test_recipe_with_bad_files_masks_and_two_datasets(phantom_dir, tmp_path):
     ]}))
     before = tree_hashes(extra)
     out = tmp_path / "processed"
-    stats = run(Config(recipe=str(recipe), out=str(out), workers=2, scan_area_samples=1, val_frac=0.25, test_frac=0.25))
+    stats = run(Config(recipe=str(recipe), out=str(out), workers=2, scan_area_samples=1, val_frac=0.25, test_frac=0.25,
+                       near_duplicate_bits=-1))  # scan1.png is a copy of a phantom frame on purpose
     rows = read_manifest(out)
     by_name = {Path(r["source"]).relative_to(extra).as_posix(): r for r in rows if r["dataset"] == "extra"}
     assert by_name["thyroid/scan1.png"]["status"] == "ok"
@@ -194,7 +197,8 @@ def test_recipe_with_bad_files_masks_and_two_datasets(phantom_dir, tmp_path):
     for cls in CLASSES - {"thyroid"}:  # 2 subjects in these classes: one goes to train, one to val
         assert sorted(r["split"] for r in rows if r["class"] == cls) == ["train", "val"], cls
     assert tree_hashes(extra) == before
-    assert run(Config(recipe=str(recipe), out=str(out), workers=2, scan_area_samples=0, val_frac=0.25, test_frac=0.25))["processed"] == 0
+    assert run(Config(recipe=str(recipe), out=str(out), workers=2, scan_area_samples=0, val_frac=0.25, test_frac=0.25,
+                      near_duplicate_bits=-1))["processed"] == 0
 
 
 def test_recipe_errors_are_clear(tmp_path):
@@ -412,7 +416,7 @@ def test_splits_are_made_from_the_images_subjects_gave(phantom_dir, tmp_path):
     recipe.write_text(json.dumps({"datasets": [{"name": "d", "adapter": "folder", "root": "data"}]}))
     out = tmp_path / "out"
     stats = run(Config(recipe=str(recipe), out=str(out), workers=2, video_stride=1, val_frac=0.25, test_frac=0.25,
-                       scan_area_samples=0, contact_sheet_images=4))
+                       scan_area_samples=0, contact_sheet_images=4, near_duplicate_bits=-1))  # the clip repeats one frame
     rows = read_manifest(out)
     assert stats["ok"] == 12 and stats["skipped"] == 3
     split_of = {Path(r["source"]).name: r["split"] for r in rows}
@@ -424,7 +428,7 @@ def test_splits_are_made_from_the_images_subjects_gave(phantom_dir, tmp_path):
     check_outputs(out, rows)
     assert not (out / ".incoming").exists()
     again = run(Config(recipe=str(recipe), out=str(out), workers=2, video_stride=1, val_frac=0.25, test_frac=0.25,
-                       scan_area_samples=0, contact_sheet_images=4))
+                       scan_area_samples=0, contact_sheet_images=4, near_duplicate_bits=-1))
     assert again["processed"] == 0 and read_manifest(out) == rows  # same weights, same splits: nothing moves
 
 

@@ -318,3 +318,46 @@ def test_every_corpus_file_is_processed_or_skipped_with_reason(tmp_path, phantom
     assert n_ok == {"phantom_rgb.png": 1, "phantom_palette.png": 1, "phantom_16bit.png": 1, "phantom_mono1.dcm": 1,
                     "phantom_rgb_cine.dcm": 2, "phantom_cine.nii.gz": 3, "phantom.avi": 3}
     assert len(list(out.rglob("*.png"))) == sum(n_ok.values())
+
+
+# ---------------------------------------------------------------- MetaImage (.mhd + .raw, CAMUS's 2019 release)
+
+def write_mhd(path: Path, dims: str, element: str, data: bytes, extra: str = "", data_file: str = "") -> None:
+    data_file = data_file or path.with_suffix(".raw").name
+    header = f"ObjectType = Image\nNDims = {len(dims.split())}\nDimSize = {dims}\nElementType = {element}\n{extra}"
+    if data_file == "LOCAL":
+        path.write_bytes(f"{header}ElementDataFile = LOCAL\r\n".encode() + data)
+    else:
+        path.write_text(f"{header}ElementDataFile = {data_file}\n")
+        (path.parent / data_file).write_bytes(data)
+
+
+def test_metaimage_frames_are_read_row_major_in_either_byte_order_and_compressed(tmp_path):
+    clip = (np.arange(3 * 40 * 50) % 251).astype(np.uint8).reshape(3, 40, 50)  # frames, rows, columns
+    write_mhd(tmp_path / "patient0001_2CH_sequence.mhd", "50 40 3", "MET_UCHAR", clip.tobytes())
+    frames = list(read_frames(tmp_path / "patient0001_2CH_sequence.mhd", video_stride=1))
+    assert [k for k, _ in frames] == ["z000", "z001", "z002"]
+    assert all((f == c).all() for (_, f), c in zip(frames, clip))
+    write_mhd(tmp_path / "one.mhd", "50 40 1", "MET_UCHAR", clip[1].tobytes())  # a trailing 1 is a 2D image
+    assert [(k, (f == clip[1]).all()) for k, f in read_frames(tmp_path / "one.mhd")] == [("", True)]
+    wide = np.tile(np.arange(50, dtype=np.uint16) * 1000, (40, 1))
+    write_mhd(tmp_path / "wide.mhd", "50 40", "MET_USHORT", zlib.compress(wide.astype(">u2").tobytes()),
+              "BinaryDataByteOrderMSB = True\nCompressedData = True\n", data_file="LOCAL")
+    (_, frame), = read_frames(tmp_path / "wide.mhd")
+    assert frame.shape == (40, 50) and (np.diff(frame[0].astype(int)) >= 0).all() and frame[0, 0] < frame[0, -1]
+
+
+def test_metaimage_refusals_name_the_problem(tmp_path):
+    image = tmp_path / "a.mhd"
+    write_mhd(image, "50 40", "MET_UCHAR", bytes(100))
+    assert refused(image) == "truncated MetaImage data: a.raw holds 100 bytes, DimSize 50 40 of MET_UCHAR needs 2000"
+    (tmp_path / "a.raw").unlink()
+    assert refused(image) == "MetaImage data file a.raw: file not found"
+    write_mhd(image, "50 40", "MET_LONG", bytes(2000))
+    assert refused(image).startswith("MetaImage ElementType 'MET_LONG' not supported (MET_UCHAR, ")
+    write_mhd(image, "50 40", "MET_UCHAR", bytes(2000), data_file="LIST")
+    assert refused(image) == "MetaImage ElementDataFile 'LIST': multi-file data not supported"
+    write_mhd(image, "50 40 3 2", "MET_UCHAR", bytes(12000))
+    assert refused(image).startswith("MetaImage of NDims 4, DimSize '50 40 3 2', 1 channels not supported")
+    image.write_text("NDims = 2\nDimSize = 50 40\n")
+    assert refused(image) == "not a MetaImage header (.mhd): no ElementDataFile line"

@@ -107,16 +107,17 @@ def test_hc18_refuses_overlay_corners_that_are_not_a_list_of_corners(tmp_path, c
                               f"bottom_left, bottom_right, got {corners!r}")
 
 
-def test_camus_subject_is_the_innermost_patient_folder_else_the_name_s_first_part(tmp_path):
+def test_camus_subject_is_the_innermost_patient_folder_else_the_name_s_patient_prefix(tmp_path):
     touch(tmp_path, "db/Patient0002/patient0001/a_4CH_ED.nii.gz", "db/patient0003/x/b.nii.gz",
-          "db/patientX/patient0004_2CH_ES.nii.gz", "c.nii.gz", "db/patient0003/x/b_gt.nii.gz")
+          "db/patientX/patient0004_2CH_ES.mhd", "c.nii.gz", "db/patient0003/x/b_gt.nii.gz")
     listing = camus(tmp_path, {})
     assert rel_rows(listing, tmp_path) == [
-        ("c.nii.gz", "c", None, "", ()),
         ("db/Patient0002/patient0001/a_4CH_ED.nii.gz", "patient0001", None, "", ()),
         ("db/patient0003/x/b.nii.gz", "patient0003", None, "", ()),
-        ("db/patientX/patient0004_2CH_ES.nii.gz", "patient0004", None, "", ())]
-    assert [p.name for p, _ in listing.ignored] == ["b_gt.nii.gz"]
+        ("db/patientX/patient0004_2CH_ES.mhd", "patient0004", None, "", ())]
+    assert [(p.name, r) for p, r in listing.ignored] == [
+        ("b_gt.nii.gz", MASK_REASON),
+        ("c.nii.gz", "neither in a patientNNNN folder nor named patientNNNN_...: CAMUS patient unknown")]
     touch(tmp_path, "PATIENT0005/x_2CH.nii.gz")
     assert Source(tmp_path / "PATIENT0005/x_2CH.nii.gz", "PATIENT0005") in camus(tmp_path, {}).sources
 
@@ -184,9 +185,10 @@ def test_label_table_refusals_name_the_option_or_the_table(tmp_path):
 
 
 def test_every_adapter_is_registered_under_its_recipe_name():
-    assert ADAPTERS == {"busi": ADAPTERS["busi"], "hc18": hc18, "camus": camus, "echonet": ADAPTERS["echonet"],
-                        "folder": folder, "csv": csv_labels}
-    assert ADAPTERS["busi"].__name__ == "busi" and ADAPTERS["echonet"].__name__ == "echonet"
+    assert list(ADAPTERS)[:6] == ["busi", "hc18", "camus", "echonet", "folder", "csv"]
+    assert ADAPTERS["hc18"] is hc18 and ADAPTERS["camus"] is camus and ADAPTERS["folder"] is folder
+    assert ADAPTERS["csv"] is csv_labels
+    assert all(adapter.__name__ == name for name, adapter in ADAPTERS.items() if name != "csv")
 
 
 def test_a_label_table_cell_is_read_as_written_line_breaks_included(tmp_path):

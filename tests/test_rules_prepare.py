@@ -227,12 +227,14 @@ def test_each_dataset_entry_is_checked_and_named_by_its_index(tmp_path):
     assert recipe_error(tmp_path, {"datasets": [good, {**good, "zeta": 1, "alpha": 2}]}) == (
         f"{where}: unknown keys ['alpha', 'zeta']")
     assert recipe_error(tmp_path, {"datasets": [good, {**good, "adapter": "dicom"}]}) == (
-        f"{where}: unknown adapter 'dicom'; known: busi, hc18, camus, echonet, folder, csv")
+        f"{where}: unknown adapter 'dicom'; known: busi, hc18, camus, echonet, folder, csv, bus_bra, "
+        "breast_lesions_usg, bus_uclm, bus_uc, buid, tn3k, tg3k, ddti, kidneyus, aul, abdomenus, ccaui, mmotu")
     for name in ("a b", "a/b", "", "é"):
         assert recipe_error(tmp_path, {"datasets": [good, {**good, "name": name}]}) == (
             f"{where}: name {name!r} must be letters, digits, _ or -")
-    assert recipe_error(tmp_path, {"datasets": [good, {**good, "name": "b", "root": "gone"}]}) == (
-        f"{where} (b): root {tmp_path / 'gone'} does not exist")
+    (tmp_path / "recipe.json").write_text(json.dumps({"datasets": [good, {**good, "name": "b", "root": "gone"}]}))
+    missing = load_recipe(Config(recipe=str(tmp_path / "recipe.json")))[1]  # reported and left out, not an error
+    assert missing.missing == f"root {tmp_path / 'gone'} does not exist"
     assert recipe_error(tmp_path, {"datasets": [good, {**good, "class": "breast"}]}) == (
         f"recipe {tmp_path / 'recipe.json'}: dataset names must be unique, got ['a', 'a']")
 
@@ -819,7 +821,8 @@ def test_the_summary_prints_counts_splits_the_commonest_reasons_and_geometry_agr
             + [row(status="ok", geometry="rect", geometry_expected="rect")]
             + [row(status="skipped", geometry="fan", geometry_expected="fan", reason="reason 0")])
     counts = {"train": {"liver": 2, "kidney": 5}, "val": {}, "test": {"kidney": 1}}
-    stats = {"files": 7, "processed": 3, "reused": 4, "ok": 6, "skipped": 2, "ignored": 1, "seconds": 12.345}
+    stats = {"files": 7, "processed": 3, "reused": 4, "ok": 6, "skipped": 2, "ignored": 1, "near_duplicates": 0,
+             "missing": [], "seconds": 12.345}
     prepare._print_summary(rows, counts, stats, tmp_path)
     assert capsys.readouterr().out.split("\n") == [
         "7 files: 3 processed, 4 unchanged since the last run; 6 images kept, 2 skipped, 1 set aside (masks, "
@@ -832,6 +835,13 @@ def test_the_summary_prints_counts_splits_the_commonest_reasons_and_geometry_agr
         ""]
     prepare._print_summary([row(status="ok", geometry="fan")], counts, stats, tmp_path)  # no labelled geometry
     assert "detected geometry" not in capsys.readouterr().out
+    twins = [row(status="skipped", reason="near-duplicate of a: x.png (another dataset, perceptual hashes 3 bits apart)"),
+             row(status="skipped", reason="near-duplicate of b: y.png (perceptual hashes 0 bits apart)")]
+    prepare._print_summary(twins, counts, {**stats, "near_duplicates": 2, "missing": ["ddti", "tg3k"]}, tmp_path)
+    printed = capsys.readouterr().out.split("\n")
+    assert "  near-duplicates dropped before splitting: 2 (1 of an image in another dataset); each row's reason names " \
+           "the image kept" in printed
+    assert "  datasets missing or without images (the run went on without them): ddti, tg3k" in printed
 
 
 # ---------------------------------------------------------------- the whole step, in process
@@ -843,6 +853,8 @@ def quick_run(tmp_path, monkeypatch):
     monkeypatch.setattr(prepare, "read_frames", lambda path, video_stride=10, max_frames=None: iter([("", FRAME)]))
     monkeypatch.setattr(prepare, "detect_scan_area", lambda frame, overlay_corners=(): area())
     monkeypatch.setattr(prepare, "bar_counts", lambda *args: None)
+    # every file gives the same FRAME: hashes of the names keep near-duplicate removal out of these tests
+    monkeypatch.setattr(prepare, "_hash_output", lambda path: int(hashlib.sha256(path.name.encode()).hexdigest(), 16))
     for rel in ("kidney/p1/a.png", "kidney/p1/b.png", "kidney/p2/c.png", "kidney/p3/d.png", "liver/p4/e.png",
                 "liver/p4/e_mask.png"):
         touch(tmp_path / "set" / rel, rel.encode())
@@ -868,7 +880,8 @@ def test_a_run_writes_sorted_rows_then_the_set_aside_ones_and_counts_them(quick_
     recipe, out, go = quick_run
     stats = go()
     assert {k: v for k, v in stats.items() if k != "seconds"} == {
-        "files": 5, "processed": 5, "reused": 0, "ok": 5, "skipped": 0, "ignored": 1}
+        "files": 5, "processed": 5, "reused": 0, "ok": 5, "skipped": 0, "ignored": 1, "near_duplicates": 0,
+        "missing": []}
     rows = manifest_rows(out)
     assert [Path(r["source"]).name for r in rows] == ["a.png", "b.png", "c.png", "d.png", "e.png", "e_mask.png"]
     assert [r["status"] for r in rows] == ["ok"] * 5 + ["skipped"]
@@ -1077,12 +1090,14 @@ def test_workers_zero_means_one_per_core_and_the_pool_draws_the_scan_area_figure
     assert stats["ok"] == 5 and contexts == ["fork"]
     cfg = log[0][3][1]
     assert log == [("Pool", 3, prepare._init_worker, (out, cfg)), ("imap", prepare._work),
-                   ("imap", prepare.scan_panel), ("apply_async", prepare.scan_area_figure, 2), ("figure", 2), ("get",),
+                   ("imap", prepare.scan_panel), ("imap", prepare._hash_output), ("apply_async", prepare.scan_area_figure, 2),
+                   ("figure", 2), ("get",),
                    ("close",), ("join",)]
     assert (cfg.out, cfg.workers, cfg.scan_area_samples) == (str(out), 0, 1)
     log.clear()
     go(workers=2, scan_area_samples=0)  # nothing to draw: no job for the pool
-    assert log == [("Pool", 2, prepare._init_worker, log[0][3]), ("imap", prepare._work), ("close",), ("join",)]
+    assert log == [("Pool", 2, prepare._init_worker, log[0][3]), ("imap", prepare._work), ("imap", prepare._hash_output),
+                   ("close",), ("join",)]
     log.clear()
     monkeypatch.setattr(prepare.os, "cpu_count", lambda: None)  # unknown: one process, no pool
     go(workers=0, scan_area_samples=1, seed=1)
@@ -1143,7 +1158,8 @@ def test_a_file_that_cannot_be_read_is_counted_as_skipped_and_weighs_nothing_in_
     monkeypatch.setattr(prepare, "read_frames", read_frames)
     stats = go()
     assert {k: v for k, v in stats.items() if k != "seconds"} == {
-        "files": 5, "processed": 5, "reused": 0, "ok": 4, "skipped": 1, "ignored": 1}
+        "files": 5, "processed": 5, "reused": 0, "ok": 4, "skipped": 1, "ignored": 1, "near_duplicates": 0,
+        "missing": []}
     assert "  skipped 1x: not an image\n" in capsys.readouterr().out
     rows = {Path(r["source"]).name: r for r in manifest_rows(out)}
     assert (rows["c.png"]["status"], rows["c.png"]["split"], rows["c.png"]["output"]) == ("skipped", "", "")
