@@ -1,11 +1,18 @@
-"""Atomic file writes and content checksums.
+"""Atomic file writes, guarded reads of side files, and content checksums.
 
 Every artifact is written to a temporary file in its destination folder, flushed to disk and renamed
 over the destination, so a crash mid-write leaves either the previous file or the new one, never half.
+
+Every side file (a JSON preset, recipe, config.json, metrics.json, history.json, classes.json, a CSV manifest, the
+header of an npz archive) is read through `read_json`, `read_csv_rows` or `load_npz`: regular files only (a FIFO, a
+folder or a device is refused from its stat, never opened for reading), at most MAX_SIDE_FILE_BYTES, JSON nested at
+most MAX_NESTING deep, and array sizes checked against the npz headers before anything is allocated. Each failure
+is a SideFileError naming the file.
 """
 from __future__ import annotations
 
 import contextlib
+import csv
 import hashlib
 import io
 import json
@@ -14,10 +21,135 @@ import re
 import stat
 import tempfile
 import time
+import zipfile
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator, Sequence
 
 import numpy as np
+
+
+MAX_SIDE_FILE_BYTES = 256 << 20  # a side file beyond this is not one of ours (the largest, a manifest, is a few MB)
+MAX_NESTING = 64  # JSON nesting: our files need 4 levels; Python's parser would crash past ~1000
+MAX_NAME_BYTES = 255  # a file name's limit on common file systems (ext4, APFS, NTFS)
+
+FILE_KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISCHR, "a device"),
+              (stat.S_ISBLK, "a device"), (stat.S_ISSOCK, "a socket"))
+
+
+class SideFileError(ValueError):
+    """A side file that is missing, not a regular file, too large, too deeply nested, not UTF-8 or not parseable."""
+
+
+def not_a_regular_file(path: str | Path) -> str | None:
+    """Why `path` cannot be read as a file, or None for a regular file (symlinks followed).
+
+    Checked before anything opens a file: opening a FIFO waits for a writer and /dev/zero never ends."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return "file not found"
+    except OSError as err:
+        return f"cannot read file: {err.strerror or err}"
+    if stat.S_ISREG(mode):
+        return None
+    kind = next((name for test, name in FILE_KINDS if test(mode)), "a special file")
+    return f"not a regular file: {kind}, not read"
+
+
+def read_side_bytes(path: str | Path, max_bytes: int = MAX_SIDE_FILE_BYTES) -> bytes:
+    """The bytes of a regular file of at most max_bytes; SideFileError otherwise. Opened non-blocking, so that a file
+    swapped for a FIFO after the check cannot hang the read either."""
+    problem = not_a_regular_file(path)
+    if problem:
+        raise SideFileError(f"{path}: {'does not exist' if problem == 'file not found' else problem}")
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        with os.fdopen(fd, "rb") as handle:
+            if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+                raise SideFileError(f"{path}: not a regular file, not read")
+            data = handle.read(max_bytes + 1)
+    except OSError as err:
+        raise SideFileError(f"{path}: cannot read ({err.strerror or err})") from None
+    if len(data) > max_bytes:
+        raise SideFileError(f"{path}: larger than {max_bytes} bytes; not a side file of this project")
+    return data
+
+
+def read_side_text(path: str | Path, max_bytes: int = MAX_SIDE_FILE_BYTES) -> str:
+    """read_side_bytes decoded as UTF-8 (a BOM is dropped); invalid bytes are a SideFileError naming their offset."""
+    data = read_side_bytes(path, max_bytes)
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise SideFileError(f"{path}: not UTF-8 text (byte {err.start}: {err.reason})") from None
+
+
+def _depth(value: Any, limit: int) -> int:
+    """Nesting depth of a parsed JSON value, counted no further than limit + 1."""
+    depth, level = 0, [value]
+    while level and depth <= limit:
+        depth += 1
+        level = [v for item in level if isinstance(item, (dict, list))
+                 for v in (item.values() if isinstance(item, dict) else item)]
+    return depth
+
+
+def read_json(path: str | Path, max_bytes: int = MAX_SIDE_FILE_BYTES, max_nesting: int = MAX_NESTING) -> Any:
+    """A JSON side file, guarded as read_side_bytes says, nested at most max_nesting deep."""
+    text = read_side_text(path, max_bytes)
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise SideFileError(f"{path}: not valid JSON: {err}") from None
+    except RecursionError:
+        raise SideFileError(f"{path}: JSON nested deeper than {max_nesting} levels") from None
+    if _depth(value, max_nesting) > max_nesting:
+        raise SideFileError(f"{path}: JSON nested deeper than {max_nesting} levels")
+    return value
+
+
+def read_csv_rows(path: str | Path, max_bytes: int = MAX_SIDE_FILE_BYTES) -> tuple[list[str], list[dict[str, str]]]:
+    """(columns, rows) of a CSV side file with a header line, guarded as read_side_bytes says."""
+    text = read_side_text(path, max_bytes)
+    try:
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        rows = list(reader)
+        return list(reader.fieldnames or []), rows
+    except csv.Error as err:
+        raise SideFileError(f"{path}: not a readable CSV file: {err}") from None
+
+
+def check_npz_sizes(path: str | Path) -> None:
+    """Refuse an npz archive whose array headers declare more bytes than the archive member holds (np.load would
+    allocate what the header says first: 10^12 elements is a MemoryError), or that is not a regular file."""
+    problem = not_a_regular_file(path)
+    if problem:
+        raise SideFileError(f"{path}: {'does not exist' if problem == 'file not found' else problem}")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for member in archive.infolist():
+                if not member.filename.endswith(".npy"):
+                    continue
+                with archive.open(member) as handle:
+                    version = np.lib.format.read_magic(handle)
+                    read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                                   else np.lib.format.read_array_header_2_0)
+                    shape, _, dtype = read_header(handle)
+                    header_bytes = handle.tell()
+                declared = int(np.prod(shape, dtype=object)) * dtype.itemsize
+                if declared > member.file_size - header_bytes:
+                    raise SideFileError(f"{path}: array {member.filename[:-4]!r} declares shape {shape} of {dtype} "
+                                        f"({declared} bytes) but holds {member.file_size - header_bytes} bytes")
+    except (zipfile.BadZipFile, ValueError, EOFError, OSError) as err:
+        if isinstance(err, SideFileError):
+            raise
+        raise SideFileError(f"{path}: not a readable npz archive: {err}") from None
+
+
+def load_npz(path: str | Path) -> Any:
+    """np.load of an npz archive without pickles, after check_npz_sizes."""
+    check_npz_sizes(path)
+    return np.load(path, allow_pickle=False)
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -44,7 +176,7 @@ def atomic_write(path: str | Path) -> Iterator[BinaryIO]:
     """Yield a binary file that replaces `path` only once the block finishes without error."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{_temp_stem(path.name)}.", suffix=".tmp", dir=path.parent)
     try:
         os.fchmod(fd, 0o666 & ~_current_umask())  # mkstemp makes 0600 files; give the mode open() would
         with os.fdopen(fd, "wb") as handle:
@@ -57,6 +189,12 @@ def atomic_write(path: str | Path) -> Iterator[BinaryIO]:
             os.unlink(tmp_name)
         raise
     _fsync_dir(path.parent)
+
+
+def _temp_stem(name: str) -> str:
+    """The name, cut (at a character boundary) so that "." + it + ".XXXXXXXX.tmp" stays within MAX_NAME_BYTES."""
+    room = MAX_NAME_BYTES - len(".") - len(".12345678.tmp")
+    return name.encode("utf-8")[:room].decode("utf-8", errors="ignore")
 
 
 # The names atomic_write gives its temp files: mkstemp's "." + name + "." + 8 random characters + ".tmp".
