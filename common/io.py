@@ -171,24 +171,71 @@ def _current_umask() -> int:
     return mask
 
 
+def os_error_line(err: OSError) -> str:
+    """One line for a failed read or write (read-only file system, disk full, ...): the file and the system's reason."""
+    return f"{err.filename}: {err.strerror or err}" if err.filename else str(err)
+
+
+@contextlib.contextmanager
+def _temp_beside(path: Path) -> Iterator[tuple[BinaryIO, str]]:
+    """A temp file in path's folder with the mode open() would give; removed if the block fails. A failure to write
+    it is an OSError whose filename is path (not the temp name)."""
+    tmp_name = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{_temp_stem(path.name)}.", suffix=".tmp", dir=path.parent)
+        os.fchmod(fd, 0o666 & ~_current_umask())  # mkstemp makes 0600 files; give the mode open() would
+        with os.fdopen(fd, "wb") as handle:
+            yield handle, tmp_name
+    except BaseException as err:
+        if tmp_name is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp_name)
+        if isinstance(err, OSError):
+            err.filename, err.filename2 = str(path), None
+        raise
+
+
+def _sync(handle: BinaryIO) -> None:
+    handle.flush()
+    os.fsync(handle.fileno())
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | Path) -> Iterator[BinaryIO]:
     """Yield a binary file that replaces `path` only once the block finishes without error."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{_temp_stem(path.name)}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o666 & ~_current_umask())  # mkstemp makes 0600 files; give the mode open() would
-        with os.fdopen(fd, "wb") as handle:
-            yield handle
-            handle.flush()
-            os.fsync(handle.fileno())
+    with _temp_beside(path) as (handle, tmp_name):
+        yield handle
+        _sync(handle)
         os.replace(tmp_name, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp_name)
-        raise
     _fsync_dir(path.parent)
+
+
+@contextlib.contextmanager
+def atomic_write_group() -> Iterator[Any]:
+    """Files that belong together (best.pth and last.pth): `open_file(path)` inside the block gives a binary file
+    per destination. Only when every one is written and on disk are they renamed into place, in the order opened;
+    a failed write (disk full) leaves every destination as it was."""
+    with contextlib.ExitStack() as stack:
+        opened: list[tuple[Path, BinaryIO, str]] = []
+
+        def open_file(path: str | Path) -> BinaryIO:
+            handle, tmp_name = stack.enter_context(_temp_beside(Path(path)))
+            opened.append((Path(path), handle, tmp_name))
+            return handle
+
+        yield open_file
+        for path, handle, _ in opened:
+            try:
+                _sync(handle)
+            except OSError as err:
+                err.filename = str(path)
+                raise
+        for path, _, tmp_name in opened:
+            os.replace(tmp_name, path)
+    for folder in {path.parent for path, _, _ in opened}:
+        _fsync_dir(folder)
 
 
 def _temp_stem(name: str) -> str:
@@ -250,6 +297,15 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
 
     with atomic_write(path) as handle:
         torch.save(obj, handle)
+
+
+def atomic_torch_save_all(saves: dict[Path, Any]) -> None:
+    """torch.save of checkpoints that belong together (path -> object), through atomic_write_group: all or none."""
+    import torch
+
+    with atomic_write_group() as open_file:
+        for path, obj in saves.items():
+            torch.save(obj, open_file(path))
 
 
 def atomic_save_npz(path: str | Path, compressed: bool = False, **arrays: np.ndarray) -> None:

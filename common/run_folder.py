@@ -7,7 +7,7 @@ Every script wraps its work in `own_output_folder(folder, step, inputs)`:
 - a folder that is, contains or lies inside one of the step's inputs is refused, naming both (a step that writes one
   file among others', `shared`, only checks that its folder is not and does not lie inside an input);
 - an unmarked folder that already holds files is refused unless they are this step's own (written before markers
-  existed: a config.json with exactly this step's constants, or only the file names the step writes), since
+  existed: a config.json with this step's constants, or only the file names the step writes), since
   writing there would replace someone else's files;
 - a lock file, .lock {"pid", "host", "step"}, is held while the block runs: a second run on the folder is refused;
   a lock whose process is dead (same host) is stale and taken over.
@@ -70,7 +70,7 @@ def read_marker(folder: str | Path) -> dict[str, Any] | None:
 
 def _is_own_unmarked(folder: Path, config_keys: Iterable[str], own_files: Iterable[str]) -> bool:
     """Whether an unmarked folder holds only this step's files: nothing (hidden files aside), only the names it
-    writes, or a config.json of exactly this step's constants."""
+    writes, or a config.json of this step's constants."""
     entries = {p.name for p in folder.iterdir() if not p.name.startswith(".")} if folder.is_dir() else set()
     if entries <= set(own_files):
         return True
@@ -78,7 +78,8 @@ def _is_own_unmarked(folder: Path, config_keys: Iterable[str], own_files: Iterab
         config = read_json(folder / "config.json")
     except SideFileError:
         return False
-    return isinstance(config, dict) and set(config) == set(config_keys)
+    keys = set(config_keys)  # an older version of the step wrote fewer constants, none of another step's
+    return isinstance(config, dict) and set(config) <= keys and 2 * len(config) >= len(keys)
 
 
 def claim_output_folder(folder: str | Path, step: str, inputs: Iterable[str | Path] = (), name: str = "",
