@@ -119,30 +119,39 @@ def read_csv_rows(path: str | Path, max_bytes: int = MAX_SIDE_FILE_BYTES) -> tup
         raise SideFileError(f"{path}: not a readable CSV file: {err}") from None
 
 
+def _check_npy_header(handle: BinaryIO, size: int, path: str | Path, name: str) -> None:
+    """Refuse an .npy stream of `size` bytes whose header declares more data than it holds."""
+    version = np.lib.format.read_magic(handle)
+    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, _, dtype = read_header(handle)
+    declared, held = int(np.prod(shape, dtype=object)) * dtype.itemsize, size - handle.tell()
+    if declared > held:
+        raise SideFileError(f"{path}: array {name!r} declares shape {shape} of {dtype} ({declared} bytes) but holds "
+                            f"{held} bytes")
+
+
 def check_npz_sizes(path: str | Path) -> None:
-    """Refuse an npz archive whose array headers declare more bytes than the archive member holds (np.load would
-    allocate what the header says first: 10^12 elements is a MemoryError), or that is not a regular file."""
+    """Refuse an npz archive (or .npy file) whose array headers declare more bytes than the file holds (np.load would
+    allocate what the header says first: 10^12 elements is a MemoryError), or that is not a regular file. Other
+    damage is left for np.load to report."""
     problem = not_a_regular_file(path)
     if problem:
         raise SideFileError(f"{path}: {'does not exist' if problem == 'file not found' else problem}")
     try:
-        with zipfile.ZipFile(path) as archive:
-            for member in archive.infolist():
-                if not member.filename.endswith(".npy"):
-                    continue
-                with archive.open(member) as handle:
-                    version = np.lib.format.read_magic(handle)
-                    read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                                   else np.lib.format.read_array_header_2_0)
-                    shape, _, dtype = read_header(handle)
-                    header_bytes = handle.tell()
-                declared = int(np.prod(shape, dtype=object)) * dtype.itemsize
-                if declared > member.file_size - header_bytes:
-                    raise SideFileError(f"{path}: array {member.filename[:-4]!r} declares shape {shape} of {dtype} "
-                                        f"({declared} bytes) but holds {member.file_size - header_bytes} bytes")
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                for member in archive.infolist():
+                    if member.filename.endswith(".npy"):
+                        with archive.open(member) as handle:
+                            _check_npy_header(handle, member.file_size, path, member.filename[:-4])
+        else:
+            with open(path, "rb") as handle:
+                if handle.read(6) == b"\x93NUMPY":
+                    handle.seek(0)
+                    _check_npy_header(handle, os.fstat(handle.fileno()).st_size, path, Path(path).stem)
+    except SideFileError:
+        raise
     except (zipfile.BadZipFile, ValueError, EOFError, OSError) as err:
-        if isinstance(err, SideFileError):
-            raise
         raise SideFileError(f"{path}: not a readable npz archive: {err}") from None
 
 
