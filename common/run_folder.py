@@ -174,6 +174,8 @@ def own_output_folder(folder: str | Path, step: str, inputs: Iterable[str | Path
     if not active:
         yield None
         return
+    if Path(folder).exists() and not Path(folder).is_dir():
+        raise RunFolderError(f"output folder {folder}: exists and is not a folder")
     Path(folder).mkdir(parents=True, exist_ok=True)
     marker = claim_output_folder(folder, step, inputs, **claim)
     lock = acquire_lock(folder, step)
