@@ -101,7 +101,8 @@ def walk_images(root: Path) -> Listing:
         dirs[:] = keep
         for name in sorted(files):
             path = Path(folder) / name
-            if not is_supported(path):
+            if not is_supported(path):  # still a manifest row: every file the step saw is accounted for
+                listing.ignored.append((path, f"not an image format read here ({file_suffix(path) or 'no suffix'})"))
                 continue
             reason = label_file_reason(path, root)
             if reason:
