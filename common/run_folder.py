@@ -104,7 +104,10 @@ def claim_output_folder(folder: str | Path, step: str, inputs: Iterable[str | Pa
         raise RunFolderError(f"output folder {folder} already holds files that {step} did not write (no {MARKER}); "
                              "writing here could replace them: choose a new or empty folder")
     marker = {"step": step, "run": uuid.uuid4().hex, "name": name}
-    atomic_write_json(folder / MARKER, marker)
+    try:
+        atomic_write_json(folder / MARKER, marker)
+    except OSError as err:
+        raise RunFolderError(f"cannot write in {folder} ({err.strerror or err})") from None
     return marker
 
 
@@ -169,14 +172,13 @@ def release_lock(lock: Path) -> None:
 @contextlib.contextmanager
 def own_output_folder(folder: str | Path, step: str, inputs: Iterable[str | Path] = (), *, active: bool = True,
                       **claim: Any) -> Iterator[dict | None]:
-    """claim_output_folder (made if missing) and hold its lock for the block; active=False (the other processes of
+    """claim_output_folder (made, once checked, if missing) and hold its lock for the block; active=False (the other processes of
     a torchrun, which write nothing) does neither. Yields the marker."""
     if not active:
         yield None
         return
     if Path(folder).exists() and not Path(folder).is_dir():
         raise RunFolderError(f"output folder {folder}: exists and is not a folder")
-    Path(folder).mkdir(parents=True, exist_ok=True)
     marker = claim_output_folder(folder, step, inputs, **claim)
     lock = acquire_lock(folder, step)
     try:

@@ -40,7 +40,7 @@ import numpy as np  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from common.config import (SEED, ConfigError, at_least, between, check_constants, check_output_folder, config_dict,  # noqa: E402
+from common.config import (SEED, ConfigError, at_least, between, check_constants, config_dict,  # noqa: E402
                            one_of, parse_config, save_config)
 from common.io import (SideFileError, atomic_write_bytes, atomic_write_text, file_sha256, os_error_line,  # noqa: E402
                        read_csv_rows, read_json, remove_stale_temp_files)
@@ -495,7 +495,7 @@ def run(cfg: Config) -> dict:
     check_config(cfg)
     specs = load_recipe(cfg)
     out = Path(cfg.out)
-    check_output_folder("out", out)
+    # Claimed first: a folder inside a dataset root is refused before it is made.
     with own_output_folder(out, "prepare.py", [cfg.recipe, *(spec.root for spec in specs)], config_keys=vars(cfg)):
         return process(cfg, specs, out, start)
 
