@@ -94,6 +94,8 @@ def _convert(name: str, text: Any, tp: Any) -> Any:
             value = tp(text)
         except (TypeError, ValueError):
             raise ConfigError(f"--{name}: expected {tp.__name__}, got {text!r}") from None
+        if tp is str and "\0" in value:  # no file name holds one; os calls would raise ValueError
+            raise ConfigError(f"--{name}: must not contain a NUL character")
         if tp is float and not math.isfinite(value):
             raise ConfigError(f"--{name}: expected a finite number, got {text!r}")
         if tp is int and not -MAX_INT <= value <= MAX_INT:

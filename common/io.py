@@ -200,8 +200,8 @@ def _temp_beside(path: Path) -> Iterator[tuple[BinaryIO, str]]:
         if tmp_name is not None:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp_name)
-        if isinstance(err, OSError):
-            err.filename, err.filename2 = str(path), None
+        if isinstance(err, OSError) and (err.filename is None or str(err.filename).endswith(".tmp")):
+            err.filename, err.filename2 = str(path), None  # the file meant, not its temp name
         raise
 
 
