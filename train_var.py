@@ -624,7 +624,7 @@ def main(argv: list[str] | None = None) -> None:
     if cfg.cpu_threads > 0:
         torch.set_num_threads(cfg.cpu_threads)
     dist = setup_distributed(pick_device(cfg.device))
-    inputs = [cfg.tokens, cfg.vqvae, cfg.data_dir, cfg.init_upstream, cfg.resume]
+    inputs = [cfg.tokens, cfg.vqvae, cfg.data_dir, cfg.init_upstream]
     try:
         with own_output_folder(cfg.out_dir, "train_var.py", inputs, active=dist.is_main, config_keys=vars(cfg)):
             train(cfg, dist)

@@ -464,7 +464,7 @@ def main(argv: list[str] | None = None) -> None:
     if cfg.cpu_threads > 0:
         torch.set_num_threads(cfg.cpu_threads)
     dist = setup_distributed(pick_device(cfg.device))
-    inputs = [cfg.data_dir, cfg.init_from_upstream, cfg.inception_weights, cfg.resume]
+    inputs = [cfg.data_dir, cfg.init_from_upstream, cfg.inception_weights]
     try:
         with own_output_folder(cfg.out_dir, "train_vqvae.py", inputs, active=dist.is_main, config_keys=vars(cfg)):
             train(cfg, dist)

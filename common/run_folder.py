@@ -42,7 +42,7 @@ def _inside(path: Path, folder: Path) -> bool:
 
 def _check_inputs(folder: Path, inputs: Iterable[str | Path], shared: bool) -> None:
     for given in inputs:
-        if not given or str(given).lower() in ("none", "auto"):
+        if not given:  # an optional input not given
             continue
         source = Path(given).resolve()
         if _inside(folder, source):
