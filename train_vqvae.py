@@ -115,10 +115,14 @@ class Config:
     allow_changed_run: bool = False  # resume although a setting that defines the run (RUN_KEYS) changed
 
 
+# Token maps are stored as int16 (tokenize_multiscale_maps.py): a larger codebook's indices would wrap.
+VOCAB_RANGE = between(2, 2**15)
+
+
 def validate(cfg: Config) -> None:
     """Every constant in its allowed range, and out_dir writable, before any input is read or output written."""
     check_constants(cfg, {
-        "image_size": at_least(1), "in_channels": one_of(1, 3), "vocab_size": at_least(2), "z_channels": at_least(1),
+        "image_size": at_least(1), "in_channels": one_of(1, 3), "vocab_size": VOCAB_RANGE, "z_channels": at_least(1),
         "ch": Rule(lambda v: v >= 32 and v % 32 == 0, "a positive multiple of 32 (GroupNorm with 32 groups)"),
         "ch_mult": each(at_least(1)), "num_res_blocks": at_least(1), "dropout": between(0, 1, high_open=True),
         "beta": at_least(0), "loss_reduction": one_of("mean", "sum"), "perceptual_weight": at_least(0),
