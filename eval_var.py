@@ -132,14 +132,14 @@ def load_sweep(folder: Path) -> Sweep:
 
 
 def output_folder(config: Config) -> Path:
-    """out, or <samples>/eval when empty."""
+    """out, or <samples>/eval when empty (as resolve fills it)."""
     return Path(config.out or Path(config.samples) / "eval")
 
 
 def resolve(config: Config, sweep: Sweep) -> Config:
     """Fill data_dir, tokens and vqvae from what sample_var.py used."""
     filled = {k: sweep.config.get(k, "") for k in ("data_dir", "tokens", "vqvae") if not getattr(config, k)}
-    return replace(config, **filled, out=str(output_folder(config)))
+    return replace(config, **filled, out=config.out or str(sweep.folder / "eval"))
 
 
 def at_model_size(tokens: TokenSet, rows: np.ndarray, data_dir: Path, size: int, dest: Path) -> list[Path]:

@@ -82,16 +82,20 @@ def read_json(path: Path) -> Any:
         raise ReportError(f"{err}; re-run the step that writes it") from None
 
 
-def read_csv(path: Path, required: tuple[str, ...]) -> tuple[list[str], list[dict[str, str]]]:
-    """(columns, rows) of a step's CSV, which must have the required columns."""
+def read_table(path: Path) -> tuple[list[str], list[dict[str, str]]]:
+    """(columns, rows) of a step's CSV."""
     try:
-        columns, rows = read_csv_rows(path)
+        return read_csv_rows(path)
     except SideFileError as err:
         raise ReportError(f"{err}; re-run the step that writes it") from None
+
+
+def read_csv(path: Path, required: tuple[str, ...]) -> list[dict[str, str]]:
+    columns, rows = read_table(path)
     absent = [c for c in required if c not in columns]
     if absent:
         raise ReportError(f"{path}: has no column {', '.join(absent)}; re-run the step that writes it")
-    return columns, rows
+    return rows
 
 
 def epoch_files(folder: Path, pattern: str) -> list[tuple[int, Path]]:
@@ -263,7 +267,7 @@ def data_section(page: Page, folder: Path) -> list[str]:
     if not manifest.is_file():
         page.note_missing("prepare", manifest, " (run data_preprocessing/prepare.py)")
         return []
-    _, rows = read_csv(manifest, ("class", "split", "status", "reason"))
+    rows = read_csv(manifest, ("class", "split", "status", "reason"))
     kept = Counter((r["class"], r["split"]) for r in rows if r["status"] == "ok")
     classes = sorted({c for c, _ in kept})
     body = [[c] + [str(kept[c, s]) for s in SPLITS] + [str(sum(kept[c, s] for s in SPLITS))] for c in classes]
@@ -409,7 +413,7 @@ def sweep_section(page: Page, folder: Path, scales: list[str]) -> list[str]:
     if not manifest.is_file():
         page.note_missing("sample_var", manifest, " (run sample_var.py)")
         return []
-    _, rows = read_csv(manifest, ("point", "class"))
+    rows = read_csv(manifest, ("point", "class"))
     points = sorted({r["point"] for r in rows}, key=point_order)
     per_point = Counter(r["point"] for r in rows)
     page.add(table(["sweep point", "images", "what it is"],
@@ -450,11 +454,11 @@ def metric_scales(path: Path) -> list[str]:
     """The token-map sides of metrics.csv's usage_<side> columns (none when it does not exist)."""
     if not path.is_file():
         return []
-    return [c.removeprefix("usage_") for c in read_csv(path, ())[0] if c.startswith("usage_")]
+    return [c.removeprefix("usage_") for c in read_table(path)[0] if c.startswith("usage_")]
 
 
 def metrics_tables(page: Page, path: Path, scales: list[str]) -> None:
-    _, rows = read_csv(path, ("point", "class", "kid_std", *METRICS))
+    rows = read_csv(path, ("point", "class", "kid_std", *METRICS))
     columns = [c for c in METRICS if any(r[c] for r in rows)]
     empty = [METRICS[c].heading for c in METRICS if c not in columns]
     by_point: dict[str, list[dict[str, str]]] = defaultdict(list)

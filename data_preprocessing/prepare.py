@@ -169,13 +169,13 @@ def load_recipe(cfg: Config) -> list[DatasetSpec]:
         recipe = read_json(recipe_path)
     except SideFileError as err:
         raise RecipeError(f"recipe {err}") from None
-    if isinstance(recipe, dict) and set(recipe) - {"datasets"}:
-        raise RecipeError(f"recipe {recipe_path}: unknown keys {sorted(set(recipe) - {'datasets'})} (a recipe holds "
-                          "only \"datasets\")")
     entries = recipe.get("datasets") if isinstance(recipe, dict) else None
     if not isinstance(entries, list) or not entries:
         raise RecipeError(f"recipe {recipe_path}: field 'datasets' must be a non-empty list: "
                           f"{{\"datasets\": [{{name, adapter, root, class, options}}, ...]}}")
+    if set(recipe) - {"datasets"}:
+        raise RecipeError(f"recipe {recipe_path}: unknown keys {sorted(set(recipe) - {'datasets'})} (a recipe holds "
+                          "only \"datasets\")")
     specs = []
     for i, entry in enumerate(entries):
         where = f"recipe {recipe_path}, dataset #{i}"

@@ -94,7 +94,7 @@ def test_guidance_sweep_points_are_distinct_once_named(values: list[float]) -> N
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--coarse_ks=1,1"], "--coarse_ks=(1, 1): must be distinct values"),
+    (["--coarse_ks=1,1"], "--coarse_ks=(1, 1): must be distinct values (also once rounded for names)"),
     (["--cfg=1,1.0000001"], "--cfg=(1.0, 1.0000001): must be distinct values"),
     (["--cfg=inf"], "--cfg: expected a finite number, got 'inf'"),
     (["--seed=4294967296"], "--seed=4294967296: must be in [0, 4294967295]"),

@@ -418,7 +418,7 @@ def test_a_broken_or_mismatched_sweep_is_refused_by_name(world, tmp_path, monkey
                               f"{folder / 'samples_manifest.csv'})")
     folder = copy_sweep(world, tmp_path / "2")
     (folder / "config.json").write_text("{")
-    with pytest.raises(eval_var.EvalVarError, match=r"sweep: unreadable sample_var.py output: Expecting"):
+    with pytest.raises(eval_var.EvalVarError, match=r"sweep: unreadable sample_var.py output: .*config.json: not valid JSON: Expecting"):
         eval_var.load_sweep(folder)
     folder = copy_sweep(world, tmp_path / "3")
     with np.load(folder / "samples_tokens.npz") as data:

@@ -69,7 +69,7 @@ def test_the_counts_of_a_mode_that_is_off_are_not_checked():
 def test_nothing_to_sample_and_repeated_guidance_values_are_refused():
     assert refusal(nop=False, tp=False) == "--tp=False: must be true when --nop=false (nothing would be sampled)"
     assert refusal(nop=False) is None and refusal(tp=False) is None
-    assert refusal(cfg=(1.0, 2.0, 1.0)) == "--cfg=(1.0, 2.0, 1.0): must be distinct values"
+    assert refusal(cfg=(1.0, 2.0, 1.0)) == "--cfg=(1.0, 2.0, 1.0): must be distinct values (also once rounded for names)"
     assert refusal(cfg=(1.0, 2.0)) is None
 
 

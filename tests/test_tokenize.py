@@ -275,7 +275,7 @@ def test_stale_temp_files_of_a_killed_tokenization_are_removed(trained: tuple[Pa
     (tmp_path / ".t.npz.a1b2c3d4.tmp").write_bytes(b"half an npz")
     os.utime(tmp_path / ".t.npz.a1b2c3d4.tmp", (time.time() - 3600,) * 2)  # killed an hour ago
     call(tokenize_multiscale_maps.main, dict(data_dir=data, vqvae=vq / "best.pth", out=out, num_workers=0, device="cpu"))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["classes.json", "t.npz"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".owner.json", "classes.json", "t.npz"]
 
 
 def test_augmented_copies_decode_to_images_of_the_right_class_and_size(trained: tuple[Path, Path], tokens: Path) -> None:
