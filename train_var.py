@@ -626,7 +626,8 @@ def main(argv: list[str] | None = None) -> None:
     dist = setup_distributed(pick_device(cfg.device))
     inputs = [cfg.tokens, cfg.vqvae, cfg.data_dir, cfg.init_upstream]
     try:
-        with own_output_folder(cfg.out_dir, "train_var.py", inputs, active=dist.is_main, config_keys=vars(cfg)):
+        with own_output_folder(cfg.out_dir, "train_var.py", inputs, active=dist.is_main, config_keys=vars(cfg),
+                               own_files=("last.pth",)):  # a folder holding only a last.pth to resume is this step's
             train(cfg, dist)
     except (TrainVarError, TokenFileError, CheckpointError, NonFiniteLossError, DeviceError, RunFolderError,
             SideFileError, OSError) as err:

@@ -470,7 +470,8 @@ def main(argv: list[str] | None = None) -> None:
     dist = setup_distributed(pick_device(cfg.device))
     inputs = [cfg.data_dir, cfg.init_from_upstream, cfg.inception_weights]
     try:
-        with own_output_folder(cfg.out_dir, "train_vqvae.py", inputs, active=dist.is_main, config_keys=vars(cfg)):
+        with own_output_folder(cfg.out_dir, "train_vqvae.py", inputs, active=dist.is_main, config_keys=vars(cfg),
+                               own_files=("last.pth",)):  # a folder holding only a last.pth to resume is this step's
             train(cfg, dist)
     except (NonFiniteLossError, CheckpointError, ImageDataError, ValueError, RunFolderError) as err:
         raise SystemExit(f"error: {worker_error_line(err)}") from None
