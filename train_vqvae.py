@@ -14,7 +14,6 @@ KID of its reconstructions against the real test images.
 from __future__ import annotations
 
 import importlib.util
-import json
 import math
 import time
 from dataclasses import dataclass
