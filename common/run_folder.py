@@ -40,7 +40,10 @@ def _inside(path: Path, folder: Path) -> bool:
     return path == folder or folder in path.parents
 
 
-def _check_inputs(folder: Path, inputs: Iterable[str | Path], shared: bool) -> None:
+def check_not_an_input(folder: str | Path, inputs: Iterable[str | Path], shared: bool = False) -> None:
+    """Refuse an output folder that is, lies inside or (unless shared) contains one of the inputs, naming both; done
+    by claim_output_folder, and by a step on its own before anything makes the folder."""
+    folder = Path(folder).resolve()
     for given in inputs:
         if not given:  # an optional input not given
             continue
@@ -90,7 +93,7 @@ def claim_output_folder(folder: str | Path, step: str, inputs: Iterable[str | Pa
     the step's constants (its config.json); own_files: the names it writes; shared: the step writes one file into a
     folder that may hold others' (report.py)."""
     folder = Path(folder).resolve()
-    _check_inputs(folder, inputs, shared)
+    check_not_an_input(folder, inputs, shared)
     marker = read_marker(folder)
     if marker is not None:
         if marker["step"] != step:

@@ -40,13 +40,13 @@ import numpy as np  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from common.config import (SEED, ConfigError, at_least, between, check_constants, config_dict,  # noqa: E402
+from common.config import (SEED, ConfigError, at_least, between, check_constants, check_output_folder, config_dict,  # noqa: E402
                            one_of, parse_config, save_config)
 from common.io import (SideFileError, atomic_write_bytes, atomic_write_text, file_sha256, os_error_line,  # noqa: E402
                        read_csv_rows, read_json, remove_stale_temp_files)
 from common.plotting import bar_counts, image_grid, save_figure, save_image  # noqa: E402
 from common.progress import progress  # noqa: E402
-from common.run_folder import RunFolderError, own_output_folder  # noqa: E402
+from common.run_folder import RunFolderError, check_not_an_input, own_output_folder  # noqa: E402
 from data_preprocessing.adapters import ADAPTERS, RecipeError, Source, stem  # noqa: E402
 from data_preprocessing.readers import UnreadableFileError, not_a_regular_file, read_frames  # noqa: E402
 from data_preprocessing.scan_area import ScanArea, ScanAreaError, detect_scan_area, to_model_image  # noqa: E402
@@ -504,8 +504,10 @@ def run(cfg: Config) -> dict:
     check_config(cfg)
     specs = load_recipe(cfg)
     out = Path(cfg.out)
-    # Claimed first: a folder inside a dataset root is refused before it is made.
-    with own_output_folder(out, "prepare.py", [cfg.recipe, *(spec.root for spec in specs)], config_keys=vars(cfg)):
+    inputs = [cfg.recipe, *(spec.root for spec in specs)]
+    check_not_an_input(out, inputs)  # before check_output_folder makes it: never a folder inside a dataset root
+    check_output_folder("out", out)
+    with own_output_folder(out, "prepare.py", inputs, config_keys=vars(cfg)):
         return process(cfg, specs, out, start)
 
 
