@@ -8,7 +8,9 @@ import json
 import os
 import re
 import signal
+import struct
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -102,8 +104,13 @@ def test_processed_images_that_are_fifos_or_bombs_are_refused(tmp_path: Path) ->
     os.mkfifo(tmp_path / "x.png")
     with pytest.raises(ImageDataError, match=r"x.png: cannot read the image: not a regular file: a named pipe"):
         read_image(tmp_path / "x.png", 16)
-    # a real PNG header declaring 20000 x 20000 pixels, with almost no data behind it
-    Image.new("L", (20000, 20000)).save(tmp_path / "bomb.png", optimize=False)
+    # a 1 x 1 PNG whose header is made to declare 20000 x 20000 pixels (with its checksum redone)
+    buffer = io.BytesIO()
+    Image.new("L", (1, 1)).save(buffer, format="png")
+    png = bytearray(buffer.getvalue())
+    png[16:24] = struct.pack(">II", 20000, 20000)
+    png[29:33] = struct.pack(">I", zlib.crc32(bytes(png[12:29])))
+    (tmp_path / "bomb.png").write_bytes(bytes(png))
     with pytest.raises(ImageDataError, match=r"bomb.png: .*(20000x20000 pixels|decompression bomb)"):
         read_image(tmp_path / "bomb.png", 16)
 
