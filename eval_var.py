@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 import sys
 from dataclasses import dataclass, replace
@@ -37,14 +36,16 @@ import numpy as np
 import torch
 
 from common.checkpoint import CheckpointError
-from common.config import (DEVICE, at_least, check_constants, config_dict, one_of, preset_hint, save_config,
-                           script_config)
+from common.config import (DEVICE, SEED, ConfigError, at_least, check_constants, check_output_folder, config_dict,
+                           one_of, preset_hint, save_config, script_config)
 from common.fidelity import (FidelityError, extract_features, fid_from_features, kid_from_features, kid_subset_size,
                              load_feature_extractor)
 from common.image_data import SPLITS, ImageDataError, read_image
-from common.io import atomic_save_npz, atomic_write_json, atomic_write_text, file_sha256, files_fingerprint
+from common.io import (SideFileError, atomic_save_npz, atomic_write_json, atomic_write_text, file_sha256,
+                       files_fingerprint, load_npz, os_error_line, read_csv_rows, read_json)
 from common.plotting import save_figure, save_image, save_labelled_grid
 from common.progress import progress
+from common.run_folder import RunFolderError, own_output_folder
 from common.runtime import pick_device, strict_fp32
 from common.sample_metrics import (copy_fraction, diversity, matched_subsample, msssim_levels, nearest_neighbours,
                                    teacher_similarity, token_usage_entropy)
@@ -87,9 +88,13 @@ def validate(config: Config) -> None:
     check_constants(config, {
         "ref_split": one_of(*SPLITS), "kid_subsets": at_least(1), "kid_subset_size": at_least(2),
         "fid_min_images": at_least(2), "max_pairs": at_least(1), "closest_pairs": at_least(1),
-        "batch_size": at_least(1), "seed": at_least(0), "device": DEVICE, "cpu_threads": at_least(0),
+        "batch_size": at_least(1), "seed": SEED, "device": DEVICE, "cpu_threads": at_least(0),
         "decode": one_of(*DECODE_MODES),
     })
+    if config.cache:  # checked now: the cache is written only after the whole run
+        if Path(config.cache).is_dir():
+            raise ConfigError(f"--cache={config.cache}: is a folder; give the cache file's path (an .npz)")
+        check_output_folder("cache", Path(config.cache).parent)
 
 
 @dataclass
@@ -114,17 +119,23 @@ def load_sweep(folder: Path) -> Sweep:
         raise EvalVarError(f"{folder}: not a finished sample_var.py folder (missing {', '.join(missing)})"
                            f"{preset_hint(files['samples_manifest.csv'])}")
     try:
-        config = json.loads(files["config.json"].read_text())
-        with open(files["samples_manifest.csv"], newline="") as handle:
-            rows = list(csv.DictReader(handle))
-        with np.load(files["samples_tokens.npz"], allow_pickle=False) as data:
+        config = read_json(files["config.json"])
+        rows = read_csv_rows(files["samples_manifest.csv"])[1]
+        with load_npz(files["samples_tokens.npz"]) as data:
             idx, paths = data["idx"].astype(np.int64), data["image_path"].tolist()
             vqvae_sha, classes = str(data["vqvae_sha256"]), data["classes"].tolist()
-    except (OSError, ValueError, KeyError, json.JSONDecodeError) as err:
+    except (OSError, ValueError, KeyError) as err:  # SideFileError is a ValueError
         raise EvalVarError(f"{folder}: unreadable sample_var.py output: {err}") from None
+    if not isinstance(config, dict):
+        raise EvalVarError(f"{files['config.json']}: not a JSON object of sample_var.py's constants")
     if paths != [r["path"] for r in rows]:
         raise EvalVarError(f"{folder}: samples_manifest.csv and samples_tokens.npz list different images; re-run sample_var.py")
     return Sweep(folder, rows, idx, config, vqvae_sha, classes)
+
+
+def output_folder(config: Config) -> Path:
+    """out, or <samples>/eval when empty (as resolve fills it)."""
+    return Path(config.out or Path(config.samples) / "eval")
 
 
 def resolve(config: Config, sweep: Sweep) -> Config:
@@ -172,8 +183,8 @@ def evaluated_already(out: Path, made_from: dict[str, Any]) -> bool:
     if not all((out / name).is_file() for name in OUTPUTS):
         return False
     try:
-        return json.loads((out / "metrics.json").read_text())["info"].get("made_from") == made_from
-    except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+        return read_json(out / "metrics.json")["info"].get("made_from") == made_from
+    except (SideFileError, KeyError, TypeError, AttributeError):
         return False
 
 
@@ -547,10 +558,16 @@ def main(argv: list[str] | None = None) -> None:
     config = script_config(Config, argv, validate)
     if config.cpu_threads > 0:
         torch.set_num_threads(config.cpu_threads)
+    samples = Path(config.samples)
+    inputs = [samples / "config.json", samples / "samples_manifest.csv", samples / "samples_tokens.npz",
+              config.data_dir, config.tokens, config.vqvae, config.inception_weights]
     try:
-        evaluate(config)
-    except (EvalVarError, FidelityError, TokenFileError, CheckpointError, ImageDataError) as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
+        load_sweep(samples)  # first: a wrong --samples makes no output folder
+        with own_output_folder(output_folder(config), "eval_var.py", inputs, config_keys=vars(config)):
+            evaluate(config)
+    except (EvalVarError, FidelityError, TokenFileError, CheckpointError, ImageDataError, RunFolderError,
+            SideFileError, OSError) as err:
+        print(f"error: {os_error_line(err) if isinstance(err, OSError) else err}", file=sys.stderr, flush=True)
         raise SystemExit(1) from None
 
 

@@ -13,7 +13,6 @@ that has not run yet, or a file it did not write, is listed as missing.
 """
 from __future__ import annotations
 
-import csv
 import html
 import json
 import math
@@ -28,7 +27,9 @@ from urllib.parse import quote
 
 from common.config import ConfigError, at_least, check_constants, check_output_folder, script_config
 from common.image_data import SPLITS
-from common.io import atomic_write_text
+from common.io import SideFileError, atomic_write_text, os_error_line, read_csv_rows, read_side_bytes
+from common.io import read_json as guarded_read_json
+from common.run_folder import RunFolderError, own_output_folder
 
 
 @dataclass
@@ -58,8 +59,13 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"--out={out}: must name an .html file")
     if out.is_dir():
         raise ConfigError(f"--out={out}: is a folder; give the page's path (e.g. {out / 'report.html'})")
-    if out.exists() and GENERATOR not in out.read_text(errors="replace"):
-        raise ConfigError(f"--out={out}: exists and was not written by report.py; refusing to overwrite it")
+    if out.exists():
+        try:
+            ours = GENERATOR.encode() in read_side_bytes(out)
+        except SideFileError as err:
+            raise ConfigError(f"--out={err}") from None
+        if not ours:
+            raise ConfigError(f"--out={out}: exists and was not written by report.py; refusing to overwrite it")
     check_output_folder("out", out.parent)
 
 
@@ -71,18 +77,25 @@ class ReportError(RuntimeError):
 
 def read_json(path: Path) -> Any:
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ReportError(f"{path}: is not valid JSON ({err}); re-run the step that writes it") from None
+        return guarded_read_json(path)
+    except SideFileError as err:
+        raise ReportError(f"{err}; re-run the step that writes it") from None
+
+
+def read_table(path: Path) -> tuple[list[str], list[dict[str, str]]]:
+    """(columns, rows) of a step's CSV."""
+    try:
+        return read_csv_rows(path)
+    except SideFileError as err:
+        raise ReportError(f"{err}; re-run the step that writes it") from None
 
 
 def read_csv(path: Path, required: tuple[str, ...]) -> list[dict[str, str]]:
-    with open(path, newline="") as handle:
-        reader = csv.DictReader(handle)
-        absent = [c for c in required if c not in (reader.fieldnames or [])]
-        if absent:
-            raise ReportError(f"{path}: has no column {', '.join(absent)}; re-run the step that writes it")
-        return list(reader)
+    columns, rows = read_table(path)
+    absent = [c for c in required if c not in columns]
+    if absent:
+        raise ReportError(f"{path}: has no column {', '.join(absent)}; re-run the step that writes it")
+    return rows
 
 
 def epoch_files(folder: Path, pattern: str) -> list[tuple[int, Path]]:
@@ -441,8 +454,7 @@ def metric_scales(path: Path) -> list[str]:
     """The token-map sides of metrics.csv's usage_<side> columns (none when it does not exist)."""
     if not path.is_file():
         return []
-    with open(path, newline="") as handle:
-        return [c.removeprefix("usage_") for c in next(csv.reader(handle), []) if c.startswith("usage_")]
+    return [c.removeprefix("usage_") for c in read_table(path)[0] if c.startswith("usage_")]
 
 
 def metrics_tables(page: Page, path: Path, scales: list[str]) -> None:
@@ -599,12 +611,17 @@ def build(cfg: Config) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     cfg = script_config(Config, argv, validate)
+    inputs = [cfg.data_dir, cfg.vqvae_dir, cfg.tokens_dir, cfg.var_dir, cfg.samples_dir, cfg.eval_dir, cfg.logs_dir]
     try:
-        text = build(cfg)
-    except (ReportError, OSError) as err:
+        # One page among other files: its folder may hold others' folders, but is none of them.
+        with own_output_folder(Path(cfg.out).parent, "report.py", inputs, shared=True):
+            atomic_write_text(cfg.out, build(cfg))
+    except (ReportError, RunFolderError) as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         raise SystemExit(1) from None
-    atomic_write_text(cfg.out, text)
+    except OSError as err:
+        print(f"error: {os_error_line(err)}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
     print(f"wrote {cfg.out}: open it in a browser (file://{os.path.abspath(cfg.out)})")
 
 

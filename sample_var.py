@@ -34,12 +34,15 @@ import torch
 from tqdm import tqdm
 
 from common.checkpoint import CheckpointError, check_model_kind, load_checkpoint, model_from_checkpoint
-from common.config import (DEVICE, PRECISION, ConfigError, above, at_least, between, check_constants, each, one_of,
+from common.config import (DEVICE, PRECISION, SEED, ConfigError, above, at_least, between, check_constants, distinct,
+                           each, one_of,
                            save_config, script_config)
 from common.image_data import SPLITS, ImageDataError, read_image, to_rgb_uint8
-from common.io import atomic_save_npz, atomic_write_text, file_sha256
+from common.io import (SideFileError, atomic_save_npz, atomic_write_text, file_sha256, load_npz, os_error_line,
+                       read_json)
 from common.plotting import save_image, save_labelled_grid
 from common.progress import progress
+from common.run_folder import RunFolderError, own_output_folder
 from common.runtime import DeviceError, Precision, pick_device, select_precision
 from common.tokens import TokenFileError, TokenSet, load_tokens
 from models.var import VAR
@@ -112,13 +115,13 @@ def validate(config: Config) -> None:
         **({"samples_per_class": at_least(1)} if config.nop else {}),
         **({"teachers_per_class": at_least(1), "samples_per_teacher": at_least(1)} if config.tp else {}),
         "top_k": at_least(0), "top_p": between(0, 1), "temperature": above(0), "batch_size": at_least(1),
-        "seed": at_least(0), "precision": PRECISION, "device": DEVICE, "cpu_threads": at_least(0),
+        "seed": SEED, "precision": PRECISION, "device": DEVICE, "cpu_threads": at_least(0),
         "decode": one_of(*DECODE_MODES),
     })
+    # Two values that name the same sweep point (cfg 1 and 1.0000001 are both "cfg1") would be sampled into one folder.
+    check_constants(config, {"coarse_ks": distinct(), "cfg": distinct(lambda g: f"{g:g}")})
     if not (config.nop or config.tp):
         raise ConfigError(f"--tp={config.tp}: must be true when --nop=false (nothing would be sampled)")
-    if len(set(config.cfg)) != len(config.cfg):
-        raise ConfigError(f"--cfg={config.cfg!r}: must be distinct values")
 
 
 def image_seed(seed: int, label: int, teacher: int, sample: int) -> int:
@@ -267,9 +270,9 @@ def load_finished_point(point_dir: Path, expected: str) -> dict[str, np.ndarray]
     """The point's saved arrays when it is complete and made with the same settings, else None."""
     marker = point_dir / "tokens.npz"
     try:
-        with np.load(marker, allow_pickle=False) as data:
+        with load_npz(marker) as data:
             arrays = {k: data[k] for k in data.files}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile):
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile):  # SideFileError is a ValueError
         return None
     if str(arrays.get("fingerprint")) != expected:
         return None
@@ -345,8 +348,8 @@ def check_out(out: Path) -> None:
     previous = out / "config.json"
     if previous.is_file():
         try:
-            keys = set(json.loads(previous.read_text()))
-        except (json.JSONDecodeError, TypeError):
+            keys = set(read_json(previous))
+        except (SideFileError, TypeError):
             keys = set()
         if not {"var", "teacher_split", "coarse_ks"} <= keys:
             raise SampleVarError(f"{out}: holds a config.json that sample_var.py did not write; choose another --out")
@@ -435,10 +438,13 @@ def main(argv: list[str] | None = None) -> None:
     config = script_config(Config, argv, validate)
     if config.cpu_threads > 0:
         torch.set_num_threads(config.cpu_threads)
+    inputs = [config.var, config.vqvae, config.tokens, config.data_dir]
     try:
-        sample(config)
-    except (SampleVarError, TokenFileError, CheckpointError, ImageDataError, DeviceError) as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
+        with own_output_folder(config.out, "sample_var.py", inputs, config_keys=vars(config)):
+            sample(config)
+    except (SampleVarError, TokenFileError, CheckpointError, ImageDataError, DeviceError, RunFolderError,
+            SideFileError, OSError) as err:
+        print(f"error: {os_error_line(err) if isinstance(err, OSError) else err}", file=sys.stderr, flush=True)
         raise SystemExit(1) from None
 
 

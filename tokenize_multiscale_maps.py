@@ -34,13 +34,15 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from common.checkpoint import CheckpointError
-from common.config import (DEVICE, PRECISION, ConfigError, Rule, at_least, between, check_constants,
+from common.config import (DEVICE, PRECISION, SEED, ConfigError, Rule, at_least, between, check_constants,
                            check_output_folder, script_config)
-from common.image_data import SPLITS, ImageDataError, ImageSplit, list_classes, read_image, to_tensor
-from common.io import file_sha256, files_fingerprint, remove_stale_temp_files
+from common.image_data import (SPLITS, ImageDataError, ImageSplit, list_classes, read_image, to_tensor,
+                               worker_error_line)
+from common.io import SideFileError, file_sha256, files_fingerprint, os_error_line, remove_stale_temp_files
 from common.progress import progress
+from common.run_folder import RunFolderError, own_output_folder
 from common.runtime import DeviceError, Precision, pick_device, select_precision
-from common.tokens import is_token_file, made_from_of, save_tokens
+from common.tokens import CLASSES_FILE, is_token_file, made_from_of, save_tokens
 from models.vqvae import VQVAE, load_vqvae
 
 
@@ -67,7 +69,7 @@ def validate(cfg: Config) -> None:
     check_constants(cfg, {"batch_size": at_least(1), "num_workers": at_least(0), "device": DEVICE,
                           "cpu_threads": at_least(0), "precision": PRECISION, "aug_copies": at_least(1),
                           "aug_min_area": Rule(lambda v: 0 < v <= 1, "in (0, 1]"), "aug_max_shift": between(0, 0.5),
-                          "aug_seed": at_least(0)})
+                          "aug_seed": SEED})
     out = Path(cfg.out)
     if out.resolve() == Path(cfg.vqvae).resolve():
         raise ConfigError(f"--out={out}: is the VQ-VAE checkpoint (--vqvae); the output would overwrite it")
@@ -82,10 +84,16 @@ def main(argv: list[str] | None = None) -> None:
     cfg = script_config(Config, argv, validate)
     if cfg.cpu_threads > 0:
         torch.set_num_threads(cfg.cpu_threads)
+    out = Path(cfg.out)
     try:
-        tokenize(cfg)
-    except (CheckpointError, ImageDataError, DeviceError) as err:
-        raise SystemExit(f"error: {err}") from None
+        # The folder is the token file's: the classes.json beside it is shared by whatever npz the folder holds.
+        with own_output_folder(out.parent, "tokenize_multiscale_maps.py", [cfg.data_dir, cfg.vqvae], name=out.name,
+                               own_files=(out.name, CLASSES_FILE)):
+            tokenize(cfg)
+    except (CheckpointError, ImageDataError, DeviceError, RunFolderError, SideFileError) as err:
+        raise SystemExit(f"error: {worker_error_line(err)}") from None
+    except OSError as err:
+        raise SystemExit(f"error: {os_error_line(err)}") from None
 
 
 def augment(image: np.ndarray, rng: np.random.Generator, min_area: float, max_shift: float,

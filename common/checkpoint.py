@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from common.config import preset_hint
+from common.io import not_a_regular_file
 
 M = TypeVar("M", bound=nn.Module)
 
@@ -22,8 +23,11 @@ class CheckpointError(RuntimeError):
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """torch.load with weights_only=True, turning every failure into a CheckpointError naming the file."""
     path = Path(path)
-    if not path.is_file():
+    problem = not_a_regular_file(path)
+    if problem == "file not found":
         raise CheckpointError(f"{path}: checkpoint file does not exist{preset_hint(path)}")
+    if problem:
+        raise CheckpointError(f"{path}: {problem}")
     if path.stat().st_size == 0:
         raise CheckpointError(f"{path}: checkpoint file is empty")
     try:
@@ -37,6 +41,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as err:
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): {err}") from None
+    except MemoryError:
+        raise CheckpointError(f"{path}: declares tensors larger than this machine's memory (damaged?)") from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: expected a dict checkpoint, found {type(obj).__name__}")
     return obj
@@ -59,6 +65,9 @@ def check_model_kind(ckpt: dict[str, Any], cls: type[nn.Module], path: str | Pat
     """Refuse a checkpoint of another network of this project than cls (a VAR where a VQ-VAE is expected, or the
     reverse), naming the file and what it is."""
     require_keys(ckpt, ["model", "model_config"], path)
+    if not isinstance(ckpt["model"], dict) or not all(torch.is_tensor(v) for v in ckpt["model"].values()):
+        raise CheckpointError(f"{path}: its model entry is a {type(ckpt['model']).__name__}, not a dict of tensors "
+                              "(a state_dict)")
     config = ckpt["model_config"]
     if not isinstance(config, dict):
         raise CheckpointError(f"{path}: model_config is a {type(config).__name__}, not a dict of constructor arguments")

@@ -23,6 +23,7 @@ import dataclasses
 import difflib
 import inspect
 import json
+import math
 import re
 import sys
 import tempfile
@@ -31,10 +32,11 @@ import typing
 from pathlib import Path
 from typing import Any, Callable, NamedTuple, TypeVar
 
-from common.io import atomic_write_json
+from common.io import SideFileError, atomic_write_json, read_json
 
 C = TypeVar("C")
 
+MAX_INT = 2**63 - 1  # the largest integer torch and numpy take
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
@@ -71,6 +73,8 @@ def _convert(name: str, text: Any, tp: Any) -> Any:
                 return None
         inner = [a for a in args if a is not type(None)]
         return _convert(name, text, inner[0])
+    if text is None:  # a preset's null where the field is not optional: never the text "None" or a 0
+        raise ConfigError(f"--{name}: expected {getattr(tp, '__name__', tp)}, got null")
     if tp is bool:
         if isinstance(text, bool):
             return text
@@ -81,12 +85,22 @@ def _convert(name: str, text: Any, tp: Any) -> Any:
             return False
         raise ConfigError(f"--{name}: expected a boolean (true/false), got {text!r}")
     if tp in (int, float, str):
-        if tp is int and isinstance(text, float) or (tp is int and isinstance(text, bool)):
-            raise ConfigError(f"--{name}: expected int, got {text!r}")
+        # From a preset, only a JSON value of the field's kind: false is no 0, 5 is no path, 2.0 is no count.
+        wrong_json = (isinstance(text, bool) or (tp is int and isinstance(text, float))
+                      or (tp is str and not isinstance(text, str)) or isinstance(text, (list, dict)))
+        if wrong_json:
+            raise ConfigError(f"--{name}: expected {tp.__name__}, got {text!r}")
         try:
-            return tp(text)
+            value = tp(text)
         except (TypeError, ValueError):
             raise ConfigError(f"--{name}: expected {tp.__name__}, got {text!r}") from None
+        if tp is str and "\0" in value:  # no file name holds one; os calls would raise ValueError
+            raise ConfigError(f"--{name}: must not contain a NUL character")
+        if tp is float and not math.isfinite(value):
+            raise ConfigError(f"--{name}: expected a finite number, got {text!r}")
+        if tp is int and not -MAX_INT <= value <= MAX_INT:
+            raise ConfigError(f"--{name}: {value} is outside the 64-bit integer range")
+        return value
     if origin in (tuple, list):
         items = text
         if isinstance(text, str):
@@ -151,11 +165,9 @@ def parse_config(cls: type[C], argv: list[str] | None = None) -> C:
     values: dict[str, Any] = {}
     if preset_path is not None:
         try:
-            preset = json.loads(Path(preset_path).read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"--config: preset file {preset_path} does not exist") from None
-        except json.JSONDecodeError as err:
-            raise ConfigError(f"--config: {preset_path} is not valid JSON: {err}") from None
+            preset = read_json(preset_path)
+        except SideFileError as err:
+            raise ConfigError(f"--config: preset {err}") from None
         if not isinstance(preset, dict):
             raise ConfigError(f"--config: {preset_path} must hold a JSON object of constants")
         _apply(cls, values, preset, preset_path)
@@ -182,6 +194,15 @@ def between(low: float, high: float, high_open: bool = False) -> Rule:
     if high_open:
         return Rule(lambda v: low <= v < high, f"in [{low}, {high})")
     return Rule(lambda v: low <= v <= high, f"in [{low}, {high}]")
+
+
+# Seeds go to numpy's legacy seeding too, which takes 0..2**32 - 1.
+SEED = Rule(lambda v: 0 <= v <= 2**32 - 1, "in [0, 4294967295]")
+
+
+def distinct(label: Callable[[Any], str] = str) -> Rule:
+    """No two items of a list constant alike once written as label writes them (the names sweep points get)."""
+    return Rule(lambda v: len({label(x) for x in v}) == len(v), "distinct values (also once rounded for names)")
 
 
 def one_of(*choices: Any) -> Rule:
@@ -267,8 +288,8 @@ def preset_hint(missing: str | Path, runs: str | Path = "runs", presets: str | P
     users: dict[Path, list[str]] = {f: [] for f in found}
     for preset in sorted(Path(presets).glob("*.json")):
         try:
-            values = json.loads(preset.read_text())
-        except (OSError, json.JSONDecodeError):
+            values = read_json(preset)
+        except SideFileError:
             continue
         for f in found:
             if isinstance(values, dict) and any(isinstance(v, str) and Path(v) == f for v in values.values()):

@@ -31,7 +31,7 @@ import torch
 from PIL import Image
 
 from common.checkpoint import CheckpointError, load_checkpoint
-from common.io import atomic_save_npz, file_sha256
+from common.io import SideFileError, atomic_save_npz, file_sha256, load_npz, not_a_regular_file
 from common.progress import progress
 
 if TYPE_CHECKING:  # torch-fidelity itself is imported on first use (_torch_fidelity)
@@ -220,6 +220,9 @@ def load_feature_extractor(weights: str | Path = "", device: torch.device | str 
 
 def _read_rgb(path: Path) -> np.ndarray:
     """uint8 (H, W, 3) as torch-fidelity reads a folder: PIL's convert('RGB') (grey -> three equal channels)."""
+    problem = not_a_regular_file(path)
+    if problem:
+        raise FidelityError(f"{path}: not a readable image: {problem}")
     try:
         with Image.open(path) as img:
             return np.asarray(img.convert("RGB"))
@@ -232,13 +235,13 @@ def _load_cache(cache_path: Path, weights_sha256: str) -> dict[str, np.ndarray]:
     if not cache_path.exists():
         return {}
     try:
-        with np.load(cache_path, allow_pickle=False) as data:
+        with load_npz(cache_path) as data:
             if str(data["weights_sha256"]) != weights_sha256:
                 return {}  # another network's features: recomputed and replaced
             digests, features = data["sha256"], data["features"]
         if features.dtype != np.float32 or features.shape != (len(digests), FEATURE_DIM):
             raise ValueError(f"features {features.dtype} {features.shape} for {len(digests)} hashes")
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, SideFileError) as err:
         # The cache only saves time: a damaged one is rebuilt, never a reason to stop an evaluation.
         print(f"warning: {cache_path}: unreadable feature cache ({err}); recomputing it", file=sys.stderr)
         return {}

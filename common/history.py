@@ -1,11 +1,10 @@
 """Per-epoch metrics of a training run, kept as a list of records and saved as JSON for plots and resume."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
-from common.io import atomic_write_json
+from common.io import atomic_write_json, read_json
 
 
 class History:
@@ -26,4 +25,4 @@ class History:
     @classmethod
     def load(cls, path: str | Path) -> "History":
         path = Path(path)
-        return cls(json.loads(path.read_text())) if path.is_file() else cls()
+        return cls(read_json(path)) if path.exists() else cls()

@@ -14,11 +14,13 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset, Sampler
 
+from common.io import not_a_regular_file
 from common.progress import progress
 from data_preprocessing.scan_area import ScanAreaError, detect_scan_area
 
 SPLITS = ("train", "val", "test")
 IMAGE_SUFFIX = ".png"
+MAX_PIXELS = 64_000_000  # a processed image beyond this (prepare.py writes 256 x 256) is refused before decoding
 
 
 class ImageDataError(RuntimeError):
@@ -55,18 +57,43 @@ def list_split(data_dir: str | Path, split: str, classes: list[str]) -> tuple[li
     return paths, np.asarray(labels, dtype=np.int64)
 
 
-def read_image(path: str | Path, image_size: int) -> np.ndarray:
-    """A square PNG as uint8 (S, S, 3) RGB, resized to `image_size` when it has another side."""
+def read_rgb(path: str | Path) -> Image.Image:
+    """A processed image decoded as RGB: a FIFO, a folder or a device is refused without being opened, and an image
+    whose header declares more than MAX_PIXELS (a decompression bomb) before it is decoded."""
+    problem = not_a_regular_file(path)
+    if problem:
+        raise ImageDataError(f"{path}: cannot read the image: {problem}")
     try:
         with Image.open(path) as img:
-            img = img.convert("RGB")
-    except (OSError, UnidentifiedImageError, ValueError) as err:
+            if img.width * img.height > MAX_PIXELS:
+                raise ImageDataError(f"{path}: {img.width}x{img.height} pixels, more than a processed image has "
+                                     f"({MAX_PIXELS}); not decoded")
+            return img.convert("RGB")
+    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as err:
         raise ImageDataError(f"{path}: cannot read the image: {err}") from None
+
+
+def read_image(path: str | Path, image_size: int) -> np.ndarray:
+    """A square PNG as uint8 (S, S, 3) RGB, resized to `image_size` when it has another side."""
+    img = read_rgb(path)
     if img.width != img.height:
         raise ImageDataError(f"{path}: expected a square image, got {img.width}x{img.height}")
     if img.width != image_size:
         img = img.resize((image_size, image_size), Image.Resampling.LANCZOS)
     return np.array(img)
+
+
+def worker_error_line(err: BaseException) -> str:
+    """An error raised in a DataLoader worker as one line: torch re-raises it with the worker's whole traceback in its
+    message, whose last line is the error itself."""
+    text = str(err)
+    if "Original Traceback" not in text:
+        return text
+    last = text.rstrip().splitlines()[-1]
+    for name in (f"{type(err).__module__}.{type(err).__qualname__}", type(err).__name__):
+        last = last.removeprefix(f"{name}: ")
+    where = text.split("\n", 1)[0].removeprefix(f"Caught {type(err).__name__} ").rstrip(".")
+    return f"{last} ({where})"
 
 
 def to_tensor(image: np.ndarray) -> torch.Tensor:
@@ -90,11 +117,7 @@ def scan_area_mask(path: str | Path, image_size: int) -> np.ndarray | None:
     Processed images store no mask, but prepare.py blacked out everything outside the scan area, so the detector
     that drew it finds it again in the stored image (fan or rectangle, measured at the stored resolution, then
     area-resized). A grey threshold would not do: dark cysts, fluid and shadows reaching the edge are inside."""
-    try:
-        with Image.open(path) as img:
-            stored = np.asarray(img.convert("RGB"))
-    except (OSError, UnidentifiedImageError, ValueError) as err:
-        raise ImageDataError(f"{path}: cannot read the image: {err}") from None
+    stored = np.asarray(read_rgb(path))
     try:
         mask = detect_scan_area(stored).mask
     except ScanAreaError:

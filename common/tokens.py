@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from common.config import preset_hint
-from common.io import atomic_save_npz, atomic_write_json, file_sha256
+from common.io import SideFileError, atomic_save_npz, atomic_write_json, file_sha256, load_npz, read_json
 
 CLASSES_FILE = "classes.json"
 _KEYS = ("scales", "idx", "labels", "split", "source", "vqvae_sha256", "vqvae_config")
@@ -153,8 +153,8 @@ def save_tokens(npz_path: str | Path, *, scales: tuple[int, ...] | list[int], ma
 def is_token_file(path: str | Path) -> bool:
     """Whether path is an npz archive with the arrays of a token file (what tokenization may overwrite)."""
     try:
-        loaded = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile):
+        loaded = load_npz(path)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile):  # SideFileError is a ValueError
         return False
     if not isinstance(loaded, np.lib.npyio.NpzFile):
         return False  # a single .npy array
@@ -165,7 +165,7 @@ def is_token_file(path: str | Path) -> bool:
 def made_from_of(npz_path: str | Path) -> str | None:
     """The made_from record of an existing token file (None when there is none or the file is unreadable)."""
     try:
-        with np.load(npz_path, allow_pickle=False) as data:
+        with load_npz(npz_path) as data:
             return str(data["made_from"]) if "made_from" in data.files else None
     except (OSError, ValueError, EOFError, zipfile.BadZipFile):
         return None
@@ -178,7 +178,7 @@ def load_tokens(npz_path: str | Path, vqvae_path: str | Path | None = None) -> T
         raise TokenFileError(f"{npz_path}: token file does not exist; run tokenize_multiscale_maps.py first"
                              f"{preset_hint(npz_path)}")
     try:
-        loaded = np.load(npz_path, allow_pickle=False)
+        loaded = load_npz(npz_path)
         if not isinstance(loaded, np.lib.npyio.NpzFile):
             raise TokenFileError(f"{npz_path}: holds a single array, not an npz archive of token arrays")
         with loaded as data:
@@ -202,7 +202,7 @@ def load_tokens(npz_path: str | Path, vqvae_path: str | Path | None = None) -> T
         raise TokenFileError(f"{npz_path}: not a readable npz token file (truncated or corrupt?): {err}") from None
     try:
         vqvae_config = json.loads(str(arrays["vqvae_config"]))
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, RecursionError) as err:
         raise TokenFileError(f"{npz_path}: vqvae_config is not valid JSON: {err}") from None
     _check_vqvae_config(vqvae_config, scales, npz_path)
     idx, labels = arrays["idx"], arrays["labels"]
@@ -272,14 +272,14 @@ def _classes(npz_path: Path, stored: np.ndarray | None) -> list[str]:
     """The class names: stored in the npz, and in classes.json beside it, which must agree (two token files in one
     folder share that classes.json); a file from before the names were stored inside has only classes.json."""
     classes_path = npz_path.parent / CLASSES_FILE
-    try:
-        beside = json.loads(classes_path.read_text())
-    except FileNotFoundError:
+    if not classes_path.exists():
         if stored is not None:
             return [str(c) for c in stored]
-        raise TokenFileError(f"{classes_path}: missing (written beside {npz_path.name} by tokenize_multiscale_maps.py)") from None
-    except json.JSONDecodeError as err:
-        raise TokenFileError(f"{classes_path}: not valid JSON: {err}") from None
+        raise TokenFileError(f"{classes_path}: missing (written beside {npz_path.name} by tokenize_multiscale_maps.py)")
+    try:
+        beside = read_json(classes_path)
+    except SideFileError as err:
+        raise TokenFileError(str(err)) from None
     if not isinstance(beside, list) or not all(isinstance(c, str) for c in beside):
         raise TokenFileError(f"{classes_path}: expected a JSON list of class names")
     if stored is not None and [str(c) for c in stored] != beside:

@@ -107,8 +107,12 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
-def save_training_checkpoint(
-    path: str | Path,
+def save_training_checkpoint(path: str | Path, **state: Any) -> None:
+    """training_state(**state) written atomically."""
+    atomic_torch_save(training_state(**state), path)
+
+
+def training_state(
     *,
     model: nn.Module,
     model_config: dict[str, Any],
@@ -120,8 +124,8 @@ def save_training_checkpoint(
     history: list[dict[str, Any]],
     best_val_loss: float,
     extra: dict[str, Any] | None = None,
-) -> None:
-    """Everything a resumed run needs, written atomically; `model` + `model_config` alone rebuild the network."""
+) -> dict[str, Any]:
+    """Everything a resumed run needs; `model` + `model_config` alone rebuild the network."""
     state: dict[str, Any] = {
         "model": unwrap(model).state_dict(),
         "model_config": model_config,
@@ -137,7 +141,7 @@ def save_training_checkpoint(
     if scaler is not None and scaler.is_enabled():  # a disabled scaler (bf16, fp32) has no state
         state["scaler"] = scaler.state_dict()
     state.update(extra or {})
-    atomic_torch_save(state, path)
+    return state
 
 
 def checkpoint_to_resume(resume: str, out_dir: str | Path) -> Path | None:

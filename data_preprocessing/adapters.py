@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from data_preprocessing.readers import file_suffix, is_supported
+from data_preprocessing.readers import file_suffix, is_supported, not_a_regular_file
 from data_preprocessing.scan_area import CORNERS
 
 MASK_FOLDERS = {"mask", "masks", "annotation", "annotations", "segmentation", "segmentations", "gt", "ground_truth", "groundtruth"}
@@ -112,7 +112,9 @@ def walk_images(root: Path) -> Listing:
         dirs[:] = keep
         for name in sorted(files):
             path = Path(folder) / name
-            if not is_supported(path):
+            if not is_supported(path):  # still a manifest row: every file the step saw is accounted for
+                listing.ignored.append((path, not_a_regular_file(path)
+                                        or f"not an image format read here ({file_suffix(path) or 'no suffix'})"))
                 continue
             reason = label_file_reason(path, root)
             if reason:

@@ -35,6 +35,12 @@ class Config:
     frames_per_subject: int = 5  # frames per subject: small probe motion and fresh speckle between them
     seed: int = 0  # master seed; each frame's stream derives from (seed, class, subject, frame)
     workers: int = 1  # worker processes (the output does not depend on it)
+    allow_changed_run: bool = False  # add to a folder made with another seed (its frames stay as they are)
+
+
+# What defines the phantom set: a frame depends on the seed only, so frames of another seed already in out would mix
+# with new ones (more subjects or frames per subject only add frames).
+RUN_KEYS = ("seed",)
 
 
 import csv  # noqa: E402
@@ -48,9 +54,11 @@ import numpy as np  # noqa: E402
 import scipy.fft  # noqa: E402
 from scipy.ndimage import gaussian_filter, gaussian_filter1d  # noqa: E402
 
-from common.config import parse_config, save_config  # noqa: E402
-from common.io import atomic_write_bytes, atomic_write_text  # noqa: E402
+from common.config import (SEED, ConfigError, at_least, check_constants, check_output_folder, config_dict,  # noqa: E402
+                           save_config, script_config)
+from common.io import SideFileError, atomic_write_bytes, atomic_write_text, os_error_line, read_json  # noqa: E402
 from common.progress import progress  # noqa: E402
+from common.run_folder import RunFolderError, check_same_run, own_output_folder  # noqa: E402
 
 CLASSES = ("breast", "thyroid", "kidney", "fetal_head", "liver", "heart")
 PROBE = {"breast": "linear", "thyroid": "linear", "kidney": "convex", "fetal_head": "convex",
@@ -620,11 +628,34 @@ def _init_worker(seed: int) -> None:
     cv2.setNumThreads(1)
 
 
+def validate(cfg: Config) -> None:
+    """Every constant in its allowed range, and out a folder this process can write, before a frame is drawn."""
+    check_constants(cfg, {"n_subjects_per_class": at_least(1), "frames_per_subject": at_least(1), "seed": SEED,
+                          "workers": at_least(1)})
+    if not cfg.out:
+        raise ConfigError("--out is empty: it must name the output folder")
+    check_output_folder("out", cfg.out)
+
+
 def main(cfg: Config) -> None:
+    try:
+        validate(cfg)
+        with own_output_folder(cfg.out, "make_phantoms.py", config_keys=vars(cfg)):
+            make(cfg)
+    except (ConfigError, RunFolderError, SideFileError) as err:
+        raise SystemExit(f"error: {err}") from None
+    except OSError as err:
+        raise SystemExit(f"error: {os_error_line(err)}") from None
+
+
+def make(cfg: Config) -> None:
+    """main's work, in an output folder this run owns and holds the lock of."""
     out = Path(cfg.out)
-    if cfg.n_subjects_per_class < 1 or cfg.frames_per_subject < 1:
-        raise SystemExit("error: n_subjects_per_class and frames_per_subject must be >= 1")
-    out.mkdir(parents=True, exist_ok=True)
+    previous = out / "config.json"
+    if previous.exists():
+        recorded = read_json(previous)
+        if isinstance(recorded, dict):
+            check_same_run(recorded, config_dict(cfg), RUN_KEYS, previous, cfg.allow_changed_run)
     save_config(cfg, out)
     tasks = [(str(out), ci, s, organ, cfg.frames_per_subject) for ci, organ in enumerate(CLASSES)
              for s in range(cfg.n_subjects_per_class)]
@@ -658,4 +689,4 @@ def main(cfg: Config) -> None:
 
 
 if __name__ == "__main__":
-    main(parse_config(Config))
+    main(script_config(Config, None, validate))

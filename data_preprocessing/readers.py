@@ -11,13 +11,13 @@ is scaled by its actual robust range (percentiles below), DICOM with a window ce
 """
 from __future__ import annotations
 
-import os
-import stat
 import warnings
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
+
+from common.io import not_a_regular_file  # noqa: F401 (read_frames' guard, and prepare.py's)
 
 MAX_PIXELS = 40_000_000  # larger frames (e.g. 10000x10000) are refused: no scanner makes them, decoding one costs GBs
 MIN_SIDE = 32  # frames narrower or lower than this (in pixels) hold no usable image
@@ -50,26 +50,6 @@ def is_supported(path: str | Path) -> bool:
     """A suffix read here, or no suffix and DICOM content (scanner exports name files like IM000001)."""
     suffix = file_suffix(path)
     return suffix in SUPPORTED_SUFFIXES or (suffix == "" and _has_dicom_preamble(Path(path)))
-
-
-FILE_KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISCHR, "a device"),
-              (stat.S_ISBLK, "a device"), (stat.S_ISSOCK, "a socket"))
-
-
-def not_a_regular_file(path: str | Path) -> str | None:
-    """Why `path` cannot be read as a file, or None for a regular file (symlinks followed).
-
-    Checked before anything opens a source: opening a FIFO waits for a writer and /dev/zero never ends."""
-    try:
-        mode = os.stat(path).st_mode
-    except FileNotFoundError:
-        return "file not found"
-    except OSError as err:
-        return f"cannot read file: {err.strerror or err}"
-    if stat.S_ISREG(mode):
-        return None
-    kind = next((name for test, name in FILE_KINDS if test(mode)), "a special file")
-    return f"not a regular file: {kind}, not read"
 
 
 def read_frames(path: str | Path, video_stride: int = 10, max_frames: int | None = None) -> Iterator[tuple[str, np.ndarray]]:

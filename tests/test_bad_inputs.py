@@ -23,6 +23,18 @@ def test_bad_input_corpus(tmp_path):
         "size_zero_on_existing_set": "clear error",
         "stale_temp_in_out": "processed",
         "foreign_manifest": "clear error",
+        "out_inside_dataset_root": "clear error",
+        "out_owned_by_another_step": "clear error",
+        "out_locked_by_live_run": "clear error",
+        "stale_lock": "processed",
+        "recipe_nested_deep": "clear error",
+        "recipe_not_utf8": "clear error",
+        "recipe_unknown_top_key": "clear error",
+        "preset_false_fraction": "clear error",
+        "seed_beyond_64_bits": "clear error",
+        "disk_full": "clear error",
+        "unsupported_files": "skipped-with-reason",
+        "long_file_name": "processed",
     }
     assert [r.case.name for r in results if r.outcome in FAILURES] == []  # no HANG, TRACEBACK or FILES LOST
     # Each outcome with the right error text or skip reason, and the case's own check (images kept, splits, ...).

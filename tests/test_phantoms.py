@@ -59,7 +59,9 @@ def _run(out, **overrides):
 def test_cli_outputs_are_byte_identical_across_runs_and_workers_and_resume(tmp_path):
     first = _run(tmp_path / "a")
     second = _run(tmp_path / "b", workers=2)
-    assert {k: v for k, v in first.items() if k != "config.json"} == {k: v for k, v in second.items() if k != "config.json"}
+    # config.json records the workers, .owner.json its folder's own run id
+    differ = ("config.json", ".owner.json")
+    assert {k: v for k, v in first.items() if k not in differ} == {k: v for k, v in second.items() if k not in differ}
     assert len([k for k in first if k.endswith("_mask.png")]) == 2 * len(mp.CLASSES)
     # resume: a lost frame is rewritten identically, the others are left alone
     lost = tmp_path / "a" / "liver" / f"{mp.frame_name(0, 1)}.png"

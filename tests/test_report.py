@@ -160,7 +160,7 @@ def test_an_unreadable_output_stops_with_the_file_named(tmp_path: Path, capsys) 
     absent = {name: tmp_path / "absent" / name for name in ("data_dir", "vqvae_dir", "tokens_dir", "var_dir",
                                                             "samples_dir", "logs_dir")}
     for folders, message in [({"data_dir": tmp_path / "processed"}, "manifest.csv: has no column class"),
-                             ({"var_dir": tmp_path / "var"}, "history.json: is not valid JSON")]:
+                             ({"var_dir": tmp_path / "var"}, "history.json: not valid JSON")]:
         with pytest.raises(SystemExit):
             report.main([f"--{k}={v}" for k, v in {**absent, **folders, "out": tmp_path / "report.html"}.items()])
         assert message in capsys.readouterr().err

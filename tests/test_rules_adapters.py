@@ -67,6 +67,8 @@ def test_walk_lists_readable_files_sorted_and_sets_label_files_aside_in_walk_ord
                                            ("b/10.png", "10", None, "", ()), ("b/2.png", "2", None, "", ())]
     assert [(p.relative_to(tmp_path).as_posix(), r) for p, r in listing.ignored] == [
         ("a/.hidden.png", "hidden file (e.g. macOS '._' metadata), not an image"),
+        ("a/README", "not an image format read here (no suffix)"),
+        ("a/notes.txt", "not an image format read here (.txt)"),
         ("a/y_mask.png", MASK_REASON),
         ("a/mask/m.png", "inside a 'mask' folder: mask/annotation, not an image")]
 

@@ -57,7 +57,8 @@ def test_every_constant_is_refused_just_outside_its_range_and_accepted_at_its_ed
     table = {
         **{name: ([1], (0, ">= 1")) for name in ("kid_subsets", "max_pairs", "closest_pairs", "batch_size")},
         **{name: ([2], (1, ">= 2")) for name in ("kid_subset_size", "fid_min_images")},
-        **{name: ([0], (-1, ">= 0")) for name in ("seed", "cpu_threads")},
+        **{name: ([0], (-1, ">= 0")) for name in ("cpu_threads",)},
+        "seed": ([0, 2**32 - 1], (2**32, "in [0, 4294967295]")),
         "ref_split": (["train", "val", "test"], ("holdout", "one of train, val, test")),
         "device": (["auto", "cpu"], ("tpu", "auto, cpu, or a cuda / mps device this machine has")),
     }
@@ -428,7 +429,7 @@ def test_a_broken_or_mismatched_sweep_is_refused_by_name(world, tmp_path, monkey
                               f"{folder / 'samples_manifest.csv'})")
     folder = copy_sweep(world, tmp_path / "2")
     (folder / "config.json").write_text("{")
-    with pytest.raises(eval_var.EvalVarError, match=r"sweep: unreadable sample_var.py output: Expecting"):
+    with pytest.raises(eval_var.EvalVarError, match=r"sweep: unreadable sample_var.py output: .*config.json: not valid JSON: Expecting"):
         eval_var.load_sweep(folder)
     folder = copy_sweep(world, tmp_path / "3")
     with np.load(folder / "samples_tokens.npz") as data:

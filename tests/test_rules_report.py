@@ -43,7 +43,7 @@ def test_unreadable_outputs_are_refused_with_the_file_named(tmp_path):
     (tmp_path / "h.json").write_text("[{")
     with pytest.raises(report.ReportError) as err:
         report.read_json(tmp_path / "h.json")
-    assert str(err.value).startswith(f"{tmp_path / 'h.json'}: is not valid JSON (Expecting")
+    assert str(err.value).startswith(f"{tmp_path / 'h.json'}: not valid JSON: Expecting")
     assert str(err.value).endswith("); re-run the step that writes it")
     (tmp_path / "ok.json").write_text('{"a": [1]}')
     assert report.read_json(tmp_path / "ok.json") == {"a": [1]}
@@ -567,6 +567,6 @@ def test_main_writes_the_page_atomically_and_stops_on_an_unreadable_output(tmp_p
     with pytest.raises(SystemExit) as err:
         report.main(args)
     assert err.value.code == 1
-    assert capsys.readouterr().err.startswith(f"error: {tmp_path / 'runs' / 'var' / 'history.json'}: is not valid JSON")
+    assert capsys.readouterr().err.startswith(f"error: {tmp_path / 'runs' / 'var' / 'history.json'}: not valid JSON")
     with pytest.raises(ConfigError):
         report.validate(replace(cfg, out=str(tmp_path / "x.txt")))

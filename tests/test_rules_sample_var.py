@@ -47,7 +47,8 @@ def test_every_constant_is_refused_just_outside_its_range_and_accepted_at_its_ed
         "cfg": ([(0.0,), (0.0, 2.5)], ((1.0, -0.5), "a non-empty list of values >= 0")),
         **{name: ([1], (0, ">= 1")) for name in ("samples_per_class", "teachers_per_class", "samples_per_teacher",
                                                  "batch_size")},
-        **{name: ([0], (-1, ">= 0")) for name in ("top_k", "seed", "cpu_threads")},
+        **{name: ([0], (-1, ">= 0")) for name in ("top_k", "cpu_threads")},
+        "seed": ([0, 2**32 - 1], (2**32, "in [0, 4294967295]")),
         "top_p": ([0.0, 1.0], (1.5, "in [0, 1]")),
         "temperature": ([1e-6], (0.0, "> 0")),
         "precision": (["auto", "bf16", "fp16", "fp32"], ("fp8", "one of auto, bf16, fp16, fp32")),
@@ -68,7 +69,7 @@ def test_the_counts_of_a_mode_that_is_off_are_not_checked():
 def test_nothing_to_sample_and_repeated_guidance_values_are_refused():
     assert refusal(nop=False, tp=False) == "--tp=False: must be true when --nop=false (nothing would be sampled)"
     assert refusal(nop=False) is None and refusal(tp=False) is None
-    assert refusal(cfg=(1.0, 2.0, 1.0)) == "--cfg=(1.0, 2.0, 1.0): must be distinct values"
+    assert refusal(cfg=(1.0, 2.0, 1.0)) == "--cfg=(1.0, 2.0, 1.0): must be distinct values (also once rounded for names)"
     assert refusal(cfg=(1.0, 2.0)) is None
 
 

@@ -40,7 +40,8 @@ def refusal(tmp_path: Path, **overrides) -> str | None:
 def test_every_constant_is_refused_just_outside_its_range_and_accepted_at_its_edge(tmp_path):
     table = {
         **{name: ([1], (0, ">= 1")) for name in ("batch_size", "aug_copies")},
-        **{name: ([0], (-1, ">= 0")) for name in ("num_workers", "cpu_threads", "aug_seed")},
+        **{name: ([0], (-1, ">= 0")) for name in ("num_workers", "cpu_threads")},
+        "aug_seed": ([0, 2**32 - 1], (2**32, "in [0, 4294967295]")),
         "aug_min_area": ([1.0, 1e-6], (0.0, "in (0, 1]")),
         "aug_max_shift": ([0.0, 0.5], (0.6, "in [0, 0.5]")),
         "precision": (["auto", "bf16", "fp16", "fp32"], ("fp8", "one of auto, bf16, fp16, fp32")),

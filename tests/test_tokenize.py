@@ -162,7 +162,7 @@ def test_a_bare_checkpoint_tokenizes_like_a_training_one(trained: tuple[Path, Pa
     call(tokenize_multiscale_maps.main, dict(data_dir=data, vqvae=bare, out=out, num_workers=0, device="cpu"))
     assert np.array_equal(load_tokens(out).idx, load_tokens(tokens).idx)
     with pytest.raises(SystemExit, match=r"nothing\.pth: checkpoint file does not exist"):
-        call(tokenize_multiscale_maps.main, dict(data_dir=data, vqvae=tmp_path / "nothing.pth", out=tmp_path / "t.npz"))
+        call(tokenize_multiscale_maps.main, dict(data_dir=data, vqvae=tmp_path / "nothing.pth", out=tmp_path / "none" / "t.npz"))
 
 
 def test_a_rerun_with_the_same_inputs_does_nothing(trained: tuple[Path, Path], tmp_path: Path, capsys) -> None:
@@ -261,9 +261,9 @@ def test_a_var_checkpoint_given_as_the_vqvae_is_named_as_one(trained: tuple[Path
     atomic_torch_save({"model": var.state_dict(), "model_config": var.config}, tmp_path / "var.pth")
     with pytest.raises(SystemExit, match=rf"^error: {tmp_path / 'var.pth'}: is a VAR checkpoint \(train_var\.py\), but a "
                                          r"VQVAE checkpoint is needed here$"):
-        call(tokenize_multiscale_maps.main, dict(data_dir=data, vqvae=tmp_path / "var.pth", out=tmp_path / "t.npz",
-                                                 num_workers=0, device="cpu"))
-    assert not (tmp_path / "t.npz").exists()
+        call(tokenize_multiscale_maps.main, dict(data_dir=data, vqvae=tmp_path / "var.pth",
+                                                 out=tmp_path / "tok" / "t.npz", num_workers=0, device="cpu"))
+    assert not (tmp_path / "tok" / "t.npz").exists()
 
 
 def test_stale_temp_files_of_a_killed_tokenization_are_removed(trained: tuple[Path, Path], tokens: Path,
@@ -275,7 +275,7 @@ def test_stale_temp_files_of_a_killed_tokenization_are_removed(trained: tuple[Pa
     (tmp_path / ".t.npz.a1b2c3d4.tmp").write_bytes(b"half an npz")
     os.utime(tmp_path / ".t.npz.a1b2c3d4.tmp", (time.time() - 3600,) * 2)  # killed an hour ago
     call(tokenize_multiscale_maps.main, dict(data_dir=data, vqvae=vq / "best.pth", out=out, num_workers=0, device="cpu"))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["classes.json", "t.npz"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".owner.json", "classes.json", "t.npz"]
 
 
 def test_augmented_copies_decode_to_images_of_the_right_class_and_size(trained: tuple[Path, Path], tokens: Path) -> None:

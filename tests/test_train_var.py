@@ -6,6 +6,7 @@ import json
 import math
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -442,3 +443,28 @@ def test_best_kid_checkpoint_is_the_epoch_with_the_lowest_kid(data, tmp_path, mo
     assert (out / "kid.png").is_file()
     # The train subset in eval mode: as many images as val, scored every epoch beside val.
     assert all(r["train_eval_loss"] > 0 and len(r["train_eval_acc_scales"]) == 4 for r in history)
+
+
+def test_a_resume_with_changed_run_settings_or_a_live_lock_is_refused(data, tmp_path, capsys):
+    out = tmp_path / "run"
+    train_var.main(cli(data, out, epochs=1))
+    before = (out / "last.pth").read_bytes()
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        train_var.main(cli(data, out, epochs=2, lr=1e-3, weight_decay=0.0))
+    assert capsys.readouterr().err == (f"error (rank 0): {out / 'last.pth'}: this run was started with other settings "
+                                       "(lr: 0.002 -> 0.001, weight_decay: 0.05 -> 0.0); resume with the same values, "
+                                       "start afresh in another output folder, or pass --allow_changed_run=true to "
+                                       "continue with the new ones\n")
+    assert (out / "last.pth").read_bytes() == before
+    (out / ".lock").write_text(json.dumps({"pid": os.getppid(), "host": socket.gethostname(), "step": "train_var.py"}))
+    with pytest.raises(SystemExit):
+        train_var.main(cli(data, out, epochs=2))
+    assert f"{out} is in use by train_var.py (pid {os.getppid()}" in capsys.readouterr().err
+    (out / ".lock").unlink()
+    train_var.main(cli(data, out, epochs=2, lr=1e-3, weight_decay=0.0, allow_changed_run=True))
+    assert "continuing with changed lr, weight_decay (--allow_changed_run)" in capsys.readouterr().out
+    assert load_checkpoint(out / "last.pth")["epoch"] == 2 and not (out / ".lock").exists()
+    with pytest.raises(SystemExit):  # the VQ-VAE's folder is not a VAR's (here: it holds this run's inputs)
+        train_var.main(cli(data, data["root"], epochs=1))
+    assert "contains the input" in capsys.readouterr().err

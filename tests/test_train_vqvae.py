@@ -129,7 +129,7 @@ def test_a_finished_run_rerun_rewrites_nothing(data: Path, reference_run: Path, 
     shutil.copytree(reference_run, out)
     shutil.copytree(data, tmp_path / "data")
     Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(tmp_path / "data" / "test" / "disk" / "disk_0.png")
-    run_in_process(tiny_args(tmp_path / "data", out))
+    run_in_process(tiny_args(tmp_path / "data", out, allow_changed_run=True))  # data_dir defines the run
     assert "not scored again" not in capsys.readouterr().out
     assert (out / "test_metrics.json").stat().st_mtime_ns != before["test_metrics.json"]
 
@@ -184,7 +184,7 @@ NO_CUDA_DEVICE = "cuda" if not torch.cuda.is_available() else f"cuda:{torch.cuda
 @pytest.mark.parametrize("override, message", [
     ({"image_size": 64}, r"--image_size=64: must equal scales\[-1\] x 2\^\(len\(ch_mult\)-1\) = 8 x 4 = 32"),
     ({"batch_size": 0}, "--batch_size=0: must be >= 1"),
-    ({"vocab_size": 0}, "--vocab_size=0: must be >= 2"),
+    ({"vocab_size": 0}, r"--vocab_size=0: must be in \[2, 32768\]"),
     ({"in_channels": 2}, "--in_channels=2: must be one of 1, 3"),
     ({"num_recon": 0}, "--num_recon=0: must be >= 1"),
     ({"plot_every": 0}, "--plot_every=0: must be >= 1"),
@@ -384,3 +384,13 @@ def test_perceptual_loss_without_local_weights_stops_right_after_parsing(data: P
                                          f"{missing} are missing, and are not downloaded at run time"):
         run_in_process(tiny_args(data, tmp_path / "run", perceptual_weight=0.1))
     assert not (tmp_path / "run").exists()
+
+
+def test_a_resume_with_another_learning_rate_is_refused(data: Path, reference_run: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    shutil.copytree(reference_run, out)
+    with pytest.raises(SystemExit, match=rf"^error: {out / 'last.pth'}: this run was started with other settings "
+                                         r"\(lr: 0.002 -> 0.001\)"):
+        run_in_process(tiny_args(data, out, lr=1e-3))
+    with pytest.raises(SystemExit, match=rf"output folder {data} is the input {data}"):
+        run_in_process(tiny_args(data, data))
