@@ -10,7 +10,6 @@ import torch
 from torch import nn
 
 from common.checkpoint import CheckpointError, check_model_kind, load_checkpoint, require_keys
-from common.io import atomic_torch_save
 from common.runtime import rng_state, set_rng_state
 
 
@@ -105,11 +104,6 @@ def check_epoch_finite(model: nn.Module, epoch: int, losses: dict[str, float]) -
 def unwrap(model: nn.Module) -> nn.Module:
     """The bare model inside DistributedDataParallel (or the model itself)."""
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-
-
-def save_training_checkpoint(path: str | Path, **state: Any) -> None:
-    """training_state(**state) written atomically."""
-    atomic_torch_save(training_state(**state), path)
 
 
 def training_state(

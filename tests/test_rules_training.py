@@ -9,8 +9,9 @@ import torch
 from torch import nn
 
 from common.checkpoint import CheckpointError
+from common.io import atomic_torch_save
 from common.training import (LIN0_FLAT, LossWatch, NonFiniteLossError, check_epoch_finite, checkpoint_to_resume, lr_at,
-                             param_groups, resume_training_checkpoint, save_training_checkpoint, set_lr, unwrap)
+                             param_groups, resume_training_checkpoint, set_lr, training_state, unwrap)
 
 
 def test_schedule_values_by_hand():
@@ -115,20 +116,21 @@ def test_checkpoint_contents_and_refusals(tmp_path):
     model = nn.Linear(2, 2)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     path = tmp_path / "last.pth"
-    save_training_checkpoint(path, model=model, model_config={"w": 2}, config={"lr": 0.1}, optimizer=optimizer,
-                             epoch=4, step=40, history=[{"epoch": 3}], best_val_loss=0.5, extra={"note": 7})
+    atomic_torch_save(training_state(model=model, model_config={"w": 2}, config={"lr": 0.1}, optimizer=optimizer,
+                                     epoch=4, step=40, history=[{"epoch": 3}], best_val_loss=0.5,
+                                     extra={"note": 7}), path)
     saved = torch.load(path, weights_only=True)
     assert {k: saved[k] for k in ("model_config", "config", "epoch", "step", "history", "best_val_loss", "note")} == \
         {"model_config": {"w": 2}, "config": {"lr": 0.1}, "epoch": 4, "step": 40, "history": [{"epoch": 3}],
          "best_val_loss": 0.5, "note": 7}
     assert set(saved) >= {"model", "optimizer", "rng"} and "scaler" not in saved
     assert torch.equal(saved["model"]["weight"], model.weight)
-    save_training_checkpoint(path, model=model, model_config={"w": 2}, config={}, epoch=1, step=1, history=[],
-                             best_val_loss=1.0)
+    atomic_torch_save(training_state(model=model, model_config={"w": 2}, config={}, epoch=1, step=1, history=[],
+                                     best_val_loss=1.0), path)
     with pytest.raises(CheckpointError, match=rf"^{path}: not a checkpoint of this project: missing optimizer"):
         resume_training_checkpoint(path, nn.Linear(2, 2), torch.optim.SGD(model.parameters(), lr=0.1), None, {"w": 2})
-    save_training_checkpoint(path, model=model, model_config={"w": 2}, config={}, optimizer=optimizer, epoch=1, step=1,
-                             history=[], best_val_loss=1.0)
+    atomic_torch_save(training_state(model=model, model_config={"w": 2}, config={}, optimizer=optimizer, epoch=1,
+                                     step=1, history=[], best_val_loss=1.0), path)
     with pytest.raises(CheckpointError) as err:
         resume_training_checkpoint(path, nn.Linear(2, 2), optimizer, None, {"w": 3})
     assert str(err.value) == (f"{path}: was written for a different network ({{'w': 2}}) than this run's ({{'w': 3}}); "
@@ -136,15 +138,15 @@ def test_checkpoint_contents_and_refusals(tmp_path):
     with pytest.raises(CheckpointError, match=rf"^{path}: weights do not fit the model: "):
         resume_training_checkpoint(path, nn.Linear(2, 3), optimizer, None, {"w": 2})
     with pytest.raises(CheckpointError, match=rf"^{path}: is a VAR checkpoint \(train_var.py\)"):
-        save_training_checkpoint(path, model=model, model_config={"num_classes": 2}, config={}, optimizer=optimizer,
-                                 epoch=1, step=1, history=[], best_val_loss=1.0)
+        atomic_torch_save(training_state(model=model, model_config={"num_classes": 2}, config={}, optimizer=optimizer,
+                                         epoch=1, step=1, history=[], best_val_loss=1.0), path)
         resume_training_checkpoint(path, nn.Linear(2, 2), optimizer, None, {"num_classes": 2})
     broken = nn.Sequential(*(nn.Linear(2, 2) for _ in range(2)))
     with torch.no_grad():
         for p in broken.parameters():
             p.fill_(math.nan)
-    save_training_checkpoint(path, model=broken, model_config={}, config={}, optimizer=optimizer, epoch=1, step=1,
-                             history=[], best_val_loss=1.0)
+    atomic_torch_save(training_state(model=broken, model_config={}, config={}, optimizer=optimizer, epoch=1, step=1,
+                                     history=[], best_val_loss=1.0), path)
     with pytest.raises(CheckpointError) as err:
         resume_training_checkpoint(path, nn.Sequential(*(nn.Linear(2, 2) for _ in range(2))), optimizer, None, {})
     assert str(err.value) == (f"{path}: holds non-finite weights (0.weight, 0.bias, 1.weight; saved after a NaN?); "

@@ -5,8 +5,9 @@ import torch
 from torch import nn
 
 from common.checkpoint import CheckpointError
+from common.io import atomic_torch_save
 from common.training import (LossWatch, NonFiniteLossError, check_epoch_finite, lr_at, param_groups,
-                             resume_training_checkpoint, save_training_checkpoint)
+                             resume_training_checkpoint, training_state)
 from models.var import VAR
 from models.vqvae import VQVAE
 
@@ -108,8 +109,9 @@ def test_scaler_state_crosses_precisions(tmp_path):
     path = tmp_path / "last.pth"
 
     def save(scaler):
-        save_training_checkpoint(path, model=model, model_config={}, config={}, scaler=scaler, epoch=1, step=1,
-                                 optimizer=torch.optim.AdamW(model.parameters()), history=[], best_val_loss=1.0)
+        atomic_torch_save(training_state(model=model, model_config={}, config={}, scaler=scaler, epoch=1, step=1,
+                                         optimizer=torch.optim.AdamW(model.parameters()), history=[],
+                                         best_val_loss=1.0), path)
 
     def resume(scaler):
         return resume_training_checkpoint(path, Tiny(), torch.optim.AdamW(Tiny().parameters()), scaler, {})
@@ -133,8 +135,8 @@ def test_training_checkpoint_resumes_state_and_refuses_other_network(tmp_path):
     model.lin(torch.randn(2, 4)).sum().backward()
     optimizer.step()
     path = tmp_path / "last.pth"
-    save_training_checkpoint(path, model=model, model_config={"width": 4}, config={"lr": 0.1}, optimizer=optimizer,
-                             epoch=2, step=20, history=[{"epoch": 1, "loss": 3.0}], best_val_loss=2.5)
+    atomic_torch_save(training_state(model=model, model_config={"width": 4}, config={"lr": 0.1}, optimizer=optimizer,
+                                     epoch=2, step=20, history=[{"epoch": 1, "loss": 3.0}], best_val_loss=2.5), path)
     expected_next = torch.rand(3)
 
     fresh = Tiny()
@@ -148,7 +150,7 @@ def test_training_checkpoint_resumes_state_and_refuses_other_network(tmp_path):
         resume_training_checkpoint(path, Tiny(), torch.optim.AdamW(Tiny().parameters()), None, {"width": 8})
     with torch.no_grad():
         model.lin.weight[1, 1] = math.nan  # what an older version saved after a NaN on an epoch's last step
-    save_training_checkpoint(path, model=model, model_config={"width": 4}, config={}, optimizer=optimizer,
-                             epoch=3, step=30, history=[], best_val_loss=2.5)
+    atomic_torch_save(training_state(model=model, model_config={"width": 4}, config={}, optimizer=optimizer,
+                                     epoch=3, step=30, history=[], best_val_loss=2.5), path)
     with pytest.raises(CheckpointError, match=r"last\.pth: holds non-finite weights \(lin\.weight; saved after a NaN\?\)"):
         resume_training_checkpoint(path, fresh, fresh_opt, None, {"width": 4})
