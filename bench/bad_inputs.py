@@ -244,7 +244,8 @@ def build_cases(base: Path, frames: list[np.ndarray]) -> list[Case]:
     # The guarded reader: side files too deep, not UTF-8, or with keys no recipe has.
     for name, text, error in (("recipe_nested_deep", "[" * 100_000 + "]" * 100_000, "JSON nested deeper than"),
                               ("recipe_not_utf8", '{"datasets": "\udcff"}', "not UTF-8 text"),
-                              ("recipe_unknown_top_key", '{"datasets": [{}], "dataset": []}', "unknown keys ['dataset']")):
+                              ("recipe_unknown_top_key", '{"datasets": [{}], "dataset": []}',
+                               "unknown top-level keys ['dataset']")):
         root = base / name
         root.mkdir()
         (root / "recipe.json").write_bytes(text.encode("utf-8", "surrogateescape"))
