@@ -37,6 +37,7 @@ declares the option keys it accepts (ADAPTER_OPTIONS); check_options refuses any
 from __future__ import annotations
 
 import csv
+import io
 import os
 import re
 import xml.etree.ElementTree as ElementTree
@@ -44,6 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from common.io import SideFileError, read_side_bytes, read_side_text
 from data_preprocessing.readers import file_suffix, is_supported, not_a_regular_file
 from data_preprocessing.scan_area import CORNERS
 
@@ -207,11 +209,12 @@ def csv_labels(root: Path, options: dict) -> Listing:
     cols = {k: options.get(f"{k}_col", k) for k in ("path", "class", "subject", "geometry")}
     folder = table.parent.absolute()
     try:
-        with open(table, newline="") as handle:
-            reader = csv.DictReader(handle)
-            rows = [(reader.line_num, row) for row in reader]
-            header = reader.fieldnames or []
-    except (UnicodeDecodeError, csv.Error) as err:
+        reader = csv.DictReader(io.StringIO(read_side_text(table), newline=""))
+        rows = [(reader.line_num, row) for row in reader]
+        header = reader.fieldnames or []
+    except SideFileError as err:
+        raise RecipeError(f"csv adapter: {err}") from None
+    except csv.Error as err:
         raise RecipeError(f"csv adapter: {table} is not a readable CSV text table: {err}") from None
     if cols["path"] not in header:
         raise RecipeError(f"csv adapter: {table} has no {cols['path']!r} column (columns: {', '.join(header)})")
@@ -279,11 +282,12 @@ def label_file(root: Path, pattern: str, adapter: str) -> Path:
 def read_table(path: Path, adapter: str, columns: tuple[str, ...], delimiter: str = ",") -> list[dict]:
     """Rows of a label CSV (a UTF-8 byte-order mark and CRLF line ends allowed), with the columns checked."""
     try:
-        with open(path, newline="", encoding="utf-8-sig") as handle:
-            reader = csv.DictReader(handle, delimiter=delimiter)
-            rows = list(reader)
-            header = reader.fieldnames or []
-    except (UnicodeDecodeError, csv.Error) as err:
+        reader = csv.DictReader(io.StringIO(read_side_text(path), newline=""), delimiter=delimiter)
+        rows = list(reader)
+        header = reader.fieldnames or []
+    except SideFileError as err:
+        raise RecipeError(f"{adapter} adapter: {err}") from None
+    except csv.Error as err:
         raise RecipeError(f"{adapter} adapter: {path} is not a readable CSV text table: {err}") from None
     missing = [c for c in columns if c not in header]
     if missing:
@@ -336,7 +340,7 @@ def _breast_classification(root: Path) -> dict[str, str]:
 
     table = label_file(root, "BrEaST-Lesions-USG-clinical-data*.xlsx", "breast_lesions_usg")
     try:
-        book = openpyxl.load_workbook(table, read_only=True, data_only=True)
+        book = openpyxl.load_workbook(io.BytesIO(read_side_bytes(table)), read_only=True, data_only=True)
         rows = list(book.worksheets[0].iter_rows(values_only=True))
         book.close()
     except Exception as err:  # openpyxl raises zip, XML and key errors for damaged files
@@ -447,8 +451,8 @@ def ddti(root: Path, options: dict) -> Listing:
     def case_number(xml: Path) -> str | None:
         if xml not in cases:
             try:
-                number = ElementTree.parse(xml).getroot().findtext("number")
-            except (OSError, ElementTree.ParseError):
+                number = ElementTree.fromstring(read_side_bytes(xml)).findtext("number")
+            except (SideFileError, ElementTree.ParseError):
                 number = None
             cases[xml] = number.strip() if number else None
         return cases[xml]

@@ -3,6 +3,7 @@ order, with which subject, class, geometry and overlay corners, which it sets as
 a bad option or label table."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -180,8 +181,12 @@ def test_label_table_refusals_name_the_option_or_the_table(tmp_path):
     assert refusal(tmp_path, {}) == (f"csv adapter: {tmp_path / 'labels.csv'} has no 'path' column "
                                      "(columns: file, class)")
     (tmp_path / "labels.csv").write_bytes(b"path,class\n\xff\xfe\x00a.png,kidney\n")
-    assert refusal(tmp_path, {}).startswith(f"csv adapter: {tmp_path / 'labels.csv'} is not a readable CSV text "
-                                            "table: 'utf-8' codec can't decode byte 0xff")
+    assert refusal(tmp_path, {}) == (f"csv adapter: {tmp_path / 'labels.csv'}: not UTF-8 text "
+                                     "(byte 11: invalid start byte)")  # the guarded reader's words
+    (tmp_path / "labels.csv").unlink()
+    os.mkfifo(tmp_path / "labels.csv")  # refused from its stat, never opened: no hang
+    assert refusal(tmp_path, {}) == f"csv adapter: label table {tmp_path / 'labels.csv'} does not exist"
+    (tmp_path / "labels.csv").unlink()
     (tmp_path / "labels.csv").write_text("")
     assert refusal(tmp_path, {}) == f"csv adapter: {tmp_path / 'labels.csv'} has no 'path' column (columns: )"
 
