@@ -67,7 +67,7 @@ class Config:
     dropout: float = 0.0  # dropout inside the residual blocks
     beta: float = 0.25  # commitment weight of the VQ loss
     loss_reduction: str = "mean"  # mean: every loss term a mean over its elements; sum: per-image sums (the seed's SSE)
-    prefix_weight: float = 0.0  # weight of the squared error of decoding each image's f_hat after a random prefix of 1..K-1 scales: makes every prefix a coarse image, so the coarse scales carry the layout
+    prefix_weight: float = 0.0  # squared error of decoding f_hat after a random prefix of 1..K-1 scales (0 = off; docs/2_vqvae.md)
     perceptual_weight: float = 0.0  # LPIPS (VGG) weight; > 0 needs the lpips package and VGG16 weights cached locally
     disc_weight: float = 0.0  # weight of the adversarial hinge loss (times VQGAN's adaptive weight); 0 = none
     disc_start: int = 0  # training step from which the discriminator is trained and its loss added
@@ -588,7 +588,7 @@ def train(cfg: Config, dist: DistContext) -> None:
             ddp_disc.train()
         sampler.set_epoch(epoch)
         # Summed over steps: loss, rec, vq, perceptual, then generator hinge, discriminator hinge, adversarial weight
-        # (these three only over the steps with the discriminator on).
+        # (these three only over the steps with the discriminator on), then the prefix term.
         sums = torch.zeros(8, dtype=torch.float64, device=device)
         gan_steps = 0
         epoch_hits = torch.zeros(len(model.scales), cfg.vocab_size, dtype=torch.int64, device=device)
