@@ -75,6 +75,7 @@ class Config:
     dropout: float = 0.0  # dropout inside the residual blocks
     beta: float = 0.25  # commitment weight of the VQ loss
     loss_reduction: str = "mean"  # mean: every loss term a mean over its elements; sum: per-image sums (the seed's SSE)
+    prefix_weight: float = 0.0  # squared error of decoding f_hat after a random prefix of 1..K-1 scales (0 = off; docs/2_vqvae.md)
     perceptual_weight: float = 0.0  # LPIPS (VGG) weight; > 0 needs the lpips package and VGG16 weights cached locally
     disc_weight: float = 0.0  # weight of the adversarial hinge loss (times VQGAN's adaptive weight); 0 = none
     disc_start: int = 0  # training step from which the discriminator is trained and its loss added
@@ -125,6 +126,7 @@ def validate(cfg: Config) -> None:
         "ch": Rule(lambda v: v >= 32 and v % 32 == 0, "a positive multiple of 32 (GroupNorm with 32 groups)"),
         "ch_mult": each(at_least(1)), "num_res_blocks": at_least(1), "dropout": between(0, 1, high_open=True),
         "beta": at_least(0), "loss_reduction": one_of("mean", "sum"), "perceptual_weight": at_least(0),
+        "prefix_weight": at_least(0),
         "disc_weight": at_least(0), "disc_start": at_least(0),
         "disc_ch": Rule(lambda v: v >= 16 and v % 16 == 0, "a positive multiple of 16 (GroupNorm with 32 groups)"),
         "disc_layers": at_least(1), "disc_lr": at_least(0), "phi_ratio": between(0, 1), "phi_share": at_least(0),
@@ -201,6 +203,13 @@ def loss_terms(output: VQOutput, img: torch.Tensor, reduction: str, lpips_net: t
         perceptual = (perceptual_weight * lpips_net(output.rec.float(), img).mean()
                       * reduction_scale(reduction, img[0].numel()))
     return rec, vq, perceptual
+
+
+def prefix_lengths(batch: int, num_scales: int, seed: int, step: int, rank: int, device: torch.device) -> torch.Tensor:
+    """(batch,) how many scales each image's prefix keeps, uniform in 1..num_scales-1, a pure function of (seed, step,
+    process): a resumed run draws what an uninterrupted one does."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + step * 1009 + rank)
+    return torch.randint(1, num_scales, (batch,), generator=generator).to(device)
 
 
 def discriminator_input(img: torch.Tensor, in_channels: int) -> torch.Tensor:
@@ -603,8 +612,8 @@ def train(cfg: Config, dist: DistContext) -> None:
             ddp_disc.train()
         sampler.set_epoch(epoch)
         # Summed over steps: loss, rec, vq, perceptual, then generator hinge, discriminator hinge, adversarial weight
-        # (these three only over the steps with the discriminator on).
-        sums = torch.zeros(7, dtype=torch.float64, device=device)
+        # (these three only over the steps with the discriminator on), then the prefix term.
+        sums = torch.zeros(8, dtype=torch.float64, device=device)
         gan_steps = 0
         epoch_hits = torch.zeros(len(model.scales), cfg.vocab_size, dtype=torch.int64, device=device)
         n_reinit = 0
@@ -613,11 +622,15 @@ def train(cfg: Config, dist: DistContext) -> None:
             img = img.to(device, non_blocking=True)
             lr = lr_at(step, total_steps, cfg.warmup_steps, cfg.lr, cfg.final_lr_ratio)
             set_lr(optimizer, lr)
+            prefix_k = (prefix_lengths(len(img), len(cfg.scales), cfg.seed, step, dist.rank, device)
+                        if cfg.prefix_weight > 0 else None)
             with precision.autocast():
-                output = ddp_model(img)
+                output = ddp_model(img, prefix_k)
             rec, vq, perceptual = loss_terms(output, img, cfg.loss_reduction, lpips_net, cfg.perceptual_weight,
                                              latent_elements)
-            loss = rec + vq + perceptual
+            prefix = (recon_loss(output.rec_prefix, img, cfg.loss_reduction) if prefix_k is not None
+                      else rec.new_zeros(()))
+            loss = rec + vq + perceptual + cfg.prefix_weight * prefix
             gan_on = disc is not None and step >= cfg.disc_start
             gan = d_loss = gan_weight = loss.new_zeros(())
             if gan_on:
@@ -648,7 +661,7 @@ def train(cfg: Config, dist: DistContext) -> None:
                 disc_scaler.update()
                 gan_steps += 1
             # Averaged over processes (equal local batches) = the loss of the global batch.
-            step_stats = dist.all_reduce_sum(torch.stack([loss, rec, vq, perceptual, gan, d_loss, gan_weight])
+            step_stats = dist.all_reduce_sum(torch.stack([loss, rec, vq, perceptual, gan, d_loss, gan_weight, prefix])
                                              .detach().double()) / dist.world_size
             due = watch.update(step_stats[0], step)
             sums += step_stats
@@ -677,8 +690,10 @@ def train(cfg: Config, dist: DistContext) -> None:
                       seconds=time.time() - t_start)
         if lpips_net is not None:
             record["train_perceptual_loss"] = train_perceptual
+        if cfg.prefix_weight > 0:
+            record["train_prefix_loss"] = float(sums[7] / steps_per_epoch)
         if gan_steps:  # present only for epochs in which the discriminator trained
-            train_gan, train_disc, weight = (sums[4:] / gan_steps).tolist()
+            train_gan, train_disc, weight = (sums[4:7] / gan_steps).tolist()
             record.update(gan_steps=gan_steps, train_gan_loss=train_gan, train_disc_loss=train_disc, gan_weight=weight)
         history.append(**record)
         dist.print(f"epoch {epoch + 1}/{cfg.epochs} step {step}: train {train_loss:.4g} val {val['loss']:.4g} "

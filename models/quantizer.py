@@ -32,6 +32,7 @@ class QuantOutput(NamedTuple):
     f_hat: torch.Tensor      # (B, z, H, W) quantized features, straight-through to the encoder
     vq_loss: torch.Tensor    # scalar
     code_hits: torch.Tensor  # (num_scales, vocab_size) int64 counts of picked codes in this batch
+    f_prefix: torch.Tensor | None = None  # (B, z, H, W) f_hat after each image's prefix of scales (forward's prefix_k)
 
 
 class MultiScaleQuantizer(nn.Module):
@@ -117,17 +118,38 @@ class MultiScaleQuantizer(nn.Module):
             f_hats.append(f_hat)
         return idx_list, f_hats, loss / len(self.scales)
 
-    def forward(self, f: torch.Tensor) -> QuantOutput:
-        """Training pass: quantized features with the straight-through gradient, the VQ loss and code hits."""
+    def low_pass(self, k: int, f: torch.Tensor) -> torch.Tensor:
+        """f seen at scale k's side: area-downsampled to pn_k and bicubic-upsampled back, as the quantizer sees it."""
+        if k == len(self.scales) - 1:
+            return f
+        pn = self.scales[k]
+        return F.interpolate(F.interpolate(f, size=(pn, pn), mode="area"), size=f.shape[-2:], mode="bicubic")
+
+    def prefix_fhat(self, f: torch.Tensor, f_hats: Sequence[torch.Tensor], prefix_k: torch.Tensor) -> torch.Tensor:
+        """Each image's f_hat after its first prefix_k[i] scales (1..K). The codebook and phi get the gradient of the
+        prefix itself; the encoder gets it through f's low pass at the prefix's last scale, a straight-through
+        estimate that asks for the prefix's content in f's coarse structure (the full f_hat's identity would ask
+        for it anywhere in f, where the coarse scales cannot see it)."""
+        pick = (prefix_k - 1).view(1, -1, 1, 1, 1)
+        stacked = torch.stack(list(f_hats))  # (K, B, z, H, W)
+        chosen = stacked.gather(0, pick.expand(1, *stacked.shape[1:]))[0]
+        low = torch.stack([self.low_pass(k, f) for k in range(len(f_hats))])
+        low = low.gather(0, pick.expand(1, *low.shape[1:]))[0]
+        return chosen + (low - low.detach())
+
+    def forward(self, f: torch.Tensor, prefix_k: torch.Tensor | None = None) -> QuantOutput:
+        """Training pass: quantized features with the straight-through gradient, the VQ loss and code hits; with
+        prefix_k (B,) also each image's f_hat after its first prefix_k[i] scales (see prefix_fhat)."""
         with torch.autocast(device_type=f.device.type, enabled=False):
             f = f.float()
             idx_list, f_hats, loss = self._residual_quantize(f, with_grad=True)
             f_hat = (f_hats[-1].detach() - f.detach()) + f
+            f_prefix = None if prefix_k is None else self.prefix_fhat(f, f_hats, prefix_k)
             # scatter_add_, not bincount: bincount reads its output size back to the host on every call.
             hits = torch.zeros(len(idx_list), self.vocab_size, dtype=torch.int64, device=f.device)
             for k, idx in enumerate(idx_list):
                 hits[k].scatter_add_(0, idx.flatten(), torch.ones(idx.numel(), dtype=torch.int64, device=f.device))
-        return QuantOutput(f_hat, loss, hits)
+        return QuantOutput(f_hat, loss, hits, f_prefix)
 
     @torch.no_grad()
     def f_to_idx(self, f: torch.Tensor) -> list[torch.Tensor]:

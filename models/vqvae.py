@@ -16,6 +16,7 @@ class VQOutput(NamedTuple):
     rec: torch.Tensor        # (B, 3, H, W) decoder output, not clamped
     vq_loss: torch.Tensor    # scalar
     code_hits: torch.Tensor  # (num_scales, vocab_size) int64
+    rec_prefix: torch.Tensor | None = None  # (B, 3, H, W) decode of each image's prefix of scales (forward's prefix_k)
 
 
 class VQVAE(nn.Module):
@@ -63,9 +64,13 @@ class VQVAE(nn.Module):
         """Quantized features -> image in [-1, 1], float32 even under autocast."""
         return self.decode(f_hat).float().clamp(-1, 1)
 
-    def forward(self, img: torch.Tensor) -> VQOutput:
-        f_hat, vq_loss, code_hits = self.quantizer(self.encode(img))
-        return VQOutput(self.decode(f_hat), vq_loss, code_hits)
+    def forward(self, img: torch.Tensor, prefix_k: torch.Tensor | None = None) -> VQOutput:
+        """prefix_k (B,): also decode each image's f_hat after its first prefix_k[i] scales (one decoder call)."""
+        f_hat, vq_loss, code_hits, f_prefix = self.quantizer(self.encode(img), prefix_k)
+        if f_prefix is None:
+            return VQOutput(self.decode(f_hat), vq_loss, code_hits)
+        rec, rec_prefix = self.decode(torch.cat((f_hat, f_prefix))).chunk(2)
+        return VQOutput(rec, vq_loss, code_hits, rec_prefix)
 
     @torch.no_grad()
     def img_to_idx(self, img: torch.Tensor) -> list[torch.Tensor]:

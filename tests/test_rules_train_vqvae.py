@@ -42,7 +42,8 @@ def test_every_constant_is_refused_just_outside_its_range_and_accepted_at_its_ed
         "seed": ([0, 2**32 - 1], (2**32, "in [0, 4294967295]")),
         **{name: ([0], (-1, ">= 0")) for name in ("disc_start", "phi_share", "warmup_steps", "dead_code_steps",
                                                   "num_workers", "cpu_threads")},
-        **{name: ([0.0], (-0.5, ">= 0")) for name in ("beta", "perceptual_weight", "disc_weight", "disc_lr", "lr",
+        **{name: ([0.0], (-0.5, ">= 0")) for name in ("beta", "perceptual_weight", "prefix_weight", "disc_weight",
+                                                      "disc_lr", "lr",
                                                       "weight_decay", "grad_clip")},
         **{name: ([0.0, 0.999], (1.0, "in [0, 1)")) for name in ("dropout", "adam_beta1", "adam_beta2")},
         **{name: ([0.0, 1.0], (1.5, "in [0, 1]")) for name in ("phi_ratio", "final_lr_ratio")},
@@ -58,6 +59,14 @@ def test_every_constant_is_refused_just_outside_its_range_and_accepted_at_its_ed
         assert refusal(tmp_path, **{name: -0.1}).startswith(f"--{name}=-0.1: must be in [0, 1"), name
     assert refusal(tmp_path, ch=0) == "--ch=0: must be a positive multiple of 32 (GroupNorm with 32 groups)"
     assert refusal(tmp_path, disc_ch=0).startswith("--disc_ch=0: must be a positive multiple of 16")
+
+
+def test_prefix_lengths_cover_1_to_k_minus_1_and_depend_on_seed_step_and_process_only():
+    draw = train_vqvae.prefix_lengths(4000, 6, seed=0, step=7, rank=0, device=torch.device("cpu"))
+    assert sorted(draw.unique().tolist()) == [1, 2, 3, 4, 5]  # never the whole set of scales: that is the recon
+    assert torch.equal(draw, train_vqvae.prefix_lengths(4000, 6, seed=0, step=7, rank=0, device=torch.device("cpu")))
+    for other in (dict(seed=1, step=7, rank=0), dict(seed=0, step=8, rank=0), dict(seed=0, step=7, rank=1)):
+        assert not torch.equal(draw, train_vqvae.prefix_lengths(4000, 6, device=torch.device("cpu"), **other)), other
 
 
 def test_scales_and_ch_mult_lists_and_the_image_side_they_fix(tmp_path):

@@ -324,6 +324,16 @@ def test_the_two_loss_reductions_differ_by_the_element_counts(data: Path, tmp_pa
     assert mean["psnr_scan"] == mean["psnr"] and mean["ssim_scan"] == mean["ssim"]
 
 
+def test_the_prefix_term_is_weighted_into_the_training_loss_and_logged(data: Path, reference_run: Path,
+                                                                        tmp_path: Path) -> None:
+    run_in_process(tiny_args(data, tmp_path, epochs=1, plot_every=1, prefix_weight=0.5))
+    first = history(tmp_path)[0]
+    assert first["train_prefix_loss"] > 0
+    assert first["train_loss"] == pytest.approx(first["train_rec_loss"] + first["train_vq_loss"]
+                                                + 0.5 * first["train_prefix_loss"], rel=1e-6)  # float32 terms
+    assert "train_prefix_loss" not in history(reference_run)[0]
+
+
 def test_the_discriminator_starts_only_after_its_delay(reference_run: Path, gan_run: Path) -> None:
     plain, gan = history(reference_run), history(gan_run)
     # Steps 0-3 (epochs 1-2): no discriminator step, no adversarial term: exactly the run without one.

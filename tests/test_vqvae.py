@@ -64,6 +64,37 @@ def test_gradients_reach_every_part(model: VQVAE) -> None:
     model.zero_grad()
 
 
+def test_prefix_decode_is_each_images_own_prefix_and_leaves_the_full_reconstruction_alone(model: VQVAE) -> None:
+    img = images(3)
+    prefix_k = torch.tensor([1, 3, len(SCALES)])
+    with torch.no_grad():
+        out, plain = model(img, prefix_k), model(img)
+        idx = model.img_to_idx(img)
+        want = torch.cat([model.decode(model.idx_to_fhats([m[i:i + 1] for m in idx[:k]])[-1])
+                          for i, k in enumerate(prefix_k.tolist())])
+    assert plain.rec_prefix is None
+    torch.testing.assert_close(out.rec, plain.rec, atol=1e-5, rtol=1e-5)  # one decoder batch of both: last bits
+    torch.testing.assert_close(out.rec_prefix, want, atol=1e-4, rtol=1e-4)
+    assert (out.rec_prefix[0] - out.rec_prefix[1]).abs().max() > 1e-3  # a 1-scale prefix is not a 3-scale one
+
+
+def test_the_prefix_reaches_the_encoder_through_the_low_pass_and_the_codes_directly(model: VQVAE) -> None:
+    q = model.quantizer
+    f = torch.randn(2, 8, 4, 4, generator=torch.Generator().manual_seed(2), requires_grad=True)
+    weight = torch.randn(2, 8, 4, 4, generator=torch.Generator().manual_seed(3))
+    out = q(f, torch.tensor([2, 2]))
+    q.embedding.weight.grad = None
+    (out.f_prefix * weight).sum().backward()
+    low = q.low_pass(1, f.detach().clone().requires_grad_())
+    (low * weight).sum().backward()
+    # The straight-through part: f's gradient is the low pass at the 2x2 scale's, not the identity of the full f_hat.
+    torch.testing.assert_close(f.grad, torch.autograd.grad((q.low_pass(1, f) * weight).sum(), f)[0])
+    assert not torch.allclose(f.grad, weight)
+    assert q.embedding.weight.grad is not None and q.embedding.weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        torch.testing.assert_close(out.f_prefix, q.f_to_fhats(f)[1])
+
+
 def test_paths_agree(model: VQVAE) -> None:
     img = images()
     idx = model.img_to_idx(img)
