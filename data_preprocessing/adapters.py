@@ -8,8 +8,9 @@ the images are never listed as images: they go to `Listing.ignored` with the rea
 Layouts known here (from each dataset's documentation):
 - busi: BUSI (Al-Dhabyani et al. 2020) `{benign,malignant,normal}/[images/]<class> (n).png`, masks
   `<class> (n)_mask.png` / `_mask_1.png` interleaved. benign/malignant/normal is a finding, NOT an organ
-  class: the recipe maps the whole set to one organ class. BUSI has no patient ids, so subject = file stem:
-  two images of one patient may land in different splits (a known limitation of this dataset).
+  class: the recipe maps the whole set to one organ class, unless options {"classes": "finding"} (and no
+  "class" in the recipe) make the class breast_benign / breast_malignant / breast_normal. BUSI has no patient
+  ids, so subject = file stem: two images of one patient may land in different splits (a known limitation).
 - hc18: HC18 `training_set/NNN_HC.png`, `NNN_2HC.png`, `NNN_3HC.png` (same subject NNN), annotations
   `NNN_HC_Annotation.png`; `test_set/` has its own numbering, so subject = folder + NNN. Every frame
   carries a black anonymisation box at the bottom right: its sources declare it (overlay_corners), so
@@ -117,7 +118,16 @@ def _identity(path: Path) -> tuple[int, int]:
 
 
 def busi(root: Path, options: dict) -> Listing:
-    return walk_images(root)  # subject = stem (no patient ids); class comes from the recipe
+    """Subject = stem (BUSI has no patient ids); the finding is the benign/malignant/normal folder."""
+    by_finding = finding_classes("busi", options)
+
+    def place(path: Path) -> Source | str:
+        finding = next((p.lower() for p in reversed(path.relative_to(root).parts[:-1]) if p.lower() in FINDINGS), None)
+        if by_finding and finding is None:
+            return "not inside a benign, malignant or normal folder: BUSI's finding unknown"
+        return Source(path, stem(path), finding_class(by_finding, finding))
+
+    return placed(walk_images(root), place)
 
 
 HC18_NAME = re.compile(r"^(\d+)_\d*HC$", re.IGNORECASE)
@@ -208,6 +218,35 @@ def csv_labels(root: Path, options: dict) -> Listing:
         subject = (row.get(cols["subject"]) or "").strip() or stem(path)
         listing.sources.append(Source(path, subject, cls, (row.get(cols["geometry"]) or "").strip()))
     return listing
+
+
+# ---------------------------------------------------------------- the public datasets' published layouts
+
+FINDINGS = ("benign", "malignant", "normal")
+
+
+def placed(listing: Listing, place: Callable[[Path], Source | str]) -> Listing:
+    """Each walked image through `place`: its Source, or the reason the layout cannot place it (set aside)."""
+    result = Listing(ignored=list(listing.ignored))
+    for source in listing.sources:
+        where = place(source.path)
+        if isinstance(where, str):
+            result.ignored.append((source.path, where))
+        else:
+            result.sources.append(where)
+    return result
+
+
+def finding_classes(adapter: str, options: dict) -> bool:
+    """True for options {"classes": "finding"} (breast_benign, ...), False for the organ-level default."""
+    classes = options.get("classes", "organ")
+    if classes not in ("organ", "finding"):
+        raise RecipeError(f"{adapter} adapter: options.classes must be 'organ' or 'finding', got {classes!r}")
+    return classes == "finding"
+
+
+def finding_class(by_finding: bool, finding: str | None) -> str | None:
+    return f"breast_{finding}" if by_finding and finding else None
 
 
 ADAPTERS: dict[str, Callable[[Path, dict], Listing]] = {
