@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import eval_utility
+import report
 import sample_var
 from common.classification_metrics import classification_scores
 from common.image_data import list_split
@@ -173,3 +174,18 @@ def test_teacher_prefix_samples_of_the_test_split_are_refused(tiny_pipeline: dic
     with pytest.raises(SystemExit):
         eval_utility.main([f"--samples={samples}", "--point=TP_K1_cfg1.5", f"--out={tmp_path / 'u'}"])
     assert "teacher images of the test split, on which the classifiers are scored" in capsys.readouterr().err
+
+
+def test_the_report_shows_the_tables_and_plots(evaluated: dict[str, Path], tmp_path: Path) -> None:
+    text = report.build(report.Config(samples_dir=str(evaluated["samples"]), out=str(tmp_path / "report.html")))
+    section = text.split('<h2 id="utility">')[1].split('<h2 id="configs">')[0]
+    m = metrics(evaluated["out"])
+    real = next(r for r in m["tstr"] if r["setting"] == "real" and r["class"] == "all" and r["metric"] == "macro_f1")
+    assert f"{real['mean']:.3f} [{real['low']:.3f}, {real['high']:.3f}]" in section
+    assert "real+synthetic x0.5 - real" in section and m["differences"][0]["verdict"] in section
+    assert f"{m['detectability']['auc']:.3f} [{m['detectability']['low']:.3f}" in section
+    for plot in PLOTS:
+        assert f'src="{report.Page(tmp_path / "report.html").link(evaluated["out"] / plot)}"' in section
+    assert '<a href="#utility">usefulness</a>' in text and "usefulness (eval_utility.py)" in text
+    bare = report.build(report.Config(samples_dir=str(tmp_path / "none"), out=str(tmp_path / "report.html")))
+    assert 'id="utility"' not in bare and "usefulness" not in bare  # no section for a step that did not run
