@@ -1,6 +1,6 @@
 """The downstream classifier eval_utility.py trains: a small torchvision network, from scratch or from weights a
-user holds. ResNet-18 is the default; ShuffleNetV2 x0.5 (1.4M parameters) trains about 8 times faster on a CPU at
-64 px (bench/bench_classifier.py), which is what the CPU presets use.
+user holds. ResNet-18 is the default; ShuffleNetV2 x0.5 (0.35M parameters for 4 classes, against 11.2M) trains
+about 6 times faster on a CPU at 64 px (bench/bench_classifier.py), which is what the CPU presets use.
 
 Grey ultrasound images enter as three equal channels so that ImageNet weights (torchvision's file, or a checkpoint
 of this class) load unchanged; every weight but the last layer's (fc in both), whose size is the number of classes.
