@@ -28,7 +28,6 @@ import hashlib
 import io
 import json
 import math
-import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -478,13 +477,10 @@ def plot_learning_curves(out: Path, settings: list[str]) -> None:
     for j, (title, files, held) in enumerate(columns):
         for i, file in enumerate(files):
             history = History.load(file)
-            colour = f"C{i % 10}"
-            axes[0, j].plot(*history.series("train_loss"), color=colour, linewidth=1,
-                            label="train" if i == 0 else None)
-            axes[0, j].plot(*history.series(f"{held}_loss"), color=colour, linestyle="--", linewidth=1,
-                            label=held if i == 0 else None)
-            axes[1, j].plot(*history.series(f"{held}_balanced_accuracy"), color=colour, linewidth=1,
-                            label=file.parent.name)
+            line = {"color": f"C{i % 10}", "linewidth": 1, "marker": "o", "markersize": 2}
+            axes[0, j].plot(*history.series("train_loss"), **line, label="train" if i == 0 else None)
+            axes[0, j].plot(*history.series(f"{held}_loss"), **line, linestyle="--", label=held if i == 0 else None)
+            axes[1, j].plot(*history.series(f"{held}_balanced_accuracy"), **line, label=file.parent.name)
         axes[0, j].set_title(title, fontsize=9)
         axes[1, j].set_xlabel("epoch")
         for ax in axes[:, j]:
@@ -570,13 +566,11 @@ def print_summary(rows: list[dict[str, Any]], differences: list[dict[str, Any]],
 
 def main(argv: list[str] | None = None) -> None:
     config = script_config(Config, argv, validate)
-    if config.cpu_threads > 0:
-        torch.set_num_threads(config.cpu_threads)
+    torch.set_num_threads(config.cpu_threads or torch.get_num_threads())
     try:
         evaluate(config)
     except (EvalUtilityError, CheckpointError, ImageDataError) as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
-        raise SystemExit(1) from None
+        raise SystemExit(f"error: {err}") from None  # the message on stderr, exit status 1, no traceback
 
 
 if __name__ == "__main__":
