@@ -300,7 +300,11 @@ def resolve(config: Config) -> tuple[Config, Inputs]:
     if short:
         raise EvalUtilityError(f"{point}: fewer than detect_folds={config.detect_folds} synthetic images of "
                                f"{', '.join(short)}")
-    settings = {k: v for k, v in config_dict(config).items() if k not in ("out", "device", "cpu_threads", "bootstrap")}
+    # What a run's result depends on (its seed, setting and fold are added per run): a rerun with more seeds or
+    # another ratio reuses every run already finished.
+    settings = {k: v for k, v in config_dict(config).items()
+                if k not in ("samples", "data_dir", "out", "ratios", "seeds", "detect_folds", "bootstrap", "device",
+                             "cpu_threads")}
     fingerprint = files_fingerprint([*synthetic.path], sweep.folder) + files_fingerprint(
         [p for split in real.values() for p in split.path], data_dir)
     made_from = hashlib.sha256(json.dumps([settings, point, fingerprint]).encode()).hexdigest()
@@ -366,9 +370,11 @@ def evaluate(config: Config) -> None:
 
     tstr: dict[str, list[np.ndarray]] = {}
     counts: dict[str, dict[str, int]] = {}
+    runs: dict[str, list[Path]] = {}
     for seed in seeds:
         for setting, (train, synthetic_counts) in training_sets(inputs, config.ratios, seed).items():
-            probs = train_run(run_folder(out, setting) / f"seed{seed}", f"{inputs.made_from}/{setting}/{seed}", train,
+            runs.setdefault(setting, []).append(run_folder(out, setting) / f"seed{seed}")
+            probs = train_run(runs[setting][-1], f"{inputs.made_from}/{setting}/{seed}", train,
                               {"val": inputs.real["val"], "test": test}, len(classes), seed, steps_images, config,
                               device)
             tstr.setdefault(setting, []).append(probs["test"])
@@ -381,7 +387,8 @@ def evaluate(config: Config) -> None:
             held = fold == k
             train = Images(both.x[~held], is_synthetic[~held], both.subject[~held], [])
             heldout = Images(both.x[held], is_synthetic[held], both.subject[held], [])
-            probs = train_run(run_folder(out, DETECT) / f"seed{seed}_fold{k}", f"{inputs.made_from}/detect/{seed}/{k}",
+            runs.setdefault(DETECT, []).append(run_folder(out, DETECT) / f"seed{seed}_fold{k}")
+            probs = train_run(runs[DETECT][-1], f"{inputs.made_from}/detect/{config.detect_folds}/{seed}/{k}",
                               train, {"heldout": heldout}, 2, seed, steps_images, config, device)
             detect_scores[seed, held] = probs["heldout"][:, 1]
 
@@ -400,7 +407,7 @@ def evaluate(config: Config) -> None:
     atomic_write_json(out / "metrics.json", clean({"info": info, "tstr": rows, "differences": differences,
                                                    "detectability": detectability}))
     write_csv(rows + differences, detectability, out / "metrics.csv")
-    plot_learning_curves(out, list(tstr))
+    plot_learning_curves(runs, out / "learning_curves.png")
     plot_confusions(tstr, test.y, classes, out / "confusion_matrices.png")
     plot_roc(tstr, test.y, classes, out / "roc.png")
     plot_detection_roc(detect_scores.mean(0), is_synthetic, both.y, classes, detectability, out / "detectability_roc.png")
@@ -468,20 +475,19 @@ def write_csv(rows: list[dict[str, Any]], detectability: dict[str, Any], path: P
     atomic_write_text(path, buffer.getvalue())
 
 
-def plot_learning_curves(out: Path, settings: list[str]) -> None:
+def plot_learning_curves(runs: dict[str, list[Path]], path: Path) -> None:
     """A column per TSTR setting and one for detectability; rows: losses, held-out balanced accuracy; a line per
-    seed (per seed and fold for detectability)."""
-    columns = [(s, sorted(run_folder(out, s).glob("*/history.json")), "val") for s in settings]
-    columns.append(("detectability", sorted(run_folder(out, DETECT).glob("*/history.json")), "heldout"))
-    fig, axes = plt.subplots(2, len(columns), figsize=(3.6 * len(columns), 6), squeeze=False, sharex=True)
-    for j, (title, files, held) in enumerate(columns):
-        for i, file in enumerate(files):
-            history = History.load(file)
+    run (seed, and fold for detectability)."""
+    fig, axes = plt.subplots(2, len(runs), figsize=(3.6 * len(runs), 6), squeeze=False, sharex=True)
+    for j, (setting, folders) in enumerate(runs.items()):
+        held = "heldout" if setting == DETECT else "val"
+        for i, folder in enumerate(folders):
+            history = History.load(folder / "history.json")
             line = {"color": f"C{i % 10}", "linewidth": 1, "marker": "o", "markersize": 2}
             axes[0, j].plot(*history.series("train_loss"), **line, label="train" if i == 0 else None)
             axes[0, j].plot(*history.series(f"{held}_loss"), **line, linestyle="--", label=held if i == 0 else None)
-            axes[1, j].plot(*history.series(f"{held}_balanced_accuracy"), **line, label=file.parent.name)
-        axes[0, j].set_title(title, fontsize=9)
+            axes[1, j].plot(*history.series(f"{held}_balanced_accuracy"), **line, label=folder.name)
+        axes[0, j].set_title("detectability" if setting == DETECT else setting, fontsize=9)
         axes[1, j].set_xlabel("epoch")
         for ax in axes[:, j]:
             ax.grid(alpha=0.3)
@@ -491,7 +497,7 @@ def plot_learning_curves(out: Path, settings: list[str]) -> None:
     axes[1, 0].set_ylabel("balanced accuracy (real val / held-out fold)")
     fig.suptitle("Learning curves: train (solid) and held-out (dashed) loss, one colour per run", fontsize=10)
     fig.tight_layout()
-    save_figure(fig, out / "learning_curves.png")
+    save_figure(fig, path)
 
 
 def plot_confusions(tstr: dict[str, list[np.ndarray]], y: np.ndarray, classes: list[str], path: Path) -> None:
