@@ -5,11 +5,12 @@ real images.
     python eval_utility.py --config=configs/utility_real_findings_cpu.json
 
 From one sweep point of a sample_var.py folder (default: its first no-prefix point) and the processed real set:
-- TSTR and augmentation: the same classifier (torchvision ResNet-18, or ShuffleNetV2 x0.5: `arch`) is trained on (a) the real training split,
-  (b) real + synthetic, `ratios` synthetic images per real training image of the same class, (c) the synthetic
-  images only, and scored on the real test split: accuracy, balanced accuracy, macro-F1, one-vs-rest AUC, per class
-  recall / F1 / AUC. Every setting is trained once per seed; the table gives the mean with a t interval over seeds,
-  and (b) minus (a), paired by seed, says whether the synthetic images help detectably (interval excluding 0).
+- TSTR and augmentation: the same classifier (torchvision ResNet-18, or ShuffleNetV2 x0.5: `arch`) is trained on
+  (a) the real training split, (b) real + synthetic, `ratios` synthetic images per real training image of the same
+  class, (c) the synthetic images only, and scored on the real test split: accuracy, balanced accuracy, macro-F1,
+  one-vs-rest AUC, per class recall / F1 / AUC. Every setting is trained once per seed; the table gives the mean
+  with a t interval over seeds, and (b) minus (a), paired by seed, says whether the synthetic images help
+  detectably (interval excluding 0).
   Every setting takes the same number of optimisation steps (an epoch = as many images as the real training split,
   drawn class-balanced): only what the images are differs, not how long the network trains.
 - Detectability: the same network learns to tell real training images from synthetic images of the same class
@@ -39,9 +40,10 @@ import torch.nn.functional as F
 from torchvision.transforms import v2
 
 from common.checkpoint import CheckpointError, load_checkpoint
-from common.classification_metrics import (classification_scores, roc_auc, roc_curve, subject_bootstrap_auc, subject_folds,
-                                           t_interval)
-from common.config import DEVICE, above, at_least, check_constants, config_dict, each, one_of, save_config, script_config
+from common.classification_metrics import (classification_scores, roc_auc, roc_curve, subject_bootstrap_auc,
+                                           subject_folds, t_interval)
+from common.config import (DEVICE, above, at_least, check_constants, config_dict, each, one_of, save_config,
+                           script_config)
 from common.history import History
 from common.image_data import EpochSampler, ImageDataError, list_classes, list_split, read_image
 from common.io import atomic_save_npz, atomic_write_json, atomic_write_text, files_fingerprint
@@ -93,8 +95,8 @@ def validate(config: Config) -> None:
     check_constants(config, {
         "ratios": each(above(0), non_empty=False), "seeds": at_least(1), "epochs": at_least(1),
         "batch_size": at_least(2), "lr": above(0), "weight_decay": at_least(0), "warmup_epochs": at_least(0),
-        "image_size": at_least(32), "arch": one_of(*ARCHS), "detect_folds": at_least(2), "bootstrap": at_least(1), "device": DEVICE,
-        "cpu_threads": at_least(0),
+        "image_size": at_least(32), "arch": one_of(*ARCHS), "detect_folds": at_least(2), "bootstrap": at_least(1),
+        "device": DEVICE, "cpu_threads": at_least(0),
     })
 
 
@@ -293,7 +295,8 @@ def resolve(config: Config) -> tuple[Config, Inputs]:
     except ImageDataError as err:
         raise EvalUtilityError(str(err)) from None
     if classes != sweep.classes:
-        raise EvalUtilityError(f"{config.samples} was sampled for classes {sweep.classes}, but {data_dir} has {classes}")
+        raise EvalUtilityError(f"{config.samples} was sampled for classes {sweep.classes}, but {data_dir} has "
+                               f"{classes}")
     real = load_real(data_dir, classes, config.image_size)
     synthetic = load_synthetic(sweep.folder, rows, config.image_size)
     short = [classes[c] for c in range(len(classes)) if (synthetic.y == c).sum() < config.detect_folds]
@@ -316,11 +319,15 @@ def training_sets(inputs: Inputs, ratios: tuple[float, ...], seed: int) -> dict[
     each set's synthetic images per class."""
     train, synthetic, classes = inputs.real["train"], inputs.synthetic, inputs.classes
     per_class = {c: int((train.y == c).sum()) for c in range(len(classes))}
+
+    def count(images: Images) -> dict[str, int]:
+        return dict(zip(classes, np.bincount(images.y, minlength=len(classes)).tolist()))
+
     sets = {REAL: (train, {name: 0 for name in classes})}
     for ratio in ratios:
         extra = synthetic.take(pick_per_class(synthetic.y, {c: round(ratio * n) for c, n in per_class.items()}, seed))
-        sets[mixed_name(ratio)] = (Images.join(train, extra), dict(zip(classes, np.bincount(extra.y, minlength=len(classes)).tolist())))
-    sets[SYNTHETIC] = (synthetic, dict(zip(classes, np.bincount(synthetic.y, minlength=len(classes)).tolist())))
+        sets[mixed_name(ratio)] = (Images.join(train, extra), count(extra))
+    sets[SYNTHETIC] = (synthetic, count(synthetic))
     return sets
 
 
@@ -330,7 +337,8 @@ def detection_set(inputs: Inputs, folds: int) -> tuple[Images, np.ndarray, np.nd
     subject is in two folds and every fold holds both sides of every class."""
     real, synthetic = inputs.real["train"], inputs.synthetic
     wanted = {c: int(min((real.y == c).sum(), (synthetic.y == c).sum())) for c in range(len(inputs.classes))}
-    both = Images.join(real.take(pick_per_class(real.y, wanted, 0)), synthetic.take(pick_per_class(synthetic.y, wanted, 0)))
+    both = Images.join(real.take(pick_per_class(real.y, wanted, 0)),
+                       synthetic.take(pick_per_class(synthetic.y, wanted, 0)))
     is_synthetic = np.r_[np.zeros(sum(wanted.values()), np.int64), np.ones(sum(wanted.values()), np.int64)]
     fold = np.zeros(len(both.y), np.int64)
     for c in wanted:
@@ -394,23 +402,24 @@ def evaluate(config: Config) -> None:
 
     rows, differences = score_tstr(tstr, test.y, classes)
     detectability = score_detection(detect_scores, is_synthetic, both, classes, config)
-    info = {"made_from": inputs.made_from, "samples": config.samples, "point": inputs.point, "data_dir": config.data_dir,
-            "classes": classes, "image_size": config.image_size, "seeds": config.seeds, "epochs": config.epochs,
-            "arch": config.arch, "init": config.init or "from scratch",
+    info = {"made_from": inputs.made_from, "samples": config.samples, "point": inputs.point,
+            "data_dir": config.data_dir, "classes": classes, "image_size": config.image_size, "seeds": config.seeds,
+            "epochs": config.epochs, "arch": config.arch, "init": config.init or "from scratch",
             "real_images": {s: dict(zip(classes, np.bincount(d.y, minlength=len(classes)).tolist()))
                             for s, d in inputs.real.items()},
             "synthetic_images_added": counts, "epoch_images": steps_images,
-            "notes": "TSTR: the classifier (arch) trained on each setting, scored on the real test split; mean and 95% t "
-                     "interval over seeds. differences: setting minus real, paired by seed. detectability: held-out "
-                     "AUC of real-vs-synthetic (1 = synthetic), folds split by subject, scores averaged over seeds, "
-                     "95% subject-bootstrap interval."}
+            "notes": "TSTR: the classifier (arch) trained on each setting, scored on the real test split; mean and "
+                     "95% t interval over seeds. differences: setting minus real, paired by seed. detectability: "
+                     "held-out AUC of real-vs-synthetic (1 = synthetic), folds split by subject, scores averaged "
+                     "over seeds, 95% subject-bootstrap interval."}
     atomic_write_json(out / "metrics.json", clean({"info": info, "tstr": rows, "differences": differences,
                                                    "detectability": detectability}))
     write_csv(rows + differences, detectability, out / "metrics.csv")
     plot_learning_curves(runs, out / "learning_curves.png")
     plot_confusions(tstr, test.y, classes, out / "confusion_matrices.png")
     plot_roc(tstr, test.y, classes, out / "roc.png")
-    plot_detection_roc(detect_scores.mean(0), is_synthetic, both.y, classes, detectability, out / "detectability_roc.png")
+    plot_detection_roc(detect_scores.mean(0), is_synthetic, both.y, classes, detectability,
+                       out / "detectability_roc.png")
     print_summary(rows, differences, detectability)
 
 
@@ -440,7 +449,8 @@ def score_detection(scores: np.ndarray, is_synthetic: np.ndarray, both: Images, 
     per_class = {}
     for c, name in enumerate(classes):
         sel = both.y == c
-        a, lo, hi = subject_bootstrap_auc(is_synthetic[sel] == 1, mean[sel], both.subject[sel], config.bootstrap, seed=c)
+        a, lo, hi = subject_bootstrap_auc(is_synthetic[sel] == 1, mean[sel], both.subject[sel], config.bootstrap,
+                                          seed=c)
         per_class[name] = {"auc": a, "low": lo, "high": hi, "images_per_side": int(sel.sum() // 2)}
     per_seed = [roc_auc(is_synthetic == 1, s) for s in scores]
     return {"auc": auc, "low": low, "high": high, "per_seed": per_seed, "per_class": per_class,
@@ -563,7 +573,8 @@ def print_summary(rows: list[dict[str, Any]], differences: list[dict[str, Any]],
     for setting in dict.fromkeys(r["setting"] for r in rows):
         cells = [next(r for r in rows if r["setting"] == setting and r["class"] == ALL and r["metric"] == m)
                  for m in METRICS]
-        print(f"{setting:<26} " + " ".join(f"{r['mean']:.3f} [{r['low']:.3f}, {r['high']:.3f}]".rjust(24) for r in cells))
+        print(f"{setting:<26} " + " ".join(f"{r['mean']:.3f} [{r['low']:.3f}, {r['high']:.3f}]".rjust(24)
+                                           for r in cells))
     for d in differences:
         print(f"{d['setting']}: {d['metric']} {d['mean']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}] -> {d['verdict']}")
     print(f"detectability AUC {detectability['auc']:.3f} [{detectability['low']:.3f}, {detectability['high']:.3f}] "

@@ -33,8 +33,8 @@ class Classifier(nn.Module):
 
 def load_init(model: Classifier, path: str | Path) -> int:
     """Start from pretrained weights (weights_only): a torchvision state dict of the model's arch, or a
-    {"model": ...} checkpoint of this class. The last layer (fc) is kept fresh; every other weight must be there with its shape.
-    Returns the number of tensors loaded."""
+    {"model": ...} checkpoint of this class. The last layer (fc) is kept fresh; every other weight must be there
+    with its shape. Returns the number of tensors loaded."""
     ckpt = load_checkpoint(path)
     state = ckpt.get("model", ckpt)
     state = {k.removeprefix("net."): v for k, v in state.items()}
@@ -42,7 +42,8 @@ def load_init(model: Classifier, path: str | Path) -> int:
     missing = [k for k in own if k not in state]
     misshapen = [k for k in own if k in state and state[k].shape != own[k].shape]
     if missing or misshapen:
-        raise CheckpointError(f"{path}: not {model.config['arch']} weights: {len(missing)} tensors missing ({', '.join(missing[:3])}), "
-                              f"{len(misshapen)} of another shape ({', '.join(misshapen[:3])})")
+        raise CheckpointError(f"{path}: not {model.config['arch']} weights: {len(missing)} tensors missing "
+                              f"({', '.join(missing[:3])}), {len(misshapen)} of another shape "
+                              f"({', '.join(misshapen[:3])})")
     model.net.load_state_dict({k: state[k] for k in own}, strict=False)
     return len(own)
