@@ -7,7 +7,8 @@
 The page shows, each with a short caption: the processed data (images per class and split from manifest.csv, the
 plots prepare.py wrote), the VQ-VAE (curves, codebook usage, test metrics, reconstructions), the VAR (curves, sample
 grids over training), the sample sweep (a grid per sweep point) and its evaluation (metrics.csv as tables, plots,
-memorisation), and every step's resolved config.json. It reads only the steps' json, csv and png outputs: images are
+memorisation), the samples' usefulness where eval_utility.py ran (TSTR / augmentation and detectability tables and
+plots), and every step's resolved config.json. It reads only the steps' json, csv and png outputs: images are
 linked relative to the page's folder, not copied, so move the page together with the folders it links to. A step
 that has not run yet, or a file it did not write, is listed as missing.
 """
@@ -40,6 +41,7 @@ class Config:
     var_dir: str = "runs/var_cpu"  # train_var.py's out_dir
     samples_dir: str = "runs/samples_cpu"  # sample_var.py's out
     eval_dir: str = ""  # eval_var.py's out ('' = <samples_dir>/eval)
+    utility_dir: str = ""  # eval_utility.py's out ('' = <samples_dir>/utility); its section shows only when it ran
     logs_dir: str = "runs/logs"  # run_demo.sh's step logs (<step>.log), linked when present
     out: str = "runs/report.html"  # the page; images are linked relative to its folder
     title: str = "VAR-Ultrasound run report"  # heading of the page
@@ -48,7 +50,8 @@ class Config:
 
 GENERATOR = "VAR-Ultrasound report.py"  # marks a page this script wrote: only such a file is ever replaced
 LOG_STEPS = (  # run_demo.sh's step names, in pipeline order: its logs are runs/logs/<step>.log
-    "make_phantoms", "prepare", "train_vqvae", "tokenize", "train_var", "sample_var", "eval_var", "report")
+    "make_phantoms", "prepare", "train_vqvae", "tokenize", "train_var", "sample_var", "eval_var", "eval_utility",
+    "report")
 
 
 def validate(cfg: Config) -> None:
@@ -536,8 +539,62 @@ def eval_section(page: Page, folder: Path) -> None:
                                                                   "would mean the model copies.")], wide=True)
 
 
+def interval(row: dict[str, Any]) -> str:
+    """mean [low, high] of an eval_utility.py row, to 3 decimals (the mean alone where one seed gave no interval)."""
+    if row["low"] is None:
+        return f"{row['mean']:.3f}"
+    return f"{row['mean']:.3f} [{row['low']:.3f}, {row['high']:.3f}]"
+
+
+def utility_section(page: Page, folder: Path) -> None:
+    """eval_utility.py's tables and plots: TSTR and augmentation, their differences, detectability."""
+    metrics = read_json(folder / "metrics.json")
+    info, rows, detect = metrics["info"], metrics["tstr"], metrics["detectability"]
+    page.add('<h2 id="utility">7. Usefulness of the samples (eval_utility.py)</h2><p class="caption">'
+             f'A {esc(info["arch"])} classifier ({esc(info["init"])}, {info["epochs"]} epochs, '
+             f'{info["image_size"]} px) trained on the real training split, on real + synthetic images, and on the '
+             f'synthetic images of sweep point {esc(info["point"])} alone, scored on the real test split; mean and 95% '
+             f'interval over {info["seeds"]} seeds (t). See docs/7_utility.md for what would fool each number.</p>')
+    settings = list(dict.fromkeys(r["setting"] for r in rows))
+    metric_names = ["accuracy", "balanced_accuracy", "macro_f1", "macro_auc"]
+
+    def find(setting: str, name: str, metric: str) -> dict[str, Any]:
+        return next(r for r in rows if r["setting"] == setting and r["class"] == name and r["metric"] == metric)
+
+    page.add(table(["trained on", "synthetic images added"] + [m.replace("_", " ") for m in metric_names],
+                   [[s, ", ".join(f"{c} {n}" for c, n in info["synthetic_images_added"][s].items())]
+                    + [interval(find(s, "all", m)) for m in metric_names] for s in settings], text_columns=2))
+    page.add('<p class="caption">Each setting minus real-only, paired by seed: "better" or "worse" only where the '
+             'interval excludes 0.</p>')
+    page.add(table(["setting", "metric", "difference", "verdict"],
+                   [[d["setting"], d["metric"].replace("_", " "), interval(d), d["verdict"]]
+                    for d in metrics["differences"]], text_columns=2))
+    classes = info["classes"]
+    page.add("<h3>Per class (recall / F1 / one-vs-rest AUC, means over seeds)</h3>")
+    page.add(table(["trained on"] + classes,
+                   [[s] + [" / ".join(f"{find(s, c, m)['mean']:.2f}" if find(s, c, m)["mean"] is not None else "n/a"
+                                      for m in ("recall", "f1", "auc")) for c in classes] for s in settings]))
+    page.add(f'<h3>Detectability</h3><p class="caption">A classifier telling real training images from synthetic ones '
+             f'of the same class ({detect["images_per_side"]} of each), {detect["folds"]} folds split by subject; AUC '
+             f'of the held-out scores averaged over seeds, with a 95% subject bootstrap interval (0.5 = '
+             f'indistinguishable, 1 = always told apart). Per seed: '
+             f'{esc(", ".join(f"{a:.3f}" for a in detect["per_seed"]))}.</p>')
+    page.add(table(["class", "AUC", "images per side"],
+                   [["all", interval({"mean": detect["auc"], "low": detect["low"], "high": detect["high"]}),
+                     str(detect["images_per_side"])]]
+                   + [[c, interval({"mean": d["auc"], "low": d["low"], "high": d["high"]}), str(d["images_per_side"])]
+                      for c, d in detect["per_class"].items()]))
+    page.figures("eval_utility", [
+        (folder / "learning_curves.png", "Learning curves of every run: losses, and the balanced accuracy on the real "
+                                         "val split (on the held-out fold for detectability)."),
+        (folder / "confusion_matrices.png", "Confusion matrices on the real test split, seeds summed."),
+        (folder / "roc.png", "One-vs-rest ROC per class on the real test split."),
+        (folder / "detectability_roc.png", "ROC of the real-vs-synthetic classifier, all classes and per class."),
+    ], two=True)
+
+
 def config_section(page: Page, configs: list[tuple[str, Path]]) -> None:
-    page.add('<h2 id="configs">7. Resolved configurations</h2><p class="caption">The constants each step ran with '
+    page.add('<h2 id="configs">8. Resolved configurations</h2><p class="caption">The constants each step ran with '
              '(its config.json: defaults, preset and command-line overrides together). Click to open.</p>')
     for step, path in configs:
         if path.is_file():
@@ -554,6 +611,8 @@ def build(cfg: Config) -> str:
     data, vqvae, tokens, var, samples = map(Path, (cfg.data_dir, cfg.vqvae_dir, cfg.tokens_dir, cfg.var_dir,
                                                     cfg.samples_dir))
     evals = Path(cfg.eval_dir) if cfg.eval_dir else samples / "eval"
+    utility = Path(cfg.utility_dir) if cfg.utility_dir else samples / "utility"
+    has_utility = (utility / "metrics.json").is_file()
     logs = Path(cfg.logs_dir)
     page = Page(out)
     classes = data_section(page, data)
@@ -564,12 +623,15 @@ def build(cfg: Config) -> str:
     var_section(page, var, cfg.epoch_grids)
     points = sweep_section(page, samples, metric_scales(evals / "metrics.csv") or vqvae_scales)
     eval_section(page, evals)
+    if has_utility:
+        utility_section(page, utility)
     prepare_config = read_json(data / "config.json") if (data / "config.json").is_file() else {}
     phantoms = ([("make_phantoms", Path(prepare_config["phantom_dir"]) / "config.json")]
                 if prepare_config.get("phantom_dir") and not prepare_config.get("recipe") else [])
     config_section(page, phantoms + [("prepare", data / "config.json"), ("train_vqvae", vqvae / "config.json"),
                           ("train_var", var / "config.json"), ("sample_var", samples / "config.json"),
-                          ("eval_var", evals / "config.json")])
+                          ("eval_var", evals / "config.json")]
+                   + ([("eval_utility", utility / "config.json")] if has_utility else []))
 
     var_config = var / "config.json"
     var_epochs = read_json(var_config).get("epochs") if var_config.is_file() else None
@@ -583,7 +645,7 @@ def build(cfg: Config) -> str:
         ("samples (sample_var.py)", samples, (samples / "samples_manifest.csv").is_file(),
          f": {len(points)} sweep points" if points else ""),
         ("evaluation (eval_var.py)", evals, (evals / "metrics.csv").is_file(), ""),
-    ]
+    ] + ([("usefulness (eval_utility.py)", utility, True, "")] if has_utility else [])
     status = "".join(f'<tr><td class="text">{esc(name)}</td><td class="text">{page.folder_link(folder)}</td>'
                      f'<td class="text">{step_status(folder, done, detail)}</td></tr>'
                      for name, folder, done, detail in steps)
@@ -600,7 +662,8 @@ def build(cfg: Config) -> str:
             'the steps\' output folders. Click any image to see it at full size.'
             + (f' Classes: {esc(", ".join(classes))}.' if classes else '') + '</p>'
             '<nav><a href="#data">data</a><a href="#vqvae">VQ-VAE</a><a href="#tokens">tokens</a><a href="#var">VAR</a>'
-            '<a href="#sweep">sweep</a><a href="#eval">evaluation</a><a href="#configs">configs</a></nav>'
+            '<a href="#sweep">sweep</a><a href="#eval">evaluation</a>'
+            + ('<a href="#utility">usefulness</a>' if has_utility else '') + '<a href="#configs">configs</a></nav>'
             '<h2 id="status">Steps</h2><div class="scroll"><table><thead><tr><th class="text">step</th>'
             f'<th class="text">folder</th><th class="text">status</th></tr></thead><tbody>{status}</tbody></table>'
             f'</div>{log_links}'

@@ -18,5 +18,5 @@ def test_every_step_runs_in_the_interpreter_that_PYTHON_names(repo_root: Path, t
     assert done.returncode == 0, done.stderr
     assert calls.read_text().split() == [
         "data_preprocessing/make_phantoms.py", "data_preprocessing/prepare.py", "train_vqvae.py",
-        "tokenize_multiscale_maps.py", "train_var.py", "sample_var.py", "eval_var.py", "report.py"]
+        "tokenize_multiscale_maps.py", "train_var.py", "sample_var.py", "eval_var.py", "eval_utility.py", "report.py"]
     assert (tmp_path / "runs" / "logs" / "report.log").is_file()
