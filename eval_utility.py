@@ -46,14 +46,14 @@ from common.config import (DEVICE, above, at_least, check_constants, config_dict
                            script_config)
 from common.history import History
 from common.image_data import EpochSampler, ImageDataError, list_classes, list_split, read_image
-from common.io import (SideFileError, atomic_save_npz, atomic_write_json, atomic_write_text, files_fingerprint, load_npz,
-                       os_error_line, read_csv_rows)
+from common.io import (SideFileError, atomic_save_npz, atomic_torch_save, atomic_write_json, atomic_write_text,
+                       files_fingerprint, load_npz, os_error_line, read_csv_rows)
 from common.plotting import save_figure
 from common.progress import progress
 from common.run_folder import RunFolderError, own_output_folder
 from common.runtime import pick_device, seed_everything
-from common.training import (check_epoch_finite, lr_at, param_groups, resume_training_checkpoint,
-                             save_training_checkpoint, set_lr)
+from common.training import (check_epoch_finite, lr_at, param_groups, resume_training_checkpoint, set_lr,
+                             training_state)
 from eval_var import EvalVarError, load_sweep
 from models.classifier import ARCHS, Classifier, load_init
 
@@ -251,9 +251,9 @@ def train_run(run: Path, made_from: str, train: Images, evals: dict[str, Images]
             record[f"{name}_balanced_accuracy"] = classification_scores(data.y, probs)["balanced_accuracy"]
         check_epoch_finite(model, epoch + 1, {k: v for k, v in record.items() if k.endswith("loss")})
         history.append(**record)
-        save_training_checkpoint(last, model=model, model_config=model.config, config={"made_from": made_from},
-                                 optimizer=optimizer, epoch=epoch + 1, step=(epoch + 1) * steps,
-                                 history=history.records, best_val_loss=math.nan)
+        atomic_torch_save(training_state(model=model, model_config=model.config, config={"made_from": made_from},
+                                         optimizer=optimizer, epoch=epoch + 1, step=(epoch + 1) * steps,
+                                         history=history.records, best_val_loss=math.nan), last)
     probs = {name: predict(model, data.x, device) for name, data in evals.items()}
     history.save(run / "history.json")
     atomic_save_npz(run / "result.npz", made_from=np.array(made_from), **{f"probs_{k}": v for k, v in probs.items()})
