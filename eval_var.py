@@ -50,7 +50,7 @@ from common.checkpoint import CheckpointError
 from common.config import (DEVICE, ConfigError, Rule, at_least, check_constants, config_dict, one_of, preset_hint,
                            save_config, script_config)
 from common.fidelity import FidelityError, extract_features, fid_from_features, kid_bootstrap, load_feature_extractor
-from common.image_data import SPLITS, ImageDataError, read_image
+from common.image_data import SPLITS, ImageDataError, halves, read_image, subject_ids
 from common.io import atomic_save_npz, atomic_write_json, atomic_write_text, file_sha256, files_fingerprint
 from common.plotting import save_figure, save_image, save_labelled_grid
 from common.progress import progress
@@ -192,35 +192,6 @@ def evaluated_already(out: Path, made_from: dict[str, Any]) -> bool:
         return json.loads((out / "metrics.json").read_text())["info"].get("made_from") == made_from
     except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
         return False
-
-
-def subject_ids(data_dir: Path, sources: np.ndarray) -> np.ndarray:
-    """The subject of each processed image (its `output` path), from prepare.py's manifest.csv: '<dataset>/<subject>'.
-    An image the manifest does not list (or a set without a manifest) is its own subject."""
-    known: dict[str, str] = {}
-    manifest = data_dir / "manifest.csv"
-    if manifest.is_file():
-        with open(manifest, newline="") as handle:
-            for r in csv.DictReader(handle):
-                if r.get("output") and r.get("subject"):
-                    known[r["output"]] = f"{r.get('dataset', '')}/{r['subject']}"
-    return np.array([known.get(str(s), f"image:{s}") for s in sources])
-
-
-def halves(labels: np.ndarray, subjects: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Two halves of each class (masks over labels) that share no subject: the class's subjects in a seeded order,
-    each to the half with fewer images so far. A class of one subject has an empty second half."""
-    first = np.zeros(len(labels), bool)
-    for label in np.unique(labels):
-        in_class = labels == label
-        names = np.unique(subjects[in_class])
-        sizes = [0, 0]
-        for name in names[np.random.default_rng([seed, int(label)]).permutation(len(names))]:
-            members = in_class & (subjects == name)
-            half = int(sizes[1] < sizes[0])
-            first[members] = half == 0
-            sizes[half] += int(members.sum())
-    return first, ~first
 
 
 def class_matched(labels: np.ndarray, target_labels: np.ndarray, seed: int) -> np.ndarray:

@@ -35,8 +35,8 @@ from common.distributed import DistContext, setup_distributed, wrap_ddp
 from common.history import History
 from common.fidelity import (FidelityError, kid_from_features, kid_subset_size, load_feature_extractor,
                              packaged_weights_path)
-from common.image_data import (EpochSampler, ImageDataError, ImageSplit, list_classes, scan_area_mask, to_grey_uint8,
-                               to_rgb_uint8)
+from common.image_data import (EpochSampler, ImageDataError, ImageSplit, halves, list_classes, scan_area_mask,
+                               subject_ids, to_grey_uint8, to_rgb_uint8)
 from common.io import atomic_write_json, file_sha256, files_fingerprint, remove_stale_temp_files
 from common.plotting import bar_counts, image_grid, plot_curves, save_figure
 from common.progress import progress
@@ -300,9 +300,10 @@ def evaluate(model: VQVAE, dataset: ImageSplit, masks: np.ndarray, cfg: Config, 
 @torch.no_grad()
 def reconstruction_kid(model: VQVAE, dataset: ImageSplit, cfg: Config, device: torch.device,
                        precision: Precision) -> dict[str, float | int]:
-    """KID (eval_var.py's InceptionV3 features and torch-fidelity's estimator) of the reconstructions of a split
-    against its real images, both at the model's side as uint8 RGB: how far the tokenizer's output is from real
-    images as a set. One process scores the whole split."""
+    """KID (eval_var.py's InceptionV3 features and torch-fidelity's estimator) of the reconstructions of one half of
+    a split against the real images of the other half (halves by subject, as eval_var.py's RECON row), both at the
+    model's side as uint8 RGB: how far the tokenizer's output is from real images as a set. Disjoint halves: a
+    reconstruction beside its own original would pull the KID down. One process scores the whole split."""
     model.eval()
     net = load_feature_extractor(cfg.inception_weights, device)
     loader = DataLoader(dataset, batch_size=cfg.eval_batch_size, shuffle=False, num_workers=cfg.num_workers)
@@ -313,7 +314,10 @@ def reconstruction_kid(model: VQVAE, dataset: ImageSplit, cfg: Config, device: t
             rec = model(img).rec
         for bank, batch in ((real, img), (recon, rec)):
             bank.append(net(torch.from_numpy(to_rgb_uint8(batch)).permute(0, 3, 1, 2)).cpu())
-    recon, real = torch.cat(recon), torch.cat(real)
+    labels = np.asarray(dataset.labels)
+    first, second = halves(labels, subject_ids(Path(cfg.data_dir), [dataset.relative_path(i) for i in range(len(dataset))]),
+                           cfg.seed)
+    recon, real = torch.cat(recon)[torch.from_numpy(first)], torch.cat(real)[torch.from_numpy(second)]
     return kid_from_features(recon, real, max_subset_size=kid_subset_size(len(recon), len(real)), seed=cfg.seed)
 
 
