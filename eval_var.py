@@ -511,7 +511,8 @@ def evaluate(config: Config) -> None:
             "level": config.level, "nn_k": config.nn_k, "min_class_images": config.min_class_images,
             "copy_thresholds": {name: {"tokens": float(check.token_thresholds[c]), "image": float(check.image_thresholds[c])}
                                 for c, name in enumerate(classes)},
-            "controls": {**control, "per_class": config.control_per_class},
+            "controls": {**{k: None if math.isnan(v) else v for k, v in control.items()},
+                         "per_class": config.control_per_class},
             "notes": "Features: InceptionV3 pool (2048-d), real images at the model's size. KID: unbiased MMD^2 over all "
                      "pairs (cubic kernel). precision/recall (Kynkaanniemi 2019) and density/coverage (Naeem 2020) "
                      "with nn_k-NN balls. <metric>_lo/_hi: bootstrap percentile interval (both sets resampled). "
@@ -715,8 +716,10 @@ def print_summary(rows: list[dict[str, Any]], info: dict[str, Any]) -> None:
     c = info["controls"]
     print(f"{info['feature_extractor']}; {info['ref_images']} {info['ref_split']} / {info['train_images']} train images; "
           f"halves of {info['ref_split']} by subject ({info['halves_subjects']} subjects)")
+    augmented = "n/a (the token file has none)" if c["planted_augmented_flagged"] is None else \
+        f"{c['planted_augmented_flagged']:.0%}"
     print(f"copy check controls: planted training reconstructions flagged {c['planted_recon_flagged']:.0%}, planted "
-          f"augmented copies {c['planted_augmented_flagged']:.0%} (nan: the token file has none), held-out "
+          f"augmented copies {augmented}, held-out "
           f"{info['ref_split']} reconstructions {c['held_out_recon_flagged']:.0%}; thresholds from "
           f"{info['copy_split_images']} {info['copy_split']} reconstructions against {info['copy_bank_images']} "
           "training token rows and reconstructions")
