@@ -697,7 +697,7 @@ def plot_memorisation(sweep: Sweep, gen: dict[str, np.ndarray], ref: dict[str, n
 def with_interval(r: dict[str, Any], key: str, digits: int) -> str:
     value, low, high = (r.get(k, math.nan) for k in (key, f"{key}_lo", f"{key}_hi"))
     if math.isnan(value):
-        return ""
+        return "nan"
     return f"{value:.{digits}f}" + ("" if math.isnan(low) else f" [{low:.{digits}f}, {high:.{digits}f}]")
 
 
