@@ -1,4 +1,5 @@
-"""Metrics of generated samples: token usage, diversity (MS-SSIM), similarity to a teacher, nearest neighbours.
+"""Metrics of generated samples: token usage, diversity (MS-SSIM and in feature space), similarity to a teacher,
+nearest neighbours, precision/recall and density/coverage, copy detection, bootstrap resampling.
 
 Images are uint8 arrays (N, H, W, 3), square; features are float arrays (N, D). Every function is pure:
 no files, no global state (torch's thread count is the caller's choice).
@@ -207,14 +208,6 @@ def nearest_neighbours(query: np.ndarray, bank: np.ndarray, exclude_self: bool =
         index[start:start + len(block)] = best
         sims[start:start + len(block)] = block[np.arange(len(block)), best]
     return sims, index
-
-
-def copy_fraction(sample_nn_sim: np.ndarray, reference_nn_sim: np.ndarray) -> float:
-    """Fraction of samples closer to their nearest training image than any reference (test) image is to its own:
-    sample similarity strictly above the largest reference one counts as a possible copy."""
-    if len(sample_nn_sim) == 0 or len(reference_nn_sim) == 0:
-        raise ValueError(f"need samples and references, got {len(sample_nn_sim)} and {len(reference_nn_sim)}")
-    return float(np.mean(np.asarray(sample_nn_sim) > np.max(reference_nn_sim)))
 
 
 # Feature-space metrics: fidelity and coverage (k-nearest-neighbour balls), diversity, copy detection.

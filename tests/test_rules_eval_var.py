@@ -23,7 +23,7 @@ from common.fidelity import fid_from_features, kid_bootstrap, kid_from_features
 from common.image_data import read_image
 from common.io import atomic_torch_save, file_sha256, files_fingerprint
 from common.plotting import save_image
-from common.sample_metrics import (bootstrap_weights, copy_fraction, diversity, feature_diversity, fidelity_coverage,
+from common.sample_metrics import (bootstrap_weights, diversity, feature_diversity, fidelity_coverage,
                                    matched_subsample, nearest_neighbours, percentile_interval, teacher_similarity,
                                    token_usage_entropy)
 from common.tokens import TokenFileError, load_tokens, save_tokens
@@ -268,7 +268,7 @@ def expected_rows(world: dict, out: Path) -> list[dict]:
             sim = nearest_neighbours(f_gen, f_train)[0]
             row = {"class": name, "n": len(sel), **kid_cells(f_gen, f_ref[ref_labels == c]),
                    "diversity": diversity(images, 3, 7)[0], "nn_train_sim": float(sim.mean()),
-                   "copy_fraction": copy_fraction(sim, ref_sim),
+                   "copy_fraction": float(np.mean(sim > ref_sim.max())),
                    **token_cells(subsample(gen_idx[sel], np.full(len(sel), c)))}
             if k:
                 teacher = np.array([manifest[i]["teacher"] for i in sel])
@@ -285,7 +285,7 @@ def expected_rows(world: dict, out: Path) -> list[dict]:
         f_gen = np.stack([feature(samples / manifest[i]["path"]) for i in sel])
         sim = nearest_neighbours(f_gen, f_train)[0]
         overall = {"n": len(sel), **kid_cells(f_gen, f_ref), "nn_train_sim": float(sim.mean()),
-                   "copy_fraction": copy_fraction(sim, ref_sim),
+                   "copy_fraction": float(np.mean(sim > ref_sim.max())),
                    **token_cells(subsample(gen_idx[sel], np.array([manifest[i]["label"] for i in sel])))}
         if k:
             overall.update({key: float(np.mean([r[key] for r in per_class]))
