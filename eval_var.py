@@ -603,8 +603,8 @@ def plot_vs_k(rows: list[dict[str, Any]], classes: list[str], scales: tuple[int,
     panels("kid", "KID (lower = closer to real)", out / "kid_vs_k.png",
            "KID against the real images, by teacher-prefix length k (bars: std over KID subsets)")
     panels("diversity", "1 - MS-SSIM (mean over pairs)", out / "diversity_vs_k.png",
-           "Diversity within a class (solid), within one teacher's samples (dotted); real images: dash-dot",
-           extra_key="diversity_per_teacher", reference=("REAL",))
+           "MS-SSIM diversity within a class (solid), within one teacher's samples (dotted); its ceiling, the "
+           "reconstructions': dash-dot", extra_key="diversity_per_teacher", reference=("RECON",))
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, metric in zip(axes, ("psnr", "ssim")):
         for i, name in enumerate(names):
