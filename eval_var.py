@@ -38,6 +38,7 @@ import io
 import json
 import math
 import sys
+import zlib
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -221,6 +222,11 @@ class Measure:
         self.offsets = np.cumsum([0] + [pn * pn for pn in scales])
         self.replicates: dict[str, np.ndarray] = {}
 
+    def _seed(self, key: str) -> int:
+        """A bootstrap seed per row: classes resample independently, and the same row of two evaluations alike
+        (so that --compare pairs their replicates)."""
+        return self.config.seed * 2 ** 32 + zlib.crc32(key.encode())
+
     def _keep(self, key: str, metric: str, values: np.ndarray) -> dict[str, float]:
         self.replicates[f"{key}|{metric}"] = values
         low, high = percentile_interval(values, self.config.level)
@@ -233,7 +239,7 @@ class Measure:
         n = min(len(f_gen), len(f_ref))
         if n < self.config.min_class_images:
             return out
-        weights = bootstrap_weights(len(f_gen), len(f_ref), self.config.bootstrap, self.config.seed)
+        weights = bootstrap_weights(len(f_gen), len(f_ref), self.config.bootstrap, self._seed(key))
         out["kid"], values = kid_bootstrap(f_gen, f_ref, weights)
         out.update(self._keep(key, "kid", values))
         out.update(fidelity_coverage(f_gen, f_ref, self.config.nn_k))
@@ -250,8 +256,16 @@ class Measure:
         if len(features) < self.config.min_class_images:
             return {"feature_diversity": math.nan}
         boot = [feature_diversity(features[w > 0], w[w > 0])
-                for w, _ in bootstrap_weights(len(features), 1, self.config.bootstrap, self.config.seed)]
+                for w, _ in bootstrap_weights(len(features), 1, self.config.bootstrap, self._seed(key))]
         return {"feature_diversity": feature_diversity(features), **self._keep(key, "feature_diversity", np.array(boot))}
+
+    def mean_over_classes(self, key: str, class_keys: list[str], metric: str) -> dict[str, float]:
+        """The interval of a mean over classes, from the classes' replicates averaged replicate by replicate (each
+        class resampled on its own: a stratified bootstrap); none unless every class has replicates."""
+        values = [self.replicates.get(f"{k}|{metric}") for k in class_keys]
+        if not values or any(v is None for v in values):
+            return {}
+        return self._keep(key, metric, np.mean(values, axis=0))
 
     def diversity(self, images: np.ndarray) -> float:
         if len(images) < self.config.min_class_images:
@@ -414,7 +428,9 @@ def evaluate(config: Config) -> None:
                  overall: dict[str, Any]) -> None:
         """The class rows, then the all-classes row: set-level numbers from `overall`, per-set means over classes."""
         base = {"point": point, "mode": mode, "coarse_k": k, "cfg": cfg}
-        means = {key: class_mean(per_class, key) for key in ("diversity", "diversity_per_teacher")}
+        means = {key: class_mean(per_class, key) for key in ("diversity", "diversity_per_teacher", "feature_diversity")}
+        means.update(measure.mean_over_classes(f"{point}|{ALL}", [f"{point}|{r['class']}" for r in per_class],
+                                               "feature_diversity"))
         rows.extend({**base, **r} for r in per_class)
         rows.append({**base, "class": ALL, **means, **overall})
 
@@ -444,15 +460,13 @@ def evaluate(config: Config) -> None:
     b = b[class_matched(ref_labels[b], ref_labels[a], config.seed)]
     add_rows("REAL", "REAL", 0, math.nan, real,
              {"n": len(ref_rows), **measure.against(f_ref[a], f_ref[b], f"REAL|{ALL}"),
-              **measure.spread(f_ref, f"REAL|{ALL}"),
               **measure.tokens(token_subsample(tokens.idx[train_rows], train_labels, per_class_tokens, config.seed))})
     matched = class_matched(train_labels, ref_labels, config.seed)
     add_rows("REAL_TRAIN", "REAL_TRAIN", 0, math.nan, real_train,
-             {"n": len(matched), **measure.against(f_train[matched], f_ref, f"REAL_TRAIN|{ALL}"),
-              **measure.spread(f_train[matched], f"REAL_TRAIN|{ALL}")})
+             {"n": len(matched), **measure.against(f_train[matched], f_ref, f"REAL_TRAIN|{ALL}")})
     add_rows("RECON", "RECON", len(scales), math.nan, recon,
              {"n": len(a), **measure.against(f_recon[a], f_ref[b], f"RECON|{ALL}"),
-              **measure.spread(f_recon, f"RECON|{ALL}"), **copies(ref_copy, np.arange(len(ref_rows)))})
+              **copies(ref_copy, np.arange(len(ref_rows)))})
 
     # Sweep rows. TP samples are compared with ref_split less their own teachers (which they were drawn from).
     teacher_images = {kind: {} for kind in ("teachers", "teachers_recon")}
@@ -495,7 +509,7 @@ def evaluate(config: Config) -> None:
         ref_sel = np.flatnonzero(usable)
         matched = sel[class_matched(gen_labels[sel], ref_labels[ref_sel], config.seed)]
         overall = {"n": len(sel), **measure.against(f_gen[matched], f_ref[ref_sel], f"{point}|{ALL}"),
-                   "feature_diversity": class_mean(per_class, "feature_diversity"), **copies(gen_copy, sel),
+                   **copies(gen_copy, sel),
                    **measure.tokens(token_subsample(sweep.idx[sel], gen_labels[sel], per_class_tokens, config.seed))}
         if k > 0:
             overall.update({key: class_mean(per_class, key)
