@@ -306,11 +306,10 @@ class CopyCheck:
         """Per image: token and image similarity to the training set, the nearest bank row, and the flag."""
         token_sim, _ = token_agreement(idx, self.bank_idx)
         image_sim, nearest = nearest_neighbours(features, self.bank_features)
-        flagged = (above_threshold(token_sim, labels, self.token_thresholds)
-                   | above_threshold(image_sim, labels, self.image_thresholds))
-        margin = image_sim - self.image_thresholds[labels]
-        return {"token_sim": token_sim, "image_sim": image_sim, "nearest": nearest, "flagged": flagged,
-                "margin": margin}
+        by_tokens = above_threshold(token_sim, labels, self.token_thresholds)
+        by_image = above_threshold(image_sim, labels, self.image_thresholds)
+        return {"token_sim": token_sim, "image_sim": image_sim, "nearest": nearest, "flagged": by_tokens | by_image,
+                "by_tokens": by_tokens, "by_image": by_image, "margin": image_sim - self.image_thresholds[labels]}
 
 
 def copy_bank(tokens: TokenSet, train_rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
@@ -327,21 +326,27 @@ def controls(check: CopyCheck, bank_labels: np.ndarray, bank_copy: np.ndarray, r
              recon_features: np.ndarray, recon_labels: np.ndarray, per_class: int, seed: int) -> dict[str, float]:
     """The copy rule on images whose answer is known: planted training reconstructions (copy 0) and planted
     augmented copies (any other copy; NaN when the token file has none), per_class of each class, must be flagged;
-    the ref_split reconstructions must not be."""
+    the ref_split reconstructions must not be. Also each rule alone (`_by_tokens`, `_by_image`): the image rule
+    must catch a copy whose tokens differ."""
     rng = np.random.default_rng(seed)
 
-    def planted(augmented: bool) -> float:
+    def rates(name: str, scored: dict[str, np.ndarray]) -> dict[str, float]:
+        return {f"{name}_flagged": float(scored["flagged"].mean()),
+                f"{name}_by_tokens": float(scored["by_tokens"].mean()),
+                f"{name}_by_image": float(scored["by_image"].mean())}
+
+    def planted(name: str, augmented: bool) -> dict[str, float]:
         rows = []
         for label in np.unique(bank_labels):
             members = np.flatnonzero((bank_labels == label) & ((bank_copy > 0) if augmented else (bank_copy == 0)))
             rows.extend(rng.permutation(members)[:per_class])
         if not rows:
-            return math.nan
+            return dict.fromkeys((f"{name}_flagged", f"{name}_by_tokens", f"{name}_by_image"), math.nan)
         rows = np.array(rows)
-        return float(check.score(check.bank_idx[rows], check.bank_features[rows], bank_labels[rows])["flagged"].mean())
+        return rates(name, check.score(check.bank_idx[rows], check.bank_features[rows], bank_labels[rows]))
 
-    return {"planted_recon_flagged": planted(False), "planted_augmented_flagged": planted(True),
-            "held_out_recon_flagged": float(check.score(recon_idx, recon_features, recon_labels)["flagged"].mean())}
+    return {**planted("planted_recon", False), **planted("planted_augmented", True),
+            **rates("held_out_recon", check.score(recon_idx, recon_features, recon_labels))}
 
 
 def class_mean(rows: list[dict[str, Any]], key: str) -> float:
