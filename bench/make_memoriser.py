@@ -3,7 +3,8 @@ images (and their tokens in samples_tokens.npz) are replaced by VQ-VAE reconstru
 exactly what a VAR that memorised its training tokens would draw. TP points are copied unchanged.
 
     python bench/make_memoriser.py --samples=runs/samples_cpu --out=runs/samples_cpu_memoriser
-    python bench/make_memoriser.py --samples=runs/samples_cpu --out=runs/samples_cpu_memoriser_aug --augmented=true
+    python bench/make_memoriser.py --samples=runs/samples_cpu --out=runs/samples_cpu_memoriser_aug --augmented=true \
+        --tokens=runs/tokens_cpu_aug2/tokens_multiscale_maps.npz   # a token file with augmented copies
     python eval_var.py --samples=runs/samples_cpu_memoriser --device=cpu   # its NOP rows must be flagged as copies
 
 Each NOP image of a class becomes the reconstruction of a different training image of that class (seeded), or with
@@ -26,6 +27,7 @@ class Config:
     samples: str = "runs/samples_cpu"  # sample_var.py folder to copy
     out: str = "runs/samples_cpu_memoriser"  # the memoriser's folder (must not exist)
     augmented: bool = False  # plant augmented copies instead of the training images' own reconstructions
+    tokens: str = ""  # token file to draw from ('' = the one sample_var.py used; it must come from the same VQ-VAE)
     seed: int = 0  # which training images
 
 
@@ -46,12 +48,12 @@ def main() -> None:
     if out.exists():
         raise SystemExit(f"error: {out} exists; choose a new --out (the memoriser never overwrites)")
     sampled = json.loads((source / "config.json").read_text())
-    tokens = load_tokens(sampled["tokens"], sampled["vqvae"])
+    tokens = load_tokens(config.tokens or sampled["tokens"], sampled["vqvae"])
     vqvae = load_vqvae(sampled["vqvae"], map_location="cpu")
     train = np.flatnonzero(tokens.split == "train")
     copies = tokens.take(train).copies()  # (N, C, L)
     if config.augmented and copies.shape[1] < 2:
-        raise SystemExit(f"error: {sampled['tokens']} has no augmented copies to plant")
+        raise SystemExit(f"error: {config.tokens or sampled['tokens']} has no augmented copies to plant")
     shutil.copytree(source, out, ignore=shutil.ignore_patterns("eval"))
     with open(out / "samples_manifest.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
