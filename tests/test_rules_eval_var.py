@@ -626,3 +626,46 @@ def test_the_summary_prints_the_all_rows_and_the_controls(capsys):
     assert out[5] == ("copy check controls: planted training reconstructions flagged 100%, planted augmented copies "
                       "n/a (the token file has none), held-out val reconstructions 0%; thresholds from 4 test "
                       "reconstructions against 10 training token rows and reconstructions")
+
+
+def test_the_copy_rule_flags_by_tokens_or_by_features_above_each_class_s_held_out_maximum():
+    bank_idx = np.array([[1, 1, 1, 1], [2, 2, 2, 2], [3, 3, 3, 3]])
+    bank_features = np.array([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])
+    # Held out: class 0 agrees with a bank row in 2 of 4 tokens at cosine 0.8; class 1 in 1 of 4 at cosine 0.6.
+    held_idx = np.array([[1, 1, 0, 0], [2, 0, 0, 0]])
+    held_features = np.array([[0.8, 0.6], [0.6, -0.8]])
+    check = eval_var.CopyCheck.calibrated(bank_idx, bank_features, held_idx, held_features, np.array([0, 1]), 3)
+    assert check.token_thresholds[:2].tolist() == [0.5, 0.25] and math.isnan(check.token_thresholds[2])
+    assert check.image_thresholds[:2] == pytest.approx([0.8, 0.6])
+    scored = check.score(np.array([[1, 1, 1, 0], [1, 1, 0, 0], [2, 2, 0, 0], [0, 0, 0, 0], [3, 3, 3, 3]]),
+                         np.array([[0.0, -1.0], [0.0, 1.0], [0.0, -1.0], [0.0, -1.0], [-1.0, 0.0]]),
+                         np.array([0, 0, 1, 1, 2]))
+    assert scored["by_tokens"].tolist() == [True, False, True, False, False]  # 3/4 > 0.5; 2/4 is not above 0.5
+    assert scored["by_image"].tolist() == [False, True, False, False, False]  # cosine 1 to bank row 1 > 0.8
+    assert scored["flagged"].tolist() == [True, True, True, False, False]  # class 2: no held-out image, no threshold
+    assert scored["token_sim"].tolist() == [0.75, 0.5, 0.5, 0.0, 1.0] and scored["nearest"][1] == 1
+
+
+def test_the_controls_plant_bank_rows_and_score_the_held_out_reconstructions():
+    bank_idx = np.repeat(np.arange(8)[:, None], 4, axis=1)  # 4 training images x 2 copies, all different
+    bank_features = np.eye(8)
+    labels, copy = np.array([0, 0, 1, 1, 0, 0, 1, 1]), np.array([0, 1] * 4)
+    check = eval_var.CopyCheck(bank_idx, bank_features, np.array([0.5, 0.5]), np.array([0.9, 0.9]))
+    recon_idx, recon_features = np.array([[9, 9, 9, 9], [0, 0, 9, 9]]), np.array([[1.0, 1.0] + [0] * 6, [0.0] * 7 + [1]])
+    out = eval_var.controls(check, labels, copy, recon_idx, recon_features, np.array([0, 1]), per_class=1, seed=0)
+    assert out["planted_recon_flagged"] == out["planted_augmented_flagged"] == 1.0
+    assert out["planted_recon_by_image"] == out["planted_recon_by_tokens"] == 1.0
+    # Held out: the first agrees with no row (and sits between two at cosine 0.71); the second's features equal
+    # bank row 7 (class 1, cosine 1 > 0.9) and its tokens half of row 0: flagged by its features only.
+    assert out["held_out_recon_flagged"] == 0.5 and out["held_out_recon_by_image"] == 0.5
+    assert out["held_out_recon_by_tokens"] == 0.0
+    plain = eval_var.controls(check, labels, np.zeros(8, int), recon_idx, recon_features, np.array([0, 1]), 1, 0)
+    assert math.isnan(plain["planted_augmented_flagged"])  # a token file without augmented copies
+
+
+def test_the_copy_bank_holds_every_training_row_and_its_augmented_copies(world):
+    tokens = world["tokens"]
+    train = np.flatnonzero(tokens.split == "train")
+    idx, labels, copy, names = eval_var.copy_bank(tokens, train)
+    assert np.array_equal(idx, tokens.idx[train]) and np.array_equal(labels, tokens.labels[train])
+    assert copy.tolist() == [0] * len(train) and names == [str(s) for s in tokens.source[train]]
