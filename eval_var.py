@@ -27,7 +27,7 @@ half: what the VAR can reach through this tokenizer). The all-classes rows draw 
 class proportions; TP points are compared with ref_split less their own teachers.
 
 Outputs in `out` (default <samples>/eval): metrics.csv, metrics.json, bootstrap.npz, kid_vs_k.png,
-diversity_vs_k.png, teacher_similarity_vs_k.png, token_usage_entropy.png, memorisation_hist.png,
+feature_diversity_vs_k.png, diversity_vs_k.png, teacher_similarity_vs_k.png, token_usage_entropy.png, memorisation_hist.png,
 memorisation_pairs.png, nearest_train.npz, config.json, and the images it compared at the model's size (real/,
 recon/ and train_recon/). Features are cached by file content (`cache`), so a rerun only extracts what changed.
 """
@@ -180,9 +180,9 @@ def decode(vqvae: VQVAE, idx: np.ndarray, names: list[str], scales: tuple[int, .
     return paths
 
 
-OUTPUTS = ("metrics.csv", "metrics.json", "bootstrap.npz", "kid_vs_k.png", "diversity_vs_k.png",
-           "teacher_similarity_vs_k.png", "token_usage_entropy.png", "memorisation_hist.png", "memorisation_pairs.png",
-           "nearest_train.npz")
+OUTPUTS = ("metrics.csv", "metrics.json", "bootstrap.npz", "kid_vs_k.png", "feature_diversity_vs_k.png",
+           "diversity_vs_k.png", "teacher_similarity_vs_k.png", "token_usage_entropy.png", "memorisation_hist.png",
+           "memorisation_pairs.png", "nearest_train.npz")
 
 
 def evaluated_already(out: Path, made_from: dict[str, Any]) -> bool:
@@ -544,7 +544,7 @@ def evaluate(config: Config) -> None:
     write_tables(rows, info, scales, out)
     atomic_save_npz(out / "bootstrap.npz", keys=np.array(list(measure.replicates)),
                     values=np.stack(list(measure.replicates.values())))
-    plot_vs_k(rows, classes, scales, out)
+    plot_vs_k(rows, classes, scales, config.level, out)
     plot_tokens(rows, scales, out)
     plot_memorisation(sweep, gen_copy, ref_copy, bank_paths, size, config, out)
     atomic_save_npz(out / "nearest_train.npz", sample_path=np.array([r["path"] for r in sweep.rows]),
@@ -571,8 +571,18 @@ def write_tables(rows: list[dict[str, Any]], info: dict[str, Any], scales: tuple
     atomic_write_json(out / "metrics.json", {"info": info, "rows": clean})
 
 
-def plot_vs_k(rows: list[dict[str, Any]], classes: list[str], scales: tuple[int, ...], out: Path) -> None:
-    """kid_vs_k.png, diversity_vs_k.png and teacher_similarity_vs_k.png: a panel per class and one for all."""
+def interval_bars(rows: list[dict[str, Any]], key: str) -> np.ndarray | None:
+    """Error bars (2, n) from the rows' <key>_lo / _hi (none when a row has no interval)."""
+    lows, highs = [r.get(f"{key}_lo", math.nan) for r in rows], [r.get(f"{key}_hi", math.nan) for r in rows]
+    if any(math.isnan(v) for v in lows + highs):
+        return None
+    return np.array([[r[key] - lo for r, lo in zip(rows, lows)], [hi - r[key] for r, hi in zip(rows, highs)]])
+
+
+def plot_vs_k(rows: list[dict[str, Any]], classes: list[str], scales: tuple[int, ...], level: float,
+              out: Path) -> None:
+    """kid_vs_k.png, feature_diversity_vs_k.png, diversity_vs_k.png and teacher_similarity_vs_k.png: a panel per
+    class and one for all."""
     names = classes + [ALL]
     cfgs = sorted({r["cfg"] for r in rows if r["mode"] in ("NOP", "TP")})
     ks = list(range(1, len(scales) + 1))
@@ -592,7 +602,7 @@ def plot_vs_k(rows: list[dict[str, Any]], classes: list[str], scales: tuple[int,
                 tp = sorted(get("TP", name, key, cfg), key=lambda r: r["coarse_k"])
                 if tp:
                     ax.errorbar([r["coarse_k"] for r in tp], [r[key] for r in tp],
-                                yerr=[r.get(f"{key}_std", 0) for r in tp] if key == "kid" else None,
+                                yerr=interval_bars(tp, key),
                                 color=colour, marker="o", markersize=3, capsize=2, label=f"TP, cfg {cfg:g}")
                 if extra_key:
                     tp2 = sorted(get("TP", name, extra_key, cfg), key=lambda r: r["coarse_k"])
@@ -620,7 +630,9 @@ def plot_vs_k(rows: list[dict[str, Any]], classes: list[str], scales: tuple[int,
         save_figure(fig, path)
 
     panels("kid", "KID (lower = closer to real)", out / "kid_vs_k.png",
-           "KID against the real images, by teacher-prefix length k (bars: std over KID subsets)")
+           f"KID against the real images, by teacher-prefix length k (bars: {100 * level:g}% bootstrap intervals)")
+    panels("feature_diversity", "mean cosine distance of features", out / "feature_diversity_vs_k.png",
+           "Feature diversity within a class (TP solid, NOP dashed); real images dash-dot, reconstructions dotted")
     panels("diversity", "1 - MS-SSIM (mean over pairs)", out / "diversity_vs_k.png",
            "MS-SSIM diversity within a class (solid), within one teacher's samples (dotted); its ceiling, the "
            "reconstructions': dash-dot", extra_key="diversity_per_teacher", reference=("RECON",))

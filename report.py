@@ -541,8 +541,11 @@ def eval_section(page: Page, folder: Path) -> None:
     page.figures("eval_var", [
         (folder / "kid_vs_k.png", "KID against the prefix length k (TP), a panel per class and one for all; NOP as "
                                   "dashed lines, real-vs-real and reconstructions as black lines."),
-        (folder / "diversity_vs_k.png", "Diversity against k: within the class (solid) and within one teacher's "
-                                        "samples (dotted), which falls as the prefix fixes more of the image."),
+        (folder / "feature_diversity_vs_k.png", "Feature diversity against k: how different a class's images are in "
+                                                "Inception features, beside the real images' and the "
+                                                "reconstructions'."),
+        (folder / "diversity_vs_k.png", "MS-SSIM diversity against k: within the class (solid) and within one "
+                                        "teacher's samples (dotted), beside the reconstructions' (its ceiling)."),
         (folder / "teacher_similarity_vs_k.png", "PSNR and SSIM against the teacher (solid) and its reconstruction "
                                                  "(dashed): rising with k."),
         (folder / "token_usage_entropy.png", "Codebook usage and token entropy per scale, every sweep point against "
