@@ -48,7 +48,7 @@ import numpy as np
 import torch
 
 from common.checkpoint import CheckpointError
-from common.config import (DEVICE, ConfigError, Rule, at_least, check_constants, config_dict, one_of, preset_hint,
+from common.config import (DEVICE, ConfigError, Rule, at_least, between, check_constants, config_dict, one_of, preset_hint,
                            save_config, script_config)
 from common.fidelity import FidelityError, extract_features, fid_from_features, kid_bootstrap, load_feature_extractor
 from common.image_data import SPLITS, ImageDataError, halves, read_image, subject_ids
@@ -80,6 +80,7 @@ class Config:
     nn_k: int = 3  # precision, recall, density, coverage: the k of the k-nearest-neighbour balls
     bootstrap: int = 200  # bootstrap replicates behind every interval (both sets resampled)
     level: float = 0.95  # confidence level of the intervals
+    copy_margin: float = 0.5  # copy thresholds: this share of the way from the closest held-out image to an exact copy
     control_per_class: int = 10  # copy-check controls: planted training reconstructions (and augmented copies) per class
     max_pairs: int = 500  # MS-SSIM diversity: most image pairs scored per set (a seeded random subset beyond)
     closest_pairs: int = 12  # memorisation grid: the closest sample / training reconstruction pairs shown
@@ -102,7 +103,8 @@ def validate(config: Config) -> None:
     check_constants(config, {
         "ref_split": one_of(*SPLITS), "copy_split": one_of(*SPLITS), "fid_min_images": at_least(2),
         "min_class_images": at_least(config.nn_k + 1), "nn_k": at_least(1), "bootstrap": at_least(10),
-        "level": Rule(lambda v: 0 < v < 1, "in (0, 1)"), "control_per_class": at_least(1), "max_pairs": at_least(1),
+        "level": Rule(lambda v: 0 < v < 1, "in (0, 1)"), "copy_margin": between(0, 1, high_open=True),
+        "control_per_class": at_least(1), "max_pairs": at_least(1),
         "closest_pairs": at_least(1), "batch_size": at_least(1), "seed": at_least(0), "device": DEVICE,
         "cpu_threads": at_least(0),
     })
@@ -243,8 +245,7 @@ class Measure:
         out["kid"], values = kid_bootstrap(f_gen, f_ref, weights)
         out.update(self._keep(key, "kid", values))
         out.update(fidelity_coverage(f_gen, f_ref, self.config.nn_k))
-        boot = [fidelity_coverage(f_gen[w_1 > 0], f_ref[w_2 > 0], self.config.nn_k, w_1[w_1 > 0], w_2[w_2 > 0])
-                for w_1, w_2 in weights]
+        boot = [fidelity_coverage(f_gen, f_ref, self.config.nn_k, w_1, w_2) for w_1, w_2 in weights]
         for metric in SET_METRICS[1:]:
             out.update(self._keep(key, metric, np.array([b[metric] for b in boot])))
         if n >= self.config.fid_min_images:
@@ -295,11 +296,12 @@ class CopyCheck:
 
     @classmethod
     def calibrated(cls, bank_idx: np.ndarray, bank_features: np.ndarray, held_idx: np.ndarray,
-                   held_features: np.ndarray, held_labels: np.ndarray, num_classes: int) -> "CopyCheck":
+                   held_features: np.ndarray, held_labels: np.ndarray, num_classes: int,
+                   margin: float) -> "CopyCheck":
         token_sim, _ = token_agreement(held_idx, bank_idx)
         image_sim, _ = nearest_neighbours(held_features, bank_features)
-        return cls(bank_idx, bank_features, class_thresholds(token_sim, held_labels, num_classes),
-                   class_thresholds(image_sim, held_labels, num_classes))
+        return cls(bank_idx, bank_features, class_thresholds(token_sim, held_labels, num_classes, margin),
+                   class_thresholds(image_sim, held_labels, num_classes, margin))
 
     def score(self, idx: np.ndarray, features: np.ndarray,
               labels: np.ndarray) -> dict[str, np.ndarray]:
@@ -418,7 +420,8 @@ def evaluate(config: Config) -> None:
     f_held = features(held_paths, f"features: {config.copy_split} reconstructions")
     f_bank = features(bank_paths, "features: training reconstructions")
 
-    check = CopyCheck.calibrated(bank_idx, f_bank, tokens.idx[held_rows], f_held, tokens.labels[held_rows], len(classes))
+    check = CopyCheck.calibrated(bank_idx, f_bank, tokens.idx[held_rows], f_held, tokens.labels[held_rows], len(classes),
+                                 config.copy_margin)
     gen_copy = check.score(sweep.idx, f_gen, gen_labels)
     ref_copy = check.score(tokens.idx[ref_rows], f_recon, ref_labels)
     control = controls(check, bank_labels, bank_copy, tokens.idx[ref_rows], f_recon, ref_labels,
@@ -527,7 +530,7 @@ def evaluate(config: Config) -> None:
             "feature_extractor": net.name, "msssim_levels": msssim_levels(size),
             "token_images_per_class": per_class_tokens, "halves_subjects": int(len(np.unique(
                 subject_ids(data_dir, tokens.source[ref_rows])))), "bootstrap": config.bootstrap,
-            "level": config.level, "nn_k": config.nn_k, "min_class_images": config.min_class_images,
+            "level": config.level, "nn_k": config.nn_k, "copy_margin": config.copy_margin, "min_class_images": config.min_class_images,
             "copy_thresholds": {name: {"tokens": float(check.token_thresholds[c]), "image": float(check.image_thresholds[c])}
                                 for c, name in enumerate(classes)},
             "controls": {**{k: None if math.isnan(v) else v for k, v in control.items()},
@@ -540,7 +543,8 @@ def evaluate(config: Config) -> None:
                      "rows draw generated images in ref_split's class proportions. feature_diversity: mean pairwise "
                      "cosine distance of features within a class (all row: mean of classes). diversity: 1 - MS-SSIM, "
                      "read only against RECON's. copy_fraction: share flagged by the copy rule (token_sim / "
-                     "nn_recon_sim above the class's copy_split thresholds). Blank: fewer than min_class_images."}
+                     "nn_recon_sim above the class's copy_split maximum moved copy_margin of the way to 1). "
+                     "Blank: fewer than min_class_images."}
     write_tables(rows, info, scales, out)
     atomic_save_npz(out / "bootstrap.npz", keys=np.array(list(measure.replicates)),
                     values=np.stack(list(measure.replicates.values())))

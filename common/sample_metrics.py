@@ -217,8 +217,8 @@ def _counts(weights: np.ndarray | None, n: int, name: str) -> np.ndarray:
     if weights is None:
         return np.ones(n)
     weights = np.asarray(weights, dtype=np.float64)
-    if weights.shape != (n,) or np.any(weights <= 0):
-        raise ValueError(f"{name}: expected {n} positive weights, got shape {weights.shape}")
+    if weights.shape != (n,) or np.any(weights < 0) or weights.sum() <= 0:
+        raise ValueError(f"{name}: expected {n} non-negative weights, not all 0, got shape {weights.shape}")
     return weights
 
 
@@ -240,8 +240,9 @@ def fidelity_coverage(generated: np.ndarray, real: np.ndarray, k: int = 3, gener
     one's own, possibly inflated, balls); density: real balls holding a generated vector, per generated vector,
     over k (about 1 for matching sets, above 1 where samples crowd real images); coverage: share of real balls
     holding a generated vector (a mode-collapsed model scores low). Precision and recall equal torch-fidelity's
-    prc_features_to_metric; weights (counts of each distinct vector, as in a bootstrap replicate) weigh the
-    averages, while the balls are those of the distinct vectors. Fewer than k + 1 vectors in a set: NaN.
+    prc_features_to_metric. Weights (each vector's count in a bootstrap replicate, 0 = left out) weigh the averages
+    and the balls that count, while every ball keeps its radius in the whole set: a replicate's repeats would
+    otherwise enlarge the radii and shift every replicate upwards. Fewer than k + 1 vectors in a set: NaN.
     """
     generated, real = np.asarray(generated, np.float32), np.asarray(real, np.float32)
     if generated.ndim != 2 or real.ndim != 2 or generated.shape[1] != real.shape[1]:
@@ -251,8 +252,8 @@ def fidelity_coverage(generated: np.ndarray, real: np.ndarray, k: int = 3, gener
         return dict.fromkeys(("precision", "recall", "density", "coverage"), math.nan)
     r_gen, r_real = knn_radii(generated, k), knn_radii(real, k)
     d = torch.cdist(torch.from_numpy(generated), torch.from_numpy(real)).numpy()  # (N, M)
-    in_real_ball = d <= r_real[None, :]  # generated i inside real j's ball
-    in_gen_ball = d <= r_gen[:, None]  # real j inside generated i's ball
+    in_real_ball = (d <= r_real[None, :]) & (w_real[None, :] > 0)  # generated i inside real j's ball
+    in_gen_ball = (d <= r_gen[:, None]) & (w_gen[:, None] > 0)  # real j inside generated i's ball
     return {"precision": float(np.average(in_real_ball.any(axis=1), weights=w_gen)),
             "recall": float(np.average(in_gen_ball.any(axis=0), weights=w_real)),
             "density": float(np.average((in_real_ball * w_real[None, :]).sum(axis=1), weights=w_gen) / k),
@@ -287,12 +288,14 @@ def token_agreement(query: np.ndarray, bank: np.ndarray, chunk: int = 64) -> tup
     return best, index
 
 
-def class_thresholds(held_out: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
-    """Per class, the largest similarity a held-out image of the class has to the training set (NaN for a class
-    without held-out images, whose samples are then never flagged): a sample above it is closer to a training
-    image than any unseen image of its class came."""
+def class_thresholds(held_out: np.ndarray, labels: np.ndarray, num_classes: int, margin: float = 0.0) -> np.ndarray:
+    """Per class, the largest similarity m a held-out image of the class has to the training set, moved `margin` of
+    the way to an exact copy (similarity 1): m + margin (1 - m). A sample above it is closer to a training image
+    than any unseen image of its class came, by that margin (the maximum of a few held-out images is a noisy
+    bound: another held-out set exceeds it often). NaN for a class without held-out images (never flagged)."""
     held_out, labels = np.asarray(held_out, np.float64), np.asarray(labels)
-    return np.array([held_out[labels == c].max() if np.any(labels == c) else math.nan for c in range(num_classes)])
+    top = np.array([held_out[labels == c].max() if np.any(labels == c) else math.nan for c in range(num_classes)])
+    return top + margin * (1 - top)
 
 
 def above_threshold(similarity: np.ndarray, labels: np.ndarray, thresholds: np.ndarray) -> np.ndarray:

@@ -22,6 +22,9 @@ def test_fidelity_coverage_by_hand_on_a_line():
     assert out["coverage"] == pytest.approx(2 / 3)  # 3's ball (radius 2) holds no sample
     weighted = fidelity_coverage(gen, real, k=1, generated_weights=np.array([2.0, 1.0]))
     assert weighted["precision"] == pytest.approx(2 / 3) and weighted["density"] == pytest.approx(4 / 3)
+    # A replicate without the real image at 3: its ball leaves the averages, the other balls keep their radii.
+    dropped = fidelity_coverage(gen, real, k=1, real_weights=np.array([1.0, 1.0, 0.0]))
+    assert dropped == {"precision": 0.5, "recall": 1.0, "density": 1.0, "coverage": 1.0}
     assert math.isnan(fidelity_coverage(gen, real, k=2)["precision"])  # 2 samples cannot have a 2nd neighbour
 
 
@@ -64,6 +67,8 @@ def test_token_agreement_finds_the_bank_row_with_most_equal_positions():
 def test_thresholds_are_the_largest_held_out_similarity_per_class():
     thresholds = class_thresholds(np.array([0.5, 0.7, 0.6]), np.array([0, 0, 1]), 3)
     assert thresholds[:2].tolist() == [0.7, 0.6] and math.isnan(thresholds[2])
+    halfway = class_thresholds(np.array([0.5, 0.7, 0.6]), np.array([0, 0, 1]), 3, margin=0.5)
+    assert halfway[:2] == pytest.approx([0.85, 0.8]) and math.isnan(halfway[2])  # half of the way to 1
     flags = above_threshold(np.array([0.71, 0.7, 0.61, 0.99]), np.array([0, 0, 1, 2]), thresholds)
     assert flags.tolist() == [True, False, True, False]  # equal is not above; a class without a threshold never
 

@@ -63,6 +63,7 @@ def test_every_constant_is_refused_just_outside_its_range_and_accepted_at_its_ed
         "min_class_images": ([4], (3, ">= 4")),  # k-NN balls of nn_k = 3 need 4 images
         "bootstrap": ([10], (9, ">= 10")),
         "level": ([0.001, 0.999], (1.0, "in (0, 1)")),
+        "copy_margin": ([0.0, 0.999], (1.0, "in [0, 1)")),
         **{name: ([0], (-1, ">= 0")) for name in ("seed", "cpu_threads")},
         "ref_split": (["train", "test"], ("holdout", "one of train, val, test")),
         "copy_split": (["val"], ("holdout", "one of train, val, test")),
@@ -634,9 +635,13 @@ def test_the_copy_rule_flags_by_tokens_or_by_features_above_each_class_s_held_ou
     # Held out: class 0 agrees with a bank row in 2 of 4 tokens at cosine 0.8; class 1 in 1 of 4 at cosine 0.6.
     held_idx = np.array([[1, 1, 0, 0], [2, 0, 0, 0]])
     held_features = np.array([[0.8, 0.6], [0.6, -0.8]])
-    check = eval_var.CopyCheck.calibrated(bank_idx, bank_features, held_idx, held_features, np.array([0, 1]), 3)
+    check = eval_var.CopyCheck.calibrated(bank_idx, bank_features, held_idx, held_features, np.array([0, 1]), 3,
+                                          margin=0.0)
     assert check.token_thresholds[:2].tolist() == [0.5, 0.25] and math.isnan(check.token_thresholds[2])
     assert check.image_thresholds[:2] == pytest.approx([0.8, 0.6])
+    wider = eval_var.CopyCheck.calibrated(bank_idx, bank_features, held_idx, held_features, np.array([0, 1]), 3,
+                                          margin=0.5)
+    assert wider.token_thresholds[:2].tolist() == [0.75, 0.625] and wider.image_thresholds[:2] == pytest.approx([0.9, 0.8])
     scored = check.score(np.array([[1, 1, 1, 0], [1, 1, 0, 0], [2, 2, 0, 0], [0, 0, 0, 0], [3, 3, 3, 3]]),
                          np.array([[0.0, -1.0], [0.0, 1.0], [0.0, -1.0], [0.0, -1.0], [-1.0, 0.0]]),
                          np.array([0, 0, 1, 1, 2]))
