@@ -172,13 +172,16 @@ def at_model_size(tokens: TokenSet, rows: np.ndarray, data_dir: Path, size: int,
 
 
 @torch.no_grad()
-def decode(vqvae: VQVAE, idx: np.ndarray, names: list[str], scales: tuple[int, ...], dest: Path) -> list[Path]:
-    """The VQ-VAE decoding of token rows (N, L), one image at a time like sample_var.py, saved as dest/<name>."""
-    paths = []
-    for row, name in zip(progress(idx, desc=f"decoding into {dest.name}", unit="img"), names):
-        image = decode_one_by_one(vqvae, split_scales(torch.from_numpy(row[None]), scales))[0]
-        paths.append(dest / name)
-        save_image(image, paths[-1])
+def decode(vqvae: VQVAE, idx: np.ndarray, names: list[str], scales: tuple[int, ...], dest: Path,
+           inputs: tuple[Path, ...]) -> list[Path]:
+    """The VQ-VAE decoding of token rows (N, L), one image at a time like sample_var.py, saved as dest/<name>; an
+    image already there and newer than every file of `inputs` (the VQ-VAE and the token file) is kept, so that an
+    interrupted or repeated evaluation does not decode it again."""
+    newest = max(p.stat().st_mtime for p in inputs)
+    paths = [dest / name for name in names]
+    todo = [i for i, p in enumerate(paths) if not p.is_file() or p.stat().st_mtime < newest]
+    for i in progress(todo, desc=f"decoding into {dest.name}", unit="img"):
+        save_image(decode_one_by_one(vqvae, split_scales(torch.from_numpy(idx[i][None]), scales))[0], paths[i])
     return paths
 
 
@@ -403,10 +406,11 @@ def evaluate(config: Config) -> None:
     if evaluated_already(out, made_from):
         print(f"{out}: up to date (same samples, real images, tokens and settings); nothing to do")
         return
-    recon_paths = decode(vqvae, tokens.idx[ref_rows], list(tokens.source[ref_rows]), scales, out / "recon")
-    held_paths = decode(vqvae, tokens.idx[held_rows], list(tokens.source[held_rows]), scales, out / "recon")
+    inputs = (Path(config.vqvae), Path(config.tokens))
+    recon_paths = decode(vqvae, tokens.idx[ref_rows], list(tokens.source[ref_rows]), scales, out / "recon", inputs)
+    held_paths = decode(vqvae, tokens.idx[held_rows], list(tokens.source[held_rows]), scales, out / "recon", inputs)
     bank_idx, bank_labels, bank_copy, bank_names = copy_bank(tokens, train_rows)
-    bank_paths = decode(vqvae, bank_idx, bank_names, scales, out / "train_recon")
+    bank_paths = decode(vqvae, bank_idx, bank_names, scales, out / "train_recon", inputs)
 
     net = load_feature_extractor(config.inception_weights, device)
     cache = Path(config.cache) if config.cache else None
