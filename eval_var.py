@@ -717,7 +717,7 @@ def plot_memorisation(sweep: Sweep, gen: dict[str, np.ndarray], ref: dict[str, n
         ax.set_xlabel("similarity to the nearest training reconstruction\nless the class's threshold")
     axes[0, 0].legend(fontsize=6)
     fig.suptitle(f"Memorisation in feature space (flags also count token-map matches); threshold: the closest a "
-                 f"{config.copy_split} reconstruction comes", fontsize=9)
+                 f"{config.copy_split} reconstruction comes, moved {config.copy_margin:g} of the way to 1", fontsize=9)
     fig.tight_layout()
     save_figure(fig, out / "memorisation_hist.png")
 
