@@ -9,7 +9,7 @@ a patch discriminator's hinge loss with VQGAN's adaptive weight. Each epoch logs
 (whole image and scan area) and codebook usage per scale, re-initialises dead codes, saves plots and writes
 OUT/best.pth (best val loss) and OUT/last.pth (full training state, discriminator included). A killed run
 continues from OUT/last.pth when restarted. At the end the best model is scored on the test split, with the
-KID of its reconstructions against the real test images.
+KID of the reconstructions of one half of it against the real images of the other half.
 """
 from __future__ import annotations
 
