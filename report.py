@@ -513,7 +513,8 @@ def copy_controls(page: Page, path: Path) -> None:
     shown = ["" if r is None else f"{100 * r:.0f}%" for r in rates]
     page.add('<h3>Copy check and its controls</h3><p class="caption">A sample counts as a possible copy when its token '
              'maps match a training image\'s (augmented copies included) more closely, or its features lie closer to a '
-             'training image\'s reconstruction, than any held-out image of its class does (thresholds from the '
+             'training image\'s reconstruction, than the closest held-out image of its class does, by a margin '
+             f'(copy_margin {esc(str(info.get("copy_margin", "")))} of the way to an exact copy; thresholds from the '
              f'{esc(str(info.get("copy_split", "")))} reconstructions). The rule is checked on every run: planted '
              'copies must be flagged (target at least 95%), held-out reconstructions must not (at most 5%). '
              'Blank: the token file has no augmented copies.</p>'
