@@ -16,8 +16,8 @@ features (real images at the model's size, as the VQ-VAE saw them):
 - Copies: a sample is flagged when its token maps agree with a training image's (augmented copies included) more
   than any held-out (copy_split) image's do, or its features are closer to a training image's reconstruction than
   any held-out reconstruction's are, each threshold per class and moved copy_margin of the way towards an exact
-  copy. Every run checks the rule on controls: planted
-  training reconstructions and augmented copies must be flagged, ref_split reconstructions must not be.
+  copy. Every run checks the rule on controls: planted training reconstructions and augmented copies must be
+  flagged, ref_split reconstructions must not be.
 - Codebook usage and token entropy per scale, beside the training tokens', on equally many images.
 - Teacher similarity (TP): PSNR and SSIM of each sample against its teacher and the teacher's reconstruction.
 Intervals: bootstrap over both sets (`bootstrap` replicates, `level`); the replicates go to bootstrap.npz, which
