@@ -318,7 +318,7 @@ def reconstruction_kid(model: VQVAE, dataset: ImageSplit, cfg: Config, device: t
     first, second = halves(labels, subject_ids(Path(cfg.data_dir), [dataset.relative_path(i) for i in range(len(dataset))]),
                            cfg.seed)
     if min(first.sum(), second.sum()) < 2:  # too few subjects to split (a tiny test split): split the images instead
-        first, second = halves(labels, np.arange(len(labels)).astype(str), cfg.seed)
+        first, second = halves(np.zeros(len(labels), int), np.arange(len(labels)).astype(str), cfg.seed)
     recon, real = torch.cat(recon)[torch.from_numpy(first)], torch.cat(real)[torch.from_numpy(second)]
     # At least pairs: a half of 2 or 3 images (a small test split) still gets a KID, if one without spread.
     return kid_from_features(recon, real, max_subset_size=max(2, kid_subset_size(len(recon), len(real))), seed=cfg.seed)
