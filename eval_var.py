@@ -703,7 +703,8 @@ def plot_memorisation(sweep: Sweep, gen: dict[str, np.ndarray], ref: dict[str, n
     point_of = np.array([r["point"] for r in sweep.rows])
     finite = np.concatenate([gen["margin"], ref["margin"]])
     finite = finite[np.isfinite(finite)]
-    bins = np.linspace(min(finite.min(), -1e-3), max(finite.max(), 1e-3), 30)
+    low, high = (finite.min(), finite.max()) if len(finite) else (0.0, 0.0)  # no threshold: no held-out image
+    bins = np.linspace(min(low, -1e-3), max(high, 1e-3), 30)
     for ax, point in zip(axes.flat, points):
         ax.hist(ref["margin"], bins=bins, density=True, color="grey", alpha=0.5,
                 label=f"{config.ref_split} reconstructions (negative control)")
