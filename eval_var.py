@@ -206,6 +206,8 @@ def class_matched(labels: np.ndarray, target_labels: np.ndarray, seed: int) -> n
     allows, drawn with the seed. An all-classes KID of a class-balanced sample set against a split with another mix
     would otherwise count the mix as a difference."""
     classes, wanted = np.unique(target_labels, return_counts=True)
+    if len(classes) == 0:  # nothing to match, e.g. a split that holds only the teachers
+        return np.zeros(0, np.int64)
     have = np.array([np.sum(labels == c) for c in classes])
     scale = float(np.min(have / wanted))
     keep = []
