@@ -553,8 +553,9 @@ def evaluate(config: Config) -> None:
                      "nn_recon_sim above the class's copy_split maximum moved copy_margin of the way to 1). "
                      "Blank: fewer than min_class_images."}
     write_tables(rows, info, scales, out)
-    atomic_save_npz(out / "bootstrap.npz", keys=np.array(list(measure.replicates)),
-                    values=np.stack(list(measure.replicates.values())))
+    atomic_save_npz(out / "bootstrap.npz", keys=np.array(list(measure.replicates), dtype=str),
+                    values=np.stack(list(measure.replicates.values())) if measure.replicates
+                    else np.zeros((0, config.bootstrap)))  # every set too small: no intervals
     plot_vs_k(rows, classes, scales, config.level, out)
     plot_tokens(rows, scales, out)
     plot_memorisation(sweep, gen_copy, ref_copy, bank_paths, size, config, out)
