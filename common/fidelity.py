@@ -18,6 +18,7 @@ import functools
 import hashlib
 import importlib.util
 import io
+import math
 import sys
 import warnings
 import zipfile
@@ -320,10 +321,10 @@ def _feature_tensor(features: np.ndarray | torch.Tensor, which: str) -> torch.Te
 
 
 def kid_subset_size(n_1: int, n_2: int, max_size: int = 1000) -> int:
-    """KID subset size for sets of n_1 and n_2 images: max_size when both sets are larger, else half the smaller set.
-    Subsets of a whole set would all be equal, and their std (0) would hide how noisy a small set's KID is."""
-    n = min(n_1, n_2)
-    return max_size if n > max_size else n // 2
+    """KID subset size for sets of n_1 and n_2 images: half the smaller set, at most max_size. Subsets of a whole
+    set would all be equal, and their std (0) would hide how noisy a small set's KID is; capping half the set (not
+    switching to max_size above it) keeps the size from jumping from n/2 to n at n = max_size + 1."""
+    return min(max_size, min(n_1, n_2) // 2)
 
 
 def kid_from_features(features_1: np.ndarray | torch.Tensor, features_2: np.ndarray | torch.Tensor,
@@ -357,3 +358,31 @@ def fid_from_features(features_1: np.ndarray | torch.Tensor, features_2: np.ndar
     fid = _torch_fidelity().metric_fid
     stats_1, stats_2 = fid.fid_features_to_statistics(f1), fid.fid_features_to_statistics(f2)
     return float(fid.fid_statistics_to_metric(stats_1, stats_2, verbose=False)[fid.KEY_METRIC_FID])
+
+
+def _cubic_kernel(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """KID's kernel, as torch-fidelity's: (a . b / D + 1)^3, in float64."""
+    return (a @ b.T / a.shape[1] + 1) ** 3
+
+
+def weighted_kid(k_11: np.ndarray, k_22: np.ndarray, k_12: np.ndarray, w_1: np.ndarray, w_2: np.ndarray) -> float:
+    """Unbiased squared MMD from the kernel matrices, each vector counted w times (a bootstrap replicate's counts):
+    pairs of a vector with itself or its repeats are left out of the within-set terms, which is what keeps the
+    estimate unbiased when a replicate repeats images. With all weights 1 it is the usual unbiased KID of the
+    whole sets (torch-fidelity's for one subset of everything). NaN when a set has a single distinct vector."""
+    def within(k: np.ndarray, w: np.ndarray) -> float:
+        pairs = w.sum() ** 2 - (w * w).sum()
+        return (w @ k @ w - (w * w) @ np.diagonal(k)) / pairs if pairs > 0 else math.nan
+    return float(within(k_11, w_1) + within(k_22, w_2) - 2 * (w_1 @ k_12 @ w_2) / (w_1.sum() * w_2.sum()))
+
+
+def kid_bootstrap(features_1: np.ndarray, features_2: np.ndarray,
+                  weights: Sequence[tuple[np.ndarray, np.ndarray]] = ()) -> tuple[float, np.ndarray]:
+    """KID of the whole sets (unbiased, over all pairs: no subsets) and its value in each bootstrap replicate
+    (counts (w_1, w_2) of every vector, e.g. from common.sample_metrics.bootstrap_weights)."""
+    f1, f2 = (np.asarray(f, np.float64) for f in (features_1, features_2))
+    if f1.ndim != 2 or f2.ndim != 2 or f1.shape[1] != f2.shape[1] or min(len(f1), len(f2)) < 2:
+        raise FidelityError(f"KID needs two feature sets (N >= 2, D) of one width, got {f1.shape} and {f2.shape}")
+    k_11, k_22, k_12 = _cubic_kernel(f1, f1), _cubic_kernel(f2, f2), _cubic_kernel(f1, f2)
+    values = np.array([weighted_kid(k_11, k_22, k_12, w_1, w_2) for w_1, w_2 in weights])
+    return weighted_kid(k_11, k_22, k_12, np.ones(len(f1)), np.ones(len(f2))), values

@@ -3,9 +3,11 @@
 Images load as float tensors in [-1, 1], shape (3, S, S), resized (anti-aliased) to the model's side S.
 The sampler draws a seeded index list per epoch (class-balanced by default) and gives each torchrun
 process its own slice of every global batch, so N processes see exactly the batches one process would.
+Subjects (prepare.py's manifest.csv) split a set into two halves that share no subject, for reference metrics.
 """
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 from typing import Iterator
 
@@ -209,3 +211,32 @@ class EpochSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return self.num_batches * self.batch_size
+
+
+def subject_ids(data_dir: Path, sources: np.ndarray | list[str]) -> np.ndarray:
+    """The subject of each processed image (its `output` path), from prepare.py's manifest.csv: '<dataset>/<subject>'.
+    An image the manifest does not list (or a set without a manifest) is its own subject."""
+    known: dict[str, str] = {}
+    manifest = data_dir / "manifest.csv"
+    if manifest.is_file():
+        with open(manifest, newline="") as handle:
+            for r in csv.DictReader(handle):
+                if r.get("output") and r.get("subject"):
+                    known[r["output"]] = f"{r.get('dataset', '')}/{r['subject']}"
+    return np.array([known.get(str(s), f"image:{s}") for s in sources])
+
+
+def halves(labels: np.ndarray, subjects: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Two halves of each class (masks over labels) that share no subject: the class's subjects in a seeded order,
+    each to the half with fewer images so far. A class of one subject has an empty second half."""
+    first = np.zeros(len(labels), bool)
+    for label in np.unique(labels):
+        in_class = labels == label
+        names = np.unique(subjects[in_class])
+        sizes = [0, 0]
+        for name in names[np.random.default_rng([seed, int(label)]).permutation(len(names))]:
+            members = in_class & (subjects == name)
+            half = int(sizes[1] < sizes[0])
+            first[members] = half == 0
+            sizes[half] += int(members.sum())
+    return first, ~first

@@ -1,4 +1,5 @@
-"""Metrics of generated samples: token usage, diversity (MS-SSIM), similarity to a teacher, nearest neighbours.
+"""Metrics of generated samples: token usage, diversity (MS-SSIM and in feature space), similarity to a teacher,
+nearest neighbours, precision/recall and density/coverage, copy detection, bootstrap resampling.
 
 Images are uint8 arrays (N, H, W, 3), square; features are float arrays (N, D). Every function is pure:
 no files, no global state (torch's thread count is the caller's choice).
@@ -209,9 +210,115 @@ def nearest_neighbours(query: np.ndarray, bank: np.ndarray, exclude_self: bool =
     return sims, index
 
 
-def copy_fraction(sample_nn_sim: np.ndarray, reference_nn_sim: np.ndarray) -> float:
-    """Fraction of samples closer to their nearest training image than any reference (test) image is to its own:
-    sample similarity strictly above the largest reference one counts as a possible copy."""
-    if len(sample_nn_sim) == 0 or len(reference_nn_sim) == 0:
-        raise ValueError(f"need samples and references, got {len(sample_nn_sim)} and {len(reference_nn_sim)}")
-    return float(np.mean(np.asarray(sample_nn_sim) > np.max(reference_nn_sim)))
+# Feature-space metrics: fidelity and coverage (k-nearest-neighbour balls), diversity, copy detection.
+
+
+def _counts(weights: np.ndarray | None, n: int, name: str) -> np.ndarray:
+    if weights is None:
+        return np.ones(n)
+    weights = np.asarray(weights, dtype=np.float64)
+    if weights.shape != (n,) or np.any(weights < 0) or weights.sum() <= 0:
+        raise ValueError(f"{name}: expected {n} non-negative weights, not all 0, got shape {weights.shape}")
+    return weights
+
+
+def knn_radii(features: np.ndarray, k: int) -> np.ndarray:
+    """Euclidean distance of each row (N, D) to its k-th nearest other row: the radius of its k-NN ball."""
+    if not 1 <= k < len(features):
+        raise ValueError(f"k-NN balls need 1 <= k < N, got k={k} for {len(features)} vectors")
+    x = torch.from_numpy(np.asarray(features, dtype=np.float32))
+    return torch.cdist(x, x).kthvalue(k + 1, dim=1).values.numpy()  # the (k+1)-th smallest counts the row itself
+
+
+def fidelity_coverage(generated: np.ndarray, real: np.ndarray, k: int = 3, generated_weights: np.ndarray | None = None,
+                      real_weights: np.ndarray | None = None) -> dict[str, float]:
+    """Improved precision and recall (Kynkaanniemi et al. 2019) and density and coverage (Naeem et al. 2020) of
+    generated features (N, D) against real ones (M, D), with k-NN balls (Euclidean, ties inside).
+
+    precision: share of generated vectors inside some real vector's ball (fidelity; a memoriser scores high);
+    recall: share of real vectors inside some generated vector's ball (coverage of the real set by the generated
+    one's own, possibly inflated, balls); density: real balls holding a generated vector, per generated vector,
+    over k (about 1 for matching sets, above 1 where samples crowd real images); coverage: share of real balls
+    holding a generated vector (a mode-collapsed model scores low). Precision and recall equal torch-fidelity's
+    prc_features_to_metric. Weights (each vector's count in a bootstrap replicate, 0 = left out) weigh the averages
+    and the balls that count, while every ball keeps its radius in the whole set: a replicate's repeats would
+    otherwise enlarge the radii and shift every replicate upwards. Fewer than k + 1 vectors in a set: NaN.
+    """
+    generated, real = np.asarray(generated, np.float32), np.asarray(real, np.float32)
+    if generated.ndim != 2 or real.ndim != 2 or generated.shape[1] != real.shape[1]:
+        raise ValueError(f"expected feature matrices (N, D) and (M, D), got {generated.shape} and {real.shape}")
+    w_gen, w_real = _counts(generated_weights, len(generated), "generated"), _counts(real_weights, len(real), "real")
+    if min(len(generated), len(real)) <= k:
+        return dict.fromkeys(("precision", "recall", "density", "coverage"), math.nan)
+    r_gen, r_real = knn_radii(generated, k), knn_radii(real, k)
+    d = torch.cdist(torch.from_numpy(generated), torch.from_numpy(real)).numpy()  # (N, M)
+    in_real_ball = (d <= r_real[None, :]) & (w_real[None, :] > 0)  # generated i inside real j's ball
+    in_gen_ball = (d <= r_gen[:, None]) & (w_gen[:, None] > 0)  # real j inside generated i's ball
+    return {"precision": float(np.average(in_real_ball.any(axis=1), weights=w_gen)),
+            "recall": float(np.average(in_gen_ball.any(axis=0), weights=w_real)),
+            "density": float(np.average((in_real_ball * w_real[None, :]).sum(axis=1), weights=w_gen) / k),
+            "coverage": float(np.average(in_real_ball.any(axis=0), weights=w_real))}
+
+
+def feature_diversity(features: np.ndarray, weights: np.ndarray | None = None) -> float:
+    """Mean cosine distance (1 - cosine similarity) over pairs of distinct vectors (N, D): how different a set's
+    images are in feature space, where speckle noise moves little. Weights count repeated vectors (a bootstrap
+    replicate), whose pairs with themselves are left out. Fewer than 2 distinct vectors: NaN."""
+    if len(features) < 2:
+        return math.nan
+    w = _counts(weights, len(features), "features")
+    unit = _unit_rows(features, "features").astype(np.float64)
+    sim = unit @ unit.T
+    pair_weight = np.outer(w, w)
+    np.fill_diagonal(pair_weight, 0)
+    return float(1 - (sim * pair_weight).sum() / pair_weight.sum())
+
+
+def token_agreement(query: np.ndarray, bank: np.ndarray, chunk: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """For each query token row (Nq, L), the largest share of positions equal to a bank row (Nb, L), and that
+    row's index: 1.0 is an exact copy of the bank row's token maps."""
+    if query.ndim != 2 or bank.ndim != 2 or query.shape[1] != bank.shape[1] or len(bank) == 0:
+        raise ValueError(f"expected token rows (Nq, L) and a non-empty (Nb, L), got {query.shape} and {bank.shape}")
+    best = np.empty(len(query))
+    index = np.empty(len(query), dtype=np.int64)
+    for start in range(0, len(query), chunk):
+        share = (query[start:start + chunk, None, :] == bank[None, :, :]).mean(axis=2)  # (chunk, Nb)
+        index[start:start + len(share)] = share.argmax(axis=1)
+        best[start:start + len(share)] = share.max(axis=1)
+    return best, index
+
+
+def class_thresholds(held_out: np.ndarray, labels: np.ndarray, num_classes: int, margin: float = 0.0) -> np.ndarray:
+    """Per class, the largest similarity m a held-out image of the class has to the training set, moved `margin` of
+    the way to an exact copy (similarity 1): m + margin (1 - m). A sample above it is closer to a training image
+    than any unseen image of its class came, by that margin (the maximum of a few held-out images is a noisy
+    bound: another held-out set exceeds it often). NaN for a class without held-out images (never flagged)."""
+    held_out, labels = np.asarray(held_out, np.float64), np.asarray(labels)
+    top = np.array([held_out[labels == c].max() if np.any(labels == c) else math.nan for c in range(num_classes)])
+    return top + margin * (1 - top)
+
+
+def above_threshold(similarity: np.ndarray, labels: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
+    """Which items are strictly more similar than their class's threshold (never where the threshold is NaN)."""
+    limit = np.asarray(thresholds, np.float64)[np.asarray(labels)]
+    with np.errstate(invalid="ignore"):
+        return np.asarray(similarity, np.float64) > limit
+
+
+def bootstrap_weights(n_1: int, n_2: int, replicates: int, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Counts (w_1 (n_1,), w_2 (n_2,)) of each replicate of a bootstrap over both sets: every set resampled with
+    replacement to its own size. Each set has its own random stream, so two evaluations against the same
+    reference with the same seed resample the reference alike and their replicates pair up."""
+    rng_1, rng_2 = np.random.default_rng([seed, 1]), np.random.default_rng([seed, 2])
+    return [(np.bincount(rng_1.integers(n_1, size=n_1), minlength=n_1).astype(np.float64),
+             np.bincount(rng_2.integers(n_2, size=n_2), minlength=n_2).astype(np.float64)) for _ in range(replicates)]
+
+
+def percentile_interval(values: np.ndarray, level: float = 0.95) -> tuple[float, float]:
+    """The central `level` interval of bootstrap values (NaN replicates, from too few distinct items, left out)."""
+    values = np.asarray(values, np.float64)
+    values = values[np.isfinite(values)]
+    if len(values) == 0:
+        return math.nan, math.nan
+    low, high = np.percentile(values, [50 * (1 - level), 50 * (1 + level)])
+    return float(low), float(high)

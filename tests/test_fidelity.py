@@ -285,8 +285,9 @@ def test_kid_subsets_are_half_the_smaller_set_below_the_maximum() -> None:
     # Whole-set subsets would all be equal (std 0); half the smaller set keeps the std meaningful.
     assert kid_subset_size(60, 96) == 30
     assert kid_subset_size(97, 61, max_size=1000) == 30
-    assert kid_subset_size(1000, 5000) == 500  # equal to the maximum is not above it
-    assert kid_subset_size(1001, 5000) == 1000
+    assert kid_subset_size(1000, 5000) == 500
+    assert kid_subset_size(1001, 5000) == 500  # no jump to the whole set past max_size
+    assert kid_subset_size(2001, 5000) == 1000
     assert kid_subset_size(300, 400, max_size=100) == 100
 
 

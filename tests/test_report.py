@@ -83,7 +83,8 @@ def run(tiny_pipeline: dict[str, Path], tmp_path_factory) -> dict[str, Path]:
     with open(samples / "samples_manifest.csv", newline="") as handle:
         points = sorted({r["point"] for r in csv.DictReader(handle)})
     # eval_var.py's own table writer on made-up numbers: its InceptionV3 pass is too slow for this test.
-    rows = [{"point": p, "class": c, "n": 2, "kid": 0.1234567, "kid_std": 0.01, "diversity": 0.3}
+    rows = [{"point": p, "class": c, "n": 2, "kid": 0.1234567, "kid_lo": 0.1, "kid_hi": 0.15,
+             "diversity": 0.3}
             for p in ["REAL", *points] for c in [*CLASSES, "all"]]
     eval_var.write_tables(rows, {}, SCALES, samples / "eval")
     folders = {"data_dir": data, "vqvae_dir": root / "runs" / "vqvae", "tokens_dir": tiny_pipeline["tokens"].parent,
@@ -115,7 +116,7 @@ def test_the_page_names_every_class_and_sweep_point(run: dict[str, Path]) -> Non
     counts = {(s, c): len(list((run["data_dir"] / s / c).glob("*.png"))) for s in SPLITS for c in CLASSES}
     row = " ".join(["heart", *(str(counts[s, "heart"]) for s in SPLITS), str(sum(counts[s, "heart"] for s in SPLITS))])
     assert row in " ".join(" ".join(text.split()).split())  # the class's row of the counts table
-    assert "0.123 ± 0.010" in text and "0.300" in text and "0.1234567" not in text  # rounded, KID with its std
+    assert "0.123 [0.100, 0.150]" in text and "0.300" in text and "0.1234567" not in text  # rounded, KID with its interval
     assert "unreadable" in text  # the skipped source's reason
     # train_var.py's KID (real InceptionV3 features) at both epochs, and the best one named.
     best = min(json.loads((run["var_dir"] / "history.json").read_text()), key=lambda r: r["kid"])

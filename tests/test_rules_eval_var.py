@@ -10,6 +10,7 @@ import math
 import os
 import re
 import warnings
+import zlib
 from dataclasses import replace
 from pathlib import Path
 
@@ -19,12 +20,13 @@ import torch
 from PIL import Image
 
 import eval_var
-from common.fidelity import fid_from_features, kid_from_features
+from common.fidelity import fid_from_features, kid_bootstrap, kid_from_features
 from common.image_data import read_image
 from common.io import atomic_torch_save, file_sha256, files_fingerprint
 from common.plotting import save_image
-from common.sample_metrics import (copy_fraction, diversity, matched_subsample, nearest_neighbours,
-                                   teacher_similarity, token_usage_entropy)
+from common.sample_metrics import (bootstrap_weights, diversity, feature_diversity, fidelity_coverage,
+                                   matched_subsample, nearest_neighbours, percentile_interval, teacher_similarity,
+                                   token_usage_entropy)
 from common.tokens import TokenFileError, load_tokens, save_tokens
 from models.vqvae import VQVAE
 from sample_var import decode_one_by_one
@@ -45,8 +47,8 @@ COUNTS = {("val", 0): 4, ("val", 1): 8, ("test", 0): 2, ("test", 1): 1, ("train"
 # in the order sample_var.py was given them, which is not their sorted order.
 SWEEP = [("TP_K1_cfg2.5", 1, 2.5, 1, [0, 0, 1]), ("TP_K1_cfg2.5", 1, 2.5, 0, [1, 0, 1, 0]),
          ("NOP_cfg2", 0, 2.0, 1, [-1] * 5), ("NOP_cfg2", 0, 2.0, 0, [-1] * 4)]
-SETTINGS = dict(ref_split="val", inception_weights="w.pth", kid_subsets=3, kid_subset_size=3, fid_min_images=4,
-                max_pairs=3, batch_size=5, seed=7, device="cpu")
+SETTINGS = dict(ref_split="val", copy_split="test", inception_weights="w.pth", fid_min_images=4, min_class_images=4,
+                bootstrap=10, control_per_class=2, max_pairs=3, batch_size=5, seed=7, device="cpu")
 
 
 def refusal(**overrides) -> str | None:
@@ -55,14 +57,25 @@ def refusal(**overrides) -> str | None:
 
 def test_every_constant_is_refused_just_outside_its_range_and_accepted_at_its_edge():
     table = {
-        **{name: ([1], (0, ">= 1")) for name in ("kid_subsets", "max_pairs", "closest_pairs", "batch_size")},
-        **{name: ([2], (1, ">= 2")) for name in ("kid_subset_size", "fid_min_images")},
+        **{name: ([1], (0, ">= 1")) for name in ("nn_k", "control_per_class", "max_pairs", "closest_pairs",
+                                                  "batch_size")},
+        "fid_min_images": ([2], (1, ">= 2")),
+        "min_class_images": ([4], (3, ">= 4")),  # k-NN balls of nn_k = 3 need 4 images
+        "bootstrap": ([10], (9, ">= 10")),
+        "level": ([0.001, 0.999], (1.0, "in (0, 1)")),
+        "copy_margin": ([0.0, 0.999], (1.0, "in [0, 1)")),
         **{name: ([0], (-1, ">= 0")) for name in ("cpu_threads",)},
         "seed": ([0, 2**32 - 1], (2**32, "in [0, 4294967295]")),
-        "ref_split": (["train", "val", "test"], ("holdout", "one of train, val, test")),
+        "ref_split": (["train", "test"], ("holdout", "one of train, val, test")),
+        "copy_split": (["val"], ("holdout", "one of train, val, test")),
         "device": (["auto", "cpu"], ("tpu", "auto, cpu, or a cuda / mps device this machine has")),
     }
     assert_edges(refusal, table)
+    for ref_split, copy_split in (("test", "train"), ("val", "val")):
+        assert refusal(ref_split=ref_split, copy_split=copy_split) == (
+            f"--copy_split={copy_split}: must be a held-out split other than ref_split ({ref_split}); its "
+            "reconstructions set the copy thresholds, ref_split's check them")
+    assert refusal(compare="a") == "--compare=a: expected two evaluations, A,B (each a folder or folder:POINT)"
 
 
 def feature(path: Path) -> np.ndarray:
@@ -258,7 +271,7 @@ def expected_rows(world: dict, out: Path) -> list[dict]:
             sim = nearest_neighbours(f_gen, f_train)[0]
             row = {"class": name, "n": len(sel), **kid_cells(f_gen, f_ref[ref_labels == c]),
                    "diversity": diversity(images, 3, 7)[0], "nn_train_sim": float(sim.mean()),
-                   "copy_fraction": copy_fraction(sim, ref_sim),
+                   "copy_fraction": float(np.mean(sim > ref_sim.max())),
                    **token_cells(subsample(gen_idx[sel], np.full(len(sel), c)))}
             if k:
                 teacher = np.array([manifest[i]["teacher"] for i in sel])
@@ -275,7 +288,7 @@ def expected_rows(world: dict, out: Path) -> list[dict]:
         f_gen = np.stack([feature(samples / manifest[i]["path"]) for i in sel])
         sim = nearest_neighbours(f_gen, f_train)[0]
         overall = {"n": len(sel), **kid_cells(f_gen, f_ref), "nn_train_sim": float(sim.mean()),
-                   "copy_fraction": copy_fraction(sim, ref_sim),
+                   "copy_fraction": float(np.mean(sim > ref_sim.max())),
                    **token_cells(subsample(gen_idx[sel], np.array([manifest[i]["label"] for i in sel])))}
         if k:
             overall.update({key: float(np.mean([r[key] for r in per_class]))
@@ -459,10 +472,10 @@ def test_inputs_that_do_not_match_the_sweep_are_refused_before_any_work(world, s
                 vqvae_config=tokens.vqvae_config, classes=CLASSES)
     with pytest.raises(eval_var.EvalVarError) as err:
         eval_var.evaluate(run_config(world, tmp_path, tokens=str(other)))
-    assert str(err.value) == f"{other}: 12 val and 0 train images; both are needed"
+    assert str(err.value) == f"{other}: 12 val, 0 train and 3 test (copy_split) images; all three are needed"
     with pytest.raises(eval_var.EvalVarError) as err:
-        eval_var.evaluate(run_config(world, tmp_path, tokens=str(other), ref_split="test"))
-    assert str(err.value) == f"{other}: 3 test and 0 train images; both are needed"
+        eval_var.evaluate(run_config(world, tmp_path, tokens=str(other), ref_split="test", copy_split="val"))
+    assert str(err.value) == f"{other}: 3 test, 0 train and 12 val (copy_split) images; all three are needed"
     save_tokens(other, scales=list(SCALES), maps=split_maps(tokens.idx), labels=tokens.labels, split=tokens.split,
                 source=tokens.source, vqvae_sha256=tokens.vqvae_sha256, vqvae_config=tokens.vqvae_config,
                 classes=["a", "c"])
@@ -528,42 +541,41 @@ def test_evaluated_already_needs_every_output_and_the_same_inputs(tmp_path):
         (tmp_path / "gone").rename(tmp_path / name)
 
 
-def test_halves_split_each_class_by_its_own_seeded_permutation():
-    labels = np.array([2, 0, 2, 2, 0, 2, 0, 0, 0])
-    first, second = eval_var.halves(labels, 5)
-    expected = np.zeros(9, bool)
-    for label in (0, 2):
-        members = np.random.default_rng([5, label]).permutation(np.flatnonzero(labels == label))
-        expected[members[:len(members) // 2]] = True
-    assert np.array_equal(first, expected) and np.array_equal(second, ~expected)
-    assert first.sum() == 4 and first.dtype == bool
-    assert not np.array_equal(eval_var.halves(labels, 6)[0], first)
-
-
-def test_kid_subsets_shrink_to_half_the_smaller_set_and_fid_needs_enough_images():
+def test_against_leaves_small_sets_blank_and_gives_kid_over_all_pairs_with_an_interval():
     rng = np.random.default_rng(0)
     f1, f2 = rng.normal(size=(9, 4)) + 1, rng.normal(size=(7, 4)) + 1.5
-    measure = eval_var.Measure(eval_var.Config(kid_subsets=4, kid_subset_size=6, fid_min_images=7, seed=3), SCALES,
+    measure = eval_var.Measure(eval_var.Config(min_class_images=5, fid_min_images=7, bootstrap=30, seed=3), SCALES,
                                VOCAB, torch.device("cpu"))
-    kid = kid_from_features(f1, f2, subsets=4, max_subset_size=6, seed=3)
-    assert measure.kid_fid(f1, f2) == {"kid": kid["mean"], "kid_std": kid["std"], "kid_subset": 6,
-                                       "fid": fid_from_features(f1, f2)}
-    kid = kid_from_features(f1[:6], f2[:6], subsets=4, max_subset_size=3, seed=3)
-    assert measure.kid_fid(f1[:6], f2[:6]) == {"kid": kid["mean"], "kid_std": kid["std"], "kid_subset": 3,
-                                               "fid": pytest.approx(math.nan, nan_ok=True)}
-    kid = kid_from_features(f1[:5], f2[:4], subsets=4, max_subset_size=2, seed=3)
-    assert measure.kid_fid(f1[:5], f2[:4])["kid_subset"] == 2 and measure.kid_fid(f1[:5], f2[:4])["kid"] == kid["mean"]
-    small = measure.kid_fid(f1[:3], f2)
-    assert math.isnan(small["kid"]) and math.isnan(small["kid_std"]) and small["kid_subset"] == 0
-    assert math.isnan(small["fid"])
+    out = measure.against(f1, f2, "P|a")
+    weights = bootstrap_weights(9, 7, 30, 3 * 2 ** 32 + zlib.crc32(b"P|a"))  # a seed per row
+    whole, values = kid_bootstrap(f1, f2, weights)
+    assert out["kid"] == whole and (out["kid_lo"], out["kid_hi"]) == percentile_interval(values, 0.95)
+    assert out["fid"] == fid_from_features(f1, f2)
+    assert {k: out[k] for k in ("precision", "recall", "density", "coverage")} == fidelity_coverage(f1, f2, 3)
+    assert np.array_equal(measure.replicates["P|a|kid"], values) and len(measure.replicates["P|a|coverage"]) == 30
+    assert math.isnan(measure.against(f1[:6], f2[:6], "Q|a")["fid"])  # FID from 7 images
+    small = measure.against(f1[:4], f2, "R|a")  # 4 < min_class_images: blank, nothing kept
+    assert all(math.isnan(small[k]) for k in ("kid", "precision", "recall", "density", "coverage", "fid"))
+    assert not any(key.startswith("R|") for key in measure.replicates)
+    assert measure.spread(f1, "S|a")["feature_diversity"] == feature_diversity(f1)
+    assert math.isnan(measure.spread(f1[:4], "T|a")["feature_diversity"])
+
+
+def test_class_matched_draws_the_target_class_proportions_as_far_as_the_scarcest_class_allows():
+    labels = np.array([0] * 6 + [1] * 6 + [2] * 2)
+    kept = eval_var.class_matched(labels, np.array([0, 0, 1, 1, 2]), seed=1)  # proportions 2 : 2 : 1
+    assert np.bincount(labels[kept]).tolist() == [4, 4, 2]  # class 2 has 2: twice the target
+    assert np.array_equal(kept, eval_var.class_matched(labels, np.array([0, 0, 1, 1, 2]), seed=1))
+    assert np.bincount(labels[eval_var.class_matched(labels, np.array([0, 1, 2]), seed=1)]).tolist() == [2, 2, 2]
 
 
 def test_diversity_and_token_numbers_take_the_run_s_settings(monkeypatch):
     rng = np.random.default_rng(1)
     images = rng.integers(0, 256, (5, 16, 16, 3), dtype=np.uint8)
-    measure = eval_var.Measure(eval_var.Config(max_pairs=3, seed=4), (1, 2), 6, torch.device("cpu"))
+    measure = eval_var.Measure(eval_var.Config(max_pairs=3, seed=4, min_class_images=5), (1, 2), 6, torch.device("cpu"))
     assert measure.diversity(images) == diversity(images, 3, 4)[0] != diversity(images, 10, 4)[0]
     assert measure.diversity(images) != diversity(images, 3, 0)[0]
+    assert math.isnan(measure.diversity(images[:4]))  # below min_class_images
     on = []
     monkeypatch.setattr(eval_var, "diversity", lambda *args, device: on.append(device) or (0.5, 3))
     measure.device = torch.device("cuda", 1)  # MS-SSIM runs on the run's device
@@ -595,27 +607,82 @@ def test_token_subsample_keeps_per_class_rows_of_every_class_in_class_order():
 
 def test_tables_write_every_column_with_six_digits_and_blanks_for_nan(tmp_path):
     rows = [{"point": "TP_K1_cfg2", "mode": "TP", "coarse_k": 1, "cfg": 2.0, "class": "a", "n": 3, "kid": 0.123456789,
-             "kid_std": math.nan, "kid_subset": 0, "usage_2": 0.5, "entropy_2": 1234567.0},
+             "kid_lo": math.nan, "copy_fraction": 0.25, "usage_2": 0.5, "entropy_2": 1234567.0},
             {"point": "REAL", "mode": "REAL", "coarse_k": 0, "cfg": math.nan, "class": "all", "n": 9}]
     eval_var.write_tables(rows, {"x": 1}, (2,), tmp_path)
     lines = (tmp_path / "metrics.csv").read_text().split("\n")
-    assert lines[0] == ",".join(eval_var.COLUMNS + ["usage_2", "entropy_2"])
-    assert lines[1] == "TP_K1_cfg2,TP,1,2,a,3,0.123457,,0,,,,,,,,,,0.5,1.23457e+06"
-    assert lines[2] == "REAL,REAL,0,,all,9" + "," * 14 and lines[3:] == [""]
+    columns = eval_var.COLUMNS + ["usage_2", "entropy_2"]
+    assert lines[0] == ",".join(columns)
+    blank = len(columns) - 10  # the columns between kid and copy_fraction
+    assert lines[1] == "TP_K1_cfg2,TP,1,2,a,3,0.123457" + "," * blank + ",0.25,0.5,1.23457e+06"
+    assert lines[2] == "REAL,REAL,0,,all,9" + "," * (len(columns) - 6) and lines[3:] == [""]
     saved = json.loads((tmp_path / "metrics.json").read_text())
-    assert saved["info"] == {"x": 1} and saved["rows"][0]["kid_std"] is None and saved["rows"][1]["cfg"] is None
+    assert saved["info"] == {"x": 1} and saved["rows"][0]["kid_lo"] is None and saved["rows"][1]["cfg"] is None
     assert saved["rows"][0]["kid"] == 0.123456789 and saved["rows"][1]["usage_2"] is None
-    assert list(saved["rows"][0]) == eval_var.COLUMNS + ["usage_2", "entropy_2"]
+    assert list(saved["rows"][0]) == columns
 
 
-def test_the_summary_prints_the_all_rows(capsys):
+def test_the_summary_prints_the_all_rows_and_the_controls(capsys):
     rows = [{"point": "REAL", "class": "a", "n": 2}, {"point": "RECON", "class": "all", "n": 4},
-            {"point": "TP_K1_cfg2", "class": "all", "n": 12, "kid": 0.01234, "kid_std": 0.5, "diversity": 0.25,
-             "psnr_teacher": 21.456, "ssim_teacher": 0.5, "copy_fraction": 0.125}]
-    eval_var.print_summary(rows, {"feature_extractor": "net", "ref_images": 9, "ref_split": "val", "train_images": 5,
-                                  "copy_threshold": 0.98765})
-    assert capsys.readouterr().out.splitlines() == [
-        "point                n        KID        +- diversity  PSNR/t  SSIM/t copies",
-        "RECON                4        nan       nan       nan     nan     nan    nan",
-        "TP_K1_cfg2          12     0.0123    0.5000    0.2500   21.46    0.50   0.12",
-        "net; 9 val / 5 train images; copy threshold 0.988"]
+            {"point": "TP_K1_cfg2", "class": "all", "n": 12, "kid": 0.01234, "kid_lo": 0.001, "kid_hi": 0.02,
+             "precision": 0.5, "diversity": 0.25, "copy_fraction": 0.125}]
+    info = {"feature_extractor": "net", "ref_images": 9, "ref_split": "val", "train_images": 5, "level": 0.9,
+            "halves_subjects": 3, "copy_split": "test", "copy_split_images": 4, "copy_bank_images": 10,
+            "controls": {"planted_recon_flagged": 1.0, "planted_augmented_flagged": None, "held_out_recon_flagged": 0.0}}
+    eval_var.print_summary(rows, info)
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "all classes; [90% bootstrap interval]"
+    assert out[2].split() == ["RECON", "4"] + ["nan"] * 7
+    assert out[3].split() == ["TP_K1_cfg2", "12", "0.0123", "[0.0010,", "0.0200]", "0.50", "nan", "nan", "nan", "0.250",
+                              "0.12"]
+    assert out[4] == "net; 9 val / 5 train images; halves of val by subject (3 subjects)"
+    assert out[5] == ("copy check controls: planted training reconstructions flagged 100%, planted augmented copies "
+                      "n/a (the token file has none), held-out val reconstructions 0%; thresholds from 4 test "
+                      "reconstructions against 10 training token rows and reconstructions")
+
+
+def test_the_copy_rule_flags_by_tokens_or_by_features_above_each_class_s_held_out_maximum():
+    bank_idx = np.array([[1, 1, 1, 1], [2, 2, 2, 2], [3, 3, 3, 3]])
+    bank_features = np.array([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])
+    # Held out: class 0 agrees with a bank row in 2 of 4 tokens at cosine 0.8; class 1 in 1 of 4 at cosine 0.6.
+    held_idx = np.array([[1, 1, 0, 0], [2, 0, 0, 0]])
+    held_features = np.array([[0.8, 0.6], [0.6, -0.8]])
+    check = eval_var.CopyCheck.calibrated(bank_idx, bank_features, held_idx, held_features, np.array([0, 1]), 3,
+                                          margin=0.0)
+    assert check.token_thresholds[:2].tolist() == [0.5, 0.25] and math.isnan(check.token_thresholds[2])
+    assert check.image_thresholds[:2] == pytest.approx([0.8, 0.6])
+    wider = eval_var.CopyCheck.calibrated(bank_idx, bank_features, held_idx, held_features, np.array([0, 1]), 3,
+                                          margin=0.5)
+    assert wider.token_thresholds[:2].tolist() == [0.75, 0.625] and wider.image_thresholds[:2] == pytest.approx([0.9, 0.8])
+    scored = check.score(np.array([[1, 1, 1, 0], [1, 1, 0, 0], [2, 2, 0, 0], [0, 0, 0, 0], [3, 3, 3, 3]]),
+                         np.array([[0.0, -1.0], [0.0, 1.0], [0.0, -1.0], [0.0, -1.0], [-1.0, 0.0]]),
+                         np.array([0, 0, 1, 1, 2]))
+    assert scored["by_tokens"].tolist() == [True, False, True, False, False]  # 3/4 > 0.5; 2/4 is not above 0.5
+    assert scored["by_image"].tolist() == [False, True, False, False, False]  # cosine 1 to bank row 1 > 0.8
+    assert scored["flagged"].tolist() == [True, True, True, False, False]  # class 2: no held-out image, no threshold
+    assert scored["token_sim"].tolist() == [0.75, 0.5, 0.5, 0.0, 1.0] and scored["nearest"][1] == 1
+
+
+def test_the_controls_plant_bank_rows_and_score_the_held_out_reconstructions():
+    bank_idx = np.repeat(np.arange(8)[:, None], 4, axis=1)  # 4 training images x 2 copies, all different
+    bank_features = np.eye(8)
+    labels, copy = np.array([0, 0, 1, 1, 0, 0, 1, 1]), np.array([0, 1] * 4)
+    check = eval_var.CopyCheck(bank_idx, bank_features, np.array([0.5, 0.5]), np.array([0.9, 0.9]))
+    recon_idx, recon_features = np.array([[9, 9, 9, 9], [0, 0, 9, 9]]), np.array([[1.0, 1.0] + [0] * 6, [0.0] * 7 + [1]])
+    out = eval_var.controls(check, labels, copy, recon_idx, recon_features, np.array([0, 1]), per_class=1, seed=0)
+    assert out["planted_recon_flagged"] == out["planted_augmented_flagged"] == 1.0
+    assert out["planted_recon_by_image"] == out["planted_recon_by_tokens"] == 1.0
+    # Held out: the first agrees with no row (and sits between two at cosine 0.71); the second's features equal
+    # bank row 7 (class 1, cosine 1 > 0.9) and its tokens half of row 0: flagged by its features only.
+    assert out["held_out_recon_flagged"] == 0.5 and out["held_out_recon_by_image"] == 0.5
+    assert out["held_out_recon_by_tokens"] == 0.0
+    plain = eval_var.controls(check, labels, np.zeros(8, int), recon_idx, recon_features, np.array([0, 1]), 1, 0)
+    assert math.isnan(plain["planted_augmented_flagged"])  # a token file without augmented copies
+
+
+def test_the_copy_bank_holds_every_training_row_and_its_augmented_copies(world):
+    tokens = world["tokens"]
+    train = np.flatnonzero(tokens.split == "train")
+    idx, labels, copy, names = eval_var.copy_bank(tokens, train)
+    assert np.array_equal(idx, tokens.idx[train]) and np.array_equal(labels, tokens.labels[train])
+    assert copy.tolist() == [0] * len(train) and names == [str(s) for s in tokens.source[train]]

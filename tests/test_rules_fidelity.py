@@ -437,6 +437,7 @@ def test_kid_and_fid_refusals_name_the_problem() -> None:
 
 
 def test_kid_subset_size_default_maximum_is_1000() -> None:
-    assert kid_subset_size(1001, 1001) == 1000 and kid_subset_size(1000, 1001) == 500
+    assert kid_subset_size(2001, 2001) == 1000 and kid_subset_size(2000, 2001) == 1000
+    assert kid_subset_size(1001, 1001) == 500 and kid_subset_size(1000, 1001) == 500  # no jump at 1000 / 1001
     assert kid_subset_size(3, 2) == 1
     assert kid_subset_size(9, 7) == 3 and type(kid_subset_size(9, 7)) is int  # half of an odd size rounds down

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+import eval_var
 import report
 from common.config import ConfigError
 
@@ -108,14 +109,6 @@ def test_numbers_are_rounded_to_three_significant_digits_and_integers_kept():
 
 def test_numbers_that_round_to_a_thousand_are_written_whole():
     assert report.number("999.95") == "1000" and report.number("-999.7") == "-1000"
-
-
-def test_kid_is_shown_to_the_first_digit_of_its_std_with_at_least_three_decimals():
-    assert report.with_error(0.1234567, 0.01) == "0.123 ± 0.010"
-    assert report.with_error(0.1234567, 0.00012) == "0.1235 ± 0.0001"
-    assert report.with_error(0.1234567, 0.0012) == "0.123 ± 0.001"
-    assert report.with_error(-0.02, 0.00099) == "-0.0200 ± 0.0010"
-    assert report.with_error(0.5, 0.0) == "0.500 ± 0.000" and report.with_error(0.5, 2.5) == "0.500 ± 2.500"
 
 
 def test_a_table_escapes_its_cells_and_left_aligns_the_text_columns():
@@ -359,9 +352,7 @@ def test_the_sweep_section_counts_images_per_point_in_reading_order(tmp_path):
     assert page.parts[-1] == f'<p class="missing">missing: {tmp_path / "none" / "samples_manifest.csv"} (run sample_var.py)</p>'
 
 
-COLUMNS = ["point", "mode", "coarse_k", "cfg", "class", "n", "kid", "kid_std", "kid_subset", "fid", "diversity",
-           "diversity_per_teacher", "psnr_teacher", "ssim_teacher", "psnr_recon", "ssim_recon", "nn_train_sim",
-           "copy_fraction", "usage_1", "usage_4", "entropy_1", "entropy_4"]
+COLUMNS = eval_var.COLUMNS + ["usage_1", "usage_4", "entropy_1", "entropy_4"]
 
 
 def metrics_csv(path: Path, rows: list[dict]) -> None:
@@ -383,19 +374,19 @@ def test_metric_scales_are_the_usage_columns_of_metrics_csv(tmp_path):
 def test_the_metrics_table_rounds_each_column_groups_points_and_leaves_out_blank_columns(tmp_path):
     path = tmp_path / "eval" / "metrics.csv"
     metrics_csv(path, [
-        {"point": "TP_K1_cfg1.5", "class": "a", "n": "4", "kid": "0.1234567", "kid_std": "0.00012", "kid_subset": "2",
+        {"point": "TP_K1_cfg1.5", "class": "a", "n": "4", "kid": "0.1234567", "kid_lo": "0.1", "kid_hi": "0.15", "recall": "0.5",
          "psnr_teacher": "21.46", "diversity": "0.30000", "usage_1": "0.5", "usage_4": "0.125", "entropy_1": "1.5",
          "entropy_4": "3.14159"},
-        {"point": "TP_K1_cfg1.5", "class": "all", "n": "8", "kid": "0.2", "kid_std": "", "fid": "123.456",
+        {"point": "TP_K1_cfg1.5", "class": "all", "n": "8", "kid": "0.2", "fid": "123.456",
          "psnr_teacher": "100", "usage_1": "0.25", "usage_4": "", "entropy_1": "1", "entropy_4": ""},
-        {"point": "REAL", "class": "all", "n": "9", "kid": "-0.01", "kid_std": "0.02", "copy_fraction": "0.1111",
+        {"point": "REAL", "class": "all", "n": "9", "kid": "-0.01", "kid_lo": "-0.0301", "kid_hi": "0.02", "copy_fraction": "0.1111",
          "usage_1": "", "usage_4": "", "entropy_1": "", "entropy_4": ""},
         {"point": "NOP_cfg1.5", "class": "all", "n": "3", "usage_1": "1", "usage_4": "0.0625", "entropy_1": "0",
          "entropy_4": "2"}])
     page = report.Page(tmp_path / "report.html")
     report.metrics_tables(page, path, ["1", "4"])
     text = "".join(page.parts)
-    shown = ["n", "kid", "kid_subset", "fid", "diversity", "psnr_teacher", "copy_fraction"]
+    shown = ["n", "kid", "fid", "recall", "diversity", "psnr_teacher", "copy_fraction"]
     head = "".join(f'<th title="{report.esc(report.METRICS[c].meaning)}">{report.esc(report.METRICS[c].heading)}</th>'
                    for c in shown)
     assert f'<th class="text">class</th>{head}</tr></thead>' in text
@@ -411,10 +402,10 @@ def test_the_metrics_table_rounds_each_column_groups_points_and_leaves_out_blank
                          + "".join(f"<td>{report.esc(v)}</td>" for v in values) + "</tr>")
         return f'<tbody class="point">{"".join(cells)}</tbody>'
 
-    assert (point("REAL", [("all", ["9", "-0.010 ± 0.020", "", "", "", "", "0.111"])])
+    assert (point("REAL", [("all", ["9", "-0.010 [-0.030, 0.020]", "", "", "", "", "0.111"])])
             + point("NOP_cfg1.5", [("all", ["3", "", "", "", "", "", ""])])
-            + point("TP_K1_cfg1.5", [("a", ["4", "0.1235 ± 0.0001", "2", "", "0.300", "21.5", ""]),
-                                     ("all", ["8", "0.200", "", "123.5", "", "100.0", ""])])
+            + point("TP_K1_cfg1.5", [("a", ["4", "0.123 [0.100, 0.150]", "", "0.50", "0.300", "21.5", ""]),
+                                     ("all", ["8", "0.200", "123.5", "", "", "100.0", ""])])
             + "</table></div>") in text
     assert report.table(["column", "meaning"], [[report.METRICS[c].heading, report.METRICS[c].meaning] for c in shown],
                         text_columns=2) in text
@@ -423,10 +414,7 @@ def test_the_metrics_table_rounds_each_column_groups_points_and_leaves_out_blank
                         css="metrics") in text
     assert 'per-class values are in <a href="eval/metrics.csv">metrics.csv</a>' in text.replace("Per-class", "per-class")
 
-    metrics_csv(path, [{"point": "REAL", "class": "all", "n": "9", "kid": "0.1", "kid_std": "0.01", "fid": "1",
-                        "diversity": "1", "diversity_per_teacher": "1", "psnr_teacher": "1", "ssim_teacher": "1",
-                        "psnr_recon": "1", "ssim_recon": "1", "nn_train_sim": "1", "copy_fraction": "1",
-                        "kid_subset": "1"}])
+    metrics_csv(path, [{"point": "REAL", "class": "all", **{c: "1" for c in report.METRICS}}])
     page = report.Page(tmp_path / "report.html")
     report.metrics_tables(page, path, [])
     text = "".join(page.parts)
@@ -447,10 +435,21 @@ def test_the_eval_section_shows_the_tables_and_lists_missing_plots(tmp_path):
     assert report.table(["point", "usage 1x1", "usage 4x4", "entropy 1x1", "entropy 4x4"],
                         [["REAL", "50%", "100%", "1.00", "2.00"]], css="metrics") in text
     assert '<div class="figures two"><figure><a href="eval/kid_vs_k.png">' in text
-    assert [p.name for _, p in page.missing] == ["diversity_vs_k.png", "teacher_similarity_vs_k.png",
+    assert [p.name for _, p in page.missing] == ["metrics.json", "feature_diversity_vs_k.png", "diversity_vs_k.png",
+                                                 "teacher_similarity_vs_k.png",
                                                  "token_usage_entropy.png", "memorisation_hist.png",
-                                                 "memorisation_pairs.png"]
+                                                 "memorisation_pairs.png"]  # metrics.json: the copy controls
     assert {s for s, _ in page.missing} == {"eval_var"}
+    controls = {"planted_recon_flagged": 1.0, "planted_augmented_flagged": None, "held_out_recon_flagged": 0.05,
+                "per_class": 10}
+    (folder / "metrics.json").write_text(json.dumps({"info": {"controls": controls, "copy_split": "val",
+                                                              "ref_split": "test"}, "rows": []}))
+    page = report.Page(tmp_path / "report.html")
+    report.eval_section(page, folder)
+    assert report.table(["control", "flagged", "should be"],
+                        [["planted training reconstructions (10 per class)", "100%", ">= 95%"],
+                         ["planted augmented copies (10 per class)", "", ">= 95%"],
+                         ["test reconstructions (held out)", "5%", "<= 5%"]]) in "".join(page.parts)
     page = report.Page(tmp_path / "report.html")
     report.eval_section(page, tmp_path / "none")
     assert page.missing == [("eval_var", tmp_path / "none" / "metrics.csv")]

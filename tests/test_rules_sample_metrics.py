@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from skimage.metrics import structural_similarity
 
-from common.sample_metrics import (copy_fraction, diversity, grey_uint8, masked_psnr_ssim, matched_subsample,
+from common.sample_metrics import (diversity, grey_uint8, masked_psnr_ssim, matched_subsample,
                                    nearest_neighbours, psnr_ssim, sample_pairs, teacher_similarity,
                                    token_usage_entropy)
 
@@ -128,14 +128,6 @@ def test_nearest_neighbour_similarity_is_the_cosine() -> None:
     assert sims.dtype == np.float32 and index.dtype == np.int64
 
 
-def test_copy_fraction_refuses_no_samples() -> None:
-    with pytest.raises(ValueError, match="need samples and references, got 0 and 2"):
-        copy_fraction(np.array([]), np.array([0.1, 0.2]))
-    assert copy_fraction(np.array([0.3, 0.2, 0.25, 0.1]), np.array([0.2])) == 0.5
-
-
-# Written for the survivors of the first mutmut run over this module (docs/testing.md).
-
 def test_the_empty_map_message_is_exact() -> None:
     with pytest.raises(ValueError, match="^no tokens to count$"):
         token_usage_entropy(np.zeros((0, 3), np.int64), 4)
@@ -209,8 +201,3 @@ def test_nearest_neighbours_score_in_float32_whatever_the_input() -> None:
     bank = np.array([[1.0, 2e-4], [1.0, 1e-4]])
     sims, index = nearest_neighbours(query, bank)
     assert index.tolist() == [0] and sims.tolist() == [1.0]
-
-
-def test_copy_fraction_of_a_single_sample() -> None:
-    assert copy_fraction(np.array([0.9]), np.array([0.5, 0.8])) == 1.0
-    assert copy_fraction(np.array([0.8]), np.array([0.8])) == 0.0

@@ -346,12 +346,24 @@ class MeanNet:
         return images.float().mean((2, 3))
 
 
-def test_reconstruction_kid_compares_the_reconstructions_with_the_real_images(monkeypatch):
+class ListSplit(list):
+    """A stand-in ImageSplit: (image, label) items of one class, each image its own subject (no manifest)."""
+
+    @property
+    def labels(self) -> list[int]:
+        return [label for _, label in self]
+
+    def relative_path(self, i: int) -> str:
+        return f"test/a/img{i}.png"
+
+
+def test_reconstruction_kid_compares_reconstructions_of_one_half_with_the_real_images_of_the_other(monkeypatch,
+                                                                                                    tmp_path):
+    from common.image_data import halves, subject_ids, to_rgb_uint8
     from common.runtime import select_precision
-    from common.image_data import to_rgb_uint8
 
     model, gen = tiny_vqvae(), torch.Generator().manual_seed(1)
-    dataset = [(torch.rand(3, 16, 16, generator=gen) * 2 - 1, 0) for _ in range(5)]
+    dataset = ListSplit((torch.rand(3, 16, 16, generator=gen) * 2 - 1, 0) for _ in range(8))
     monkeypatch.setattr(train_vqvae, "load_feature_extractor", lambda weights, device: MeanNet() if weights == "w" else None)
     seen = {}
 
@@ -360,14 +372,16 @@ def test_reconstruction_kid_compares_the_reconstructions_with_the_real_images(mo
         return {"mean": 0.5}
 
     monkeypatch.setattr(train_vqvae, "kid_from_features", fake_kid)
-    cfg = train_vqvae.Config(inception_weights="w", eval_batch_size=2, num_workers=0, seed=6)
+    cfg = train_vqvae.Config(data_dir=str(tmp_path), inception_weights="w", eval_batch_size=2, num_workers=0, seed=6)
     assert train_vqvae.reconstruction_kid(model, dataset, cfg, CPU, select_precision(CPU, "fp32")) == {"mean": 0.5}
-    assert not model.training and (seen["subset"], seen["seed"]) == (2, 6)
+    assert not model.training and (seen["subset"], seen["seed"]) == (2, 6)  # halves of 4: subsets of 2
+    first, second = halves(np.zeros(8, int), subject_ids(tmp_path, [dataset.relative_path(i) for i in range(8)]), 6)
+    assert first.sum() == second.sum() == 4
     images = torch.stack([img for img, _ in dataset])
     with torch.no_grad():
         recon = model(images).rec
-    real = torch.from_numpy(to_rgb_uint8(images)).permute(0, 3, 1, 2).float().mean((2, 3))
-    fake = torch.from_numpy(to_rgb_uint8(recon)).permute(0, 3, 1, 2).float().mean((2, 3))
+    real = torch.from_numpy(to_rgb_uint8(images)).permute(0, 3, 1, 2).float().mean((2, 3))[torch.from_numpy(second)]
+    fake = torch.from_numpy(to_rgb_uint8(recon)).permute(0, 3, 1, 2).float().mean((2, 3))[torch.from_numpy(first)]
     torch.testing.assert_close(seen["real"], real)
     torch.testing.assert_close(seen["fake"], fake, atol=1.0, rtol=0)  # batched vs whole: a rounding step apart
     assert not torch.allclose(seen["fake"], seen["real"], atol=1.0, rtol=0)

@@ -11,7 +11,7 @@ from torchmetrics.functional.image import multiscale_structural_similarity_index
 
 from common.image_data import to_grey_uint8
 from common import sample_metrics
-from common.sample_metrics import (MSSSIM_BETAS, copy_fraction, diversity, grey_uint8, masked_psnr_ssim,
+from common.sample_metrics import (MSSSIM_BETAS, diversity, grey_uint8, masked_psnr_ssim,
                                    matched_subsample, msssim_betas, msssim_levels, nearest_neighbours, psnr_ssim,
                                    sample_pairs, teacher_similarity, token_usage_entropy)
 
@@ -230,14 +230,6 @@ def test_nearest_neighbours_exclude_self(chunk):
 def test_nearest_neighbours_refuse_bad_input(query, bank, kwargs, match):
     with pytest.raises(ValueError, match=match):
         nearest_neighbours(query, bank, **kwargs)
-
-
-def test_copy_fraction_counts_samples_strictly_closer_than_any_reference():
-    # Largest reference similarity 0.8: 0.9 and 0.95 count, 0.8 itself does not.
-    assert copy_fraction(np.array([0.5, 0.9, 0.8, 0.95]), np.array([0.7, 0.8, 0.6])) == 0.5
-    assert copy_fraction(np.array([0.1, 0.2]), np.array([0.3])) == 0.0
-    with pytest.raises(ValueError, match="need samples and references"):
-        copy_fraction(np.array([0.5]), np.array([]))
 
 
 def test_masked_psnr_and_ssim_score_only_the_masked_pixels() -> None:
