@@ -535,7 +535,8 @@ def evaluate(config: Config) -> None:
                         psnr, ssim = teacher_similarity(mine, teacher_images[kind][key])
                         sims[f"psnr_{suffix}"].append(psnr)
                         sims[f"ssim_{suffix}"].append(ssim)
-                row["diversity_per_teacher"] = float(np.nanmean(spread)) if len(spread) else math.nan
+                row["diversity_per_teacher"] = (float(np.nanmean(spread)) if np.isfinite(spread).any()
+                                                else math.nan)
                 row.update({key: float(np.concatenate(v).mean()) for key, v in sims.items()})
             per_class.append(row)
         sel = np.flatnonzero(in_point)
@@ -653,8 +654,13 @@ def plot_vs_k(rows: list[dict[str, Any]], classes: list[str], scales: tuple[int,
             ax.set_ylabel(ylabel)
         for ax in axes[-1]:
             ax.set_xlabel("k = coarse scales from the teacher (finest of them)")
-        handles, labels = axes.flat[len(names) - 1].get_legend_handles_labels()
-        fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=8, bbox_to_anchor=(0.5, -0.02))
+        legend: dict[str, Any] = {}  # label -> handle, over every panel: a set too small for one panel is blank there
+        for ax in axes.flat[:len(names)]:
+            for handle, label in zip(*ax.get_legend_handles_labels()):
+                legend.setdefault(label, handle)
+        if legend:
+            fig.legend(list(legend.values()), list(legend), loc="lower center", ncol=min(4, len(legend)), fontsize=8,
+                       bbox_to_anchor=(0.5, -0.02))
         fig.suptitle(title, fontsize=10)
         fig.tight_layout(rect=(0, 0.06, 1, 1))
         save_figure(fig, path)
