@@ -151,7 +151,7 @@ def test_checkpoints_that_belong_together_are_written_all_or_none(tmp_path: Path
     with pytest.raises(OSError) as err:
         atomic_torch_save_all({best: {"epoch": 2}, last: {"epoch": 2}})
     assert os_error_line(err.value) == f"{last}: No space left on device"
-    assert torch.load(best)["epoch"] == torch.load(last)["epoch"] == 1
+    assert torch.load(best, weights_only=True)["epoch"] == torch.load(last, weights_only=True)["epoch"] == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pth", "last.pth"]  # no temp file left
 
 
