@@ -45,9 +45,9 @@ from common.classification_metrics import (classification_scores, roc_auc, roc_c
 from common.config import (DEVICE, above, at_least, check_constants, config_dict, each, one_of, save_config,
                            script_config)
 from common.history import History
-from common.image_data import EpochSampler, ImageDataError, list_classes, list_split, read_image
+from common.image_data import EpochSampler, ImageDataError, list_classes, list_split, manifest_subjects, read_image
 from common.io import (SideFileError, atomic_save_npz, atomic_torch_save, atomic_write_json, atomic_write_text,
-                       files_fingerprint, load_npz, os_error_line, read_csv_rows)
+                       files_fingerprint, load_npz, os_error_line)
 from common.plotting import save_figure
 from common.progress import progress
 from common.run_folder import RunFolderError, own_output_folder
@@ -134,11 +134,7 @@ def read_subjects(data_dir: Path) -> dict[str, str]:
     if not manifest.is_file():
         raise EvalUtilityError(f"{manifest}: missing; the processed set must come from prepare.py, whose manifest "
                                "gives each image's subject (the unit of the detectability folds)")
-    columns, rows = read_csv_rows(manifest)
-    missing = {"output", "subject", "dataset", "status"} - set(columns)
-    if missing:
-        raise EvalUtilityError(f"{manifest}: lacks the column(s) {', '.join(sorted(missing))}")
-    return {r["output"]: f"{r['dataset']}/{r['subject']}" for r in rows if r["status"] == "ok"}
+    return manifest_subjects(data_dir)
 
 
 def load_real(data_dir: Path, classes: list[str], size: int) -> dict[str, Images]:

@@ -454,7 +454,8 @@ def evaluate(config: Config) -> None:
 
     per_class_tokens = min(int((gen_labels[[r["point"] == p for r in sweep.rows]] == c).sum())
                            for p in sweep.points for c in range(len(classes)))
-    first, second = halves(ref_labels, subject_ids(data_dir, tokens.source[ref_rows]), config.seed)
+    ref_subjects = subject_ids(data_dir, tokens.source[ref_rows])
+    first, second = halves(ref_labels, ref_subjects, config.seed)
     rows: list[dict[str, Any]] = []
 
     def add_rows(point: str, mode: str, k: int, cfg: float, per_class: list[dict[str, Any]],
@@ -554,8 +555,8 @@ def evaluate(config: Config) -> None:
             "ref_images": len(ref_rows), "train_images": len(train_rows), "copy_split": config.copy_split,
             "copy_split_images": len(held_rows), "copy_bank_images": len(bank_idx), "image_size": size,
             "feature_extractor": net.name, "msssim_levels": msssim_levels(size),
-            "token_images_per_class": per_class_tokens, "halves_subjects": int(len(np.unique(
-                subject_ids(data_dir, tokens.source[ref_rows])))), "bootstrap": config.bootstrap,
+            "token_images_per_class": per_class_tokens, "halves_subjects": len(np.unique(ref_subjects)),
+            "bootstrap": config.bootstrap,
             "level": config.level, "nn_k": config.nn_k, "copy_margin": config.copy_margin, "min_class_images": config.min_class_images,
             "copy_thresholds": {name: {"tokens": float(check.token_thresholds[c]), "image": float(check.image_thresholds[c])}
                                 for c, name in enumerate(classes)},

@@ -14,6 +14,8 @@ from __future__ import annotations
 import numpy as np
 from scipy import stats
 
+from common.sample_metrics import percentile_interval
+
 
 def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> np.ndarray:
     """counts[t, p]: images of true class t predicted as p."""
@@ -94,8 +96,8 @@ def subject_bootstrap_auc(positive: np.ndarray, scores: np.ndarray, subjects: np
                   for members in groups]
         rows = np.concatenate(picked)
         values.append(roc_auc(np.r_[np.ones(len(picked[0]), bool), np.zeros(len(picked[1]), bool)], scores[rows]))
-    low, high = np.nanpercentile(values, [50 - 50 * level, 50 + 50 * level])
-    return auc, float(low), float(high)
+    low, high = percentile_interval(np.array(values), level)
+    return auc, low, high
 
 
 def subject_folds(subjects: np.ndarray, num_folds: int, seed: int) -> np.ndarray:

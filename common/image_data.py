@@ -7,7 +7,6 @@ Subjects (prepare.py's manifest.csv) split a set into two halves that share no s
 """
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 from typing import Iterator
 
@@ -16,7 +15,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset, Sampler
 
-from common.io import not_a_regular_file
+from common.io import SideFileError, not_a_regular_file, read_csv_rows
 from common.progress import progress
 from data_preprocessing.scan_area import ScanAreaError, detect_scan_area
 
@@ -213,16 +212,26 @@ class EpochSampler(Sampler[int]):
         return self.num_batches * self.batch_size
 
 
+def manifest_subjects(data_dir: Path) -> dict[str, str]:
+    """{output path (split/class/file.png): '<dataset>/<subject>'} of every image prepare.py's manifest.csv kept
+    (skipped rows have no output); {} for a set without a manifest."""
+    manifest = data_dir / "manifest.csv"
+    if not manifest.exists():
+        return {}
+    try:
+        columns, rows = read_csv_rows(manifest)
+    except SideFileError as err:
+        raise ImageDataError(str(err)) from None
+    missing = {"output", "subject", "dataset"} - set(columns)
+    if missing:
+        raise ImageDataError(f"{manifest}: lacks the column(s) {', '.join(sorted(missing))}: not prepare.py's manifest")
+    return {r["output"]: f"{r['dataset']}/{r['subject']}" for r in rows if r["output"] and r["subject"]}
+
+
 def subject_ids(data_dir: Path, sources: np.ndarray | list[str]) -> np.ndarray:
     """The subject of each processed image (its `output` path), from prepare.py's manifest.csv: '<dataset>/<subject>'.
     An image the manifest does not list (or a set without a manifest) is its own subject."""
-    known: dict[str, str] = {}
-    manifest = data_dir / "manifest.csv"
-    if manifest.is_file():
-        with open(manifest, newline="") as handle:
-            for r in csv.DictReader(handle):
-                if r.get("output") and r.get("subject"):
-                    known[r["output"]] = f"{r.get('dataset', '')}/{r['subject']}"
+    known = manifest_subjects(data_dir)
     return np.array([known.get(str(s), f"image:{s}") for s in sources])
 
 
