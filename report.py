@@ -518,10 +518,10 @@ def metrics_tables(page: Page, path: Path, scales: list[str]) -> None:
 def copy_controls(page: Page, path: Path) -> None:
     """The copy check's controls from metrics.json: planted copies must be flagged, held-out reconstructions not."""
     try:
-        info = json.loads(path.read_text())["info"]
+        info = guarded_read_json(path)["info"]
         c = info["controls"]
         rates = [c["planted_recon_flagged"], c["planted_augmented_flagged"], c["held_out_recon_flagged"]]
-    except (OSError, ValueError, KeyError, TypeError):
+    except (SideFileError, KeyError, TypeError):
         page.note_missing("eval_var", path, " (no copy-check controls: re-run eval_var.py)")
         return
     shown = ["" if r is None else f"{100 * r:.0f}%" for r in rates]
