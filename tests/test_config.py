@@ -1,12 +1,22 @@
+"""common/config.py pinned down rule by rule: each range rule's boundaries and message, each conversion, each
+refusal. The rules are built inside the test bodies (not in parametrize lists), so that a mutation tool that
+switches code per test sees them (see docs/testing.md)."""
+from __future__ import annotations
+
 import json
+import os
 import subprocess
 import sys
-from dataclasses import dataclass
+import typing
+from dataclasses import dataclass, field
+from unittest import mock
 
 import pytest
 
-from common.config import (DEVICE, ConfigError, above, at_least, between, check_constants, check_output_folder,
-                           config_help, each, one_of, parse_config, preset_hint, save_config, script_config)
+from common import config as config_module
+from common.config import (DEVICE, PRECISION, ConfigError, above, at_least, between, check_constants,
+                           check_output_folder, config_help, each, one_of, parse_config, preset_hint, save_config,
+                           script_config)
 
 
 @dataclass
@@ -164,3 +174,182 @@ def test_preset_hint_names_the_files_that_exist_and_the_presets_using_them(tmp_p
                     f"--config={(presets / 'var_cpu.json').as_posix()}); {(runs / 'tokens_gpu' / 't.npz').as_posix()}")
     assert preset_hint(runs / "nothing.npz", runs=runs, presets=presets) == ""
     assert preset_hint("x.npz", runs=tmp_path / "absent", presets=presets) == ""
+
+
+@dataclass
+class Knobs:
+    rate: float = 0.5  # a rate
+    count: int = 2
+    flag: bool = False  # a switch
+    sizes: tuple[int, ...] = (1, 2)  # sizes
+    names: list[str] = field(default_factory=lambda: ["a"])  # names
+    path: str | None = None  # maybe a path
+    limit: int | None = None  # maybe a limit
+    weird: dict = field(default_factory=dict)  # no converter for this type
+
+
+def test_boundaries_and_messages_of_every_range_rule():
+    rule = at_least(2)
+    assert (rule.ok(2), rule.ok(1.999), rule.allowed) == (True, False, ">= 2")
+    rule = above(0.5)
+    assert (rule.ok(0.5), rule.ok(0.5001), rule.ok(0.4), rule.allowed) == (False, True, False, "> 0.5")
+    rule = between(1, 3)
+    assert [rule.ok(v) for v in (0.99, 1, 2, 3, 3.01)] == [False, True, True, True, False]
+    assert rule.allowed == "in [1, 3]"
+    rule = between(1, 3, high_open=True)
+    assert [rule.ok(v) for v in (0.99, 1, 2.99, 3)] == [False, True, True, False]
+    assert rule.allowed == "in [1, 3)"
+    rule = one_of("x", 4)
+    assert (rule.ok("x"), rule.ok(4), rule.ok("4"), rule.allowed) == (True, True, False, "one of x, 4")
+    rule = each(between(0, 1))
+    assert [rule.ok(v) for v in ((), (0.5,), (0, 1), (0.5, 2))] == [False, True, True, False]
+    assert rule.allowed == "a non-empty list of values in [0, 1]"
+    rule = each(at_least(1), non_empty=False)
+    assert [rule.ok(v) for v in ((), (1,), (0,))] == [True, True, False]
+    assert rule.allowed == "values >= 1"
+    assert each(at_least(1)).ok([3, 4]) and not each(at_least(1)).ok([3, 0])
+
+
+def test_device_and_precision_rules():
+    assert DEVICE.ok("auto") and DEVICE.ok("cpu")
+    assert not DEVICE.ok("gpu") and not DEVICE.ok("cuda:1000")
+    assert config_module._device_available("cpu") and not config_module._device_available("meta:0")
+    with mock.patch("torch.cuda.is_available", return_value=True), mock.patch("torch.cuda.device_count", return_value=2):
+        assert [config_module._device_available(n) for n in ("cuda", "cuda:1", "cuda:2")] == [True, True, False]
+    with mock.patch("torch.cuda.is_available", return_value=True), mock.patch("torch.cuda.device_count", return_value=1):
+        assert [config_module._device_available(n) for n in ("cuda", "cuda:0", "cuda:1")] == [True, True, False]
+    with mock.patch("torch.cuda.is_available", return_value=False), mock.patch("torch.cuda.device_count", return_value=2):
+        assert not config_module._device_available("cuda:0")
+    with mock.patch("torch.backends.mps.is_available", return_value=True):
+        assert config_module._device_available("mps")
+    with mock.patch("torch.backends.mps.is_available", return_value=False):
+        assert not config_module._device_available("mps")
+    assert [PRECISION.ok(p) for p in ("auto", "bf16", "fp16", "fp32", "fp8")] == [True] * 4 + [False]
+
+
+def test_each_conversion_and_its_refusal():
+    cfg = parse_config(Knobs, ["--path=NULL", "--sizes=[3, 4]", "--names=(p,q)", "--flag=ON", "--count=-3"])
+    assert (cfg.path, cfg.sizes, cfg.names, cfg.flag, cfg.count) == (None, (3, 4), ["p", "q"], True, -3)
+    assert parse_config(Knobs, ["--path="]).path is None
+    assert parse_config(Knobs, ["--path=a=b"]).path == "a=b"  # the value may hold '='
+    assert parse_config(Knobs, ["--names=Xa,bX"]).names == ["Xa", "bX"]  # only brackets are stripped
+    assert parse_config(Knobs, ["--sizes=[]"]).sizes == ()
+    assert parse_config(Knobs, ["--sizes=5"]).sizes == (5,)
+    assert [parse_config(Knobs, [f"--flag={v}"]).flag for v in ("1", "yes", "true", "0", "no", "off")] == \
+        [True, True, True, False, False, False]
+    with pytest.raises(ConfigError, match=r"^--count: expected int, got True$"):
+        config_module._convert("count", True, int)
+    with pytest.raises(ConfigError, match=r"^--count: expected int, got 2.0$"):
+        config_module._convert("count", 2.0, int)
+    assert config_module._convert("rate", 2, float) == 2.0
+    with pytest.raises(ConfigError, match=r"^--sizes: expected a comma-separated list, got 3$"):
+        config_module._convert("sizes", 3, tuple[int, ...])
+    assert config_module._convert("sizes", [1, "2"], tuple[int, ...]) == (1, 2)
+    assert config_module._convert("names", "a,b", typing.List) == ["a", "b"]  # a bare list holds strings
+    assert config_module._convert("sizes", [1, 2], list[int]) == [1, 2]
+    with pytest.raises(ConfigError, match=r"^--weird: unsupported field type <class 'dict'>$"):
+        parse_config(Knobs, ["--weird=x"])
+    with pytest.raises(ConfigError, match=r"^--limit: expected int, got 'x'$"):  # the inner type names the constant
+        parse_config(Knobs, ["--limit=x"])
+    assert parse_config(Knobs, ["--limit=4"]).limit == 4
+
+
+def test_unknown_names_and_the_preset_refusals(tmp_path):
+    with pytest.raises(ConfigError, match=r"^command line: unknown constant 'cont' \(did you mean 'count'\?\)"):
+        parse_config(Knobs, ["--cont=1"])
+    with pytest.raises(ConfigError) as err:
+        parse_config(Knobs, ["--zzz=1"])
+    assert str(err.value) == ("command line: unknown constant 'zzz'; valid names: rate, count, flag, sizes, names, path, "
+                              "limit, weird")
+    assert parse_config(Knobs, ["--rate=0.25"]).rate == 0.25
+    preset = tmp_path / "p.json"
+    preset.write_text("[1, 2]")
+    with pytest.raises(ConfigError, match=rf"^--config: {preset} must hold a JSON object of constants$"):
+        parse_config(Knobs, [f"--config={preset}"])
+    # a dash in a name reads as an underscore, as on most command lines
+    @dataclass
+    class Dashed:
+        num_workers: int = 0  # workers
+
+    assert parse_config(Dashed, ["--num-workers=3"]).num_workers == 3
+
+    @dataclass
+    class WithClassVar:
+        KIND: typing.ClassVar[str] = "vqvae"  # annotated, but not a constant of the command line
+        epochs: int = 1  # passes
+
+    with pytest.raises(ConfigError, match=r"^command line: unknown constant 'KIND'; valid names: epochs$"):
+        parse_config(WithClassVar, ["--KIND=var"])
+
+
+def test_help_exits_zero_with_the_constants(capsys, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["/some/where/train_x.py"])
+    for flag in ("-h", "--help"):
+        with pytest.raises(SystemExit) as stop:
+            parse_config(Knobs, [flag])
+        assert stop.value.code == 0
+        text = capsys.readouterr().out
+        assert text.startswith("usage: python train_x.py [--config=FILE.json] [--name=value ...]\n\nconstants:\n")
+    lines = config_help(Knobs, "p.py").split("\n")
+    assert lines[:3] == ["usage: python p.py [--config=FILE.json] [--name=value ...]", "", "constants:"]
+    assert lines[3] == "  --rate=0.5  (float)  a rate"
+    assert lines[4] == "  --count=2  (int)"  # no comment: no trailing spaces
+    assert lines[7] == "  --names=['a']  (list)  names"
+    assert lines[8] == "  --path=None  (str | None)  maybe a path"
+    assert lines[9] == "  --limit=None  (int | None)  maybe a limit"
+    assert config_help(Knobs).startswith("usage: python  [--config")
+    monkeypatch.setattr(sys, "argv", [])  # embedded interpreters may have no argv[0]
+    with pytest.raises(SystemExit):
+        parse_config(Knobs, ["--help"])
+    assert capsys.readouterr().out.startswith("usage: python  [--config")
+
+
+def test_sys_argv_is_read_when_no_argv_is_given(monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["prog.py", "--count=7"])
+    assert parse_config(Knobs).count == 7
+    monkeypatch.setattr(sys, "argv", ["prog.py", "--count=x"])
+    with pytest.raises(SystemExit) as stop:
+        parse_config(Knobs)
+    assert stop.value.code == "error: --count: expected int, got 'x'"
+    monkeypatch.setattr(sys, "argv", ["prog.py", "--count=9"])
+    assert script_config(Knobs, None, lambda cfg: None).count == 9
+
+
+def test_check_constants_and_output_folder_refusals(tmp_path):
+    check_constants(Knobs(), {"rate": between(0, 1), "count": at_least(1)})
+    with pytest.raises(ConfigError, match=r"^--count=0: must be >= 1$"):
+        check_constants(Knobs(count=0), {"rate": between(0, 1), "count": at_least(1)})
+    existing = tmp_path / "exists"
+    existing.mkdir()
+    (existing / "keep.txt").write_text("k")
+    assert check_output_folder("out_dir", existing) == existing
+    assert sorted(p.name for p in existing.iterdir()) == ["keep.txt"]  # the probe file leaves nothing behind
+    if os.geteuid() != 0:  # root writes anywhere: the read-only case only bites other users
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        with pytest.raises(ConfigError, match=rf"^--out_dir: cannot write in {locked} \(Permission denied\)$"):
+            check_output_folder("out_dir", locked)
+    with mock.patch("tempfile.TemporaryFile", side_effect=OSError("no space")):
+        with pytest.raises(ConfigError, match=rf"^--out_dir: cannot write in {existing} \(no space\)$"):
+            check_output_folder("out_dir", existing)
+    with mock.patch("tempfile.TemporaryFile", side_effect=OSError(28, "No space left on device")):
+        with pytest.raises(ConfigError, match=r"\(No space left on device\)$"):
+            check_output_folder("out_dir", existing)
+    with mock.patch("tempfile.TemporaryFile") as probe:
+        check_output_folder("out_dir", existing)
+    assert probe.call_args.kwargs == {"dir": existing}
+
+
+def test_save_config_default_name_and_preset_hint_defaults(tmp_path, monkeypatch):
+    assert save_config(Knobs(), tmp_path).name == "config.json"
+    assert json.loads((tmp_path / "config.json").read_text())["sizes"] == [1, 2]
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "a").mkdir(parents=True)
+    (tmp_path / "runs" / "a" / "best.pth").write_bytes(b"")
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "one.json").write_text(json.dumps({"vqvae": "runs/a/best.pth"}))
+    (tmp_path / "configs" / "two.json").write_text(json.dumps({"vqvae": "runs/a/best.pth"}))
+    assert preset_hint("runs/b/best.pth") == \
+        "; found runs/a/best.pth (used by --config=configs/one.json, configs/two.json)"
+    (tmp_path / "runs_file").write_text("")
+    assert preset_hint("best.pth", runs="runs_file") == ""

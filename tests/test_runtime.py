@@ -1,4 +1,11 @@
+"""common/runtime.py rules the first tests left open: which device 'auto' takes and with which index, every
+precision's name, autocast and loss scaling, TF32 left alone off CUDA, the deterministic settings, the numpy seed of
+a seed past 2^32, and the numpy Gaussian cache in the saved random state."""
+from __future__ import annotations
+
+import os
 import random
+import resource
 import subprocess
 import sys
 
@@ -7,7 +14,8 @@ import pytest
 import torch
 
 from common.distributed import setup_distributed
-from common.runtime import DeviceError, pick_device, rng_state, seed_everything, select_precision, set_rng_state
+from common.runtime import (DeviceError, Precision, make_deterministic, pick_device, reuse_freed_memory, rng_state,
+                            seed_everything, select_precision, set_rng_state)
 
 
 def test_device_and_precision_on_cpu(monkeypatch):
@@ -160,3 +168,136 @@ def test_gpu_presets_leave_the_precision_to_the_card(repo_root):
     assert [p.name for p in presets] == ["sample_gpu.json", "var_finetune_gpu.json", "var_gpu.json", "vqvae_gpu.json",
                                          "vqvae_perceptual_gpu.json"]
     assert {p.name: json.loads(p.read_text())["precision"] for p in presets} == {p.name: "auto" for p in presets}
+
+
+def test_auto_device_order_and_local_rank(monkeypatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert pick_device("auto") == torch.device("cuda", 3)
+    monkeypatch.delenv("LOCAL_RANK")
+    assert pick_device() == torch.device("cuda", 0)
+    assert pick_device("cuda:1") == torch.device("cuda", 1)  # a name is taken as given when CUDA is there
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    assert pick_device("auto") == torch.device("mps")
+    assert pick_device("cpu") == torch.device("cpu")  # a name wins over what auto would take
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert pick_device("auto") == torch.device("cpu")
+    with pytest.raises(DeviceError, match=r"device 'cuda:2' was asked for but CUDA is not available.*--device=cpu"):
+        pick_device("cuda:2")
+
+
+def test_every_precision_name_autocast_and_scaler() -> None:
+    cpu = torch.device("cpu")
+    for name, dtype, scaled in (("bf16", torch.bfloat16, False), ("fp16", torch.float16, True), ("fp32", None, False)):
+        precision = select_precision(cpu, name)
+        assert precision == Precision(cpu, dtype) and precision.name == name
+        assert precision.make_scaler().is_enabled() is scaled
+    with select_precision(cpu, "fp16").autocast():
+        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.float16
+    with select_precision(cpu, "fp32").autocast():
+        assert not torch.is_autocast_enabled("cpu")
+    assert select_precision(torch.device("mps"), "auto").name == "fp16"
+    for bad in ("", "AUTO", "float32"):
+        with pytest.raises(DeviceError, match=f"precision {bad!r} is not one of auto, bf16, fp16, fp32"):
+            select_precision(cpu, bad)
+
+
+def test_tf32_is_left_alone_off_cuda(monkeypatch) -> None:
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    select_precision(torch.device("cpu"), "auto")
+    assert torch.backends.cudnn.allow_tf32 is True
+
+
+def test_make_deterministic_settings(monkeypatch) -> None:
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    try:
+        make_deterministic()
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+        assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
+        assert torch.backends.cudnn.benchmark is False
+        monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")  # a setting of the user's is kept
+        make_deterministic()
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+
+
+def test_seed_past_two_to_the_32_seeds_numpy_with_its_remainder() -> None:
+    seed = 2**32 + 5
+    seed_everything(seed)
+    draws = (random.random(), np.random.rand(), torch.rand(1).item())
+    random.seed(seed)
+    np.random.seed(5)
+    torch.manual_seed(seed)
+    assert draws == (random.random(), np.random.rand(), torch.rand(1).item())
+
+
+def test_rng_state_keeps_numpy_s_cached_gaussian() -> None:
+    seed_everything(7)
+    np.random.standard_normal()  # the Box-Muller pair leaves its second value cached
+    state = rng_state()
+    assert state["numpy"]["has_gauss"] == 1 and state["numpy"]["key"].dtype == torch.int64
+    want = (np.random.standard_normal(), np.random.standard_normal(), random.random(), torch.rand(2))
+    np.random.seed(0)
+    random.seed(0)
+    torch.manual_seed(0)
+    set_rng_state(state)
+    got = (np.random.standard_normal(), np.random.standard_normal(), random.random(), torch.rand(2))
+    assert got[:3] == want[:3] and torch.equal(got[3], want[3])
+
+
+def test_refusal_messages_end_with_the_way_out(monkeypatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(DeviceError) as err:
+        pick_device("cuda")
+    assert str(err.value) == ("device 'cuda' was asked for but CUDA is not available on this machine; "
+                              "use --device=auto or --device=cpu")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: bool(including_emulation))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    with pytest.raises(DeviceError) as err:
+        select_precision(torch.device("cuda", 0), "bf16")
+    assert str(err.value) == ("precision 'bf16' on Tesla T4 (compute capability 7.5): bf16 needs 8.0 or newer and "
+                              "would only be emulated here; use --precision=auto (fp16 with loss scaling on this card) "
+                              "or fp16")
+
+
+def test_a_cpu_run_s_random_state_resumes_on_a_gpu_machine(monkeypatch) -> None:
+    seed_everything(3)
+    state = rng_state()  # no CUDA here: no "cuda" entry
+    assert "cuda" not in state
+    want = torch.rand(3)
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda *args: calls.append(args))
+    set_rng_state(state)  # the GPU's stream is left as it is
+    assert calls == [] and torch.equal(torch.rand(3), want)
+
+
+def test_a_cpu_device_and_only_a_cpu_device_keeps_freed_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    import common.runtime as runtime
+    calls = []
+    monkeypatch.setattr(runtime, "reuse_freed_memory", lambda: calls.append(1) or True)
+    assert pick_device("cpu") == torch.device("cpu") and calls == [1]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert pick_device("cuda:0") == torch.device("cuda", 0) and calls == [1]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mallopt is glibc's (Linux)")
+def test_freed_large_blocks_are_reused_without_page_faults() -> None:
+    assert reuse_freed_memory() is True
+    faults = []
+    for _ in range(10):
+        torch.ones(1 << 24)  # 64 MB, touched, then freed
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        torch.ones(1 << 24)
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    # glibc's default maps every such block afresh: one fault per 4 KiB page, 16384 each time. With the setting the
+    # heap first grows to hold it (a few rounds), then the same pages serve every later request.
+    assert faults[-3:] == [0, 0, 0], faults

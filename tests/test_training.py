@@ -12,6 +12,8 @@ from common.checkpoint import CheckpointError
 from common.io import atomic_torch_save
 from common.training import (LIN0_FLAT, LossWatch, NonFiniteLossError, check_epoch_finite, checkpoint_to_resume, lr_at,
                              param_groups, resume_training_checkpoint, set_lr, training_state, unwrap)
+from models.var import VAR
+from models.vqvae import VQVAE
 
 
 def test_schedule_values_by_hand():
@@ -160,3 +162,147 @@ def test_resume_from_last_pth_only_when_it_exists_unless_a_path_is_given(tmp_pat
     assert checkpoint_to_resume("auto", str(tmp_path)) == tmp_path / "last.pth"
     assert checkpoint_to_resume("none", tmp_path) is None
     assert checkpoint_to_resume(str(tmp_path / "gone.pth"), tmp_path) == tmp_path / "gone.pth"  # refused when read
+
+
+def test_lr_schedule_warms_up_then_decays():
+    lrs = [lr_at(s, total_steps=100, warmup_steps=10, peak_lr=1.0, final_ratio=0.1) for s in range(101)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    assert lrs[100] == pytest.approx(0.1)
+
+
+def test_lin0_schedule_warms_up_stays_flat_then_falls_linearly_to_the_final_ratio():
+    # 10 warmup steps, then 100: flat for the first 5 (5%), then a straight line from 1 to 0.1 over the other 95.
+    lr = lambda s: lr_at(s, total_steps=110, warmup_steps=10, peak_lr=2.0, final_ratio=0.1, schedule="lin0")
+    assert [lr(s) for s in (0, 4, 9)] == pytest.approx([0.2, 1.0, 2.0])
+    assert [lr(s) for s in (10, 12, 15)] == pytest.approx([2.0, 2.0, 2.0])
+    assert lr(16) == pytest.approx(2.0 * (0.1 + 0.9 * 94 / 95))
+    assert lr(62.5) == pytest.approx(2.0 * (0.1 + 0.9 * 0.5))  # the middle of the line: halfway down
+    assert lr(110) == pytest.approx(0.2) and lr(500) == pytest.approx(0.2)
+    cosine = lambda s: lr_at(s, total_steps=110, warmup_steps=10, peak_lr=2.0, final_ratio=0.1, schedule="cosine")
+    assert cosine(60) == pytest.approx(2.0 * (0.1 + 0.9 * 0.5)) and cosine(15) < 2.0  # cosine never holds flat
+    with pytest.raises(ValueError, match="'step' is not one of cosine, lin0"):
+        lr_at(20, 110, 10, 1.0, schedule="step")
+
+
+class Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(5, 4)
+        self.lin = nn.Linear(4, 4)
+        self.norm = nn.LayerNorm(4)
+        self.scale_mul = nn.Parameter(torch.ones(1, 2, 1, 1))
+
+
+def names_by_group(model: nn.Module) -> tuple[set[str], set[str]]:
+    by_id = {id(p): n for n, p in model.named_parameters()}
+    decay, no_decay = param_groups(model, 0.05)
+    assert (decay["weight_decay"], no_decay["weight_decay"]) == (0.05, 0.0)
+    return {by_id[id(p)] for p in decay["params"]}, {by_id[id(p)] for p in no_decay["params"]}
+
+
+def test_var_weight_decay_groups_match_the_reference():
+    """The reference decays every >= 2-D weight (word_embed, class_emb, AdaLN linears included) except position and
+    level embeddings, ada_gss and the attention temperature; norms and biases never."""
+    model = VAR(vocab_size=16, z_channels=4, scales=(1, 2), num_classes=3, depth=2, embed_dim=8, num_heads=2,
+                shared_aln=True)
+    decay, no_decay = names_by_group(model)
+    per_block_decay = {"attn.qkv.weight", "attn.proj.weight", "mlp.fc1.weight", "mlp.fc2.weight"}
+    per_block_no_decay = {"ada_gss", "attn.scale_mul", "attn.q_bias", "attn.v_bias", "attn.proj.bias", "mlp.fc1.bias",
+                          "mlp.fc2.bias"}
+    assert decay == {"word_embed.weight", "class_emb.weight", "shared_ada_lin.weight", "head_norm.ada_lin.weight",
+                     "head.weight", *(f"blocks.{i}.{n}" for i in range(2) for n in per_block_decay)}
+    assert no_decay == {"word_embed.bias", "pos_start", "pos_embed", "lvl_embed.weight", "shared_ada_lin.bias",
+                        "head_norm.ada_lin.bias", "head.bias", *(f"blocks.{i}.{n}" for i in range(2) for n in per_block_no_decay)}
+    decay, no_decay = names_by_group(VAR(vocab_size=16, z_channels=4, scales=(1, 2), num_classes=3, depth=1,
+                                         embed_dim=8, num_heads=2))
+    assert {"blocks.0.ada_lin.weight", "class_emb.weight"} <= decay and "blocks.0.ada_lin.bias" in no_decay
+
+
+def test_vqvae_codebook_is_not_decayed():
+    model = VQVAE(vocab_size=8, z_channels=4, ch=32, ch_mult=(1, 1), num_res_blocks=1, scales=(1, 2))
+    decay, no_decay = names_by_group(model)
+    assert "quantizer.embedding.weight" in no_decay and "encoder.conv_in.weight" in decay
+    assert all(n.endswith(("bias", "embedding.weight")) or model.get_parameter(n).ndim == 1 for n in no_decay)
+    assert all(model.get_parameter(n).ndim >= 2 for n in decay)
+
+
+def test_epoch_with_a_non_finite_loss_or_weight_is_refused():
+    model = Tiny()
+    check_epoch_finite(model, 3, {"train loss": 1.0, "val loss": 2.0})
+    with pytest.raises(NonFiniteLossError, match=r"^epoch 3: non-finite val loss nan; stopping without writing"):
+        check_epoch_finite(model, 3, {"train loss": 1.0, "val loss": math.nan})
+    with torch.no_grad():
+        model.lin.weight[0, 0] = math.inf
+    with pytest.raises(NonFiniteLossError, match=r"^epoch 4: non-finite weights lin\.weight; "):
+        check_epoch_finite(model, 4, {"train loss": 1.0})
+
+
+def test_non_finite_loss_stops_with_message():
+    watch = LossWatch(torch.device("cpu"))
+    assert watch.update(torch.tensor(1.5), 3) and watch.check() == 1.5  # on the CPU: checked every step
+    watch.update(torch.tensor(float("nan")), 7)
+    with pytest.raises(NonFiniteLossError, match="loss became nan at step 7"):
+        watch.check()
+
+
+def test_loss_watch_on_a_gpu_reads_the_device_only_every_few_steps_and_names_the_first_bad_step():
+    watch = LossWatch(torch.device("cpu"), gpu_every=4)
+    watch.every = 4  # what a CUDA device gets; the arithmetic is the same on the CPU
+    due = [watch.update(torch.tensor(v), step) for step, v in enumerate([1.0, 2.0, float("inf"), float("nan"), 3.0])]
+    assert due == [False, False, False, True, False]
+    with pytest.raises(NonFiniteLossError, match="loss became inf at step 2"):  # the first bad one, not the latest
+        watch.check()
+
+
+def test_scaler_state_crosses_precisions(tmp_path):
+    """bf16/fp32 runs save no scaler state; fp16 resumed from them starts afresh, and the reverse ignores it."""
+    model = Tiny()
+    path = tmp_path / "last.pth"
+
+    def save(scaler):
+        atomic_torch_save(training_state(model=model, model_config={}, config={}, scaler=scaler, epoch=1, step=1,
+                                         optimizer=torch.optim.AdamW(model.parameters()), history=[],
+                                         best_val_loss=1.0), path)
+
+    def resume(scaler):
+        return resume_training_checkpoint(path, Tiny(), torch.optim.AdamW(Tiny().parameters()), scaler, {})
+
+    save(torch.amp.GradScaler("cpu", enabled=False))  # a bf16 run
+    assert "scaler" not in torch.load(path, weights_only=True)
+    fp16 = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    resume(fp16)
+    assert fp16.get_scale() == 1024.0
+    save(torch.amp.GradScaler("cpu", init_scale=256.0))  # an fp16 run ...
+    resumed = torch.amp.GradScaler("cpu")
+    resume(resumed)
+    assert resumed.get_scale() == 256.0  # ... keeps its loss scale when resumed in fp16
+    resume(torch.amp.GradScaler("cpu", enabled=False))  # and is ignored when resumed in bf16
+
+
+def test_training_checkpoint_resumes_state_and_refuses_other_network(tmp_path):
+    torch.manual_seed(0)
+    model = Tiny()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model.lin(torch.randn(2, 4)).sum().backward()
+    optimizer.step()
+    path = tmp_path / "last.pth"
+    atomic_torch_save(training_state(model=model, model_config={"width": 4}, config={"lr": 0.1}, optimizer=optimizer,
+                                     epoch=2, step=20, history=[{"epoch": 1, "loss": 3.0}], best_val_loss=2.5), path)
+    expected_next = torch.rand(3)
+
+    fresh = Tiny()
+    fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=0.1)
+    ckpt = resume_training_checkpoint(path, fresh, fresh_opt, None, {"width": 4})
+    assert (ckpt["epoch"], ckpt["step"], ckpt["history"], ckpt["best_val_loss"]) == (2, 20, [{"epoch": 1, "loss": 3.0}], 2.5)
+    assert torch.equal(fresh.lin.weight, model.lin.weight)
+    assert torch.equal(fresh_opt.state[fresh.lin.weight]["exp_avg"], optimizer.state[model.lin.weight]["exp_avg"])
+    assert torch.equal(torch.rand(3), expected_next)  # the random stream continues where it was saved
+    with pytest.raises(CheckpointError, match="different network"):
+        resume_training_checkpoint(path, Tiny(), torch.optim.AdamW(Tiny().parameters()), None, {"width": 8})
+    with torch.no_grad():
+        model.lin.weight[1, 1] = math.nan  # what an older version saved after a NaN on an epoch's last step
+    atomic_torch_save(training_state(model=model, model_config={"width": 4}, config={}, optimizer=optimizer,
+                                     epoch=3, step=30, history=[], best_val_loss=2.5), path)
+    with pytest.raises(CheckpointError, match=r"last\.pth: holds non-finite weights \(lin\.weight; saved after a NaN\?\)"):
+        resume_training_checkpoint(path, fresh, fresh_opt, None, {"width": 4})
