@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 from typing import Iterator
 
@@ -45,3 +46,15 @@ def tiny_pipeline(tmp_path_factory) -> dict[str, Path]:
         return build(tmp_path_factory.mktemp("tiny_pipeline"))
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def no_hang() -> Iterator[None]:
+    """A read that blocks (a FIFO opened for reading) fails the test instead of hanging the suite."""
+    def hung(*_):
+        raise TimeoutError("blocked: a read waited for a writer")
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(20)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)

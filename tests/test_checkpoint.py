@@ -2,7 +2,7 @@
 model kind check; common/history.py: series, save and load."""
 from __future__ import annotations
 
-import json
+import os
 import pickle
 from pathlib import Path
 
@@ -11,12 +11,13 @@ import torch
 from torch import nn
 
 from common import checkpoint
-from common.checkpoint import CheckpointError, check_model_kind, load_checkpoint, load_model, model_from_checkpoint, \
-    require_keys
-from common.history import History
+from common.checkpoint import (CheckpointError, check_model_kind, load_checkpoint, load_model, model_from_checkpoint,
+                               require_keys)
 
 
 class Payload:
+    """Any class instance inside a checkpoint needs pickle to rebuild it, so it could run code."""
+
     def __reduce__(self):
         return (print, ("this must never run",))
 
@@ -149,22 +150,42 @@ def test_a_model_is_built_from_its_config_loaded_and_put_in_eval_mode(tmp_path: 
         model_from_checkpoint({"model": {}, "model_config": {"num_classes": 2}}, Small, "v.pth")
 
 
-def test_history_series_skip_missing_values_and_round_trip(tmp_path: Path) -> None:
-    history = History()
-    history.append(epoch=1, step=10, loss=0.5, kid=None)
-    history.append(epoch=2, step=20, loss=0.25)
-    history.append(epoch=3, step=30, loss=0.125, kid=0.01)
-    assert history.series("loss") == ([1, 2, 3], [0.5, 0.25, 0.125])
-    assert history.series("kid") == ([3], [0.01])
-    assert history.series("loss", x="step") == ([10, 20, 30], [0.5, 0.25, 0.125])
-    assert history.series("absent") == ([], [])
-    path = tmp_path / "history.json"
-    history.save(path)
-    assert json.loads(path.read_text()) == history.records
-    again = History.load(str(path))
-    assert again.records == history.records and again.records is not history.records
-    assert History.load(tmp_path / "none.json").records == []
-    first = [{"epoch": 1}]
-    copied = History(first)
-    copied.append(epoch=2)
-    assert first == [{"epoch": 1}]  # the given list is copied, not extended
+def test_safe_loader_refuses_pickled_objects(tmp_path):
+    path = tmp_path / "evil.pth"
+    torch.save({"model": {"w": torch.ones(1)}, "extra": Payload()}, path)
+    with pytest.raises(CheckpointError, match="refused, the file holds pickled Python objects"):
+        load_checkpoint(path)
+
+
+def test_safe_loader_clear_errors(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(tmp_path / "missing.pth")
+    (tmp_path / "empty.pth").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="empty"):
+        load_checkpoint(tmp_path / "empty.pth")
+    good = tmp_path / "good.pth"
+    torch.save({"model": {"w": torch.ones(100)}}, good)
+    truncated = tmp_path / "truncated.pth"
+    truncated.write_bytes(good.read_bytes()[:200])
+    with pytest.raises(CheckpointError, match="truncated.pth: not a readable PyTorch checkpoint"):
+        load_checkpoint(truncated)
+    (tmp_path / "garbage.pth").write_bytes(b"not a checkpoint at all" * 10)
+    with pytest.raises(CheckpointError, match="garbage.pth: not a PyTorch checkpoint"):
+        load_checkpoint(tmp_path / "garbage.pth")
+    torch.save([1, 2], tmp_path / "list.pth")
+    with pytest.raises(CheckpointError, match="expected a dict"):
+        load_checkpoint(tmp_path / "list.pth")
+    with pytest.raises(CheckpointError, match="not a checkpoint of this project: missing model_config"):
+        require_keys(load_checkpoint(good), ["model", "model_config"], good)
+
+
+def test_a_checkpoint_whose_model_is_not_a_state_dict_is_refused(tmp_path: Path) -> None:
+    from common.checkpoint import check_model_kind
+    from models.vqvae import VQVAE
+
+    torch.save({"model": [torch.zeros(2)], "model_config": {}}, tmp_path / "list.pth")
+    with pytest.raises(CheckpointError, match=r"list.pth: its model entry is a list, not a dict of tensors"):
+        check_model_kind(load_checkpoint(tmp_path / "list.pth"), VQVAE, tmp_path / "list.pth")
+    os.mkfifo(tmp_path / "fifo.pth")
+    with pytest.raises(CheckpointError, match=r"fifo.pth: not a regular file: a named pipe"):
+        load_checkpoint(tmp_path / "fifo.pth")

@@ -175,3 +175,70 @@ def test_an_error_on_rank_0_alone_ends_both_processes_at_once(repo_root, tmp_pat
                           timeout=120, env={**os.environ, "PYTHONPATH": str(repo_root)})
     assert done.returncode != 0
     assert "error (rank 0): rank 0 failed alone" in done.stderr
+
+
+def test_distributed_is_a_no_op_without_torchrun(monkeypatch, capsys):
+    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    dist = setup_distributed(torch.device("cpu"))
+    assert (dist.rank, dist.world_size, dist.is_main, dist.enabled) == (0, 1, True, False)
+    t = torch.ones(2)
+    assert torch.equal(dist.all_reduce_sum(t), torch.ones(2))
+    dist.print("hello")
+    dist.barrier()
+    dist.cleanup()
+    assert capsys.readouterr().out == "hello\n"
+
+
+def test_two_processes_under_torchrun(tmp_path, repo_root):
+    script = tmp_path / "worker.py"
+    script.write_text(
+        "import torch\n"
+        "from common.distributed import setup_distributed\n"
+        "dist = setup_distributed(torch.device('cpu'))\n"
+        "total = dist.all_reduce_sum(torch.tensor([float(dist.rank + 1)]))\n"
+        "dist.print(f'world={dist.world_size} total={total.item():.0f}')\n"
+        "dist.cleanup()\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)],
+        capture_output=True, text=True, cwd=repo_root, env={"PYTHONPATH": str(repo_root), "OMP_NUM_THREADS": "1"},
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("world=2 total=3") == 1  # summed over both ranks, printed by rank 0 only
+
+
+def test_process_group_gets_a_long_timeout_and_its_gpu(monkeypatch):
+    """Rank 0 alone writes checkpoints while the others wait: NCCL's 10-minute default would kill a long save."""
+    from common import distributed
+    calls = []
+    monkeypatch.setattr(distributed.torch_dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(distributed.torch_dist, "init_process_group", lambda **kwargs: calls.append(kwargs))
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.append({"set_device": device}))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    dist = setup_distributed(torch.device("cuda", 0))
+    assert dist.device == torch.device("cuda", 1) and (dist.rank, dist.world_size) == (1, 2)
+    assert calls == [{"set_device": torch.device("cuda", 1)},
+                     {"backend": "nccl", "timeout": distributed.COLLECTIVE_TIMEOUT, "device_id": torch.device("cuda", 1)}]
+    assert distributed.COLLECTIVE_TIMEOUT.total_seconds() >= 3600
+    calls.clear()
+    setup_distributed(torch.device("cpu"))
+    assert calls == [{"backend": "gloo", "timeout": distributed.COLLECTIVE_TIMEOUT}]
+
+
+def test_ddp_keeps_gradients_in_its_buckets_and_does_not_rebroadcast_buffers(monkeypatch):
+    from common import distributed
+    made = {}
+
+    def ddp(model, device_ids=None, find_unused_parameters=False, gradient_as_bucket_view=False,
+            forward_sync_buffers=True):
+        made.update(device_ids=device_ids, find_unused_parameters=find_unused_parameters,
+                    gradient_as_bucket_view=gradient_as_bucket_view, forward_sync_buffers=forward_sync_buffers)
+
+    monkeypatch.setattr(distributed.nn.parallel, "DistributedDataParallel", ddp)
+    distributed.wrap_ddp(torch.nn.Linear(2, 2), torch.device("cuda", 3), find_unused_parameters=True)
+    assert made == {"device_ids": [3], "find_unused_parameters": True, "gradient_as_bucket_view": True,
+                    "forward_sync_buffers": False}

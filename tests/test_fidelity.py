@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import importlib.machinery
 import io
+import math
 import pickle
 import subprocess
 import sys
@@ -29,7 +30,7 @@ from torch_fidelity.metric_kid import kid_features_to_metric
 
 from common import fidelity
 from common.fidelity import (COMPAT_EXTRACTOR, FEATURE_DIM, PACKAGED_EXTRACTOR, FeatureNet, FidelityError,
-                             PackagedInceptionV3, extract_features, fid_from_features, kid_from_features,
+                             PackagedInceptionV3, extract_features, fid_from_features, kid_bootstrap, kid_from_features,
                              kid_subset_size, load_feature_extractor)
 from common.io import file_sha256
 
@@ -750,3 +751,16 @@ def test_kid_subset_size_default_maximum_is_1000() -> None:
     assert kid_subset_size(1001, 1001) == 500 and kid_subset_size(1000, 1001) == 500  # no jump at 1000 / 1001
     assert kid_subset_size(3, 2) == 1
     assert kid_subset_size(9, 7) == 3 and type(kid_subset_size(9, 7)) is int  # half of an odd size rounds down
+
+
+def test_kid_of_the_whole_sets_and_of_a_weighted_replicate_by_hand():
+    # 1-D features, kernel (x y + 1)^3: K11 = [[1, 1], [1, 8]], K22 = [[1, 1], [1, 125]], K12 = [[1, 1], [1, 27]].
+    a, b = np.array([[0.0], [1.0]]), np.array([[0.0], [2.0]])
+    whole, values = kid_bootstrap(a, b, [(np.array([2.0, 1.0]), np.ones(2)), (np.array([2.0, 0.0]), np.ones(2))])
+    assert whole == pytest.approx(1 + 1 - 2 * 30 / 4)
+    assert values[0] == pytest.approx(1 + 1 - 2 * 32 / 6)  # within a: (16 - 12) / (9 - 5) = 1
+    assert math.isnan(values[1])  # a replicate of one distinct vector has no within-set pair
+    rng = np.random.default_rng(2)
+    f1, f2 = rng.normal(size=(12, 32)), rng.normal(0.2, 1, size=(12, 32))
+    assert kid_bootstrap(f1, f2)[0] == pytest.approx(kid_from_features(f1, f2, subsets=2, max_subset_size=12)["mean"],
+                                                     rel=1e-5)

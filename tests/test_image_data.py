@@ -6,7 +6,10 @@ at lengths that do not divide evenly."""
 from __future__ import annotations
 
 import io
+import os
+import struct
 import sys
+import zlib
 from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
@@ -15,10 +18,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch.utils.data import DataLoader, Dataset
 
 from common import image_data
 from common.image_data import (EpochSampler, ImageDataError, ImageSplit, epoch_index_list, list_classes, list_split,
-                               read_image, scan_area_mask, to_grey_uint8, to_rgb_uint8, to_tensor)
+                               read_image, scan_area_mask, to_grey_uint8, to_rgb_uint8, to_tensor, worker_error_line)
 from data_preprocessing.scan_area import ScanAreaError
 
 
@@ -318,3 +322,35 @@ def test_preloading_shows_a_bar_named_after_the_split_that_goes_away(tmp_path: P
     ImageSplit(tmp_path, "val", 4, classes=["a"], preload=True)
     text = screen.getvalue()
     assert text.startswith("\rloading val:") and text.endswith("\r")  # leave=False: the bar is erased, no line kept
+
+
+@pytest.mark.usefixtures("no_hang")  # it makes FIFOs
+def test_processed_images_that_are_fifos_or_bombs_are_refused(tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / "x.png")
+    with pytest.raises(ImageDataError, match=r"x.png: cannot read the image: not a regular file: a named pipe"):
+        read_image(tmp_path / "x.png", 16)
+    # a 1 x 1 PNG whose header is made to declare 20000 x 20000 pixels (with its checksum redone)
+    buffer = io.BytesIO()
+    Image.new("L", (1, 1)).save(buffer, format="png")
+    png = bytearray(buffer.getvalue())
+    png[16:24] = struct.pack(">II", 20000, 20000)
+    png[29:33] = struct.pack(">I", zlib.crc32(bytes(png[12:29])))
+    (tmp_path / "bomb.png").write_bytes(bytes(png))
+    with pytest.raises(ImageDataError, match=r"bomb.png: .*(20000x20000 pixels|decompression bomb)"):
+        read_image(tmp_path / "bomb.png", 16)
+
+
+class Broken(Dataset):
+    def __len__(self) -> int:
+        return 2
+
+    def __getitem__(self, i: int) -> None:
+        raise ImageDataError("a.png: cannot read the image: truncated")
+
+
+def test_a_dataloader_workers_error_is_one_line() -> None:
+    with pytest.raises(ImageDataError) as err:
+        list(DataLoader(Broken(), num_workers=1))
+    assert "Traceback" in str(err.value)  # what torch gives
+    assert worker_error_line(err.value) == "a.png: cannot read the image: truncated (in DataLoader worker process 0)"
+    assert worker_error_line(ImageDataError("plain")) == "plain"

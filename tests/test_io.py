@@ -1,9 +1,16 @@
 """common/io.py rules the first tests left open: the exact bytes the JSON and text writers produce, compressed npz,
-chunked checksums, the fingerprint's exact recipe, and which temp files count as stale (age, kind, recursion)."""
+chunked checksums, the fingerprint's exact recipe, and which temp files count as stale (age, kind, recursion).
+
+The guarded reader for side files, refusals of damaged checkpoints and processed images, write failures as one
+line that leave earlier outputs intact, and DataLoader worker errors as one line."""
 from __future__ import annotations
 
+import errno
 import hashlib
+import io
+import json
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -16,9 +23,13 @@ import numpy as np
 import pytest
 import torch
 
-from common.checkpoint import CheckpointError, load_checkpoint, require_keys
-from common.io import (atomic_save_npz, atomic_torch_save, atomic_write, atomic_write_bytes, atomic_write_json,
-                       atomic_write_text, file_sha256, files_fingerprint, remove_stale_temp_files)
+from common import io as common_io
+from common.checkpoint import load_checkpoint
+from common.config import ConfigError, parse_config
+from common.io import (SideFileError, atomic_save_npz, atomic_torch_save, atomic_torch_save_all, atomic_write,
+                       atomic_write_bytes, atomic_write_json, atomic_write_text, file_sha256, files_fingerprint,
+                       load_npz, os_error_line, read_csv_rows, read_json, remove_stale_temp_files)
+from data_preprocessing import make_phantoms
 
 
 def test_atomic_write_replaces_only_on_success(tmp_path):
@@ -73,42 +84,6 @@ def test_npz_refuses_object_arrays_and_round_trips(tmp_path):
         assert data["idx"].tolist() == [[0, 1, 2], [3, 4, 5]] and data["names"].tolist() == ["a", "bb"]
     with pytest.raises(TypeError, match="dtype object"):
         atomic_save_npz(path, bad=np.array([{"a": 1}], dtype=object))
-
-
-class Payload:
-    """Any class instance inside a checkpoint needs pickle to rebuild it, so it could run code."""
-
-    def __reduce__(self):
-        return (print, ("this must never run",))
-
-
-def test_safe_loader_refuses_pickled_objects(tmp_path):
-    path = tmp_path / "evil.pth"
-    torch.save({"model": {"w": torch.ones(1)}, "extra": Payload()}, path)
-    with pytest.raises(CheckpointError, match="refused, the file holds pickled Python objects"):
-        load_checkpoint(path)
-
-
-def test_safe_loader_clear_errors(tmp_path):
-    with pytest.raises(CheckpointError, match="does not exist"):
-        load_checkpoint(tmp_path / "missing.pth")
-    (tmp_path / "empty.pth").write_bytes(b"")
-    with pytest.raises(CheckpointError, match="empty"):
-        load_checkpoint(tmp_path / "empty.pth")
-    good = tmp_path / "good.pth"
-    torch.save({"model": {"w": torch.ones(100)}}, good)
-    truncated = tmp_path / "truncated.pth"
-    truncated.write_bytes(good.read_bytes()[:200])
-    with pytest.raises(CheckpointError, match="truncated.pth: not a readable PyTorch checkpoint"):
-        load_checkpoint(truncated)
-    (tmp_path / "garbage.pth").write_bytes(b"not a checkpoint at all" * 10)
-    with pytest.raises(CheckpointError, match="garbage.pth: not a PyTorch checkpoint"):
-        load_checkpoint(tmp_path / "garbage.pth")
-    torch.save([1, 2], tmp_path / "list.pth")
-    with pytest.raises(CheckpointError, match="expected a dict"):
-        load_checkpoint(tmp_path / "list.pth")
-    with pytest.raises(CheckpointError, match="not a checkpoint of this project: missing model_config"):
-        require_keys(load_checkpoint(good), ["model", "model_config"], good)
 
 
 def test_file_sha256(tmp_path):
@@ -305,3 +280,82 @@ def test_a_temp_file_that_vanishes_while_listed_does_not_stop_the_cleaning(tmp_p
     # another process removes .a... between the listing and its lstat
     monkeypatch.setattr(os, "listdir", lambda folder: listdir(folder) + [".a.pth.abcd1234.tmp"])
     assert remove_stale_temp_files(tmp_path) == [stale]
+
+
+@pytest.mark.usefixtures("no_hang")  # it makes FIFOs
+def test_fifos_folders_and_devices_are_refused_without_being_opened(tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / "preset.json")
+    for path, kind in [(tmp_path / "preset.json", "a named pipe (FIFO)"), (tmp_path, "a folder"),
+                       (Path("/dev/zero"), "a device")]:
+        with pytest.raises(SideFileError, match=rf"^{path}: not a regular file: {re.escape(kind)}, not read$"):
+            read_json(path)
+    with pytest.raises(ConfigError, match=r"^--config: preset .*preset.json: not a regular file: a named pipe"):
+        parse_config(make_phantoms.Config, [f"--config={tmp_path / 'preset.json'}"])
+    with pytest.raises(SideFileError, match="does not exist"):
+        read_csv_rows(tmp_path / "missing.csv")
+
+
+def test_size_nesting_and_encoding_limits_name_the_file(tmp_path: Path) -> None:
+    deep = tmp_path / "deep.json"
+    for depth in (65, 100_000):  # past the limit, and past Python's own recursion limit
+        deep.write_text("[" * depth + "]" * depth)
+        with pytest.raises(SideFileError, match=rf"^{deep}: JSON nested deeper than 64 levels$"):
+            read_json(deep)
+    deep.write_text("[" * 64 + "]" * 64)
+    assert read_json(deep) is not None
+    (tmp_path / "big.json").write_text(json.dumps(list(range(100))))
+    with pytest.raises(SideFileError, match=r"larger than 50 bytes"):
+        read_json(tmp_path / "big.json", max_bytes=50)
+    (tmp_path / "latin1.csv").write_bytes("path,class\nbr\xfcst.png,a\n".encode("latin-1"))
+    with pytest.raises(SideFileError, match=rf"^{tmp_path / 'latin1.csv'}: not UTF-8 text \(byte 13: invalid start byte\)"):
+        read_csv_rows(tmp_path / "latin1.csv")
+    (tmp_path / "ok.csv").write_text("\ufeffpath,class\na.png,b\n")  # a spreadsheet's BOM
+    assert read_csv_rows(tmp_path / "ok.csv") == (["path", "class"], [{"path": "a.png", "class": "b"}])
+
+
+def npy_bytes(header: dict) -> bytes:
+    buffer = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buffer, header)
+    return buffer.getvalue()
+
+
+def test_an_npz_header_declaring_more_than_the_file_holds_is_refused_before_allocating(tmp_path: Path) -> None:
+    bomb = tmp_path / "bomb.npz"
+    with zipfile.ZipFile(bomb, "w") as archive:
+        archive.writestr("idx.npy", npy_bytes({"descr": "<i8", "fortran_order": False, "shape": (10**6, 10**6)}))
+    with pytest.raises(SideFileError, match=r"array 'idx' declares shape \(1000000, 1000000\) of int64 "
+                                            r"\(8000000000000 bytes\) but holds 0 bytes"):
+        load_npz(bomb)
+    np.savez(tmp_path / "fine.npz", a=np.arange(5), s=np.asarray(["x", "yz"]))
+    with load_npz(tmp_path / "fine.npz") as data:
+        assert data["a"].tolist() == [0, 1, 2, 3, 4] and data["s"].tolist() == ["x", "yz"]
+
+
+def failing(call_number: int, code: int):
+    """common.io's flush to disk, failing (disk full / read-only) at its call_number-th call."""
+    calls = []
+    real = common_io._sync
+
+    def sync(handle) -> None:
+        calls.append(handle)
+        if len(calls) == call_number:
+            raise OSError(code, os.strerror(code))
+        real(handle)
+    return sync
+
+
+def test_checkpoints_that_belong_together_are_written_all_or_none(tmp_path: Path, monkeypatch) -> None:
+    best, last = tmp_path / "best.pth", tmp_path / "last.pth"
+    atomic_torch_save_all({best: {"epoch": 1}, last: {"epoch": 1}})
+    monkeypatch.setattr(common_io, "_sync", failing(2, errno.ENOSPC))  # last.pth's write fails
+    with pytest.raises(OSError) as err:
+        atomic_torch_save_all({best: {"epoch": 2}, last: {"epoch": 2}})
+    assert os_error_line(err.value) == f"{last}: No space left on device"
+    assert torch.load(best, weights_only=True)["epoch"] == torch.load(last, weights_only=True)["epoch"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pth", "last.pth"]  # no temp file left
+
+
+def test_a_long_name_gets_a_temp_name_within_the_limit(tmp_path: Path) -> None:
+    path = tmp_path / ("é" * 120 + ".png")  # 244 bytes: "." + name + ".XXXXXXXX.tmp" would be 258
+    atomic_write_bytes(path, b"x")
+    assert path.read_bytes() == b"x"

@@ -2,13 +2,17 @@
 from __future__ import annotations
 
 import csv
+import errno
+import os
+from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 from PIL import Image
 
-from data_preprocessing import make_phantoms as mp
+from common import io as common_io
+from data_preprocessing import make_phantoms, make_phantoms as mp
 
 
 @pytest.mark.parametrize("organ", mp.CLASSES)
@@ -78,3 +82,33 @@ def test_cli_outputs_are_byte_identical_across_runs_and_workers_and_resume(tmp_p
         assert image.ndim == 3 and mask.ndim == 2 and set(np.unique(mask)) <= {0, 255}
         assert row["geometry"] == ("rect" if row["class"] in ("breast", "thyroid") else "fan")
     assert len({r["subject"] for r in rows}) == len(mp.CLASSES)  # frames of one subject share its id
+
+
+def failing(call_number: int, code: int):
+    """common.io's flush to disk, failing (disk full / read-only) at its call_number-th call."""
+    calls = []
+    real = common_io._sync
+
+    def sync(handle) -> None:
+        calls.append(handle)
+        if len(calls) == call_number:
+            raise OSError(code, os.strerror(code))
+        real(handle)
+    return sync
+
+
+def test_a_write_failure_ends_with_one_line_and_a_rerun_resumes(tmp_path: Path, monkeypatch) -> None:
+    out = tmp_path / "raw"
+    config = make_phantoms.Config(out=str(out), n_subjects_per_class=1, frames_per_subject=1)
+    make_phantoms.main(config)
+    before = {p: p.read_bytes() for p in out.rglob("*.png")}
+    config = make_phantoms.Config(out=str(out), n_subjects_per_class=1, frames_per_subject=2)
+    monkeypatch.setattr(common_io, "_sync", failing(4, errno.EROFS))  # a frame
+    with pytest.raises(SystemExit) as err:
+        make_phantoms.main(config)
+    assert str(err.value).startswith(f"error: {out}/") and str(err.value).endswith(": Read-only file system")
+    assert "\n" not in str(err.value)
+    assert all(p.read_bytes() == data for p, data in before.items())
+    monkeypatch.undo()
+    make_phantoms.main(config)
+    assert len(list(out.rglob("*_mask.png"))) == 2 * len(make_phantoms.CLASSES)

@@ -1,5 +1,7 @@
 """Every preset in configs/ loads into its script's constants and passes that script's checks; the real-data recipe
 points at the BUSI and HC18 samples of ../shared."""
+from __future__ import annotations
+
 from collections import Counter
 from pathlib import Path
 
@@ -48,3 +50,12 @@ def test_findings_recipe_gives_busi_s_finding_as_the_class(shared_dir: Path) -> 
     listing = ADAPTERS["busi"](specs[0].root, specs[0].options)
     assert Counter(s.cls for s in listing.sources) == {"breast_benign": 70, "breast_malignant": 70, "breast_normal": 70}
     assert all(s.cls.removeprefix("breast_") in s.path.name for s in listing.sources)
+
+
+def test_gpu_presets_leave_the_precision_to_the_card(repo_root):
+    """A hard-coded bf16 would be refused on pre-Ampere cards: the presets say auto (bf16 or fp16 + loss scaling)."""
+    import json
+    presets = sorted((repo_root / "configs").glob("*_gpu.json"))
+    assert [p.name for p in presets] == ["sample_gpu.json", "var_finetune_gpu.json", "var_gpu.json", "vqvae_gpu.json",
+                                         "vqvae_perceptual_gpu.json"]
+    assert {p.name: json.loads(p.read_text())["precision"] for p in presets} == {p.name: "auto" for p in presets}

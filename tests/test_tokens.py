@@ -432,3 +432,103 @@ def test_a_single_augmented_copy_per_row_is_stored(tmp_path: Path) -> None:
     write_augmented(path, [0, 2], copies=1)
     ts = load_tokens(path)
     assert ts.num_copies == 2 and ts.aug_idx[1, 0, 0] == 210
+
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def test_save_and_load_round_trip_and_shape_checks(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    maps = [rng.integers(0, 10, (3, pn, pn)) for pn in (1, 2, 3)]
+    path = tmp_path / "t.npz"
+    save_tokens(path, scales=(1, 2, 3), maps=maps, labels=np.array([0, 1, 0]), split=["train", "val", "train"],
+                source=["a.png", "b.png", "c.png"], vqvae_sha256="abc", vqvae_config={"vocab_size": 10}, classes=["x", "y"])
+    ts = load_tokens(path)
+    assert all(np.array_equal(ts.maps(k), m) for k, m in enumerate(maps))
+    assert ts.select("train").source.tolist() == ["a.png", "c.png"]
+    assert [t.shape for t in ts.idx_list([2])] == [(1, 1, 1), (1, 2, 2), (1, 3, 3)]
+    with pytest.raises(ValueError, match=r"token map of scale 3 has shape \(3, 2, 2\)"):
+        save_tokens(path, scales=(1, 2, 3), maps=[maps[0], maps[1], maps[1]], labels=np.zeros(3), split=["train"] * 3,
+                    source=["a"] * 3, vqvae_sha256="", vqvae_config={}, classes=["x"])
+
+
+def tiny_tokens(path: Path, classes: list[str], labels: list[int] | None = None,
+                vqvae_config: dict | None = None) -> None:
+    labels = [0, 1, 0] if labels is None else labels
+    rng = np.random.default_rng(0)
+    save_tokens(path, scales=(1, 2), maps=[rng.integers(0, 10, (3, pn, pn)) for pn in (1, 2)], labels=np.array(labels),
+                split=["train", "val", "test"], source=["a.png", "b.png", "c.png"], vqvae_sha256="abc",
+                vqvae_config={"vocab_size": 10, "scales": [1, 2]} if vqvae_config is None else vqvae_config,
+                classes=classes)
+
+
+def test_two_token_files_in_one_folder_keep_their_own_classes(tmp_path: Path) -> None:
+    first, second = tmp_path / "first.npz", tmp_path / "second.npz"
+    tiny_tokens(first, ["breast", "liver"])
+    tiny_tokens(second, ["liver", "breast", "heart"])  # rewrites the shared classes.json
+    assert load_tokens(second).classes == ["liver", "breast", "heart"]
+    with pytest.raises(TokenFileError) as err:  # not silently relabelled with the second file's names
+        load_tokens(first)
+    assert str(err.value).startswith(f"{first} holds classes ['breast', 'liver'] but {tmp_path / 'classes.json'} "
+                                     "beside it lists ['liver', 'breast', 'heart']")
+    (tmp_path / "classes.json").unlink()
+    assert load_tokens(first).classes == ["breast", "liver"]  # the names inside suffice
+
+
+def test_a_token_file_without_class_names_inside_still_loads_through_classes_json(tmp_path: Path) -> None:
+    path = tmp_path / "old.npz"
+    tiny_tokens(path, ["breast", "liver"])
+    with np.load(path, allow_pickle=False) as raw:
+        arrays = {k: raw[k] for k in raw.files if k != "classes"}
+    np.savez(path, **arrays)  # the format before the names were stored inside
+    assert load_tokens(path).classes == ["breast", "liver"]
+    (tmp_path / "classes.json").unlink()
+    with pytest.raises(TokenFileError, match=r"classes\.json: missing \(written beside old\.npz"):
+        load_tokens(path)
+
+
+@pytest.mark.parametrize("labels, vqvae_config, message", [
+    ([0, -1, 1], None, r"t\.npz: label -1 is negative"),
+    ([0, 2, 1], None, r"t\.npz: label 2 has no class \(2 classes"),
+    ([0, 1, 0], [10, 2], r"t\.npz: vqvae_config is a JSON list, not the VQ-VAE's config object \(edited\?\)"),
+    ([0, 1, 0], {"vocab_size": "ten"}, r"t\.npz: vqvae_config has vocab_size 'ten', not a positive integer"),
+    ([0, 1, 0], {"vocab_size": 10, "scales": [1, 3]}, r"t\.npz: vqvae_config has scales \[1, 3\] but the file holds "
+                                                      r"token maps of scales \[1, 2\]"),
+])
+def test_bad_labels_or_an_edited_vqvae_config_are_named(tmp_path: Path, labels, vqvae_config, message) -> None:
+    tiny_tokens(tmp_path / "t.npz", ["x", "y"], labels=labels, vqvae_config=vqvae_config)
+    with pytest.raises(TokenFileError, match=message):
+        load_tokens(tmp_path / "t.npz")
+
+
+def test_augmented_copies_round_trip_and_old_and_newer_formats(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    maps = [rng.integers(0, 10, (3, pn, pn)) for pn in (1, 2)]
+    aug = [rng.integers(0, 10, (2, 3, pn, pn)) for pn in (1, 2)]  # rows 0 and 2 (train), 3 copies each
+    path = tmp_path / "t.npz"
+    common = dict(scales=(1, 2), maps=maps, labels=np.array([0, 1, 0]), split=["train", "val", "train"],
+                  source=["a.png", "b.png", "c.png"], vqvae_sha256="abc", vqvae_config={"vocab_size": 10}, classes=["x", "y"])
+    save_tokens(path, **common, aug_rows=np.array([0, 2]), aug_maps=aug)
+    ts = load_tokens(path)
+    assert ts.num_copies == 4 and len(ts.select("val").aug_rows) == 0 and ts.select("val").num_copies == 1
+    copies = ts.select("train").copies()
+    assert np.array_equal(copies[:, 0], ts.idx[[0, 2]])
+    assert np.array_equal(copies[1, 2], np.concatenate([aug[0][1, 1].ravel(), aug[1][1, 1].ravel()]))
+    with pytest.raises(TokenFileError, match="1 of 2 rows have augmented copies"):
+        ts.take(np.array([0, 1])).copies()
+    # A reader of format 1 (without the augmented arrays) sees exactly the un-augmented set.
+    with np.load(path, allow_pickle=False) as raw:
+        arrays = {k: raw[k] for k in raw.files}
+    old = tmp_path / "old" / "t.npz"
+    old.parent.mkdir()
+    np.savez(old, **{k: v for k, v in arrays.items() if k not in ("aug_rows", "aug_idx", "format_version")})
+    assert np.array_equal(load_tokens(old).idx, ts.idx) and load_tokens(old).num_copies == 1
+    np.savez(path, **{**arrays, "format_version": np.asarray(3)})
+    with pytest.raises(TokenFileError, match="token file format 3, newer than the 2 this code reads"):
+        load_tokens(path)
+    np.savez(path, **{**arrays, "aug_rows": np.array([0, 5])})
+    with pytest.raises(TokenFileError, match=r"aug_rows must be distinct rows in \[0, 3\)"):
+        load_tokens(path)
+    np.savez(path, **{k: v for k, v in arrays.items() if k != "aug_idx"})
+    with pytest.raises(TokenFileError, match="only one of aug_rows and aug_idx"):
+        load_tokens(path)
