@@ -11,6 +11,7 @@
 # MUT_CHILDREN (default 2) bounds the parallel test processes; the run is niced. MUT_ONLY, a space-separated
 # list of mutant-name globs (e.g. 'models.var.x_sample_tokens* models.var.xǁKVCacheǁ*'), runs only those mutants
 # and scores only them: a large module in parts, on a loaded machine.
+# MUT_MARKERS, a pytest -m expression (e.g. 'not e2e'), leaves out the tests it does not select.
 set -euo pipefail
 target=$1; shift
 [ -f "$target" ] || { echo "bench/mutation.sh: $target is not a file" >&2; exit 2; }
@@ -29,7 +30,8 @@ cd "$scratch"
   echo "also_copy ="
   echo "    configs"
   echo "    pytest.ini"
-  printf 'pytest_add_cli_args =\n    -x\n    -q\n    -p\n    no:cacheprovider\n' 
+  printf 'pytest_add_cli_args =\n    -x\n    -q\n    -p\n    no:cacheprovider\n'
+  [ -z "${MUT_MARKERS:-}" ] || printf '    -m\n    %s\n' "$MUT_MARKERS"
   echo "pytest_add_cli_args_test_selection ="
   for t in "$@"; do echo "    $t"; done
   # torch is not fork-safe once it has run: fork workers from a clean server

@@ -14,6 +14,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = os.environ.get("VAR_REFERENCE_REPO", "")
 
 
+@pytest.mark.e2e
 @pytest.mark.skipif(not REFERENCE, reason="no reference checkout: set VAR_REFERENCE_REPO to a clone of "
                                           "github.com/FoundationVision/VAR to compare with it")
 def test_bench_models_times_both_on_the_same_weights() -> None:
@@ -29,6 +30,7 @@ def test_bench_models_times_both_on_the_same_weights() -> None:
     assert all(float(ratio) > 0 for _, _, ratio in rows)
 
 
+@pytest.mark.e2e
 def test_bench_models_rejects_a_folder_that_is_not_the_reference(tmp_path: Path) -> None:
     out = subprocess.run([sys.executable, str(REPO_ROOT / "bench/bench_models.py"), f"--reference_repo={tmp_path}",
                           "--dry_run=true", "--device=cpu"], capture_output=True, text=True, timeout=120)

@@ -158,6 +158,7 @@ def test_help_lists_every_constant_with_default_and_comment():
         assert line in text
 
 
+@pytest.mark.e2e
 def test_script_exits_with_message_on_bad_argument(tmp_path, repo_root):
     script = tmp_path / "script.py"
     script.write_text(

@@ -166,6 +166,7 @@ train_var.main(["--device=cpu", "--out_dir=" + sys.argv[1]])
 """
 
 
+@pytest.mark.e2e
 def test_an_error_on_rank_0_alone_ends_both_processes_at_once(repo_root, tmp_path) -> None:
     # Before the fix rank 0 waited in a barrier and rank 1 in an all-reduce, up to the 2-hour collective timeout.
     script = tmp_path / "rank_0_fails.py"
@@ -190,6 +191,7 @@ def test_distributed_is_a_no_op_without_torchrun(monkeypatch, capsys):
     assert capsys.readouterr().out == "hello\n"
 
 
+@pytest.mark.e2e
 def test_two_processes_under_torchrun(tmp_path, repo_root):
     script = tmp_path / "worker.py"
     script.write_text(

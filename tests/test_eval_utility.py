@@ -53,6 +53,7 @@ def metrics(out: Path) -> dict:
     return json.loads((out / "metrics.json").read_text())
 
 
+@pytest.mark.e2e
 def test_every_table_and_plot_is_written(evaluated: dict[str, Path]) -> None:
     out = evaluated["out"]
     for name in ("metrics.json", "metrics.csv", "config.json", *PLOTS):
@@ -72,6 +73,7 @@ def test_every_table_and_plot_is_written(evaluated: dict[str, Path]) -> None:
     assert sections == {"tstr", "difference", "detectability"}
 
 
+@pytest.mark.e2e
 def test_the_table_scores_the_saved_test_predictions(evaluated: dict[str, Path]) -> None:
     out = evaluated["out"]
     _, y = list_split(evaluated["data"], "test", CLASSES)
@@ -94,6 +96,7 @@ def test_the_table_scores_the_saved_test_predictions(evaluated: dict[str, Path])
     assert difference["values"] == pytest.approx(np.subtract(mixed["values"], real["values"]))
 
 
+@pytest.mark.e2e
 def test_a_rerun_trains_nothing_and_a_lost_result_is_retrained_identically(evaluated: dict[str, Path]) -> None:
     out = evaluated["out"]
     result = out / "runs" / "real_plus_synthetic_x0.5" / "seed1" / "result.npz"
@@ -108,6 +111,7 @@ def test_a_rerun_trains_nothing_and_a_lost_result_is_retrained_identically(evalu
         assert np.array_equal(data["probs_test"], probs)  # seeded: the same run gives the same numbers
 
 
+@pytest.mark.e2e
 def test_an_interrupted_run_resumes_where_it_stopped(evaluated: dict[str, Path], tmp_path: Path,
                                                      monkeypatch) -> None:
     config = eval_utility.Config(arch="shufflenet_v2_x0_5", image_size=32, epochs=2, batch_size=4, device="cpu")
@@ -138,6 +142,7 @@ def test_an_interrupted_run_resumes_where_it_stopped(evaluated: dict[str, Path],
     assert [r["epoch"] for r in history] == [1, 2]
 
 
+@pytest.mark.e2e
 def test_detection_folds_keep_each_subject_in_one_fold(evaluated: dict[str, Path]) -> None:
     config, inputs = eval_utility.resolve(eval_utility.Config(samples=str(evaluated["samples"]), image_size=32))
     both, is_synthetic, fold = eval_utility.detection_set(inputs, 2)
@@ -149,6 +154,7 @@ def test_detection_folds_keep_each_subject_in_one_fold(evaluated: dict[str, Path
             assert set(is_synthetic[(both.y == c) & (fold == k)]) == {0, 1}
 
 
+@pytest.mark.e2e
 def test_bad_inputs_are_refused(evaluated: dict[str, Path], tmp_path: Path) -> None:
     with pytest.raises(SystemExit, match="--arch='vgg16': must be one of resnet18, shufflenet_v2_x0_5"):
         eval_utility.main([f"--samples={evaluated['samples']}", "--arch=vgg16"])
@@ -161,6 +167,7 @@ def test_bad_inputs_are_refused(evaluated: dict[str, Path], tmp_path: Path) -> N
         eval_utility.main([f"--samples={evaluated['samples']}", f"--data_dir={bare}", f"--out={tmp_path / 'u'}"])
 
 
+@pytest.mark.e2e
 def test_teacher_prefix_samples_of_the_test_split_are_refused(tiny_pipeline: dict[str, Path], tmp_path: Path) -> None:
     samples = tmp_path / "samples"
     sample_var.main([f"--var={tiny_pipeline['var']}", f"--data_dir={tiny_pipeline['data']}", f"--out={samples}",
@@ -172,6 +179,7 @@ def test_teacher_prefix_samples_of_the_test_split_are_refused(tiny_pipeline: dic
         eval_utility.main([f"--samples={samples}", "--point=TP_K1_cfg1.5", f"--out={tmp_path / 'u'}"])
 
 
+@pytest.mark.e2e
 def test_the_report_shows_the_tables_and_plots(evaluated: dict[str, Path], tmp_path: Path) -> None:
     text = report.build(report.Config(samples_dir=str(evaluated["samples"]), out=str(tmp_path / "report.html")))
     section = text.split('<h2 id="utility">')[1].split('<h2 id="configs">')[0]

@@ -65,6 +65,7 @@ def row(table: list[dict[str, str]], point: str, name: str) -> dict[str, str]:
     return next(r for r in table if r["point"] == point and r["class"] == name)
 
 
+@pytest.mark.e2e
 def test_every_table_and_plot_is_written(evaluated: dict[str, Path]) -> None:
     out = evaluated["out"]
     table = rows(out)
@@ -80,6 +81,7 @@ def test_every_table_and_plot_is_written(evaluated: dict[str, Path]) -> None:
     assert all(row(table, "NOP_cfg1.5", c)["psnr_teacher"] == "" for c in PIPELINE_CLASSES)  # no teacher without a prefix
 
 
+@pytest.mark.e2e
 def test_full_prefix_samples_are_the_teachers_reconstructions(evaluated: dict[str, Path]) -> None:
     table = rows(evaluated["out"])
     for name in PIPELINE_CLASSES + ["all"]:
@@ -90,6 +92,7 @@ def test_full_prefix_samples_are_the_teachers_reconstructions(evaluated: dict[st
         assert float(shorter["psnr_recon"]) < 100 and float(shorter["diversity_per_teacher"]) > 0
 
 
+@pytest.mark.e2e
 def test_tp_samples_are_compared_with_the_test_images_less_their_teachers(evaluated: dict[str, Path]) -> None:
     out, samples = evaluated["out"], evaluated["samples"]
     manifest = [r for r in csv.DictReader(open(samples / "samples_manifest.csv")) if r["point"] == "TP_K2_cfg1.5"]
@@ -114,6 +117,7 @@ def test_tp_samples_are_compared_with_the_test_images_less_their_teachers(evalua
     assert len(list((out / "recon" / "test").rglob("*.png"))) == 15
 
 
+@pytest.mark.e2e
 def test_a_planted_training_reconstruction_is_flagged_and_the_controls_pass(evaluated: dict[str, Path]) -> None:
     table = rows(evaluated["out"])
     assert float(row(table, "NOP_cfg1.5", "heart")["copy_fraction"]) >= 1 / 4
@@ -126,6 +130,7 @@ def test_a_planted_training_reconstruction_is_flagged_and_the_controls_pass(eval
     assert 0 <= controls["held_out_recon_flagged"] < 1
 
 
+@pytest.mark.e2e
 def test_reference_rows(evaluated: dict[str, Path]) -> None:
     table = rows(evaluated["out"])
     real = row(table, "REAL", "all")
@@ -139,6 +144,7 @@ def test_reference_rows(evaluated: dict[str, Path]) -> None:
     assert 0 <= float(row(table, "RECON", "all")["copy_fraction"]) < 1
 
 
+@pytest.mark.e2e
 def test_compare_says_whether_a_difference_is_detectable(evaluated: dict[str, Path], capsys) -> None:
     out = evaluated["out"]
     eval_var.main([f"--compare={out},{out}"])
@@ -152,6 +158,7 @@ def test_compare_says_whether_a_difference_is_detectable(evaluated: dict[str, Pa
     assert "not a finished eval_var.py folder" in capsys.readouterr().err
 
 
+@pytest.mark.e2e
 def test_bad_inputs_are_refused(evaluated: dict[str, Path], tmp_path: Path, capsys) -> None:
     with pytest.raises(SystemExit, match=r"^error: --ref_split='holdout': must be one of train, val, test$"):
         eval_var.main([f"--samples={evaluated['samples']}", "--ref_split=holdout"])
@@ -167,6 +174,7 @@ def test_bad_inputs_are_refused(evaluated: dict[str, Path], tmp_path: Path, caps
     assert "not a finished sample_var.py folder" in capsys.readouterr().err
 
 
+@pytest.mark.e2e
 def test_a_rerun_with_the_same_inputs_rewrites_nothing(evaluated: dict[str, Path], tmp_path: Path, capsys) -> None:
     args = [f"--samples={evaluated['samples']}", f"--cache={evaluated['cache']}", *SMALL, "--device=cpu"]
     before = {p: p.stat().st_mtime_ns for p in evaluated["out"].rglob("*")}

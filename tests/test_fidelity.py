@@ -330,6 +330,7 @@ except FidelityError as err:
 """
 
 
+@pytest.mark.e2e
 def test_the_scripts_import_without_torch_fidelity_and_kid_says_what_is_missing(repo_root: Path) -> None:
     # A GPU machine without torch-fidelity still trains and samples; only KID and FID need it.
     done = subprocess.run([sys.executable, "-c", WITHOUT_TORCH_FIDELITY], cwd=repo_root, capture_output=True,

@@ -16,6 +16,7 @@ STEPS = ("make_phantoms", "prepare", "train_vqvae", "tokenize", "train_var", "sa
          "cuda_parity", "bench_var", "bench_vqvae", "bench_sampling", "bench_features")
 
 
+@pytest.mark.e2e
 def test_quick_dry_run_runs_every_step_reports_each_check_and_its_plan_fits_7_minutes(repo_root: Path,
                                                                                       tmp_path: Path) -> None:
     no_wheels = tmp_path / "no_wheels"
@@ -67,6 +68,7 @@ def test_the_data_sheet_peak_is_looked_up_by_the_exact_card_name(name: str, peak
     assert gpu_check.datasheet_peak(name) == peak
 
 
+@pytest.mark.e2e
 def test_cuda_parity_turns_tf32_off_before_it_compares_tokens(tiny_pipeline: dict, monkeypatch, capsys) -> None:
     # With cuDNN's TF32 still on, the fp32 tokens on CUDA would differ from the CPU's for a reason the check is not about.
     order = []

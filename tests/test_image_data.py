@@ -354,3 +354,30 @@ def test_a_dataloader_workers_error_is_one_line() -> None:
     assert "Traceback" in str(err.value)  # what torch gives
     assert worker_error_line(err.value) == "a.png: cannot read the image: truncated (in DataLoader worker process 0)"
     assert worker_error_line(ImageDataError("plain")) == "plain"
+
+
+
+def test_a_balanced_epoch_is_each_class_s_seeded_cycles_then_one_shuffle_of_all() -> None:
+    labels = np.array([2, 0, 2, 5, 0, 2, 0])  # class 0: rows 1, 4, 6; class 2: rows 0, 2, 5; class 5: row 3
+    for length, per_class in ((8, 3), (12, 4)):  # ceil(length / 3 classes) draws of each
+        rng = np.random.default_rng([5, 2])  # (seed, epoch)
+        # the classes in sorted order; a fresh permutation of the class's rows for each cycle through them
+        picks = [np.concatenate([rng.permutation(rows) for _ in range(-(-per_class // len(rows)))])[:per_class]
+                 for rows in ([1, 4, 6], [0, 2, 5], [3])]
+        expected = rng.permutation(np.concatenate(picks))[:length]
+        assert epoch_index_list(labels, length, seed=5, epoch=2, balanced=True).tolist() == expected.tolist()
+    assert epoch_index_list(labels, 8, seed=5, epoch=2, balanced=True).tolist() == [2, 6, 5, 3, 1, 0, 4, 3]
+
+
+def test_each_rank_takes_its_slice_of_every_global_batch_of_the_epoch_s_list() -> None:
+    labels = np.array([0, 0, 1, 1, 1, 2, 2, 2, 2, 0])
+    ranks = [EpochSampler(labels, batch_size=2, world_size=2, rank=r, seed=1) for r in range(2)]
+    for sampler in ranks:
+        sampler.set_epoch(3)
+    whole = epoch_index_list(labels, 8, seed=1, epoch=3, balanced=True).tolist()  # 2 global batches of 4
+    assert whole == [3, 8, 1, 6, 2, 0, 9, 7]
+    assert [list(s) for s in ranks] == [whole[0:2] + whole[4:6], whole[2:4] + whole[6:8]]
+    plain = EpochSampler(labels, batch_size=2, world_size=2, rank=1, seed=1, balanced=False)
+    plain.set_epoch(3)
+    whole = np.random.default_rng([1, 3]).permutation(10)[:8].tolist()
+    assert list(plain) == whole[2:4] + whole[6:8]

@@ -27,8 +27,8 @@ from common import io as common_io
 from common.checkpoint import load_checkpoint
 from common.config import ConfigError, parse_config
 from common.io import (SideFileError, atomic_save_npz, atomic_torch_save, atomic_torch_save_all, atomic_write,
-                       atomic_write_bytes, atomic_write_json, atomic_write_text, file_sha256, files_fingerprint,
-                       load_npz, os_error_line, read_csv_rows, read_json, remove_stale_temp_files)
+                       atomic_write_bytes, atomic_write_group, atomic_write_json, atomic_write_text, file_sha256,
+                       files_fingerprint, load_npz, os_error_line, read_csv_rows, read_json, remove_stale_temp_files)
 from data_preprocessing import make_phantoms
 
 
@@ -57,6 +57,7 @@ def test_atomic_write_respects_the_umask(tmp_path, umask):
     assert stat.S_IMODE((tmp_path / "a.bin").stat().st_mode) == 0o666 & ~umask == stat.S_IMODE(plain.stat().st_mode)
 
 
+@pytest.mark.e2e
 def test_killed_process_mid_save_leaves_previous_checkpoint(tmp_path, repo_root):
     path = tmp_path / "last.pth"
     atomic_torch_save({"step": 1, "w": torch.ones(3)}, path)
@@ -138,6 +139,7 @@ def test_remove_stale_temp_files_removes_only_what_killed_atomic_writes_left(tmp
     assert remove_stale_temp_files(tmp_path / "absent") == []
 
 
+@pytest.mark.e2e
 def test_stale_temp_files_of_killed_writes_are_removed(tmp_path, repo_root):
     # A real leftover: the child dies inside atomic_write, after its temp file exists and before the rename.
     child = (
@@ -359,3 +361,100 @@ def test_a_long_name_gets_a_temp_name_within_the_limit(tmp_path: Path) -> None:
     path = tmp_path / ("é" * 120 + ".png")  # 244 bytes: "." + name + ".XXXXXXXX.tmp" would be 258
     atomic_write_bytes(path, b"x")
     assert path.read_bytes() == b"x"
+
+
+def disk_calls(monkeypatch, fail_dir_open: bool = False, fail_dir_fsync: bool = False) -> list[tuple]:
+    """common.io's calls that make a write durable, in order: ("fsync", name, bytes on disk) for a file (a temp file
+    named "tmp:" + the name it is for), ("fsync", folder) for a folder, ("replace", from, to). A folder that cannot be
+    opened or synced (some file systems refuse) fails as the system would."""
+    calls: list[tuple] = []
+    real_fsync, real_replace, real_open = os.fsync, os.replace, os.open
+
+    def name(path: str) -> str:
+        temp = re.fullmatch(r"\.(.+)\.[a-z0-9_]{8}\.tmp", Path(path).name)
+        return f"tmp:{temp.group(1)}" if temp else Path(path).name
+
+    def fsync(fd: int) -> None:
+        path = os.readlink(f"/proc/self/fd/{fd}")
+        if os.path.isdir(path):
+            calls.append(("fsync", Path(path)))
+            if fail_dir_fsync:
+                raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+        else:
+            calls.append(("fsync", name(path), os.fstat(fd).st_size))
+        real_fsync(fd)
+
+    def replace(src, dst) -> None:
+        calls.append(("replace", name(src), name(dst)))
+        real_replace(src, dst)
+
+    def open_(path, flags, *args, **kwargs):
+        if fail_dir_open and os.path.isdir(path):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(os, "open", open_)
+    return calls
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="names a file descriptor's file through /proc (Linux)")
+def test_a_write_is_on_disk_before_its_rename_and_the_rename_is_on_disk_after(tmp_path: Path, monkeypatch) -> None:
+    calls = disk_calls(monkeypatch)
+    fds = open_fds()
+    with atomic_write(tmp_path / "a.bin") as handle:
+        handle.write(b"abc")  # still in Python's buffer: the sync flushes it before the fsync
+    assert calls == [("fsync", "tmp:a.bin", 3), ("replace", "tmp:a.bin", "a.bin"), ("fsync", tmp_path)]
+    assert open_fds() == fds  # the folder's descriptor is closed again
+    calls.clear()
+    with pytest.raises(RuntimeError):
+        with atomic_write(tmp_path / "a.bin") as handle:
+            handle.write(b"half")
+            raise RuntimeError("crash mid-write")
+    assert calls == [] and (tmp_path / "a.bin").read_bytes() == b"abc"
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="names a file descriptor's file through /proc (Linux)")
+def test_files_of_a_group_are_all_on_disk_before_the_first_rename(tmp_path: Path, monkeypatch) -> None:
+    calls = disk_calls(monkeypatch)
+    (tmp_path / "sub").mkdir()
+    with atomic_write_group() as open_file:
+        open_file(tmp_path / "best.pth").write(b"12")
+        open_file(tmp_path / "sub" / "last.pth").write(b"345")
+        open_file(tmp_path / "log.txt").write(b"6789")
+    assert calls[:6] == [("fsync", "tmp:best.pth", 2), ("fsync", "tmp:last.pth", 3), ("fsync", "tmp:log.txt", 4),
+                         ("replace", "tmp:best.pth", "best.pth"), ("replace", "tmp:last.pth", "last.pth"),
+                         ("replace", "tmp:log.txt", "log.txt")]
+    # then each folder once, in any order
+    assert sorted(calls[6:]) == [("fsync", tmp_path), ("fsync", tmp_path / "sub")]
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="names a file descriptor's file through /proc (Linux)")
+def test_a_group_file_that_cannot_be_synced_is_named_and_nothing_is_renamed(tmp_path: Path, monkeypatch) -> None:
+    calls = disk_calls(monkeypatch)
+    monkeypatch.setattr(common_io, "_sync", failing(2, errno.EIO))
+    with pytest.raises(OSError) as err:
+        with atomic_write_group() as open_file:
+            open_file(tmp_path / "best.pth").write(b"1")
+            open_file(tmp_path / "last.pth").write(b"2")
+    assert err.value.filename == str(tmp_path / "last.pth") and err.value.errno == errno.EIO
+    assert calls == [("fsync", "tmp:best.pth", 1)] and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="names a file descriptor's file through /proc (Linux)")
+@pytest.mark.parametrize("fail", ["fail_dir_open", "fail_dir_fsync"])
+def test_a_folder_that_cannot_be_synced_still_gets_its_file(tmp_path: Path, monkeypatch, fail: str) -> None:
+    calls = disk_calls(monkeypatch, **{fail: True})
+    fds = open_fds()
+    atomic_write_bytes(tmp_path / "a.bin", b"abc")
+    with atomic_write_group() as open_file:
+        open_file(tmp_path / "b.bin").write(b"de")
+    assert (tmp_path / "a.bin").read_bytes() == b"abc" and (tmp_path / "b.bin").read_bytes() == b"de"
+    folder_syncs = [("fsync", tmp_path)] * 2 if fail == "fail_dir_fsync" else []
+    assert [c for c in calls if c[0] == "fsync" and c[1] == tmp_path] == folder_syncs
+    assert open_fds() == fds  # a failed folder sync still closes the folder

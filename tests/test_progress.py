@@ -87,6 +87,7 @@ def test_on_a_terminal_it_is_the_tqdm_bar():
     assert "\r" in screen.getvalue() and "epoch: 100%|" in screen.getvalue()
 
 
+@pytest.mark.e2e
 def test_a_redirected_script_log_stays_small(tmp_path, repo_root):
     script = ("from common.progress import progress\n"
               "for _ in progress(range(5000), desc='demo'):\n"

@@ -102,6 +102,7 @@ def run(tiny_pipeline: dict[str, Path], tmp_path_factory) -> dict[str, Path]:
     return {"page": page, "points": points, **folders}
 
 
+@pytest.mark.e2e
 def test_every_linked_file_exists_beside_the_page(run: dict[str, Path]) -> None:
     page = run["page"]
     files = [unquote(urlparse(link).path) for link in parse(page).links if not link.startswith("#")]
@@ -116,6 +117,7 @@ def test_every_linked_file_exists_beside_the_page(run: dict[str, Path]) -> None:
         assert expected.resolve() in linked, expected
 
 
+@pytest.mark.e2e
 def test_the_page_names_every_class_and_sweep_point(run: dict[str, Path]) -> None:
     text = " ".join(parse(run["page"]).text)
     assert len(run["points"]) == 2 * (1 + len(SCALES))  # NOP and TP_K1..K4, at guidance 0 and 1.5
@@ -132,6 +134,7 @@ def test_the_page_names_every_class_and_sweep_point(run: dict[str, Path]) -> Non
     assert named in " ".join(text.split())
 
 
+@pytest.mark.e2e
 def test_a_step_not_run_is_listed_as_missing(run: dict[str, Path]) -> None:
     missing = parse(run["page"]).missing
     assert any(str(run["vqvae_dir"]) in m for m in missing)  # train_vqvae.py never ran
@@ -139,6 +142,7 @@ def test_a_step_not_run_is_listed_as_missing(run: dict[str, Path]) -> None:
     assert not any(str(run["var_dir"]) in m or str(run["samples_dir"] / "grids") in m for m in missing)  # these ran
 
 
+@pytest.mark.e2e
 def test_a_rerun_rewrites_nothing_and_other_files_are_never_overwritten(run: dict[str, Path], tmp_path: Path) -> None:
     page = run["page"]
     before = page.stat().st_mtime_ns

@@ -4,7 +4,10 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import pytest
 
+
+@pytest.mark.e2e
 def test_every_step_runs_in_the_interpreter_that_PYTHON_names(repo_root: Path, tmp_path: Path) -> None:
     shutil.copy(repo_root / "run_demo.sh", tmp_path)  # the script works in its own folder: logs land in tmp_path
     calls = tmp_path / "calls.txt"

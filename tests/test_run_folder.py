@@ -70,6 +70,7 @@ def test_unmarked_files_are_someone_elses_unless_they_are_the_steps_own(tmp_path
     assert claim_output_folder(tmp_path / "tok", "tokenize_multiscale_maps.py", name="t.npz")
 
 
+@pytest.mark.e2e
 def test_a_lock_keeps_a_second_run_off_and_a_dead_runs_lock_is_taken_over(tmp_path: Path) -> None:
     with own_output_folder(tmp_path / "o", "train_var.py"):
         held = json.loads((tmp_path / "o" / LOCK).read_text())
@@ -127,3 +128,17 @@ def test_make_phantoms_refuses_another_seed_over_its_frames(tmp_path: Path) -> N
     assert files_of(tmp_path / "raw") == before
     phantoms(tmp_path / "raw", seed=1, allow_changed_run=True)
     assert json.loads((tmp_path / "raw" / "config.json").read_text())["seed"] == 1
+
+
+def test_a_resume_check_compares_values_skips_keys_either_side_lacks_and_names_changes_in_key_order() -> None:
+    recorded = {"phi": {"share": 4, "ratio": 0.5}, "scales": [1, 2], "gone": 1}
+    current = {"phi": {"ratio": 0.5, "share": 4}, "scales": [1, 2], "new": 2}  # the same dict, other key order
+    assert check_same_run(recorded, current, ("phi", "scales", "gone", "new"), "x", allow_changed=False) == []
+    changed = check_same_run({"a": 1, "b": 1, "c": 1}, {"c": 2, "b": 2, "a": 1}, ("c", "a", "b"), "x", True)
+    assert changed == ["c", "b"]
+    assert check_same_run({"a": 1}, {"a": 1}, ("a",), "x", allow_changed=True) == []
+    with pytest.raises(RunFolderError) as err:
+        check_same_run({"seed": 0, "lr": 1}, {"seed": 1, "lr": 2}, ("seed",), Path("run/last.pth"), allow_changed=False)
+    assert str(err.value) == ("run/last.pth: this run was started with other settings (seed: 0 -> 1); resume with the "
+                              "same values, start afresh in another output folder, or pass --allow_changed_run=true "
+                              "to continue with the new ones")

@@ -62,6 +62,7 @@ def sweep(pipeline: dict[str, Path]) -> Path:
     return out
 
 
+@pytest.mark.e2e
 def test_sweep_writes_every_file(sweep: Path) -> None:
     rows = read_manifest(sweep)
     points = [f"NOP_cfg{g}" for g in ("0", "1.5")] + [f"TP_K{k}_cfg{g}" for k in range(1, 5) for g in ("0", "1.5")]
@@ -86,6 +87,7 @@ def test_sweep_writes_every_file(sweep: Path) -> None:
     assert json.loads((sweep / "config.json").read_text())["vqvae"].endswith("vqvae.pth")  # resolved from the VAR
 
 
+@pytest.mark.e2e
 def test_seeds_are_shared_across_points_and_distinct_within(sweep: Path) -> None:
     rows = read_manifest(sweep)
     key = {(r["class"], r["teacher"], r["sample"]): r["seed"] for r in rows}
@@ -97,6 +99,7 @@ def test_seeds_are_shared_across_points_and_distinct_within(sweep: Path) -> None
     assert any((sweep / a["path"]).read_bytes() != (sweep / b["path"]).read_bytes() for a, b in zip(nop0, nop15))
 
 
+@pytest.mark.e2e
 def test_teacher_prefix_and_full_prefix_reconstruction(sweep: Path, pipeline: dict[str, Path]) -> None:
     tokens = load_tokens(pipeline["tokens"])
     with np.load(sweep / "samples_tokens.npz", allow_pickle=False) as data:
@@ -118,6 +121,7 @@ def test_teacher_prefix_and_full_prefix_reconstruction(sweep: Path, pipeline: di
     assert set(points[k == 0]) == {"NOP_cfg0", "NOP_cfg1.5"}
 
 
+@pytest.mark.e2e
 def test_image_regenerated_from_its_manifest_row_alone(sweep: Path, pipeline: dict[str, Path]) -> None:
     config = sample_var.Config(var=str(pipeline["var"]), vqvae=str(pipeline["vqvae"]), tokens=str(pipeline["tokens"]))
     var, vqvae, tokens = sample_var.load_models(config, load_checkpoint(pipeline["var"]),
@@ -132,6 +136,7 @@ def test_image_regenerated_from_its_manifest_row_alone(sweep: Path, pipeline: di
         assert np.array_equal(image[0], read_image(sweep / r["path"], PIPELINE_SIZE))
 
 
+@pytest.mark.e2e
 def test_resumed_sweep_equals_uninterrupted(sweep: Path, pipeline: dict[str, Path], monkeypatch) -> None:
     out = pipeline["root"] / "resumed"
     real = sample_var.sample_jobs
@@ -159,6 +164,7 @@ def test_resumed_sweep_equals_uninterrupted(sweep: Path, pipeline: dict[str, Pat
         assert all(np.array_equal(a[k], b[k]) for k in b.files)
 
 
+@pytest.mark.e2e
 def test_changed_settings_redo_a_point(sweep: Path, pipeline: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "s"
     common = dict(tp=False, cfg=(1.5,))
@@ -170,6 +176,7 @@ def test_changed_settings_redo_a_point(sweep: Path, pipeline: dict[str, Path], t
     assert len(read_manifest(out)) == 2 * len(PIPELINE_CLASSES)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("override,message", [
     ({"top_p": 1.5}, "--top_p=1.5: must be in"),
     ({"temperature": 0}, "--temperature=0.0: must be > 0"),
@@ -191,6 +198,7 @@ def test_bad_constants_are_refused(pipeline: dict[str, Path], tmp_path: Path, ca
     assert not (tmp_path / "s" / "NOP_cfg1.5").exists()
 
 
+@pytest.mark.e2e
 def test_bad_inputs_are_refused(pipeline: dict[str, Path], tmp_path: Path, capsys) -> None:
     foreign = tmp_path / "train_run"
     foreign.mkdir()
@@ -312,6 +320,7 @@ def token_set(n_rows: int = 10, seed: int = 0) -> TokenSet:
                     classes=list(CLASSES), vqvae_sha256="0" * 64, vqvae_config={})
 
 
+@pytest.mark.e2e
 def test_teachers_are_a_seeded_draw_without_replacement_from_the_class_s_images_of_the_split(capsys, monkeypatch):
     printed = []
     monkeypatch.setattr(sample_var, "print", lambda *args, **kwargs: printed.append(kwargs) or print(*args, **kwargs),
@@ -470,6 +479,7 @@ class Bar:
         self.updates.append(n)
 
 
+@pytest.mark.e2e
 def test_a_point_is_sampled_in_batches_saved_by_name_and_marked_finished_last(tmp_path, monkeypatch):
     calls = []
 
@@ -511,6 +521,7 @@ def test_a_point_is_sampled_in_batches_saved_by_name_and_marked_finished_last(tm
     assert sample_var.load_finished_point(point_dir, "the fp") is not None
 
 
+@pytest.mark.e2e
 def test_a_point_killed_while_sampling_leaves_no_marker(tmp_path, monkeypatch):
     def dying(*args):
         raise KeyboardInterrupt
@@ -734,6 +745,7 @@ def test_decoding_takes_the_batch_in_one_call_or_each_image_alone(kit, monkeypat
     assert np.array_equal(images, to_rgb_uint8(real(maps)))  # on the CPU this tiny VQ-VAE gives the same bits
 
 
+@pytest.mark.e2e
 def test_a_batch_is_sampled_with_the_sweep_point_s_prefix_guidance_and_filters(kit, monkeypatch):
     var, vqvae, tokens = kit["var"], kit["vqvae"], kit["tokens"]
     seen = []

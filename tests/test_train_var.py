@@ -263,6 +263,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoints(data, tmp_pat
     assert exit_info.value.code == 1 and "loss became nan at step 8" in capsys.readouterr().err
 
 
+@pytest.mark.e2e
 def test_resume_after_kill_continues_and_matches_an_uninterrupted_run(data, tmp_path, capsys):
     # With augmented tokens: the copy drawn for each image must not depend on where the run was interrupted.
     epochs = 10
@@ -290,6 +291,7 @@ def test_resume_after_kill_continues_and_matches_an_uninterrupted_run(data, tmp_
     assert f"already trained for {epochs} epochs" in capsys.readouterr().out
 
 
+@pytest.mark.e2e
 def test_torchrun_two_processes_match_one_process_with_the_same_global_batch(data, tmp_path):
     # One process accumulating two micro-batches of 4 vs two processes with one micro-batch of 4 each.
     one = run_script(cli(data, tmp_path / "one", epochs=3, grad_accum=2))

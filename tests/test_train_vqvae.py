@@ -150,6 +150,7 @@ def test_a_finished_run_rerun_rewrites_nothing(data: Path, reference_run: Path, 
     assert (out / "test_metrics.json").stat().st_mtime_ns != before["test_metrics.json"]
 
 
+@pytest.mark.e2e
 def test_sigkill_then_restart_resumes_and_matches_an_uninterrupted_run(data: Path, reference_run: Path,
                                                                        tmp_path: Path) -> None:
     out = tmp_path / "killed"
@@ -246,6 +247,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data: Path, tm
     assert all(torch.isfinite(v).all() for v in kept["model"].values())
 
 
+@pytest.mark.e2e
 def test_two_process_torchrun_matches_one_process(data: Path, gan_run: Path, tmp_path: Path) -> None:
     """With the discriminator from the third epoch: both the plain and the adversarial steps match one process."""
     out = tmp_path / "ddp"
@@ -866,3 +868,73 @@ def test_reconstruction_kid_compares_reconstructions_of_one_half_with_the_real_i
     torch.testing.assert_close(seen["real"], real)
     torch.testing.assert_close(seen["fake"], fake, atol=1.0, rtol=0)  # batched vs whole: a rounding step apart
     assert not torch.allclose(seen["fake"], seen["real"], atol=1.0, rtol=0)
+
+
+def expected_codes(model: VQVAE, feats: torch.Tensor, n_dead: int, seed: int, step: int) -> torch.Tensor:
+    """The residuals a re-initialisation gives n_dead codes: a draw seeded by (seed, step) from the pool, without
+    replacement while the pool is large enough, with it otherwise."""
+    pool = residual_pool(model, feats.float())
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    pick = torch.randperm(len(pool), generator=gen)[:n_dead] if len(pool) >= n_dead else torch.randint(
+        len(pool), (n_dead,), generator=gen)
+    return pool[pick]
+
+
+@pytest.mark.parametrize("vocab, n_dead", [(50, 42), (50, 43)])  # the pool of 3 images holds 3 x (1 + 4 + 9) = 42
+def test_reinit_gives_dead_row_i_the_i_th_residual_of_the_seeded_draw(vocab: int, n_dead: int) -> None:
+    model, optimizer, feats = tiny_setup(vocab)
+    weight = model.quantizer.embedding.weight
+    dead = torch.arange(vocab - n_dead, vocab).flip(0)  # in descending order: row dead[i] gets draw i
+    expected = expected_codes(model, feats, n_dead, seed=3, step=11)  # before: the residuals depend on the codebook
+    DeadCodes(vocab, 1, CPU).reinit(model, optimizer, feats, dead, CPU_PROCESS, seed=3, step=11, pool_images=3)
+    assert torch.allclose(weight[dead], expected, atol=1e-5)
+
+
+def test_reinit_leaves_optimizer_state_of_other_shapes_and_other_parameters_alone() -> None:
+    model, optimizer, feats = tiny_setup()
+    weight = model.quantizer.embedding.weight
+    state = optimizer.state[weight]
+    state["step"] = torch.tensor(5.0)  # Adam's step count: a scalar, not a per-row moment
+    other = torch.nn.Parameter(torch.ones(12, 4))
+    optimizer.state[other] = {"exp_avg": torch.ones(12, 4)}
+    DeadCodes(12, 1, CPU).reinit(model, optimizer, feats, torch.tensor([0, 3]), CPU_PROCESS, seed=0, step=1,
+                                 pool_images=3)
+    assert state["step"].item() == 5.0 and torch.equal(optimizer.state[other]["exp_avg"], torch.ones(12, 4))
+    assert state["exp_avg"][[0, 3]].abs().sum() == 0 and state["exp_avg"][[1, 2]].abs().min() > 0
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_reinit_across_processes_draws_on_rank_0_from_the_gathered_batch_and_broadcasts(monkeypatch,
+                                                                                       rank: int) -> None:
+    model, optimizer, feats = tiny_setup(vocab=12)  # this process's 3 images
+    theirs = feats.flip(0) + 1  # the other process's 3 images
+    calls = []
+
+    def all_gather(parts, tensor):
+        calls.append("all_gather")
+        for part, t in zip(parts, (feats, theirs) if rank == 0 else (theirs, feats)):
+            part.copy_(t)
+
+    rank_0_codes = torch.full((2, 4), 7.0)
+
+    def broadcast(tensor, src):
+        calls.append(("broadcast", src))
+        if rank == 0:
+            rank_0_codes.copy_(tensor)  # what rank 0 sends
+        else:
+            tensor.copy_(rank_0_codes)
+
+    monkeypatch.setattr(train_vqvae.torch_dist, "all_gather", all_gather)
+    monkeypatch.setattr(train_vqvae.torch_dist, "broadcast", broadcast)
+    if rank == 1:  # only rank 0 draws
+        monkeypatch.setattr(model.quantizer, "f_to_fhats", lambda _: pytest.fail("rank 1 drew codes"))
+    dist = DistContext(rank=rank, world_size=2, local_rank=rank, device=CPU)
+    dead = torch.tensor([4, 1])
+    # the pool: rank 0's 3 images, then the first of rank 1's
+    expected = expected_codes(model, torch.cat([feats, theirs])[:4], 2, seed=2, step=5) if rank == 0 else None
+    DeadCodes(12, 1, CPU).reinit(model, optimizer, feats, dead, dist, seed=2, step=5, pool_images=4)
+    assert calls == ["all_gather", ("broadcast", 0)]
+    weight = model.quantizer.embedding.weight
+    assert torch.equal(weight[dead], rank_0_codes)
+    if rank == 0:
+        assert torch.allclose(rank_0_codes, expected, atol=1e-5)

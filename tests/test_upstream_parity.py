@@ -216,6 +216,7 @@ def test_var_conversion_variants(variant: dict) -> None:
         assert torch.equal(converted(labels, x), ours(labels, x))
 
 
+@pytest.mark.e2e
 def test_reference_checkpoints_work_in_the_pipeline_as_they_are(tiny_pipeline: dict[str, Path], tmp_path: Path,
                                                                 monkeypatch, capsys, one_torch_thread) -> None:
     """A reference-format VQ-VAE, converted by the CLI, tokenizes the processed set with no training config; a
