@@ -131,8 +131,9 @@ def test_make_phantoms_refuses_another_seed_over_its_frames(tmp_path: Path) -> N
 
 
 def test_a_resume_check_compares_values_skips_keys_either_side_lacks_and_names_changes_in_key_order() -> None:
+    # the same dict in two key orders, neither of them sorted
     recorded = {"phi": {"share": 4, "ratio": 0.5, "mode": "x"}, "scales": [1, 2], "gone": 1}
-    current = {"phi": {"ratio": 0.5, "mode": "x", "share": 4}, "scales": [1, 2], "new": 2}  # orders, neither sorted
+    current = {"phi": {"ratio": 0.5, "mode": "x", "share": 4}, "scales": [1, 2], "new": 2}
     assert check_same_run(recorded, current, ("phi", "scales", "gone", "new"), "x", allow_changed=False) == []
     changed = check_same_run({"a": 1, "b": 1, "c": 1}, {"c": 2, "b": 2, "a": 1}, ("c", "a", "b"), "x", True)
     assert changed == ["c", "b"]
