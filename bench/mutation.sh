@@ -3,7 +3,7 @@
 # `pip install mutmut==3.8.1`). The run happens in a scratch copy of the working tree, so the
 # mutmut config and its mutants/ folder never touch the checkout or CI.
 #
-#   bash bench/mutation.sh common/config.py tests/test_config.py tests/test_rules_config.py
+#   bash bench/mutation.sh common/config.py tests/test_config.py
 #
 # Arguments: the file to mutate, then the test files that exercise it (mutmut runs, for each
 # mutant, only those of their tests that call the mutated function). Prints mutmut's summary

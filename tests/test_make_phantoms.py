@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import csv
 import errno
-import os
 from pathlib import Path
 
 import cv2
@@ -13,6 +12,7 @@ from PIL import Image
 
 from common import io as common_io
 from data_preprocessing import make_phantoms, make_phantoms as mp
+from test_io import failing
 
 
 @pytest.mark.parametrize("organ", mp.CLASSES)
@@ -82,19 +82,6 @@ def test_cli_outputs_are_byte_identical_across_runs_and_workers_and_resume(tmp_p
         assert image.ndim == 3 and mask.ndim == 2 and set(np.unique(mask)) <= {0, 255}
         assert row["geometry"] == ("rect" if row["class"] in ("breast", "thyroid") else "fan")
     assert len({r["subject"] for r in rows}) == len(mp.CLASSES)  # frames of one subject share its id
-
-
-def failing(call_number: int, code: int):
-    """common.io's flush to disk, failing (disk full / read-only) at its call_number-th call."""
-    calls = []
-    real = common_io._sync
-
-    def sync(handle) -> None:
-        calls.append(handle)
-        if len(calls) == call_number:
-            raise OSError(code, os.strerror(code))
-        real(handle)
-    return sync
 
 
 def test_a_write_failure_ends_with_one_line_and_a_rerun_resumes(tmp_path: Path, monkeypatch) -> None:

@@ -32,7 +32,7 @@ def listed(adapter: str, root: Path, options: dict | None = None) -> tuple[dict[
     """{relative path: (subject, class)} of the images, {relative path: reason} of the image files set aside.
 
     Files of formats no reader takes (label tables, notes, .raw halves) get their own row too, with one reason
-    whatever the dataset (test_rules_adapters.py): left out here, so that each test reads as its adapter's rules."""
+    whatever the dataset (test_adapters.py): left out here, so that each test reads as its adapter's rules."""
     listing = ADAPTERS[adapter](root, options or {})
     return ({s.path.relative_to(root).as_posix(): (s.subject, s.cls) for s in listing.sources},
             {p.relative_to(root).as_posix(): r for p, r in listing.ignored
