@@ -1,5 +1,5 @@
 """common/checkpoint.py: each refusal's full message, the preset hint of a missing file, map_location, and the
-model kind check; common/history.py: series, save and load."""
+model kind check; the safe loader's refusal of pickled objects."""
 from __future__ import annotations
 
 import os

@@ -1,6 +1,6 @@
 """common/distributed.py with a recording stand-in for torch.distributed: which collective each helper calls, with
-which reduction, on which ranks; the environment read; the DDP settings on a CPU. (test_runtime.py runs the real
-two-process group under torchrun, where mutmut cannot see it.)"""
+which reduction, on which ranks; the environment read; the DDP settings on a CPU. The real two-process
+group under torchrun, where mutmut cannot see it (e2e)."""
 from __future__ import annotations
 
 import os

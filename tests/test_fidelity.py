@@ -1,6 +1,6 @@
 """InceptionV3 features, their cache, and KID/FID against torch-fidelity (CPU, offline: the packaged TorchScript).
 
-common/fidelity.py rules that test_fidelity.py's slow end-to-end checks leave open, on small inputs: the
+common/fidelity.py's rules on small inputs: the
 preprocessing of the packaged network, every refusal with its message, the feature cache's edge cases, and KID/FID
 passing their settings to torch-fidelity. Each test runs in well under a second (one 8 px image through InceptionV3)."""
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """common/image_data.py: listing and loading the processed set, and the per-epoch (balanced, sharded) sampler.
 
-common/image_data.py rules test_image_data.py leaves open: hidden folders and stray files, the exact messages,
+Its rules: hidden folders and stray files, the exact messages,
 the resampling filters, the exact [-1, 1] mapping both ways, the scan-area threshold, and the epoch sampler's sizes
 at lengths that do not divide evenly."""
 from __future__ import annotations

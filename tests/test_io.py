@@ -1,4 +1,4 @@
-"""common/io.py rules the first tests left open: the exact bytes the JSON and text writers produce, compressed npz,
+"""common/io.py: atomic writes and their durability, the exact bytes the JSON and text writers produce, compressed npz,
 chunked checksums, the fingerprint's exact recipe, and which temp files count as stale (age, kind, recursion).
 
 The guarded reader for side files, refusals of damaged checkpoints and processed images, write failures as one

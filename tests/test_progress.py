@@ -1,4 +1,4 @@
-"""common/progress.py rules test_progress.py leaves open, on tqdm's clock set by hand: the 2 s gap between lines
+"""common/progress.py on tqdm's clock set by hand: the 2 s gap between lines
 and its exceptions, the 30 s lines of a bar without a total, and what counts as a terminal."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""common/runtime.py rules the first tests left open: which device 'auto' takes and with which index, every
+"""common/runtime.py: which device 'auto' takes and with which index, every
 precision's name, autocast and loss scaling, TF32 left alone off CUDA, the deterministic settings, the numpy seed of
 a seed past 2^32, and the numpy Gaussian cache in the saved random state."""
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """common/sample_metrics.py against exact values, hand computations and the libraries called directly.
 
-common/sample_metrics.py rules the first tests left open: the exact pair order at the all-pairs boundary, the
+Its rules: the exact pair order at the all-pairs boundary, the
 PSNR cap and the SSIM border of the masked scores, and every refusal fed its bad input.
 
 The feature-space metrics (fidelity and coverage, feature diversity, copy detection) and the bootstrap, pinned
