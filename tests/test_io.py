@@ -444,6 +444,12 @@ def test_a_group_file_that_cannot_be_synced_is_named_and_nothing_is_renamed(tmp_
             open_file(tmp_path / "last.pth").write(b"2")
     assert err.value.filename == str(tmp_path / "last.pth") and err.value.errno == errno.EIO
     assert calls == [("fsync", "tmp:best.pth", 1)] and list(tmp_path.iterdir()) == []
+    monkeypatch.setattr(common_io, "_sync", failing(1, errno.EIO))  # the first of two: not the last one opened
+    with pytest.raises(OSError) as err:
+        with atomic_write_group() as open_file:
+            open_file(tmp_path / "best.pth").write(b"1")
+            open_file(tmp_path / "last.pth").write(b"2")
+    assert err.value.filename == str(tmp_path / "best.pth") and list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="names a file descriptor's file through /proc (Linux)")
