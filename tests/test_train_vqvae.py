@@ -895,11 +895,13 @@ def test_reinit_leaves_optimizer_state_of_other_shapes_and_other_parameters_alon
     weight = model.quantizer.embedding.weight
     state = optimizer.state[weight]
     state["step"] = torch.tensor(5.0)  # Adam's step count: a scalar, not a per-row moment
+    state["per_row"] = torch.ones(12)  # a state of another shape than the codebook's is not a moment either
     other = torch.nn.Parameter(torch.ones(12, 4))
     optimizer.state[other] = {"exp_avg": torch.ones(12, 4)}
     DeadCodes(12, 1, CPU).reinit(model, optimizer, feats, torch.tensor([0, 3]), CPU_PROCESS, seed=0, step=1,
                                  pool_images=3)
     assert state["step"].item() == 5.0 and torch.equal(optimizer.state[other]["exp_avg"], torch.ones(12, 4))
+    assert torch.equal(state["per_row"], torch.ones(12))
     assert state["exp_avg"][[0, 3]].abs().sum() == 0 and state["exp_avg"][[1, 2]].abs().min() > 0
 
 
