@@ -2,9 +2,12 @@
 and never hangs, crashes with a traceback or loses a file."""
 from __future__ import annotations
 
+import pytest
+
 from bench.bad_inputs import FAILURES, run_cases
 
 
+@pytest.mark.e2e  # prepare.py in a subprocess per case
 def test_bad_input_corpus(tmp_path):
     results = run_cases(tmp_path, timeout_s=60, jobs=2)
     assert {r.case.name: r.outcome for r in results} == {
