@@ -18,6 +18,7 @@ import train_vqvae
 from common.config import ConfigError
 from common.distributed import DistContext
 from common.fidelity import FidelityError
+from models import vqvae_losses
 from models.vqvae import VQOutput, VQVAE
 
 from config_refusal import assert_edges, refusal_of
@@ -114,13 +115,13 @@ def test_out_dir_that_is_a_file_is_refused_by_name(tmp_path):
 
 
 def test_lpips_problem_names_the_missing_package_or_backbone(tmp_path, monkeypatch):
-    monkeypatch.setattr(train_vqvae, "LPIPS_PACKAGE", "no_such_package_here")
+    monkeypatch.setattr(vqvae_losses, "LPIPS_PACKAGE", "no_such_package_here")
     assert train_vqvae.lpips_problem() == (
         "the perceptual loss needs the 'no_such_package_here' package, which is not installed: pip install "
         "lpips==0.1.4 (its LPIPS layers come with it; VGG16 weights, see below, too)")
-    monkeypatch.setattr(train_vqvae, "LPIPS_PACKAGE", "json")  # a package that is there
+    monkeypatch.setattr(vqvae_losses, "LPIPS_PACKAGE", "json")  # a package that is there
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
-    backbone = tmp_path / "checkpoints" / train_vqvae.LPIPS_BACKBONE_FILE
+    backbone = tmp_path / "checkpoints" / vqvae_losses.LPIPS_BACKBONE_FILE
     assert train_vqvae.lpips_problem() == (
         f"LPIPS's VGG16 backbone weights {backbone} are missing, and are not downloaded at run time; on a machine "
         "with network run python -c \"import torchvision; torchvision.models.vgg16(weights='IMAGENET1K_V1')\" and "
@@ -193,7 +194,7 @@ def test_adaptive_weight_is_the_gradient_norm_ratio_at_the_last_layer_clamped():
     two = train_vqvae.adaptive_weight(rec, gan, last, Shard(0, 2, 0, CPU))
     assert two.item() == pytest.approx(2.5 / (0.5 + 1e-4))
     flat = (last * 0).sum() + (other * 0).sum()  # no adversarial gradient at the layer: 5 / 1e-4, clamped
-    assert train_vqvae.adaptive_weight(rec, flat, last, one).item() == train_vqvae.ADAPTIVE_WEIGHT_MAX == 1e4
+    assert train_vqvae.adaptive_weight(rec, flat, last, one).item() == vqvae_losses.ADAPTIVE_WEIGHT_MAX == 1e4
 
 
 def small_config(**overrides) -> train_vqvae.Config:

@@ -21,6 +21,7 @@ from PIL import Image
 import train_vqvae
 from common.checkpoint import load_checkpoint
 from common.runtime import select_precision
+from models import vqvae_losses
 from models.vqvae import load_vqvae
 
 REPO = Path(__file__).resolve().parents[1]
@@ -216,14 +217,14 @@ def test_unusable_out_dir_or_batch_stop_with_a_clear_error(data: Path, tmp_path:
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data: Path, tmp_path: Path,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
-    real = train_vqvae.recon_loss
+    real = vqvae_losses.recon_loss
 
     def nan_from_the_second_epoch(rec: torch.Tensor, img: torch.Tensor, reduction: str) -> torch.Tensor:
         calls.append(1)
         loss = real(rec, img, reduction)
         return loss * float("nan") if len(calls) > 2 else loss
 
-    monkeypatch.setattr(train_vqvae, "recon_loss", nan_from_the_second_epoch)
+    monkeypatch.setattr(vqvae_losses, "recon_loss", nan_from_the_second_epoch)
     with pytest.raises(SystemExit, match=r"loss became nan at step 2; stopping\. The last good checkpoints are kept"):
         run_in_process(tiny_args(data, tmp_path, epochs=3))
     kept = load_checkpoint(tmp_path / "last.pth")
@@ -279,7 +280,7 @@ def test_a_nan_in_the_last_step_of_an_epoch_leaves_the_checkpoints_untouched(dat
     (tmp_path / ".best.pth.a1b2c3d4.tmp").write_bytes(b"left by a killed write")
     os.utime(tmp_path / ".best.pth.a1b2c3d4.tmp", (time.time() - 3600,) * 2)  # an hour ago
     calls = []
-    real = train_vqvae.recon_loss
+    real = vqvae_losses.recon_loss
 
     def nan_gradients_on_the_last_step(rec: torch.Tensor, img: torch.Tensor, reduction: str) -> torch.Tensor:
         calls.append(1)
@@ -287,7 +288,7 @@ def test_a_nan_in_the_last_step_of_an_epoch_leaves_the_checkpoints_untouched(dat
             rec.register_hook(lambda grad: grad * float("nan"))
         return real(rec, img, reduction)
 
-    monkeypatch.setattr(train_vqvae, "recon_loss", nan_gradients_on_the_last_step)
+    monkeypatch.setattr(vqvae_losses, "recon_loss", nan_gradients_on_the_last_step)
     with pytest.raises(SystemExit, match=r"^error: epoch 2: non-finite val loss nan, weights .*; stopping without writing"):
         run_in_process(tiny_args(data, tmp_path, epochs=3))
     assert {name: (tmp_path / name).read_bytes() for name in before} == before
@@ -383,12 +384,12 @@ def test_resume_with_the_discriminator_on_matches_an_uninterrupted_run(data: Pat
 
 def test_perceptual_loss_without_local_weights_stops_right_after_parsing(data: Path, tmp_path: Path,
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(train_vqvae.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(vqvae_losses.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(SystemExit, match=r"^error: --perceptual_weight=0\.1: the perceptual loss needs the 'lpips' "
                                          r"package, which is not installed: pip install lpips==0\.1\.4"):
         run_in_process(tiny_args(data, tmp_path / "run", perceptual_weight=0.1))
     # The package is there but its VGG16 backbone is not in torch's hub cache: nothing is downloaded.
-    monkeypatch.setattr(train_vqvae.importlib.util, "find_spec", lambda name: object())
+    monkeypatch.setattr(vqvae_losses.importlib.util, "find_spec", lambda name: object())
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
     missing = tmp_path / "hub" / "checkpoints" / "vgg16-397923af.pth"
     with pytest.raises(SystemExit, match=f"^error: --perceptual_weight=0\\.1: LPIPS's VGG16 backbone weights "
