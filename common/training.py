@@ -110,10 +110,11 @@ class EpochSums:
         parts = dict(zip(names, flat.split([self.sums[name].numel() for name in names])))
         return {name: parts[name].view_as(self.sums[name]) for name in self.counts}
 
-    def means(self, dist: DistContext) -> dict[str, float]:
+    def means(self, dist: DistContext) -> dict[str, Any]:
         """Per name, the mean over processes (equal local batches: the global batch's value) and over the steps
-        that reported it."""
-        return {name: float(total / dist.world_size / self.counts[name]) for name, total in self.totals(dist).items()}
+        that reported it: a float, or a list for a name with several elements."""
+        return {name: (total / dist.world_size / self.counts[name]).tolist()
+                for name, total in self.totals(dist).items()}
 
 
 def check_epoch_finite(model: nn.Module, epoch: int, losses: dict[str, float]) -> None:

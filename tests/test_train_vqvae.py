@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 
 import numpy as np
@@ -20,7 +21,9 @@ from PIL import Image
 
 import train_vqvae
 from common.checkpoint import load_checkpoint
+from common.distributed import DistContext
 from common.runtime import select_precision
+from common.training import EpochSums
 from models import vqvae_losses
 from models.vqvae import load_vqvae
 
@@ -406,3 +409,34 @@ def test_a_resume_with_another_learning_rate_is_refused(data: Path, reference_ru
         run_in_process(tiny_args(data, out, lr=1e-3))
     with pytest.raises(SystemExit, match=rf"output folder {data} is the input {data}"):
         run_in_process(tiny_args(data, data))
+
+
+def test_an_epoch_record_takes_every_reported_term_in_the_order_of_the_history() -> None:
+    """The step's terms by name go into the history unchanged: the three of every run first, the others after the
+    timing in the order the step reported them, gan_steps before the adversarial terms; a new term is one more
+    name the step reports."""
+    alone = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    run = SimpleNamespace(dist=alone, model=torch.nn.Linear(1, 1), step=4)
+    sums = EpochSums()
+    def scalar(value: float) -> torch.Tensor:
+        return torch.tensor(value, dtype=torch.float64)
+
+    for step in range(4):
+        terms = dict(train_loss=scalar(4.0), train_rec_loss=scalar(2.0), train_vq_loss=scalar(1.0),
+                     train_perceptual_loss=scalar(0.5), train_prefix_loss=scalar(0.25), train_new_loss=scalar(step))
+        if step >= 1:
+            terms.update(train_gan_loss=scalar(-1.0), train_disc_loss=scalar(1.5), gan_weight=scalar(0.1))
+        sums.add(**terms)
+    val = dict(loss=3.0, rec_loss=2.0, vq_loss=1.0, psnr=20.0, ssim=0.5, psnr_scan=19.0, ssim_scan=0.4,
+               usage=[1.0], perplexity=[2.0])
+    record = train_vqvae.epoch_record(run, 0, sums, torch.ones(1, 3, dtype=torch.int64), 2, 1e-3, val, time.time())
+    assert list(record) == [
+        "epoch", "step", "lr", "train_loss", "train_rec_loss", "train_vq_loss", "val_loss", "val_rec_loss",
+        "val_vq_loss", "val_psnr", "val_ssim", "val_psnr_scan", "val_ssim_scan", "val_usage", "val_perplexity",
+        "train_usage", "dead_codes_reinit", "seconds", "train_perceptual_loss", "train_prefix_loss", "train_new_loss",
+        "gan_steps", "train_gan_loss", "train_disc_loss", "gan_weight"]
+    assert (record["train_loss"], record["train_new_loss"], record["gan_steps"], record["gan_weight"]) == (
+        4.0, 1.5, 3, pytest.approx(0.1))
+    sums.add(train_loss=scalar(float("nan")))
+    with pytest.raises(train_vqvae.NonFiniteLossError, match="epoch 1: non-finite train loss nan"):
+        train_vqvae.epoch_record(run, 0, sums, torch.ones(1, 3, dtype=torch.int64), 2, 1e-3, val, time.time())
