@@ -6,10 +6,10 @@
 Loss = squared reconstruction error + the quantizer's VQ loss, both means over their elements (loss_reduction
 "mean") or both per-image sums (the seed's SSE), optionally + an LPIPS perceptual term and, from step disc_start,
 a patch discriminator's hinge loss with VQGAN's adaptive weight (all in models/vqvae_losses.py). Each epoch logs
-train/val loss, val PSNR/SSIM (whole image and scan area) and codebook usage per scale, re-initialises dead codes, saves plots and writes
-OUT/best.pth (best val loss) and OUT/last.pth (full training state, discriminator included). A killed run
-continues from OUT/last.pth when restarted. At the end the best model is scored on the test split, with the
-KID of the reconstructions of one half of it against the real images of the other half.
+train/val loss, val PSNR/SSIM (whole image and scan area) and codebook usage per scale, re-initialises dead codes,
+saves plots and writes OUT/best.pth (best val loss) and OUT/last.pth (full training state, discriminator
+included). A killed run continues from OUT/last.pth when restarted. At the end the best model is scored on the
+test split, with the KID of the reconstructions of one half of it against the real images of the other half.
 """
 from __future__ import annotations
 
