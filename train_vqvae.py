@@ -615,7 +615,7 @@ def train_one_epoch(run: Run, epoch: int) -> tuple[EpochSums, torch.Tensor, int,
     if run.ddp_disc is not None:
         run.ddp_disc.train()
     run.sampler.set_epoch(epoch)
-    sums = EpochSums()
+    sums = EpochSums(torch.float64)  # float32 losses summed over thousands of steps would lose digits
     epoch_hits = torch.zeros(len(run.model.scales), cfg.vocab_size, dtype=torch.int64, device=dist.device)
     n_reinit = 0
     bar = progress(run.loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not dist.is_main, leave=False)

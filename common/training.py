@@ -92,13 +92,14 @@ class EpochSums:
     the device without a host sync per step. A name may be reported on only some steps (e.g. the adversarial terms
     once the discriminator starts); every process must report the same names on the same steps."""
 
-    def __init__(self) -> None:
+    def __init__(self, dtype: torch.dtype | None = None) -> None:
+        self.dtype = dtype  # what the sums are kept in (None: each value's own dtype)
         self.sums: dict[str, torch.Tensor] = {}
         self.counts: dict[str, int] = {}  # steps that reported each name, in the order names first appeared
 
     def add(self, **values: torch.Tensor) -> None:
         for name, value in values.items():
-            value = value.detach()
+            value = value.detach().to(self.dtype or value.dtype)
             self.sums[name] = self.sums[name] + value if name in self.sums else value.clone()
             self.counts[name] = self.counts.get(name, 0) + 1
 

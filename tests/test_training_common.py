@@ -204,3 +204,10 @@ def test_epoch_sums_keep_the_dtype_and_never_alias_what_was_added():
     sums.add(x=torch.tensor([0.5, 0.5]))
     assert first.tolist() == [1.0, 2.0] and not sums.sums["x"].requires_grad
     assert sums.sums["x"].dtype == torch.float32 and sums.sums["x"].tolist() == [1.5, 2.5]
+    # Kept in float64 when asked: float32 losses add up without losing digits.
+    wide, narrow = EpochSums(torch.float64), EpochSums()
+    for value in (1.0, 1e-8, 1e-8):
+        wide.add(loss=torch.tensor(value, dtype=torch.float32))
+        narrow.add(loss=torch.tensor(value, dtype=torch.float32))
+    assert wide.sums["loss"].dtype == torch.float64 and narrow.sums["loss"].item() == 1.0
+    assert wide.sums["loss"].item() == pytest.approx(1.0 + 2 * float(torch.tensor(1e-8)), rel=0, abs=1e-15)
