@@ -638,8 +638,9 @@ def train_step(run: Run, rows: torch.Tensor, copy_of: torch.Tensor, drop: torch.
     lo = dist.rank * run.grad_accum * run.per_process
     for micro in range(run.grad_accum):
         positions = slice(lo + micro * run.per_process, lo + (micro + 1) * run.per_process)  # within the global batch
-        x_in, target = teacher_batch(run.train_copies[rows[positions], copy_of[rows[positions]]], run.scales, run.vqvae)
-        labels = torch.where(drop[positions], len(run.classes), run.train_labels[rows[positions]])
+        micro_rows = rows[positions]
+        x_in, target = teacher_batch(run.train_copies[micro_rows, copy_of[micro_rows]], run.scales, run.vqvae)
+        labels = torch.where(drop[positions], len(run.classes), run.train_labels[micro_rows])
         last_micro = micro == run.grad_accum - 1
         sync = contextlib.nullcontext() if last_micro or not dist.enabled else model.no_sync()
         with sync:
