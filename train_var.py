@@ -18,7 +18,7 @@ import contextlib
 import math
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,8 +42,9 @@ from common.run_folder import RunFolderError, check_same_run, own_output_folder
 from common.runtime import (DeviceError, Precision, make_deterministic, pick_device, rng_state, seed_everything,
                             select_precision, set_rng_state)
 from common.tokens import TokenFileError, TokenSet, load_tokens, split_scales
-from common.training import (LR_SCHEDULES, LossWatch, NonFiniteLossError, check_epoch_finite, checkpoint_to_resume,
-                             lr_at, param_groups, resume_training_checkpoint, set_lr, training_state, unwrap)
+from common.training import (LR_SCHEDULES, EpochSums, LossWatch, NonFiniteLossError, check_epoch_finite,
+                             checkpoint_to_resume, lr_at, param_groups, resume_training_checkpoint, set_lr,
+                             training_state, unwrap)
 from models.convert_upstream import var_from_upstream
 from models.var import VAR
 from models.vqvae import VQVAE, load_vqvae
@@ -438,9 +439,66 @@ def epoch_outputs(cfg: Config, epoch: int) -> tuple[bool, bool, bool]:
     return kid, samples, samples or (cfg.plot_every > 0 and (epoch + 1) % cfg.plot_every == 0)
 
 
+@dataclass
+class Run:
+    """What setup builds and the later pieces of a run read and advance: inputs, the model and its optimizer, the
+    step schedule, progress."""
+    cfg: Config
+    dist: DistContext
+    out_dir: Path
+    precision: Precision
+    vqvae: VQVAE
+    train_set: TokenSet
+    val_set: TokenSet
+    classes: list[str]
+    scales: tuple[int, ...]
+    model: nn.Module  # the VAR, inside DDP under torchrun (from start_outputs on)
+    model_config: dict[str, Any]
+    kid_probe: KidProbe | None
+    train_copies: torch.Tensor  # every token copy of every training image (int16) and the labels, on the device
+    train_labels: torch.Tensor
+    grad_accum: int
+    per_process: int  # rows of one micro-batch
+    lr_peak: float
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+    scale_ids: torch.Tensor
+    checkpoint_extra: dict[str, Any]  # what every checkpoint records of the inputs
+    watch: LossWatch
+    train_forward: nn.Module | None = None  # the model as the training steps call it (compiled with --compile)
+    train_eval_set: TokenSet | None = None  # training rows scored in eval mode each epoch, beside val
+    majority: list[float] = field(default_factory=list)  # per scale, the val accuracy of the most frequent token
+    history: History = field(default_factory=History)
+    start_epoch: int = 0
+    step: int = 0
+    best_val: float = math.inf
+    best_kid: float = math.inf
+
+
 def train(cfg: Config, dist: DistContext) -> None:
+    run = setup(cfg, dist)
+    resume(run)
+    start_outputs(run)
+    for epoch in range(run.start_epoch, cfg.epochs):
+        t0 = time.time()
+        sums, lr = train_one_epoch(run, epoch)
+        train_m, val_m, is_best = evaluate_epoch(run, epoch, sums, lr, t0)
+        if dist.is_main:
+            save_epoch(run, epoch, train_m, val_m, is_best, lr, t0)
+        dist.barrier()
+    if run.start_epoch >= cfg.epochs:
+        dist.print(f"{run.out_dir}: already trained for {cfg.epochs} epochs; raise --epochs to continue")
+    else:
+        dist.print(f"done: best val loss {run.best_val:.4f}" + (f", best KID {run.best_kid:.4f}" if run.kid_probe else "")
+                   + f"; checkpoints in {run.out_dir}")
+
+
+def setup(cfg: Config, dist: DistContext) -> Run:
+    """The frozen VQ-VAE and the token set, the VAR with its optimizer, the step schedule, the KID probe."""
     device = dist.device
-    out_dir = Path(cfg.out_dir)
     if cfg.batch_size % (dist.world_size * max(1, cfg.grad_accum)):
         raise TrainVarError(f"batch_size {cfg.batch_size} must be a positive multiple of processes ({dist.world_size}) "
                             f"x grad_accum ({cfg.grad_accum})")
@@ -456,7 +514,6 @@ def train(cfg: Config, dist: DistContext) -> None:
                             f"batch_size={cfg.batch_size} train rows and one val row")
     classes = tokens.classes
     scales = tuple(tokens.scales)
-    vocab = vqvae.config["vocab_size"]
 
     seed_everything(cfg.seed)  # the same initial weights in every process
     model = build_var(cfg, vqvae.config, len(classes)).to(device)
@@ -464,169 +521,204 @@ def train(cfg: Config, dist: DistContext) -> None:
         seed_everything(cfg.seed + dist.rank)
     # This script draws class dropout itself (see class_drop_masks), so the model's own draw is switched off.
     model.cond_drop_rate = 0.0
-    model_config = model.config
     # Before grad_accum=0 measures: what stays on the device the whole run is then in its measurement.
     kid_probe = KidProbe(cfg, val_set, vqvae.image_size, device) if cfg.kid_every and dist.is_main else None
     # The training tokens (every copy, int16) and labels live on the device (a few MB), so a step copies nothing
     # from the host.
     train_copies = torch.from_numpy(train_set.copies()).to(device)
-    num_copies = train_copies.shape[1]
     train_labels = torch.from_numpy(train_set.labels).to(device)
     grad_accum = cfg.grad_accum or derive_grad_accum(model, vqvae, scales, precision, device,
                                                      cfg.batch_size // dist.world_size, dist)
-    per_process = cfg.batch_size // (dist.world_size * grad_accum)
     lr_peak = peak_lr(cfg)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=lr_peak, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                   fused=device.type == "cuda")
-    scaler = precision.make_scaler()
-
-    start_epoch, step, best_val, best_kid, history = 0, 0, math.inf, math.inf, History()
-    resume_path = checkpoint_to_resume(cfg.resume, out_dir)
-    if resume_path is not None:
-        ckpt = resume_training_checkpoint(resume_path, model, optimizer, scaler, model_config)
-        changed = check_same_run({**ckpt.get("config", {}), "classes": ckpt.get("classes")},
-                                 {**config_dict(cfg), "classes": classes}, RUN_KEYS, resume_path, cfg.allow_changed_run)
-        if changed:
-            dist.print(f"warning: {resume_path}: continuing with changed {', '.join(changed)} (--allow_changed_run)")
-        if ckpt.get("vqvae_sha256") != tokens.vqvae_sha256:
-            raise TrainVarError(f"{resume_path}: was trained on tokens of VQ-VAE sha {ckpt.get('vqvae_sha256')}, "
-                                f"but {cfg.tokens} holds tokens of sha {tokens.vqvae_sha256}; use another out_dir")
-        start_epoch, step = int(ckpt["epoch"]), int(ckpt["step"])
-        best_val, history = float(ckpt["best_val_loss"]), History(ckpt["history"])
-        best_kid = float(ckpt.get("best_kid", math.inf))
-        if dist.rank:  # the checkpoint holds rank 0's random streams; keep the other processes' draws distinct
-            seed_everything(cfg.seed + dist.rank + 1000 * start_epoch)
-        dist.print(f"resuming from {resume_path}: {start_epoch} epochs done, step {step}, best val loss {best_val:.4f}")
-    if dist.enabled:
-        model = wrap_ddp(model, device)
-    # Only the training steps run compiled: evaluation, sampling and checkpoints use the model itself.
-    train_forward = torch.compile(model) if cfg.compile else model
-
     steps_per_epoch = n_train // cfg.batch_size
-    total_steps = cfg.epochs * steps_per_epoch
-    warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
-    scale_ids = scale_of_position(scales, device)
-    extra = {"vqvae_sha256": tokens.vqvae_sha256, "vqvae_path": str(Path(cfg.vqvae).resolve()), "classes": classes,
-             "tokens_path": str(Path(cfg.tokens).resolve())}
-    n_params = sum(p.numel() for p in model.parameters())
+    return Run(cfg=cfg, dist=dist, out_dir=Path(cfg.out_dir), precision=precision, vqvae=vqvae, train_set=train_set,
+               val_set=val_set, classes=classes, scales=scales, model=model, model_config=model.config,
+               kid_probe=kid_probe, train_copies=train_copies, train_labels=train_labels, grad_accum=grad_accum,
+               per_process=cfg.batch_size // (dist.world_size * grad_accum), lr_peak=lr_peak, optimizer=optimizer,
+               scaler=precision.make_scaler(), steps_per_epoch=steps_per_epoch,
+               total_steps=cfg.epochs * steps_per_epoch, warmup_steps=round(cfg.warmup_epochs * steps_per_epoch),
+               scale_ids=scale_of_position(scales, device), watch=LossWatch(device),
+               checkpoint_extra={"vqvae_sha256": tokens.vqvae_sha256, "vqvae_path": str(Path(cfg.vqvae).resolve()),
+                                 "classes": classes, "tokens_path": str(Path(cfg.tokens).resolve())})
+
+
+def resume(run: Run) -> None:
+    """Continue from the checkpoint `resume` names, if any: weights, optimizer, random streams, progress."""
+    cfg, dist = run.cfg, run.dist
+    resume_path = checkpoint_to_resume(cfg.resume, run.out_dir)
+    if resume_path is None:
+        return
+    ckpt = resume_training_checkpoint(resume_path, run.model, run.optimizer, run.scaler, run.model_config)
+    changed = check_same_run({**ckpt.get("config", {}), "classes": ckpt.get("classes")},
+                             {**config_dict(cfg), "classes": run.classes}, RUN_KEYS, resume_path, cfg.allow_changed_run)
+    if changed:
+        dist.print(f"warning: {resume_path}: continuing with changed {', '.join(changed)} (--allow_changed_run)")
+    vqvae_sha256 = run.checkpoint_extra["vqvae_sha256"]
+    if ckpt.get("vqvae_sha256") != vqvae_sha256:
+        raise TrainVarError(f"{resume_path}: was trained on tokens of VQ-VAE sha {ckpt.get('vqvae_sha256')}, "
+                            f"but {cfg.tokens} holds tokens of sha {vqvae_sha256}; use another out_dir")
+    run.start_epoch, run.step = int(ckpt["epoch"]), int(ckpt["step"])
+    run.best_val, run.history = float(ckpt["best_val_loss"]), History(ckpt["history"])
+    run.best_kid = float(ckpt.get("best_kid", math.inf))
+    if dist.rank:  # the checkpoint holds rank 0's random streams; keep the other processes' draws distinct
+        seed_everything(cfg.seed + dist.rank + 1000 * run.start_epoch)
+    dist.print(f"resuming from {resume_path}: {run.start_epoch} epochs done, step {run.step}, best val loss "
+               f"{run.best_val:.4f}")
+
+
+def start_outputs(run: Run) -> None:
+    """The model inside DDP (and compiled) for training, the output folder ready, the run described."""
+    cfg, dist, model, train_set, val_set = run.cfg, run.dist, run.model, run.train_set, run.val_set
+    if dist.enabled:
+        run.model = wrap_ddp(model, dist.device)
+    # Only the training steps run compiled: evaluation, sampling and checkpoints use the model itself.
+    run.train_forward = torch.compile(run.model) if cfg.compile else run.model
     if dist.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        for stale in remove_stale_temp_files(out_dir) + remove_stale_temp_files(out_dir / "samples"):
+        run.out_dir.mkdir(parents=True, exist_ok=True)
+        for stale in remove_stale_temp_files(run.out_dir) + remove_stale_temp_files(run.out_dir / "samples"):
             print(f"removed {stale}, left by an interrupted write", flush=True)
-        save_config(cfg, out_dir)
-    dist.print(f"VAR {n_params / 1e6:.2f}M parameters {dict((k, model_config[k]) for k in ('depth', 'embed_dim', 'num_heads'))}; "
-               f"{n_train} train / {len(val_set.labels)} val images of {len(classes)} classes, {scale_ids.numel()} tokens "
-               f"each over scales {scales}; vocab {vocab} (uniform guess: CE {math.log(vocab):.2f}, acc {1 / vocab:.4f}); "
-               f"{dist.world_size} process(es) on {device} ({precision.name}); {steps_per_epoch} steps/epoch, "
-               f"{grad_accum} micro-batch(es) of {per_process} per process; peak lr {lr_peak:.3g} ({cfg.lr_schedule})")
-    majority = majority_baseline(train_set, val_set)
-    dist.print("majority-token val accuracy per scale: " + " ".join(f"{a:.3f}" for a in majority))
+        save_config(cfg, run.out_dir)
+    vocab, n_params = run.vqvae.config["vocab_size"], sum(p.numel() for p in run.model.parameters())
+    dist.print(f"VAR {n_params / 1e6:.2f}M parameters "
+               f"{dict((k, run.model_config[k]) for k in ('depth', 'embed_dim', 'num_heads'))}; "
+               f"{len(train_set.labels)} train / {len(val_set.labels)} val images of {len(run.classes)} classes, "
+               f"{run.scale_ids.numel()} tokens each over scales {run.scales}; vocab {vocab} (uniform guess: CE "
+               f"{math.log(vocab):.2f}, acc {1 / vocab:.4f}); {dist.world_size} process(es) on {dist.device} "
+               f"({run.precision.name}); {run.steps_per_epoch} steps/epoch, {run.grad_accum} micro-batch(es) of "
+               f"{run.per_process} per process; peak lr {run.lr_peak:.3g} ({cfg.lr_schedule})")
+    run.majority = majority_baseline(train_set, val_set)
+    dist.print("majority-token val accuracy per scale: " + " ".join(f"{a:.3f}" for a in run.majority))
     if train_set.num_copies > 1:
         dist.print(f"{train_set.num_copies} token copies per training image (1 un-augmented); one per image per epoch")
-
     # Rows of the training set scored in eval mode each epoch, beside val: the gap without dropout and class drop.
-    train_eval_rows = np.random.default_rng([cfg.seed, 2]).permutation(n_train)[:cfg.train_eval_size or len(val_set)]
-    train_eval_set = train_set.take(np.sort(train_eval_rows))
-    watch = LossWatch(device)
-    sync_debug = cfg.sync_debug and device.type == "cuda"
-    lo = dist.rank * grad_accum * per_process
-    for epoch in range(start_epoch, cfg.epochs):
-        t0 = time.time()
-        # The same order in every process.
-        order = torch.from_numpy(np.random.default_rng([cfg.seed, epoch]).permutation(n_train)).to(device)
-        copy_of = torch.from_numpy(epoch_copies(n_train, num_copies, cfg.seed, epoch)).to(device)
-        drop = class_drop_masks(range(step, step + steps_per_epoch), cfg.batch_size, cfg.seed,
-                                cfg.cond_drop_rate).to(device)
-        sums = torch.zeros(3, len(scales), device=device)
-        bar = progress(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not dist.is_main,
-                       leave=False, dynamic_ncols=True)
-        for it in bar:
-            if sync_debug:
-                torch.cuda.set_sync_debug_mode("warn")
-            lr = lr_at(step, total_steps, warmup_steps, lr_peak, cfg.final_lr_ratio, cfg.lr_schedule)
-            set_lr(optimizer, lr)
-            step_loss = torch.zeros((), device=device)
-            for micro in range(grad_accum):
-                positions = slice(lo + micro * per_process, lo + (micro + 1) * per_process)  # within the global batch
-                rows = order[it * cfg.batch_size:(it + 1) * cfg.batch_size][positions]
-                x_in, target = teacher_batch(train_copies[rows, copy_of[rows]], scales, vqvae)
-                labels = torch.where(drop[it, positions], len(classes), train_labels[rows])
-                last_micro = micro == grad_accum - 1
-                sync = contextlib.nullcontext() if last_micro or not dist.enabled else model.no_sync()
-                with sync:
-                    with precision.autocast():
-                        logits = train_forward(labels, x_in)
-                    loss, batch_sums = token_losses(logits, target, scale_ids, len(scales), cfg.label_smoothing)
-                    scaler.scale(loss / grad_accum).backward()
-                sums += batch_sums
-                step_loss += loss.detach() / grad_accum
-            # The global mean loss, so that every process stops together on a non-finite value.
-            due = watch.update(dist.all_reduce_sum(step_loss) / dist.world_size, step)
-            scaler.unscale_(optimizer)
-            if cfg.grad_clip > 0:
-                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            if sync_debug:
-                torch.cuda.set_sync_debug_mode("default")
-            if due:
-                bar.set_postfix(loss=f"{watch.check():.3f}", lr=f"{lr:.2e}")
-        bar.close()
-        watch.check()
+    n_train = len(train_set.labels)
+    rows = np.random.default_rng([cfg.seed, 2]).permutation(n_train)[:cfg.train_eval_size or len(val_set)]
+    run.train_eval_set = train_set.take(np.sort(rows))
 
-        train_m = summarise(dist.all_reduce_sum(sums))
-        val_m = evaluate(model, vqvae, val_set, cfg, dist, precision, scale_ids)
-        train_eval_m = evaluate(model, vqvae, train_eval_set, cfg, dist, precision, scale_ids)
-        check_epoch_finite(model, epoch + 1, {"train loss": train_m["loss"], "val loss": val_m["loss"]})
-        history.append(epoch=epoch + 1, step=step, lr=lr, seconds=round(time.time() - t0, 2),
+
+def train_one_epoch(run: Run, epoch: int) -> tuple[EpochSums, float]:
+    """One pass over the training set: per scale the summed cross-entropy, correct predictions and token counts
+    (token_losses) of this process, and the last step's learning rate."""
+    cfg, device = run.cfg, run.dist.device
+    n_train = len(run.train_labels)
+    # The same order in every process.
+    order = torch.from_numpy(np.random.default_rng([cfg.seed, epoch]).permutation(n_train)).to(device)
+    copy_of = torch.from_numpy(epoch_copies(n_train, run.train_copies.shape[1], cfg.seed, epoch)).to(device)
+    drop = class_drop_masks(range(run.step, run.step + run.steps_per_epoch), cfg.batch_size, cfg.seed,
+                            cfg.cond_drop_rate).to(device)
+    sync_debug = cfg.sync_debug and device.type == "cuda"
+    sums = EpochSums()
+    bar = progress(range(run.steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not run.dist.is_main,
+                   leave=False, dynamic_ncols=True)
+    for it in bar:
+        if sync_debug:
+            torch.cuda.set_sync_debug_mode("warn")
+        lr = lr_at(run.step, run.total_steps, run.warmup_steps, run.lr_peak, cfg.final_lr_ratio, cfg.lr_schedule)
+        set_lr(run.optimizer, lr)
+        batch = slice(it * cfg.batch_size, (it + 1) * cfg.batch_size)
+        due = train_step(run, order[batch], copy_of, drop[it], sums)
+        run.step += 1
+        if sync_debug:
+            torch.cuda.set_sync_debug_mode("default")
+        if due:
+            bar.set_postfix(loss=f"{run.watch.check():.3f}", lr=f"{lr:.2e}")
+    bar.close()
+    run.watch.check()
+    return sums, lr
+
+
+def train_step(run: Run, rows: torch.Tensor, copy_of: torch.Tensor, drop: torch.Tensor, sums: EpochSums) -> bool:
+    """One optimizer step on a global batch (`rows` of the training set, `drop`: which lose their class), this
+    process's share in grad_accum micro-batches; adds each micro-batch's per-scale sums to `sums`. True when the
+    loss watch is due for a check."""
+    cfg, dist, model = run.cfg, run.dist, run.model
+    step_loss = torch.zeros((), device=dist.device)
+    lo = dist.rank * run.grad_accum * run.per_process
+    for micro in range(run.grad_accum):
+        positions = slice(lo + micro * run.per_process, lo + (micro + 1) * run.per_process)  # within the global batch
+        micro_rows = rows[positions]
+        x_in, target = teacher_batch(run.train_copies[micro_rows, copy_of[micro_rows]], run.scales, run.vqvae)
+        labels = torch.where(drop[positions], len(run.classes), run.train_labels[micro_rows])
+        last_micro = micro == run.grad_accum - 1
+        sync = contextlib.nullcontext() if last_micro or not dist.enabled else model.no_sync()
+        with sync:
+            with run.precision.autocast():
+                logits = run.train_forward(labels, x_in)
+            loss, batch_sums = token_losses(logits, target, run.scale_ids, len(run.scales), cfg.label_smoothing)
+            run.scaler.scale(loss / run.grad_accum).backward()
+        sums.add(token_sums=batch_sums)
+        step_loss += loss.detach() / run.grad_accum
+    # The global mean loss, so that every process stops together on a non-finite value.
+    due = run.watch.update(dist.all_reduce_sum(step_loss) / dist.world_size, run.step)
+    run.scaler.unscale_(run.optimizer)
+    if cfg.grad_clip > 0:
+        nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.optimizer.zero_grad(set_to_none=True)
+    return due
+
+
+def evaluate_epoch(run: Run, epoch: int, sums: EpochSums, lr: float,
+                   t0: float) -> tuple[dict[str, Any], dict[str, Any], bool]:
+    """The epoch's training figures (over all processes), val and train-subset scores, its history record; refuses a
+    non-finite epoch before anything is saved. Returns the training and val figures, and whether val is the best."""
+    cfg, dist = run.cfg, run.dist
+    train_m = summarise(sums.totals(dist)["token_sums"])
+    val_m = evaluate(run.model, run.vqvae, run.val_set, cfg, dist, run.precision, run.scale_ids)
+    train_eval_m = evaluate(run.model, run.vqvae, run.train_eval_set, cfg, dist, run.precision, run.scale_ids)
+    check_epoch_finite(run.model, epoch + 1, {"train loss": train_m["loss"], "val loss": val_m["loss"]})
+    run.history.append(epoch=epoch + 1, step=run.step, lr=lr, seconds=round(time.time() - t0, 2),
                        **{f"train_{k}": v for k, v in train_m.items()}, **{f"val_{k}": v for k, v in val_m.items()},
                        **{f"train_eval_{k}": v for k, v in train_eval_m.items()})
-        is_best = val_m["loss"] < best_val
-        best_val = min(best_val, val_m["loss"])
-        if dist.is_main:
-            kid_now, sample_now, plot_now = epoch_outputs(cfg, epoch)
-            is_best_kid = False
-            if kid_probe is not None and kid_now:
-                t_kid = time.time()
-                kid = kid_probe(unwrap(model), vqvae, len(classes), precision, device)
-                history.records[-1].update(kid=kid, kid_seconds=round(time.time() - t_kid, 2))
-                is_best_kid = kid < best_kid
-                best_kid = min(best_kid, kid)
-                print(f"epoch {epoch + 1}: KID {kid:.4f} of {cfg.kid_per_class} samples per class against "
-                      f"{len(val_set)} val images{' *best*' if is_best_kid else ''}; {time.time() - t_kid:.1f}s", flush=True)
-            common = dict(model=model, model_config=model_config, config=config_dict(cfg), epoch=epoch + 1, step=step,
-                          history=history.records, best_val_loss=best_val, extra={**extra, "best_kid": best_kid})
-            # All of the epoch's checkpoints or none (a full disk): best.pth never gets ahead of last.pth.
-            saves = {out_dir / "best.pth": training_state(**common)} if is_best else {}
-            if is_best_kid:
-                saves[out_dir / "best_kid.pth"] = training_state(**common)
-            saves[out_dir / "last.pth"] = training_state(optimizer=optimizer, scaler=scaler, **common)
-            atomic_torch_save_all(saves)
-            history.save(out_dir / "history.json")
-            print(f"epoch {epoch + 1}/{cfg.epochs} step {step}: train loss {train_m['loss']:.4f} "
-                  f"(last scale {train_m['loss_last']:.4f}), val loss {val_m['loss']:.4f} (last scale "
-                  f"{val_m['loss_last']:.4f}){' *best*' if is_best else ''}; val acc per scale "
-                  + " ".join(f"{a:.3f}" for a in val_m["acc_scales"]) + f"; lr {lr:.2e}; {time.time() - t0:.1f}s",
-                  flush=True)
-            if plot_now:
-                lr_steps = np.unique(np.linspace(0, step - 1, 500).round().astype(int)).tolist()
-                save_plots(history, out_dir, scales, vocab, majority,
-                           (lr_steps, [lr_at(s, total_steps, warmup_steps, lr_peak, cfg.final_lr_ratio, cfg.lr_schedule)
-                                       for s in lr_steps]))
-            if sample_now:
-                save_sample_grid(unwrap(model), vqvae, classes, cfg, precision, device,
-                                 out_dir / "samples" / f"epoch_{epoch + 1:03d}.png",
-                                 f"epoch {epoch + 1}, val loss {val_m['loss']:.3f}, cfg {cfg.cfg_scale}, "
-                                 f"top-k {cfg.top_k}, top-p {cfg.top_p}")
-        dist.barrier()
-    if start_epoch >= cfg.epochs:
-        dist.print(f"{out_dir}: already trained for {cfg.epochs} epochs; raise --epochs to continue")
-    else:
-        dist.print(f"done: best val loss {best_val:.4f}" + (f", best KID {best_kid:.4f}" if kid_probe else "")
-                   + f"; checkpoints in {out_dir}")
+    is_best = val_m["loss"] < run.best_val
+    run.best_val = min(run.best_val, val_m["loss"])
+    return train_m, val_m, is_best
 
+
+def save_epoch(run: Run, epoch: int, train_m: dict[str, Any], val_m: dict[str, Any], is_best: bool, lr: float,
+               t0: float) -> None:
+    """The main process's end of an epoch: the KID when due, best.pth / best_kid.pth / last.pth, history.json, and
+    when due the curve plots and a sample grid."""
+    cfg, out_dir, model = run.cfg, run.out_dir, run.model
+    kid_now, sample_now, plot_now = epoch_outputs(cfg, epoch)
+    is_best_kid = False
+    if run.kid_probe is not None and kid_now:
+        t_kid = time.time()
+        kid = run.kid_probe(unwrap(model), run.vqvae, len(run.classes), run.precision, run.dist.device)
+        run.history.records[-1].update(kid=kid, kid_seconds=round(time.time() - t_kid, 2))
+        is_best_kid = kid < run.best_kid
+        run.best_kid = min(run.best_kid, kid)
+        print(f"epoch {epoch + 1}: KID {kid:.4f} of {cfg.kid_per_class} samples per class against "
+              f"{len(run.val_set)} val images{' *best*' if is_best_kid else ''}; {time.time() - t_kid:.1f}s",
+              flush=True)
+    common = dict(model=model, model_config=run.model_config, config=config_dict(cfg), epoch=epoch + 1, step=run.step,
+                  history=run.history.records, best_val_loss=run.best_val,
+                  extra={**run.checkpoint_extra, "best_kid": run.best_kid})
+    # All of the epoch's checkpoints or none (a full disk): best.pth never gets ahead of last.pth.
+    saves = {out_dir / "best.pth": training_state(**common)} if is_best else {}
+    if is_best_kid:
+        saves[out_dir / "best_kid.pth"] = training_state(**common)
+    saves[out_dir / "last.pth"] = training_state(optimizer=run.optimizer, scaler=run.scaler, **common)
+    atomic_torch_save_all(saves)
+    run.history.save(out_dir / "history.json")
+    print(f"epoch {epoch + 1}/{cfg.epochs} step {run.step}: train loss {train_m['loss']:.4f} "
+          f"(last scale {train_m['loss_last']:.4f}), val loss {val_m['loss']:.4f} (last scale "
+          f"{val_m['loss_last']:.4f}){' *best*' if is_best else ''}; val acc per scale "
+          + " ".join(f"{a:.3f}" for a in val_m["acc_scales"]) + f"; lr {lr:.2e}; {time.time() - t0:.1f}s",
+          flush=True)
+    if plot_now:
+        lr_steps = np.unique(np.linspace(0, run.step - 1, 500).round().astype(int)).tolist()
+        lr_curve = [lr_at(s, run.total_steps, run.warmup_steps, run.lr_peak, cfg.final_lr_ratio, cfg.lr_schedule)
+                    for s in lr_steps]
+        save_plots(run.history, out_dir, run.scales, run.vqvae.config["vocab_size"], run.majority, (lr_steps, lr_curve))
+    if sample_now:
+        save_sample_grid(unwrap(model), run.vqvae, run.classes, cfg, run.precision, run.dist.device,
+                         out_dir / "samples" / f"epoch_{epoch + 1:03d}.png",
+                         f"epoch {epoch + 1}, val loss {val_m['loss']:.3f}, cfg {cfg.cfg_scale}, "
+                         f"top-k {cfg.top_k}, top-p {cfg.top_p}")
 
 def main(argv: list[str] | None = None) -> None:
     cfg = script_config(Config, argv, validate)

@@ -5,19 +5,19 @@
 
 Loss = squared reconstruction error + the quantizer's VQ loss, both means over their elements (loss_reduction
 "mean") or both per-image sums (the seed's SSE), optionally + an LPIPS perceptual term and, from step disc_start,
-a patch discriminator's hinge loss with VQGAN's adaptive weight. Each epoch logs train/val loss, val PSNR/SSIM
-(whole image and scan area) and codebook usage per scale, re-initialises dead codes, saves plots and writes
-OUT/best.pth (best val loss) and OUT/last.pth (full training state, discriminator included). A killed run
-continues from OUT/last.pth when restarted. At the end the best model is scored on the test split, with the
-KID of the reconstructions of one half of it against the real images of the other half.
+a patch discriminator's hinge loss with VQGAN's adaptive weight (all in models/vqvae_losses.py). Each epoch logs
+train/val loss, val PSNR/SSIM (whole image and scan area) and codebook usage per scale, re-initialises dead codes,
+saves plots and writes OUT/best.pth (best val loss) and OUT/last.pth (full training state, discriminator
+included). A killed run continues from OUT/last.pth when restarted. At the end the best model is scored on the
+test split, with the KID of the reconstructions of one half of it against the real images of the other half.
 """
 from __future__ import annotations
 
-import importlib.util
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import matplotlib.pyplot as plt
 from matplotlib.ticker import MaxNLocator
@@ -43,14 +43,13 @@ from common.progress import progress
 from common.run_folder import RunFolderError, check_same_run, own_output_folder
 from common.runtime import Precision, make_deterministic, pick_device, seed_everything, select_precision
 from common.sample_metrics import masked_psnr_ssim, psnr_ssim
-from common.training import (LossWatch, NonFiniteLossError, check_epoch_finite, checkpoint_to_resume, lr_at,
-                             param_groups, resume_training_checkpoint, set_lr, training_state)
-from models.discriminator import PatchDiscriminator, hinge_d_loss, hinge_g_loss
-from models.vqvae import VQOutput, VQVAE
+from common.training import (EpochSums, LossWatch, NonFiniteLossError, check_epoch_finite, checkpoint_to_resume,
+                             lr_at, param_groups, resume_training_checkpoint, set_lr, training_state)
+from models.discriminator import PatchDiscriminator
+from models.vqvae import VQVAE
+from models.vqvae_losses import (adaptive_weight, discriminator_input, hinge_d_loss, hinge_g_loss, load_lpips,
+                                 loss_terms, lpips_problem, recon_loss, reduction_scale)
 
-LPIPS_PACKAGE = "lpips"  # pip install lpips==0.1.4: its linear-layer weights come inside the wheel
-LPIPS_BACKBONE_FILE = "vgg16-397923af.pth"  # torchvision's VGG16 IMAGENET1K_V1, which lpips loads from torch's hub cache
-ADAPTIVE_WEIGHT_MAX = 1e4  # VQGAN's clamp of the adaptive adversarial weight
 DISC_BETAS = (0.5, 0.9)  # VQGAN's AdamW betas for the discriminator
 # What defines a run: a resume with another value of one of these is refused unless --allow_changed_run=true (the
 # network's shape is checked against the checkpoint's model_config as well). Epochs may grow; devices, precision,
@@ -156,76 +155,11 @@ def validate(cfg: Config) -> None:
     check_output_folder("out_dir", cfg.out_dir)
 
 
-def lpips_problem() -> str | None:
-    """Why LPIPS cannot run from local files (nothing is ever downloaded at run time), or None when it can."""
-    spec = importlib.util.find_spec(LPIPS_PACKAGE)
-    if spec is None:
-        return (f"the perceptual loss needs the '{LPIPS_PACKAGE}' package, which is not installed: "
-                f"pip install lpips==0.1.4 (its LPIPS layers come with it; VGG16 weights, see below, too)")
-    backbone = Path(torch.hub.get_dir()) / "checkpoints" / LPIPS_BACKBONE_FILE
-    if not backbone.is_file():
-        return (f"LPIPS's VGG16 backbone weights {backbone} are missing, and are not downloaded at run time; on a "
-                f"machine with network run python -c \"import torchvision; torchvision.models.vgg16(weights="
-                f"'IMAGENET1K_V1')\" and copy ~/.cache/torch/hub/checkpoints/{LPIPS_BACKBONE_FILE} to {backbone}")
-    return None
-
-
-def load_lpips(device: torch.device) -> torch.nn.Module:
-    """LPIPS (VGG) from the local files lpips_problem checked, frozen, in eval mode."""
-    import lpips  # optional: only runs with perceptual_weight > 0 need it
-
-    net = lpips.LPIPS(net="vgg", verbose=False).to(device).eval()
-    net.requires_grad_(False)
-    return net
-
-
-def reduction_scale(reduction: str, elements: int) -> float:
-    """Factor turning a mean over an image's `elements` into the loss_reduction's term: 1 (mean) or elements (sum)."""
-    return float(elements) if reduction == "sum" else 1.0
-
-
-def recon_loss(rec: torch.Tensor, img: torch.Tensor, reduction: str) -> torch.Tensor:
-    """Squared error of the reconstruction, averaged over the batch: per image the mean over its 3*H*W pixel
-    values (mean), or their sum (sum, the seed's SSE)."""
-    return F.mse_loss(rec.float(), img) * reduction_scale(reduction, img[0].numel())
-
-
-def loss_terms(output: VQOutput, img: torch.Tensor, reduction: str, lpips_net: torch.nn.Module | None,
-               perceptual_weight: float, latent_elements: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Reconstruction, VQ and weighted perceptual terms under one reduction. The quantizer's VQ loss is a mean over
-    the B*z*h*w latent elements (and over scales); "sum" multiplies it by the z*h*w elements of one image, as the
-    reconstruction's mean by its 3*H*W pixel values and the LPIPS (a mean over positions) by the same 3*H*W, so
-    each reduction weighs beta and perceptual_weight the same way against its reconstruction term."""
-    rec = recon_loss(output.rec, img, reduction)
-    vq = output.vq_loss.float() * reduction_scale(reduction, latent_elements)
-    perceptual = rec.new_zeros(())
-    if lpips_net is not None and perceptual_weight > 0:
-        perceptual = (perceptual_weight * lpips_net(output.rec.float(), img).mean()
-                      * reduction_scale(reduction, img[0].numel()))
-    return rec, vq, perceptual
-
-
 def prefix_lengths(batch: int, num_scales: int, seed: int, step: int, rank: int, device: torch.device) -> torch.Tensor:
     """(batch,) how many scales each image's prefix keeps, uniform in 1..num_scales-1, a pure function of (seed, step,
     process): a resumed run draws what an uninterrupted one does."""
     generator = torch.Generator().manual_seed(seed * 1_000_003 + step * 1009 + rank)
     return torch.randint(1, num_scales, (batch,), generator=generator).to(device)
-
-
-def discriminator_input(img: torch.Tensor, in_channels: int) -> torch.Tensor:
-    """What the discriminator sees: the grey channel for a grey model (as the encoder), else RGB."""
-    return img.mean(1, keepdim=True) if in_channels == 1 else img
-
-
-def adaptive_weight(rec_loss: torch.Tensor, gan_loss: torch.Tensor, last_layer: torch.Tensor,
-                    dist: DistContext) -> torch.Tensor:
-    """VQGAN's lambda = ||grad of the reconstruction loss|| / (||grad of the GAN loss|| + 1e-4) at the decoder's last
-    layer, clamped to [0, 1e4]: the adversarial gradient reaching the decoder is as large as the reconstruction's,
-    whatever the loss reduction. Both gradients are averaged over processes first (a small tensor), so lambda is
-    that of the global batch, as one process would compute it."""
-    grads = torch.stack([torch.autograd.grad(loss, last_layer, retain_graph=True)[0] for loss in (rec_loss, gan_loss)])
-    rec_grad, gan_grad = dist.all_reduce_sum(grads.detach()) / dist.world_size
-    return (rec_grad.norm() / (gan_grad.norm() + 1e-4)).clamp(0.0, ADAPTIVE_WEIGHT_MAX)
 
 
 def build_model(cfg: Config) -> VQVAE:
@@ -509,8 +443,58 @@ def scored_already(out: Path, made_from: dict[str, str]) -> bool:
         return False
 
 
+@dataclass
+class Run:
+    """What setup builds and the later pieces of a run read and advance: data, networks, optimizers, progress."""
+    cfg: Config
+    dist: DistContext
+    out: Path
+    precision: Precision
+    classes: list[str]
+    splits: dict[str, ImageSplit]
+    masks: dict[str, tuple[np.ndarray, int]]  # val and test: scan-area masks, images without one found
+    sampler: EpochSampler
+    loader: DataLoader
+    total_steps: int
+    model: VQVAE
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    lpips_net: torch.nn.Module | None
+    disc: PatchDiscriminator | None  # only a run with an adversarial loss builds the discriminator
+    disc_optimizer: torch.optim.Optimizer | None
+    disc_scaler: torch.amp.GradScaler | None
+    dead_codes: DeadCodes
+    latest_feats: list[torch.Tensor]  # the encoder output of the latest batch, for dead-code re-initialisation
+    watch: LossWatch
+    ddp_model: torch.nn.Module  # the model (and discriminator) as the training step calls them: in DDP under torchrun
+    ddp_disc: torch.nn.Module | None
+    history: History = field(default_factory=History)
+    start_epoch: int = 0
+    step: int = 0
+    best_val_loss: float = math.inf
+
+
 def train(cfg: Config, dist: DistContext) -> None:
-    out = Path(cfg.out_dir)
+    run = setup(cfg, dist)
+    resume(run)
+    distribute(run)
+    recon_images = start_outputs(run)
+    # Training time counts across restarts: a resumed run continues the clock of the records it inherits.
+    t_start = time.time() - (run.history.records[-1]["seconds"] if run.history.records else 0.0)
+    for epoch in range(run.start_epoch, cfg.epochs):
+        sums, hits, n_reinit, lr = train_one_epoch(run, epoch)
+        val = evaluate(run.model, run.splits["val"], run.masks["val"][0], cfg, dist, run.precision, "val")
+        record = epoch_record(run, epoch, sums, hits, n_reinit, lr, val, t_start)
+        run.history.append(**record)
+        dist.print(epoch_summary(cfg, record))
+        if dist.is_main:
+            save_epoch(run, epoch, val, recon_images)
+        dist.barrier()
+    final_test(run)
+
+
+def setup(cfg: Config, dist: DistContext) -> Run:
+    """Data, scan-area masks, the VQ-VAE with its optimizer, the optional LPIPS network and discriminator."""
     device = dist.device
     precision = select_precision(device, cfg.precision)
     if cfg.deterministic:
@@ -529,16 +513,13 @@ def train(cfg: Config, dist: DistContext) -> None:
     sampler = EpochSampler(splits["train"].labels, local_batch, dist.world_size, dist.rank, cfg.seed, cfg.balanced)
     loader = DataLoader(splits["train"], batch_size=local_batch, sampler=sampler, num_workers=cfg.num_workers,
                         pin_memory=device.type == "cuda", persistent_workers=cfg.num_workers > 0)
-    steps_per_epoch = sampler.num_batches
-    total_steps = cfg.epochs * steps_per_epoch
+    total_steps = cfg.epochs * sampler.num_batches
     if cfg.disc_weight > 0 and cfg.disc_start >= total_steps:
         raise ValueError(f"--disc_start={cfg.disc_start}: the run has only {total_steps} steps ({cfg.epochs} epochs x "
-                         f"{steps_per_epoch}); the discriminator would never start")
+                         f"{sampler.num_batches}); the discriminator would never start")
     masks = {s: scan_area_masks(splits[s], dist) for s in ("val", "test")}
 
     model = build_model(cfg).to(device)
-    model_config = model.config
-    latent_elements = cfg.z_channels * cfg.scales[-1] ** 2
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
                                   betas=(cfg.adam_beta1, cfg.adam_beta2))
     scaler = precision.make_scaler()
@@ -549,50 +530,65 @@ def train(cfg: Config, dist: DistContext) -> None:
         disc = PatchDiscriminator(cfg.in_channels, cfg.disc_ch, cfg.disc_layers).to(device)
         disc_optimizer = torch.optim.AdamW(param_groups(disc, cfg.weight_decay), lr=cfg.disc_lr, betas=DISC_BETAS)
         disc_scaler = precision.make_scaler()
-    dead_codes = DeadCodes(cfg.vocab_size, cfg.dead_code_steps, device)
-    history = History()
-    start_epoch, step, best_val_loss = 0, 0, math.inf
-
-    resume_path = checkpoint_to_resume(cfg.resume, out)
-    if resume_path is not None:
-        ckpt = resume_training_checkpoint(resume_path, model, optimizer, scaler, model_config)
-        changed = check_same_run(ckpt.get("config", {}), config_dict(cfg), RUN_KEYS, resume_path,
-                                 cfg.allow_changed_run)
-        if changed:
-            dist.print(f"warning: {resume_path}: continuing with changed {', '.join(changed)} (--allow_changed_run)")
-        start_epoch, step, best_val_loss = int(ckpt["epoch"]), int(ckpt["step"]), float(ckpt["best_val_loss"])
-        history = History(ckpt["history"])
-        if "dead_code_since_hit" in ckpt:
-            dead_codes.since_hit = ckpt["dead_code_since_hit"].to(device)
-        if disc is not None and "discriminator" in ckpt:
-            try:
-                disc.load_state_dict(ckpt["discriminator"])
-                disc_optimizer.load_state_dict(ckpt["disc_optimizer"])
-            except (RuntimeError, ValueError, KeyError) as err:
-                raise CheckpointError(f"{resume_path}: its discriminator does not fit this run's (disc_ch, "
-                                      f"disc_layers): {err}") from None
-            if disc_scaler.is_enabled() and ckpt.get("disc_scaler"):
-                disc_scaler.load_state_dict(ckpt["disc_scaler"])
-        elif disc is not None and step > cfg.disc_start:
-            dist.print(f"{resume_path}: holds no discriminator; a fresh one starts at step {step}")
-        dist.print(f"resumed from {resume_path}: epoch {start_epoch}, step {step}, best val loss {best_val_loss:.4g}")
-
-    ddp_model, ddp_disc = model, disc
-    if dist.enabled:
-        # DDP must be told when a configuration leaves parameters out of the loss (e.g. a phi conv no scale uses).
-        probe_img = splits["train"][0][0][None].to(device)
-        probe = model(probe_img)
-        (recon_loss(probe.rec, probe_img, cfg.loss_reduction) + probe.vq_loss).backward()
-        unused = [name for name, p in model.named_parameters() if p.grad is None]
-        optimizer.zero_grad(set_to_none=True)
-        ddp_model = wrap_ddp(model, device, find_unused_parameters=bool(unused))
-        if disc is not None:
-            ddp_disc = wrap_ddp(disc, device)
-
-    # The encoder output of each batch, kept for dead-code re-initialisation.
     latest_feats: list[torch.Tensor] = []
     model.quant_conv.register_forward_hook(lambda _m, _i, o: latest_feats.__setitem__(slice(None), [o.detach()]))
+    return Run(cfg=cfg, dist=dist, out=Path(cfg.out_dir), precision=precision, classes=classes, splits=splits,
+               masks=masks, sampler=sampler, loader=loader, total_steps=total_steps, model=model, optimizer=optimizer,
+               scaler=scaler, lpips_net=lpips_net, disc=disc, disc_optimizer=disc_optimizer, disc_scaler=disc_scaler,
+               dead_codes=DeadCodes(cfg.vocab_size, cfg.dead_code_steps, device), latest_feats=latest_feats,
+               watch=LossWatch(device), ddp_model=model, ddp_disc=disc)
 
+
+def resume(run: Run) -> None:
+    """Continue from the checkpoint `resume` names, if any: weights, optimizer, random streams, progress, dead-code
+    counters and the discriminator."""
+    cfg, dist = run.cfg, run.dist
+    resume_path = checkpoint_to_resume(cfg.resume, run.out)
+    if resume_path is None:
+        return
+    ckpt = resume_training_checkpoint(resume_path, run.model, run.optimizer, run.scaler, run.model.config)
+    changed = check_same_run(ckpt.get("config", {}), config_dict(cfg), RUN_KEYS, resume_path, cfg.allow_changed_run)
+    if changed:
+        dist.print(f"warning: {resume_path}: continuing with changed {', '.join(changed)} (--allow_changed_run)")
+    run.start_epoch, run.step, run.best_val_loss = int(ckpt["epoch"]), int(ckpt["step"]), float(ckpt["best_val_loss"])
+    run.history = History(ckpt["history"])
+    if "dead_code_since_hit" in ckpt:
+        run.dead_codes.since_hit = ckpt["dead_code_since_hit"].to(dist.device)
+    if run.disc is not None and "discriminator" in ckpt:
+        try:
+            run.disc.load_state_dict(ckpt["discriminator"])
+            run.disc_optimizer.load_state_dict(ckpt["disc_optimizer"])
+        except (RuntimeError, ValueError, KeyError) as err:
+            raise CheckpointError(f"{resume_path}: its discriminator does not fit this run's (disc_ch, "
+                                  f"disc_layers): {err}") from None
+        if run.disc_scaler.is_enabled() and ckpt.get("disc_scaler"):
+            run.disc_scaler.load_state_dict(ckpt["disc_scaler"])
+    elif run.disc is not None and run.step > cfg.disc_start:
+        dist.print(f"{resume_path}: holds no discriminator; a fresh one starts at step {run.step}")
+    dist.print(f"resumed from {resume_path}: epoch {run.start_epoch}, step {run.step}, "
+               f"best val loss {run.best_val_loss:.4g}")
+
+
+def distribute(run: Run) -> None:
+    """Under torchrun: the model and the discriminator inside DDP."""
+    if not run.dist.enabled:
+        return
+    device = run.dist.device
+    # DDP must be told when a configuration leaves parameters out of the loss (e.g. a phi conv no scale uses).
+    probe_img = run.splits["train"][0][0][None].to(device)
+    probe = run.model(probe_img)
+    (recon_loss(probe.rec, probe_img, run.cfg.loss_reduction) + probe.vq_loss).backward()
+    unused = [name for name, p in run.model.named_parameters() if p.grad is None]
+    run.optimizer.zero_grad(set_to_none=True)
+    run.ddp_model = wrap_ddp(run.model, device, find_unused_parameters=bool(unused))
+    if run.disc is not None:
+        run.ddp_disc = wrap_ddp(run.disc, device)
+
+
+def start_outputs(run: Run) -> torch.Tensor:
+    """The output folder ready (no stale temporary files, config.json, class_counts.png) and the run described;
+    returns the val images of the reconstruction grids."""
+    cfg, dist, out, splits = run.cfg, run.dist, run.out, run.splits
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
         for stale in remove_stale_temp_files(out):
@@ -600,175 +596,213 @@ def train(cfg: Config, dist: DistContext) -> None:
         save_config(cfg, out)
         bar_counts({"train (files)": splits["train"].class_counts(),
                     f"train (one epoch, {'balanced' if cfg.balanced else 'as is'})":
-                        splits["train"].class_counts(sampler.global_indices(0)),
+                        splits["train"].class_counts(run.sampler.global_indices(0)),
                     "val": splits["val"].class_counts(), "test": splits["test"].class_counts()},
                    out / "class_counts.png", "class counts per split as seen by training")
-        dist.print(f"{len(classes)} classes {classes}; train/val/test {len(splits['train'])}/{len(splits['val'])}/"
-                   f"{len(splits['test'])} images at {cfg.image_size}px; {dist.world_size} process(es) x batch "
-                   f"{local_batch}; {steps_per_epoch} steps/epoch; "
-                   f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params; {precision.name} on {device}")
-    recon_images = torch.stack([splits["val"][i][0] for i in spread_over_classes(splits["val"].labels, cfg.num_recon)])
+        dist.print(f"{len(run.classes)} classes {run.classes}; train/val/test {len(splits['train'])}/"
+                   f"{len(splits['val'])}/{len(splits['test'])} images at {cfg.image_size}px; {dist.world_size} "
+                   f"process(es) x batch {cfg.batch_size // dist.world_size}; {run.sampler.num_batches} steps/epoch; "
+                   f"{sum(p.numel() for p in run.model.parameters()) / 1e6:.2f}M params; {run.precision.name} on "
+                   f"{dist.device}")
+    return torch.stack([splits["val"][i][0] for i in spread_over_classes(splits["val"].labels, cfg.num_recon)])
 
-    # Training time counts across restarts: a resumed run continues the clock of the records it inherits.
-    t_start = time.time() - (history.records[-1]["seconds"] if history.records else 0.0)
-    watch = LossWatch(device)
-    last_layer = model.decoder.conv_out.weight  # where the adaptive weight compares the two gradients
-    for epoch in range(start_epoch, cfg.epochs):
-        ddp_model.train()
-        if disc is not None:
-            ddp_disc.train()
-        sampler.set_epoch(epoch)
-        # Summed over steps: loss, rec, vq, perceptual, then generator hinge, discriminator hinge, adversarial weight
-        # (these three only over the steps with the discriminator on), then the prefix term.
-        sums = torch.zeros(8, dtype=torch.float64, device=device)
-        gan_steps = 0
-        epoch_hits = torch.zeros(len(model.scales), cfg.vocab_size, dtype=torch.int64, device=device)
-        n_reinit = 0
-        bar = progress(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not dist.is_main, leave=False)
-        for img, _ in bar:
-            img = img.to(device, non_blocking=True)
-            lr = lr_at(step, total_steps, cfg.warmup_steps, cfg.lr, cfg.final_lr_ratio)
-            set_lr(optimizer, lr)
-            prefix_k = (prefix_lengths(len(img), len(cfg.scales), cfg.seed, step, dist.rank, device)
-                        if cfg.prefix_weight > 0 else None)
-            with precision.autocast():
-                output = ddp_model(img, prefix_k)
-            rec, vq, perceptual = loss_terms(output, img, cfg.loss_reduction, lpips_net, cfg.perceptual_weight,
-                                             latent_elements)
-            prefix = (recon_loss(output.rec_prefix, img, cfg.loss_reduction) if prefix_k is not None
-                      else rec.new_zeros(()))
-            loss = rec + vq + perceptual + cfg.prefix_weight * prefix
-            gan_on = disc is not None and step >= cfg.disc_start
-            gan = d_loss = gan_weight = loss.new_zeros(())
-            if gan_on:
-                # The generator's view of the discriminator: frozen, and outside DDP (only its own update syncs).
-                disc.requires_grad_(False)
-                with precision.autocast():
-                    gan = hinge_g_loss(disc(discriminator_input(output.rec, cfg.in_channels)))
-                disc.requires_grad_(True)
-                gan_weight = cfg.disc_weight * adaptive_weight(rec + perceptual, gan, last_layer, dist)
-                loss = loss + gan_weight * gan
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if cfg.grad_clip > 0:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            if gan_on:
-                set_lr(disc_optimizer, lr_at(step, total_steps, cfg.warmup_steps, cfg.disc_lr, cfg.final_lr_ratio))
-                # Real and reconstructed images in one batch: one forward and backward through DDP (GroupNorm is
-                # per image, so the logits are those of two separate passes).
-                with precision.autocast():
-                    logits = ddp_disc(discriminator_input(torch.cat([img, output.rec.detach()]), cfg.in_channels))
-                d_loss = hinge_d_loss(*logits.chunk(2))
-                disc_optimizer.zero_grad(set_to_none=True)
-                disc_scaler.scale(d_loss).backward()
-                disc_scaler.step(disc_optimizer)
-                disc_scaler.update()
-                gan_steps += 1
-            # Averaged over processes (equal local batches) = the loss of the global batch.
-            step_stats = dist.all_reduce_sum(torch.stack([loss, rec, vq, perceptual, gan, d_loss, gan_weight, prefix])
-                                             .detach().double()) / dist.world_size
-            due = watch.update(step_stats[0], step)
-            sums += step_stats
-            hits = dist.all_reduce_sum(output.code_hits.clone())
-            epoch_hits += hits
-            step += 1
-            if cfg.dead_code_steps > 0:
-                dead_codes.update(hits)
-                if step % cfg.dead_code_every == 0 and len(dead := dead_codes.dead()):
-                    dead_codes.reinit(model, optimizer, latest_feats[0], dead, dist, cfg.seed, step, cfg.dead_code_pool)
-                    n_reinit += len(dead)
-            if due:
-                bar.set_postfix(loss=f"{watch.check():.4g}", lr=f"{lr:.2e}")
-        bar.close()
-        watch.check()
 
-        val = evaluate(model, splits["val"], masks["val"][0], cfg, dist, precision, "val")
-        train_loss, train_rec, train_vq, train_perceptual = (sums[:4] / steps_per_epoch).tolist()
-        check_epoch_finite(model, epoch + 1, {"train loss": train_loss, "val loss": val["loss"]})
-        train_usage, _ = usage_stats(epoch_hits)
-        record = dict(epoch=epoch + 1, step=step, lr=lr, train_loss=train_loss, train_rec_loss=train_rec,
-                      train_vq_loss=train_vq, val_loss=val["loss"], val_rec_loss=val["rec_loss"],
-                      val_vq_loss=val["vq_loss"], val_psnr=val["psnr"], val_ssim=val["ssim"],
-                      val_psnr_scan=val["psnr_scan"], val_ssim_scan=val["ssim_scan"], val_usage=val["usage"],
-                      val_perplexity=val["perplexity"], train_usage=train_usage, dead_codes_reinit=n_reinit,
-                      seconds=time.time() - t_start)
-        if lpips_net is not None:
-            record["train_perceptual_loss"] = train_perceptual
-        if cfg.prefix_weight > 0:
-            record["train_prefix_loss"] = float(sums[7] / steps_per_epoch)
-        if gan_steps:  # present only for epochs in which the discriminator trained
-            train_gan, train_disc, weight = (sums[4:7] / gan_steps).tolist()
-            record.update(gan_steps=gan_steps, train_gan_loss=train_gan, train_disc_loss=train_disc, gan_weight=weight)
-        history.append(**record)
-        dist.print(f"epoch {epoch + 1}/{cfg.epochs} step {step}: train {train_loss:.4g} val {val['loss']:.4g} "
-                   f"PSNR {val['psnr']:.2f} dB (scan area {val['psnr_scan']:.2f}) SSIM {val['ssim']:.3f} "
-                   f"(scan area {val['ssim_scan']:.3f}) usage@{cfg.scales[-1]} {100 * val['usage'][-1]:.1f}% "
-                   f"perplexity@{cfg.scales[-1]} {val['perplexity'][-1]:.0f} re-init {n_reinit} codes"
-                   + (f" disc loss {record['train_disc_loss']:.3f} weight {record['gan_weight']:.3g}" if gan_steps else ""))
-        if dist.is_main:
-            common_state = dict(model=model, model_config=model_config, config=config_dict(cfg), epoch=epoch + 1,
-                                step=step, history=history.records)
-            # With a discriminator, best.pth is chosen among the epochs it trained in: the squared error alone would
-            # prefer the blurrier pre-adversarial model.
-            eligible = disc is None or step > cfg.disc_start
-            # All of the epoch's checkpoints or none (a kill or a full disk): last.pth never counts a best model
-            # that best.pth does not hold.
-            saves = {}
-            if eligible and val["loss"] < best_val_loss:
-                best_val_loss = val["loss"]
-                saves[out / "best.pth"] = training_state(**common_state, best_val_loss=best_val_loss)
-            extra = {"dead_code_since_hit": dead_codes.since_hit.cpu()}
-            if disc is not None:
-                extra.update(discriminator=disc.state_dict(), discriminator_config=disc.config,
-                             disc_optimizer=disc_optimizer.state_dict())
-                if disc_scaler.is_enabled():
-                    extra["disc_scaler"] = disc_scaler.state_dict()
-            saves[out / "last.pth"] = training_state(**common_state, optimizer=optimizer, scaler=scaler,
-                                                     best_val_loss=best_val_loss, extra=extra)
-            atomic_torch_save_all(saves)
-            history.save(out / "history.json")
-            if (epoch + 1) % cfg.plot_every == 0 or epoch + 1 == cfg.epochs:
-                save_plots(history, model.scales, out, cfg.loss_reduction)
-                plot_code_histogram(val["hits"], model.scales, out / "code_usage_hist.png",
-                                    f"code usage on val after epoch {epoch + 1}")
-                recon_grid(model, recon_images, out / f"recon_val_epoch{epoch + 1:03d}.png",
-                           f"val after epoch {epoch + 1}: PSNR {val['psnr']:.2f} dB")
-        dist.barrier()
+def train_one_epoch(run: Run, epoch: int) -> tuple[EpochSums, torch.Tensor, int, float]:
+    """One pass over the training set: the steps' loss terms summed by name, the code hits per scale (all processes),
+    how many dead codes were re-initialised, and the last step's learning rate."""
+    cfg, dist = run.cfg, run.dist
+    run.ddp_model.train()
+    if run.ddp_disc is not None:
+        run.ddp_disc.train()
+    run.sampler.set_epoch(epoch)
+    sums = EpochSums(torch.float64)  # float32 losses summed over thousands of steps would lose digits
+    epoch_hits = torch.zeros(len(run.model.scales), cfg.vocab_size, dtype=torch.int64, device=dist.device)
+    n_reinit = 0
+    bar = progress(run.loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not dist.is_main, leave=False)
+    for img, _ in bar:
+        img = img.to(dist.device, non_blocking=True)
+        lr = lr_at(run.step, run.total_steps, cfg.warmup_steps, cfg.lr, cfg.final_lr_ratio)
+        terms, code_hits = train_step(run, img, lr)
+        # The global batch's loss (equal local batches), so that every process stops together on a non-finite one.
+        due = run.watch.update(dist.all_reduce_sum(terms["train_loss"].detach().double()) / dist.world_size, run.step)
+        sums.add(**terms)
+        hits = dist.all_reduce_sum(code_hits.clone())
+        epoch_hits += hits
+        run.step += 1
+        if cfg.dead_code_steps > 0:
+            run.dead_codes.update(hits)
+            if run.step % cfg.dead_code_every == 0 and len(dead := run.dead_codes.dead()):
+                run.dead_codes.reinit(run.model, run.optimizer, run.latest_feats[0], dead, dist, cfg.seed, run.step,
+                                      cfg.dead_code_pool)
+                n_reinit += len(dead)
+        if due:
+            bar.set_postfix(loss=f"{run.watch.check():.4g}", lr=f"{lr:.2e}")
+    bar.close()
+    run.watch.check()
+    return sums, epoch_hits, n_reinit, lr
 
-    # Score the best model on the held-out test split, unless that was done for this very checkpoint and test set.
+
+def train_step(run: Run, img: torch.Tensor, lr: float) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """One update of the VQ-VAE, and of the discriminator once it is on. Returns the step's loss terms by their
+    history names (a new term: one more entry) and the code hits per scale of this process's batch."""
+    cfg = run.cfg
+    set_lr(run.optimizer, lr)
+    prefix_k = (prefix_lengths(len(img), len(cfg.scales), cfg.seed, run.step, run.dist.rank, img.device)
+                if cfg.prefix_weight > 0 else None)
+    with run.precision.autocast():
+        output = run.ddp_model(img, prefix_k)
+    latent_elements = cfg.z_channels * cfg.scales[-1] ** 2
+    rec, vq, perceptual = loss_terms(output, img, cfg.loss_reduction, run.lpips_net, cfg.perceptual_weight,
+                                     latent_elements)
+    prefix = recon_loss(output.rec_prefix, img, cfg.loss_reduction) if prefix_k is not None else rec.new_zeros(())
+    loss = rec + vq + perceptual + cfg.prefix_weight * prefix
+    gan_on = run.disc is not None and run.step >= cfg.disc_start
+    if gan_on:
+        gan, gan_weight = generator_adversarial_loss(run, output.rec, rec + perceptual)
+        loss = loss + gan_weight * gan
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scaler.scale(loss).backward()
+    if cfg.grad_clip > 0:
+        run.scaler.unscale_(run.optimizer)
+        torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip)
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    terms = {"train_loss": loss, "train_rec_loss": rec, "train_vq_loss": vq}
+    if run.lpips_net is not None:
+        terms["train_perceptual_loss"] = perceptual
+    if prefix_k is not None:
+        terms["train_prefix_loss"] = prefix
+    if gan_on:
+        terms.update(train_gan_loss=gan, train_disc_loss=discriminator_step(run, img, output.rec.detach()),
+                     gan_weight=gan_weight)
+    return terms, output.code_hits
+
+
+def generator_adversarial_loss(run: Run, rec: torch.Tensor,
+                               rec_loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The generator's hinge loss on the reconstructions and its weight: disc_weight x VQGAN's adaptive weight."""
+    # The generator's view of the discriminator: frozen, and outside DDP (only its own update syncs).
+    run.disc.requires_grad_(False)
+    with run.precision.autocast():
+        gan = hinge_g_loss(run.disc(discriminator_input(rec, run.cfg.in_channels)))
+    run.disc.requires_grad_(True)
+    last_layer = run.model.decoder.conv_out.weight  # where the adaptive weight compares the two gradients
+    return gan, run.cfg.disc_weight * adaptive_weight(rec_loss, gan, last_layer, run.dist)
+
+
+def discriminator_step(run: Run, img: torch.Tensor, rec: torch.Tensor) -> torch.Tensor:
+    """One update of the discriminator on real and reconstructed images; returns its hinge loss."""
+    cfg = run.cfg
+    set_lr(run.disc_optimizer, lr_at(run.step, run.total_steps, cfg.warmup_steps, cfg.disc_lr, cfg.final_lr_ratio))
+    # Real and reconstructed images in one batch: one forward and backward through DDP (GroupNorm is per image, so
+    # the logits are those of two separate passes).
+    with run.precision.autocast():
+        logits = run.ddp_disc(discriminator_input(torch.cat([img, rec]), cfg.in_channels))
+    d_loss = hinge_d_loss(*logits.chunk(2))
+    run.disc_optimizer.zero_grad(set_to_none=True)
+    run.disc_scaler.scale(d_loss).backward()
+    run.disc_scaler.step(run.disc_optimizer)
+    run.disc_scaler.update()
+    return d_loss
+
+
+def epoch_record(run: Run, epoch: int, sums: EpochSums, hits: torch.Tensor, n_reinit: int, lr: float,
+                 val: dict[str, Any], t_start: float) -> dict[str, Any]:
+    """The epoch's history record: the training terms (means over processes and over the steps that had them),
+    validation scores and code usage; refuses a non-finite epoch before anything is saved."""
+    train = sums.means(run.dist)
+    check_epoch_finite(run.model, epoch + 1, {"train loss": train["train_loss"], "val loss": val["loss"]})
+    train_usage, _ = usage_stats(hits)
+    record = dict(epoch=epoch + 1, step=run.step, lr=lr,
+                  **{name: train.pop(name) for name in ("train_loss", "train_rec_loss", "train_vq_loss")},
+                  val_loss=val["loss"], val_rec_loss=val["rec_loss"], val_vq_loss=val["vq_loss"], val_psnr=val["psnr"],
+                  val_ssim=val["ssim"], val_psnr_scan=val["psnr_scan"], val_ssim_scan=val["ssim_scan"],
+                  val_usage=val["usage"], val_perplexity=val["perplexity"], train_usage=train_usage,
+                  dead_codes_reinit=n_reinit, seconds=time.time() - t_start)
+    for name, value in train.items():  # the terms only some runs or epochs have, in the order the step gives them
+        if name == "train_gan_loss":
+            record["gan_steps"] = sums.counts[name]
+        record[name] = value
+    return record
+
+
+def epoch_summary(cfg: Config, record: dict[str, Any]) -> str:
+    """The line printed after each epoch."""
+    return (f"epoch {record['epoch']}/{cfg.epochs} step {record['step']}: train {record['train_loss']:.4g} val "
+            f"{record['val_loss']:.4g} PSNR {record['val_psnr']:.2f} dB (scan area {record['val_psnr_scan']:.2f}) SSIM "
+            f"{record['val_ssim']:.3f} (scan area {record['val_ssim_scan']:.3f}) usage@{cfg.scales[-1]} "
+            f"{100 * record['val_usage'][-1]:.1f}% perplexity@{cfg.scales[-1]} {record['val_perplexity'][-1]:.0f} "
+            f"re-init {record['dead_codes_reinit']} codes"
+            + (f" disc loss {record['train_disc_loss']:.3f} weight {record['gan_weight']:.3g}"
+               if "gan_steps" in record else ""))
+
+
+def save_epoch(run: Run, epoch: int, val: dict[str, Any], recon_images: torch.Tensor) -> None:
+    """best.pth (when val improves), last.pth, history.json and, when due, the plots and a val reconstruction grid."""
+    cfg, out, model = run.cfg, run.out, run.model
+    common_state = dict(model=model, model_config=model.config, config=config_dict(cfg), epoch=epoch + 1,
+                        step=run.step, history=run.history.records)
+    # With a discriminator, best.pth is chosen among the epochs it trained in: the squared error alone would prefer
+    # the blurrier pre-adversarial model.
+    eligible = run.disc is None or run.step > cfg.disc_start
+    # All of the epoch's checkpoints or none (a kill or a full disk): last.pth never counts a best model that
+    # best.pth does not hold.
+    saves = {}
+    if eligible and val["loss"] < run.best_val_loss:
+        run.best_val_loss = val["loss"]
+        saves[out / "best.pth"] = training_state(**common_state, best_val_loss=run.best_val_loss)
+    extra = {"dead_code_since_hit": run.dead_codes.since_hit.cpu()}
+    if run.disc is not None:
+        extra.update(discriminator=run.disc.state_dict(), discriminator_config=run.disc.config,
+                     disc_optimizer=run.disc_optimizer.state_dict())
+        if run.disc_scaler.is_enabled():
+            extra["disc_scaler"] = run.disc_scaler.state_dict()
+    saves[out / "last.pth"] = training_state(**common_state, optimizer=run.optimizer, scaler=run.scaler,
+                                             best_val_loss=run.best_val_loss, extra=extra)
+    atomic_torch_save_all(saves)
+    run.history.save(out / "history.json")
+    if (epoch + 1) % cfg.plot_every == 0 or epoch + 1 == cfg.epochs:
+        save_plots(run.history, model.scales, out, cfg.loss_reduction)
+        plot_code_histogram(val["hits"], model.scales, out / "code_usage_hist.png",
+                            f"code usage on val after epoch {epoch + 1}")
+        recon_grid(model, recon_images, out / f"recon_val_epoch{epoch + 1:03d}.png",
+                   f"val after epoch {epoch + 1}: PSNR {val['psnr']:.2f} dB")
+
+
+def final_test(run: Run) -> None:
+    """Score the best model on the held-out test split, unless that was done for this very checkpoint and test set."""
+    cfg, dist, out, model, test_split = run.cfg, run.dist, run.out, run.model, run.splits["test"]
     made_from = {"checkpoint_sha256": file_sha256(out / "best.pth"),
-                 "test_images": files_fingerprint(splits["test"].paths, cfg.data_dir)}
+                 "test_images": files_fingerprint(test_split.paths, cfg.data_dir)}
     if scored_already(out, made_from):
         dist.print(f"{out / 'test_metrics.json'}: up to date for this best.pth and test set; not scored again")
         return
-    best = load_checkpoint(out / "best.pth", map_location=device)
+    best = load_checkpoint(out / "best.pth", map_location=dist.device)
     model.load_state_dict(best["model"])
-    test = evaluate(model, splits["test"], masks["test"][0], cfg, dist, precision, "test")
-    if dist.is_main:
-        metrics = {k: v for k, v in test.items() if k != "hits"}
-        kid_text = ""
-        if cfg.recon_kid:
-            kid = reconstruction_kid(model, splits["test"], cfg, device, precision)
-            metrics.update(kid_recon=kid["mean"], kid_recon_std=kid["std"], kid_subset_size=kid["subset_size"])
-            kid_text = f", reconstruction KID {kid['mean']:.4f} ± {kid['std']:.4f}"
-        metrics.update(scan_area_fallback=masks["test"][1], n_images=len(splits["test"]),
-                       best_epoch=int(best["epoch"]), checkpoint=str(out / "best.pth"),
-                       train_seconds=history.records[-1]["seconds"] if history.records else 0.0, made_from=made_from)
-        atomic_write_json(out / "test_metrics.json", metrics)
-        plot_code_histogram(test["hits"], model.scales, out / "code_usage_hist_test.png",
-                            f"code usage on test (best.pth, epoch {best['epoch']})")
-        test_images = torch.stack([splits["test"][i][0]
-                                   for i in spread_over_classes(splits["test"].labels, cfg.num_recon)])
-        recon_grid(model, test_images, out / "recon_test.png",
-                   f"test, best.pth (epoch {best['epoch']}): PSNR {test['psnr']:.2f} dB (scan area "
-                   f"{test['psnr_scan']:.2f}), SSIM {test['ssim']:.3f} ({test['ssim_scan']:.3f}){kid_text}")
-        dist.print(f"test (best.pth, epoch {best['epoch']}): PSNR {test['psnr']:.2f} dB (scan area "
-                   f"{test['psnr_scan']:.2f}) SSIM {test['ssim']:.3f} (scan area {test['ssim_scan']:.3f}) "
-                   f"usage@{cfg.scales[-1]} {100 * test['usage'][-1]:.1f}%{kid_text} -> {out / 'test_metrics.json'}")
-
+    test = evaluate(model, test_split, run.masks["test"][0], cfg, dist, run.precision, "test")
+    if not dist.is_main:
+        return
+    metrics = {k: v for k, v in test.items() if k != "hits"}
+    kid_text = ""
+    if cfg.recon_kid:
+        kid = reconstruction_kid(model, test_split, cfg, dist.device, run.precision)
+        metrics.update(kid_recon=kid["mean"], kid_recon_std=kid["std"], kid_subset_size=kid["subset_size"])
+        kid_text = f", reconstruction KID {kid['mean']:.4f} ± {kid['std']:.4f}"
+    metrics.update(scan_area_fallback=run.masks["test"][1], n_images=len(test_split), best_epoch=int(best["epoch"]),
+                   checkpoint=str(out / "best.pth"),
+                   train_seconds=run.history.records[-1]["seconds"] if run.history.records else 0.0,
+                   made_from=made_from)
+    atomic_write_json(out / "test_metrics.json", metrics)
+    plot_code_histogram(test["hits"], model.scales, out / "code_usage_hist_test.png",
+                        f"code usage on test (best.pth, epoch {best['epoch']})")
+    test_images = torch.stack([test_split[i][0] for i in spread_over_classes(test_split.labels, cfg.num_recon)])
+    scores = f"PSNR {test['psnr']:.2f} dB (scan area {test['psnr_scan']:.2f})"
+    recon_grid(model, test_images, out / "recon_test.png",
+               f"test, best.pth (epoch {best['epoch']}): {scores}, SSIM {test['ssim']:.3f} ({test['ssim_scan']:.3f})"
+               f"{kid_text}")
+    dist.print(f"test (best.pth, epoch {best['epoch']}): {scores} SSIM {test['ssim']:.3f} (scan area "
+               f"{test['ssim_scan']:.3f}) usage@{cfg.scales[-1]} {100 * test['usage'][-1]:.1f}%{kid_text} -> "
+               f"{out / 'test_metrics.json'}")
 
 if __name__ == "__main__":
     main()

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a plain s
 from common.config import parse_config  # noqa: E402
 from common.runtime import pick_device, select_precision  # noqa: E402
 from models.vqvae import VQVAE  # noqa: E402
-from train_vqvae import recon_loss  # noqa: E402
+from models.vqvae_losses import recon_loss  # noqa: E402
 
 
 @dataclass

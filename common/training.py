@@ -1,5 +1,5 @@
-"""Pieces every training script shares: learning-rate schedule, parameter groups, non-finite-loss guard,
-and checkpoints that hold the whole training state so a killed run resumes where it stopped."""
+"""Pieces every training script shares: learning-rate schedule, parameter groups, an epoch's summed losses,
+non-finite-loss guard, and checkpoints that hold the whole training state so a killed run resumes where it stopped."""
 from __future__ import annotations
 
 import math
@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from common.checkpoint import CheckpointError, check_model_kind, load_checkpoint, require_keys
+from common.distributed import DistContext
 from common.runtime import rng_state, set_rng_state
 
 
@@ -84,6 +85,37 @@ class LossWatch:
                 "kept: lower the learning rate or switch precision (e.g. --precision=fp32) and resume."
             )
         return float(self.latest)
+
+
+class EpochSums:
+    """What one epoch's training steps report, keyed by name (a loss term, a weight, per-scale counts), summed on
+    the device without a host sync per step. A name may be reported on only some steps (e.g. the adversarial terms
+    once the discriminator starts); every process must report the same names on the same steps."""
+
+    def __init__(self, dtype: torch.dtype | None = None) -> None:
+        self.dtype = dtype  # what the sums are kept in (None: each value's own dtype)
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, int] = {}  # steps that reported each name, in the order names first appeared
+
+    def add(self, **values: torch.Tensor) -> None:
+        for name, value in values.items():
+            value = value.detach().to(self.dtype or value.dtype)
+            self.sums[name] = self.sums[name] + value if name in self.sums else value.clone()
+            self.counts[name] = self.counts.get(name, 0) + 1
+
+    def totals(self, dist: DistContext) -> dict[str, torch.Tensor]:
+        """The sums over every process, with one all_reduce: stacked flat in sorted name order (the same in every
+        process, whatever order the names came in), then split back by name; the names in first-reported order."""
+        names = sorted(self.sums)
+        flat = dist.all_reduce_sum(torch.cat([self.sums[name].flatten() for name in names]))
+        parts = dict(zip(names, flat.split([self.sums[name].numel() for name in names])))
+        return {name: parts[name].view_as(self.sums[name]) for name in self.counts}
+
+    def means(self, dist: DistContext) -> dict[str, Any]:
+        """Per name, the mean over processes (equal local batches: the global batch's value) and over the steps
+        that reported it: a float, or a list for a name with several elements."""
+        return {name: (total / dist.world_size / self.counts[name]).tolist()
+                for name, total in self.totals(dist).items()}
 
 
 def check_epoch_finite(model: nn.Module, epoch: int, losses: dict[str, float]) -> None:

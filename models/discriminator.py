@@ -3,13 +3,13 @@
 A stack of 4x4 convolutions, stride 2 except the last two, LeakyReLU(0.2): each output logit judges one
 overlapping patch of the image (70 px across with 3 layers), so the loss rewards local texture such as speckle,
 not global layout. GroupNorm replaces VQGAN's BatchNorm: it normalises each image on its own, so a batch split
-over torchrun processes, or real and fake images concatenated into one batch, give the same logits.
+over torchrun processes, or real and fake images concatenated into one batch, give the same logits. Its hinge
+losses are in models/vqvae_losses.py.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 
 class PatchDiscriminator(nn.Module):
@@ -36,12 +36,3 @@ class PatchDiscriminator(nn.Module):
         """Images (B, in_channels, H, W) in [-1, 1] -> patch logits (B, 1, h, w)."""
         return self.net(img)
 
-
-def hinge_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
-    """Discriminator hinge loss: real patches pushed above +1, fake ones below -1."""
-    return 0.5 * (F.relu(1.0 - logits_real.float()).mean() + F.relu(1.0 + logits_fake.float()).mean())
-
-
-def hinge_g_loss(logits_fake: torch.Tensor) -> torch.Tensor:
-    """Generator side of the hinge loss: raise the discriminator's logits of the reconstructions."""
-    return -logits_fake.float().mean()

@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from models.discriminator import PatchDiscriminator, hinge_d_loss, hinge_g_loss
+from models.discriminator import PatchDiscriminator
+from models.vqvae_losses import hinge_d_loss, hinge_g_loss
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -34,7 +34,9 @@ from common.checkpoint import load_checkpoint
 from common.distributed import DistContext
 from common.fidelity import FidelityError
 from common.runtime import select_precision
+from common.training import EpochSums
 from config_refusal import assert_edges, refusal_of
+from models import vqvae_losses
 from models.vqvae import VQVAE, VQOutput, load_vqvae
 from train_vqvae import DeadCodes
 
@@ -232,14 +234,14 @@ def test_unusable_out_dir_or_batch_stop_with_a_clear_error(data: Path, tmp_path:
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data: Path, tmp_path: Path,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
-    real = train_vqvae.recon_loss
+    real = vqvae_losses.recon_loss
 
     def nan_from_the_second_epoch(rec: torch.Tensor, img: torch.Tensor, reduction: str) -> torch.Tensor:
         calls.append(1)
         loss = real(rec, img, reduction)
         return loss * float("nan") if len(calls) > 2 else loss
 
-    monkeypatch.setattr(train_vqvae, "recon_loss", nan_from_the_second_epoch)
+    monkeypatch.setattr(vqvae_losses, "recon_loss", nan_from_the_second_epoch)
     with pytest.raises(SystemExit, match=r"loss became nan at step 2; stopping\. The last good checkpoints are kept"):
         run_in_process(tiny_args(data, tmp_path, epochs=3))
     kept = load_checkpoint(tmp_path / "last.pth")
@@ -296,7 +298,7 @@ def test_a_nan_in_the_last_step_of_an_epoch_leaves_the_checkpoints_untouched(dat
     (tmp_path / ".best.pth.a1b2c3d4.tmp").write_bytes(b"left by a killed write")
     os.utime(tmp_path / ".best.pth.a1b2c3d4.tmp", (time.time() - 3600,) * 2)  # an hour ago
     calls = []
-    real = train_vqvae.recon_loss
+    real = vqvae_losses.recon_loss
 
     def nan_gradients_on_the_last_step(rec: torch.Tensor, img: torch.Tensor, reduction: str) -> torch.Tensor:
         calls.append(1)
@@ -304,7 +306,7 @@ def test_a_nan_in_the_last_step_of_an_epoch_leaves_the_checkpoints_untouched(dat
             rec.register_hook(lambda grad: grad * float("nan"))
         return real(rec, img, reduction)
 
-    monkeypatch.setattr(train_vqvae, "recon_loss", nan_gradients_on_the_last_step)
+    monkeypatch.setattr(vqvae_losses, "recon_loss", nan_gradients_on_the_last_step)
     with pytest.raises(SystemExit, match=r"^error: epoch 2: non-finite val loss nan, weights .*; stopping without writing"):
         run_in_process(tiny_args(data, tmp_path, epochs=3))
     assert {name: (tmp_path / name).read_bytes() for name in before} == before
@@ -400,12 +402,12 @@ def test_resume_with_the_discriminator_on_matches_an_uninterrupted_run(data: Pat
 
 def test_perceptual_loss_without_local_weights_stops_right_after_parsing(data: Path, tmp_path: Path,
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(train_vqvae.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(vqvae_losses.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(SystemExit, match=r"^error: --perceptual_weight=0\.1: the perceptual loss needs the 'lpips' "
                                          r"package, which is not installed: pip install lpips==0\.1\.4"):
         run_in_process(tiny_args(data, tmp_path / "run", perceptual_weight=0.1))
     # The package is there but its VGG16 backbone is not in torch's hub cache: nothing is downloaded.
-    monkeypatch.setattr(train_vqvae.importlib.util, "find_spec", lambda name: object())
+    monkeypatch.setattr(vqvae_losses.importlib.util, "find_spec", lambda name: object())
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
     missing = tmp_path / "hub" / "checkpoints" / "vgg16-397923af.pth"
     with pytest.raises(SystemExit, match=f"^error: --perceptual_weight=0\\.1: LPIPS's VGG16 backbone weights "
@@ -597,13 +599,13 @@ def test_out_dir_that_is_a_file_is_refused_by_name(tmp_path):
 
 
 def test_lpips_problem_names_the_missing_package_or_backbone(tmp_path, monkeypatch):
-    monkeypatch.setattr(train_vqvae, "LPIPS_PACKAGE", "no_such_package_here")
+    monkeypatch.setattr(vqvae_losses, "LPIPS_PACKAGE", "no_such_package_here")
     assert train_vqvae.lpips_problem() == (
         "the perceptual loss needs the 'no_such_package_here' package, which is not installed: pip install "
         "lpips==0.1.4 (its LPIPS layers come with it; VGG16 weights, see below, too)")
-    monkeypatch.setattr(train_vqvae, "LPIPS_PACKAGE", "json")  # a package that is there
+    monkeypatch.setattr(vqvae_losses, "LPIPS_PACKAGE", "json")  # a package that is there
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
-    backbone = tmp_path / "checkpoints" / train_vqvae.LPIPS_BACKBONE_FILE
+    backbone = tmp_path / "checkpoints" / vqvae_losses.LPIPS_BACKBONE_FILE
     assert train_vqvae.lpips_problem() == (
         f"LPIPS's VGG16 backbone weights {backbone} are missing, and are not downloaded at run time; on a machine "
         "with network run python -c \"import torchvision; torchvision.models.vgg16(weights='IMAGENET1K_V1')\" and "
@@ -676,7 +678,7 @@ def test_adaptive_weight_is_the_gradient_norm_ratio_at_the_last_layer_clamped():
     two = train_vqvae.adaptive_weight(rec, gan, last, Shard(0, 2, 0, CPU))
     assert two.item() == pytest.approx(2.5 / (0.5 + 1e-4))
     flat = (last * 0).sum() + (other * 0).sum()  # no adversarial gradient at the layer: 5 / 1e-4, clamped
-    assert train_vqvae.adaptive_weight(rec, flat, last, one).item() == train_vqvae.ADAPTIVE_WEIGHT_MAX == 1e4
+    assert train_vqvae.adaptive_weight(rec, flat, last, one).item() == vqvae_losses.ADAPTIVE_WEIGHT_MAX == 1e4
 
 
 def small_config(**overrides) -> train_vqvae.Config:
@@ -940,3 +942,34 @@ def test_reinit_across_processes_draws_on_rank_0_from_the_gathered_batch_and_bro
     assert torch.equal(weight[dead], rank_0_codes)
     if rank == 0:
         assert torch.allclose(rank_0_codes, expected, atol=1e-5)
+
+
+def test_an_epoch_record_takes_every_reported_term_in_the_order_of_the_history() -> None:
+    """The step's terms by name go into the history unchanged: the three of every run first, the others after the
+    timing in the order the step reported them, gan_steps before the adversarial terms; a new term is one more
+    name the step reports."""
+    alone = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    run = SimpleNamespace(dist=alone, model=torch.nn.Linear(1, 1), step=4)
+    sums = EpochSums()
+    def scalar(value: float) -> torch.Tensor:
+        return torch.tensor(value, dtype=torch.float64)
+
+    for step in range(4):
+        terms = dict(train_loss=scalar(4.0), train_rec_loss=scalar(2.0), train_vq_loss=scalar(1.0),
+                     train_perceptual_loss=scalar(0.5), train_prefix_loss=scalar(0.25), train_new_loss=scalar(step))
+        if step >= 1:
+            terms.update(train_gan_loss=scalar(-1.0), train_disc_loss=scalar(1.5), gan_weight=scalar(0.1))
+        sums.add(**terms)
+    val = dict(loss=3.0, rec_loss=2.0, vq_loss=1.0, psnr=20.0, ssim=0.5, psnr_scan=19.0, ssim_scan=0.4,
+               usage=[1.0], perplexity=[2.0])
+    record = train_vqvae.epoch_record(run, 0, sums, torch.ones(1, 3, dtype=torch.int64), 2, 1e-3, val, time.time())
+    assert list(record) == [
+        "epoch", "step", "lr", "train_loss", "train_rec_loss", "train_vq_loss", "val_loss", "val_rec_loss",
+        "val_vq_loss", "val_psnr", "val_ssim", "val_psnr_scan", "val_ssim_scan", "val_usage", "val_perplexity",
+        "train_usage", "dead_codes_reinit", "seconds", "train_perceptual_loss", "train_prefix_loss", "train_new_loss",
+        "gan_steps", "train_gan_loss", "train_disc_loss", "gan_weight"]
+    assert (record["train_loss"], record["train_new_loss"], record["gan_steps"], record["gan_weight"]) == (
+        4.0, 1.5, 3, pytest.approx(0.1))
+    sums.add(train_loss=scalar(float("nan")))
+    with pytest.raises(train_vqvae.NonFiniteLossError, match="epoch 1: non-finite train loss nan"):
+        train_vqvae.epoch_record(run, 0, sums, torch.ones(1, 3, dtype=torch.int64), 2, 1e-3, val, time.time())

@@ -9,9 +9,11 @@ import torch
 from torch import nn
 
 from common.checkpoint import CheckpointError
+from common.distributed import DistContext
 from common.io import atomic_torch_save
-from common.training import (LIN0_FLAT, LossWatch, NonFiniteLossError, check_epoch_finite, checkpoint_to_resume, lr_at,
-                             param_groups, resume_training_checkpoint, set_lr, training_state, unwrap)
+from common.training import (LIN0_FLAT, EpochSums, LossWatch, NonFiniteLossError, check_epoch_finite,
+                             checkpoint_to_resume, lr_at, param_groups, resume_training_checkpoint, set_lr,
+                             training_state, unwrap)
 from models.var import VAR
 from models.vqvae import VQVAE
 
@@ -306,3 +308,59 @@ def test_training_checkpoint_resumes_state_and_refuses_other_network(tmp_path):
                                      epoch=3, step=30, history=[], best_val_loss=2.5), path)
     with pytest.raises(CheckpointError, match=r"last\.pth: holds non-finite weights \(lin\.weight; saved after a NaN\?\)"):
         resume_training_checkpoint(path, fresh, fresh_opt, None, {"width": 4})
+
+
+class Recorded(DistContext):
+    """One of two processes without a process group: each all_reduce_sum is recorded and adds the peer's."""
+
+    def __init__(self, peer: torch.Tensor | None = None) -> None:
+        super().__init__(rank=0, world_size=2, local_rank=0, device=torch.device("cpu"))
+        self.peer, self.calls = peer, []
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        self.calls.append(tensor.clone())
+        if self.peer is not None:
+            tensor += self.peer
+        return tensor
+
+
+def test_epoch_sums_are_reduced_once_in_name_order_whatever_order_the_names_came_in():
+    mine, peer = EpochSums(), EpochSums()
+    for step in range(3):
+        mine.add(loss=torch.tensor(1.0 + step, dtype=torch.float64),
+                 per_scale=torch.tensor([[1.0, 2.0], [3.0, 4.0]]))
+        if step > 0:  # a term of only some steps (the adversarial ones once the discriminator starts)
+            mine.add(gan=torch.tensor(10.0, dtype=torch.float64))
+    for step in range(3):  # the other process reports the same names in another order
+        if step > 0:
+            peer.add(gan=torch.tensor(30.0, dtype=torch.float64))
+        peer.add(per_scale=torch.tensor([[0.5, 0.5], [0.5, 0.5]]), loss=torch.tensor(5.0, dtype=torch.float64))
+    capture = Recorded()
+    peer.totals(capture)
+    dist = Recorded(peer=capture.calls[0])
+    totals = mine.totals(dist)
+    assert len(dist.calls) == 1  # one all_reduce for every name
+    assert list(totals) == ["loss", "per_scale", "gan"]  # first-reported order, for the history's key order
+    assert totals["loss"].item() == 6.0 + 15.0 and totals["gan"].item() == 20.0 + 60.0
+    assert totals["per_scale"].tolist() == [[4.5, 7.5], [10.5, 13.5]]
+    assert mine.counts == {"loss": 3, "per_scale": 3, "gan": 2}
+    # Means: over the two processes, then over the steps that reported each name.
+    means = mine.means(Recorded(peer=capture.calls[0]))
+    assert means["gan"] == (20.0 + 60.0) / 2 / 2 and means["loss"] == 21.0 / 2 / 3
+    assert means["per_scale"] == [[4.5 / 6, 7.5 / 6], [10.5 / 6, 13.5 / 6]]
+
+
+def test_epoch_sums_keep_the_dtype_and_never_alias_what_was_added():
+    sums = EpochSums()
+    first = torch.tensor([1.0, 2.0], requires_grad=True)
+    sums.add(x=first)
+    sums.add(x=torch.tensor([0.5, 0.5]))
+    assert first.tolist() == [1.0, 2.0] and not sums.sums["x"].requires_grad
+    assert sums.sums["x"].dtype == torch.float32 and sums.sums["x"].tolist() == [1.5, 2.5]
+    # Kept in float64 when asked: float32 losses add up without losing digits.
+    wide, narrow = EpochSums(torch.float64), EpochSums()
+    for value in (1.0, 1e-8, 1e-8):
+        wide.add(loss=torch.tensor(value, dtype=torch.float32))
+        narrow.add(loss=torch.tensor(value, dtype=torch.float32))
+    assert wide.sums["loss"].dtype == torch.float64 and narrow.sums["loss"].item() == 1.0
+    assert wide.sums["loss"].item() == pytest.approx(1.0 + 2 * float(torch.tensor(1e-8)), rel=0, abs=1e-15)
