@@ -8,6 +8,7 @@ import json
 import os
 import re
 import shutil
+from dataclasses import replace
 from html.parser import HTMLParser
 from pathlib import Path
 from urllib.parse import unquote, urlparse
@@ -18,6 +19,7 @@ import eval_var
 import report
 import sample_var
 import train_var
+from common.config import ConfigError
 from common.image_data import SPLITS
 from data_preprocessing import prepare
 from tiny_pipeline import CLASSES, SCALES
@@ -146,6 +148,13 @@ def test_each_class_s_samples_are_shown_beside_its_reconstructions(run: dict[str
             shown = {unquote(src) for src in re.findall(r'src="([^"]+)"', strip)}
             assert shown == {os.path.relpath(run["samples_dir"] / r["path"], run["page"].parent)
                              for r in samples if r["point"] == point and r["class"] == c}
+
+
+def test_side_by_side_must_show_at_least_one_image(tmp_path: Path) -> None:
+    config = report.Config(out=str(tmp_path / "report.html"))
+    report.validate(replace(config, side_by_side=1))
+    with pytest.raises(ConfigError, match=r"^--side_by_side=0: must be >= 1$"):
+        report.validate(replace(config, side_by_side=0))
 
 
 def test_a_step_not_run_is_listed_as_missing(run: dict[str, Path]) -> None:
