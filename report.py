@@ -425,14 +425,13 @@ def sweep_section(page: Page, folder: Path, scales: list[str]) -> list[str]:
 
 
 def samples_beside_reconstructions(page: Page, samples: Path, evals: Path, points: list[str], count: int) -> None:
-    """Per class, the VQ-VAE's reconstructions of held-out images (eval_var.py's recon/ of its ref_split: what a VAR
-    that learnt the token distribution would draw) beside the samples of every NOP point: they should vary alike."""
+    """Per class, the VQ-VAE's reconstructions of training images (eval_var.py's train_recon/, evenly spaced over the
+    sorted names and so over subjects: what a VAR that learnt the token distribution would draw) beside the samples
+    of every NOP point: they should vary alike."""
     nop = [p for p in points if p.startswith("NOP")]
     if not nop:
         return
-    config = evals / "config.json"
-    ref_split = read_json(config).get("ref_split", "test") if config.is_file() else "test"
-    recon = evals / "recon" / ref_split
+    recon = evals / "train_recon" / "train"
     if not recon.is_dir():
         page.note_missing("eval_var", recon, " (the reconstructions shown beside the samples; run eval_var.py)")
         return
@@ -443,15 +442,15 @@ def samples_beside_reconstructions(page: Page, samples: Path, evals: Path, point
                        f'height="64" loading="lazy"></a>' for p in paths[:count])
 
     def row(c: str) -> str:
-        strips = [strip(sorted((recon / c).glob("*.png")))]
+        strips = [strip(spaced(sorted((recon / c).glob("*.png")), count))]
         strips += [strip([samples / r["path"] for r in rows if r["point"] == p and r["class"] == c]) for p in nop]
         return f'<tr><td class="text">{esc(c)}</td>' + "".join(f'<td class="text">{s}</td>' for s in strips) + "</tr>"
 
     header = "".join(f'<th class="text">{esc(h)}</th>' for h in ["class", "reconstructions", *nop])
     body = "".join(row(c) for c in dict.fromkeys(r["class"] for r in rows))
-    page.add(f'<h3>Samples beside reconstructions</h3><p class="caption">Per class, {count} reconstructions of held-out '
-             f'{esc(ref_split)} images by the VQ-VAE beside {count} samples of each NOP point: a class\'s samples should '
-             'differ in layout as its reconstructions do, not repeat one average.</p>'
+    page.add(f'<h3>Samples beside reconstructions</h3><p class="caption">Per class, {count} reconstructions of training '
+             f'images by the VQ-VAE (spread over its subjects) beside {count} samples of each NOP point: a class\'s '
+             'samples should differ in layout as its reconstructions do, not repeat one average.</p>'
              f'<div class="scroll"><table><thead><tr>{header}</tr></thead><tbody>{body}</tbody></table></div>')
 
 

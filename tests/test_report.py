@@ -90,8 +90,8 @@ def run(tiny_pipeline: dict[str, Path], tmp_path_factory) -> dict[str, Path]:
              "diversity": 0.3}
             for p in ["REAL", *points] for c in [*CLASSES, "all"]]
     eval_var.write_tables(rows, {}, SCALES, samples / "eval")
-    for c in CLASSES:  # stand-ins for eval_var.py's reconstructions of the test split
-        shutil.copytree(tiny_pipeline["data"] / "test" / c, samples / "eval" / "recon" / "test" / c)
+    for c in CLASSES:  # stand-ins for eval_var.py's reconstructions of the training images
+        shutil.copytree(tiny_pipeline["data"] / "train" / c, samples / "eval" / "train_recon" / "train" / c)
     folders = {"data_dir": data, "vqvae_dir": root / "runs" / "vqvae", "tokens_dir": tiny_pipeline["tokens"].parent,
                "var_dir": var, "samples_dir": samples, "logs_dir": root / "runs" / "logs"}
     page = root / "runs" / "report.html"
@@ -141,7 +141,7 @@ def test_each_class_s_samples_are_shown_beside_its_reconstructions(run: dict[str
     for i, c in enumerate(CLASSES):
         row = cells[i * (2 + len(nop)):(i + 1) * (2 + len(nop))]
         assert c in row[0]
-        recon = sorted((run["samples_dir"] / "eval" / "recon" / "test" / c).glob("*.png"))
+        recon = sorted((run["samples_dir"] / "eval" / "train_recon" / "train" / c).glob("*.png"))
         assert [unquote(src) for src in re.findall(r'src="([^"]+)"', row[1])] == [
             os.path.relpath(p, run["page"].parent) for p in recon]  # every one of the class's, none of another's
         for point, strip in zip(nop, row[2:]):
