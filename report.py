@@ -45,6 +45,7 @@ class Config:
     out: str = "runs/report.html"  # the page; images are linked relative to its folder
     title: str = "VAR-Ultrasound run report"  # heading of the page
     epoch_grids: int = 8  # VAR sample grids over training shown: evenly spaced epochs, first and last included
+    side_by_side: int = 8  # per class, NOP samples shown beside as many reconstructions of held-out images
 
 
 GENERATOR = "VAR-Ultrasound report.py"  # marks a page this script wrote: only such a file is ever replaced
@@ -55,7 +56,7 @@ LOG_STEPS = (  # run_demo.sh's step names, in pipeline order: its logs are runs/
 
 def validate(cfg: Config) -> None:
     """Every constant in its allowed range, and out a page to write or replace (never another file)."""
-    check_constants(cfg, {"epoch_grids": at_least(1)})
+    check_constants(cfg, {"epoch_grids": at_least(1), "side_by_side": at_least(1)})
     out = Path(cfg.out)
     if out.suffix.lower() != ".html":
         raise ConfigError(f"--out={out}: must name an .html file")
@@ -423,6 +424,36 @@ def sweep_section(page: Page, folder: Path, scales: list[str]) -> list[str]:
     return points
 
 
+def samples_beside_reconstructions(page: Page, samples: Path, evals: Path, points: list[str], count: int) -> None:
+    """Per class, the VQ-VAE's reconstructions of training images (eval_var.py's train_recon/, evenly spaced over the
+    sorted names and so over subjects: what a VAR that learnt the token distribution would draw) beside the samples
+    of every NOP point: they should vary alike."""
+    nop = [p for p in points if p.startswith("NOP")]
+    if not nop:
+        return
+    recon = evals / "train_recon" / "train"
+    if not recon.is_dir():
+        page.note_missing("eval_var", recon, " (the reconstructions shown beside the samples; run eval_var.py)")
+        return
+    rows = read_csv(samples / "samples_manifest.csv", ("point", "class", "path"))
+
+    def strip(paths: list[Path]) -> str:
+        return "".join(f'<a href="{page.link(p)}"><img src="{page.link(p)}" alt="{esc(p.name)}" width="64" '
+                       f'height="64" loading="lazy"></a>' for p in paths[:count])
+
+    def row(c: str) -> str:
+        strips = [strip(spaced(sorted((recon / c).glob("*.png")), count))]
+        strips += [strip([samples / r["path"] for r in rows if r["point"] == p and r["class"] == c]) for p in nop]
+        return f'<tr><td class="text">{esc(c)}</td>' + "".join(f'<td class="text">{s}</td>' for s in strips) + "</tr>"
+
+    header = "".join(f'<th class="text">{esc(h)}</th>' for h in ["class", "reconstructions", *nop])
+    body = "".join(row(c) for c in dict.fromkeys(r["class"] for r in rows))
+    page.add(f'<h3>Samples beside reconstructions</h3><p class="caption">Per class, {count} reconstructions of training '
+             f'images by the VQ-VAE (spread over its subjects) beside {count} samples of each NOP point: a class\'s '
+             'samples should differ in layout as its reconstructions do, not repeat one average.</p>'
+             f'<div class="scroll"><table><thead><tr>{header}</tr></thead><tbody>{body}</tbody></table></div>')
+
+
 class Metric(NamedTuple):
     heading: str
     decimals: int  # shown to this many decimals (-1: as written, for counts)
@@ -658,6 +689,7 @@ def build(cfg: Config) -> str:
     tokens_section(page, tokens)
     var_section(page, var, cfg.epoch_grids)
     points = sweep_section(page, samples, metric_scales(evals / "metrics.csv") or vqvae_scales)
+    samples_beside_reconstructions(page, samples, evals, points, cfg.side_by_side)
     eval_section(page, evals)
     if has_utility:
         utility_section(page, utility)

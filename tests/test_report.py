@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import shutil
 from dataclasses import replace
 from html.parser import HTMLParser
@@ -95,6 +96,8 @@ def run(tiny_pipeline: dict[str, Path], tmp_path_factory) -> dict[str, Path]:
              "diversity": 0.3}
             for p in ["REAL", *points] for c in [*CLASSES, "all"]]
     eval_var.write_tables(rows, {}, SCALES, samples / "eval")
+    for c in CLASSES:  # stand-ins for eval_var.py's reconstructions of the training images
+        shutil.copytree(tiny_pipeline["data"] / "train" / c, samples / "eval" / "train_recon" / "train" / c)
     folders = {"data_dir": data, "vqvae_dir": root / "runs" / "vqvae", "tokens_dir": tiny_pipeline["tokens"].parent,
                "var_dir": var, "samples_dir": samples, "logs_dir": root / "runs" / "logs"}
     page = root / "runs" / "report.html"
@@ -132,6 +135,35 @@ def test_the_page_names_every_class_and_sweep_point(run: dict[str, Path]) -> Non
     best = min(json.loads((run["var_dir"] / "history.json").read_text()), key=lambda r: r["kid"])
     named = f"KID of its samples against the val images {best['kid']:.4f} at epoch {best['epoch']} (best_kid.pth)"
     assert named in " ".join(text.split())
+
+
+@pytest.mark.e2e
+def test_each_class_s_samples_are_shown_beside_its_reconstructions(run: dict[str, Path]) -> None:
+    page = run["page"].read_text()
+    table = page[page.index("Samples beside reconstructions"):]
+    table = table[:table.index("</table>")]
+    cells = [cell.split("</td>")[0] for cell in table.split("<td")[1:]]
+    nop = [p for p in run["points"] if p.startswith("NOP")]
+    assert len(nop) == 2 and len(cells) == len(CLASSES) * (2 + len(nop))  # class, reconstructions, a strip per point
+    with open(run["samples_dir"] / "samples_manifest.csv", newline="") as handle:
+        samples = list(csv.DictReader(handle))
+    for i, c in enumerate(CLASSES):
+        row = cells[i * (2 + len(nop)):(i + 1) * (2 + len(nop))]
+        assert c in row[0]
+        recon = sorted((run["samples_dir"] / "eval" / "train_recon" / "train" / c).glob("*.png"))
+        assert [unquote(src) for src in re.findall(r'src="([^"]+)"', row[1])] == [
+            os.path.relpath(p, run["page"].parent) for p in recon]  # every one of the class's, none of another's
+        for point, strip in zip(nop, row[2:]):
+            shown = {unquote(src) for src in re.findall(r'src="([^"]+)"', strip)}
+            assert shown == {os.path.relpath(run["samples_dir"] / r["path"], run["page"].parent)
+                             for r in samples if r["point"] == point and r["class"] == c}
+
+
+def test_side_by_side_must_show_at_least_one_image(tmp_path: Path) -> None:
+    config = report.Config(out=str(tmp_path / "report.html"))
+    report.validate(replace(config, side_by_side=1))
+    with pytest.raises(ConfigError, match=r"^--side_by_side=0: must be >= 1$"):
+        report.validate(replace(config, side_by_side=0))
 
 
 @pytest.mark.e2e
