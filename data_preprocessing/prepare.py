@@ -52,7 +52,7 @@ from common.run_folder import RunFolderError, check_not_an_input, own_output_fol
 from data_preprocessing.adapters import ADAPTERS, WHERE_TO_GET, RecipeError, Source, check_options, stem  # noqa: E402
 from data_preprocessing.near_duplicates import NEAR_DUPLICATE_BITS, perceptual_hash, repeats  # noqa: E402
 from data_preprocessing.readers import UnreadableFileError, not_a_regular_file, read_frames  # noqa: E402
-from data_preprocessing.scan_area import ScanArea, ScanAreaError, detect_scan_area, to_model_image  # noqa: E402
+from common.scan_area import ScanArea, ScanAreaError, detect_scan_area, to_model_image  # noqa: E402
 
 
 @dataclass

@@ -8,8 +8,8 @@ import cv2
 import numpy as np
 import pytest
 
-from data_preprocessing import scan_area as sa
-from data_preprocessing.scan_area import ScanArea, ScanAreaError, detect_scan_area, to_model_image
+from common import scan_area as sa
+from common.scan_area import ScanArea, ScanAreaError, detect_scan_area, to_model_image
 
 
 def speckle(h: int, w: int, seed: int = 0, low: int = 60, high: int = 200) -> np.ndarray:
