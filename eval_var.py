@@ -62,8 +62,8 @@ from common.sample_metrics import (above_threshold, bootstrap_weights, class_thr
                                    fidelity_coverage, matched_subsample, msssim_levels, nearest_neighbours,
                                    percentile_interval, teacher_similarity, token_agreement, token_usage_entropy)
 from common.tokens import TokenFileError, TokenSet, load_tokens, split_scales
+from models.decoding import DECODE_MODES, decode_images
 from models.vqvae import VQVAE, load_vqvae
-from sample_var import DECODE_MODES, decode_images
 
 
 @dataclass

@@ -37,7 +37,7 @@ from common.checkpoint import CheckpointError, check_model_kind, load_checkpoint
 from common.config import (DEVICE, PRECISION, SEED, ConfigError, above, at_least, between, check_constants, distinct,
                            each, one_of,
                            save_config, script_config)
-from common.image_data import SPLITS, ImageDataError, read_image, to_rgb_uint8
+from common.image_data import SPLITS, ImageDataError, read_image
 from common.io import (SideFileError, atomic_save_npz, atomic_write_text, file_sha256, load_npz, os_error_line,
                        read_json)
 from common.plotting import save_image, save_labelled_grid
@@ -45,6 +45,7 @@ from common.progress import progress
 from common.run_folder import RunFolderError, own_output_folder
 from common.runtime import DeviceError, Precision, pick_device, select_precision
 from common.tokens import TokenFileError, TokenSet, load_tokens
+from models.decoding import DECODE_MODES, decode_images
 from models.var import VAR
 from models.vqvae import VQVAE, load_vqvae
 
@@ -73,9 +74,6 @@ class Config:
     precision: str = "auto"  # autocast dtype: auto (bf16 on capable CUDA, fp32 on CPU), bf16, fp16, fp32
     device: str = "auto"  # auto, cpu, cuda, mps
     cpu_threads: int = 0  # torch CPU threads (0 = torch's default)
-
-
-DECODE_MODES = ("auto", "batch", "one_by_one")
 
 
 class SampleVarError(RuntimeError):
@@ -166,27 +164,6 @@ def point_jobs(point: Point, config: Config, num_classes: int, teachers: dict[in
             jobs += [Job(label, t, row, s, image_seed(config.seed, label, t, s))
                      for t, row in enumerate(teachers[label]) for s in range(config.samples_per_teacher)]
     return jobs
-
-
-@torch.no_grad()
-def decode_one_by_one(vqvae: VQVAE, idx_list: list[torch.Tensor]) -> np.ndarray:
-    """Token maps (B, pn, pn) -> uint8 images (B, S, S, 3), each decoded alone: convolution kernels change with the
-    batch size, and an image must not depend on the batch it came in."""
-    device = next(vqvae.parameters()).device
-    return np.concatenate([to_rgb_uint8(vqvae.idx_to_img([m[i:i + 1].to(device) for m in idx_list]))
-                           for i in range(len(idx_list[0]))])
-
-
-@torch.no_grad()
-def decode_images(vqvae: VQVAE, idx_list: list[torch.Tensor], mode: str) -> np.ndarray:
-    """Token maps (B, pn, pn) -> uint8 images (B, S, S, 3). 'batch' decodes them in one call: on CUDA the kernels,
-    and so the last bits of an image, may depend on the batch size (docs/5_sample.md gives the measured difference),
-    but a GPU decodes a batch many times faster than its images one at a time. 'auto' takes 'batch' on CUDA and
-    'one_by_one' elsewhere, where batching gains little."""
-    device = next(vqvae.parameters()).device
-    if mode == "one_by_one" or (mode == "auto" and device.type != "cuda"):
-        return decode_one_by_one(vqvae, idx_list)
-    return to_rgb_uint8(vqvae.idx_to_img([m.to(device) for m in idx_list]))
 
 
 def save_teachers(teachers: dict[int, list[int]], tokens: TokenSet, vqvae: VQVAE, config: Config,

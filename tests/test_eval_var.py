@@ -16,6 +16,7 @@ from common.fidelity import extract_features, kid_bootstrap, load_feature_extrac
 from common.image_data import read_image
 from common.plotting import save_image
 from common.tokens import load_tokens
+from models.decoding import decode_one_by_one
 from models.vqvae import load_vqvae
 from tiny_pipeline import CLASSES, SCALES, SIZE
 
@@ -36,7 +37,7 @@ def evaluated(tiny_pipeline: dict[str, Path], tmp_path_factory) -> dict[str, Pat
     tokens = load_tokens(tiny_pipeline["tokens"])
     row = tokens.source.tolist().index("train/heart/img1.png")
     vqvae = load_vqvae(tiny_pipeline["vqvae"])
-    save_image(sample_var.decode_one_by_one(vqvae, tokens.idx_list([row]))[0], samples / "NOP_cfg1.5" / "heart" / "s002.png")
+    save_image(decode_one_by_one(vqvae, tokens.idx_list([row]))[0], samples / "NOP_cfg1.5" / "heart" / "s002.png")
     eval_var.main([f"--samples={samples}", f"--cache={root / 'cache.npz'}", *SMALL, "--device=cpu"])
     return {"samples": samples, "out": samples / "eval", "cache": root / "cache.npz"}
 

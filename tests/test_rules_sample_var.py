@@ -21,6 +21,7 @@ from common.io import atomic_torch_save, file_sha256
 from common.plotting import save_image
 from common.runtime import select_precision
 from common.tokens import TokenFileError, TokenSet, load_tokens, save_tokens
+from models.decoding import decode_images, decode_one_by_one
 from models.var import VAR
 from models.vqvae import VQVAE
 
@@ -503,7 +504,7 @@ def test_the_output_folder_is_made_and_another_script_s_folder_is_refused(tmp_pa
 def test_teachers_are_saved_as_read_and_as_their_tokens_decode(kit, tmp_path):
     config, tokens, vqvae = kit["config"], kit["tokens"], kit["vqvae"]
     images = sample_var.save_teachers({0: [5, 1], 1: [9]}, tokens, vqvae, config, tmp_path)
-    recons = sample_var.decode_one_by_one(vqvae, tokens.idx_list([5, 1, 9]))
+    recons = decode_one_by_one(vqvae, tokens.idx_list([5, 1, 9]))
     root = Path(config.data_dir)
     expected = {0: [read_image(root / "a/img5.png", 6), read_image(root / "b/img1.png", 6)],
                 1: [read_image(root / "b/img9.png", 6)]}
@@ -526,7 +527,7 @@ def test_a_missing_teacher_image_is_refused_by_path(kit, tmp_path):
 
 def test_each_image_is_decoded_on_its_own(kit):
     maps = kit["tokens"].idx_list([3, 0, 8])
-    images = sample_var.decode_one_by_one(kit["vqvae"], maps)
+    images = decode_one_by_one(kit["vqvae"], maps)
     assert images.dtype == np.uint8 and images.shape == (3, 6, 6, 3)
     for i in range(3):
         one = to_rgb_uint8(kit["vqvae"].idx_to_img([m[i:i + 1] for m in maps]))
@@ -540,7 +541,7 @@ def test_decoding_takes_the_batch_in_one_call_or_each_image_alone(kit, monkeypat
     sizes = []
     real = vqvae.idx_to_img
     monkeypatch.setattr(vqvae, "idx_to_img", lambda idx_list: sizes.append(len(idx_list[0])) or real(idx_list))
-    images = sample_var.decode_images(vqvae, maps, mode)
+    images = decode_images(vqvae, maps, mode)
     assert sizes == calls
     assert np.array_equal(images, to_rgb_uint8(real(maps)))  # on the CPU this tiny VQ-VAE gives the same bits
 
@@ -568,7 +569,7 @@ def test_a_batch_is_sampled_with_the_sweep_point_s_prefix_guidance_and_filters(k
                     coarse_idx=tokens.idx_list([9, 3]), coarse_k=2)
     assert np.array_equal(idx, torch.cat([m.flatten(1) for m in expected], 1).numpy())
     assert np.array_equal(idx[:, :5], tokens.idx[[9, 3], :5])  # the two teacher scales: 1 + 4 tokens
-    assert np.array_equal(images, sample_var.decode_one_by_one(vqvae, expected))
+    assert np.array_equal(images, decode_one_by_one(vqvae, expected))
     seen.clear()
     sample_var.sample_jobs(var, vqvae, tokens, sample_var.Point(0, 0.5), [sample_var.Job(0, -1, -1, 0, 5)], config,
                            precision_of())
