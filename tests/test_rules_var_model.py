@@ -13,8 +13,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.var import (MLP, VAR, DropPath, KVCache, SelfAttention, grouped_attention, sample_tokens, scale_generators,
-                        unit_rows)
+from models.var import (MLP, VAR, DropPath, KVCache, SamplingSettings, SelfAttention, grouped_attention, sample_tokens,
+                        scale_generators, unit_rows)
 from models.vqvae import VQVAE
 
 
@@ -344,16 +344,16 @@ def tiny_vqvae() -> VQVAE:
     return vqvae
 
 
-@pytest.mark.parametrize("use_cache, cfg", [(True, 2.5), (False, 2.5), (True, 1.0), (True, 0.0)])
-def test_greedy_generation_is_the_argmax_of_the_guided_masked_forward(use_cache: bool, cfg: float) -> None:
+@pytest.mark.parametrize("use_cache, guidance", [(True, 2.5), (False, 2.5), (True, 1.0), (True, 0.0)])
+def test_greedy_generation_is_the_argmax_of_the_guided_masked_forward(use_cache: bool, guidance: float) -> None:
     model, vqvae = tiny_var(), tiny_vqvae()
     labels = torch.tensor([1, 2, 0, 1])
-    idx = model.generate_idx(vqvae, labels, cfg=cfg, top_k=1, use_cache=use_cache)
+    idx = model.generate_idx(vqvae, labels, SamplingSettings(guidance, top_k=1), use_cache=use_cache)
     with torch.no_grad():
         x = vqvae.idx_to_var_input(idx)
         cond, uncond = model(labels, x), model(torch.full_like(labels, 3), x)
     for k, (begin, end) in enumerate(model.begin_ends):
-        t = cfg * k / 2
+        t = guidance * k / 2
         guided = (1 + t) * cond[:, begin:end] - t * uncond[:, begin:end]
         assert torch.equal(guided.argmax(-1), idx[k].flatten(1)), k
 
@@ -363,7 +363,7 @@ def test_each_scale_draws_from_its_own_random_stream() -> None:
     with torch.no_grad():
         model.head.weight.zero_()  # every logit 0: uniform draws, whatever the model
     n = 64
-    idx = model.generate_idx(vqvae, torch.arange(n) % 3, cfg=1.0, seeds=list(range(n)))
+    idx = model.generate_idx(vqvae, torch.arange(n) % 3, SamplingSettings(1.0), seeds=list(range(n)))
     # the first token of scale 1 equals the token of scale 0 by chance in 1 of 16 images (4 of 64, std 1.9)
     same = (idx[1][:, 0, 0] == idx[0][:, 0, 0]).sum().item()
     assert same <= 14
