@@ -199,7 +199,7 @@ def test_a_nop_grid_has_a_row_per_class_in_job_order(monkeypatch, tmp_path):
     sample_var.save_point_grid(sample_var.Point(0, 2.5), jobs, images, {}, CLASSES, config, tmp_path / "g.png")
     assert drawn["ncols"] == 2 and drawn["row_labels"] == CLASSES and drawn["path"] == tmp_path / "g.png"
     assert np.array_equal(drawn["tiles"], images)
-    assert drawn["title"] == "NOP_cfg2.5: no prefix; cfg 2.5, top-k 7, top-p 0.5, temperature 0.75"
+    assert drawn["title"] == "NOP_cfg2.5: no prefix; guidance 2.5 (linear), top-k 7, top-p 0.5, temperature 0.75"
 
 
 def test_a_tp_grid_puts_each_framed_teacher_before_its_samples_and_pads_short_rows_white(monkeypatch, tmp_path):
@@ -228,9 +228,12 @@ def test_the_fingerprint_holds_everything_an_image_depends_on_and_not_the_batch_
     point, shas = sample_var.Point(2, 1.5), {"var": "v", "vqvae": "q", "tokens": "t"}
     jobs = [sample_var.Job(1, 0, 7, 2, 12345), sample_var.Job(0, 1, 3, 0, 6789)]
     fp = sample_var.fingerprint(point, jobs, config, shas, precision_of())
-    assert json.loads(fp) == {"point": "TP_K2_cfg1.5", "shas": shas, "top_k": 5, "top_p": 0.25, "temperature": 0.5,
-                              "precision": "fp32", "device": "cpu", "jobs": [[1, 0, 7, 2, 12345], [0, 1, 3, 0, 6789]]}
+    assert json.loads(fp) == {"point": "TP_K2_cfg1.5", "shas": shas, "guidance_schedule": "linear", "top_k": 5,
+                              "top_p": 0.25, "temperature": 0.5, "precision": "fp32", "device": "cpu",
+                              "jobs": [[1, 0, 7, 2, 12345], [0, 1, 3, 0, 6789]]}
     assert sample_var.fingerprint(point, jobs, replace(config, batch_size=8, seed=3), shas, precision_of()) == fp
+    assert sample_var.fingerprint(point, jobs, replace(config, guidance_schedule="constant"), shas,
+                                  precision_of()) != fp
 
 
 def write_point(point_dir: Path, files: list[str], fingerprint: str, **extra) -> None:

@@ -17,7 +17,7 @@ from common.runtime import select_precision
 from common.tokens import load_tokens
 from tiny_pipeline import CLASSES, SCALES, SIZE, tiny_vqvae
 
-SMALL = dict(samples_per_class=3, teachers_per_class=2, samples_per_teacher=2, cfg=(0.0, 1.5), top_k=10, top_p=0.9,
+SMALL = dict(samples_per_class=3, teachers_per_class=2, samples_per_teacher=2, guidance=(0.0, 1.5), top_k=10, top_p=0.9,
              temperature=1.3, batch_size=5, device="cpu")
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -112,9 +112,10 @@ def test_image_regenerated_from_its_manifest_row_alone(sweep: Path, pipeline: di
                                                 {"vqvae_sha256": None, "classes": None}, torch.device("cpu"))
     rows = read_manifest(sweep)
     for r in (rows[4], rows[-1], next(r for r in rows if r["point"] == "TP_K2_cfg1.5")):
-        knobs = sample_var.Config(top_k=int(r["top_k"]), top_p=float(r["top_p"]), temperature=float(r["temperature"]))
+        knobs = sample_var.Config(top_k=int(r["top_k"]), top_p=float(r["top_p"]), temperature=float(r["temperature"]),
+                                  guidance_schedule=r["guidance_schedule"])
         job = sample_var.Job(int(r["label"]), int(r["teacher"]), int(r["teacher_row"]), int(r["sample"]), int(r["seed"]))
-        point = sample_var.Point(int(r["coarse_k"]), float(r["cfg"]))
+        point = sample_var.Point(int(r["coarse_k"]), float(r["guidance"]))
         image, _ = sample_var.sample_jobs(var, vqvae, tokens, point, [job], knobs,
                                           select_precision(torch.device("cpu"), r["precision"]))
         assert np.array_equal(image[0], read_image(sweep / r["path"], SIZE))
@@ -149,7 +150,7 @@ def test_resumed_sweep_equals_uninterrupted(sweep: Path, pipeline: dict[str, Pat
 
 def test_changed_settings_redo_a_point(sweep: Path, pipeline: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "s"
-    common = dict(tp=False, cfg=(1.5,))
+    common = dict(tp=False, guidance=(1.5,))
     sample_var.main(args(pipeline, out, **common))
     before = (out / "NOP_cfg1.5" / "breast" / "s000.png").read_bytes()
     sample_var.main(args(pipeline, out, **common, temperature=0.5, samples_per_class=2))
@@ -163,7 +164,7 @@ def test_changed_settings_redo_a_point(sweep: Path, pipeline: dict[str, Path], t
     ({"temperature": 0}, "--temperature=0.0: must be > 0"),
     ({"teacher_split": "holdout"}, "--teacher_split='holdout'"),
     ({"nop": False, "tp": False}, "--tp=False"),
-    ({"cfg": (1.0, 1.0)}, "--cfg=.*distinct"),
+    ({"guidance": (1.0, 1.0)}, "--guidance=.*distinct"),
     ({"top_k": -5}, "--top_k=-5: must be >= 0"),
     ({"precision": "fp8"}, "--precision='fp8': must be one of auto, bf16, fp16, fp32"),
     ({"device": "cuda" if not torch.cuda.is_available() else f"cuda:{torch.cuda.device_count()}"},
