@@ -551,7 +551,7 @@ def evaluate(config: Config) -> None:
 
 
 COLUMNS = ["point", "mode", "coarse_k", "guidance", "class", "n", *(f"{m}{end}" for m in INTERVAL_METRICS
-                                                             for end in ("", "_lo", "_hi")),
+                                                                  for end in ("", "_lo", "_hi")),
            "fid", "diversity", "diversity_per_teacher", "psnr_teacher", "ssim_teacher", "psnr_recon", "ssim_recon",
            "token_sim", "nn_recon_sim", "copy_fraction"]
 
