@@ -52,9 +52,9 @@ from common.plotting import save_figure
 from common.progress import progress
 from common.run_folder import RunFolderError, own_output_folder
 from common.runtime import pick_device, seed_everything
+from common.sweep import SweepError, load_sweep
 from common.training import (check_epoch_finite, lr_at, param_groups, resume_training_checkpoint, set_lr,
                              training_state)
-from eval_var import EvalVarError, load_sweep
 from models.classifier import ARCHS, Classifier, load_init
 
 
@@ -271,7 +271,7 @@ def resolve(config: Config) -> tuple[Config, Inputs]:
     """Fill data_dir and out from the sweep, check the point and the classes, and read every image."""
     try:
         sweep = load_sweep(Path(config.samples))
-    except EvalVarError as err:
+    except SweepError as err:
         raise EvalUtilityError(str(err)) from None
     no_prefix = [p for p in sweep.points if p.startswith("NOP")]
     point = config.point or (no_prefix[0] if no_prefix else "")
@@ -589,7 +589,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(config.cpu_threads or torch.get_num_threads())
     try:
         evaluate(config)
-    except (EvalUtilityError, EvalVarError, CheckpointError, ImageDataError, RunFolderError, SideFileError) as err:
+    except (EvalUtilityError, CheckpointError, ImageDataError, RunFolderError, SideFileError) as err:
         raise SystemExit(f"error: {err}") from None  # the message on stderr, exit status 1, no traceback
     except OSError as err:
         raise SystemExit(f"error: {os_error_line(err)}") from None

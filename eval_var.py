@@ -49,11 +49,11 @@ import torch
 
 from common.checkpoint import CheckpointError
 from common.config import (DEVICE, SEED, ConfigError, Rule, at_least, between, check_constants, check_output_folder,
-                           config_dict, one_of, preset_hint, save_config, script_config)
+                           config_dict, one_of, save_config, script_config)
 from common.fidelity import FidelityError, extract_features, fid_from_features, kid_bootstrap, load_feature_extractor
 from common.image_data import SPLITS, ImageDataError, halves, read_image, subject_ids
 from common.io import (SideFileError, atomic_save_npz, atomic_write_json, atomic_write_text, file_sha256,
-                       files_fingerprint, load_npz, os_error_line, read_csv_rows, read_json)
+                       files_fingerprint, load_npz, os_error_line, read_json)
 from common.plotting import save_figure, save_image, save_labelled_grid
 from common.progress import progress
 from common.run_folder import RunFolderError, own_output_folder
@@ -61,9 +61,10 @@ from common.runtime import pick_device, strict_fp32
 from common.sample_metrics import (above_threshold, bootstrap_weights, class_thresholds, diversity, feature_diversity,
                                    fidelity_coverage, matched_subsample, msssim_levels, nearest_neighbours,
                                    percentile_interval, teacher_similarity, token_agreement, token_usage_entropy)
+from common.sweep import Sweep, SweepError, load_sweep
 from common.tokens import TokenFileError, TokenSet, load_tokens, split_scales
+from models.decoding import DECODE_MODES, decode_images
 from models.vqvae import VQVAE, load_vqvae
-from sample_var import DECODE_MODES, decode_images
 
 
 @dataclass
@@ -120,42 +121,6 @@ def validate(config: Config) -> None:
                           f"({config.ref_split}); its reconstructions set the copy thresholds, ref_split's check them")
     if config.compare and len(config.compare.split(",")) != 2:
         raise ConfigError(f"--compare={config.compare}: expected two evaluations, A,B (each a folder or folder:POINT)")
-
-
-@dataclass
-class Sweep:
-    """What sample_var.py wrote: one manifest row and one token row per image, in the same order."""
-    folder: Path
-    rows: list[dict[str, str]]
-    idx: np.ndarray  # (N, L) generated tokens
-    config: dict[str, Any]
-    vqvae_sha256: str
-    classes: list[str]
-
-    @property
-    def points(self) -> list[str]:
-        return list(dict.fromkeys(r["point"] for r in self.rows))
-
-
-def load_sweep(folder: Path) -> Sweep:
-    files = {name: folder / name for name in ("config.json", "samples_manifest.csv", "samples_tokens.npz")}
-    missing = [str(p) for p in files.values() if not p.is_file()]
-    if missing:
-        raise EvalVarError(f"{folder}: not a finished sample_var.py folder (missing {', '.join(missing)})"
-                           f"{preset_hint(files['samples_manifest.csv'])}")
-    try:
-        config = read_json(files["config.json"])
-        rows = read_csv_rows(files["samples_manifest.csv"])[1]
-        with load_npz(files["samples_tokens.npz"]) as data:
-            idx, paths = data["idx"].astype(np.int64), data["image_path"].tolist()
-            vqvae_sha, classes = str(data["vqvae_sha256"]), data["classes"].tolist()
-    except (OSError, ValueError, KeyError) as err:  # SideFileError is a ValueError
-        raise EvalVarError(f"{folder}: unreadable sample_var.py output: {err}") from None
-    if not isinstance(config, dict):
-        raise EvalVarError(f"{files['config.json']}: not a JSON object of sample_var.py's constants")
-    if paths != [r["path"] for r in rows]:
-        raise EvalVarError(f"{folder}: samples_manifest.csv and samples_tokens.npz list different images; re-run sample_var.py")
-    return Sweep(folder, rows, idx, config, vqvae_sha, classes)
 
 
 def output_folder(config: Config) -> Path:
@@ -458,10 +423,10 @@ def evaluate(config: Config) -> None:
     first, second = halves(ref_labels, ref_subjects, config.seed)
     rows: list[dict[str, Any]] = []
 
-    def add_rows(point: str, mode: str, k: int, cfg: float, per_class: list[dict[str, Any]],
+    def add_rows(point: str, mode: str, k: int, guidance: float, per_class: list[dict[str, Any]],
                  overall: dict[str, Any]) -> None:
         """The class rows, then the all-classes row: set-level numbers from `overall`, per-set means over classes."""
-        base = {"point": point, "mode": mode, "coarse_k": k, "cfg": cfg}
+        base = {"point": point, "mode": mode, "coarse_k": k, "guidance": guidance}
         means = {key: class_mean(per_class, key) for key in ("diversity", "diversity_per_teacher", "feature_diversity")}
         means.update(measure.mean_over_classes(f"{point}|{ALL}", [f"{point}|{r['class']}" for r in per_class],
                                                "feature_diversity"))
@@ -508,7 +473,7 @@ def evaluate(config: Config) -> None:
     for point in progress(sweep.points, desc="metrics", unit="point"):
         in_point = np.array([r["point"] == point for r in sweep.rows])
         first_row = sweep.rows[int(np.flatnonzero(in_point)[0])]
-        k, cfg = int(first_row["coarse_k"]), float(first_row["cfg"])
+        k, guidance = int(first_row["coarse_k"]), float(first_row["guidance"])
         teachers = {ref_row_position[int(r["teacher_row"])] for r in sweep.rows
                     if r["point"] == point and int(r.get("teacher_row", -1)) in ref_row_position}
         usable = np.array([i not in teachers for i in range(len(ref_rows))])
@@ -549,7 +514,7 @@ def evaluate(config: Config) -> None:
         if k > 0:
             overall.update({key: class_mean(per_class, key)
                             for key in ("psnr_teacher", "ssim_teacher", "psnr_recon", "ssim_recon")})
-        add_rows(point, "NOP" if k == 0 else "TP", k, cfg, per_class, overall)
+        add_rows(point, "NOP" if k == 0 else "TP", k, guidance, per_class, overall)
 
     info = {"made_from": made_from, "samples": str(sweep.folder), "ref_split": config.ref_split,
             "ref_images": len(ref_rows), "train_images": len(train_rows), "copy_split": config.copy_split,
@@ -585,8 +550,8 @@ def evaluate(config: Config) -> None:
     print_summary(rows, info)
 
 
-COLUMNS = ["point", "mode", "coarse_k", "cfg", "class", "n", *(f"{m}{end}" for m in INTERVAL_METRICS
-                                                             for end in ("", "_lo", "_hi")),
+COLUMNS = ["point", "mode", "coarse_k", "guidance", "class", "n", *(f"{m}{end}" for m in INTERVAL_METRICS
+                                                                  for end in ("", "_lo", "_hi")),
            "fid", "diversity", "diversity_per_teacher", "psnr_teacher", "ssim_teacher", "psnr_recon", "ssim_recon",
            "token_sim", "nn_recon_sim", "copy_fraction"]
 
@@ -616,11 +581,11 @@ def plot_vs_k(rows: list[dict[str, Any]], classes: list[str], scales: tuple[int,
     """kid_vs_k.png, feature_diversity_vs_k.png, diversity_vs_k.png and teacher_similarity_vs_k.png: a panel per
     class and one for all."""
     names = classes + [ALL]
-    cfgs = sorted({r["cfg"] for r in rows if r["mode"] in ("NOP", "TP")})
+    cfgs = sorted({r["guidance"] for r in rows if r["mode"] in ("NOP", "TP")})
     ks = list(range(1, len(scales) + 1))
 
     def get(mode: str, name: str, key: str, cfg: float | None = None) -> list[dict[str, Any]]:
-        return [r for r in rows if r["mode"] == mode and r["class"] == name and (cfg is None or r["cfg"] == cfg)
+        return [r for r in rows if r["mode"] == mode and r["class"] == name and (cfg is None or r["guidance"] == cfg)
                 and not math.isnan(r.get(key, math.nan))]
 
     def panels(key: str, ylabel: str, path: Path, title: str, extra_key: str | None = None,
@@ -847,7 +812,7 @@ def main(argv: list[str] | None = None) -> None:
             load_sweep(samples)  # first: a wrong --samples makes no output folder
             with own_output_folder(output_folder(config), "eval_var.py", inputs, config_keys=vars(config)):
                 evaluate(config)
-    except (EvalVarError, FidelityError, TokenFileError, CheckpointError, ImageDataError, RunFolderError,
+    except (EvalVarError, SweepError, FidelityError, TokenFileError, CheckpointError, ImageDataError, RunFolderError,
             SideFileError, OSError) as err:
         print(f"error: {os_error_line(err) if isinstance(err, OSError) else err}", file=sys.stderr, flush=True)
         raise SystemExit(1) from None

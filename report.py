@@ -124,8 +124,8 @@ def point_order(name: str) -> tuple:
     match = POINT_NAME.match(name)
     if not match:
         return (0, name)
-    k, cfg = match.groups()
-    return (1, float(cfg), int(k or 0))
+    k, guidance = match.groups()
+    return (1, float(guidance), int(k or 0))
 
 
 def describe_point(name: str, scales: list[str]) -> str:
@@ -139,13 +139,13 @@ def describe_point(name: str, scales: list[str]) -> str:
     match = POINT_NAME.match(name)
     if not match:
         return ""
-    k, cfg = match.groups()
+    k, guidance = match.groups()
     if k is None:
-        return f"no prefix: every scale generated from the class label, guidance {cfg}"
+        return f"no prefix: every scale generated from the class label, guidance {guidance}"
     side = f" (up to {scales[int(k) - 1]}x{scales[int(k) - 1]})" if 0 < int(k) <= len(scales) else ""
     full = " = the teacher's reconstruction" if scales and int(k) == len(scales) else ""
     return (f"teacher prefix: the first {k} token map(s){side} from a real image, the rest generated, "
-            f"guidance {cfg}{full}")
+            f"guidance {guidance}{full}")
 
 
 # ---------------------------------------------------------------- HTML
@@ -406,8 +406,8 @@ def sweep_section(page: Page, folder: Path, scales: list[str]) -> list[str]:
     page.add('<h2 id="sweep">5. Sample sweep (sample_var.py)</h2><p class="caption">The trained VAR sampled at every '
              'sweep point. <b>NOP</b> (no prefix): every scale generated from the class alone. <b>TP_K&lt;k&gt;</b> '
              '(teacher prefix): the first k token maps are taken from a real image (the teacher, framed in red in '
-             'the grids), the finer ones generated: larger k keeps more of the teacher. cfg is the classifier-free '
-             'guidance strength.</p>')
+             'the grids), the finer ones generated: larger k keeps more of the teacher. cfg&lt;g&gt;: sampled at '
+             'classifier-free guidance scale g.</p>')
     manifest = folder / "samples_manifest.csv"
     if not manifest.is_file():
         page.note_missing("sample_var", manifest, " (run sample_var.py)")

@@ -3,7 +3,7 @@
     python sample_var.py --config=configs/sample_cpu.json     # CPU demo, phantoms
     python sample_var.py --var=runs/var_gpu/best.pth --out=runs/samples_gpu --batch_size=128
 
-Sweep points, each sampled at every guidance value in `cfg`:
+Sweep points, each sampled at every guidance value in `guidance`:
 - NOP_cfg<g>: every scale sampled from the class alone, samples_per_class images per class.
 - TP_K<k>_cfg<g>: the first k token maps come from a real image of the class (teachers_per_class teachers of
   teacher_split, the same for every k), the rest are sampled; samples_per_teacher images per teacher. k = all scales
@@ -14,8 +14,8 @@ the points are compared on the same random numbers, and an image does not depend
 
 Outputs in `out`: <POINT>/<class>/*.png, teachers/<class>/tNN.png (the real teacher at the model's size) and
 teachers_recon/<class>/tNN.png, grids/<POINT>.png (a row per class; for TP each teacher, framed in red, then its
-samples), samples_tokens.npz (every generated token map with its point, k, cfg, class, teacher, sample index and
-seed; no pickles), samples_manifest.csv (one row per image, enough to regenerate it) and config.json (the resolved
+samples), samples_tokens.npz (every generated token map with its point, k, guidance, class, teacher, sample index
+and seed; no pickles), samples_manifest.csv (one row per image, enough to regenerate it) and config.json (the resolved
 constants). A finished sweep point (its tokens.npz written last) is skipped on a rerun; a half-written one is redone.
 """
 from __future__ import annotations
@@ -37,7 +37,7 @@ from common.checkpoint import CheckpointError, check_model_kind, load_checkpoint
 from common.config import (DEVICE, PRECISION, SEED, ConfigError, above, at_least, between, check_constants, distinct,
                            each, one_of,
                            save_config, script_config)
-from common.image_data import SPLITS, ImageDataError, read_image, to_rgb_uint8
+from common.image_data import SPLITS, ImageDataError, read_image
 from common.io import (SideFileError, atomic_save_npz, atomic_write_text, file_sha256, load_npz, os_error_line,
                        read_json)
 from common.plotting import save_image, save_labelled_grid
@@ -45,7 +45,8 @@ from common.progress import progress
 from common.run_folder import RunFolderError, own_output_folder
 from common.runtime import DeviceError, Precision, pick_device, select_precision
 from common.tokens import TokenFileError, TokenSet, load_tokens
-from models.var import VAR
+from models.decoding import DECODE_MODES, decode_images
+from models.var import GUIDANCE_SCHEDULES, VAR, SamplingSettings
 from models.vqvae import VQVAE, load_vqvae
 
 
@@ -60,7 +61,8 @@ class Config:
     nop: bool = True  # sample without a prefix (NOP)
     tp: bool = True  # sample with a teacher prefix (TP) at every k of coarse_ks
     coarse_ks: tuple[int, ...] = ()  # TP: numbers of coarse scales taken from the teacher (empty = every k from 1 to all scales)
-    cfg: tuple[float, ...] = (1.5,)  # classifier-free guidance values (ramped over scales up to this); every point is sampled at each
+    guidance: tuple[float, ...] = (1.5,)  # classifier-free guidance scales; every point is sampled at each
+    guidance_schedule: str = "linear"  # guidance over the scales: linear (ramps up to the scale), constant
     samples_per_class: int = 16  # NOP images per class and guidance value
     teachers_per_class: int = 4  # TP teachers per class (fewer when the split has fewer images of the class)
     samples_per_teacher: int = 4  # TP images per teacher and sweep point
@@ -75,22 +77,19 @@ class Config:
     cpu_threads: int = 0  # torch CPU threads (0 = torch's default)
 
 
-DECODE_MODES = ("auto", "batch", "one_by_one")
-
-
 class SampleVarError(RuntimeError):
     """Settings or inputs this script cannot sample with."""
 
 
 @dataclass(frozen=True)
 class Point:
-    """One sweep point: k teacher scales (0 = NOP) at guidance cfg."""
+    """One sweep point: k teacher scales (0 = NOP) at a guidance scale."""
     k: int
-    cfg: float
+    guidance: float
 
     @property
     def name(self) -> str:
-        return f"NOP_cfg{self.cfg:g}" if self.k == 0 else f"TP_K{self.k}_cfg{self.cfg:g}"
+        return f"NOP_cfg{self.guidance:g}" if self.k == 0 else f"TP_K{self.k}_cfg{self.guidance:g}"
 
 
 @dataclass(frozen=True)
@@ -111,15 +110,16 @@ def validate(config: Config) -> None:
     check_constants(config, {
         "teacher_split": one_of(*SPLITS),
         "coarse_ks": each(at_least(1), non_empty=False),
-        "cfg": each(at_least(0)),
+        "guidance": each(at_least(0)), "guidance_schedule": one_of(*GUIDANCE_SCHEDULES),
         **({"samples_per_class": at_least(1)} if config.nop else {}),
         **({"teachers_per_class": at_least(1), "samples_per_teacher": at_least(1)} if config.tp else {}),
         "top_k": at_least(0), "top_p": between(0, 1), "temperature": above(0), "batch_size": at_least(1),
         "seed": SEED, "precision": PRECISION, "device": DEVICE, "cpu_threads": at_least(0),
         "decode": one_of(*DECODE_MODES),
     })
-    # Two values that name the same sweep point (cfg 1 and 1.0000001 are both "cfg1") would be sampled into one folder.
-    check_constants(config, {"coarse_ks": distinct(), "cfg": distinct(lambda g: f"{g:g}")})
+    # Two values that name the same sweep point (guidance 1 and 1.0000001 are both "cfg1") would be sampled into one
+    # folder.
+    check_constants(config, {"coarse_ks": distinct(), "guidance": distinct(lambda g: f"{g:g}")})
     if not (config.nop or config.tp):
         raise ConfigError(f"--tp={config.tp}: must be true when --nop=false (nothing would be sampled)")
 
@@ -137,7 +137,7 @@ def sweep_points(config: Config, num_scales: int) -> list[Point]:
         raise SampleVarError(f"--coarse_ks: must be in [1, {num_scales}] (the VAR has {num_scales} scales), "
                              f"got {config.coarse_ks}")
     ks = ([0] if config.nop else []) + (list(config.coarse_ks or range(1, num_scales + 1)) if config.tp else [])
-    return [Point(k, g) for k in ks for g in config.cfg]
+    return [Point(k, g) for k in ks for g in config.guidance]
 
 
 def choose_teachers(tokens: TokenSet, split: str, num_classes: int, per_class: int, seed: int) -> dict[int, list[int]]:
@@ -168,27 +168,6 @@ def point_jobs(point: Point, config: Config, num_classes: int, teachers: dict[in
     return jobs
 
 
-@torch.no_grad()
-def decode_one_by_one(vqvae: VQVAE, idx_list: list[torch.Tensor]) -> np.ndarray:
-    """Token maps (B, pn, pn) -> uint8 images (B, S, S, 3), each decoded alone: convolution kernels change with the
-    batch size, and an image must not depend on the batch it came in."""
-    device = next(vqvae.parameters()).device
-    return np.concatenate([to_rgb_uint8(vqvae.idx_to_img([m[i:i + 1].to(device) for m in idx_list]))
-                           for i in range(len(idx_list[0]))])
-
-
-@torch.no_grad()
-def decode_images(vqvae: VQVAE, idx_list: list[torch.Tensor], mode: str) -> np.ndarray:
-    """Token maps (B, pn, pn) -> uint8 images (B, S, S, 3). 'batch' decodes them in one call: on CUDA the kernels,
-    and so the last bits of an image, may depend on the batch size (docs/5_sample.md gives the measured difference),
-    but a GPU decodes a batch many times faster than its images one at a time. 'auto' takes 'batch' on CUDA and
-    'one_by_one' elsewhere, where batching gains little."""
-    device = next(vqvae.parameters()).device
-    if mode == "one_by_one" or (mode == "auto" and device.type != "cuda"):
-        return decode_one_by_one(vqvae, idx_list)
-    return to_rgb_uint8(vqvae.idx_to_img([m.to(device) for m in idx_list]))
-
-
 def save_teachers(teachers: dict[int, list[int]], tokens: TokenSet, vqvae: VQVAE, config: Config,
                   out: Path) -> dict[int, list[np.ndarray]]:
     """Per class, its teachers' real images at the model's size, saved with their VQ-VAE reconstructions."""
@@ -208,6 +187,11 @@ def save_teachers(teachers: dict[int, list[int]], tokens: TokenSet, vqvae: VQVAE
     return teacher_images
 
 
+def sampling_settings(config: Config, guidance: float) -> SamplingSettings:
+    """How the VAR draws the images of a sweep point at this guidance scale."""
+    return SamplingSettings(guidance, config.guidance_schedule, config.top_k, config.top_p, config.temperature)
+
+
 @torch.no_grad()
 def sample_jobs(var: VAR, vqvae: VQVAE, tokens: TokenSet, point: Point, jobs: list[Job], config: Config,
                 precision: Precision) -> tuple[np.ndarray, np.ndarray]:
@@ -218,9 +202,8 @@ def sample_jobs(var: VAR, vqvae: VQVAE, tokens: TokenSet, point: Point, jobs: li
     if point.k:
         coarse = [m.to(device) for m in tokens.idx_list([j.teacher_row for j in jobs])]
     with precision.autocast():
-        idx_list = var.generate_idx(vqvae, labels, cfg=point.cfg, top_k=config.top_k, top_p=config.top_p,
-                                    temperature=config.temperature, seeds=[j.seed for j in jobs], coarse_idx=coarse,
-                                    coarse_k=point.k)
+        idx_list = var.generate_idx(vqvae, labels, sampling_settings(config, point.guidance),
+                                    seeds=[j.seed for j in jobs], coarse_idx=coarse, coarse_k=point.k)
         images = decode_images(vqvae, idx_list, config.decode)
     return images, torch.cat([m.flatten(1) for m in idx_list], dim=1).cpu().numpy()
 
@@ -251,13 +234,15 @@ def save_point_grid(point: Point, jobs: list[Job], images: np.ndarray, teacher_i
     tiles = np.stack([tile for r in rows for tile in list(r) + [blank] * (ncols - len(r))])
     what = ("no prefix" if point.k == 0 else
             f"first {point.k} scales from the teacher (red frame), the rest sampled; {config.samples_per_teacher} per teacher")
-    save_labelled_grid(tiles, ncols, classes, path, f"{point.name}: {what}; cfg {point.cfg:g}, top-k {config.top_k}, "
+    save_labelled_grid(tiles, ncols, classes, path, f"{point.name}: {what}; guidance {point.guidance:g} "
+                                                    f"({config.guidance_schedule}), top-k {config.top_k}, "
                                                     f"top-p {config.top_p}, temperature {config.temperature:g}")
 
 
 def fingerprint(point: Point, jobs: list[Job], config: Config, shas: dict[str, str], precision: Precision) -> str:
     """What a point's images are a function of (not the batch size): a finished point with another is redone."""
-    return json.dumps({"point": point.name, "shas": shas, "top_k": config.top_k, "top_p": config.top_p,
+    return json.dumps({"point": point.name, "shas": shas, "guidance_schedule": config.guidance_schedule,
+                       "top_k": config.top_k, "top_p": config.top_p,
                        "temperature": config.temperature, "precision": precision.name,
                        "device": precision.device.type, "jobs": [astuple(j) for j in jobs]},
                       sort_keys=True)
@@ -365,7 +350,8 @@ def merged_arrays(points: list[Point], results: list[dict[str, np.ndarray]], tok
     return {**merged, "scales": np.asarray(tokens.scales, dtype=np.int64),
             "point": np.concatenate([[p.name] * len(r["label"]) for p, r in zip(points, results)]),
             "coarse_k": np.concatenate([[p.k] * len(r["label"]) for p, r in zip(points, results)]).astype(np.int64),
-            "cfg": np.concatenate([[p.cfg] * len(r["label"]) for p, r in zip(points, results)]).astype(np.float64),
+            "guidance": np.concatenate([[p.guidance] * len(r["label"])
+                                        for p, r in zip(points, results)]).astype(np.float64),
             "image_path": np.concatenate([[f"{p.name}/{f}" for f in r["image_path"]] for p, r in zip(points, results)]),
             "teacher_source": np.where(rows >= 0, tokens.source[np.maximum(rows, 0)], ""),
             "classes": np.asarray(tokens.classes), "var_sha256": np.asarray(shas["var"]),
@@ -376,16 +362,17 @@ def write_manifest(path: Path, points: list[Point], results: list[dict[str, np.n
                    config: Config, precision: Precision) -> None:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["path", "point", "mode", "coarse_k", "cfg", "class", "label", "teacher", "teacher_row",
-                     "teacher_source", "sample", "seed", "top_k", "top_p", "temperature", "precision", "device"])
+    writer.writerow(["path", "point", "mode", "coarse_k", "guidance", "guidance_schedule", "class", "label", "teacher",
+                     "teacher_row", "teacher_source", "sample", "seed", "top_k", "top_p", "temperature", "precision",
+                     "device"])
     for point, arrays in zip(points, results):
         for i in range(len(arrays["label"])):
             row = int(arrays["teacher_row"][i])
             writer.writerow([f"{point.name}/{arrays['image_path'][i]}", point.name, "NOP" if point.k == 0 else "TP",
-                             point.k, f"{point.cfg:g}", tokens.classes[arrays["label"][i]], arrays["label"][i],
-                             arrays["teacher"][i], row, tokens.source[row] if row >= 0 else "", arrays["sample"][i],
-                             arrays["seed"][i], config.top_k, config.top_p, config.temperature, precision.name,
-                             precision.device.type])
+                             point.k, f"{point.guidance:g}", config.guidance_schedule,
+                             tokens.classes[arrays["label"][i]], arrays["label"][i], arrays["teacher"][i], row,
+                             tokens.source[row] if row >= 0 else "", arrays["sample"][i], arrays["seed"][i],
+                             config.top_k, config.top_p, config.temperature, precision.name, precision.device.type])
     atomic_write_text(path, buffer.getvalue())
 
 

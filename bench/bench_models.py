@@ -38,7 +38,7 @@ class Config:
     vqvae_ch: int = 64                # VQ-VAE base width (the public checkpoint uses 160)
     batch_size: int = 4               # images per training step
     sample_batch: int = 4             # images per sampling call
-    cfg_scale: float = 1.5            # classifier-free guidance during sampling
+    guidance: float = 1.5             # classifier-free guidance scale during sampling
     top_k: int = 900                  # top-k during sampling
     top_p: float = 0.96               # nucleus (top-p) during sampling
     precisions: tuple[str, ...] = ("fp32", "bf16")  # autocast precisions to time, in turn
@@ -59,7 +59,7 @@ import torch.nn.functional as F  # noqa: E402
 from common.config import DEVICE, at_least, between, check_constants, each, one_of, script_config  # noqa: E402
 from common.runtime import pick_device, seed_everything, select_precision  # noqa: E402
 from models.convert_upstream import var_from_upstream, vqvae_from_upstream  # noqa: E402
-from models.var import VAR  # noqa: E402
+from models.var import VAR, SamplingSettings  # noqa: E402
 from models.vqvae import VQVAE  # noqa: E402
 from timing import timed_once  # noqa: E402  (bench/, the script's folder, is on sys.path)
 
@@ -72,8 +72,8 @@ def validate(cfg: Config) -> None:
     check_constants(cfg, {
         "depth": at_least(1), "embed_dim": at_least(1), "num_heads": at_least(1), "num_classes": at_least(1),
         "vocab_size": at_least(2), "z_channels": at_least(1), "vqvae_ch": at_least(32), "batch_size": at_least(1),
-        "sample_batch": at_least(1), "top_k": at_least(0), "top_p": between(0.0, 1.0), "warmup": at_least(0),
-        "repeats": at_least(1), "precisions": each(one_of("fp32", "bf16", "fp16")), "device": DEVICE})
+        "sample_batch": at_least(1), "guidance": at_least(0), "top_k": at_least(0), "top_p": between(0.0, 1.0),
+        "warmup": at_least(0), "repeats": at_least(1), "precisions": each(one_of("fp32", "bf16", "fp16")), "device": DEVICE})
 
 
 def import_reference(repo: Path) -> types.SimpleNamespace:
@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"device {device} ({torch.get_num_threads()} threads), torch {torch.__version__}, scales {cfg.scales} "
           f"(L={targets.numel() // b}), VAR depth {cfg.depth} width {cfg.embed_dim}: {n_var / 1e6:.1f}M parameters, "
           f"VQ-VAE ch {cfg.vqvae_ch}, image {vqvae.image_size}px, training batch {b}, sampling batch "
-          f"{cfg.sample_batch} (cfg {cfg.cfg_scale}, top-k {cfg.top_k}, top-p {cfg.top_p})", flush=True)
+          f"{cfg.sample_batch} (guidance {cfg.guidance}, top-k {cfg.top_k}, top-p {cfg.top_p})", flush=True)
 
     ours_opt = adamw(var, device)
     if cfg.reference_repo:  # one optimizer each for the whole run, as for ours
@@ -192,6 +192,7 @@ def main(argv: list[str] | None = None) -> None:
         idx_bl = [t.flatten(1) for t in idx]
     sample_labels = torch.arange(cfg.sample_batch, device=device) % cfg.num_classes
     seeds = list(range(cfg.seed, cfg.seed + cfg.sample_batch))
+    sampling = SamplingSettings(cfg.guidance, top_k=cfg.top_k, top_p=cfg.top_p)
     for name in cfg.precisions:
         precision = select_precision(device, name)
 
@@ -207,7 +208,7 @@ def main(argv: list[str] | None = None) -> None:
         def ours_sample() -> None:
             var.eval()
             with torch.no_grad(), precision.autocast():
-                var.generate(vqvae, sample_labels, cfg=cfg.cfg_scale, top_k=cfg.top_k, top_p=cfg.top_p, seeds=seeds)
+                var.generate(vqvae, sample_labels, sampling, seeds=seeds)
 
         train_fns: dict[str, Callable[[], object]] = {"ours": ours_train}
         sample_fns: dict[str, Callable[[], object]] = {"ours": ours_sample}
@@ -224,7 +225,7 @@ def main(argv: list[str] | None = None) -> None:
             def ref_sample() -> None:
                 ref_var.eval()
                 with torch.no_grad(), precision.autocast():
-                    ref_var.autoregressive_infer_cfg(cfg.sample_batch, sample_labels, g_seed=cfg.seed, cfg=cfg.cfg_scale,
+                    ref_var.autoregressive_infer_cfg(cfg.sample_batch, sample_labels, g_seed=cfg.seed, cfg=cfg.guidance,
                                                      top_k=cfg.top_k, top_p=cfg.top_p)
 
             train_fns = {"reference": ref_train, **train_fns}

@@ -29,7 +29,7 @@ class Config:
     vqvae_ch_mult: tuple[int, ...] = (1, 1, 2, 2)  # VQ-VAE levels (CPU preset; the GPU preset uses 1,1,2,2,4)
     vqvae_res_blocks: int = 1         # VQ-VAE res blocks per level (CPU preset; the GPU preset uses 2)
     batch_size: int = 16              # images per sampling call
-    cfg_scale: float = 1.5            # guidance of the guided run
+    guidance: float = 1.5             # guidance scale of the guided run
     top_k: int = 100                  # top-k filtering
     top_p: float = 0.95               # nucleus filtering
     warmup: int = 1                   # untimed repetitions first
@@ -73,8 +73,8 @@ def main() -> None:
           f"VAR {sum(p.numel() for p in var.parameters()) / 1e6:.2f}M, VQ-VAE "
           f"{sum(p.numel() for p in vqvae.parameters()) / 1e6:.2f}M parameters; batch {b}")
     half = len(cfg.scales) // 2
-    runs = [("no guidance (cfg 0), NOP", Point(0, 0.0)), (f"guidance cfg {cfg.cfg_scale:g}, NOP", Point(0, cfg.cfg_scale)),
-            (f"guidance cfg {cfg.cfg_scale:g}, TP k={half}", Point(half, cfg.cfg_scale))]
+    runs = [("no guidance (0), NOP", Point(0, 0.0)), (f"guidance {cfg.guidance:g}, NOP", Point(0, cfg.guidance)),
+            (f"guidance {cfg.guidance:g}, TP k={half}", Point(half, cfg.guidance))]
     for label, point in runs:
         jobs = [Job(i % cfg.num_classes, 0 if point.k else -1, i if point.k else -1, 0, cfg.seed + i) for i in range(b)]
         seconds = timed(lambda: sample_jobs(var, vqvae, teachers, point, jobs, knobs, precision), device,

@@ -1,10 +1,10 @@
 """Check that scan_area.py detects exactly what an earlier revision did, on the shared BUSI + HC18 samples.
 
-Loads data_preprocessing/scan_area.py as it was at git revision `ref` next to the working tree's, runs both on
-every image of the samples (HC18 with its declared bottom-right overlay box, as the hc18 adapter does) and
-compares geometry, crop box, apex, annotation flags, the mask's bytes and the model image's bytes (the same
-error, for a frame without a scan area). Prints every difference; exits 1 if there is one. A speed-up of the
-detection must leave this at "0 differ".
+Loads common/scan_area.py (data_preprocessing/scan_area.py before it moved) as it was at git revision `ref` next to
+the working tree's, runs both on every image of the samples (HC18 with its declared bottom-right overlay box, as the
+hc18 adapter does) and compares geometry, crop box, apex, annotation flags, the mask's bytes and the model image's
+bytes (the same error, for a frame without a scan area). Prints every difference; exits 1 if there is one. A speed-up
+of the detection must leave this at "0 differ".
 
     python bench/compare_scan_area.py --ref=05c6943 [--shared_dir=../shared/us_data]
 """
@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))  # run as a script from anywhere: find data_prepro
 
 from common.config import ConfigError, parse_config  # noqa: E402
 from common.progress import progress  # noqa: E402
-from data_preprocessing import scan_area  # noqa: E402
+from common import scan_area  # noqa: E402
 from data_preprocessing.readers import read_frames  # noqa: E402
 
 
@@ -35,13 +35,18 @@ class Config:
     shared_dir: str = "../shared/us_data"  # holds BUSI/ and HC18/
 
 
+SCAN_AREA_PATHS = ("common/scan_area.py", "data_preprocessing/scan_area.py")
+
+
 def load_revision(ref: str, folder: Path):
     """scan_area.py at git revision `ref`, imported as a module of its own."""
-    try:
-        source = subprocess.run(["git", "-C", str(ROOT), "show", f"{ref}:data_preprocessing/scan_area.py"],
-                                check=True, capture_output=True, text=True).stdout
-    except subprocess.CalledProcessError as err:
-        raise ConfigError(f"--ref={ref}: git cannot show data_preprocessing/scan_area.py there: {err.stderr.strip()}") from None
+    for where in SCAN_AREA_PATHS:  # the module lived in data_preprocessing/ before it moved to common/
+        shown = subprocess.run(["git", "-C", str(ROOT), "show", f"{ref}:{where}"], capture_output=True, text=True)
+        if shown.returncode == 0:
+            source = shown.stdout
+            break
+    else:
+        raise ConfigError(f"--ref={ref}: git cannot show {' or '.join(SCAN_AREA_PATHS)} there: {shown.stderr.strip()}")
     path = folder / "scan_area_ref.py"
     path.write_text(source)
     spec = importlib.util.spec_from_file_location("scan_area_ref", path)

@@ -34,8 +34,8 @@ import torch  # noqa: E402
 from common.config import DEVICE, at_least, between, check_constants, script_config  # noqa: E402
 from common.image_data import ImageSplit, list_classes  # noqa: E402
 from common.runtime import pick_device, select_precision, strict_fp32  # noqa: E402
+from models.decoding import decode_images  # noqa: E402
 from models.vqvae import VQVAE, load_vqvae  # noqa: E402
-from sample_var import decode_images  # noqa: E402
 
 
 def validate(cfg: Config) -> None:

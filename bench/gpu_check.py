@@ -285,7 +285,7 @@ def plan(cfg: Config, inception: str, gpus: int) -> list[Step]:
         Step("train_var", [*var_args, "--out_dir=runs/var", f"--epochs={var_epochs}"], 45, 90,
              f"{var_epochs} epochs, batch {var_batch}", needs=pipeline),
         Step("sample_var", [script("sample_var.py"), preset(pick("sample_cpu", "sample_gpu", "sample_gpu")),
-                            "--var=runs/var/best.pth", "--data_dir=data/processed", "--out=runs/samples", "--cfg=1.5",
+                            "--var=runs/var/best.pth", "--data_dir=data/processed", "--out=runs/samples", "--guidance=1.5",
                             f"--samples_per_class={pick('1', '8', '64')}", f"--teachers_per_class={pick('1', '2', '4')}",
                             f"--samples_per_teacher={pick('1', '4', '4')}", f"--coarse_ks={pick('1', '1,4', '1,4')}",
                             f"--batch_size={pick('8', '48', '64')}"], 25, 60, "NOP + TP",

@@ -38,8 +38,8 @@ from common.config import parse_config  # noqa: E402
 from common.io import atomic_save_npz  # noqa: E402
 from common.plotting import save_image  # noqa: E402
 from common.tokens import load_tokens, split_scales  # noqa: E402
+from models.decoding import decode_one_by_one  # noqa: E402
 from models.vqvae import load_vqvae  # noqa: E402
-from sample_var import decode_one_by_one  # noqa: E402
 
 
 def main() -> None:

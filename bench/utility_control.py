@@ -51,7 +51,7 @@ def main() -> None:
                          f"{classes.tolist()}")
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["path", "point", "mode", "coarse_k", "cfg", "class", "label"])
+    writer.writerow(["path", "point", "mode", "coarse_k", "guidance", "class", "label"])
     paths = []
     for split in ("val", "test"):
         for path, label in zip(*list_split(data, split, classes.tolist())):

@@ -17,7 +17,7 @@ from torch.utils.data import Dataset, Sampler
 
 from common.io import SideFileError, not_a_regular_file, read_csv_rows
 from common.progress import progress
-from data_preprocessing.scan_area import ScanAreaError, detect_scan_area
+from common.scan_area import ScanAreaError, detect_scan_area
 
 SPLITS = ("train", "val", "test")
 IMAGE_SUFFIX = ".png"

@@ -47,7 +47,7 @@ from typing import Callable
 
 from common.io import SideFileError, read_side_bytes, read_side_text
 from data_preprocessing.readers import file_suffix, is_supported, not_a_regular_file
-from data_preprocessing.scan_area import CORNERS
+from common.scan_area import CORNERS
 
 MASK_FOLDERS = {"mask", "masks", "annotation", "annotations", "segmentation", "segmentations", "gt", "ground_truth", "groundtruth"}
 # A file stem ending in one of these words (optionally numbered: "_mask_1") is a label image, not an image.

@@ -1,7 +1,7 @@
 """Build the processed training set from raw ultrasound datasets.
 
 A recipe (JSON) maps datasets to organ classes. For every source file: read its frames (readers.py), find
-the scan area (scan_area.py), blank what lies outside it, crop, square and resize to 256x256 grey-as-RGB,
+the scan area (common/scan_area.py), blank what lies outside it, crop, square and resize to 256x256 grey-as-RGB,
 and write OUT/{train,val,test}/<class>/<dataset>__<stem>[_<frame>].png. Splits are made once every file is
 read: every subject in one split, stratified by class, weighted by the images each subject gave, seeded.
 OUT/manifest.csv has one row per source file (per frame for multi-frame sources): kept or skipped, and why.
@@ -52,7 +52,7 @@ from common.run_folder import RunFolderError, check_not_an_input, own_output_fol
 from data_preprocessing.adapters import ADAPTERS, WHERE_TO_GET, RecipeError, Source, check_options, stem  # noqa: E402
 from data_preprocessing.near_duplicates import NEAR_DUPLICATE_BITS, perceptual_hash, repeats  # noqa: E402
 from data_preprocessing.readers import UnreadableFileError, not_a_regular_file, read_frames  # noqa: E402
-from data_preprocessing.scan_area import ScanArea, ScanAreaError, detect_scan_area, to_model_image  # noqa: E402
+from common.scan_area import ScanArea, ScanAreaError, detect_scan_area, to_model_image  # noqa: E402
 
 
 @dataclass
@@ -563,7 +563,6 @@ def run(cfg: Config) -> dict:
 
 def process(cfg: Config, specs: list[DatasetSpec], out: Path, start: float) -> dict:
     """run's work, in an output folder this run owns and holds the lock of."""
-    fracs = {"train": 1.0 - cfg.val_frac - cfg.test_frac, "val": cfg.val_frac, "test": cfg.test_frac}
     previous, previous_config = read_previous_run(out)
     stale = remove_stale_temp_files(out, recursive=True)
     if stale:
@@ -573,71 +572,16 @@ def process(cfg: Config, specs: list[DatasetSpec], out: Path, start: float) -> d
     missing = [f"{s.name} ({s.missing})" for s in specs if s.missing]
     if not chosen:
         raise RecipeError("the recipe lists no image files" + (f"; missing datasets: {', '.join(missing)}" if missing else ""))
-
-    subject_key = [(spec.name, src.subject) for spec, src, _, _ in chosen]
-    subject_class = {}
-    for key, (_, _, cls, _) in zip(subject_key, chosen):
-        if subject_class.setdefault(key, cls) != cls:
-            raise RecipeError(f"subject {key[1]} of dataset {key[0]} appears in classes {subject_class[key]} and {cls}")
-
-    changed = [k for k in PROCESSING_KEYS if previous_config is not None and previous_config.get(k) != config_dict(cfg)[k]]
-    previous_by_source = defaultdict(list)
-    if changed:
-        print(f"processing constants changed since the last run ({', '.join(changed)}): reprocessing every file")
-    elif previous_config is not None:
-        for r in previous:
-            if r["sha256"]:
-                previous_by_source[r["source"]].append(r)
-    tasks = [
-        Task(src, spec.name, cls, name, budget, previous_by_source.get(str(src.path.absolute()), []))
-        for (spec, src, cls, budget), name in zip(chosen, output_names(chosen))
-    ]
+    subject_class = subject_classes(chosen)
+    tasks = make_tasks(chosen, previous, previous_config, cfg)
     workers = cfg.workers or os.cpu_count() or 1
     pool = multiprocessing.get_context("fork").Pool(workers, _init_worker, (out, cfg)) if workers > 1 else None
     parallel_map = pool.imap if pool else map  # results in task order: the plotted picks must not depend on timing
-    rows, n_reused = [], 0
     try:
-        _init_worker(out, cfg)
-        with progress(total=len(tasks), desc="prepare", unit="file") as bar:
-            for task_rows, reused in parallel_map(_work, tasks):
-                rows.extend(task_rows)
-                n_reused += reused
-                bar.update()
-        # The scan-area figure re-detects a few originals; skipped when nothing changed and it exists.
-        figure = out / "scan_area_samples.png"
-        panels = []
-        if cfg.scan_area_samples > 0 and (n_reused < len(tasks) or not figure.is_file()):
-            picks = scan_area_picks(rows, cfg)
-            corners = {str(t.source.path.absolute()): t.source.overlay_corners for t in tasks}
-            panels = [p for p in parallel_map(scan_panel, [(r, cfg.video_stride, corners.get(r["source"], ())) for r in picks])
-                      if p is not None]
-
+        rows, n_reused, panels = process_sources(tasks, out, cfg, parallel_map)
         n_repeats = drop_near_duplicates(rows, out, cfg, parallel_map)
-
-        # Splits only now: a subject takes part with the images it gave (a clip up to max_frames_per_file, an
-        # unreadable file none), so unreadable files cannot leave a split empty.
-        weights = Counter((r["dataset"], r["subject"]) for r in rows if r["status"] == "ok")
-        place_outputs(rows, out, assign_splits(weights, subject_class, fracs, cfg.seed))
-
-        # Outputs of the previous run that no row points to any more (file removed, renamed or now skipped).
-        current = {r["output"] for r in rows if r["status"] == "ok"}
-        for r in previous:
-            if r["status"] == "ok" and r["output"] not in current:
-                (out / r["output"]).unlink(missing_ok=True)
-
-        rows.sort(key=lambda r: (r["dataset"], r["source"], r["frame"]))
-        ignored_rows.sort(key=lambda r: (r["dataset"], r["source"]))
-        write_manifest(out / "manifest.csv", rows + ignored_rows)
-        save_config(cfg, out)
-        # the scan-area figure, the slowest plot, is drawn in a worker while this process draws the others
-        panels.sort(key=lambda p: (p[0]["class"], p[0]["source"], p[0]["frame"]))
-        figure_job = pool.apply_async(scan_area_figure, (panels, out)) if pool and panels else None
-        counts = plot_counts(rows, out)
-        contact_sheets(rows, out, cfg)
-        if figure_job is not None:
-            figure_job.get()
-        elif panels:
-            scan_area_figure(panels, out)
+        place_and_record(rows, ignored_rows, previous, subject_class, out, cfg)
+        counts = draw_plots(rows, panels, out, cfg, pool)
     finally:
         if pool is not None:
             pool.close()
@@ -656,6 +600,91 @@ def process(cfg: Config, specs: list[DatasetSpec], out: Path, start: float) -> d
     }
     _print_summary(rows, counts, stats, out)
     return stats
+
+
+def subject_classes(chosen: list[tuple[DatasetSpec, Source, str, int]]) -> dict[Subject, str]:
+    """The class of every (dataset, subject); a subject in two classes is refused."""
+    subject_class: dict[Subject, str] = {}
+    for spec, src, cls, _ in chosen:
+        key = (spec.name, src.subject)
+        if subject_class.setdefault(key, cls) != cls:
+            raise RecipeError(f"subject {key[1]} of dataset {key[0]} appears in classes {subject_class[key]} and {cls}")
+    return subject_class
+
+
+def make_tasks(chosen: list[tuple[DatasetSpec, Source, str, int]], previous: list[dict], previous_config: dict | None,
+               cfg: Config) -> list[Task]:
+    """A task per source file, with the previous run's rows of it when they can be reused (no processing constant
+    changed)."""
+    changed = [k for k in PROCESSING_KEYS if previous_config is not None and previous_config.get(k) != config_dict(cfg)[k]]
+    previous_by_source = defaultdict(list)
+    if changed:
+        print(f"processing constants changed since the last run ({', '.join(changed)}): reprocessing every file")
+    elif previous_config is not None:
+        for r in previous:
+            if r["sha256"]:
+                previous_by_source[r["source"]].append(r)
+    return [
+        Task(src, spec.name, cls, name, budget, previous_by_source.get(str(src.path.absolute()), []))
+        for (spec, src, cls, budget), name in zip(chosen, output_names(chosen))
+    ]
+
+
+def process_sources(tasks: list[Task], out: Path, cfg: Config,
+                    parallel_map=map) -> tuple[list[dict], int, list[tuple[dict, np.ndarray, ScanArea]]]:
+    """Every task's manifest rows, how many tasks were reused, and the scan-area figure's panels (re-detected
+    originals; none when nothing changed and the figure exists)."""
+    rows, n_reused = [], 0
+    _init_worker(out, cfg)
+    with progress(total=len(tasks), desc="prepare", unit="file") as bar:
+        for task_rows, reused in parallel_map(_work, tasks):
+            rows.extend(task_rows)
+            n_reused += reused
+            bar.update()
+    panels = []
+    if cfg.scan_area_samples > 0 and (n_reused < len(tasks) or not (out / "scan_area_samples.png").is_file()):
+        picks = scan_area_picks(rows, cfg)
+        corners = {str(t.source.path.absolute()): t.source.overlay_corners for t in tasks}
+        panels = [p for p in parallel_map(scan_panel, [(r, cfg.video_stride, corners.get(r["source"], ())) for r in picks])
+                  if p is not None]
+    return rows, n_reused, panels
+
+
+def place_and_record(rows: list[dict], ignored_rows: list[dict], previous: list[dict],
+                     subject_class: dict[Subject, str], out: Path, cfg: Config) -> None:
+    """Split the kept images, move them into place, delete the previous run's outputs no row points to, and write
+    the manifest and config.json."""
+    # Splits only now: a subject takes part with the images it gave (a clip up to max_frames_per_file, an
+    # unreadable file none), so unreadable files cannot leave a split empty.
+    fracs = {"train": 1.0 - cfg.val_frac - cfg.test_frac, "val": cfg.val_frac, "test": cfg.test_frac}
+    weights = Counter((r["dataset"], r["subject"]) for r in rows if r["status"] == "ok")
+    place_outputs(rows, out, assign_splits(weights, subject_class, fracs, cfg.seed))
+
+    # Outputs of the previous run that no row points to any more (file removed, renamed or now skipped).
+    current = {r["output"] for r in rows if r["status"] == "ok"}
+    for r in previous:
+        if r["status"] == "ok" and r["output"] not in current:
+            (out / r["output"]).unlink(missing_ok=True)
+
+    rows.sort(key=lambda r: (r["dataset"], r["source"], r["frame"]))
+    ignored_rows.sort(key=lambda r: (r["dataset"], r["source"]))
+    write_manifest(out / "manifest.csv", rows + ignored_rows)
+    save_config(cfg, out)
+
+
+def draw_plots(rows: list[dict], panels: list[tuple[dict, np.ndarray, ScanArea]], out: Path, cfg: Config,
+               pool: multiprocessing.pool.Pool | None) -> dict[str, dict[str, int]]:
+    """per_class_by_split.png, the contact sheets and the scan-area figure; returns the counts per split and class."""
+    # the scan-area figure, the slowest plot, is drawn in a worker while this process draws the others
+    panels.sort(key=lambda p: (p[0]["class"], p[0]["source"], p[0]["frame"]))
+    figure_job = pool.apply_async(scan_area_figure, (panels, out)) if pool and panels else None
+    counts = plot_counts(rows, out)
+    contact_sheets(rows, out, cfg)
+    if figure_job is not None:
+        figure_job.get()
+    elif panels:
+        scan_area_figure(panels, out)
+    return counts
 
 
 def _print_summary(rows: list[dict], counts: dict, stats: dict, out: Path) -> None:

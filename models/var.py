@@ -8,8 +8,9 @@ block is modulated by the class (AdaLN), and sampling runs scale by scale with a
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -216,6 +217,37 @@ class AdaLNHead(nn.Module):
         return self.norm(x) * (scale + 1) + shift
 
 
+# Guidance t at scale k of K for the guidance scale g. "linear" is the reference's ramp: the coarse layout is drawn
+# from the class alone and guidance grows towards the details; "constant" guides every scale alike.
+GUIDANCE_SCHEDULES: dict[str, Callable[[float, int, int], float]] = {
+    "linear": lambda g, k, num_scales: g * k / (num_scales - 1),
+    "constant": lambda g, k, num_scales: g,
+}
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """How VAR draws its tokens; the scripts build it from their constants.
+
+    At scale k the guided logits are (1 + t) cond - t uncond with t = GUIDANCE_SCHEDULES[guidance_schedule](guidance,
+    k, K); guidance = 0 skips the unconditional half. top_k, top_p and temperature filter each draw (sample_tokens).
+    """
+    guidance: float = 1.5
+    guidance_schedule: str = "linear"
+    top_k: int = 0
+    top_p: float = 0.0
+    temperature: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.guidance_schedule not in GUIDANCE_SCHEDULES:
+            raise ValueError(f"guidance_schedule must be one of {', '.join(GUIDANCE_SCHEDULES)}, "
+                             f"got {self.guidance_schedule!r}")
+
+    def guidance_at(self, k: int, num_scales: int) -> float:
+        """t of scale k (0-based) of num_scales."""
+        return GUIDANCE_SCHEDULES[self.guidance_schedule](self.guidance, k, num_scales)
+
+
 def sample_tokens(logits: torch.Tensor, top_k: int = 0, top_p: float = 0.0, temperature: float = 1.0,
                   generators: Sequence[torch.Generator] | None = None) -> torch.Tensor:
     """(B, l, V) logits -> (B, l) tokens drawn after temperature, top-k and nucleus (top-p) filtering.
@@ -396,31 +428,28 @@ class VAR(nn.Module):
         return x, cond
 
     @torch.no_grad()
-    def generate(self, vqvae: VQVAE, labels: torch.Tensor, **kwargs: Any) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def generate(self, vqvae: VQVAE, labels: torch.Tensor, sampling: SamplingSettings = SamplingSettings(),
+                 **kwargs: Any) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """generate_idx (same arguments), decoded by the VQ-VAE -> (images in [0, 1] (B, 3, H, W), token maps)."""
-        idx_list, f_hat = self._sample(vqvae, labels, **kwargs)
+        idx_list, f_hat = self._sample(vqvae, labels, sampling, **kwargs)
         return vqvae.fhat_to_img(f_hat).add(1).mul(0.5), idx_list
 
     @torch.no_grad()
-    def generate_idx(self, vqvae: VQVAE, labels: torch.Tensor, cfg: float = 1.5, top_k: int = 0, top_p: float = 0.0,
-                     temperature: float = 1.0, seeds: Sequence[int] | None = None,
-                     coarse_idx: Sequence[torch.Tensor] | None = None, coarse_k: int = 0,
-                     use_cache: bool = True) -> list[torch.Tensor]:
-        """Sample the token maps (B, pn, pn) of the given classes scale by scale.
+    def generate_idx(self, vqvae: VQVAE, labels: torch.Tensor, sampling: SamplingSettings = SamplingSettings(),
+                     seeds: Sequence[int] | None = None, coarse_idx: Sequence[torch.Tensor] | None = None,
+                     coarse_k: int = 0, use_cache: bool = True) -> list[torch.Tensor]:
+        """Sample the token maps (B, pn, pn) of the given classes scale by scale, as `sampling` says.
 
-        Guidance grows linearly over scales: at scale k, t = cfg * k / (K - 1) and logits = (1 + t) cond - t uncond
-        (cfg = 0 skips the unconditional half). The first coarse_k scales are taken from coarse_idx instead of
-        sampled (coarse_k = K reproduces the VQ-VAE reconstruction of those tokens). use_cache=False recomputes
-        the whole prefix with the block-causal mask at every scale (same result, slower). seeds gives each image its
-        own random streams (see scale_generators), so an image depends on its seed, not on its batch; None draws
-        from the global RNG.
+        The first coarse_k scales are taken from coarse_idx instead of sampled (coarse_k = K reproduces the VQ-VAE
+        reconstruction of those tokens). use_cache=False recomputes the whole prefix with the block-causal mask at
+        every scale (same result, slower). seeds gives each image its own random streams (see scale_generators), so
+        an image depends on its seed, not on its batch; None draws from the global RNG.
         """
-        return self._sample(vqvae, labels, cfg, top_k, top_p, temperature, seeds, coarse_idx, coarse_k, use_cache)[0]
+        return self._sample(vqvae, labels, sampling, seeds, coarse_idx, coarse_k, use_cache)[0]
 
-    def _sample(self, vqvae: VQVAE, labels: torch.Tensor, cfg: float = 1.5, top_k: int = 0, top_p: float = 0.0,
-                temperature: float = 1.0, seeds: Sequence[int] | None = None,
-                coarse_idx: Sequence[torch.Tensor] | None = None, coarse_k: int = 0,
-                use_cache: bool = True) -> tuple[list[torch.Tensor], torch.Tensor]:
+    def _sample(self, vqvae: VQVAE, labels: torch.Tensor, sampling: SamplingSettings = SamplingSettings(),
+                seeds: Sequence[int] | None = None, coarse_idx: Sequence[torch.Tensor] | None = None,
+                coarse_k: int = 0, use_cache: bool = True) -> tuple[list[torch.Tensor], torch.Tensor]:
         """generate_idx's token maps and the f_hat they add up to (built along the way: decoding needs no rebuild)."""
         num_scales = len(self.scales)
         if tuple(vqvae.scales) != self.scales or vqvae.quantizer.vocab_size != self.vocab_size \
@@ -431,7 +460,7 @@ class VAR(nn.Module):
         b = labels.shape[0]
         if seeds is not None and len(seeds) != b:
             raise ValueError(f"{len(seeds)} seeds for {b} labels")
-        guided = cfg != 0
+        guided = sampling.guidance != 0
         rows = torch.cat((labels, torch.full_like(labels, self.num_classes))) if guided else labels
         cond = self.class_emb(rows)
         block_cond = self._block_cond(cond)
@@ -462,10 +491,10 @@ class VAR(nn.Module):
             else:
                 logits = self.get_logits(h, cond)
                 if guided:
-                    t = cfg * k / (num_scales - 1)
+                    t = sampling.guidance_at(k, num_scales)
                     logits = (1 + t) * logits[:b] - t * logits[b:]
                 generators = None if seeds is None else scale_generators(seeds, k, labels.device)
-                idx = sample_tokens(logits, top_k, top_p, temperature, generators)
+                idx = sample_tokens(logits, sampling.top_k, sampling.top_p, sampling.temperature, generators)
             idx_list.append(idx.view(b, pn, pn))
             f_hat, next_in = vqvae.quantizer.next_scale_input(k, f_hat, vqvae.quantizer.embed(idx, k))
             if next_in is not None:

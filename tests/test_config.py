@@ -435,8 +435,8 @@ def test_any_value_parses_to_sound_constants_or_one_config_error(script: str, wo
 @settings(max_examples=30, deadline=None)
 @given(st.lists(st.floats(min_value=0, max_value=10, allow_nan=False), min_size=1, max_size=4))
 def test_guidance_sweep_points_are_distinct_once_named(values: list[float]) -> None:
-    config = parse_config(sample_var.Config, [f"--cfg={','.join(repr(v) for v in values)}"])
-    names = [f"{g:g}" for g in config.cfg]
+    config = parse_config(sample_var.Config, [f"--guidance={','.join(repr(v) for v in values)}"])
+    names = [f"{g:g}" for g in config.guidance]
     try:
         sample_var.validate(config)
         assert len(set(names)) == len(names)
@@ -446,8 +446,8 @@ def test_guidance_sweep_points_are_distinct_once_named(values: list[float]) -> N
 
 @pytest.mark.parametrize("argv, message", [
     (["--coarse_ks=1,1"], "--coarse_ks=(1, 1): must be distinct values (also once rounded for names)"),
-    (["--cfg=1,1.0000001"], "--cfg=(1.0, 1.0000001): must be distinct values"),
-    (["--cfg=inf"], "--cfg: expected a finite number, got 'inf'"),
+    (["--guidance=1,1.0000001"], "--guidance=(1.0, 1.0000001): must be distinct values"),
+    (["--guidance=inf"], "--guidance: expected a finite number, got 'inf'"),
     (["--seed=4294967296"], "--seed=4294967296: must be in [0, 4294967295]"),
 ])
 def test_sample_var_refuses_duplicate_points_and_unbounded_values(argv: list[str], message: str) -> None:

@@ -29,8 +29,10 @@ from common.io import atomic_torch_save, file_sha256
 from common.plotting import save_image
 from common.sample_metrics import (bootstrap_weights, diversity, feature_diversity, fidelity_coverage,
                                    matched_subsample, percentile_interval)
+from common.sweep import SweepError
 from common.tokens import TokenFileError, load_tokens, save_tokens
 from config_refusal import assert_edges, refusal_of
+from models.decoding import decode_one_by_one
 from models.vqvae import VQVAE, load_vqvae
 from tiny_pipeline import CLASSES as PIPELINE_CLASSES, SCALES as PIPELINE_SCALES, SIZE as PIPELINE_SIZE
 
@@ -51,7 +53,7 @@ def evaluated(tiny_pipeline: dict[str, Path], tmp_path_factory) -> dict[str, Pat
     tokens = load_tokens(tiny_pipeline["tokens"])
     row = tokens.source.tolist().index("train/heart/img1.png")
     vqvae = load_vqvae(tiny_pipeline["vqvae"])
-    save_image(sample_var.decode_one_by_one(vqvae, tokens.idx_list([row]))[0], samples / "NOP_cfg1.5" / "heart" / "s002.png")
+    save_image(decode_one_by_one(vqvae, tokens.idx_list([row]))[0], samples / "NOP_cfg1.5" / "heart" / "s002.png")
     eval_var.main([f"--samples={samples}", f"--cache={root / 'cache.npz'}", *SMALL, "--device=cpu"])
     return {"samples": samples, "out": samples / "eval", "cache": root / "cache.npz"}
 
@@ -203,7 +205,7 @@ VOCAB = 16
 # b's val halves are large enough for a KID, class a's are not, and they differ in size; class a has more training
 # token rows than the 3 per class that are compared (56 ways to draw them), class b fewer.
 COUNTS = {("val", 0): 4, ("val", 1): 8, ("test", 0): 2, ("test", 1): 1, ("train", 0): 8, ("train", 1): 2}
-# The sweep: (point, coarse_k, cfg, class, teacher of each sample); class b written before class a, and the points
+# The sweep: (point, coarse_k, guidance, class, teacher of each sample); class b written before class a, and the points
 # in the order sample_var.py was given them, which is not their sorted order.
 SWEEP = [("TP_K1_cfg2.5", 1, 2.5, 1, [0, 0, 1]), ("TP_K1_cfg2.5", 1, 2.5, 0, [1, 0, 1, 0]),
          ("NOP_cfg2", 0, 2.0, 1, [-1] * 5), ("NOP_cfg2", 0, 2.0, 0, [-1] * 4)]
@@ -325,12 +327,12 @@ def world(tmp_path_factory) -> dict:
                 classes=CLASSES)
     samples = root / "samples"
     manifest = []
-    for point, k, cfg, label, teachers in SWEEP:
+    for point, k, guidance, label, teachers in SWEEP:
         for s, teacher in enumerate(teachers):
             path = f"{point}/{CLASSES[label]}/s{s:03d}.png"
             save_image(noise(rng, SIZE, 90 + 40 * label), samples / path)
             manifest.append({"path": path, "point": point, "mode": "NOP" if k == 0 else "TP", "coarse_k": k,
-                             "cfg": cfg, "class": CLASSES[label], "label": label, "teacher": teacher})
+                             "guidance": guidance, "class": CLASSES[label], "label": label, "teacher": teacher})
             if teacher >= 0:
                 for kind in ("teachers", "teachers_recon"):
                     file = samples / kind / CLASSES[label] / f"t{teacher:02d}.png"
@@ -386,24 +388,24 @@ def test_a_broken_or_mismatched_sweep_is_refused_by_name(world, tmp_path, monkey
     folder = copy_sweep(world, tmp_path)
     (folder / "samples_manifest.csv").unlink()
     (folder / "config.json").unlink()
-    with pytest.raises(eval_var.EvalVarError) as err:
+    with pytest.raises(SweepError) as err:
         eval_var.load_sweep(folder)
     assert str(err.value) == (f"{folder}: not a finished sample_var.py folder (missing {folder / 'config.json'}, "
                               f"{folder / 'samples_manifest.csv'})")
     folder = copy_sweep(world, tmp_path / "2")
     (folder / "config.json").write_text("{")
-    with pytest.raises(eval_var.EvalVarError, match=r"sweep: unreadable sample_var.py output: .*config.json: not valid JSON: Expecting"):
+    with pytest.raises(SweepError, match=r"sweep: unreadable sample_var.py output: .*config.json: not valid JSON: Expecting"):
         eval_var.load_sweep(folder)
     folder = copy_sweep(world, tmp_path / "3")
     with np.load(folder / "samples_tokens.npz") as data:
         arrays = {k: data[k] for k in data.files if k != "classes"}
     np.savez(folder / "samples_tokens.npz", **arrays)
-    with pytest.raises(eval_var.EvalVarError) as err:
+    with pytest.raises(SweepError) as err:
         eval_var.load_sweep(folder)
     assert str(err.value) == f"{folder}: unreadable sample_var.py output: 'classes is not a file in the archive'"
     arrays["image_path"] = arrays["image_path"][::-1]
     np.savez(folder / "samples_tokens.npz", **arrays, classes=np.array(CLASSES))
-    with pytest.raises(eval_var.EvalVarError) as err:
+    with pytest.raises(SweepError) as err:
         eval_var.load_sweep(folder)
     assert str(err.value) == (f"{folder}: samples_manifest.csv and samples_tokens.npz list different images; "
                               "re-run sample_var.py")
@@ -556,9 +558,9 @@ def test_token_subsample_keeps_per_class_rows_of_every_class_in_class_order():
 
 
 def test_tables_write_every_column_with_six_digits_and_blanks_for_nan(tmp_path):
-    rows = [{"point": "TP_K1_cfg2", "mode": "TP", "coarse_k": 1, "cfg": 2.0, "class": "a", "n": 3, "kid": 0.123456789,
+    rows = [{"point": "TP_K1_cfg2", "mode": "TP", "coarse_k": 1, "guidance": 2.0, "class": "a", "n": 3, "kid": 0.123456789,
              "kid_lo": math.nan, "copy_fraction": 0.25, "usage_2": 0.5, "entropy_2": 1234567.0},
-            {"point": "REAL", "mode": "REAL", "coarse_k": 0, "cfg": math.nan, "class": "all", "n": 9}]
+            {"point": "REAL", "mode": "REAL", "coarse_k": 0, "guidance": math.nan, "class": "all", "n": 9}]
     eval_var.write_tables(rows, {"x": 1}, (2,), tmp_path)
     lines = (tmp_path / "metrics.csv").read_text().split("\n")
     columns = eval_var.COLUMNS + ["usage_2", "entropy_2"]
@@ -567,7 +569,7 @@ def test_tables_write_every_column_with_six_digits_and_blanks_for_nan(tmp_path):
     assert lines[1] == "TP_K1_cfg2,TP,1,2,a,3,0.123457" + "," * blank + ",0.25,0.5,1.23457e+06"
     assert lines[2] == "REAL,REAL,0,,all,9" + "," * (len(columns) - 6) and lines[3:] == [""]
     saved = json.loads((tmp_path / "metrics.json").read_text())
-    assert saved["info"] == {"x": 1} and saved["rows"][0]["kid_lo"] is None and saved["rows"][1]["cfg"] is None
+    assert saved["info"] == {"x": 1} and saved["rows"][0]["kid_lo"] is None and saved["rows"][1]["guidance"] is None
     assert saved["rows"][0]["kid"] == 0.123456789 and saved["rows"][1]["usage_2"] is None
     assert list(saved["rows"][0]) == columns
 

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 from common import image_data
 from common.image_data import (EpochSampler, ImageDataError, ImageSplit, epoch_index_list, list_classes, list_split,
                                read_image, scan_area_mask, to_grey_uint8, to_rgb_uint8, to_tensor, worker_error_line)
-from data_preprocessing.scan_area import ScanAreaError
+from common.scan_area import ScanAreaError
 
 
 def write_grey_png(path: Path, grey: np.ndarray) -> None:

@@ -41,7 +41,7 @@ from data_preprocessing.prepare import (MANIFEST_COLUMNS, Config, DatasetSpec, T
                                         list_sources, load_recipe, output_name, output_names, place_outputs,
                                         read_previous_run, run, write_manifest)
 from data_preprocessing.readers import UnreadableFileError
-from data_preprocessing.scan_area import ScanArea, ScanAreaError, to_model_image
+from common.scan_area import ScanArea, ScanAreaError, to_model_image
 
 CLASSES = {"breast", "thyroid", "kidney", "fetal_head", "liver", "heart"}
 

@@ -87,7 +87,7 @@ def run(tiny_pipeline: dict[str, Path], tmp_path_factory) -> dict[str, Path]:
                     "--samples_per_class=2", "--sample_every=1", "--plot_every=1", "--device=cpu",
                     f"--data_dir={tiny_pipeline['data']}", "--kid_every=1", "--kid_per_class=2"])
     sample_var.main([f"--var={tiny_pipeline['var']}", f"--data_dir={tiny_pipeline['data']}", f"--out={samples}",
-                     "--samples_per_class=2", "--teachers_per_class=1", "--samples_per_teacher=1", "--cfg=0,1.5",
+                     "--samples_per_class=2", "--teachers_per_class=1", "--samples_per_teacher=1", "--guidance=0,1.5",
                      "--top_k=10", "--device=cpu"])
     with open(samples / "samples_manifest.csv", newline="") as handle:
         points = sorted({r["point"] for r in csv.DictReader(handle)})

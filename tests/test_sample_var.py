@@ -25,11 +25,12 @@ from common.plotting import save_image
 from common.runtime import select_precision
 from common.tokens import TokenFileError, TokenSet, load_tokens, save_tokens
 from config_refusal import assert_edges, refusal_of
-from models.var import VAR
+from models.decoding import decode_images, decode_one_by_one
+from models.var import VAR, SamplingSettings
 from models.vqvae import VQVAE
 from tiny_pipeline import CLASSES as PIPELINE_CLASSES, SCALES as PIPELINE_SCALES, SIZE as PIPELINE_SIZE, tiny_vqvae
 
-SMALL = dict(samples_per_class=3, teachers_per_class=2, samples_per_teacher=2, cfg=(0.0, 1.5), top_k=10, top_p=0.9,
+SMALL = dict(samples_per_class=3, teachers_per_class=2, samples_per_teacher=2, guidance=(0.0, 1.5), top_k=10, top_p=0.9,
              temperature=1.3, batch_size=5, device="cpu")
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -128,9 +129,10 @@ def test_image_regenerated_from_its_manifest_row_alone(sweep: Path, pipeline: di
                                                 {"vqvae_sha256": None, "classes": None}, torch.device("cpu"))
     rows = read_manifest(sweep)
     for r in (rows[4], rows[-1], next(r for r in rows if r["point"] == "TP_K2_cfg1.5")):
-        knobs = sample_var.Config(top_k=int(r["top_k"]), top_p=float(r["top_p"]), temperature=float(r["temperature"]))
+        knobs = sample_var.Config(top_k=int(r["top_k"]), top_p=float(r["top_p"]), temperature=float(r["temperature"]),
+                                  guidance_schedule=r["guidance_schedule"])
         job = sample_var.Job(int(r["label"]), int(r["teacher"]), int(r["teacher_row"]), int(r["sample"]), int(r["seed"]))
-        point = sample_var.Point(int(r["coarse_k"]), float(r["cfg"]))
+        point = sample_var.Point(int(r["coarse_k"]), float(r["guidance"]))
         image, _ = sample_var.sample_jobs(var, vqvae, tokens, point, [job], knobs,
                                           select_precision(torch.device("cpu"), r["precision"]))
         assert np.array_equal(image[0], read_image(sweep / r["path"], PIPELINE_SIZE))
@@ -167,7 +169,7 @@ def test_resumed_sweep_equals_uninterrupted(sweep: Path, pipeline: dict[str, Pat
 @pytest.mark.e2e
 def test_changed_settings_redo_a_point(sweep: Path, pipeline: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "s"
-    common = dict(tp=False, cfg=(1.5,))
+    common = dict(tp=False, guidance=(1.5,))
     sample_var.main(args(pipeline, out, **common))
     before = (out / "NOP_cfg1.5" / "breast" / "s000.png").read_bytes()
     sample_var.main(args(pipeline, out, **common, temperature=0.5, samples_per_class=2))
@@ -182,7 +184,7 @@ def test_changed_settings_redo_a_point(sweep: Path, pipeline: dict[str, Path], t
     ({"temperature": 0}, "--temperature=0.0: must be > 0"),
     ({"teacher_split": "holdout"}, "--teacher_split='holdout'"),
     ({"nop": False, "tp": False}, "--tp=False"),
-    ({"cfg": (1.0, 1.0)}, "--cfg=.*distinct"),
+    ({"guidance": (1.0, 1.0)}, "--guidance=.*distinct"),
     ({"top_k": -5}, "--top_k=-5: must be >= 0"),
     ({"precision": "fp8"}, "--precision='fp8': must be one of auto, bf16, fp16, fp32"),
     ({"device": "cuda" if not torch.cuda.is_available() else f"cuda:{torch.cuda.device_count()}"},
@@ -241,7 +243,8 @@ def test_every_constant_is_refused_just_outside_its_range_and_accepted_at_its_ed
     table = {
         "teacher_split": (["train", "val", "test"], ("holdout", "one of train, val, test")),
         "coarse_ks": ([(), (1,), (3, 1)], ((2, 0), "values >= 1")),
-        "cfg": ([(0.0,), (0.0, 2.5)], ((1.0, -0.5), "a non-empty list of values >= 0")),
+        "guidance": ([(0.0,), (0.0, 2.5)], ((1.0, -0.5), "a non-empty list of values >= 0")),
+        "guidance_schedule": (["linear", "constant"], ("cosine", "one of linear, constant")),
         **{name: ([1], (0, ">= 1")) for name in ("samples_per_class", "teachers_per_class", "samples_per_teacher",
                                                  "batch_size")},
         **{name: ([0], (-1, ">= 0")) for name in ("top_k", "cpu_threads")},
@@ -253,7 +256,7 @@ def test_every_constant_is_refused_just_outside_its_range_and_accepted_at_its_ed
     }
     assert_edges(refusal, table)
     assert refusal(top_p=-0.1) == "--top_p=-0.1: must be in [0, 1]"
-    assert refusal(cfg=()) == "--cfg=(): must be a non-empty list of values >= 0"
+    assert refusal(guidance=()) == "--guidance=(): must be a non-empty list of values >= 0"
 
 
 def test_the_counts_of_a_mode_that_is_off_are_not_checked():
@@ -266,20 +269,21 @@ def test_the_counts_of_a_mode_that_is_off_are_not_checked():
 def test_nothing_to_sample_and_repeated_guidance_values_are_refused():
     assert refusal(nop=False, tp=False) == "--tp=False: must be true when --nop=false (nothing would be sampled)"
     assert refusal(nop=False) is None and refusal(tp=False) is None
-    assert refusal(cfg=(1.0, 2.0, 1.0)) == "--cfg=(1.0, 2.0, 1.0): must be distinct values (also once rounded for names)"
-    assert refusal(cfg=(1.0, 2.0)) is None
+    assert refusal(guidance=(1.0, 2.0, 1.0)) == ("--guidance=(1.0, 2.0, 1.0): must be distinct values (also once "
+                                                 "rounded for names)")
+    assert refusal(guidance=(1.0, 2.0)) is None
 
 
 def test_the_sweep_is_nop_then_each_k_at_every_guidance_value():
-    config = sample_var.Config(cfg=(2.0, 0.5))
+    config = sample_var.Config(guidance=(2.0, 0.5))
     names = [p.name for p in sample_var.sweep_points(config, 3)]
     assert names == ["NOP_cfg2", "NOP_cfg0.5", "TP_K1_cfg2", "TP_K1_cfg0.5", "TP_K2_cfg2", "TP_K2_cfg0.5",
                      "TP_K3_cfg2", "TP_K3_cfg0.5"]
     assert sample_var.sweep_points(replace(config, coarse_ks=(3, 1)), 3) == [
         sample_var.Point(0, 2.0), sample_var.Point(0, 0.5), sample_var.Point(3, 2.0), sample_var.Point(3, 0.5),
         sample_var.Point(1, 2.0), sample_var.Point(1, 0.5)]
-    assert sample_var.sweep_points(replace(config, nop=False, cfg=(1.5,)), 2) == [sample_var.Point(1, 1.5),
-                                                                                  sample_var.Point(2, 1.5)]
+    assert sample_var.sweep_points(replace(config, nop=False, guidance=(1.5,)), 2) == [sample_var.Point(1, 1.5),
+                                                                                       sample_var.Point(2, 1.5)]
     assert sample_var.sweep_points(replace(config, tp=False, coarse_ks=(1,)), 3) == [sample_var.Point(0, 2.0),
                                                                                      sample_var.Point(0, 0.5)]
 
@@ -394,7 +398,7 @@ def test_a_nop_grid_has_a_row_per_class_in_job_order(monkeypatch, tmp_path):
     sample_var.save_point_grid(sample_var.Point(0, 2.5), jobs, images, {}, CLASSES, config, tmp_path / "g.png")
     assert drawn["ncols"] == 2 and drawn["row_labels"] == CLASSES and drawn["path"] == tmp_path / "g.png"
     assert np.array_equal(drawn["tiles"], images)
-    assert drawn["title"] == "NOP_cfg2.5: no prefix; cfg 2.5, top-k 7, top-p 0.5, temperature 0.75"
+    assert drawn["title"] == "NOP_cfg2.5: no prefix; guidance 2.5 (linear), top-k 7, top-p 0.5, temperature 0.75"
 
 
 def test_a_tp_grid_puts_each_framed_teacher_before_its_samples_and_pads_short_rows_white(monkeypatch, tmp_path):
@@ -411,7 +415,7 @@ def test_a_tp_grid_puts_each_framed_teacher_before_its_samples_and_pads_short_ro
     assert drawn["ncols"] == 6
     assert np.array_equal(drawn["tiles"], np.stack(expected)) and drawn["tiles"].dtype == np.uint8  # white blanks too
     assert drawn["title"] == ("TP_K1_cfg0: first 1 scales from the teacher (red frame), the rest sampled; 2 per "
-                              "teacher; cfg 0, top-k 0, top-p 0.0, temperature 1")
+                              "teacher; guidance 0 (linear), top-k 0, top-p 0.0, temperature 1")
 
 
 def precision_of(name: str = "fp32"):
@@ -423,9 +427,12 @@ def test_the_fingerprint_holds_everything_an_image_depends_on_and_not_the_batch_
     point, shas = sample_var.Point(2, 1.5), {"var": "v", "vqvae": "q", "tokens": "t"}
     jobs = [sample_var.Job(1, 0, 7, 2, 12345), sample_var.Job(0, 1, 3, 0, 6789)]
     fp = sample_var.fingerprint(point, jobs, config, shas, precision_of())
-    assert json.loads(fp) == {"point": "TP_K2_cfg1.5", "shas": shas, "top_k": 5, "top_p": 0.25, "temperature": 0.5,
-                              "precision": "fp32", "device": "cpu", "jobs": [[1, 0, 7, 2, 12345], [0, 1, 3, 0, 6789]]}
+    assert json.loads(fp) == {"point": "TP_K2_cfg1.5", "shas": shas, "guidance_schedule": "linear", "top_k": 5,
+                              "top_p": 0.25, "temperature": 0.5, "precision": "fp32", "device": "cpu",
+                              "jobs": [[1, 0, 7, 2, 12345], [0, 1, 3, 0, 6789]]}
     assert sample_var.fingerprint(point, jobs, replace(config, batch_size=8, seed=3), shas, precision_of()) == fp
+    assert sample_var.fingerprint(point, jobs, replace(config, guidance_schedule="constant"), shas,
+                                  precision_of()) != fp
 
 
 def write_point(point_dir: Path, files: list[str], fingerprint: str, **extra) -> None:
@@ -551,7 +558,7 @@ def test_the_merged_token_arrays_follow_the_sweep_with_each_row_s_point_and_teac
     results = [point_result(p, j, v) for p, j, v in zip(points, jobs, (4, 7))]
     tokens = token_set()
     merged = sample_var.merged_arrays(points, results, tokens, {"var": "v1", "vqvae": "q1", "tokens": "t1"})
-    assert sorted(merged) == sorted([*sample_var._ROW_ARRAYS, "idx", "scales", "point", "coarse_k", "cfg", "image_path",
+    assert sorted(merged) == sorted([*sample_var._ROW_ARRAYS, "idx", "scales", "point", "coarse_k", "guidance", "image_path",
                                      "teacher_source", "classes", "var_sha256", "vqvae_sha256", "tokens_sha256"])
     assert merged["label"].tolist() == [0, 1, 0, 1] and merged["teacher_row"].tolist() == [-1, -1, 0, 9]
     assert merged["seed"].tolist() == [j.seed for js in jobs for j in js]
@@ -559,7 +566,7 @@ def test_the_merged_token_arrays_follow_the_sweep_with_each_row_s_point_and_teac
     assert merged["scales"].tolist() == [1, 2, 3] and merged["scales"].dtype == np.int64
     assert merged["point"].tolist() == ["NOP_cfg1.5"] * 2 + ["TP_K2_cfg0.5"] * 2
     assert merged["coarse_k"].tolist() == [0, 0, 2, 2] and merged["coarse_k"].dtype == np.int64
-    assert merged["cfg"].tolist() == [1.5, 1.5, 0.5, 0.5] and merged["cfg"].dtype == np.float64
+    assert merged["guidance"].tolist() == [1.5, 1.5, 0.5, 0.5] and merged["guidance"].dtype == np.float64
     assert merged["image_path"].tolist() == ["NOP_cfg1.5/a/s000.png", "NOP_cfg1.5/b/s000.png",
                                              "TP_K2_cfg0.5/a/t00_s00.png", "TP_K2_cfg0.5/b/t00_s00.png"]
     assert merged["teacher_source"].tolist() == ["", "", "a/img0.png", "b/img9.png"]  # row 0 is a teacher too
@@ -569,17 +576,17 @@ def test_the_merged_token_arrays_follow_the_sweep_with_each_row_s_point_and_teac
 
 def test_the_manifest_has_a_row_per_image_with_what_regenerates_it(tmp_path):
     config = sample_var.Config(samples_per_class=1, samples_per_teacher=2, seed=1, top_k=3, top_p=0.5,
-                               temperature=0.8)
+                               temperature=0.8, guidance_schedule="constant")
     points = [sample_var.Point(0, 1.5), sample_var.Point(3, 0.0)]
     jobs = [sample_var.point_jobs(points[0], config, 1, {}), sample_var.point_jobs(points[1], config, 1, {0: [0]})]
     results = [point_result(p, j, 0) for p, j in zip(points, jobs)]
     sample_var.write_manifest(tmp_path / "m.csv", points, results, token_set(), config, precision_of())
     seeds = [j.seed for js in jobs for j in js]
-    expected = ("path,point,mode,coarse_k,cfg,class,label,teacher,teacher_row,teacher_source,sample,seed,top_k,top_p,"
-                "temperature,precision,device\n"
-                f"NOP_cfg1.5/a/s000.png,NOP_cfg1.5,NOP,0,1.5,a,0,-1,-1,,0,{seeds[0]},3,0.5,0.8,fp32,cpu\n"
-                f"TP_K3_cfg0/a/t00_s00.png,TP_K3_cfg0,TP,3,0,a,0,0,0,a/img0.png,0,{seeds[1]},3,0.5,0.8,fp32,cpu\n"
-                f"TP_K3_cfg0/a/t00_s01.png,TP_K3_cfg0,TP,3,0,a,0,0,0,a/img0.png,1,{seeds[2]},3,0.5,0.8,fp32,cpu\n")
+    expected = ("path,point,mode,coarse_k,guidance,guidance_schedule,class,label,teacher,teacher_row,teacher_source,"
+                "sample,seed,top_k,top_p,temperature,precision,device\n"
+                f"NOP_cfg1.5/a/s000.png,NOP_cfg1.5,NOP,0,1.5,constant,a,0,-1,-1,,0,{seeds[0]},3,0.5,0.8,fp32,cpu\n"
+                f"TP_K3_cfg0/a/t00_s00.png,TP_K3_cfg0,TP,3,0,constant,a,0,0,0,a/img0.png,0,{seeds[1]},3,0.5,0.8,fp32,cpu\n"
+                f"TP_K3_cfg0/a/t00_s01.png,TP_K3_cfg0,TP,3,0,constant,a,0,0,0,a/img0.png,1,{seeds[2]},3,0.5,0.8,fp32,cpu\n")
     assert (tmp_path / "m.csv").read_bytes() == expected.encode()  # "\n" line ends, as every file of the project
     assert len(list(csv.DictReader(io.StringIO(expected)))) == 3
 
@@ -703,7 +710,7 @@ def test_the_output_folder_is_made_and_another_script_s_folder_is_refused(tmp_pa
 def test_teachers_are_saved_as_read_and_as_their_tokens_decode(kit, tmp_path):
     config, tokens, vqvae = kit["config"], kit["tokens"], kit["vqvae"]
     images = sample_var.save_teachers({0: [5, 1], 1: [9]}, tokens, vqvae, config, tmp_path)
-    recons = sample_var.decode_one_by_one(vqvae, tokens.idx_list([5, 1, 9]))
+    recons = decode_one_by_one(vqvae, tokens.idx_list([5, 1, 9]))
     root = Path(config.data_dir)
     expected = {0: [read_image(root / "a/img5.png", 6), read_image(root / "b/img1.png", 6)],
                 1: [read_image(root / "b/img9.png", 6)]}
@@ -726,7 +733,7 @@ def test_a_missing_teacher_image_is_refused_by_path(kit, tmp_path):
 
 def test_each_image_is_decoded_on_its_own(kit):
     maps = kit["tokens"].idx_list([3, 0, 8])
-    images = sample_var.decode_one_by_one(kit["vqvae"], maps)
+    images = decode_one_by_one(kit["vqvae"], maps)
     assert images.dtype == np.uint8 and images.shape == (3, 6, 6, 3)
     for i in range(3):
         one = to_rgb_uint8(kit["vqvae"].idx_to_img([m[i:i + 1] for m in maps]))
@@ -740,7 +747,7 @@ def test_decoding_takes_the_batch_in_one_call_or_each_image_alone(kit, monkeypat
     sizes = []
     real = vqvae.idx_to_img
     monkeypatch.setattr(vqvae, "idx_to_img", lambda idx_list: sizes.append(len(idx_list[0])) or real(idx_list))
-    images = sample_var.decode_images(vqvae, maps, mode)
+    images = decode_images(vqvae, maps, mode)
     assert sizes == calls
     assert np.array_equal(images, to_rgb_uint8(real(maps)))  # on the CPU this tiny VQ-VAE gives the same bits
 
@@ -756,21 +763,22 @@ def test_a_batch_is_sampled_with_the_sweep_point_s_prefix_guidance_and_filters(k
         return real(*args, **kwargs)
 
     monkeypatch.setattr(var, "generate_idx", spy)
-    config = sample_var.Config(top_k=6, top_p=0.7, temperature=1.7)
+    config = sample_var.Config(top_k=6, top_p=0.7, temperature=1.7, guidance_schedule="constant")
     jobs = [sample_var.Job(1, 0, 9, 0, 11), sample_var.Job(0, 1, 3, 2, 22)]
     point = sample_var.Point(2, 2.5)
     images, idx = sample_var.sample_jobs(var, vqvae, tokens, point, jobs, config, precision_of())
     (args, kwargs), = seen
-    assert args[0] is vqvae and args[1].tolist() == [1, 0]
+    settings = SamplingSettings(guidance=2.5, guidance_schedule="constant", top_k=6, top_p=0.7, temperature=1.7)
+    assert args[0] is vqvae and args[1].tolist() == [1, 0] and args[2] == settings
     coarse = kwargs.pop("coarse_idx")
-    assert kwargs == dict(cfg=2.5, top_k=6, top_p=0.7, temperature=1.7, seeds=[11, 22], coarse_k=2)
+    assert kwargs == dict(seeds=[11, 22], coarse_k=2)
     assert all(torch.equal(a, b) for a, b in zip(coarse, tokens.idx_list([9, 3])))
-    expected = real(vqvae, torch.tensor([1, 0]), cfg=2.5, top_k=6, top_p=0.7, temperature=1.7, seeds=[11, 22],
-                    coarse_idx=tokens.idx_list([9, 3]), coarse_k=2)
+    expected = real(vqvae, torch.tensor([1, 0]), settings, seeds=[11, 22], coarse_idx=tokens.idx_list([9, 3]),
+                    coarse_k=2)
     assert np.array_equal(idx, torch.cat([m.flatten(1) for m in expected], 1).numpy())
     assert np.array_equal(idx[:, :5], tokens.idx[[9, 3], :5])  # the two teacher scales: 1 + 4 tokens
-    assert np.array_equal(images, sample_var.decode_one_by_one(vqvae, expected))
+    assert np.array_equal(images, decode_one_by_one(vqvae, expected))
     seen.clear()
     sample_var.sample_jobs(var, vqvae, tokens, sample_var.Point(0, 0.5), [sample_var.Job(0, -1, -1, 0, 5)], config,
                            precision_of())
-    assert seen[0][1]["coarse_idx"] is None and seen[0][1]["coarse_k"] == 0 and seen[0][1]["cfg"] == 0.5
+    assert seen[0][1]["coarse_idx"] is None and seen[0][1]["coarse_k"] == 0 and seen[0][0][2].guidance == 0.5

@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_preprocessing import make_phantoms as mp, scan_area as sa
+from common import scan_area as sa
+from data_preprocessing import make_phantoms as mp
 from data_preprocessing.readers import read_frames
-from data_preprocessing.scan_area import ScanArea, ScanAreaError, detect_scan_area, to_model_image
+from common.scan_area import ScanArea, ScanAreaError, detect_scan_area, to_model_image
 
 REAL_STRIDE = 4  # every 4th real image keeps this file fast; the report gives full-set numbers
 

@@ -31,7 +31,7 @@ from common.plotting import save_image
 from common.tokens import TokenFileError, TokenSet, load_tokens, save_tokens
 from common.training import NonFiniteLossError
 from config_refusal import assert_edges, refusal_of
-from models.var import VAR, load_var
+from models.var import VAR, SamplingSettings, load_var
 from models.vqvae import VQVAE
 from reference_keys import renamed
 
@@ -500,7 +500,7 @@ def test_every_constant_is_refused_just_outside_its_range_and_accepted_at_its_ed
         "seed": ([0, 2**32 - 1], (2**32, "in [0, 4294967295]")),
         "kid_per_class": ([2], (1, ">= 2")),
         **{name: ([0.0], (-0.5, ">= 0")) for name in ("init_adaln_gamma", "base_lr", "lr", "weight_decay",
-                                                      "warmup_epochs", "grad_clip", "cfg_scale")},
+                                                      "warmup_epochs", "grad_clip", "guidance")},
         "mlp_ratio": ([0.25], (0.0, "> 0")),
         **{name: ([0.0, 0.999], (1.0, "in [0, 1)")) for name in ("drop_rate", "attn_drop_rate", "drop_path_rate",
                                                                  "label_smoothing", "adam_beta1", "adam_beta2")},
@@ -866,7 +866,7 @@ def test_sample_images_are_class_major_per_image_seeded_and_leave_the_random_str
 
     model, cpu = tiny_var(), torch.device("cpu")
     precision = select_precision(cpu, "fp32")
-    cfg = train_var.Config(eval_batch_size=4, cfg_scale=2.0, top_k=5, top_p=0.8)
+    cfg = train_var.Config(eval_batch_size=4, guidance=2.0, top_k=5, top_p=0.8)
     torch.manual_seed(11)
     images = train_var.sample_images(model, vq["vqvae"], 2, 3, cfg, precision, cpu, seed=[7, 1])
     after = torch.rand(3)
@@ -877,7 +877,8 @@ def test_sample_images_are_class_major_per_image_seeded_and_leave_the_random_str
     model.eval()
     with torch.no_grad():
         for i in range(6):  # image i: class i // 3, its own seed, whatever its batch
-            one, _ = model.generate(vq["vqvae"], torch.tensor([i // 3]), cfg=2.0, top_k=5, top_p=0.8, seeds=seeds[i:i + 1])
+            one, _ = model.generate(vq["vqvae"], torch.tensor([i // 3]), SamplingSettings(2.0, top_k=5, top_p=0.8),
+                                    seeds=seeds[i:i + 1])
             assert torch.equal(images[i], (one[0].clamp(0, 1) * 255).round().to(torch.uint8)), i
     model.train()
     assert torch.equal(train_var.sample_images(model, vq["vqvae"], 2, 3, replace(cfg, eval_batch_size=6), precision,

@@ -24,7 +24,7 @@ from common.tokens import load_tokens
 
 from models.convert_upstream import (main as convert_main, var_config_from_upstream_kwargs, var_from_upstream,
                                      vqvae_config_from_upstream_kwargs, vqvae_from_upstream)
-from models.var import VAR, load_var
+from models.var import VAR, SamplingSettings, load_var
 from models.vqvae import VQVAE, load_vqvae
 
 ATOL = 1e-4
@@ -114,10 +114,10 @@ def test_var_logits(ref: dict, var) -> None:
 
 
 @pytest.mark.parametrize("use_cache", [True, False])
-@pytest.mark.parametrize("cfg,key", [(1.5, "greedy_cfg1p5_images01"), (0.0, "greedy_cfg0_images01")])
-def test_greedy_sampling(ref: dict, vqvae, var, cfg: float, key: str, use_cache: bool) -> None:
-    images, idx = var.generate(vqvae, ref["labels"], cfg=cfg, top_k=1, use_cache=use_cache)
-    assert_close(images, ref[key], f"greedy sample, guidance {cfg}")
+@pytest.mark.parametrize("guidance,key", [(1.5, "greedy_cfg1p5_images01"), (0.0, "greedy_cfg0_images01")])
+def test_greedy_sampling(ref: dict, vqvae, var, guidance: float, key: str, use_cache: bool) -> None:
+    images, idx = var.generate(vqvae, ref["labels"], SamplingSettings(guidance, top_k=1), use_cache=use_cache)
+    assert_close(images, ref[key], f"greedy sample, guidance {guidance}")
     assert [tuple(t.shape[1:]) for t in idx] == [(pn, pn) for pn in vqvae.scales]
 
 
@@ -156,7 +156,7 @@ def test_converter_cli_round_trip(ref: dict, configs: tuple[dict, dict], tmp_pat
     with torch.no_grad():
         assert_close(vqvae.idx_to_img(ref["idx_per_scale"]), ref["rec_from_idx"], "CLI-converted VQ-VAE")
         assert_close(var(ref["labels"], ref["var_teacher_input"]), ref["var_logits"], "CLI-converted VAR")
-    images, _ = var.generate(vqvae, ref["labels"], cfg=1.5, top_k=1)
+    images, _ = var.generate(vqvae, ref["labels"], SamplingSettings(1.5, top_k=1))
     assert_close(images, ref["greedy_cfg1p5_images01"], "CLI-converted greedy sample")
 
 

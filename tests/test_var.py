@@ -21,8 +21,8 @@ import torch.nn.functional as F
 
 from common.checkpoint import CheckpointError
 from common.io import atomic_torch_save
-from models.var import (MLP, VAR, DropPath, KVCache, SelfAttention, grouped_attention, load_var, sample_tokens,
-                        scale_generators, unit_rows)
+from models.var import (MLP, VAR, DropPath, KVCache, SamplingSettings, SelfAttention, grouped_attention, load_var,
+                        sample_tokens, scale_generators, unit_rows)
 from models.vqvae import VQVAE
 
 SCALES = (1, 2, 3, 4)
@@ -103,8 +103,8 @@ def test_cached_incremental_logits_match_forward(vqvae: VQVAE, variant: dict) ->
 def test_generate_with_and_without_cache_agree(vqvae: VQVAE, variant: dict) -> None:
     model = small_var(**variant)
     labels = torch.tensor([0, 1, 2, 1])
-    outs = [model.generate(vqvae, labels, cfg=2.0, top_k=20, top_p=0.9, temperature=1.2,
-                           seeds=[7, 8, 9, 10], use_cache=cache) for cache in (True, False)]
+    sampling = SamplingSettings(2.0, top_k=20, top_p=0.9, temperature=1.2)
+    outs = [model.generate(vqvae, labels, sampling, seeds=[7, 8, 9, 10], use_cache=cache) for cache in (True, False)]
     (img_a, idx_a), (img_b, idx_b) = outs
     assert all(torch.equal(a, b) for a, b in zip(idx_a, idx_b))
     assert torch.allclose(img_a, img_b, atol=1e-5)
@@ -112,14 +112,13 @@ def test_generate_with_and_without_cache_agree(vqvae: VQVAE, variant: dict) -> N
     assert [t.shape for t in idx_a] == [(4, pn, pn) for pn in SCALES]
     # Sampled tokens, fed back as teacher input, are what the images decode from.
     assert torch.allclose(vqvae.idx_to_img(idx_a).add(1).mul(0.5), img_a, atol=1e-5)
-    again, _ = model.generate(vqvae, labels, cfg=2.0, top_k=20, top_p=0.9, temperature=1.2,
-                              seeds=[7, 8, 9, 10])
+    again, _ = model.generate(vqvae, labels, sampling, seeds=[7, 8, 9, 10])
     assert torch.equal(again, img_a)
 
 
 def test_greedy_is_argmax_of_guided_logits(model: VAR, vqvae: VQVAE) -> None:
     labels = torch.tensor([2, 0])
-    _, idx = model.generate(vqvae, labels, cfg=1.5, top_k=1)
+    _, idx = model.generate(vqvae, labels, SamplingSettings(1.5, top_k=1))
     x = vqvae.idx_to_var_input(idx)
     with torch.no_grad():
         cond, uncond = model(labels, x), model(torch.full_like(labels, CLASSES), x)
@@ -127,6 +126,29 @@ def test_greedy_is_argmax_of_guided_logits(model: VAR, vqvae: VQVAE) -> None:
         t = 1.5 * k / (len(SCALES) - 1)
         guided = (1 + t) * cond[:, begin:end] - t * uncond[:, begin:end]
         assert torch.equal(guided.argmax(-1), idx[k].flatten(1))
+
+
+def test_the_guidance_schedules_ramp_or_hold_the_guidance_over_the_scales() -> None:
+    assert [SamplingSettings(2.0).guidance_at(k, 5) for k in range(5)] == [0.0, 0.5, 1.0, 1.5, 2.0]  # the default
+    assert [SamplingSettings(2.0, "constant").guidance_at(k, 5) for k in range(5)] == [2.0] * 5
+    with pytest.raises(ValueError, match="guidance_schedule must be one of linear, constant, got 'cosine'"):
+        SamplingSettings(2.0, "cosine")
+
+
+def test_greedy_under_the_constant_schedule_is_the_argmax_of_equally_guided_logits(vqvae: VQVAE) -> None:
+    model = small_var()
+    with torch.no_grad():
+        model.class_emb.weight[-1].normal_(std=5.0)  # a null class far from the others: guidance moves the argmax
+    labels = torch.tensor([2, 0, 1])
+    _, idx = model.generate(vqvae, labels, SamplingSettings(3.0, "constant", top_k=1))
+    _, ramped = model.generate(vqvae, labels, SamplingSettings(3.0, top_k=1))
+    assert not torch.equal(idx[0], ramped[0])  # the first scale is guided here, unguided under the linear ramp
+    x = vqvae.idx_to_var_input(idx)
+    with torch.no_grad():
+        cond, uncond = model(labels, x), model(torch.full_like(labels, CLASSES), x)
+    for k, (begin, end) in enumerate(model.begin_ends):
+        guided = 4.0 * cond[:, begin:end] - 3.0 * uncond[:, begin:end]
+        assert torch.equal(guided.argmax(-1), idx[k].flatten(1)), k
 
 
 def test_sample_tokens_filters() -> None:
@@ -182,7 +204,7 @@ def test_sample_tokens_temperature_divides_logits() -> None:
 
 def test_seeded_images_do_not_depend_on_the_batch(model: VAR, vqvae: VQVAE) -> None:
     labels = torch.tensor([0, 1, 2, 1])
-    kwargs = dict(cfg=1.5, top_k=20, top_p=0.9, temperature=1.3)
+    kwargs = dict(sampling=SamplingSettings(1.5, top_k=20, top_p=0.9, temperature=1.3))
     batch_idx = model.generate_idx(vqvae, labels, seeds=[11, 12, 13, 14], **kwargs)
     for i in (3, 0):
         alone_idx = model.generate_idx(vqvae, labels[i:i + 1], seeds=[[11, 12, 13, 14][i]], **kwargs)
@@ -198,10 +220,10 @@ def test_guidance_zero_ignores_null_class(vqvae: VQVAE) -> None:
     model = small_var()
     labels = torch.tensor([0, 2])
 
-    def run(cfg: float) -> torch.Tensor:
-        return model.generate(vqvae, labels, cfg=cfg, top_k=10, seeds=[3, 4])[0]
+    def run(guidance: float) -> torch.Tensor:
+        return model.generate(vqvae, labels, SamplingSettings(guidance, top_k=10), seeds=[3, 4])[0]
 
-    before = {cfg: run(cfg) for cfg in (0.0, 3.0)}
+    before = {guidance: run(guidance) for guidance in (0.0, 3.0)}
     with torch.no_grad():
         model.class_emb.weight[-1].normal_(std=5.0)
     assert torch.equal(run(0.0), before[0.0])
@@ -215,8 +237,8 @@ def test_teacher_prefix(model: VAR, vqvae: VQVAE, use_cache: bool) -> None:
     assert all(torch.equal(a, b) for a, b in zip(full_idx, idx))
     assert torch.allclose(full, vqvae.idx_to_img(idx).add(1).mul(0.5), atol=1e-6)
     flat = [t.flatten(1) for t in idx]
-    part, part_idx = model.generate(vqvae, labels, coarse_idx=flat, coarse_k=2, top_k=5, use_cache=use_cache,
-                                    seeds=[0, 1, 2])
+    part, part_idx = model.generate(vqvae, labels, SamplingSettings(top_k=5), coarse_idx=flat, coarse_k=2,
+                                    use_cache=use_cache, seeds=[0, 1, 2])
     assert all(torch.equal(a, b) for a, b in zip(part_idx[:2], idx[:2]))
     with pytest.raises(ValueError, match="coarse_k"):
         model.generate(vqvae, labels, coarse_idx=idx[:1], coarse_k=2)
@@ -251,7 +273,7 @@ def test_bf16_autocast(model: VAR, vqvae: VQVAE) -> None:
     with torch.autocast("cpu", dtype=torch.bfloat16):
         logits = train_model(labels, x)
         loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), torch.randint(0, VOCAB, (3 * L,)))
-        images, idx = model.generate(vqvae, labels, cfg=1.5, top_k=5, seeds=[0, 1, 2])
+        images, idx = model.generate(vqvae, labels, SamplingSettings(1.5, top_k=5), seeds=[0, 1, 2])
     loss.backward()
     assert logits.shape == (3, L, VOCAB) and logits.dtype == torch.float32
     assert train_model.blocks[0].attn.qkv.weight.grad is not None
@@ -684,16 +706,16 @@ def tiny_vqvae() -> VQVAE:
     return vqvae
 
 
-@pytest.mark.parametrize("use_cache, cfg", [(True, 2.5), (False, 2.5), (True, 1.0), (True, 0.0)])
-def test_greedy_generation_is_the_argmax_of_the_guided_masked_forward(use_cache: bool, cfg: float) -> None:
+@pytest.mark.parametrize("use_cache, guidance", [(True, 2.5), (False, 2.5), (True, 1.0), (True, 0.0)])
+def test_greedy_generation_is_the_argmax_of_the_guided_masked_forward(use_cache: bool, guidance: float) -> None:
     model, vqvae = tiny_var(), tiny_vqvae()
     labels = torch.tensor([1, 2, 0, 1])
-    idx = model.generate_idx(vqvae, labels, cfg=cfg, top_k=1, use_cache=use_cache)
+    idx = model.generate_idx(vqvae, labels, SamplingSettings(guidance, top_k=1), use_cache=use_cache)
     with torch.no_grad():
         x = vqvae.idx_to_var_input(idx)
         cond, uncond = model(labels, x), model(torch.full_like(labels, 3), x)
     for k, (begin, end) in enumerate(model.begin_ends):
-        t = cfg * k / 2
+        t = guidance * k / 2
         guided = (1 + t) * cond[:, begin:end] - t * uncond[:, begin:end]
         assert torch.equal(guided.argmax(-1), idx[k].flatten(1)), k
 
@@ -703,7 +725,7 @@ def test_each_scale_draws_from_its_own_random_stream() -> None:
     with torch.no_grad():
         model.head.weight.zero_()  # every logit 0: uniform draws, whatever the model
     n = 64
-    idx = model.generate_idx(vqvae, torch.arange(n) % 3, cfg=1.0, seeds=list(range(n)))
+    idx = model.generate_idx(vqvae, torch.arange(n) % 3, SamplingSettings(1.0), seeds=list(range(n)))
     # the first token of scale 1 equals the token of scale 0 by chance in 1 of 16 images (4 of 64, std 1.9)
     same = (idx[1][:, 0, 0] == idx[0][:, 0, 0]).sum().item()
     assert same <= 14
