@@ -11,14 +11,19 @@ features (real images at the model's size, as the VQ-VAE saw them):
 - Fidelity: KID (all pairs of both sets, torch-fidelity's kernel), FID on large sets, improved precision and
   density (are the samples where real images are?) against the real images of ref_split.
 - Coverage: improved recall and coverage (are the real images' regions reached?).
+- The same four against the tokenizer-level reference (_vs_recon): the copy_split reconstructions, which are as
+  smooth as the samples (against speckled real images every smooth set scores 0); each set at most ref_split's
+  count per class, RECON's being every ref_split reconstruction. A mode-collapsed set scores low recall/coverage.
 - Diversity: mean pairwise cosine distance of the features within a class (feature_diversity), and mean pairwise
   1 - MS-SSIM (diversity), read only beside the RECON row: MS-SSIM counts speckle and shifts as diversity.
 - Copies: a sample is flagged when its token maps agree with a training image's (augmented copies included) more
   than any held-out (copy_split) image's do, or its features are closer to a training image's reconstruction than
   any held-out reconstruction's are, each threshold per class and moved copy_margin of the way towards an exact
-  copy. Every run checks the rule on controls: planted training reconstructions and augmented copies must be
-  flagged, ref_split reconstructions must not be.
-- Codebook usage and token entropy per scale, beside the training tokens', on equally many images.
+  copy. Every run checks the rule on controls: planted training reconstructions and augmented copies (training
+  images augmented as tokenize_multiscale_maps.py augments, then encoded and decoded) must be flagged, ref_split
+  reconstructions must not be.
+- Codebook usage and token entropy per scale, beside the held-out (ref_split, REAL row) and the training tokens'
+  (REAL_TRAIN row), on equally many images.
 - Teacher similarity (TP): PSNR and SSIM of each sample against its teacher and the teacher's reconstruction.
 Intervals: bootstrap over both sets (`bootstrap` replicates, `level`); the replicates go to bootstrap.npz, which
 --compare pairs up. Per-class numbers need min_class_images in every set, else they are blank.
@@ -30,7 +35,7 @@ class proportions; TP points are compared with ref_split less their own teachers
 Outputs in `out` (default <samples>/eval): metrics.csv, metrics.json, bootstrap.npz, kid_vs_k.png,
 feature_diversity_vs_k.png, diversity_vs_k.png, teacher_similarity_vs_k.png, token_usage_entropy.png, memorisation_hist.png,
 memorisation_pairs.png, nearest_train.npz, config.json, and the images it compared at the model's size (real/,
-recon/ and train_recon/). Features are cached by file content (`cache`), so a rerun only extracts what changed.
+recon/, train_recon/ and planted_augmented/). Features are cached by file content (`cache`), so a rerun only extracts what changed.
 """
 from __future__ import annotations
 
@@ -51,7 +56,7 @@ from common.checkpoint import CheckpointError
 from common.config import (DEVICE, SEED, ConfigError, Rule, at_least, between, check_constants, check_output_folder,
                            config_dict, one_of, preset_hint, save_config, script_config)
 from common.fidelity import FidelityError, extract_features, fid_from_features, kid_bootstrap, load_feature_extractor
-from common.image_data import SPLITS, ImageDataError, halves, read_image, subject_ids
+from common.image_data import SPLITS, ImageDataError, halves, read_image, subject_ids, to_tensor
 from common.io import (SideFileError, atomic_save_npz, atomic_write_json, atomic_write_text, file_sha256,
                        files_fingerprint, load_npz, os_error_line, read_csv_rows, read_json)
 from common.plotting import save_figure, save_image, save_labelled_grid
@@ -64,6 +69,7 @@ from common.sample_metrics import (above_threshold, bootstrap_weights, class_thr
 from common.tokens import TokenFileError, TokenSet, load_tokens, split_scales
 from models.vqvae import VQVAE, load_vqvae
 from sample_var import DECODE_MODES, decode_images
+from tokenize_multiscale_maps import Config as TokenizeConfig, augment
 
 
 @dataclass
@@ -234,8 +240,10 @@ def class_matched(labels: np.ndarray, target_labels: np.ndarray, seed: int) -> n
     return np.concatenate(keep) if keep else np.zeros(0, np.int64)
 
 
-SET_METRICS = ("kid", "precision", "recall", "density", "coverage")  # a generated set against a real one
-INTERVAL_METRICS = SET_METRICS + ("feature_diversity",)  # the ones with bootstrap intervals
+NN_METRICS = ("precision", "recall", "density", "coverage")  # the k-nearest-neighbour ones
+SET_METRICS = ("kid",) + NN_METRICS  # a generated set against a real one
+VS_RECON_METRICS = tuple(f"{m}_vs_recon" for m in NN_METRICS)  # against the tokenizer-level reference
+INTERVAL_METRICS = SET_METRICS + ("feature_diversity",) + VS_RECON_METRICS  # the ones with bootstrap intervals
 
 
 class Measure:
@@ -267,12 +275,28 @@ class Measure:
         weights = bootstrap_weights(len(f_gen), len(f_ref), self.config.bootstrap, self._seed(key))
         out["kid"], values = kid_bootstrap(f_gen, f_ref, weights)
         out.update(self._keep(key, "kid", values))
-        out.update(fidelity_coverage(f_gen, f_ref, self.config.nn_k))
-        boot = [fidelity_coverage(f_gen, f_ref, self.config.nn_k, w_1, w_2) for w_1, w_2 in weights]
-        for metric in SET_METRICS[1:]:
-            out.update(self._keep(key, metric, np.array([b[metric] for b in boot])))
+        out.update(self._nearest_neighbour(f_gen, f_ref, key, weights, ""))
         if n >= self.config.fid_min_images:
             out["fid"] = fid_from_features(f_gen, f_ref)
+        return out
+
+    def against_recon(self, f_gen: np.ndarray, f_recon_ref: np.ndarray, key: str) -> dict[str, float]:
+        """Precision, recall, density and coverage against the tokenizer-level reference (reconstructions of
+        held-out images), with bootstrap intervals; blank below min_class_images. Against real images they are 0
+        for every smooth set, reconstructions included: speckle puts every real image's ball out of reach."""
+        if min(len(f_gen), len(f_recon_ref)) < self.config.min_class_images:
+            return dict.fromkeys(VS_RECON_METRICS, math.nan)
+        weights = bootstrap_weights(len(f_gen), len(f_recon_ref), self.config.bootstrap,
+                                    self._seed(f"{key}|vs_recon"))
+        return self._nearest_neighbour(f_gen, f_recon_ref, key, weights, "_vs_recon")
+
+    def _nearest_neighbour(self, f_gen: np.ndarray, f_ref: np.ndarray, key: str,
+                           weights: list[tuple[np.ndarray, np.ndarray]],
+                           suffix: str) -> dict[str, float]:
+        out = {f"{m}{suffix}": v for m, v in fidelity_coverage(f_gen, f_ref, self.config.nn_k).items()}
+        boot = [fidelity_coverage(f_gen, f_ref, self.config.nn_k, w_1, w_2) for w_1, w_2 in weights]
+        for metric in NN_METRICS:
+            out.update(self._keep(key, metric + suffix, np.array([b[metric] for b in boot])))
         return out
 
     def spread(self, features: np.ndarray, key: str) -> dict[str, float]:
@@ -347,12 +371,13 @@ def copy_bank(tokens: TokenSet, train_rows: np.ndarray) -> tuple[np.ndarray, np.
     return (copies.reshape(n * c, -1).astype(np.int64), np.repeat(train.labels, c), np.tile(np.arange(c), n), names)
 
 
-def controls(check: CopyCheck, bank_labels: np.ndarray, bank_copy: np.ndarray, recon_idx: np.ndarray,
-             recon_features: np.ndarray, recon_labels: np.ndarray, per_class: int, seed: int) -> dict[str, float]:
-    """The copy rule on images whose answer is known: planted training reconstructions (copy 0) and planted
-    augmented copies (any other copy; NaN when the token file has none), per_class of each class, must be flagged;
-    the ref_split reconstructions must not be. Also each rule alone (`_by_tokens`, `_by_image`): the image rule
-    must catch a copy whose tokens differ."""
+def controls(check: CopyCheck, bank_labels: np.ndarray, bank_copy: np.ndarray, augmented: Planted,
+             recon_idx: np.ndarray, recon_features: np.ndarray, recon_labels: np.ndarray, per_class: int,
+             seed: int) -> dict[str, float]:
+    """The copy rule on images whose answer is known: planted training reconstructions (per_class bank rows of
+    copy 0 per class) and the planted augmented copies (made by planted_augmented) must be flagged; the ref_split
+    reconstructions must not be. Also each rule alone (`_by_tokens`, `_by_image`): the image rule must catch a copy
+    whose tokens differ."""
     rng = np.random.default_rng(seed)
 
     def rates(name: str, scored: dict[str, np.ndarray]) -> dict[str, float]:
@@ -360,18 +385,38 @@ def controls(check: CopyCheck, bank_labels: np.ndarray, bank_copy: np.ndarray, r
                 f"{name}_by_tokens": float(scored["by_tokens"].mean()),
                 f"{name}_by_image": float(scored["by_image"].mean())}
 
-    def planted(name: str, augmented: bool) -> dict[str, float]:
-        rows = []
-        for label in np.unique(bank_labels):
-            members = np.flatnonzero((bank_labels == label) & ((bank_copy > 0) if augmented else (bank_copy == 0)))
-            rows.extend(rng.permutation(members)[:per_class])
-        if not rows:
-            return dict.fromkeys((f"{name}_flagged", f"{name}_by_tokens", f"{name}_by_image"), math.nan)
-        rows = np.array(rows)
-        return rates(name, check.score(check.bank_idx[rows], check.bank_features[rows], bank_labels[rows]))
-
-    return {**planted("planted_recon", False), **planted("planted_augmented", True),
+    rows = np.concatenate([rng.permutation(np.flatnonzero((bank_labels == label) & (bank_copy == 0)))[:per_class]
+                           for label in np.unique(bank_labels)])
+    return {**rates("planted_recon", check.score(check.bank_idx[rows], check.bank_features[rows], bank_labels[rows])),
+            **rates("planted_augmented", check.score(augmented.idx, augmented.features, augmented.labels)),
             **rates("held_out_recon", check.score(recon_idx, recon_features, recon_labels))}
+
+
+@dataclass
+class Planted:
+    """Planted augmented copies: token rows (n, L) of augmented training images, their labels and features."""
+    idx: np.ndarray
+    labels: np.ndarray
+    features: np.ndarray
+
+
+@torch.no_grad()
+def augmented_tokens(vqvae: VQVAE, images: list[np.ndarray], device: torch.device, batch_size: int) -> np.ndarray:
+    """The VQ-VAE's token rows (n, L) of uint8 images, encoded as tokenize_multiscale_maps.py encodes."""
+    rows = []
+    for start in range(0, len(images), batch_size):
+        batch = torch.stack([to_tensor(image) for image in images[start:start + batch_size]]).to(device)
+        rows.append(torch.cat([idx.flatten(1) for idx in vqvae.img_to_idx(batch)], dim=1).cpu().numpy())
+    return np.concatenate(rows).astype(np.int64)
+
+
+def at_most(labels: np.ndarray, limit_labels: np.ndarray, seed: int) -> np.ndarray:
+    """Sorted positions of a subset of `labels` with, per class, at most as many as `limit_labels` has (drawn with
+    the seed): recall and coverage grow with the number of generated images, so a sample set meets the
+    tokenizer-level reference at the size of the RECON set (ref_split's class counts)."""
+    keep = [members[matched_subsample(len(members), int(np.sum(limit_labels == c)), seed)]
+            for c in np.unique(labels) for members in [np.flatnonzero(labels == c)]]
+    return np.sort(np.concatenate(keep)) if keep else np.zeros(0, np.int64)
 
 
 def class_mean(rows: list[dict[str, Any]], key: str) -> float:
@@ -464,6 +509,26 @@ def open_run(config: Config, sweep: Sweep) -> Run:
                train_paths, gen_paths, gen_labels, made_from)
 
 
+def planted_augmented(run: Run) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """control_per_class training images of every class, each augmented once the way tokenize_multiscale_maps.py
+    makes its copies (its default crop, shift and mirroring) and encoded by the VQ-VAE: token rows (n, L), labels
+    and file names. Seeded by this run's seed (and the image), so no augmented copy of the token file is among them:
+    a copy a model draws is a new augmentation too."""
+    config, tokens, augmentation = run.config, run.tokens, TokenizeConfig()
+    rng = np.random.default_rng([config.seed, 1])
+    rows = np.concatenate([rng.permutation(run.train_rows[run.train_labels == c])[:config.control_per_class]
+                           for c in range(len(run.classes))])
+    images = []
+    for row in rows:
+        source = str(tokens.source[row])
+        copy_rng = np.random.default_rng([config.seed, 2, zlib.crc32(source.encode())])
+        images.append(augment(read_image(Path(config.data_dir) / source, run.size), copy_rng,
+                              augmentation.aug_min_area, augmentation.aug_max_shift,
+                              run.classes[tokens.labels[row]] in augmentation.aug_hflip_classes))
+    names = [f"{Path(tokens.source[row]).with_suffix('')}_seed{config.seed}.png" for row in rows]
+    return augmented_tokens(run.vqvae, images, run.device, config.batch_size), tokens.labels[rows], names
+
+
 @dataclass
 class Sets:
     """Every image set of an evaluation, its features (f_*) and, for decoded sets, where the images are."""
@@ -471,7 +536,7 @@ class Sets:
     f_train: np.ndarray  # real train
     f_recon: np.ndarray  # ref_split reconstructions
     f_gen: np.ndarray  # the samples
-    f_held: np.ndarray  # copy_split reconstructions
+    f_held: np.ndarray  # copy_split reconstructions: the tokenizer-level reference of the _vs_recon metrics
     f_bank: np.ndarray  # training reconstructions (augmented copies included)
     recon_paths: list[Path]
     bank_idx: np.ndarray
@@ -479,11 +544,13 @@ class Sets:
     bank_copy: np.ndarray
     bank_names: list[str]
     bank_paths: list[Path]
+    augmented: Planted
     feature_extractor: str
 
 
 def decode_and_extract(run: Run) -> Sets:
-    """The reconstructions (ref_split, copy_split, training copies) decoded, and the features of every set."""
+    """The reconstructions (ref_split, copy_split, training copies, planted augmented copies) decoded, and the
+    features of every set."""
     config, tokens = run.config, run.tokens
     inputs = (Path(config.vqvae), Path(config.tokens))
     recon_paths, held_paths = (decode(run.vqvae, tokens.idx[rows], list(tokens.source[rows]), run.scales,
@@ -492,6 +559,9 @@ def decode_and_extract(run: Run) -> Sets:
     bank_idx, bank_labels, bank_copy, bank_names = copy_bank(tokens, run.train_rows)
     bank_paths = decode(run.vqvae, bank_idx, bank_names, run.scales, run.out / "train_recon", inputs, config.decode,
                         config.batch_size)
+    aug_idx, aug_labels, aug_names = planted_augmented(run)
+    aug_paths = decode(run.vqvae, aug_idx, aug_names, run.scales, run.out / "planted_augmented", inputs,
+                       config.decode, config.batch_size)
 
     net = load_feature_extractor(config.inception_weights, run.device)
     cache = Path(config.cache) if config.cache else None
@@ -505,8 +575,9 @@ def decode_and_extract(run: Run) -> Sets:
     f_recon, f_gen = features(recon_paths, "features: reconstructions"), features(run.gen_paths, "features: samples")
     f_held = features(held_paths, f"features: {config.copy_split} reconstructions")
     f_bank = features(bank_paths, "features: training reconstructions")
+    augmented = Planted(aug_idx, aug_labels, features(aug_paths, "features: planted augmented copies"))
     return Sets(f_ref, f_train, f_recon, f_gen, f_held, f_bank, recon_paths, bank_idx, bank_labels, bank_copy,
-                bank_names, bank_paths, net.name)
+                bank_names, bank_paths, augmented, net.name)
 
 
 def add_rows(rows: list[dict[str, Any]], measure: Measure, point: str, mode: str, k: int, cfg: float,
@@ -527,21 +598,25 @@ def copy_columns(scored: dict[str, np.ndarray], sel: np.ndarray) -> dict[str, fl
 
 def reference_rows(run: Run, sets: Sets, ref_copy: dict[str, np.ndarray], first: np.ndarray, second: np.ndarray,
                    per_class_tokens: int) -> list[dict[str, Any]]:
-    """REAL (ref_split half against half, by subject), REAL_TRAIN (real train against ref_split) and RECON
-    (reconstructions of one half against the real other half): per class, then all classes."""
+    """REAL (ref_split half against half, by subject; tokens: ref_split's, held out), REAL_TRAIN (real train
+    against ref_split; tokens: the training ones) and RECON (reconstructions of one half against the real other
+    half; _vs_recon: all ref_split reconstructions against the copy_split ones): per class, then all classes."""
     measure, seed, f_ref, f_train, f_recon = run.measure, run.config.seed, sets.f_ref, sets.f_train, sets.f_recon
-    ref_labels, train_labels, train_idx = run.ref_labels, run.train_labels, run.tokens.idx[run.train_rows]
+    ref_labels, train_labels, held_labels = run.ref_labels, run.train_labels, run.tokens.labels[run.held_rows]
+    ref_idx, train_idx = run.tokens.idx[run.ref_rows], run.tokens.idx[run.train_rows]
     real, real_train, recon = [], [], []
     for c, name in enumerate(run.classes):
         a, b, in_c, train_c = first & (ref_labels == c), second & (ref_labels == c), ref_labels == c, train_labels == c
         real.append({"class": name, "n": int(in_c.sum()), **measure.against(f_ref[a], f_ref[b], f"REAL|{name}"),
                      **measure.spread(f_ref[in_c], f"REAL|{name}"),
-                     **measure.tokens(token_subsample(train_idx[train_c], train_labels[train_c], per_class_tokens,
-                                                      seed))})
+                     **measure.tokens(token_subsample(ref_idx[in_c], ref_labels[in_c], per_class_tokens, seed))})
         real_train.append({"class": name, "n": int(train_c.sum()),
                            **measure.against(f_train[train_c], f_ref[in_c], f"REAL_TRAIN|{name}"),
-                           **measure.spread(f_train[train_c], f"REAL_TRAIN|{name}")})
+                           **measure.spread(f_train[train_c], f"REAL_TRAIN|{name}"),
+                           **measure.tokens(token_subsample(train_idx[train_c], train_labels[train_c],
+                                                            per_class_tokens, seed))})
         recon.append({"class": name, "n": int(a.sum()), **measure.against(f_recon[a], f_ref[b], f"RECON|{name}"),
+                      **measure.against_recon(f_recon[in_c], sets.f_held[held_labels == c], f"RECON|{name}"),
                       **measure.spread(f_recon[in_c], f"RECON|{name}"),
                       "diversity": measure.diversity(run.images_of(sets.recon_paths, np.flatnonzero(in_c))),
                       **copy_columns(ref_copy, np.flatnonzero(in_c))})
@@ -550,12 +625,14 @@ def reference_rows(run: Run, sets: Sets, ref_copy: dict[str, np.ndarray], first:
     b = b[class_matched(ref_labels[b], ref_labels[a], seed)]
     add_rows(rows, measure, "REAL", "REAL", 0, math.nan, real,
              {"n": len(run.ref_rows), **measure.against(f_ref[a], f_ref[b], f"REAL|{ALL}"),
-              **measure.tokens(token_subsample(train_idx, train_labels, per_class_tokens, seed))})
+              **measure.tokens(token_subsample(ref_idx, ref_labels, per_class_tokens, seed))})
     matched = class_matched(train_labels, ref_labels, seed)
     add_rows(rows, measure, "REAL_TRAIN", "REAL_TRAIN", 0, math.nan, real_train,
-             {"n": len(matched), **measure.against(f_train[matched], f_ref, f"REAL_TRAIN|{ALL}")})
+             {"n": len(matched), **measure.against(f_train[matched], f_ref, f"REAL_TRAIN|{ALL}"),
+              **measure.tokens(token_subsample(train_idx, train_labels, per_class_tokens, seed))})
     add_rows(rows, measure, "RECON", "RECON", len(run.scales), math.nan, recon,
              {"n": len(a), **measure.against(f_recon[a], f_ref[b], f"RECON|{ALL}"),
+              **measure.against_recon(f_recon, sets.f_held, f"RECON|{ALL}"),
               **copy_columns(ref_copy, np.arange(len(run.ref_rows)))})
     return rows
 
@@ -587,6 +664,7 @@ def sweep_rows(run: Run, sets: Sets, gen_copy: dict[str, np.ndarray], per_class_
     """A row per sweep point and class, then all classes. TP samples are compared with ref_split less their own
     teachers (which they were drawn from)."""
     sweep, measure, seed, gen_labels, ref_labels = run.sweep, run.measure, run.config.seed, run.gen_labels, run.ref_labels
+    held_labels = run.tokens.labels[run.held_rows]
     rows: list[dict[str, Any]] = []
     teacher_images: dict[str, dict[tuple[str, int], np.ndarray]] = {"teachers": {}, "teachers_recon": {}}
     ref_row_position = {int(r): i for i, r in enumerate(run.ref_rows)}
@@ -603,6 +681,8 @@ def sweep_rows(run: Run, sets: Sets, gen_copy: dict[str, np.ndarray], per_class_
             images = run.images_of(run.gen_paths, sel)
             row = {"class": name, "n": len(sel),
                    **measure.against(sets.f_gen[sel], sets.f_ref[usable & (ref_labels == c)], f"{point}|{name}"),
+                   **measure.against_recon(sets.f_gen[sel[at_most(gen_labels[sel], ref_labels, seed)]],
+                                           sets.f_held[held_labels == c], f"{point}|{name}"),
                    **measure.spread(sets.f_gen[sel], f"{point}|{name}"), "diversity": measure.diversity(images),
                    **copy_columns(gen_copy, sel),
                    **measure.tokens(token_subsample(sweep.idx[sel], gen_labels[sel], per_class_tokens, seed))}
@@ -614,6 +694,8 @@ def sweep_rows(run: Run, sets: Sets, gen_copy: dict[str, np.ndarray], per_class_
         ref_sel = np.flatnonzero(usable)
         matched = sel[class_matched(gen_labels[sel], ref_labels[ref_sel], seed)]
         overall = {"n": len(sel), **measure.against(sets.f_gen[matched], sets.f_ref[ref_sel], f"{point}|{ALL}"),
+                   **measure.against_recon(sets.f_gen[sel[at_most(gen_labels[sel], ref_labels, seed)]], sets.f_held,
+                                           f"{point}|{ALL}"),
                    **copy_columns(gen_copy, sel),
                    **measure.tokens(token_subsample(sweep.idx[sel], gen_labels[sel], per_class_tokens, seed))}
         if k > 0:
@@ -641,7 +723,10 @@ def run_info(run: Run, sets: Sets, check: CopyCheck, control: dict[str, float], 
                      "pairs (cubic kernel). precision/recall (Kynkaanniemi 2019) and density/coverage (Naeem 2020) "
                      "with nn_k-NN balls. <metric>_lo/_hi: bootstrap percentile interval (both sets resampled). "
                      "REAL: ref_split halves split by subject; REAL_TRAIN: real train (class-matched) vs ref_split; "
-                     "RECON: reconstructions of one half vs the other. TP: vs ref_split less its teachers. The all "
+                     "RECON: reconstructions of one half vs the other. <metric>_vs_recon: precision, recall, density, "
+                     "coverage against the copy_split reconstructions (the tokenizer-level reference), each set at "
+                     "most ref_split's count per class; RECON's: all ref_split reconstructions. Tokens: REAL holds "
+                     "ref_split's (held out), REAL_TRAIN the training ones. TP: vs ref_split less its teachers. The all "
                      "rows draw generated images in ref_split's class proportions. feature_diversity: mean pairwise "
                      "cosine distance of features within a class (all row: mean of classes). diversity: 1 - MS-SSIM, "
                      "read only against RECON's. copy_fraction: share flagged by the copy rule (token_sim / "
@@ -667,11 +752,11 @@ def evaluate(config: Config) -> None:
                                  tokens.labels[run.held_rows], len(run.classes), config.copy_margin)
     gen_copy = check.score(sweep.idx, sets.f_gen, run.gen_labels)
     ref_copy = check.score(tokens.idx[run.ref_rows], sets.f_recon, ref_labels)
-    control = controls(check, sets.bank_labels, sets.bank_copy, tokens.idx[run.ref_rows], sets.f_recon, ref_labels,
-                       config.control_per_class, config.seed)
+    control = controls(check, sets.bank_labels, sets.bank_copy, sets.augmented, tokens.idx[run.ref_rows], sets.f_recon,
+                       ref_labels, config.control_per_class, config.seed)
 
-    per_class_tokens = min(int((run.gen_labels[[r["point"] == p for r in sweep.rows]] == c).sum())
-                           for p in sweep.points for c in range(len(run.classes)))
+    per_class_tokens = min(min(int((run.gen_labels[[r["point"] == p for r in sweep.rows]] == c).sum()),
+                               int((ref_labels == c).sum())) for p in sweep.points for c in range(len(run.classes)))
     ref_subjects = subject_ids(Path(config.data_dir), tokens.source[run.ref_rows])
     first, second = halves(ref_labels, ref_subjects, config.seed)
     rows = reference_rows(run, sets, ref_copy, first, second, per_class_tokens)
@@ -822,14 +907,16 @@ def plot_vs_k(rows: list[dict[str, Any]], classes: list[str], scales: tuple[int,
 
 def plot_tokens(rows: list[dict[str, Any]], scales: tuple[int, ...], out: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
-    overall = [r for r in rows if r["class"] == ALL and r["mode"] in ("REAL", "NOP", "TP")]
+    overall = [r for r in rows if r["class"] == ALL and r["mode"] in ("REAL", "REAL_TRAIN", "NOP", "TP")]
+    real_labels = {"REAL": "real, held out (ref_split tokens)", "REAL_TRAIN": "real, training tokens"}
     for ax, what in zip(axes, ("usage", "entropy")):
         for i, r in enumerate(overall):
-            real = r["mode"] == "REAL"
+            real = r["mode"] in real_labels
             ax.plot(range(len(scales)), [r[f"{what}_{pn}"] for pn in scales], marker="o", markersize=3,
                     color="black" if real else plt.cm.viridis(i / max(1, len(overall) - 1)),
-                    linewidth=2.5 if real else 1, linestyle="--" if r["mode"] == "NOP" else "-",
-                    label="real (training tokens)" if real else r["point"])
+                    linewidth=2.5 if real else 1,
+                    linestyle={"NOP": "--", "REAL_TRAIN": ":"}.get(r["mode"], "-"),
+                    label=real_labels.get(r["mode"], r["point"]))
         ax.set_xticks(range(len(scales)), [f"{pn}x{pn}" for pn in scales])
         ax.set_xlabel("scale")
         ax.set_ylabel("fraction of the codebook used" if what == "usage" else "entropy (bits)")
@@ -893,22 +980,27 @@ def print_summary(rows: list[dict[str, Any]], info: dict[str, Any]) -> None:
     level = f"{100 * info['level']:g}%"
     print(f"all classes; [{level} bootstrap interval]")
     print(f"{'point':<14} {'n':>4} {'KID':>26} {'precision':>18} {'recall':>18} {'coverage':>18} "
-          f"{'feat. diversity':>18} {'MS-SSIM div.':>12} {'copies':>6}")
+          f"{'recall vs recon':>18} {'coverage vs recon':>18} {'feat. diversity':>18} {'MS-SSIM div.':>12} "
+          f"{'copies':>6}")
     for r in rows:
         if r["class"] != ALL:
             continue
         print(f"{r['point']:<14} {r['n']:>4} {with_interval(r, 'kid', 4):>26} {with_interval(r, 'precision', 2):>18} "
               f"{with_interval(r, 'recall', 2):>18} {with_interval(r, 'coverage', 2):>18} "
+              f"{with_interval(r, 'recall_vs_recon', 2):>18} {with_interval(r, 'coverage_vs_recon', 2):>18} "
               f"{with_interval(r, 'feature_diversity', 3):>18} {r.get('diversity', math.nan):>12.3f} "
               f"{r.get('copy_fraction', math.nan):>6.2f}")
     c = info["controls"]
     print(f"{info['feature_extractor']}; {info['ref_images']} {info['ref_split']} / {info['train_images']} train images; "
           f"halves of {info['ref_split']} by subject ({info['halves_subjects']} subjects)")
-    augmented = "n/a (the token file has none)" if c["planted_augmented_flagged"] is None else \
-        f"{c['planted_augmented_flagged']:.0%}"
-    print(f"copy check controls: planted training reconstructions flagged {c['planted_recon_flagged']:.0%}, planted "
-          f"augmented copies {augmented}, held-out "
-          f"{info['ref_split']} reconstructions {c['held_out_recon_flagged']:.0%}; thresholds from "
+    def rate(key: str, target_met: bool) -> str:
+        return f"{c[key]:.0%}" + ("" if target_met else " (target missed)")
+
+    print(f"copy check controls: planted training reconstructions flagged "
+          f"{rate('planted_recon_flagged', c['planted_recon_flagged'] >= 0.95)}, planted augmented copies "
+          f"{rate('planted_augmented_flagged', c['planted_augmented_flagged'] >= 0.95)}, held-out "
+          f"{info['ref_split']} reconstructions {rate('held_out_recon_flagged', c['held_out_recon_flagged'] <= 0.05)}; "
+          f"thresholds from "
           f"{info['copy_split_images']} {info['copy_split']} reconstructions against {info['copy_bank_images']} "
           "training token rows and reconstructions")
 

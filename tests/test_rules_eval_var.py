@@ -413,16 +413,16 @@ def test_the_summary_prints_the_all_rows_and_the_controls(capsys):
              "precision": 0.5, "diversity": 0.25, "copy_fraction": 0.125}]
     info = {"feature_extractor": "net", "ref_images": 9, "ref_split": "val", "train_images": 5, "level": 0.9,
             "halves_subjects": 3, "copy_split": "test", "copy_split_images": 4, "copy_bank_images": 10,
-            "controls": {"planted_recon_flagged": 1.0, "planted_augmented_flagged": None, "held_out_recon_flagged": 0.0}}
+            "controls": {"planted_recon_flagged": 1.0, "planted_augmented_flagged": 0.5, "held_out_recon_flagged": 0.0}}
     eval_var.print_summary(rows, info)
     out = capsys.readouterr().out.splitlines()
     assert out[0] == "all classes; [90% bootstrap interval]"
-    assert out[2].split() == ["RECON", "4"] + ["nan"] * 7
-    assert out[3].split() == ["TP_K1_cfg2", "12", "0.0123", "[0.0010,", "0.0200]", "0.50", "nan", "nan", "nan", "0.250",
-                              "0.12"]
+    assert out[2].split() == ["RECON", "4"] + ["nan"] * 9
+    assert out[3].split() == ["TP_K1_cfg2", "12", "0.0123", "[0.0010,", "0.0200]", "0.50", "nan", "nan", "nan", "nan",
+                              "nan", "0.250", "0.12"]
     assert out[4] == "net; 9 val / 5 train images; halves of val by subject (3 subjects)"
     assert out[5] == ("copy check controls: planted training reconstructions flagged 100%, planted augmented copies "
-                      "n/a (the token file has none), held-out val reconstructions 0%; thresholds from 4 test "
+                      "50% (target missed), held-out val reconstructions 0%; thresholds from 4 test "
                       "reconstructions against 10 training token rows and reconstructions")
 
 
@@ -454,15 +454,18 @@ def test_the_controls_plant_bank_rows_and_score_the_held_out_reconstructions():
     labels, copy = np.array([0, 0, 1, 1, 0, 0, 1, 1]), np.array([0, 1] * 4)
     check = eval_var.CopyCheck(bank_idx, bank_features, np.array([0.5, 0.5]), np.array([0.9, 0.9]))
     recon_idx, recon_features = np.array([[9, 9, 9, 9], [0, 0, 9, 9]]), np.array([[1.0, 1.0] + [0] * 6, [0.0] * 7 + [1]])
-    out = eval_var.controls(check, labels, copy, recon_idx, recon_features, np.array([0, 1]), per_class=1, seed=0)
-    assert out["planted_recon_flagged"] == out["planted_augmented_flagged"] == 1.0
+    # Planted augmented copies: the first matches row 2's tokens (class 1), the second nothing: half flagged.
+    augmented = eval_var.Planted(np.array([[2, 2, 2, 2], [9, 9, 9, 9]]), np.array([1, 0]), np.eye(8)[[0, 0]] * 0.5
+                                 + np.eye(8)[[1, 4]] * 0.5)
+    out = eval_var.controls(check, labels, copy, augmented, recon_idx, recon_features, np.array([0, 1]), per_class=1,
+                            seed=0)
+    assert out["planted_recon_flagged"] == 1.0 and out["planted_augmented_flagged"] == 0.5
+    assert out["planted_augmented_by_tokens"] == 0.5 and out["planted_augmented_by_image"] == 0.0
     assert out["planted_recon_by_image"] == out["planted_recon_by_tokens"] == 1.0
     # Held out: the first agrees with no row (and sits between two at cosine 0.71); the second's features equal
     # bank row 7 (class 1, cosine 1 > 0.9) and its tokens half of row 0: flagged by its features only.
     assert out["held_out_recon_flagged"] == 0.5 and out["held_out_recon_by_image"] == 0.5
     assert out["held_out_recon_by_tokens"] == 0.0
-    plain = eval_var.controls(check, labels, np.zeros(8, int), recon_idx, recon_features, np.array([0, 1]), 1, 0)
-    assert math.isnan(plain["planted_augmented_flagged"])  # a token file without augmented copies
 
 
 def test_the_copy_bank_holds_every_training_row_and_its_augmented_copies(world):
