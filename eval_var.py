@@ -33,7 +33,7 @@ half: what the VAR can reach through this tokenizer). The all-classes rows draw 
 class proportions; TP points are compared with ref_split less their own teachers.
 
 Outputs in `out` (default <samples>/eval): metrics.csv, metrics.json, bootstrap.npz, kid_vs_k.png,
-feature_diversity_vs_k.png, diversity_vs_k.png, teacher_similarity_vs_k.png, token_usage_entropy.png, memorisation_hist.png,
+feature_diversity_vs_k.png, coverage_vs_recon_vs_k.png, diversity_vs_k.png, teacher_similarity_vs_k.png, token_usage_entropy.png, memorisation_hist.png,
 memorisation_pairs.png, nearest_train.npz, config.json, and the images it compared at the model's size (real/,
 recon/, train_recon/ and planted_augmented/). Features are cached by file content (`cache`), so a rerun only extracts what changed.
 """
@@ -210,7 +210,7 @@ def decode(vqvae: VQVAE, idx: np.ndarray, names: list[str], scales: tuple[int, .
 
 
 OUTPUTS = ("metrics.csv", "metrics.json", "bootstrap.npz", "kid_vs_k.png", "feature_diversity_vs_k.png",
-           "diversity_vs_k.png", "teacher_similarity_vs_k.png", "token_usage_entropy.png", "memorisation_hist.png",
+           "coverage_vs_recon_vs_k.png", "diversity_vs_k.png", "teacher_similarity_vs_k.png", "token_usage_entropy.png", "memorisation_hist.png",
            "memorisation_pairs.png", "nearest_train.npz")
 
 
@@ -891,14 +891,18 @@ def plot_teacher_similarity(rows: list[dict[str, Any]], names: list[str], scales
 
 def plot_vs_k(rows: list[dict[str, Any]], classes: list[str], scales: tuple[int, ...], level: float,
               out: Path) -> None:
-    """kid_vs_k.png, feature_diversity_vs_k.png, diversity_vs_k.png and teacher_similarity_vs_k.png: a panel per
-    class and one for all."""
+    """kid_vs_k.png, feature_diversity_vs_k.png, coverage_vs_recon_vs_k.png, diversity_vs_k.png and
+    teacher_similarity_vs_k.png: a panel per class and one for all."""
     names = classes + [ALL]
     plot_panels(rows, names, scales, "kid", "KID (lower = closer to real)", out / "kid_vs_k.png",
                 f"KID against the real images, by teacher-prefix length k (bars: {100 * level:g}% bootstrap intervals)")
     plot_panels(rows, names, scales, "feature_diversity", "mean cosine distance of features",
                 out / "feature_diversity_vs_k.png",
                 "Feature diversity within a class (TP solid, NOP dashed); real images dash-dot, reconstructions dotted")
+    plot_panels(rows, names, scales, "coverage_vs_recon", "coverage against held-out reconstructions",
+                out / "coverage_vs_recon_vs_k.png",
+                "Coverage against the tokenizer-level reference (val reconstructions; low = mode collapse); its "
+                "ceiling, the test reconstructions': dash-dot", reference=("RECON",))
     plot_panels(rows, names, scales, "diversity", "1 - MS-SSIM (mean over pairs)", out / "diversity_vs_k.png",
                 "MS-SSIM diversity within a class (solid), within one teacher's samples (dotted); its ceiling, the "
                 "reconstructions': dash-dot", extra_key="diversity_per_teacher", reference=("RECON",))

@@ -569,6 +569,9 @@ def eval_section(page: Page, folder: Path) -> None:
         (folder / "feature_diversity_vs_k.png", "Feature diversity against k: how different a class's images are in "
                                                 "Inception features, beside the real images' and the "
                                                 "reconstructions'."),
+        (folder / "coverage_vs_recon_vs_k.png", "Coverage against the tokenizer-level reference (reconstructions "
+                                                "of held-out images) against k, beside the test reconstructions' "
+                                                "(the ceiling): low coverage = mode collapse."),
         (folder / "diversity_vs_k.png", "MS-SSIM diversity against k: within the class (solid) and within one "
                                         "teacher's samples (dotted), beside the reconstructions' (its ceiling)."),
         (folder / "teacher_similarity_vs_k.png", "PSNR and SSIM against the teacher (solid) and its reconstruction "

@@ -23,8 +23,8 @@ from tiny_pipeline import CLASSES, SCALES, SIZE
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 SMALL = ("--min_class_images=4", "--bootstrap=50", "--control_per_class=2")  # sets of 4-15 images
-PLOTS = ("kid_vs_k.png", "feature_diversity_vs_k.png", "diversity_vs_k.png", "teacher_similarity_vs_k.png", "token_usage_entropy.png",
-         "memorisation_hist.png", "memorisation_pairs.png")
+PLOTS = ("kid_vs_k.png", "feature_diversity_vs_k.png", "coverage_vs_recon_vs_k.png", "diversity_vs_k.png",
+         "teacher_similarity_vs_k.png", "token_usage_entropy.png", "memorisation_hist.png", "memorisation_pairs.png")
 
 
 @pytest.fixture(scope="module")
