@@ -33,9 +33,10 @@ half: what the VAR can reach through this tokenizer). The all-classes rows draw 
 class proportions; TP points are compared with ref_split less their own teachers.
 
 Outputs in `out` (default <samples>/eval): metrics.csv, metrics.json, bootstrap.npz, kid_vs_k.png,
-feature_diversity_vs_k.png, coverage_vs_recon_vs_k.png, diversity_vs_k.png, teacher_similarity_vs_k.png, token_usage_entropy.png, memorisation_hist.png,
-memorisation_pairs.png, nearest_train.npz, config.json, and the images it compared at the model's size (real/,
-recon/, train_recon/ and planted_augmented/). Features are cached by file content (`cache`), so a rerun only extracts what changed.
+feature_diversity_vs_k.png, coverage_vs_recon_vs_k.png, diversity_vs_k.png, teacher_similarity_vs_k.png,
+token_usage_entropy.png, memorisation_hist.png, memorisation_pairs.png, nearest_train.npz, config.json, and the
+images it compared at the model's size (real/, recon/, train_recon/ and planted_augmented/). Features are cached
+by file content (`cache`), so a rerun only extracts what changed.
 """
 from __future__ import annotations
 
@@ -210,8 +211,8 @@ def decode(vqvae: VQVAE, idx: np.ndarray, names: list[str], scales: tuple[int, .
 
 
 OUTPUTS = ("metrics.csv", "metrics.json", "bootstrap.npz", "kid_vs_k.png", "feature_diversity_vs_k.png",
-           "coverage_vs_recon_vs_k.png", "diversity_vs_k.png", "teacher_similarity_vs_k.png", "token_usage_entropy.png", "memorisation_hist.png",
-           "memorisation_pairs.png", "nearest_train.npz")
+           "coverage_vs_recon_vs_k.png", "diversity_vs_k.png", "teacher_similarity_vs_k.png", "token_usage_entropy.png",
+           "memorisation_hist.png", "memorisation_pairs.png", "nearest_train.npz")
 
 
 def evaluated_already(out: Path, made_from: dict[str, Any]) -> bool:
