@@ -900,7 +900,7 @@ def plot_vs_k(rows: list[dict[str, Any]], classes: list[str], scales: tuple[int,
     plot_panels(rows, names, scales, "feature_diversity", "mean cosine distance of features",
                 out / "feature_diversity_vs_k.png",
                 "Feature diversity within a class (TP solid, NOP dashed); real images dash-dot, reconstructions dotted")
-    plot_panels(rows, names, scales, "coverage_vs_recon", "coverage against held-out reconstructions",
+    plot_panels(rows, names, scales, "coverage_vs_recon", "coverage vs reconstructions",
                 out / "coverage_vs_recon_vs_k.png",
                 "Coverage against the tokenizer-level reference (val reconstructions; low = mode collapse); its "
                 "ceiling, the test reconstructions': dash-dot", reference=("RECON",))
