@@ -11,14 +11,19 @@ features (real images at the model's size, as the VQ-VAE saw them):
 - Fidelity: KID (all pairs of both sets, torch-fidelity's kernel), FID on large sets, improved precision and
   density (are the samples where real images are?) against the real images of ref_split.
 - Coverage: improved recall and coverage (are the real images' regions reached?).
+- The same four against the tokenizer-level reference (_vs_recon): the copy_split reconstructions, which are as
+  smooth as the samples (against speckled real images every smooth set scores 0); each set at most ref_split's
+  count per class, RECON's being every ref_split reconstruction. A mode-collapsed set scores low recall/coverage.
 - Diversity: mean pairwise cosine distance of the features within a class (feature_diversity), and mean pairwise
   1 - MS-SSIM (diversity), read only beside the RECON row: MS-SSIM counts speckle and shifts as diversity.
 - Copies: a sample is flagged when its token maps agree with a training image's (augmented copies included) more
   than any held-out (copy_split) image's do, or its features are closer to a training image's reconstruction than
   any held-out reconstruction's are, each threshold per class and moved copy_margin of the way towards an exact
-  copy. Every run checks the rule on controls: planted training reconstructions and augmented copies must be
-  flagged, ref_split reconstructions must not be.
-- Codebook usage and token entropy per scale, beside the training tokens', on equally many images.
+  copy. Every run checks the rule on controls: planted training reconstructions and augmented copies (training
+  images augmented as tokenize_multiscale_maps.py augments, then encoded and decoded) must be flagged, ref_split
+  reconstructions must not be.
+- Codebook usage and token entropy per scale, beside the held-out (ref_split, REAL row) and the training tokens'
+  (REAL_TRAIN row), on equally many images.
 - Teacher similarity (TP): PSNR and SSIM of each sample against its teacher and the teacher's reconstruction.
 Intervals: bootstrap over both sets (`bootstrap` replicates, `level`); the replicates go to bootstrap.npz, which
 --compare pairs up. Per-class numbers need min_class_images in every set, else they are blank.
@@ -28,9 +33,10 @@ half: what the VAR can reach through this tokenizer). The all-classes rows draw 
 class proportions; TP points are compared with ref_split less their own teachers.
 
 Outputs in `out` (default <samples>/eval): metrics.csv, metrics.json, bootstrap.npz, kid_vs_k.png,
-feature_diversity_vs_k.png, diversity_vs_k.png, teacher_similarity_vs_k.png, token_usage_entropy.png, memorisation_hist.png,
-memorisation_pairs.png, nearest_train.npz, config.json, and the images it compared at the model's size (real/,
-recon/ and train_recon/). Features are cached by file content (`cache`), so a rerun only extracts what changed.
+feature_diversity_vs_k.png, coverage_vs_recon_vs_k.png, diversity_vs_k.png, teacher_similarity_vs_k.png,
+token_usage_entropy.png, memorisation_hist.png, memorisation_pairs.png, nearest_train.npz, config.json, and the
+images it compared at the model's size (real/, recon/, train_recon/ and planted_augmented/). Features are cached
+by file content (`cache`), so a rerun only extracts what changed.
 """
 from __future__ import annotations
 
@@ -51,7 +57,8 @@ from common.checkpoint import CheckpointError
 from common.config import (DEVICE, SEED, ConfigError, Rule, at_least, between, check_constants, check_output_folder,
                            config_dict, one_of, save_config, script_config)
 from common.fidelity import FidelityError, extract_features, fid_from_features, kid_bootstrap, load_feature_extractor
-from common.image_data import SPLITS, ImageDataError, halves, read_image, subject_ids
+from common.image_data import (AUG_HFLIP_CLASSES, AUG_MAX_SHIFT, AUG_MIN_AREA, SPLITS, ImageDataError, augment,
+                               halves, read_image, subject_ids, to_tensor)
 from common.io import (SideFileError, atomic_save_npz, atomic_write_json, atomic_write_text, file_sha256,
                        files_fingerprint, load_npz, os_error_line, read_json)
 from common.plotting import save_figure, save_image, save_labelled_grid
@@ -169,8 +176,8 @@ def decode(vqvae: VQVAE, idx: np.ndarray, names: list[str], scales: tuple[int, .
 
 
 OUTPUTS = ("metrics.csv", "metrics.json", "bootstrap.npz", "kid_vs_k.png", "feature_diversity_vs_k.png",
-           "diversity_vs_k.png", "teacher_similarity_vs_k.png", "token_usage_entropy.png", "memorisation_hist.png",
-           "memorisation_pairs.png", "nearest_train.npz")
+           "coverage_vs_recon_vs_k.png", "diversity_vs_k.png", "teacher_similarity_vs_k.png", "token_usage_entropy.png",
+           "memorisation_hist.png", "memorisation_pairs.png", "nearest_train.npz")
 
 
 def evaluated_already(out: Path, made_from: dict[str, Any]) -> bool:
@@ -199,8 +206,10 @@ def class_matched(labels: np.ndarray, target_labels: np.ndarray, seed: int) -> n
     return np.concatenate(keep) if keep else np.zeros(0, np.int64)
 
 
-SET_METRICS = ("kid", "precision", "recall", "density", "coverage")  # a generated set against a real one
-INTERVAL_METRICS = SET_METRICS + ("feature_diversity",)  # the ones with bootstrap intervals
+NN_METRICS = ("precision", "recall", "density", "coverage")  # the k-nearest-neighbour ones
+SET_METRICS = ("kid",) + NN_METRICS  # a generated set against a real one
+VS_RECON_METRICS = tuple(f"{m}_vs_recon" for m in NN_METRICS)  # against the tokenizer-level reference
+INTERVAL_METRICS = SET_METRICS + ("feature_diversity",) + VS_RECON_METRICS  # the ones with bootstrap intervals
 
 
 class Measure:
@@ -232,12 +241,28 @@ class Measure:
         weights = bootstrap_weights(len(f_gen), len(f_ref), self.config.bootstrap, self._seed(key))
         out["kid"], values = kid_bootstrap(f_gen, f_ref, weights)
         out.update(self._keep(key, "kid", values))
-        out.update(fidelity_coverage(f_gen, f_ref, self.config.nn_k))
-        boot = [fidelity_coverage(f_gen, f_ref, self.config.nn_k, w_1, w_2) for w_1, w_2 in weights]
-        for metric in SET_METRICS[1:]:
-            out.update(self._keep(key, metric, np.array([b[metric] for b in boot])))
+        out.update(self._nearest_neighbour(f_gen, f_ref, key, weights, ""))
         if n >= self.config.fid_min_images:
             out["fid"] = fid_from_features(f_gen, f_ref)
+        return out
+
+    def against_recon(self, f_gen: np.ndarray, f_recon_ref: np.ndarray, key: str) -> dict[str, float]:
+        """Precision, recall, density and coverage against the tokenizer-level reference (reconstructions of
+        held-out images), with bootstrap intervals; blank below min_class_images. Against real images they are 0
+        for every smooth set, reconstructions included: speckle puts every real image's ball out of reach."""
+        if min(len(f_gen), len(f_recon_ref)) < self.config.min_class_images:
+            return dict.fromkeys(VS_RECON_METRICS, math.nan)
+        weights = bootstrap_weights(len(f_gen), len(f_recon_ref), self.config.bootstrap,
+                                    self._seed(f"{key}|vs_recon"))
+        return self._nearest_neighbour(f_gen, f_recon_ref, key, weights, "_vs_recon")
+
+    def _nearest_neighbour(self, f_gen: np.ndarray, f_ref: np.ndarray, key: str,
+                           weights: list[tuple[np.ndarray, np.ndarray]],
+                           suffix: str) -> dict[str, float]:
+        out = {f"{m}{suffix}": v for m, v in fidelity_coverage(f_gen, f_ref, self.config.nn_k).items()}
+        boot = [fidelity_coverage(f_gen, f_ref, self.config.nn_k, w_1, w_2) for w_1, w_2 in weights]
+        for metric in NN_METRICS:
+            out.update(self._keep(key, metric + suffix, np.array([b[metric] for b in boot])))
         return out
 
     def spread(self, features: np.ndarray, key: str) -> dict[str, float]:
@@ -312,12 +337,13 @@ def copy_bank(tokens: TokenSet, train_rows: np.ndarray) -> tuple[np.ndarray, np.
     return (copies.reshape(n * c, -1).astype(np.int64), np.repeat(train.labels, c), np.tile(np.arange(c), n), names)
 
 
-def controls(check: CopyCheck, bank_labels: np.ndarray, bank_copy: np.ndarray, recon_idx: np.ndarray,
-             recon_features: np.ndarray, recon_labels: np.ndarray, per_class: int, seed: int) -> dict[str, float]:
-    """The copy rule on images whose answer is known: planted training reconstructions (copy 0) and planted
-    augmented copies (any other copy; NaN when the token file has none), per_class of each class, must be flagged;
-    the ref_split reconstructions must not be. Also each rule alone (`_by_tokens`, `_by_image`): the image rule
-    must catch a copy whose tokens differ."""
+def controls(check: CopyCheck, bank_labels: np.ndarray, bank_copy: np.ndarray, augmented: Planted,
+             recon_idx: np.ndarray, recon_features: np.ndarray, recon_labels: np.ndarray, per_class: int,
+             seed: int) -> dict[str, float]:
+    """The copy rule on images whose answer is known: planted training reconstructions (per_class bank rows of
+    copy 0 per class) and the planted augmented copies (made by planted_augmented) must be flagged; the ref_split
+    reconstructions must not be. Also each rule alone (`_by_tokens`, `_by_image`): the image rule must catch a copy
+    whose tokens differ."""
     rng = np.random.default_rng(seed)
 
     def rates(name: str, scored: dict[str, np.ndarray]) -> dict[str, float]:
@@ -325,18 +351,38 @@ def controls(check: CopyCheck, bank_labels: np.ndarray, bank_copy: np.ndarray, r
                 f"{name}_by_tokens": float(scored["by_tokens"].mean()),
                 f"{name}_by_image": float(scored["by_image"].mean())}
 
-    def planted(name: str, augmented: bool) -> dict[str, float]:
-        rows = []
-        for label in np.unique(bank_labels):
-            members = np.flatnonzero((bank_labels == label) & ((bank_copy > 0) if augmented else (bank_copy == 0)))
-            rows.extend(rng.permutation(members)[:per_class])
-        if not rows:
-            return dict.fromkeys((f"{name}_flagged", f"{name}_by_tokens", f"{name}_by_image"), math.nan)
-        rows = np.array(rows)
-        return rates(name, check.score(check.bank_idx[rows], check.bank_features[rows], bank_labels[rows]))
-
-    return {**planted("planted_recon", False), **planted("planted_augmented", True),
+    rows = np.concatenate([rng.permutation(np.flatnonzero((bank_labels == label) & (bank_copy == 0)))[:per_class]
+                           for label in np.unique(bank_labels)])
+    return {**rates("planted_recon", check.score(check.bank_idx[rows], check.bank_features[rows], bank_labels[rows])),
+            **rates("planted_augmented", check.score(augmented.idx, augmented.features, augmented.labels)),
             **rates("held_out_recon", check.score(recon_idx, recon_features, recon_labels))}
+
+
+@dataclass
+class Planted:
+    """Planted augmented copies: token rows (n, L) of augmented training images, their labels and features."""
+    idx: np.ndarray
+    labels: np.ndarray
+    features: np.ndarray
+
+
+@torch.no_grad()
+def augmented_tokens(vqvae: VQVAE, images: list[np.ndarray], device: torch.device, batch_size: int) -> np.ndarray:
+    """The VQ-VAE's token rows (n, L) of uint8 images, encoded as tokenize_multiscale_maps.py encodes."""
+    rows = []
+    for start in range(0, len(images), batch_size):
+        batch = torch.stack([to_tensor(image) for image in images[start:start + batch_size]]).to(device)
+        rows.append(torch.cat([idx.flatten(1) for idx in vqvae.img_to_idx(batch)], dim=1).cpu().numpy())
+    return np.concatenate(rows).astype(np.int64)
+
+
+def at_most(labels: np.ndarray, limit_labels: np.ndarray, seed: int) -> np.ndarray:
+    """Sorted positions of a subset of `labels` with, per class, at most as many as `limit_labels` has (drawn with
+    the seed): recall and coverage grow with the number of generated images, so a sample set meets the
+    tokenizer-level reference at the size of the RECON set (ref_split's class counts)."""
+    keep = [members[matched_subsample(len(members), int(np.sum(limit_labels == c)), seed)]
+            for c in np.unique(labels) for members in [np.flatnonzero(labels == c)]]
+    return np.sort(np.concatenate(keep)) if keep else np.zeros(0, np.int64)
 
 
 def class_mean(rows: list[dict[str, Any]], key: str) -> float:
@@ -353,13 +399,53 @@ def token_subsample(idx: np.ndarray, labels: np.ndarray, per_class: int, seed: i
     return idx[np.concatenate(keep)]
 
 
-def evaluate(config: Config) -> None:
-    sweep = load_sweep(Path(config.samples))
-    config = resolve(config, sweep)
+@dataclass
+class Run:
+    """What the parts of one evaluation share: the settings, the sweep, the real token rows and their images."""
+    config: Config
+    sweep: Sweep
+    tokens: TokenSet
+    vqvae: VQVAE
+    device: torch.device
+    measure: Measure
+    out: Path
+    ref_rows: np.ndarray  # token rows of ref_split
+    train_rows: np.ndarray
+    held_rows: np.ndarray  # token rows of copy_split
+    ref_paths: list[Path]  # the real images at the model's size
+    train_paths: list[Path]
+    gen_paths: list[Path]
+    gen_labels: np.ndarray
+    made_from: dict[str, Any]
+
+    @property
+    def size(self) -> int:
+        return self.vqvae.image_size
+
+    @property
+    def classes(self) -> list[str]:
+        return self.tokens.classes
+
+    @property
+    def scales(self) -> tuple[int, ...]:
+        return tuple(self.tokens.scales)
+
+    @property
+    def ref_labels(self) -> np.ndarray:
+        return self.tokens.labels[self.ref_rows]
+
+    @property
+    def train_labels(self) -> np.ndarray:
+        return self.tokens.labels[self.train_rows]
+
+    def images_of(self, paths: list[Path], sel: np.ndarray) -> np.ndarray:
+        return np.stack([read_image(paths[i], self.size) for i in sel])
+
+
+def open_run(config: Config, sweep: Sweep) -> Run:
+    """Check that the sweep, the token file and the VQ-VAE belong together, write the real images at the model's size
+    and record what the evaluation is made from."""
     out = Path(config.out)
-    if out.exists() and not out.is_dir():
-        raise EvalVarError(f"{out}: exists and is not a folder")
-    save_config(config, out)  # also proves that out can be written before the long work
     device = pick_device(config.device)
     strict_fp32(device)  # reconstructions and Inception features in true fp32, as on the CPU
     tokens = load_tokens(config.tokens, config.vqvae)
@@ -368,19 +454,16 @@ def evaluate(config: Config) -> None:
                            f"{sweep.classes}, but {config.tokens} has sha {tokens.vqvae_sha256[:12]}... and classes "
                            f"{tokens.classes}")
     vqvae = load_vqvae(config.vqvae, map_location=device)
-    size, classes, scales = vqvae.image_size, tokens.classes, tuple(tokens.scales)
-    measure = Measure(config, scales, vqvae.config["vocab_size"], device)
+    measure = Measure(config, tuple(tokens.scales), vqvae.config["vocab_size"], device)
     data_dir = Path(config.data_dir)
-
     ref_rows = np.flatnonzero(tokens.split == config.ref_split)
     train_rows = np.flatnonzero(tokens.split == "train")
     held_rows = np.flatnonzero(tokens.split == config.copy_split)
     if len(ref_rows) == 0 or len(train_rows) == 0 or len(held_rows) == 0:
         raise EvalVarError(f"{config.tokens}: {len(ref_rows)} {config.ref_split}, {len(train_rows)} train and "
                            f"{len(held_rows)} {config.copy_split} (copy_split) images; all three are needed")
-    ref_labels, train_labels = tokens.labels[ref_rows], tokens.labels[train_rows]
-    ref_paths = at_model_size(tokens, ref_rows, data_dir, size, out / "real")
-    train_paths = at_model_size(tokens, train_rows, data_dir, size, out / "real")
+    ref_paths = at_model_size(tokens, ref_rows, data_dir, vqvae.image_size, out / "real")
+    train_paths = at_model_size(tokens, train_rows, data_dir, vqvae.image_size, out / "real")
     gen_paths = [sweep.folder / r["path"] for r in sweep.rows]
     gen_labels = np.array([int(r["label"]) for r in sweep.rows])
     settings = {k: v for k, v in config_dict(config).items()
@@ -388,165 +471,273 @@ def evaluate(config: Config) -> None:
     made_from = {"settings": settings, "tokens_sha256": file_sha256(config.tokens), "vqvae_sha256": tokens.vqvae_sha256,
                  "samples": files_fingerprint(gen_paths + [sweep.folder / "samples_tokens.npz"], sweep.folder),
                  "real": files_fingerprint([data_dir / tokens.source[r] for r in (*ref_rows, *train_rows)], data_dir)}
-    if evaluated_already(out, made_from):
-        print(f"{out}: up to date (same samples, real images, tokens and settings); nothing to do")
-        return
-    inputs = (Path(config.vqvae), Path(config.tokens))
-    recon_paths, held_paths = (decode(vqvae, tokens.idx[rows], list(tokens.source[rows]), scales, out / "recon",
-                                      inputs, config.decode, config.batch_size) for rows in (ref_rows, held_rows))
-    bank_idx, bank_labels, bank_copy, bank_names = copy_bank(tokens, train_rows)
-    bank_paths = decode(vqvae, bank_idx, bank_names, scales, out / "train_recon", inputs, config.decode,
-                        config.batch_size)
+    return Run(config, sweep, tokens, vqvae, device, measure, out, ref_rows, train_rows, held_rows, ref_paths,
+               train_paths, gen_paths, gen_labels, made_from)
 
-    net = load_feature_extractor(config.inception_weights, device)
+
+def planted_augmented(run: Run) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """control_per_class training images of every class, each augmented once the way tokenize_multiscale_maps.py
+    makes its copies (its default crop, shift and mirroring) and encoded by the VQ-VAE: token rows (n, L), labels
+    and file names. Seeded by this run's seed (and the image), so no augmented copy of the token file is among them:
+    a copy a model draws is a new augmentation too."""
+    config, tokens = run.config, run.tokens
+    rng = np.random.default_rng([config.seed, 1])
+    rows = np.concatenate([rng.permutation(run.train_rows[run.train_labels == c])[:config.control_per_class]
+                           for c in range(len(run.classes))])
+    images = []
+    for row in rows:
+        source = str(tokens.source[row])
+        copy_rng = np.random.default_rng([config.seed, 2, zlib.crc32(source.encode())])
+        images.append(augment(read_image(Path(config.data_dir) / source, run.size), copy_rng, AUG_MIN_AREA,
+                              AUG_MAX_SHIFT, run.classes[tokens.labels[row]] in AUG_HFLIP_CLASSES))
+    names = [f"{Path(tokens.source[row]).with_suffix('')}_seed{config.seed}.png" for row in rows]
+    return augmented_tokens(run.vqvae, images, run.device, config.batch_size), tokens.labels[rows], names
+
+
+@dataclass
+class Sets:
+    """Every image set of an evaluation, its features (f_*) and, for decoded sets, where the images are."""
+    f_ref: np.ndarray  # real ref_split
+    f_train: np.ndarray  # real train
+    f_recon: np.ndarray  # ref_split reconstructions
+    f_gen: np.ndarray  # the samples
+    f_held: np.ndarray  # copy_split reconstructions: the tokenizer-level reference of the _vs_recon metrics
+    f_bank: np.ndarray  # training reconstructions (augmented copies included)
+    recon_paths: list[Path]
+    bank_idx: np.ndarray
+    bank_labels: np.ndarray
+    bank_copy: np.ndarray
+    bank_names: list[str]
+    bank_paths: list[Path]
+    augmented: Planted
+    feature_extractor: str
+
+
+def decode_and_extract(run: Run) -> Sets:
+    """The reconstructions (ref_split, copy_split, training copies, planted augmented copies) decoded, and the
+    features of every set."""
+    config, tokens = run.config, run.tokens
+    inputs = (Path(config.vqvae), Path(config.tokens))
+    recon_paths, held_paths = (decode(run.vqvae, tokens.idx[rows], list(tokens.source[rows]), run.scales,
+                                      run.out / "recon", inputs, config.decode, config.batch_size)
+                               for rows in (run.ref_rows, run.held_rows))
+    bank_idx, bank_labels, bank_copy, bank_names = copy_bank(tokens, run.train_rows)
+    bank_paths = decode(run.vqvae, bank_idx, bank_names, run.scales, run.out / "train_recon", inputs, config.decode,
+                        config.batch_size)
+    aug_idx, aug_labels, aug_names = planted_augmented(run)
+    aug_paths = decode(run.vqvae, aug_idx, aug_names, run.scales, run.out / "planted_augmented", inputs,
+                       config.decode, config.batch_size)
+
+    net = load_feature_extractor(config.inception_weights, run.device)
     cache = Path(config.cache) if config.cache else None
 
     def features(paths: list[Path], desc: str) -> np.ndarray:
         print(f"{desc}: {len(paths)} images (cached ones are not recomputed)", flush=True)
         return extract_features(paths, net, config.batch_size, cache, desc)
 
-    f_ref, f_train = features(ref_paths, f"features: real {config.ref_split}"), features(train_paths, "features: real train")
-    f_recon, f_gen = features(recon_paths, "features: reconstructions"), features(gen_paths, "features: samples")
+    f_ref = features(run.ref_paths, f"features: real {config.ref_split}")
+    f_train = features(run.train_paths, "features: real train")
+    f_recon, f_gen = features(recon_paths, "features: reconstructions"), features(run.gen_paths, "features: samples")
     f_held = features(held_paths, f"features: {config.copy_split} reconstructions")
     f_bank = features(bank_paths, "features: training reconstructions")
+    augmented = Planted(aug_idx, aug_labels, features(aug_paths, "features: planted augmented copies"))
+    return Sets(f_ref, f_train, f_recon, f_gen, f_held, f_bank, recon_paths, bank_idx, bank_labels, bank_copy,
+                bank_names, bank_paths, augmented, net.name)
 
-    check = CopyCheck.calibrated(bank_idx, f_bank, tokens.idx[held_rows], f_held, tokens.labels[held_rows], len(classes),
-                                 config.copy_margin)
-    gen_copy = check.score(sweep.idx, f_gen, gen_labels)
-    ref_copy = check.score(tokens.idx[ref_rows], f_recon, ref_labels)
-    control = controls(check, bank_labels, bank_copy, tokens.idx[ref_rows], f_recon, ref_labels,
-                       config.control_per_class, config.seed)
 
-    per_class_tokens = min(int((gen_labels[[r["point"] == p for r in sweep.rows]] == c).sum())
-                           for p in sweep.points for c in range(len(classes)))
-    ref_subjects = subject_ids(data_dir, tokens.source[ref_rows])
-    first, second = halves(ref_labels, ref_subjects, config.seed)
-    rows: list[dict[str, Any]] = []
+def add_rows(rows: list[dict[str, Any]], measure: Measure, point: str, mode: str, k: int, guidance: float,
+             per_class: list[dict[str, Any]], overall: dict[str, Any]) -> None:
+    """The class rows, then the all-classes row: set-level numbers from `overall`, per-set means over classes."""
+    base = {"point": point, "mode": mode, "coarse_k": k, "guidance": guidance}
+    means = {key: class_mean(per_class, key) for key in ("diversity", "diversity_per_teacher", "feature_diversity")}
+    means.update(measure.mean_over_classes(f"{point}|{ALL}", [f"{point}|{r['class']}" for r in per_class],
+                                           "feature_diversity"))
+    rows.extend({**base, **r} for r in per_class)
+    rows.append({**base, "class": ALL, **means, **overall})
 
-    def add_rows(point: str, mode: str, k: int, guidance: float, per_class: list[dict[str, Any]],
-                 overall: dict[str, Any]) -> None:
-        """The class rows, then the all-classes row: set-level numbers from `overall`, per-set means over classes."""
-        base = {"point": point, "mode": mode, "coarse_k": k, "guidance": guidance}
-        means = {key: class_mean(per_class, key) for key in ("diversity", "diversity_per_teacher", "feature_diversity")}
-        means.update(measure.mean_over_classes(f"{point}|{ALL}", [f"{point}|{r['class']}" for r in per_class],
-                                               "feature_diversity"))
-        rows.extend({**base, **r} for r in per_class)
-        rows.append({**base, "class": ALL, **means, **overall})
 
-    def copies(scored: dict[str, np.ndarray], sel: np.ndarray) -> dict[str, float]:
-        return {"token_sim": float(scored["token_sim"][sel].mean()), "nn_recon_sim": float(scored["image_sim"][sel].mean()),
-                "copy_fraction": float(scored["flagged"][sel].mean())}
+def copy_columns(scored: dict[str, np.ndarray], sel: np.ndarray) -> dict[str, float]:
+    return {"token_sim": float(scored["token_sim"][sel].mean()), "nn_recon_sim": float(scored["image_sim"][sel].mean()),
+            "copy_fraction": float(scored["flagged"][sel].mean())}
 
-    def images_of(paths: list[Path], sel: np.ndarray) -> np.ndarray:
-        return np.stack([read_image(paths[i], size) for i in sel])
 
-    # Reference rows.
+def reference_rows(run: Run, sets: Sets, ref_copy: dict[str, np.ndarray], first: np.ndarray, second: np.ndarray,
+                   per_class_tokens: int) -> list[dict[str, Any]]:
+    """REAL (ref_split half against half, by subject; tokens: ref_split's, held out), REAL_TRAIN (real train
+    against ref_split; tokens: the training ones) and RECON (reconstructions of one half against the real other
+    half; _vs_recon: all ref_split reconstructions against the copy_split ones): per class, then all classes."""
+    measure, seed, f_ref, f_train, f_recon = run.measure, run.config.seed, sets.f_ref, sets.f_train, sets.f_recon
+    ref_labels, train_labels, held_labels = run.ref_labels, run.train_labels, run.tokens.labels[run.held_rows]
+    ref_idx, train_idx = run.tokens.idx[run.ref_rows], run.tokens.idx[run.train_rows]
     real, real_train, recon = [], [], []
-    for c, name in enumerate(classes):
+    for c, name in enumerate(run.classes):
         a, b, in_c, train_c = first & (ref_labels == c), second & (ref_labels == c), ref_labels == c, train_labels == c
         real.append({"class": name, "n": int(in_c.sum()), **measure.against(f_ref[a], f_ref[b], f"REAL|{name}"),
                      **measure.spread(f_ref[in_c], f"REAL|{name}"),
-                     **measure.tokens(token_subsample(tokens.idx[train_rows][train_c], train_labels[train_c],
-                                                      per_class_tokens, config.seed))})
+                     **measure.tokens(token_subsample(ref_idx[in_c], ref_labels[in_c], per_class_tokens, seed))})
         real_train.append({"class": name, "n": int(train_c.sum()),
                            **measure.against(f_train[train_c], f_ref[in_c], f"REAL_TRAIN|{name}"),
-                           **measure.spread(f_train[train_c], f"REAL_TRAIN|{name}")})
+                           **measure.spread(f_train[train_c], f"REAL_TRAIN|{name}"),
+                           **measure.tokens(token_subsample(train_idx[train_c], train_labels[train_c],
+                                                            per_class_tokens, seed))})
         recon.append({"class": name, "n": int(a.sum()), **measure.against(f_recon[a], f_ref[b], f"RECON|{name}"),
+                      **measure.against_recon(f_recon[in_c], sets.f_held[held_labels == c], f"RECON|{name}"),
                       **measure.spread(f_recon[in_c], f"RECON|{name}"),
-                      "diversity": measure.diversity(images_of(recon_paths, np.flatnonzero(in_c))),
-                      **copies(ref_copy, np.flatnonzero(in_c))})
+                      "diversity": measure.diversity(run.images_of(sets.recon_paths, np.flatnonzero(in_c))),
+                      **copy_columns(ref_copy, np.flatnonzero(in_c))})
+    rows: list[dict[str, Any]] = []
     a, b = np.flatnonzero(first), np.flatnonzero(second)
-    b = b[class_matched(ref_labels[b], ref_labels[a], config.seed)]
-    add_rows("REAL", "REAL", 0, math.nan, real,
-             {"n": len(ref_rows), **measure.against(f_ref[a], f_ref[b], f"REAL|{ALL}"),
-              **measure.tokens(token_subsample(tokens.idx[train_rows], train_labels, per_class_tokens, config.seed))})
-    matched = class_matched(train_labels, ref_labels, config.seed)
-    add_rows("REAL_TRAIN", "REAL_TRAIN", 0, math.nan, real_train,
-             {"n": len(matched), **measure.against(f_train[matched], f_ref, f"REAL_TRAIN|{ALL}")})
-    add_rows("RECON", "RECON", len(scales), math.nan, recon,
+    b = b[class_matched(ref_labels[b], ref_labels[a], seed)]
+    add_rows(rows, measure, "REAL", "REAL", 0, math.nan, real,
+             {"n": len(run.ref_rows), **measure.against(f_ref[a], f_ref[b], f"REAL|{ALL}"),
+              **measure.tokens(token_subsample(ref_idx, ref_labels, per_class_tokens, seed))})
+    matched = class_matched(train_labels, ref_labels, seed)
+    add_rows(rows, measure, "REAL_TRAIN", "REAL_TRAIN", 0, math.nan, real_train,
+             {"n": len(matched), **measure.against(f_train[matched], f_ref, f"REAL_TRAIN|{ALL}"),
+              **measure.tokens(token_subsample(train_idx, train_labels, per_class_tokens, seed))})
+    add_rows(rows, measure, "RECON", "RECON", len(run.scales), math.nan, recon,
              {"n": len(a), **measure.against(f_recon[a], f_ref[b], f"RECON|{ALL}"),
-              **copies(ref_copy, np.arange(len(ref_rows)))})
+              **measure.against_recon(f_recon, sets.f_held, f"RECON|{ALL}"),
+              **copy_columns(ref_copy, np.arange(len(run.ref_rows)))})
+    return rows
 
-    # Sweep rows. TP samples are compared with ref_split less their own teachers (which they were drawn from).
-    teacher_images = {kind: {} for kind in ("teachers", "teachers_recon")}
-    ref_row_position = {int(r): i for i, r in enumerate(ref_rows)}
+
+TEACHER_COLUMNS = ("psnr_teacher", "ssim_teacher", "psnr_recon", "ssim_recon")
+
+
+def teacher_columns(run: Run, name: str, images: np.ndarray, teacher_of: np.ndarray,
+                    teacher_images: dict[str, dict[tuple[str, int], np.ndarray]]) -> dict[str, float]:
+    """A TP class's similarity to its teachers and their reconstructions, and its MS-SSIM diversity within one
+    teacher's samples; teacher_images caches the teachers read so far."""
+    sims: dict[str, list[np.ndarray]] = {key: [] for key in TEACHER_COLUMNS}
+    spread = []
+    for t in np.unique(teacher_of):
+        mine = images[teacher_of == t]
+        spread.append(diversity(mine, run.config.max_pairs, run.config.seed, device=run.device)[0])
+        for kind, suffix in (("teachers", "teacher"), ("teachers_recon", "recon")):
+            key = (name, int(t))
+            if key not in teacher_images[kind]:
+                teacher_images[kind][key] = read_image(run.sweep.folder / kind / name / f"t{t:02d}.png", run.size)
+            psnr, ssim = teacher_similarity(mine, teacher_images[kind][key])
+            sims[f"psnr_{suffix}"].append(psnr)
+            sims[f"ssim_{suffix}"].append(ssim)
+    return {"diversity_per_teacher": float(np.nanmean(spread)) if np.isfinite(spread).any() else math.nan,
+            **{key: float(np.concatenate(v).mean()) for key, v in sims.items()}}
+
+
+def sweep_rows(run: Run, sets: Sets, gen_copy: dict[str, np.ndarray], per_class_tokens: int) -> list[dict[str, Any]]:
+    """A row per sweep point and class, then all classes. TP samples are compared with ref_split less their own
+    teachers (which they were drawn from)."""
+    sweep, measure, seed, gen_labels, ref_labels = run.sweep, run.measure, run.config.seed, run.gen_labels, run.ref_labels
+    held_labels = run.tokens.labels[run.held_rows]
+    rows: list[dict[str, Any]] = []
+    teacher_images: dict[str, dict[tuple[str, int], np.ndarray]] = {"teachers": {}, "teachers_recon": {}}
+    ref_row_position = {int(r): i for i, r in enumerate(run.ref_rows)}
     for point in progress(sweep.points, desc="metrics", unit="point"):
         in_point = np.array([r["point"] == point for r in sweep.rows])
         first_row = sweep.rows[int(np.flatnonzero(in_point)[0])]
         k, guidance = int(first_row["coarse_k"]), float(first_row["guidance"])
         teachers = {ref_row_position[int(r["teacher_row"])] for r in sweep.rows
                     if r["point"] == point and int(r.get("teacher_row", -1)) in ref_row_position}
-        usable = np.array([i not in teachers for i in range(len(ref_rows))])
+        usable = np.array([i not in teachers for i in range(len(run.ref_rows))])
         per_class = []
-        for c, name in enumerate(classes):
+        for c, name in enumerate(run.classes):
             sel = np.flatnonzero(in_point & (gen_labels == c))
-            images = images_of(gen_paths, sel)
+            images = run.images_of(run.gen_paths, sel)
             row = {"class": name, "n": len(sel),
-                   **measure.against(f_gen[sel], f_ref[usable & (ref_labels == c)], f"{point}|{name}"),
-                   **measure.spread(f_gen[sel], f"{point}|{name}"), "diversity": measure.diversity(images),
-                   **copies(gen_copy, sel),
-                   **measure.tokens(token_subsample(sweep.idx[sel], gen_labels[sel], per_class_tokens, config.seed))}
+                   **measure.against(sets.f_gen[sel], sets.f_ref[usable & (ref_labels == c)], f"{point}|{name}"),
+                   **measure.against_recon(sets.f_gen[sel[at_most(gen_labels[sel], ref_labels, seed)]],
+                                           sets.f_held[held_labels == c], f"{point}|{name}"),
+                   **measure.spread(sets.f_gen[sel], f"{point}|{name}"), "diversity": measure.diversity(images),
+                   **copy_columns(gen_copy, sel),
+                   **measure.tokens(token_subsample(sweep.idx[sel], gen_labels[sel], per_class_tokens, seed))}
             if k > 0:
                 teacher_of = np.array([int(sweep.rows[i]["teacher"]) for i in sel])
-                sims: dict[str, list[np.ndarray]] = {"psnr_teacher": [], "ssim_teacher": [], "psnr_recon": [],
-                                                     "ssim_recon": []}
-                spread = []
-                for t in np.unique(teacher_of):
-                    mine = images[teacher_of == t]
-                    spread.append(diversity(mine, config.max_pairs, config.seed, device=device)[0])
-                    for kind, suffix in (("teachers", "teacher"), ("teachers_recon", "recon")):
-                        key = (name, int(t))
-                        if key not in teacher_images[kind]:
-                            teacher_images[kind][key] = read_image(sweep.folder / kind / name / f"t{t:02d}.png", size)
-                        psnr, ssim = teacher_similarity(mine, teacher_images[kind][key])
-                        sims[f"psnr_{suffix}"].append(psnr)
-                        sims[f"ssim_{suffix}"].append(ssim)
-                row["diversity_per_teacher"] = (float(np.nanmean(spread)) if np.isfinite(spread).any()
-                                                else math.nan)
-                row.update({key: float(np.concatenate(v).mean()) for key, v in sims.items()})
+                row.update(teacher_columns(run, name, images, teacher_of, teacher_images))
             per_class.append(row)
         sel = np.flatnonzero(in_point)
         ref_sel = np.flatnonzero(usable)
-        matched = sel[class_matched(gen_labels[sel], ref_labels[ref_sel], config.seed)]
-        overall = {"n": len(sel), **measure.against(f_gen[matched], f_ref[ref_sel], f"{point}|{ALL}"),
-                   **copies(gen_copy, sel),
-                   **measure.tokens(token_subsample(sweep.idx[sel], gen_labels[sel], per_class_tokens, config.seed))}
+        matched = sel[class_matched(gen_labels[sel], ref_labels[ref_sel], seed)]
+        overall = {"n": len(sel), **measure.against(sets.f_gen[matched], sets.f_ref[ref_sel], f"{point}|{ALL}"),
+                   **measure.against_recon(sets.f_gen[sel[at_most(gen_labels[sel], ref_labels, seed)]], sets.f_held,
+                                           f"{point}|{ALL}"),
+                   **copy_columns(gen_copy, sel),
+                   **measure.tokens(token_subsample(sweep.idx[sel], gen_labels[sel], per_class_tokens, seed))}
         if k > 0:
-            overall.update({key: class_mean(per_class, key)
-                            for key in ("psnr_teacher", "ssim_teacher", "psnr_recon", "ssim_recon")})
-        add_rows(point, "NOP" if k == 0 else "TP", k, guidance, per_class, overall)
+            overall.update({key: class_mean(per_class, key) for key in TEACHER_COLUMNS})
+        add_rows(rows, measure, point, "NOP" if k == 0 else "TP", k, guidance, per_class, overall)
+    return rows
 
-    info = {"made_from": made_from, "samples": str(sweep.folder), "ref_split": config.ref_split,
-            "ref_images": len(ref_rows), "train_images": len(train_rows), "copy_split": config.copy_split,
-            "copy_split_images": len(held_rows), "copy_bank_images": len(bank_idx), "image_size": size,
-            "feature_extractor": net.name, "msssim_levels": msssim_levels(size),
+
+def run_info(run: Run, sets: Sets, check: CopyCheck, control: dict[str, float], per_class_tokens: int,
+             ref_subjects: np.ndarray) -> dict[str, Any]:
+    """metrics.json's info block: what the evaluation was made from, its sizes, thresholds and controls."""
+    config = run.config
+    return {"made_from": run.made_from, "samples": str(run.sweep.folder), "ref_split": config.ref_split,
+            "ref_images": len(run.ref_rows), "train_images": len(run.train_rows), "copy_split": config.copy_split,
+            "copy_split_images": len(run.held_rows), "copy_bank_images": len(sets.bank_idx), "image_size": run.size,
+            "feature_extractor": sets.feature_extractor, "msssim_levels": msssim_levels(run.size),
             "token_images_per_class": per_class_tokens, "halves_subjects": len(np.unique(ref_subjects)),
             "bootstrap": config.bootstrap,
             "level": config.level, "nn_k": config.nn_k, "copy_margin": config.copy_margin, "min_class_images": config.min_class_images,
             "copy_thresholds": {name: {"tokens": float(check.token_thresholds[c]), "image": float(check.image_thresholds[c])}
-                                for c, name in enumerate(classes)},
+                                for c, name in enumerate(run.classes)},
             "controls": {**{k: None if math.isnan(v) else v for k, v in control.items()},
                          "per_class": config.control_per_class},
             "notes": "Features: InceptionV3 pool (2048-d), real images at the model's size. KID: unbiased MMD^2 over all "
                      "pairs (cubic kernel). precision/recall (Kynkaanniemi 2019) and density/coverage (Naeem 2020) "
                      "with nn_k-NN balls. <metric>_lo/_hi: bootstrap percentile interval (both sets resampled). "
                      "REAL: ref_split halves split by subject; REAL_TRAIN: real train (class-matched) vs ref_split; "
-                     "RECON: reconstructions of one half vs the other. TP: vs ref_split less its teachers. The all "
+                     "RECON: reconstructions of one half vs the other. <metric>_vs_recon: precision, recall, density, "
+                     "coverage against the copy_split reconstructions (the tokenizer-level reference), each set at "
+                     "most ref_split's count per class; RECON's: all ref_split reconstructions. Tokens: REAL holds "
+                     "ref_split's (held out), REAL_TRAIN the training ones. TP: vs ref_split less its teachers. The all "
                      "rows draw generated images in ref_split's class proportions. feature_diversity: mean pairwise "
                      "cosine distance of features within a class (all row: mean of classes). diversity: 1 - MS-SSIM, "
                      "read only against RECON's. copy_fraction: share flagged by the copy rule (token_sim / "
                      "nn_recon_sim above the class's copy_split maximum moved copy_margin of the way to 1). "
                      "Blank: fewer than min_class_images."}
-    write_tables(rows, info, scales, out)
-    atomic_save_npz(out / "bootstrap.npz", keys=np.array(list(measure.replicates), dtype=str),
-                    values=np.stack(list(measure.replicates.values())) if measure.replicates
+
+
+def evaluate(config: Config) -> None:
+    sweep = load_sweep(Path(config.samples))
+    config = resolve(config, sweep)
+    out = Path(config.out)
+    if out.exists() and not out.is_dir():
+        raise EvalVarError(f"{out}: exists and is not a folder")
+    save_config(config, out)  # also proves that out can be written before the long work
+    run = open_run(config, sweep)
+    if evaluated_already(out, run.made_from):
+        print(f"{out}: up to date (same samples, real images, tokens and settings); nothing to do")
+        return
+    sets = decode_and_extract(run)
+    tokens, ref_labels = run.tokens, run.ref_labels
+
+    check = CopyCheck.calibrated(sets.bank_idx, sets.f_bank, tokens.idx[run.held_rows], sets.f_held,
+                                 tokens.labels[run.held_rows], len(run.classes), config.copy_margin)
+    gen_copy = check.score(sweep.idx, sets.f_gen, run.gen_labels)
+    ref_copy = check.score(tokens.idx[run.ref_rows], sets.f_recon, ref_labels)
+    control = controls(check, sets.bank_labels, sets.bank_copy, sets.augmented, tokens.idx[run.ref_rows], sets.f_recon,
+                       ref_labels, config.control_per_class, config.seed)
+
+    per_class_tokens = min(min(int((run.gen_labels[[r["point"] == p for r in sweep.rows]] == c).sum()),
+                               int((ref_labels == c).sum())) for p in sweep.points for c in range(len(run.classes)))
+    ref_subjects = subject_ids(Path(config.data_dir), tokens.source[run.ref_rows])
+    first, second = halves(ref_labels, ref_subjects, config.seed)
+    rows = reference_rows(run, sets, ref_copy, first, second, per_class_tokens)
+    rows += sweep_rows(run, sets, gen_copy, per_class_tokens)
+
+    info = run_info(run, sets, check, control, per_class_tokens, ref_subjects)
+    write_tables(rows, info, run.scales, out)
+    atomic_save_npz(out / "bootstrap.npz", keys=np.array(list(run.measure.replicates), dtype=str),
+                    values=np.stack(list(run.measure.replicates.values())) if run.measure.replicates
                     else np.zeros((0, config.bootstrap)))  # every set too small: no intervals
-    plot_vs_k(rows, classes, scales, config.level, out)
-    plot_tokens(rows, scales, out)
-    plot_memorisation(sweep, gen_copy, ref_copy, bank_paths, size, config, out)
+    plot_vs_k(rows, run.classes, run.scales, config.level, out)
+    plot_tokens(rows, run.scales, out)
+    plot_memorisation(sweep, gen_copy, ref_copy, sets.bank_paths, run.size, config, out)
     atomic_save_npz(out / "nearest_train.npz", sample_path=np.array([r["path"] for r in sweep.rows]),
                     token_similarity=gen_copy["token_sim"], image_similarity=gen_copy["image_sim"],
-                    flagged=gen_copy["flagged"], train_recon=np.array(bank_names)[gen_copy["nearest"]])
+                    flagged=gen_copy["flagged"], train_recon=np.array(sets.bank_names)[gen_copy["nearest"]])
     print_summary(rows, info)
 
 
@@ -576,80 +767,77 @@ def interval_bars(rows: list[dict[str, Any]], key: str) -> np.ndarray | None:
     return np.array([[r[key] - lo for r, lo in zip(rows, lows)], [hi - r[key] for r, hi in zip(rows, highs)]])
 
 
-def plot_vs_k(rows: list[dict[str, Any]], classes: list[str], scales: tuple[int, ...], level: float,
-              out: Path) -> None:
-    """kid_vs_k.png, feature_diversity_vs_k.png, diversity_vs_k.png and teacher_similarity_vs_k.png: a panel per
-    class and one for all."""
-    names = classes + [ALL]
-    cfgs = sorted({r["guidance"] for r in rows if r["mode"] in ("NOP", "TP")})
+def rows_of(rows: list[dict[str, Any]], mode: str, name: str, key: str,
+            guidance: float | None = None) -> list[dict[str, Any]]:
+    """The rows of a mode and class (and guidance scale) that have a value for key."""
+    return [r for r in rows if r["mode"] == mode and r["class"] == name and (guidance is None or r["guidance"] == guidance)
+            and not math.isnan(r.get(key, math.nan))]
+
+
+def plot_panels(rows: list[dict[str, Any]], names: list[str], scales: tuple[int, ...], key: str, ylabel: str,
+                path: Path, title: str, extra_key: str | None = None,
+                reference: tuple[str, ...] = ("REAL", "RECON")) -> None:
+    """A panel per class: key of the TP points against k (one line per guidance scale, extra_key dotted), NOP and
+    the reference rows as horizontal lines."""
+    guidances = sorted({r["guidance"] for r in rows if r["mode"] in ("NOP", "TP")})
     ks = list(range(1, len(scales) + 1))
+    ncols = min(4, len(names))
+    nrows = -(-len(names) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.3 * nrows), squeeze=False, sharex=True)
+    for ax, name in zip(axes.flat, names):
+        for i, guidance in enumerate(guidances):
+            colour = f"C{i}"
+            tp = sorted(rows_of(rows, "TP", name, key, guidance), key=lambda r: r["coarse_k"])
+            if tp:
+                ax.errorbar([r["coarse_k"] for r in tp], [r[key] for r in tp],
+                            yerr=interval_bars(tp, key),
+                            color=colour, marker="o", markersize=3, capsize=2, label=f"TP, guidance {guidance:g}")
+            if extra_key:
+                tp2 = sorted(rows_of(rows, "TP", name, extra_key, guidance), key=lambda r: r["coarse_k"])
+                ax.plot([r["coarse_k"] for r in tp2], [r[extra_key] for r in tp2], color=colour, linestyle=":",
+                        marker="s", markersize=3, label=f"TP within one teacher, guidance {guidance:g}")
+            for r in rows_of(rows, "NOP", name, key, guidance):
+                ax.axhline(r[key], color=colour, linestyle="--", linewidth=1, label=f"NOP, guidance {guidance:g}")
+        for ref, style in zip(reference, ("-.", (0, (1, 1)))):
+            for r in rows_of(rows, ref, name, key):
+                ax.axhline(r[key], color="black", linestyle=style, linewidth=1,
+                           label={"REAL": "real vs real", "RECON": "VQ-VAE reconstructions"}[ref])
+        ax.set_title(name, fontsize=9)
+        ax.set_xticks(ks, [f"{k}\n({scales[k - 1]}x{scales[k - 1]})" for k in ks], fontsize=6)
+        ax.grid(alpha=0.3)
+    for ax in axes.flat[len(names):]:
+        ax.axis("off")
+    for ax in axes[:, 0]:
+        ax.set_ylabel(ylabel)
+    for ax in axes[-1]:
+        ax.set_xlabel("k = coarse scales from the teacher (finest of them)")
+    legend: dict[str, Any] = {}  # label -> handle, over every panel: a set too small for one panel is blank there
+    for ax in axes.flat[:len(names)]:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(label, handle)
+    if legend:
+        fig.legend(list(legend.values()), list(legend), loc="lower center", ncol=min(4, len(legend)), fontsize=8,
+                   bbox_to_anchor=(0.5, -0.02))
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    save_figure(fig, path)
 
-    def get(mode: str, name: str, key: str, cfg: float | None = None) -> list[dict[str, Any]]:
-        return [r for r in rows if r["mode"] == mode and r["class"] == name and (cfg is None or r["guidance"] == cfg)
-                and not math.isnan(r.get(key, math.nan))]
 
-    def panels(key: str, ylabel: str, path: Path, title: str, extra_key: str | None = None,
-               reference: tuple[str, ...] = ("REAL", "RECON")) -> None:
-        ncols = min(4, len(names))
-        nrows = -(-len(names) // ncols)
-        fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.3 * nrows), squeeze=False, sharex=True)
-        for ax, name in zip(axes.flat, names):
-            for i, cfg in enumerate(cfgs):
-                colour = f"C{i}"
-                tp = sorted(get("TP", name, key, cfg), key=lambda r: r["coarse_k"])
-                if tp:
-                    ax.errorbar([r["coarse_k"] for r in tp], [r[key] for r in tp],
-                                yerr=interval_bars(tp, key),
-                                color=colour, marker="o", markersize=3, capsize=2, label=f"TP, cfg {cfg:g}")
-                if extra_key:
-                    tp2 = sorted(get("TP", name, extra_key, cfg), key=lambda r: r["coarse_k"])
-                    ax.plot([r["coarse_k"] for r in tp2], [r[extra_key] for r in tp2], color=colour, linestyle=":",
-                            marker="s", markersize=3, label=f"TP within one teacher, cfg {cfg:g}")
-                for r in get("NOP", name, key, cfg):
-                    ax.axhline(r[key], color=colour, linestyle="--", linewidth=1, label=f"NOP, cfg {cfg:g}")
-            for ref, style in zip(reference, ("-.", (0, (1, 1)))):
-                for r in get(ref, name, key):
-                    ax.axhline(r[key], color="black", linestyle=style, linewidth=1,
-                               label={"REAL": "real vs real", "RECON": "VQ-VAE reconstructions"}[ref])
-            ax.set_title(name, fontsize=9)
-            ax.set_xticks(ks, [f"{k}\n({scales[k - 1]}x{scales[k - 1]})" for k in ks], fontsize=6)
-            ax.grid(alpha=0.3)
-        for ax in axes.flat[len(names):]:
-            ax.axis("off")
-        for ax in axes[:, 0]:
-            ax.set_ylabel(ylabel)
-        for ax in axes[-1]:
-            ax.set_xlabel("k = coarse scales from the teacher (finest of them)")
-        legend: dict[str, Any] = {}  # label -> handle, over every panel: a set too small for one panel is blank there
-        for ax in axes.flat[:len(names)]:
-            for handle, label in zip(*ax.get_legend_handles_labels()):
-                legend.setdefault(label, handle)
-        if legend:
-            fig.legend(list(legend.values()), list(legend), loc="lower center", ncol=min(4, len(legend)), fontsize=8,
-                       bbox_to_anchor=(0.5, -0.02))
-        fig.suptitle(title, fontsize=10)
-        fig.tight_layout(rect=(0, 0.06, 1, 1))
-        save_figure(fig, path)
-
-    panels("kid", "KID (lower = closer to real)", out / "kid_vs_k.png",
-           f"KID against the real images, by teacher-prefix length k (bars: {100 * level:g}% bootstrap intervals)")
-    panels("feature_diversity", "mean cosine distance of features", out / "feature_diversity_vs_k.png",
-           "Feature diversity within a class (TP solid, NOP dashed); real images dash-dot, reconstructions dotted")
-    panels("diversity", "1 - MS-SSIM (mean over pairs)", out / "diversity_vs_k.png",
-           "MS-SSIM diversity within a class (solid), within one teacher's samples (dotted); its ceiling, the "
-           "reconstructions': dash-dot", extra_key="diversity_per_teacher", reference=("RECON",))
+def plot_teacher_similarity(rows: list[dict[str, Any]], names: list[str], scales: tuple[int, ...], out: Path) -> None:
+    """teacher_similarity_vs_k.png: PSNR and SSIM of the TP samples against their teacher and its reconstruction."""
+    guidances = sorted({r["guidance"] for r in rows if r["mode"] in ("NOP", "TP")})
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, metric in zip(axes, ("psnr", "ssim")):
         for i, name in enumerate(names):
             for suffix, style in (("teacher", "-"), ("recon", "--")):
                 key = f"{metric}_{suffix}"
-                for j, cfg in enumerate(cfgs):
-                    tp = sorted(get("TP", name, key, cfg), key=lambda r: r["coarse_k"])
+                for j, guidance in enumerate(guidances):
+                    tp = sorted(rows_of(rows, "TP", name, key, guidance), key=lambda r: r["coarse_k"])
                     if tp:
                         ax.plot([r["coarse_k"] for r in tp], [r[key] for r in tp], linestyle=style,
                                 color="black" if name == ALL else f"C{i}", linewidth=2 if name == ALL else 1,
                                 marker="o", markersize=3,
-                                label=f"{name} vs {suffix}" + (f", cfg {cfg:g}" if len(cfgs) > 1 else ""))
+                                label=f"{name} vs {suffix}" + (f", guidance {guidance:g}" if len(guidances) > 1 else ""))
         ax.set_xlabel("k = coarse scales from the teacher")
         ax.set_ylabel({"psnr": "PSNR (dB)", "ssim": "SSIM"}[metric])
         if metric == "psnr":  # identical images score the 100 dB cap: keep the axis on the rest
@@ -658,7 +846,7 @@ def plot_vs_k(rows: list[dict[str, Any]], classes: list[str], scales: tuple[int,
             if finite:
                 ax.set_ylim(min(finite) - 1, max(finite) + 3)
                 ax.set_title("k = all scales vs reconstruction: identical (100 dB), off the axis", fontsize=8)
-        ax.set_xticks(ks)
+        ax.set_xticks(list(range(1, len(scales) + 1)))
         ax.grid(alpha=0.3)
     axes[1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.suptitle("Similarity of TP samples to their teacher (solid) and to the teacher's reconstruction (dashed)",
@@ -666,16 +854,38 @@ def plot_vs_k(rows: list[dict[str, Any]], classes: list[str], scales: tuple[int,
     save_figure(fig, out / "teacher_similarity_vs_k.png")
 
 
+def plot_vs_k(rows: list[dict[str, Any]], classes: list[str], scales: tuple[int, ...], level: float,
+              out: Path) -> None:
+    """kid_vs_k.png, feature_diversity_vs_k.png, coverage_vs_recon_vs_k.png, diversity_vs_k.png and
+    teacher_similarity_vs_k.png: a panel per class and one for all."""
+    names = classes + [ALL]
+    plot_panels(rows, names, scales, "kid", "KID (lower = closer to real)", out / "kid_vs_k.png",
+                f"KID against the real images, by teacher-prefix length k (bars: {100 * level:g}% bootstrap intervals)")
+    plot_panels(rows, names, scales, "feature_diversity", "mean cosine distance of features",
+                out / "feature_diversity_vs_k.png",
+                "Feature diversity within a class (TP solid, NOP dashed); real images dash-dot, reconstructions dotted")
+    plot_panels(rows, names, scales, "coverage_vs_recon", "coverage vs reconstructions",
+                out / "coverage_vs_recon_vs_k.png",
+                "Coverage against the tokenizer-level reference (val reconstructions; low = mode collapse); its "
+                "ceiling, the test reconstructions': dash-dot", reference=("RECON",))
+    plot_panels(rows, names, scales, "diversity", "1 - MS-SSIM (mean over pairs)", out / "diversity_vs_k.png",
+                "MS-SSIM diversity within a class (solid), within one teacher's samples (dotted); its ceiling, the "
+                "reconstructions': dash-dot", extra_key="diversity_per_teacher", reference=("RECON",))
+    plot_teacher_similarity(rows, names, scales, out)
+
+
 def plot_tokens(rows: list[dict[str, Any]], scales: tuple[int, ...], out: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
-    overall = [r for r in rows if r["class"] == ALL and r["mode"] in ("REAL", "NOP", "TP")]
+    overall = [r for r in rows if r["class"] == ALL and r["mode"] in ("REAL", "REAL_TRAIN", "NOP", "TP")]
+    real_labels = {"REAL": "real, held out (ref_split tokens)", "REAL_TRAIN": "real, training tokens"}
     for ax, what in zip(axes, ("usage", "entropy")):
         for i, r in enumerate(overall):
-            real = r["mode"] == "REAL"
+            real = r["mode"] in real_labels
             ax.plot(range(len(scales)), [r[f"{what}_{pn}"] for pn in scales], marker="o", markersize=3,
                     color="black" if real else plt.cm.viridis(i / max(1, len(overall) - 1)),
-                    linewidth=2.5 if real else 1, linestyle="--" if r["mode"] == "NOP" else "-",
-                    label="real (training tokens)" if real else r["point"])
+                    linewidth=2.5 if real else 1,
+                    linestyle={"NOP": "--", "REAL_TRAIN": ":"}.get(r["mode"], "-"),
+                    label=real_labels.get(r["mode"], r["point"]))
         ax.set_xticks(range(len(scales)), [f"{pn}x{pn}" for pn in scales])
         ax.set_xlabel("scale")
         ax.set_ylabel("fraction of the codebook used" if what == "usage" else "entropy (bits)")
@@ -739,22 +949,27 @@ def print_summary(rows: list[dict[str, Any]], info: dict[str, Any]) -> None:
     level = f"{100 * info['level']:g}%"
     print(f"all classes; [{level} bootstrap interval]")
     print(f"{'point':<14} {'n':>4} {'KID':>26} {'precision':>18} {'recall':>18} {'coverage':>18} "
-          f"{'feat. diversity':>18} {'MS-SSIM div.':>12} {'copies':>6}")
+          f"{'recall vs recon':>18} {'coverage vs recon':>18} {'feat. diversity':>18} {'MS-SSIM div.':>12} "
+          f"{'copies':>6}")
     for r in rows:
         if r["class"] != ALL:
             continue
         print(f"{r['point']:<14} {r['n']:>4} {with_interval(r, 'kid', 4):>26} {with_interval(r, 'precision', 2):>18} "
               f"{with_interval(r, 'recall', 2):>18} {with_interval(r, 'coverage', 2):>18} "
+              f"{with_interval(r, 'recall_vs_recon', 2):>18} {with_interval(r, 'coverage_vs_recon', 2):>18} "
               f"{with_interval(r, 'feature_diversity', 3):>18} {r.get('diversity', math.nan):>12.3f} "
               f"{r.get('copy_fraction', math.nan):>6.2f}")
     c = info["controls"]
     print(f"{info['feature_extractor']}; {info['ref_images']} {info['ref_split']} / {info['train_images']} train images; "
           f"halves of {info['ref_split']} by subject ({info['halves_subjects']} subjects)")
-    augmented = "n/a (the token file has none)" if c["planted_augmented_flagged"] is None else \
-        f"{c['planted_augmented_flagged']:.0%}"
-    print(f"copy check controls: planted training reconstructions flagged {c['planted_recon_flagged']:.0%}, planted "
-          f"augmented copies {augmented}, held-out "
-          f"{info['ref_split']} reconstructions {c['held_out_recon_flagged']:.0%}; thresholds from "
+    def rate(key: str, target_met: bool) -> str:
+        return f"{c[key]:.0%}" + ("" if target_met else " (target missed)")
+
+    print(f"copy check controls: planted training reconstructions flagged "
+          f"{rate('planted_recon_flagged', c['planted_recon_flagged'] >= 0.95)}, planted augmented copies "
+          f"{rate('planted_augmented_flagged', c['planted_augmented_flagged'] >= 0.95)}, held-out "
+          f"{info['ref_split']} reconstructions {rate('held_out_recon_flagged', c['held_out_recon_flagged'] <= 0.05)}; "
+          f"thresholds from "
           f"{info['copy_split_images']} {info['copy_split']} reconstructions against {info['copy_bank_images']} "
           "training token rows and reconstructions")
 

@@ -472,6 +472,13 @@ METRICS = {  # metrics.csv's columns shown, in order; [low, high] = bootstrap in
                                     "images crowd real ones)"),
     "coverage": Metric("coverage", 2, "share of real images whose k-NN ball holds a generated image (a collapsed "
                                       "model scores low)"),
+    "precision_vs_recon": Metric("precision vs recon", 2, "precision against the tokenizer-level reference: "
+                                                          "reconstructions of held-out images, as smooth as samples"),
+    "recall_vs_recon": Metric("recall vs recon", 2, "recall against the tokenizer-level reference (RECON's is the "
+                                                    "ceiling samples are measured against)"),
+    "density_vs_recon": Metric("density vs recon", 2, "density against the tokenizer-level reference"),
+    "coverage_vs_recon": Metric("coverage vs recon", 2, "coverage against the tokenizer-level reference (a "
+                                                        "mode-collapsed set scores low)"),
     "feature_diversity": Metric("feature diversity", 3, "mean cosine distance of Inception features between images "
                                                         "of a class (higher = more varied; speckle moves it little)"),
     "diversity": Metric("MS-SSIM diversity", 3, "mean 1 - MS-SSIM over image pairs of a class: read only beside the "
@@ -540,7 +547,7 @@ def metrics_tables(page: Page, path: Path, scales: list[str]) -> None:
     if scales and usage:
         page.add('<h3>Token statistics per scale (all classes)</h3><p class="caption">Usage = share of the '
                  'codebook used at a scale; entropy in bits of the token distribution (higher = richer). The REAL row '
-                 'holds the training tokens\'. Per-class values are in '
+                 'holds the held-out (test) tokens\', REAL_TRAIN the training tokens\'. Per-class values are in '
                  f'<a href="{page.link(path)}">metrics.csv</a>.</p>'
                  + table(["point"] + [f"usage {s}x{s}" for s in scales] + [f"entropy {s}x{s}" for s in scales], usage,
                          css="metrics"))
@@ -562,7 +569,8 @@ def copy_controls(page: Page, path: Path) -> None:
              f'(copy_margin {esc(str(info.get("copy_margin", "")))} of the way to an exact copy; thresholds from the '
              f'{esc(str(info.get("copy_split", "")))} reconstructions). The rule is checked on every run: planted '
              'copies must be flagged (target at least 95%), held-out reconstructions must not (at most 5%). '
-             'Blank: the token file has no augmented copies.</p>'
+             'The planted augmented copies are training images augmented as tokenize_multiscale_maps.py augments '
+             '(fresh crops, shifts and mirrorings), encoded and decoded by the VQ-VAE.</p>'
              + table(["control", "flagged", "should be"],
                      [[f"planted training reconstructions ({c.get('per_class', '')} per class)", shown[0], ">= 95%"],
                       [f"planted augmented copies ({c.get('per_class', '')} per class)", shown[1], ">= 95%"],
@@ -575,8 +583,10 @@ def eval_section(page: Page, folder: Path) -> None:
              '<b>REAL</b> (two halves of the held-out images, split by subject: the noise floor), <b>REAL_TRAIN</b> '
              '(the real training images against the held-out ones: what a model that learnt the training subjects '
              'can reach) and <b>RECON</b> (the VQ-VAE\'s reconstructions: what the VAR can reach through this '
-             'tokenizer). Intervals are bootstrap intervals over both sets (eval_var.py --compare tells whether two '
-             'evaluations differ).</p>')
+             'tokenizer). The <i>vs recon</i> columns score precision, recall, density and coverage against '
+             'reconstructions of held-out images instead of the real ones, which no smooth set reaches; RECON\'s '
+             'are the ceiling. Intervals are bootstrap intervals over both sets (eval_var.py --compare tells whether '
+             'two evaluations differ).</p>')
     path = folder / "metrics.csv"
     if not path.is_file():
         page.note_missing("eval_var", path, " (run eval_var.py)")
@@ -590,12 +600,15 @@ def eval_section(page: Page, folder: Path) -> None:
         (folder / "feature_diversity_vs_k.png", "Feature diversity against k: how different a class's images are in "
                                                 "Inception features, beside the real images' and the "
                                                 "reconstructions'."),
+        (folder / "coverage_vs_recon_vs_k.png", "Coverage against the tokenizer-level reference (reconstructions "
+                                                "of held-out images) against k, beside the test reconstructions' "
+                                                "(the ceiling): low coverage = mode collapse."),
         (folder / "diversity_vs_k.png", "MS-SSIM diversity against k: within the class (solid) and within one "
                                         "teacher's samples (dotted), beside the reconstructions' (its ceiling)."),
         (folder / "teacher_similarity_vs_k.png", "PSNR and SSIM against the teacher (solid) and its reconstruction "
                                                  "(dashed): rising with k."),
         (folder / "token_usage_entropy.png", "Codebook usage and token entropy per scale, every sweep point against "
-                                             "the training tokens."),
+                                             "the held-out and the training tokens."),
         (folder / "memorisation_hist.png", "Memorisation: each sample's similarity to its nearest training image, "
                                            "against the held-out real images'; samples right of the threshold "
                                            "line may be copies."),

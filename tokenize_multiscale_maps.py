@@ -30,14 +30,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from common.checkpoint import CheckpointError
 from common.config import (DEVICE, PRECISION, SEED, ConfigError, Rule, at_least, between, check_constants,
                            check_output_folder, script_config)
-from common.image_data import (SPLITS, ImageDataError, ImageSplit, list_classes, read_image, to_tensor,
-                               worker_error_line)
+from common.image_data import (AUG_HFLIP_CLASSES, AUG_MAX_SHIFT, AUG_MIN_AREA, SPLITS, ImageDataError, ImageSplit,
+                               augment, list_classes, read_image, to_tensor, worker_error_line)
 from common.io import SideFileError, file_sha256, files_fingerprint, os_error_line, remove_stale_temp_files
 from common.progress import progress
 from common.run_folder import RunFolderError, own_output_folder
@@ -57,9 +56,9 @@ class Config:
     cpu_threads: int = 0  # torch CPU threads (0 = torch's default)
     precision: str = "fp32"  # autocast of encoder/decoder: fp32 (tokens independent of the card) | bf16 | fp16 | auto; the quantizer always runs fp32
     aug_copies: int = 8  # token copies of each training image: the un-augmented one + aug_copies - 1 augmented (1 = none)
-    aug_min_area: float = 0.8  # random crops keep this..1 of the image area (the reference's 256-of-288 crop keeps 0.79)
-    aug_max_shift: float = 0.04  # the crop window may reach this fraction of the side beyond the image (black fill)
-    aug_hflip_classes: tuple[str, ...] = ("breast", "fetal_head", "thyroid")  # classes that may be mirrored left-right (see above)
+    aug_min_area: float = AUG_MIN_AREA  # random crops keep this..1 of the image area (the reference's 256-of-288 crop keeps 0.79)
+    aug_max_shift: float = AUG_MAX_SHIFT  # the crop window may reach this fraction of the side beyond the image (black fill)
+    aug_hflip_classes: tuple[str, ...] = AUG_HFLIP_CLASSES  # classes that may be mirrored left-right (see above)
     aug_seed: int = 0  # seed of the augmentations (with each image's path)
 
 
@@ -94,22 +93,6 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"error: {worker_error_line(err)}") from None
     except OSError as err:
         raise SystemExit(f"error: {os_error_line(err)}") from None
-
-
-def augment(image: np.ndarray, rng: np.random.Generator, min_area: float, max_shift: float,
-            hflip: bool) -> np.ndarray:
-    """One augmented copy of a uint8 (S, S, 3) image: a square crop of min_area..1 of the area, its window shifted by
-    up to max_shift * S beyond the edges (PIL's crop fills outside the image with black), resized back to S x S
-    as read_image resizes, then mirrored left-right with probability 1/2 when hflip."""
-    size = image.shape[0]
-    side = size * np.sqrt(rng.uniform(min_area, 1.0))
-    reach = max_shift * size
-    x0, y0 = rng.uniform(-reach, size - side + reach, 2)
-    crop = Image.fromarray(image).crop((round(x0), round(y0), round(x0 + side), round(y0 + side)))
-    out = np.array(crop.resize((size, size), Image.Resampling.LANCZOS))
-    if hflip and rng.random() < 0.5:
-        out = out[:, ::-1].copy()
-    return out
 
 
 class AugmentedCopies(Dataset):

@@ -84,6 +84,29 @@ def read_image(path: str | Path, image_size: int) -> np.ndarray:
     return np.array(img)
 
 
+# The token copies' augmentation (tokenize_multiscale_maps.py) and its defaults; eval_var.py plants copies made
+# the same way to check that its copy rule catches them.
+AUG_MIN_AREA = 0.8
+AUG_MAX_SHIFT = 0.04
+AUG_HFLIP_CLASSES = ("breast", "fetal_head", "thyroid")
+
+
+def augment(image: np.ndarray, rng: np.random.Generator, min_area: float, max_shift: float,
+            hflip: bool) -> np.ndarray:
+    """One augmented copy of a uint8 (S, S, 3) image: a square crop of min_area..1 of the area, its window shifted by
+    up to max_shift * S beyond the edges (PIL's crop fills outside the image with black), resized back to S x S
+    as read_image resizes, then mirrored left-right with probability 1/2 when hflip."""
+    size = image.shape[0]
+    side = size * np.sqrt(rng.uniform(min_area, 1.0))
+    reach = max_shift * size
+    x0, y0 = rng.uniform(-reach, size - side + reach, 2)
+    crop = Image.fromarray(image).crop((round(x0), round(y0), round(x0 + side), round(y0 + side)))
+    out = np.array(crop.resize((size, size), Image.Resampling.LANCZOS))
+    if hflip and rng.random() < 0.5:
+        out = out[:, ::-1].copy()
+    return out
+
+
 def worker_error_line(err: BaseException) -> str:
     """An error raised in a DataLoader worker as one line: torch re-raises it with the worker's whole traceback in its
     message, whose last line is the error itself."""

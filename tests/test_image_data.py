@@ -21,8 +21,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from common import image_data
-from common.image_data import (EpochSampler, ImageDataError, ImageSplit, epoch_index_list, list_classes, list_split,
-                               read_image, scan_area_mask, to_grey_uint8, to_rgb_uint8, to_tensor, worker_error_line)
+from common.image_data import (EpochSampler, ImageDataError, ImageSplit, augment, epoch_index_list, list_classes,
+                               list_split, read_image, scan_area_mask, to_grey_uint8, to_rgb_uint8, to_tensor, worker_error_line)
 from common.scan_area import ScanAreaError
 
 
@@ -381,3 +381,62 @@ def test_each_rank_takes_its_slice_of_every_global_batch_of_the_epoch_s_list() -
     plain.set_epoch(3)
     whole = np.random.default_rng([1, 3]).permutation(10)[:8].tolist()
     assert list(plain) == whole[2:4] + whole[6:8]
+
+
+def crop_boxes(monkeypatch) -> list:
+    boxes = []
+    crop = Image.Image.crop
+
+    def spy(self, box=None):
+        boxes.append(box)
+        return crop(self, box)
+
+    monkeypatch.setattr(Image.Image, "crop", spy)
+    return boxes
+
+
+def picture(size: int = 20, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
+
+
+def test_a_copy_is_a_square_crop_resized_back_with_lanczos(monkeypatch):
+    boxes = crop_boxes(monkeypatch)
+    image = picture()
+    out = augment(image, np.random.default_rng(7), 0.5, 0.1, hflip=False)
+    rng = np.random.default_rng(7)
+    side = 20 * np.sqrt(rng.uniform(0.5, 1.0))
+    x0, y0 = rng.uniform(-2.0, 20 - side + 2.0, 2)
+    box = (round(x0), round(y0), round(x0 + side), round(y0 + side))
+    assert boxes == [box] and box[2] - box[0] == box[3] - box[1] != 20
+    expected = np.array(Image.fromarray(image).crop(box).resize((20, 20), Image.Resampling.LANCZOS))
+    assert out.dtype == np.uint8 and np.array_equal(out, expected)
+    assert np.array_equal(augment(image, np.random.default_rng(0), 1.0, 0.0, hflip=False), image)
+
+
+def test_crops_cover_the_area_range_and_reach_the_shift_beyond_each_edge(monkeypatch):
+    boxes = crop_boxes(monkeypatch)
+    image, rng = picture(40), np.random.default_rng(3)
+    for _ in range(1500):
+        augment(image, rng, 0.6, 0.25, hflip=False)
+    box = np.array(boxes, float)
+    area = ((box[:, 2] - box[:, 0]) / 40) ** 2
+    assert 0.58 < area.min() < 0.62 and area.max() > 0.97 and abs(area.mean() - 0.8) < 0.01  # uniform in [0.6, 1]
+    for lo, hi in ((box[:, 0], box[:, 2]), (box[:, 1], box[:, 3])):
+        assert lo.min() >= -10 and lo.min() <= -9 and hi.max() <= 50 and hi.max() >= 49  # 0.25 x 40 px beyond
+        assert abs((lo + hi).mean() / 2 - 20) < 0.5  # centred on the image on average
+
+
+def test_only_mirrorable_classes_are_mirrored_half_the_time():
+    image = picture()
+    mirrored = 0
+    for seed in range(400):
+        kept = augment(image, np.random.default_rng(seed), 0.7, 0.05, hflip=False)
+        flipped = augment(image, np.random.default_rng(seed), 0.7, 0.05, hflip=True)
+        same, mirror = np.array_equal(flipped, kept), np.array_equal(flipped, kept[:, ::-1])
+        assert same or mirror
+        mirrored += mirror
+        rng = np.random.default_rng(seed)
+        rng.uniform(size=3)
+        assert mirror == (rng.random() < 0.5)  # the fourth draw decides
+    assert 170 < mirrored < 230
+    assert augment(image, np.random.default_rng(1), 1.0, 0.0, hflip=True).flags.c_contiguous

@@ -630,7 +630,8 @@ def test_the_eval_section_shows_the_tables_and_lists_missing_plots(tmp_path):
     assert report.table(["point", "usage 1x1", "usage 4x4", "entropy 1x1", "entropy 4x4"],
                         [["REAL", "50%", "100%", "1.00", "2.00"]], css="metrics") in text
     assert '<div class="figures two"><figure><a href="eval/kid_vs_k.png">' in text
-    assert [p.name for _, p in page.missing] == ["metrics.json", "feature_diversity_vs_k.png", "diversity_vs_k.png",
+    assert [p.name for _, p in page.missing] == ["metrics.json", "feature_diversity_vs_k.png",
+                                                 "coverage_vs_recon_vs_k.png", "diversity_vs_k.png",
                                                  "teacher_similarity_vs_k.png",
                                                  "token_usage_entropy.png", "memorisation_hist.png",
                                                  "memorisation_pairs.png"]  # metrics.json: the copy controls

@@ -35,6 +35,7 @@ from common.tokens import TokenFileError, load_tokens, made_from_of, save_tokens
 from config_refusal import assert_edges, refusal_of
 from models.var import VAR
 from models.vqvae import VQVAE, load_vqvae
+from test_image_data import picture
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -346,65 +347,6 @@ def test_main_sets_the_threads_and_ends_a_refused_input_with_its_message(monkeyp
     with pytest.raises(SystemExit):
         tok.main(["--cpu_threads=0"])
     assert threads == [1]  # 0: torch's default, untouched
-
-
-def crop_boxes(monkeypatch) -> list:
-    boxes = []
-    crop = Image.Image.crop
-
-    def spy(self, box=None):
-        boxes.append(box)
-        return crop(self, box)
-
-    monkeypatch.setattr(Image.Image, "crop", spy)
-    return boxes
-
-
-def picture(size: int = 20, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
-
-
-def test_a_copy_is_a_square_crop_resized_back_with_lanczos(monkeypatch):
-    boxes = crop_boxes(monkeypatch)
-    image = picture()
-    out = tok.augment(image, np.random.default_rng(7), 0.5, 0.1, hflip=False)
-    rng = np.random.default_rng(7)
-    side = 20 * np.sqrt(rng.uniform(0.5, 1.0))
-    x0, y0 = rng.uniform(-2.0, 20 - side + 2.0, 2)
-    box = (round(x0), round(y0), round(x0 + side), round(y0 + side))
-    assert boxes == [box] and box[2] - box[0] == box[3] - box[1] != 20
-    expected = np.array(Image.fromarray(image).crop(box).resize((20, 20), Image.Resampling.LANCZOS))
-    assert out.dtype == np.uint8 and np.array_equal(out, expected)
-    assert np.array_equal(tok.augment(image, np.random.default_rng(0), 1.0, 0.0, hflip=False), image)
-
-
-def test_crops_cover_the_area_range_and_reach_the_shift_beyond_each_edge(monkeypatch):
-    boxes = crop_boxes(monkeypatch)
-    image, rng = picture(40), np.random.default_rng(3)
-    for _ in range(1500):
-        tok.augment(image, rng, 0.6, 0.25, hflip=False)
-    box = np.array(boxes, float)
-    area = ((box[:, 2] - box[:, 0]) / 40) ** 2
-    assert 0.58 < area.min() < 0.62 and area.max() > 0.97 and abs(area.mean() - 0.8) < 0.01  # uniform in [0.6, 1]
-    for lo, hi in ((box[:, 0], box[:, 2]), (box[:, 1], box[:, 3])):
-        assert lo.min() >= -10 and lo.min() <= -9 and hi.max() <= 50 and hi.max() >= 49  # 0.25 x 40 px beyond
-        assert abs((lo + hi).mean() / 2 - 20) < 0.5  # centred on the image on average
-
-
-def test_only_mirrorable_classes_are_mirrored_half_the_time():
-    image = picture()
-    mirrored = 0
-    for seed in range(400):
-        kept = tok.augment(image, np.random.default_rng(seed), 0.7, 0.05, hflip=False)
-        flipped = tok.augment(image, np.random.default_rng(seed), 0.7, 0.05, hflip=True)
-        same, mirror = np.array_equal(flipped, kept), np.array_equal(flipped, kept[:, ::-1])
-        assert same or mirror
-        mirrored += mirror
-        rng = np.random.default_rng(seed)
-        rng.uniform(size=3)
-        assert mirror == (rng.random() < 0.5)  # the fourth draw decides
-    assert 170 < mirrored < 230
-    assert tok.augment(image, np.random.default_rng(1), 1.0, 0.0, hflip=True).flags.c_contiguous
 
 
 def image_set(root: Path, per_split: dict[str, dict[str, int]], size: int = 8) -> Path:
