@@ -34,9 +34,9 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from common.config import parse_config  # noqa: E402
-from common.image_data import list_classes, list_split, read_image, to_rgb_uint8, to_tensor  # noqa: E402
+from common.image_data import (AUG_HFLIP_CLASSES, AUG_MAX_SHIFT, AUG_MIN_AREA, augment, list_classes,  # noqa: E402
+                               list_split, read_image, to_rgb_uint8, to_tensor)
 from models.vqvae import load_vqvae  # noqa: E402
-from tokenize_multiscale_maps import Config as TokenizeConfig, augment  # noqa: E402
 
 
 def unit_rows(images: np.ndarray, side: int) -> np.ndarray:
@@ -52,7 +52,7 @@ def main() -> None:
     config = parse_config(Config)
     if config.threads:
         torch.set_num_threads(config.threads)
-    vqvae, augmentation = load_vqvae(config.vqvae), TokenizeConfig()
+    vqvae = load_vqvae(config.vqvae)
     size, classes = vqvae.image_size, list_classes(config.data_dir)
 
     @torch.no_grad()
@@ -62,8 +62,7 @@ def main() -> None:
 
     def augmented(image: np.ndarray, path: Path, label: int) -> np.ndarray:
         rng = np.random.default_rng([config.seed, 2, zlib.crc32(str(path).encode())])  # the same draw for both
-        return augment(image, rng, augmentation.aug_min_area, augmentation.aug_max_shift,
-                       classes[label] in augmentation.aug_hflip_classes)
+        return augment(image, rng, AUG_MIN_AREA, AUG_MAX_SHIFT, classes[label] in AUG_HFLIP_CLASSES)
 
     train_paths, train_labels = list_split(config.data_dir, "train", classes)
     val_paths, _ = list_split(config.data_dir, "val", classes)
