@@ -212,6 +212,9 @@ VS_RECON_METRICS = tuple(f"{m}_vs_recon" for m in NN_METRICS)  # against the tok
 INTERVAL_METRICS = SET_METRICS + ("feature_diversity",) + VS_RECON_METRICS  # the ones with bootstrap intervals
 
 
+Groups = tuple[np.ndarray | None, np.ndarray | None]  # subjects of a generated and a reference set
+
+
 class Measure:
     """The metric functions with this run's settings; each returns NaN where a set is too small to say anything.
     Bootstrap replicates are kept in `replicates` under '<point>|<class>|<metric>' for bootstrap.npz."""
@@ -231,9 +234,11 @@ class Measure:
         low, high = percentile_interval(values, self.config.level)
         return {f"{metric}_lo": low, f"{metric}_hi": high}
 
-    def against(self, f_gen: np.ndarray, f_ref: np.ndarray, key: str) -> dict[str, float]:
+    def against(self, f_gen: np.ndarray, f_ref: np.ndarray, key: str,
+                groups: Groups = (None, None)) -> dict[str, float]:
         """KID (all pairs), FID on large sets, precision, recall, density and coverage of a set against a reference,
-        with bootstrap intervals; blank where either set has fewer than min_class_images."""
+        with bootstrap intervals; blank where either set has fewer than min_class_images. groups: each set's
+        subjects (None: every image its own), which bound the k-NN balls (common/sample_metrics.knn_radii)."""
         out: dict[str, float] = {"fid": math.nan, **dict.fromkeys(SET_METRICS, math.nan)}
         n = min(len(f_gen), len(f_ref))
         if n < self.config.min_class_images:
@@ -241,12 +246,13 @@ class Measure:
         weights = bootstrap_weights(len(f_gen), len(f_ref), self.config.bootstrap, self._seed(key))
         out["kid"], values = kid_bootstrap(f_gen, f_ref, weights)
         out.update(self._keep(key, "kid", values))
-        out.update(self._nearest_neighbour(f_gen, f_ref, key, weights, ""))
+        out.update(self._nearest_neighbour(f_gen, f_ref, key, weights, "", groups))
         if n >= self.config.fid_min_images:
             out["fid"] = fid_from_features(f_gen, f_ref)
         return out
 
-    def against_recon(self, f_gen: np.ndarray, f_recon_ref: np.ndarray, key: str) -> dict[str, float]:
+    def against_recon(self, f_gen: np.ndarray, f_recon_ref: np.ndarray, key: str,
+                      groups: Groups = (None, None)) -> dict[str, float]:
         """Precision, recall, density and coverage against the tokenizer-level reference (reconstructions of
         held-out images), with bootstrap intervals; blank below min_class_images. Against real images they are 0
         for every smooth set, reconstructions included: speckle puts every real image's ball out of reach."""
@@ -254,13 +260,14 @@ class Measure:
             return dict.fromkeys(VS_RECON_METRICS, math.nan)
         weights = bootstrap_weights(len(f_gen), len(f_recon_ref), self.config.bootstrap,
                                     self._seed(f"{key}|vs_recon"))
-        return self._nearest_neighbour(f_gen, f_recon_ref, key, weights, "_vs_recon")
+        return self._nearest_neighbour(f_gen, f_recon_ref, key, weights, "_vs_recon", groups)
 
     def _nearest_neighbour(self, f_gen: np.ndarray, f_ref: np.ndarray, key: str,
-                           weights: list[tuple[np.ndarray, np.ndarray]],
-                           suffix: str) -> dict[str, float]:
-        out = {f"{m}{suffix}": v for m, v in fidelity_coverage(f_gen, f_ref, self.config.nn_k).items()}
-        boot = [fidelity_coverage(f_gen, f_ref, self.config.nn_k, w_1, w_2) for w_1, w_2 in weights]
+                           weights: list[tuple[np.ndarray, np.ndarray]], suffix: str,
+                           groups: Groups) -> dict[str, float]:
+        k, (g_gen, g_ref) = self.config.nn_k, groups
+        out = {f"{m}{suffix}": v for m, v in fidelity_coverage(f_gen, f_ref, k, None, None, g_gen, g_ref).items()}
+        boot = [fidelity_coverage(f_gen, f_ref, k, w_1, w_2, g_gen, g_ref) for w_1, w_2 in weights]
         for metric in NN_METRICS:
             out.update(self._keep(key, metric + suffix, np.array([b[metric] for b in boot])))
         return out
@@ -416,6 +423,8 @@ class Run:
     train_paths: list[Path]
     gen_paths: list[Path]
     gen_labels: np.ndarray
+    gen_groups: np.ndarray  # a sample's group for the k-NN balls: its teacher (TP), itself (NOP)
+    subjects: np.ndarray  # the subject of every token row (prepare.py's manifest)
     made_from: dict[str, Any]
 
     @property
@@ -466,13 +475,15 @@ def open_run(config: Config, sweep: Sweep) -> Run:
     train_paths = at_model_size(tokens, train_rows, data_dir, vqvae.image_size, out / "real")
     gen_paths = [sweep.folder / r["path"] for r in sweep.rows]
     gen_labels = np.array([int(r["label"]) for r in sweep.rows])
+    gen_groups = np.array([f"{r['label']}/teacher{r['teacher']}" if int(r["coarse_k"]) > 0 else f"sample{i}"
+                           for i, r in enumerate(sweep.rows)])
     settings = {k: v for k, v in config_dict(config).items()
                 if k not in ("out", "device", "cpu_threads", "batch_size", "cache", "compare")}
     made_from = {"settings": settings, "tokens_sha256": file_sha256(config.tokens), "vqvae_sha256": tokens.vqvae_sha256,
                  "samples": files_fingerprint(gen_paths + [sweep.folder / "samples_tokens.npz"], sweep.folder),
                  "real": files_fingerprint([data_dir / tokens.source[r] for r in (*ref_rows, *train_rows)], data_dir)}
     return Run(config, sweep, tokens, vqvae, device, measure, out, ref_rows, train_rows, held_rows, ref_paths,
-               train_paths, gen_paths, gen_labels, made_from)
+               train_paths, gen_paths, gen_labels, gen_groups, subject_ids(data_dir, tokens.source), made_from)
 
 
 def planted_augmented(run: Run) -> tuple[np.ndarray, np.ndarray, list[str]]:
@@ -569,19 +580,24 @@ def reference_rows(run: Run, sets: Sets, ref_copy: dict[str, np.ndarray], first:
     measure, seed, f_ref, f_train, f_recon = run.measure, run.config.seed, sets.f_ref, sets.f_train, sets.f_recon
     ref_labels, train_labels, held_labels = run.ref_labels, run.train_labels, run.tokens.labels[run.held_rows]
     ref_idx, train_idx = run.tokens.idx[run.ref_rows], run.tokens.idx[run.train_rows]
+    s_ref, s_train, s_held = (run.subjects[rows] for rows in (run.ref_rows, run.train_rows, run.held_rows))
     real, real_train, recon = [], [], []
     for c, name in enumerate(run.classes):
         a, b, in_c, train_c = first & (ref_labels == c), second & (ref_labels == c), ref_labels == c, train_labels == c
-        real.append({"class": name, "n": int(in_c.sum()), **measure.against(f_ref[a], f_ref[b], f"REAL|{name}"),
+        real.append({"class": name, "n": int(in_c.sum()),
+                     **measure.against(f_ref[a], f_ref[b], f"REAL|{name}", (s_ref[a], s_ref[b])),
                      **measure.spread(f_ref[in_c], f"REAL|{name}"),
                      **measure.tokens(token_subsample(ref_idx[in_c], ref_labels[in_c], per_class_tokens, seed))})
         real_train.append({"class": name, "n": int(train_c.sum()),
-                           **measure.against(f_train[train_c], f_ref[in_c], f"REAL_TRAIN|{name}"),
+                           **measure.against(f_train[train_c], f_ref[in_c], f"REAL_TRAIN|{name}",
+                                             (s_train[train_c], s_ref[in_c])),
                            **measure.spread(f_train[train_c], f"REAL_TRAIN|{name}"),
                            **measure.tokens(token_subsample(train_idx[train_c], train_labels[train_c],
                                                             per_class_tokens, seed))})
-        recon.append({"class": name, "n": int(a.sum()), **measure.against(f_recon[a], f_ref[b], f"RECON|{name}"),
-                      **measure.against_recon(f_recon[in_c], sets.f_held[held_labels == c], f"RECON|{name}"),
+        recon.append({"class": name, "n": int(a.sum()),
+                      **measure.against(f_recon[a], f_ref[b], f"RECON|{name}", (s_ref[a], s_ref[b])),
+                      **measure.against_recon(f_recon[in_c], sets.f_held[held_labels == c], f"RECON|{name}",
+                                              (s_ref[in_c], s_held[held_labels == c])),
                       **measure.spread(f_recon[in_c], f"RECON|{name}"),
                       "diversity": measure.diversity(run.images_of(sets.recon_paths, np.flatnonzero(in_c))),
                       **copy_columns(ref_copy, np.flatnonzero(in_c))})
@@ -589,15 +605,16 @@ def reference_rows(run: Run, sets: Sets, ref_copy: dict[str, np.ndarray], first:
     a, b = np.flatnonzero(first), np.flatnonzero(second)
     b = b[class_matched(ref_labels[b], ref_labels[a], seed)]
     add_rows(rows, measure, "REAL", "REAL", 0, math.nan, real,
-             {"n": len(run.ref_rows), **measure.against(f_ref[a], f_ref[b], f"REAL|{ALL}"),
+             {"n": len(run.ref_rows), **measure.against(f_ref[a], f_ref[b], f"REAL|{ALL}", (s_ref[a], s_ref[b])),
               **measure.tokens(token_subsample(ref_idx, ref_labels, per_class_tokens, seed))})
     matched = class_matched(train_labels, ref_labels, seed)
     add_rows(rows, measure, "REAL_TRAIN", "REAL_TRAIN", 0, math.nan, real_train,
-             {"n": len(matched), **measure.against(f_train[matched], f_ref, f"REAL_TRAIN|{ALL}"),
+             {"n": len(matched), **measure.against(f_train[matched], f_ref, f"REAL_TRAIN|{ALL}",
+                                                   (s_train[matched], s_ref)),
               **measure.tokens(token_subsample(train_idx, train_labels, per_class_tokens, seed))})
     add_rows(rows, measure, "RECON", "RECON", len(run.scales), math.nan, recon,
-             {"n": len(a), **measure.against(f_recon[a], f_ref[b], f"RECON|{ALL}"),
-              **measure.against_recon(f_recon, sets.f_held, f"RECON|{ALL}"),
+             {"n": len(a), **measure.against(f_recon[a], f_ref[b], f"RECON|{ALL}", (s_ref[a], s_ref[b])),
+              **measure.against_recon(f_recon, sets.f_held, f"RECON|{ALL}", (s_ref, s_held)),
               **copy_columns(ref_copy, np.arange(len(run.ref_rows)))})
     return rows
 
@@ -630,6 +647,7 @@ def sweep_rows(run: Run, sets: Sets, gen_copy: dict[str, np.ndarray], per_class_
     teachers (which they were drawn from)."""
     sweep, measure, seed, gen_labels, ref_labels = run.sweep, run.measure, run.config.seed, run.gen_labels, run.ref_labels
     held_labels = run.tokens.labels[run.held_rows]
+    s_ref, s_held, g_gen = run.subjects[run.ref_rows], run.subjects[run.held_rows], run.gen_groups
     rows: list[dict[str, Any]] = []
     teacher_images: dict[str, dict[tuple[str, int], np.ndarray]] = {"teachers": {}, "teachers_recon": {}}
     ref_row_position = {int(r): i for i, r in enumerate(run.ref_rows)}
@@ -644,10 +662,12 @@ def sweep_rows(run: Run, sets: Sets, gen_copy: dict[str, np.ndarray], per_class_
         for c, name in enumerate(run.classes):
             sel = np.flatnonzero(in_point & (gen_labels == c))
             images = run.images_of(run.gen_paths, sel)
+            ref_c, held_c = usable & (ref_labels == c), held_labels == c
+            few = sel[at_most(gen_labels[sel], ref_labels, seed)]
             row = {"class": name, "n": len(sel),
-                   **measure.against(sets.f_gen[sel], sets.f_ref[usable & (ref_labels == c)], f"{point}|{name}"),
-                   **measure.against_recon(sets.f_gen[sel[at_most(gen_labels[sel], ref_labels, seed)]],
-                                           sets.f_held[held_labels == c], f"{point}|{name}"),
+                   **measure.against(sets.f_gen[sel], sets.f_ref[ref_c], f"{point}|{name}", (g_gen[sel], s_ref[ref_c])),
+                   **measure.against_recon(sets.f_gen[few], sets.f_held[held_c], f"{point}|{name}",
+                                           (g_gen[few], s_held[held_c])),
                    **measure.spread(sets.f_gen[sel], f"{point}|{name}"), "diversity": measure.diversity(images),
                    **copy_columns(gen_copy, sel),
                    **measure.tokens(token_subsample(sweep.idx[sel], gen_labels[sel], per_class_tokens, seed))}
@@ -658,9 +678,10 @@ def sweep_rows(run: Run, sets: Sets, gen_copy: dict[str, np.ndarray], per_class_
         sel = np.flatnonzero(in_point)
         ref_sel = np.flatnonzero(usable)
         matched = sel[class_matched(gen_labels[sel], ref_labels[ref_sel], seed)]
-        overall = {"n": len(sel), **measure.against(sets.f_gen[matched], sets.f_ref[ref_sel], f"{point}|{ALL}"),
-                   **measure.against_recon(sets.f_gen[sel[at_most(gen_labels[sel], ref_labels, seed)]], sets.f_held,
-                                           f"{point}|{ALL}"),
+        few = sel[at_most(gen_labels[sel], ref_labels, seed)]
+        overall = {"n": len(sel), **measure.against(sets.f_gen[matched], sets.f_ref[ref_sel], f"{point}|{ALL}",
+                                                    (g_gen[matched], s_ref[ref_sel])),
+                   **measure.against_recon(sets.f_gen[few], sets.f_held, f"{point}|{ALL}", (g_gen[few], s_held)),
                    **copy_columns(gen_copy, sel),
                    **measure.tokens(token_subsample(sweep.idx[sel], gen_labels[sel], per_class_tokens, seed))}
         if k > 0:
@@ -722,7 +743,7 @@ def evaluate(config: Config) -> None:
 
     per_class_tokens = min(min(int((run.gen_labels[[r["point"] == p for r in sweep.rows]] == c).sum()),
                                int((ref_labels == c).sum())) for p in sweep.points for c in range(len(run.classes)))
-    ref_subjects = subject_ids(Path(config.data_dir), tokens.source[run.ref_rows])
+    ref_subjects = run.subjects[run.ref_rows]
     first, second = halves(ref_labels, ref_subjects, config.seed)
     rows = reference_rows(run, sets, ref_copy, first, second, per_class_tokens)
     rows += sweep_rows(run, sets, gen_copy, per_class_tokens)

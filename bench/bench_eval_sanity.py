@@ -52,7 +52,7 @@ from scipy.ndimage import gaussian_filter, median_filter  # noqa: E402
 
 from common.config import parse_config  # noqa: E402
 from common.fidelity import extract_features, kid_bootstrap, load_feature_extractor  # noqa: E402
-from common.image_data import list_classes, list_split, read_image  # noqa: E402
+from common.image_data import list_classes, list_split, read_image, subject_ids  # noqa: E402
 from common.plotting import save_image  # noqa: E402
 from common.runtime import pick_device  # noqa: E402
 from common.sample_metrics import diversity, feature_diversity, fidelity_coverage  # noqa: E402
@@ -90,6 +90,9 @@ def table(config: Config, images_dir: str, classes: list[str], net: torch.nn.Mod
     ref_paths, ref_labels = list_split(images_dir, config.ref_split, classes)
     query_paths, query_labels = list_split(images_dir, config.query_split, classes)
     query = np.stack([read_image(p, config.size) for p in query_paths])
+    # k-NN balls bounded by other subjects' images, as in eval_var.py (frames of one subject are near-duplicates)
+    ref_subjects, query_subjects = (subject_ids(Path(config.data_dir), [str(p.relative_to(images_dir)) for p in paths])
+                                    for paths in (ref_paths, query_paths))
     changes = {
         "unchanged": lambda im: im,
         f"blur (sigma {config.blur_sigma:g} px)": lambda im: gaussian_filter(im, (config.blur_sigma, config.blur_sigma, 0)),
@@ -130,14 +133,16 @@ def table(config: Config, images_dir: str, classes: list[str], net: torch.nn.Mod
         for c in range(len(classes)):
             mine, theirs = query_labels == c, ref_labels == (c + shift) % len(classes)
             kids.append(kid_bootstrap(features[mine], f_ref[theirs])[0])
-            fcs.append(fidelity_coverage(features[mine], f_ref[theirs], config.nn_k))
+            fcs.append(fidelity_coverage(features[mine], f_ref[theirs], config.nn_k,
+                                         generated_groups=query_subjects[mine], real_groups=ref_subjects[theirs]))
             feat.append(feature_diversity(features[mine]))
             ms.append(diversity(images[mine], 200, 0)[0])
         return (float(np.mean(kids)), {k: float(np.mean([f[k] for f in fcs])) for k in fcs[0]}, float(np.mean(feat)),
                 float(np.mean(ms)))
 
     for name, (images, features) in sets.items():
-        row(name, kid_bootstrap(features, f_ref)[0], fidelity_coverage(features, f_ref, config.nn_k),
+        row(name, kid_bootstrap(features, f_ref)[0],
+            fidelity_coverage(features, f_ref, config.nn_k, generated_groups=query_subjects, real_groups=ref_subjects),
             float(np.mean([feature_diversity(features[query_labels == c]) for c in range(len(classes))])),
             float(np.mean([diversity(images[query_labels == c], 200, 0)[0] for c in range(len(classes))])))
     print("per class (mean over classes):")

@@ -504,6 +504,10 @@ def test_against_leaves_small_sets_blank_and_gives_kid_over_all_pairs_with_an_in
     assert out["kid"] == whole and (out["kid_lo"], out["kid_hi"]) == percentile_interval(values, 0.95)
     assert out["fid"] == fid_from_features(f1, f2)
     assert {k: out[k] for k in ("precision", "recall", "density", "coverage")} == fidelity_coverage(f1, f2, 3)
+    subjects = np.array([0, 0, 0, 1, 1, 1, 2])  # the reference's subjects bound its balls (density changes)
+    grouped = measure.against(f1, f2, "U|a", (None, subjects))
+    assert ({k: grouped[k] for k in ("precision", "recall", "density", "coverage")}
+            == fidelity_coverage(f1, f2, 3, real_groups=subjects) != fidelity_coverage(f1, f2, 3))
     assert np.array_equal(measure.replicates["P|a|kid"], values) and len(measure.replicates["P|a|coverage"]) == 30
     assert math.isnan(measure.against(f1[:6], f2[:6], "Q|a")["fid"])  # FID from 7 images
     small = measure.against(f1[:4], f2, "R|a")  # 4 < min_class_images: blank, nothing kept

@@ -21,7 +21,7 @@ from torchmetrics.functional.image import multiscale_structural_similarity_index
 from common import sample_metrics
 from common.image_data import to_grey_uint8
 from common.sample_metrics import (MSSSIM_BETAS, above_threshold, bootstrap_weights, class_thresholds, diversity,
-                                   feature_diversity, fidelity_coverage, grey_uint8, masked_psnr_ssim,
+                                   feature_diversity, fidelity_coverage, grey_uint8, knn_radii, masked_psnr_ssim,
                                    matched_subsample, msssim_betas, msssim_levels, nearest_neighbours,
                                    percentile_interval, psnr_ssim, sample_pairs, teacher_similarity, token_agreement,
                                    token_usage_entropy)
@@ -464,6 +464,41 @@ def test_fidelity_coverage_by_hand_on_a_line():
     dropped = fidelity_coverage(gen, real, k=1, real_weights=np.array([1.0, 1.0, 0.0]))
     assert dropped == {"precision": 0.5, "recall": 1.0, "density": 1.0, "coverage": 1.0}
     assert math.isnan(fidelity_coverage(gen, real, k=2)["precision"])  # 2 samples cannot have a 2nd neighbour
+
+
+def test_subject_groups_bound_the_balls_by_other_subjects_by_hand():
+    # Subject a: frames at 0 and 0.1; subject b: 5 and 5.1. Alone, each frame's k=1 ball reaches only its twin
+    # (radius 0.1); by subject, it reaches the nearest frame of the other subject: radii 5, 4.9, 4.9, 5.0.
+    real, groups = np.array([[0.0], [0.1], [5.0], [5.1]]), np.array(["a", "a", "b", "b"])
+    gen = np.array([[2.5], [20.0]])  # k=1 radii 17.5 each
+    assert knn_radii(real, 1).tolist() == pytest.approx([0.1, 0.1, 0.1, 0.1])
+    assert knn_radii(real, 1, groups).tolist() == pytest.approx([5.0, 4.9, 4.9, 5.0])
+    assert fidelity_coverage(gen, real, k=1) == {"precision": 0.0, "recall": 1.0, "density": 0.0, "coverage": 0.0}
+    out = fidelity_coverage(gen, real, k=1, real_groups=groups)
+    assert out == pytest.approx({"precision": 0.5, "recall": 1.0, "density": 2.0, "coverage": 1.0})
+    assert knn_radii(real, 2, groups).tolist() == pytest.approx([5.1, 5.0, 5.0, 5.1])
+    assert math.isnan(fidelity_coverage(gen, real, k=3, real_groups=groups)["coverage"])  # 2 frames outside each
+    with pytest.raises(ValueError, match=r"1 <= k <= 2"):
+        knn_radii(real, 3, groups)
+    with pytest.raises(ValueError, match=r"a group per row \(4\)"):
+        knn_radii(real, 1, groups[:3])
+
+
+def test_subject_groups_let_coverage_tell_a_collapsed_set_from_an_honest_one():
+    # 12 subjects of 5 near-identical frames each. Without groups every real ball is one subject's frame jitter, so
+    # an honest set (new subjects of the same distribution) and a collapsed one both cover nothing.
+    rng = np.random.default_rng(2)
+    subjects = rng.normal(size=(12, 8))
+    real = np.repeat(subjects, 5, axis=0) + rng.normal(scale=0.05, size=(60, 8))
+    groups = np.repeat(np.arange(12), 5)
+    honest = rng.normal(size=(30, 8))
+    collapsed = subjects[:1] + rng.normal(scale=0.3, size=(30, 8))
+    assert fidelity_coverage(honest, real, 3)["coverage"] == fidelity_coverage(collapsed, real, 3)["coverage"] == 0
+    fair, col = (fidelity_coverage(g, real, 3, real_groups=groups) for g in (honest, collapsed))
+    assert fair["coverage"] > 2 * col["coverage"] and col["recall"] < 0.1 < fair["recall"]
+    # New frames of the same subjects, grouped alike, cover everything (the RECON row's situation).
+    again = np.repeat(subjects, 5, axis=0) + rng.normal(scale=0.05, size=(60, 8))
+    assert fidelity_coverage(again, real, 3, generated_groups=groups, real_groups=groups)["coverage"] == 1.0
 
 
 def test_precision_and_recall_equal_torch_fidelitys():
