@@ -12,8 +12,9 @@ features (real images at the model's size, as the VQ-VAE saw them):
   density (are the samples where real images are?) against the real images of ref_split.
 - Coverage: improved recall and coverage (are the real images' regions reached?).
 - The same four against the tokenizer-level reference (_vs_recon): the copy_split reconstructions, which are as
-  smooth as the samples (against speckled real images every smooth set scores 0); each set at most ref_split's
-  count per class, RECON's being every ref_split reconstruction. A mode-collapsed set scores low recall/coverage.
+  smooth as the samples, so that a model as good as the tokenizer reaches the ceiling; each set at most
+  ref_split's count per class, RECON's being every ref_split reconstruction. A mode-collapsed set scores low
+  recall/coverage. Every k-NN ball is bounded by other subjects' images (frames of one subject are near-duplicates).
 - Diversity: mean pairwise cosine distance of the features within a class (feature_diversity), and mean pairwise
   1 - MS-SSIM (diversity), read only beside the RECON row: MS-SSIM counts speckle and shifts as diversity.
 - Copies: a sample is flagged when its token maps agree with a training image's (augmented copies included) more
@@ -254,8 +255,8 @@ class Measure:
     def against_recon(self, f_gen: np.ndarray, f_recon_ref: np.ndarray, key: str,
                       groups: Groups = (None, None)) -> dict[str, float]:
         """Precision, recall, density and coverage against the tokenizer-level reference (reconstructions of
-        held-out images), with bootstrap intervals; blank below min_class_images. Against real images they are 0
-        for every smooth set, reconstructions included: speckle puts every real image's ball out of reach."""
+        held-out images), with bootstrap intervals; blank below min_class_images. A set as smooth as the samples
+        meets reconstructions there, not the speckle of the real images."""
         if min(len(f_gen), len(f_recon_ref)) < self.config.min_class_images:
             return dict.fromkeys(VS_RECON_METRICS, math.nan)
         weights = bootstrap_weights(len(f_gen), len(f_recon_ref), self.config.bootstrap,

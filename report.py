@@ -584,9 +584,9 @@ def eval_section(page: Page, folder: Path) -> None:
              '(the real training images against the held-out ones: what a model that learnt the training subjects '
              'can reach) and <b>RECON</b> (the VQ-VAE\'s reconstructions: what the VAR can reach through this '
              'tokenizer). The <i>vs recon</i> columns score precision, recall, density and coverage against '
-             'reconstructions of held-out images instead of the real ones, which no smooth set reaches; RECON\'s '
-             'are the ceiling. Intervals are bootstrap intervals over both sets (eval_var.py --compare tells whether '
-             'two evaluations differ).</p>')
+             'reconstructions of held-out images, as smooth as the samples; RECON\'s are the ceiling. Every '
+             'k-NN ball is bounded by images of other subjects. Intervals are bootstrap intervals over both sets '
+             '(eval_var.py --compare tells whether two evaluations differ).</p>')
     path = folder / "metrics.csv"
     if not path.is_file():
         page.note_missing("eval_var", path, " (run eval_var.py)")
