@@ -6,6 +6,7 @@ import math
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
@@ -46,3 +47,10 @@ def test_a_missing_recon_value_gives_nan_not_a_share(tmp_path: Path) -> None:
 def test_a_folder_without_an_evaluation_is_named(tmp_path: Path) -> None:
     with pytest.raises(SystemExit, match=r"nothing.*not a finished eval_var.py folder"):
         seed_table.all_class_rows(tmp_path / "nothing")
+
+
+def test_the_difference_over_seeds_is_welchs_interval() -> None:
+    # Means 2 and 4; variances 1/3 and 4/3 of the mean; Welch's dof 2.94: 2 +- 4.155 (scipy.stats.ttest_ind).
+    diff, low, high = seed_table.welch_interval(np.array([1.0, 2.0, 3.0]), np.array([2.0, 4.0, 6.0]), 0.95)
+    assert (diff, low, high) == pytest.approx((2.0, -2.1554, 6.1554), abs=1e-4)
+    assert math.isnan(seed_table.welch_interval(np.array([1.0]), np.array([2.0, 3.0]), 0.95)[1])
