@@ -67,7 +67,7 @@ from common.progress import progress
 from common.run_folder import RunFolderError, own_output_folder
 from common.runtime import pick_device, strict_fp32
 from common.sample_metrics import (above_threshold, bootstrap_weights, class_thresholds, diversity, feature_diversity,
-                                   fidelity_coverage, matched_subsample, msssim_levels, nearest_neighbours,
+                                   fidelity_coverage_replicates, matched_subsample, msssim_levels, nearest_neighbours,
                                    percentile_interval, teacher_similarity, token_agreement, token_usage_entropy)
 from common.sweep import Sweep, SweepError, load_sweep
 from common.tokens import TokenFileError, TokenSet, load_tokens, split_scales
@@ -266,9 +266,8 @@ class Measure:
     def _nearest_neighbour(self, f_gen: np.ndarray, f_ref: np.ndarray, key: str,
                            weights: list[tuple[np.ndarray, np.ndarray]], suffix: str,
                            groups: Groups) -> dict[str, float]:
-        k, (g_gen, g_ref) = self.config.nn_k, groups
-        out = {f"{m}{suffix}": v for m, v in fidelity_coverage(f_gen, f_ref, k, None, None, g_gen, g_ref).items()}
-        boot = [fidelity_coverage(f_gen, f_ref, k, w_1, w_2, g_gen, g_ref) for w_1, w_2 in weights]
+        whole, *boot = fidelity_coverage_replicates(f_gen, f_ref, self.config.nn_k, [(None, None), *weights], *groups)
+        out = {f"{m}{suffix}": v for m, v in whole.items()}
         for metric in NN_METRICS:
             out.update(self._keep(key, metric + suffix, np.array([b[metric] for b in boot])))
         return out

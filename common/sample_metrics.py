@@ -265,20 +265,34 @@ def fidelity_coverage(generated: np.ndarray, real: np.ndarray, k: int = 3, gener
     otherwise enlarge the radii and shift every replicate upwards. Groups (subjects, see knn_radii) bound each
     set's balls by other subjects' vectors. Fewer than k vectors outside a row's group: NaN.
     """
+    return fidelity_coverage_replicates(generated, real, k, [(generated_weights, real_weights)], generated_groups,
+                                        real_groups)[0]
+
+
+def fidelity_coverage_replicates(generated: np.ndarray, real: np.ndarray, k: int,
+                                 weights: list[tuple[np.ndarray | None, np.ndarray | None]],
+                                 generated_groups: np.ndarray | None = None,
+                                 real_groups: np.ndarray | None = None) -> list[dict[str, float]]:
+    """fidelity_coverage for each (generated_weights, real_weights) pair of `weights` (a bootstrap's replicates):
+    the distances and the balls do not depend on the weights, so they are computed once."""
     generated, real = np.asarray(generated, np.float32), np.asarray(real, np.float32)
     if generated.ndim != 2 or real.ndim != 2 or generated.shape[1] != real.shape[1]:
         raise ValueError(f"expected feature matrices (N, D) and (M, D), got {generated.shape} and {real.shape}")
-    w_gen, w_real = _counts(generated_weights, len(generated), "generated"), _counts(real_weights, len(real), "real")
+    counts = [(_counts(w_1, len(generated), "generated"), _counts(w_2, len(real), "real")) for w_1, w_2 in weights]
     if min(_fewest_others(len(generated), generated_groups), _fewest_others(len(real), real_groups)) < k:
-        return dict.fromkeys(("precision", "recall", "density", "coverage"), math.nan)
+        return [dict.fromkeys(("precision", "recall", "density", "coverage"), math.nan) for _ in counts]
     r_gen, r_real = knn_radii(generated, k, generated_groups), knn_radii(real, k, real_groups)
     d = torch.cdist(torch.from_numpy(generated), torch.from_numpy(real)).numpy()  # (N, M)
-    in_real_ball = (d <= r_real[None, :]) & (w_real[None, :] > 0)  # generated i inside real j's ball
-    in_gen_ball = (d <= r_gen[:, None]) & (w_gen[:, None] > 0)  # real j inside generated i's ball
-    return {"precision": float(np.average(in_real_ball.any(axis=1), weights=w_gen)),
-            "recall": float(np.average(in_gen_ball.any(axis=0), weights=w_real)),
-            "density": float(np.average((in_real_ball * w_real[None, :]).sum(axis=1), weights=w_gen) / k),
-            "coverage": float(np.average(in_real_ball.any(axis=0), weights=w_real))}
+    in_real_ball = d <= r_real[None, :]  # generated i inside real j's ball
+    in_gen_ball = d <= r_gen[:, None]  # real j inside generated i's ball
+    out = []
+    for w_gen, w_real in counts:
+        held_by_real = in_real_ball & (w_real[None, :] > 0)  # balls of images left out of the replicate do not count
+        out.append({"precision": float(np.average(held_by_real.any(axis=1), weights=w_gen)),
+                    "recall": float(np.average((in_gen_ball & (w_gen[:, None] > 0)).any(axis=0), weights=w_real)),
+                    "density": float(np.average((held_by_real * w_real[None, :]).sum(axis=1), weights=w_gen) / k),
+                    "coverage": float(np.average(held_by_real.any(axis=0), weights=w_real))})
+    return out
 
 
 def feature_diversity(features: np.ndarray, weights: np.ndarray | None = None) -> float:
