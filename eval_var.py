@@ -12,9 +12,9 @@ features (real images at the model's size, as the VQ-VAE saw them):
   density (are the samples where real images are?) against the real images of ref_split.
 - Coverage: improved recall and coverage (are the real images' regions reached?).
 - The same four against the tokenizer-level reference (_vs_recon): the copy_split reconstructions, which are as
-  smooth as the samples, so that a model as good as the tokenizer reaches the ceiling; each set at most
-  ref_split's count per class, RECON's being every ref_split reconstruction. A mode-collapsed set scores low
-  recall/coverage. Every k-NN ball is bounded by other subjects' images (frames of one subject are near-duplicates).
+  smooth as the samples, so that a model as good as the tokenizer reaches the ceiling; each set measured at
+  ref_split's count per class, RECON's being every ref_split reconstruction (a larger sample set: the mean over
+  recon_draws random subsets of that size). A mode-collapsed set scores low recall/coverage. Every k-NN ball is bounded by other subjects' images (frames of one subject are near-duplicates).
 - Diversity: mean pairwise cosine distance of the features within a class (feature_diversity), and mean pairwise
   1 - MS-SSIM (diversity), read only beside the RECON row: MS-SSIM counts speckle and shifts as diversity.
 - Copies: a sample is flagged when its token maps agree with a training image's (augmented copies included) more
@@ -89,6 +89,7 @@ class Config:
     fid_min_images: int = 2048  # FID only where both sets have at least this many images (2048 = the feature width)
     min_class_images: int = 10  # per-class numbers only where every set of the class has this many images, else blank
     nn_k: int = 3  # precision, recall, density, coverage: the k of the k-nearest-neighbour balls
+    recon_draws: int = 8  # _vs_recon of a sample set larger than RECON's: mean over this many random subsets of RECON's size
     bootstrap: int = 200  # bootstrap replicates behind every interval (both sets resampled)
     level: float = 0.95  # confidence level of the intervals
     copy_margin: float = 0.5  # copy thresholds: this share of the way from the closest held-out image to an exact copy
@@ -114,7 +115,7 @@ def validate(config: Config) -> None:
     """Every constant in its allowed range, before anything is read or written."""
     check_constants(config, {
         "ref_split": one_of(*SPLITS), "copy_split": one_of(*SPLITS), "fid_min_images": at_least(2),
-        "min_class_images": at_least(config.nn_k + 1), "nn_k": at_least(1), "bootstrap": at_least(10),
+        "min_class_images": at_least(config.nn_k + 1), "nn_k": at_least(1), "recon_draws": at_least(1), "bootstrap": at_least(10),
         "level": Rule(lambda v: 0 < v < 1, "in (0, 1)"), "copy_margin": between(0, 1, high_open=True),
         "control_per_class": at_least(1), "max_pairs": at_least(1),
         "closest_pairs": at_least(1), "batch_size": at_least(1), "seed": SEED, "device": DEVICE,
@@ -253,20 +254,34 @@ class Measure:
         return out
 
     def against_recon(self, f_gen: np.ndarray, f_recon_ref: np.ndarray, key: str,
-                      groups: Groups = (None, None)) -> dict[str, float]:
+                      groups: Groups = (None, None), draws: list[np.ndarray] | None = None) -> dict[str, float]:
         """Precision, recall, density and coverage against the tokenizer-level reference (reconstructions of
         held-out images), with bootstrap intervals; blank below min_class_images. A set as smooth as the samples
-        meets reconstructions there, not the speckle of the real images."""
-        if min(len(f_gen), len(f_recon_ref)) < self.config.min_class_images:
+        meets reconstructions there, not the speckle of the real images. draws: equally long subsets (rows of
+        f_gen) whose numbers and replicates are averaged (recall and coverage grow with the set's size, so a large
+        set is measured at a smaller one's; the mean of several draws has less noise than one); None = all of f_gen."""
+        draws = [np.arange(len(f_gen))] if draws is None else list({d.tobytes(): d for d in draws}.values())
+        if len({len(d) for d in draws}) != 1:
+            raise ValueError(f"draws of unequal sizes: {sorted({len(d) for d in draws})}")
+        if min(len(draws[0]), len(f_recon_ref)) < self.config.min_class_images:
             return dict.fromkeys(VS_RECON_METRICS, math.nan)
-        weights = bootstrap_weights(len(f_gen), len(f_recon_ref), self.config.bootstrap,
+        weights = bootstrap_weights(len(draws[0]), len(f_recon_ref), self.config.bootstrap,
                                     self._seed(f"{key}|vs_recon"))
-        return self._nearest_neighbour(f_gen, f_recon_ref, key, weights, "_vs_recon", groups)
+        g_gen, g_ref = groups
+        per_draw = [fidelity_coverage_replicates(f_gen[d], f_recon_ref, self.config.nn_k, [(None, None), *weights],
+                                                 None if g_gen is None else g_gen[d], g_ref) for d in draws]
+        (whole, *boot) = [{m: float(np.mean([draw[i][m] for draw in per_draw])) for m in NN_METRICS}
+                          for i in range(len(weights) + 1)]
+        return self._nn_columns(key, whole, boot, "_vs_recon")
 
     def _nearest_neighbour(self, f_gen: np.ndarray, f_ref: np.ndarray, key: str,
                            weights: list[tuple[np.ndarray, np.ndarray]], suffix: str,
                            groups: Groups) -> dict[str, float]:
         whole, *boot = fidelity_coverage_replicates(f_gen, f_ref, self.config.nn_k, [(None, None), *weights], *groups)
+        return self._nn_columns(key, whole, boot, suffix)
+
+    def _nn_columns(self, key: str, whole: dict[str, float], boot: list[dict[str, float]],
+                    suffix: str) -> dict[str, float]:
         out = {f"{m}{suffix}": v for m, v in whole.items()}
         for metric in NN_METRICS:
             out.update(self._keep(key, metric + suffix, np.array([b[metric] for b in boot])))
@@ -663,11 +678,11 @@ def sweep_rows(run: Run, sets: Sets, gen_copy: dict[str, np.ndarray], per_class_
             sel = np.flatnonzero(in_point & (gen_labels == c))
             images = run.images_of(run.gen_paths, sel)
             ref_c, held_c = usable & (ref_labels == c), held_labels == c
-            few = sel[at_most(gen_labels[sel], ref_labels, seed)]
+            draws = [sel[at_most(gen_labels[sel], ref_labels, seed + j)] for j in range(run.config.recon_draws)]
             row = {"class": name, "n": len(sel),
                    **measure.against(sets.f_gen[sel], sets.f_ref[ref_c], f"{point}|{name}", (g_gen[sel], s_ref[ref_c])),
-                   **measure.against_recon(sets.f_gen[few], sets.f_held[held_c], f"{point}|{name}",
-                                           (g_gen[few], s_held[held_c])),
+                   **measure.against_recon(sets.f_gen, sets.f_held[held_c], f"{point}|{name}",
+                                           (g_gen, s_held[held_c]), draws),
                    **measure.spread(sets.f_gen[sel], f"{point}|{name}"), "diversity": measure.diversity(images),
                    **copy_columns(gen_copy, sel),
                    **measure.tokens(token_subsample(sweep.idx[sel], gen_labels[sel], per_class_tokens, seed))}
@@ -678,10 +693,10 @@ def sweep_rows(run: Run, sets: Sets, gen_copy: dict[str, np.ndarray], per_class_
         sel = np.flatnonzero(in_point)
         ref_sel = np.flatnonzero(usable)
         matched = sel[class_matched(gen_labels[sel], ref_labels[ref_sel], seed)]
-        few = sel[at_most(gen_labels[sel], ref_labels, seed)]
+        draws = [sel[at_most(gen_labels[sel], ref_labels, seed + j)] for j in range(run.config.recon_draws)]
         overall = {"n": len(sel), **measure.against(sets.f_gen[matched], sets.f_ref[ref_sel], f"{point}|{ALL}",
                                                     (g_gen[matched], s_ref[ref_sel])),
-                   **measure.against_recon(sets.f_gen[few], sets.f_held, f"{point}|{ALL}", (g_gen[few], s_held)),
+                   **measure.against_recon(sets.f_gen, sets.f_held, f"{point}|{ALL}", (g_gen, s_held), draws),
                    **copy_columns(gen_copy, sel),
                    **measure.tokens(token_subsample(sweep.idx[sel], gen_labels[sel], per_class_tokens, seed))}
         if k > 0:
@@ -711,7 +726,8 @@ def run_info(run: Run, sets: Sets, check: CopyCheck, control: dict[str, float], 
                      "REAL: ref_split halves split by subject; REAL_TRAIN: real train (class-matched) vs ref_split; "
                      "RECON: reconstructions of one half vs the other. <metric>_vs_recon: precision, recall, density, "
                      "coverage against the copy_split reconstructions (the tokenizer-level reference), each set at "
-                     "most ref_split's count per class; RECON's: all ref_split reconstructions. Tokens: REAL holds "
+                     "ref_split's count per class (a larger one: mean over recon_draws random subsets of that "
+                     "size); RECON's: all ref_split reconstructions. Tokens: REAL holds "
                      "ref_split's (held out), REAL_TRAIN the training ones. TP: vs ref_split less its teachers. The all "
                      "rows draw generated images in ref_split's class proportions. feature_diversity: mean pairwise "
                      "cosine distance of features within a class (all row: mean of classes). diversity: 1 - MS-SSIM, "

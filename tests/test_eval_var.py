@@ -673,6 +673,28 @@ def test_the_tokenizer_level_reference_scores_a_mode_collapsed_set_low_recall_an
     assert all(math.isnan(small[m]) for m in eval_var.VS_RECON_METRICS)  # below min_class_images: blank
 
 
+def test_a_large_sample_set_meets_the_tokenizer_level_reference_as_the_mean_over_draws_of_recons_size() -> None:
+    """The reference of the test above; six samples measured in draws of four. Draw A is the spread set above
+    (1, 1, 1.75, 1). Draw B, 0.5, 2.5, 10 and 11 (radii 2, 2, 1, 1): 10 and 11 are in no reference ball (precision
+    0.5), 0.5 and 2.5 reach every reference image and lie in two balls each (density 4 / 4)."""
+    measure = eval_var.Measure(eval_var.Config(nn_k=1, min_class_images=2, bootstrap=10), (1,), 4, torch.device("cpu"))
+    reference = np.array([[0.0], [1.0], [2.0], [3.0]])
+    samples = np.array([[0.5], [2.5], [3.2], [1.4], [10.0], [11.0]])
+    draw_a, draw_b = np.array([0, 1, 2, 3]), np.array([0, 1, 4, 5])
+    both = measure.against_recon(samples, reference, "NOP|heart", draws=[draw_a, draw_b, draw_a])
+    assert {m: both[m] for m in eval_var.VS_RECON_METRICS} == pytest.approx(  # a repeated draw counts once
+        {"precision_vs_recon": 0.75, "recall_vs_recon": 1.0, "density_vs_recon": 1.375, "coverage_vs_recon": 1.0})
+    alone = []
+    for draw in (draw_a, draw_b):  # the same key resamples alike, so the replicates are averaged alike
+        single = eval_var.Measure(measure.config, (1,), 4, torch.device("cpu"))
+        alone.append((single.against_recon(samples, reference, "NOP|heart", draws=[draw]),
+                      single.replicates["NOP|heart|precision_vs_recon"]))
+    assert [a["precision_vs_recon"] for a, _ in alone] == [1.0, 0.5]
+    assert np.allclose(measure.replicates["NOP|heart|precision_vs_recon"], (alone[0][1] + alone[1][1]) / 2)
+    with pytest.raises(ValueError, match="unequal sizes"):
+        measure.against_recon(samples, reference, "NOP|liver", draws=[draw_a, np.array([0, 1, 2])])
+
+
 def test_planted_augmented_copies_are_fresh_augmentations_encoded_by_the_vqvae(
         evaluated: dict[str, Path], tiny_pipeline: dict[str, Path], tmp_path: Path) -> None:
     """Two per class (control_per_class) training images, augmented with a seed of eval_var's own: their token rows
