@@ -14,7 +14,8 @@ features (real images at the model's size, as the VQ-VAE saw them):
 - The same four against the tokenizer-level reference (_vs_recon): the copy_split reconstructions, which are as
   smooth as the samples, so that a model as good as the tokenizer reaches the ceiling; each set measured at
   ref_split's count per class, RECON's being every ref_split reconstruction (a larger sample set: the mean over
-  recon_draws random subsets of that size). A mode-collapsed set scores low recall/coverage. Every k-NN ball is bounded by other subjects' images (frames of one subject are near-duplicates).
+  recon_draws random subsets of that size). A mode-collapsed set scores low recall/coverage. Every k-NN ball is
+  bounded by other subjects' images (frames of one subject are near-duplicates).
 - Diversity: mean pairwise cosine distance of the features within a class (feature_diversity), and mean pairwise
   1 - MS-SSIM (diversity), read only beside the RECON row: MS-SSIM counts speckle and shifts as diversity.
 - Copies: a sample is flagged when its token maps agree with a training image's (augmented copies included) more
@@ -89,7 +90,7 @@ class Config:
     fid_min_images: int = 2048  # FID only where both sets have at least this many images (2048 = the feature width)
     min_class_images: int = 10  # per-class numbers only where every set of the class has this many images, else blank
     nn_k: int = 3  # precision, recall, density, coverage: the k of the k-nearest-neighbour balls
-    recon_draws: int = 8  # _vs_recon of a sample set larger than RECON's: mean over this many random subsets of RECON's size
+    recon_draws: int = 8  # _vs_recon of a set larger than RECON's: mean over this many random subsets of RECON's size
     bootstrap: int = 200  # bootstrap replicates behind every interval (both sets resampled)
     level: float = 0.95  # confidence level of the intervals
     copy_margin: float = 0.5  # copy thresholds: this share of the way from the closest held-out image to an exact copy
@@ -115,7 +116,8 @@ def validate(config: Config) -> None:
     """Every constant in its allowed range, before anything is read or written."""
     check_constants(config, {
         "ref_split": one_of(*SPLITS), "copy_split": one_of(*SPLITS), "fid_min_images": at_least(2),
-        "min_class_images": at_least(config.nn_k + 1), "nn_k": at_least(1), "recon_draws": at_least(1), "bootstrap": at_least(10),
+        "min_class_images": at_least(config.nn_k + 1), "nn_k": at_least(1), "recon_draws": at_least(1),
+        "bootstrap": at_least(10),
         "level": Rule(lambda v: 0 < v < 1, "in (0, 1)"), "copy_margin": between(0, 1, high_open=True),
         "control_per_class": at_least(1), "max_pairs": at_least(1),
         "closest_pairs": at_least(1), "batch_size": at_least(1), "seed": SEED, "device": DEVICE,
@@ -258,8 +260,9 @@ class Measure:
         """Precision, recall, density and coverage against the tokenizer-level reference (reconstructions of
         held-out images), with bootstrap intervals; blank below min_class_images. A set as smooth as the samples
         meets reconstructions there, not the speckle of the real images. draws: equally long subsets (rows of
-        f_gen) whose numbers and replicates are averaged (recall and coverage grow with the set's size, so a large
-        set is measured at a smaller one's; the mean of several draws has less noise than one); None = all of f_gen."""
+        f_gen) whose numbers and replicates are averaged, a repeated one counted once (recall and coverage grow
+        with the set's size, so a large set is measured at a smaller one's; the mean of several draws has less
+        noise than one); None = all of f_gen."""
         draws = [np.arange(len(f_gen))] if draws is None else list({d.tobytes(): d for d in draws}.values())
         if len({len(d) for d in draws}) != 1:
             raise ValueError(f"draws of unequal sizes: {sorted({len(d) for d in draws})}")
