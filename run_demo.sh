@@ -11,10 +11,10 @@ set -euo pipefail
 cd "$(dirname "$0")"
 
 case "${1:-phantoms}" in
-    phantoms) LOGS=runs/logs; DATA=data/processed; PRESET=cpu; REPORT=(--out=runs/report.html) ;;
-    real) LOGS=runs/logs_real; DATA=data/processed_real; PRESET=real_cpu; RECIPE=configs/recipe_busi_hc18.json
+    phantoms) LOGS=runs/logs; DATA=data/processed; PRESET=cpu; AUG=4; REPORT=(--out=runs/report.html) ;;
+    real) LOGS=runs/logs_real; DATA=data/processed_real; PRESET=real_cpu; AUG=4; RECIPE=configs/recipe_busi_hc18.json
         REPORT=(--config=configs/report_real_cpu.json) ;;
-    real_findings) LOGS=runs/logs_real_findings; DATA=data/processed_real_findings; PRESET=real_findings_cpu
+    real_findings) LOGS=runs/logs_real_findings; DATA=data/processed_real_findings; PRESET=real_findings_cpu; AUG=1
         RECIPE=configs/recipe_busi_findings_hc18.json; REPORT=(--config=configs/report_real_findings_cpu.json) ;;
     *) echo "usage: bash run_demo.sh [phantoms|real|real_findings]" >&2; exit 2 ;;
 esac
@@ -42,9 +42,10 @@ else
     step prepare "$PYTHON" data_preprocessing/prepare.py --recipe="$RECIPE" --out="$DATA"
 fi
 step train_vqvae "$PYTHON" train_vqvae.py --config=configs/vqvae_$PRESET.json
-# No augmented copies: the 8-epoch CPU VAR sees each copy about once and does worse with them (docs/4_var.md).
+# 3 augmented copies per training image, with the VAR presets' doubled epochs: the samples reach held-out layouts
+# (issue 25's fourth round, docs/4_var.md); real_findings was not measured with them.
 step tokenize "$PYTHON" tokenize_multiscale_maps.py --data_dir="$DATA" --vqvae=runs/vqvae_$PRESET/best.pth \
-    --out=runs/tokens_$PRESET/tokens_multiscale_maps.npz --cpu_threads=1 --aug_copies=1
+    --out=runs/tokens_$PRESET/tokens_multiscale_maps.npz --cpu_threads=1 --aug_copies=$AUG
 step train_var "$PYTHON" train_var.py --config=configs/var_$PRESET.json
 step sample_var "$PYTHON" sample_var.py --config=configs/sample_$PRESET.json
 step eval_var "$PYTHON" eval_var.py --samples=runs/samples_$PRESET --device=cpu --cpu_threads=2
