@@ -270,21 +270,18 @@ class Measure:
             return dict.fromkeys(VS_RECON_METRICS, math.nan)
         weights = bootstrap_weights(len(draws[0]), len(f_recon_ref), self.config.bootstrap,
                                     self._seed(f"{key}|vs_recon"))
-        g_gen, g_ref = groups
-        per_draw = [fidelity_coverage_replicates(f_gen[d], f_recon_ref, self.config.nn_k, [(None, None), *weights],
-                                                 None if g_gen is None else g_gen[d], g_ref) for d in draws]
-        (whole, *boot) = [{m: float(np.mean([draw[i][m] for draw in per_draw])) for m in NN_METRICS}
-                          for i in range(len(weights) + 1)]
-        return self._nn_columns(key, whole, boot, "_vs_recon")
+        return self._nearest_neighbour(f_gen, f_recon_ref, key, weights, "_vs_recon", groups, draws)
 
     def _nearest_neighbour(self, f_gen: np.ndarray, f_ref: np.ndarray, key: str,
-                           weights: list[tuple[np.ndarray, np.ndarray]], suffix: str,
-                           groups: Groups) -> dict[str, float]:
-        whole, *boot = fidelity_coverage_replicates(f_gen, f_ref, self.config.nn_k, [(None, None), *weights], *groups)
-        return self._nn_columns(key, whole, boot, suffix)
-
-    def _nn_columns(self, key: str, whole: dict[str, float], boot: list[dict[str, float]],
-                    suffix: str) -> dict[str, float]:
+                           weights: list[tuple[np.ndarray, np.ndarray]], suffix: str, groups: Groups,
+                           draws: list[np.ndarray] | None = None) -> dict[str, float]:
+        """The four k-NN numbers and their replicates, each the mean over the draws (rows of f_gen; None = all)."""
+        g_gen, g_ref = groups
+        per_draw = [fidelity_coverage_replicates(f_gen[d], f_ref, self.config.nn_k, [(None, None), *weights],
+                                                 None if g_gen is None else g_gen[d], g_ref)
+                    for d in (draws or [np.arange(len(f_gen))])]
+        whole, *boot = [{m: float(np.mean([draw[i][m] for draw in per_draw])) for m in NN_METRICS}
+                        for i in range(len(weights) + 1)]
         out = {f"{m}{suffix}": v for m, v in whole.items()}
         for metric in NN_METRICS:
             out.update(self._keep(key, metric + suffix, np.array([b[metric] for b in boot])))
@@ -669,6 +666,10 @@ def sweep_rows(run: Run, sets: Sets, gen_copy: dict[str, np.ndarray], per_class_
     rows: list[dict[str, Any]] = []
     teacher_images: dict[str, dict[tuple[str, int], np.ndarray]] = {"teachers": {}, "teachers_recon": {}}
     ref_row_position = {int(r): i for i, r in enumerate(run.ref_rows)}
+
+    def draws_of(sel: np.ndarray) -> list[np.ndarray]:  # recon_draws subsets of sel at RECON's size per class
+        return [sel[at_most(gen_labels[sel], ref_labels, seed + j)] for j in range(run.config.recon_draws)]
+
     for point in progress(sweep.points, desc="metrics", unit="point"):
         in_point = np.array([r["point"] == point for r in sweep.rows])
         first_row = sweep.rows[int(np.flatnonzero(in_point)[0])]
@@ -681,11 +682,10 @@ def sweep_rows(run: Run, sets: Sets, gen_copy: dict[str, np.ndarray], per_class_
             sel = np.flatnonzero(in_point & (gen_labels == c))
             images = run.images_of(run.gen_paths, sel)
             ref_c, held_c = usable & (ref_labels == c), held_labels == c
-            draws = [sel[at_most(gen_labels[sel], ref_labels, seed + j)] for j in range(run.config.recon_draws)]
             row = {"class": name, "n": len(sel),
                    **measure.against(sets.f_gen[sel], sets.f_ref[ref_c], f"{point}|{name}", (g_gen[sel], s_ref[ref_c])),
                    **measure.against_recon(sets.f_gen, sets.f_held[held_c], f"{point}|{name}",
-                                           (g_gen, s_held[held_c]), draws),
+                                           (g_gen, s_held[held_c]), draws_of(sel)),
                    **measure.spread(sets.f_gen[sel], f"{point}|{name}"), "diversity": measure.diversity(images),
                    **copy_columns(gen_copy, sel),
                    **measure.tokens(token_subsample(sweep.idx[sel], gen_labels[sel], per_class_tokens, seed))}
@@ -696,10 +696,9 @@ def sweep_rows(run: Run, sets: Sets, gen_copy: dict[str, np.ndarray], per_class_
         sel = np.flatnonzero(in_point)
         ref_sel = np.flatnonzero(usable)
         matched = sel[class_matched(gen_labels[sel], ref_labels[ref_sel], seed)]
-        draws = [sel[at_most(gen_labels[sel], ref_labels, seed + j)] for j in range(run.config.recon_draws)]
         overall = {"n": len(sel), **measure.against(sets.f_gen[matched], sets.f_ref[ref_sel], f"{point}|{ALL}",
                                                     (g_gen[matched], s_ref[ref_sel])),
-                   **measure.against_recon(sets.f_gen, sets.f_held, f"{point}|{ALL}", (g_gen, s_held), draws),
+                   **measure.against_recon(sets.f_gen, sets.f_held, f"{point}|{ALL}", (g_gen, s_held), draws_of(sel)),
                    **copy_columns(gen_copy, sel),
                    **measure.tokens(token_subsample(sweep.idx[sel], gen_labels[sel], per_class_tokens, seed))}
         if k > 0:
